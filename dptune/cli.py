@@ -1,0 +1,274 @@
+"""``dptune`` command line: a thin shell over the library.
+
+Library code raises typed errors (:mod:`dptune.errors`); only this module turns
+them into a one-line message on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from typing import Any, Sequence
+
+from dptune.errors import DptuneError, PrivacyError
+
+EXIT_USAGE = 2
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}")
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
+
+
+def _dump(obj: Any) -> str:
+    def clean(v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            return None if math.isnan(v) else ("inf" if v > 0 else "-inf")
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+
+    return json.dumps(clean(obj), indent=2)
+
+
+# -- dptune privacy -----------------------------------------------------------
+
+def _add_privacy_common(p: argparse.ArgumentParser, *, noise: bool, duration: bool) -> None:
+    p.add_argument("--dataset-size", type=_positive_int, required=True, help="N, training examples")
+    p.add_argument("--batch-size", type=_positive_int, required=True, help="expected batch size B (q = B/N)")
+    if noise:
+        p.add_argument("--noise-multiplier", type=_float, required=True, help="σ")
+    if duration:
+        g = p.add_mutually_exclusive_group(required=True)
+        g.add_argument("--epochs", type=_float, help="E; steps = ceil(E·N/B)")
+        g.add_argument("--steps", type=_positive_int, help="T")
+    p.add_argument("--delta", type=_float, help="δ (default: a power of ten below 1/(10N))")
+    p.add_argument("--accountant", default="pld", help="pld (default), rdp, or all")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _privacy_setup(args: argparse.Namespace) -> tuple[float, float, bool, list[str]]:
+    from dptune import privacy
+
+    if args.batch_size > args.dataset_size:
+        raise PrivacyError(f"batch_size: {args.batch_size} exceeds dataset_size {args.dataset_size}")
+    q = args.batch_size / args.dataset_size
+    delta_default = args.delta is None
+    delta = privacy.default_delta(args.dataset_size) if delta_default else args.delta
+    privacy.check_delta(delta, args.dataset_size)
+    if args.accountant == "all":
+        accountants = list(privacy.ACCOUNTANTS)
+    else:
+        privacy.validate(accountant=args.accountant)
+        accountants = [args.accountant]
+    if getattr(args, "noise_multiplier", None) is not None:
+        privacy.validate(noise_multiplier=args.noise_multiplier)
+    if getattr(args, "epsilon", None) is not None:
+        privacy.validate(epsilon=args.epsilon)
+    return q, delta, delta_default, accountants
+
+
+def _steps_of(args: argparse.Namespace, q: float) -> int:
+    if args.steps is not None:
+        return args.steps
+    if not (args.epochs > 0 and math.isfinite(args.epochs)):
+        raise PrivacyError(f"epochs: must be a finite number > 0, got {args.epochs}")
+    return math.ceil(args.epochs / q)
+
+
+_HEADERS = {"epsilon": "ε", "target_epsilon": "target ε", "delta": "δ", "sampling_rate": "q",
+            "noise_multiplier": "σ", "steps": "T"}
+
+
+def _print_privacy(args: argparse.Namespace, rows: list[dict], delta_default: bool, what: str) -> None:
+    if args.json:
+        print(_dump({"results": rows, "delta_is_default": delta_default}))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=what)
+    for col in rows[0]:
+        table.add_column(_HEADERS.get(col, col))
+    for r in rows:
+        table.add_row(*(f"{v:.6g}" if isinstance(v, float) else str(v) for v in r.values()))
+    console = Console()
+    console.print(table)
+    if delta_default:
+        console.print(f"δ = {rows[0]['delta']:g} by default (well below 1/N); set it with --delta.")
+
+
+def cmd_privacy_epsilon(args: argparse.Namespace) -> int:
+    from dptune import privacy
+
+    q, delta, delta_default, accountants = _privacy_setup(args)
+    steps = _steps_of(args, q)
+    rows = [dict(accountant=a, epsilon=privacy.epsilon(q, args.noise_multiplier, steps, delta, a), delta=delta,
+                 sampling_rate=q, noise_multiplier=args.noise_multiplier, steps=steps, epochs=steps * q)
+            for a in accountants]
+    _print_privacy(args, rows, delta_default, "ε of DP-SGD (Poisson sampling)")
+    return 0
+
+
+def cmd_privacy_noise(args: argparse.Namespace) -> int:
+    from dptune import privacy
+
+    q, delta, delta_default, accountants = _privacy_setup(args)
+    steps = _steps_of(args, q)
+    rows = []
+    for a in accountants:
+        sigma = privacy.noise_for_epsilon(q, steps, args.epsilon, delta, a)
+        rows.append(dict(accountant=a, noise_multiplier=sigma, epsilon=privacy.epsilon(q, sigma, steps, delta, a),
+                         target_epsilon=args.epsilon, delta=delta, sampling_rate=q, steps=steps, epochs=steps * q))
+    _print_privacy(args, rows, delta_default, "Smallest σ that meets the budget")
+    return 0
+
+
+def cmd_privacy_steps(args: argparse.Namespace) -> int:
+    from dptune import privacy
+
+    q, delta, delta_default, accountants = _privacy_setup(args)
+    rows = []
+    for a in accountants:
+        t = privacy.max_steps(q, args.noise_multiplier, args.epsilon, delta, a)
+        rows.append(dict(accountant=a, steps=t, epochs=t * q,
+                         epsilon=privacy.epsilon(q, args.noise_multiplier, t, delta, a),
+                         target_epsilon=args.epsilon, delta=delta, sampling_rate=q,
+                         noise_multiplier=args.noise_multiplier))
+    _print_privacy(args, rows, delta_default, "Most steps within the budget")
+    return 0
+
+
+# -- dptune train -------------------------------------------------------------
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from dptune import compile_stats, privacy
+    from dptune.data import load_dataset
+    from dptune.train import Hyperparams, PrivacyBudget, RunConfig, train_and_evaluate
+
+    console = Console(stderr=args.json)
+    compile_stats.enable_persistent_cache(args.cache_dir)
+    dataset = load_dataset(args.dataset, data_dir=args.data_dir, seed=args.seed)
+    n = len(dataset.train)
+    if not 1 <= args.batch_size <= n:
+        raise PrivacyError(f"batch_size: must be in [1, {n}] (the training-set size), got {args.batch_size}")
+    q = args.batch_size / n
+    if not (args.epochs > 0 and math.isfinite(args.epochs)):
+        raise PrivacyError(f"epochs: must be a finite number > 0, got {args.epochs}")
+    steps = math.ceil(args.epochs / q)
+    budget = None
+    sigma = args.noise_multiplier if args.noise_multiplier is not None else 0.0
+    if not args.non_private:
+        privacy.validate(epsilon=args.epsilon, accountant=args.accountant)
+        delta = args.delta if args.delta is not None else privacy.default_delta(n)
+        privacy.check_delta(delta, n)
+        budget = PrivacyBudget(args.epsilon, delta, args.accountant)
+        if args.noise_multiplier is None:
+            sigma = privacy.noise_for_epsilon(q, steps, args.epsilon, delta, args.accountant)
+            console.print(f"σ = {sigma:.4f} calibrated so that {steps} steps ({args.epochs:g} epochs) "
+                          f"spend ε ≤ {args.epsilon:g} at δ = {delta:g} ({args.accountant})")
+    hp = Hyperparams(batch_size=args.batch_size, learning_rate=args.learning_rate, clip_norm=args.clip_norm,
+                     noise_multiplier=sigma, optimizer=args.optimizer, momentum=args.momentum,
+                     ema_decay=args.ema_decay)
+    config = RunConfig(model=args.model, private=not args.non_private, microbatch_size=args.microbatch_size,
+                       eval_every=args.eval_every, seed=args.seed, private_seed=args.private_seed,
+                       num_devices=args.devices)
+
+    def progress(step: int, metrics: dict) -> None:
+        console.print(f"step {step:5d}  epoch {metrics['epoch']:6.2f}  val_acc {metrics['val_accuracy']:.4f}  "
+                      f"val_loss {metrics['val_loss']:.4f}")
+
+    result = train_and_evaluate(dataset, hp, steps, config=config, budget=budget, callback=progress)
+    if args.json:
+        print(_dump(result.as_dict()))
+        return 0
+    eps = "∞ (non-private)" if result.epsilon is None else f"{result.epsilon:.4f} (δ = {budget.delta:g}, {budget.accountant})"
+    console.print(f"[bold]{dataset.name}[/] {args.model}: validation accuracy {result.val_accuracy:.4f}, "
+                  f"test accuracy {result.test_accuracy:.4f}, ε spent {eps}")
+    console.print(f"{result.steps} steps ({result.epochs:.2f} epochs) of {result.steps_requested} requested"
+                  f"{' — stopped at the privacy budget' if result.budget_limited else ''}; "
+                  f"{result.examples_per_second:,.0f} examples/s on {result.devices} device(s), "
+                  f"compile {result.compile_seconds:.1f} s, wall {result.wall_seconds:.1f} s")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dptune", description="Tune differentially private training.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train one model with DP-SGD and print its accuracy and ε")
+    t.add_argument("--dataset", default="mnist5k", help="mnist5k (default), digits, or tfds:<name>")
+    t.add_argument("--data-dir", help="TFDS data directory (for tfds:<name>)")
+    t.add_argument("--model", default="cnn", help="cnn, wrn16_4, resnet18, resnet50")
+    t.add_argument("--epsilon", type=_float, default=3.0)
+    t.add_argument("--delta", type=_float)
+    t.add_argument("--accountant", default="pld", help="pld or rdp")
+    t.add_argument("--batch-size", type=_positive_int, default=700)
+    t.add_argument("--epochs", type=_float, default=8.0)
+    t.add_argument("--noise-multiplier", type=_float,
+                   help="σ; if omitted, calibrated so that --epochs fit the budget")
+    t.add_argument("--learning-rate", type=_float, default=4.0)
+    t.add_argument("--clip-norm", type=_float, default=1.0)
+    t.add_argument("--optimizer", default="momentum", help="sgd, momentum, adam")
+    t.add_argument("--momentum", type=_float, default=0.9)
+    t.add_argument("--ema-decay", type=_float, default=0.0)
+    t.add_argument("--microbatch-size", type=_positive_int, default=256)
+    t.add_argument("--eval-every", type=_positive_int)
+    t.add_argument("--devices", type=_positive_int, help="number of local devices (default: all)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--private-seed", type=int, help="fix sampling and noise (reproducible; keep it secret)")
+    t.add_argument("--non-private", action="store_true", help="no clipping, no noise (a baseline)")
+    t.add_argument("--cache-dir", help="JAX persistent compilation cache (default ~/.cache/dptune/jax)")
+    t.add_argument("--json", action="store_true")
+    t.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("privacy", help="privacy accounting questions")
+    psub = p.add_subparsers(dest="question", required=True)
+    e = psub.add_parser("epsilon", help="ε of a DP-SGD run")
+    _add_privacy_common(e, noise=True, duration=True)
+    e.set_defaults(func=cmd_privacy_epsilon)
+    n = psub.add_parser("noise", help="smallest σ that fits a target ε")
+    n.add_argument("--epsilon", type=_float, required=True)
+    _add_privacy_common(n, noise=False, duration=True)
+    n.set_defaults(func=cmd_privacy_noise)
+    s = psub.add_parser("steps", help="most steps that fit a target ε")
+    s.add_argument("--epsilon", type=_float, required=True)
+    _add_privacy_common(s, noise=True, duration=False)
+    s.set_defaults(func=cmd_privacy_steps)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``dptune`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except DptuneError as e:
+        print(f"dptune: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("dptune: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

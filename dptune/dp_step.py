@@ -1,0 +1,235 @@
+"""The DP-SGD step (Abadi et al. 2016), split at the logical-batch boundary.
+
+One logical batch is processed as
+
+    acc = 0
+    for each microbatch:               # any number; shapes are fixed
+        acc += Σ_i mask_i · clip_C(∇ℓ(θ; x_i))          (:func:`clipped_sum`)
+    g̃ = (acc + N(0, σ²C²·I)) / denominator             (:func:`privatize`)
+    θ ← optimizer(θ, g̃)
+
+Invariants (each is tested in ``tests/test_dp_step.py``):
+
+* **Per-example clipping.** Each example's gradient over *all* parameters is
+  scaled to global L2 norm ≤ C. A non-finite gradient (NaN/inf) is dropped
+  (weight 0), so one bad example cannot poison the batch; a huge finite one is
+  clipped like any other (its norm is computed without overflow). Hence adding
+  or removing one example changes ``acc`` by at most C.
+* **Mask.** Rows with mask 0 (padding) contribute exactly zero.
+* **Noise once per logical batch.** :func:`privatize` is called once per step,
+  after the sum over all microbatches and devices, never per microbatch.
+* **Public normaliser.** In private mode the denominator is the *expected*
+  batch size qN, a public constant; the realised Poisson batch size is private.
+* **Compile once.** Learning rate, momentum, C, σ, the denominator and the
+  EMA decay are traced arguments; only the model, optimizer family,
+  microbatch size and devices fix a compilation (:func:`step_functions`).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import Counter
+from typing import Any, NamedTuple, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from dptune.errors import ConfigError
+
+PyTree = Any
+OPTIMIZERS: tuple[str, ...] = ("sgd", "momentum", "adam")
+
+
+# Examples whose largest |g| exceeds _BIG are multiplied by _SHRINK (an exact
+# power of two, a normal float32) before squaring, so their squares cannot
+# overflow; the clip coefficient is then applied to the shrunk gradient.
+# Dividing by the scale itself would go through a denormal reciprocal, which
+# XLA's CPU backend flushes to zero.
+_BIG = 2.0**50
+_SHRINK = 2.0**-100
+
+
+def _shrunk_norms(per_example: PyTree) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per example: shrink factor f, ‖f·g‖₂, and whether every entry of g is finite."""
+    flat = [leaf.reshape(leaf.shape[0], -1) for leaf in jax.tree_util.tree_leaves(per_example)]
+    scale = jnp.max(jnp.stack([jnp.max(jnp.abs(f), axis=1) for f in flat]), axis=0)
+    finite = jnp.isfinite(scale)
+    shrink = jnp.where(finite & (scale > _BIG), _SHRINK, 1.0).astype(flat[0].dtype)
+    sq = sum(jnp.sum(jnp.square(f * shrink[:, None]), axis=1) for f in flat)
+    return shrink, jnp.sqrt(sq), finite
+
+
+def global_l2_norms(per_example: PyTree) -> jax.Array:
+    """Global L2 norm of each example's gradient (leading axis = examples); ∞ if non-finite."""
+    shrink, norms, finite = _shrunk_norms(per_example)
+    return jnp.where(finite, norms / shrink, jnp.inf)
+
+
+def clipped_sum(per_example: PyTree, mask: jax.Array, clip_norm: jax.Array | float) -> PyTree:
+    """Σ_i mask_i · g_i · min(1, C/‖g_i‖): every term has L2 norm ≤ C.
+
+    Padding (mask 0) and examples with a non-finite gradient get weight 0;
+    ``where`` keeps their NaN/inf out of the sum (0·NaN is NaN).
+    """
+    shrink, norms, finite = _shrunk_norms(per_example)
+    keep = finite & (mask > 0)
+    tiny = jnp.finfo(norms.dtype).tiny
+    # Coefficient on the shrunk gradient f·g: min(1, C/‖g‖)/f = min(1/f, C/‖f·g‖).
+    coef = jnp.where(keep, jnp.minimum(1.0 / shrink, clip_norm / jnp.maximum(norms, tiny)), 0.0)
+
+    def leaf_sum(g: jax.Array) -> jax.Array:
+        rows = (-1,) + (1,) * (g.ndim - 1)
+        g = jnp.where(keep.reshape(rows), g * shrink.reshape(rows), 0.0)
+        return jnp.tensordot(coef, g, axes=1)
+
+    return jax.tree_util.tree_map(leaf_sum, per_example)
+
+
+def privatize(
+    grad_sum: PyTree,
+    key: jax.Array,
+    noise_multiplier: jax.Array | float,
+    clip_norm: jax.Array | float,
+    denominator: jax.Array | float,
+) -> PyTree:
+    """(sum + N(0, σ²C²)) / denominator — the Gaussian mechanism, once per logical batch.
+
+    σ = 0 adds nothing, also when C = ∞ (the non-private mode), avoiding 0·∞.
+    """
+    std = jnp.where(noise_multiplier > 0, noise_multiplier * clip_norm, 0.0)
+    leaves, treedef = jax.tree_util.tree_flatten(grad_sum)
+    keys = jax.random.split(key, len(leaves))
+    noisy = [
+        (g + std * jax.random.normal(k, g.shape, g.dtype)) / denominator for g, k in zip(leaves, keys)
+    ]
+    return jax.tree_util.tree_unflatten(treedef, noisy)
+
+
+def make_optimizer(name: str) -> optax.GradientTransformation:
+    """An optax optimizer whose learning rate (and momentum) live in its state.
+
+    ``inject_hyperparams`` makes them traced values, so trials with other
+    values reuse the compiled step.
+    """
+    if name == "sgd":
+        return optax.inject_hyperparams(optax.sgd)(learning_rate=0.0)
+    if name == "momentum":
+        return optax.inject_hyperparams(optax.sgd)(learning_rate=0.0, momentum=0.0)
+    if name == "adam":
+        return optax.inject_hyperparams(optax.adam)(learning_rate=0.0)
+    raise ConfigError("optimizer", f"unknown {name!r}; allowed: {', '.join(OPTIMIZERS)}")
+
+
+class TrainState(NamedTuple):
+    params: PyTree
+    opt_state: PyTree
+    ema_params: PyTree
+
+
+class StepFunctions:
+    """The jitted functions of one (model, input shape, optimizer, microbatch, devices).
+
+    ``traces`` counts how often each function was traced (= compiled); tests
+    use it to show that trials with new hyperparameters compile nothing.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: str, microbatch_size: int, devices: Sequence[jax.Device]):
+        if microbatch_size % len(devices):
+            raise ConfigError(
+                "microbatch_size",
+                f"{microbatch_size} is not a multiple of the {len(devices)} devices it is sharded over",
+            )
+        self.model = model
+        self.optimizer_name = optimizer
+        self.tx = make_optimizer(optimizer)
+        self.microbatch_size = microbatch_size
+        self.devices = tuple(devices)
+        mesh = Mesh(np.asarray(self.devices), ("data",))
+        self.mesh = mesh
+        self.batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
+        self.replicated = NamedSharding(mesh, PartitionSpec())
+        self.traces: Counter[str] = Counter()
+        rep = self.replicated
+        self.accumulate = jax.jit(self._accumulate, out_shardings=rep)
+        self.apply = jax.jit(self._apply, out_shardings=rep)
+        self.evaluate = jax.jit(self._evaluate, out_shardings=rep)
+        self.init_state = jax.jit(self._init_state, out_shardings=rep)
+
+    # -- pure bodies -------------------------------------------------------
+    def _example_loss(self, params: PyTree, x: jax.Array, y: jax.Array) -> jax.Array:
+        logits = self.model.apply({"params": params}, x[None])[0]
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y)
+
+    def _local_clipped_sum(self, params: PyTree, x: jax.Array, y: jax.Array,
+                           mask: jax.Array, clip_norm: jax.Array) -> PyTree:
+        # Inside shard_map the replicated params are device-invariant, and the
+        # gradient with respect to an invariant value is psum-ed over devices:
+        # each "per-example" gradient would then be a sum of one example from
+        # every device, breaking the clipping bound. Casting them to varying
+        # keeps every gradient local to its example.
+        params = jax.lax.pcast(params, "data", to="varying")
+        per_example = jax.vmap(jax.grad(self._example_loss), in_axes=(None, 0, 0))(params, x, y)
+        return jax.lax.psum(clipped_sum(per_example, mask, clip_norm), "data")
+
+    def _accumulate(self, params: PyTree, acc: PyTree, x: jax.Array, y: jax.Array,
+                    mask: jax.Array, clip_norm: jax.Array) -> PyTree:
+        self.traces["accumulate"] += 1
+        # Each device clips its own examples and the sums meet in one psum.
+        # Explicit shard_map rather than automatic partitioning: with the batch
+        # auto-sharded, jit computed wrong per-example conv-kernel gradients for
+        # examples off device 0 (jax 0.10.2, CPU; tests/test_multidevice.py).
+        rep, batch = PartitionSpec(), PartitionSpec("data")
+        part = jax.shard_map(
+            self._local_clipped_sum, mesh=self.mesh,
+            in_specs=(rep, batch, batch, batch, rep), out_specs=rep,
+        )(params, x, y, mask, clip_norm)
+        return jax.tree_util.tree_map(jnp.add, acc, part)
+
+    def _apply(self, state: TrainState, grad_sum: PyTree, key: jax.Array, step: jax.Array,
+               noise_multiplier: jax.Array, clip_norm: jax.Array, denominator: jax.Array,
+               learning_rate: jax.Array, momentum: jax.Array, ema_decay: jax.Array) -> TrainState:
+        self.traces["apply"] += 1
+        grads = privatize(grad_sum, jax.random.fold_in(key, step), noise_multiplier, clip_norm, denominator)
+        hyper = dict(state.opt_state.hyperparams)
+        hyper["learning_rate"] = jnp.asarray(learning_rate, jnp.float32)
+        if "momentum" in hyper:
+            hyper["momentum"] = jnp.asarray(momentum, jnp.float32)
+        opt_state = state.opt_state._replace(hyperparams=hyper)
+        updates, opt_state = self.tx.update(grads, opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        # Averaging the released iterates is post-processing: it costs no privacy.
+        ema = jax.tree_util.tree_map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state.ema_params, params)
+        return TrainState(params, opt_state, ema)
+
+    def _evaluate(self, params: PyTree, x: jax.Array, y: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+        self.traces["evaluate"] += 1
+        logits = self.model.apply({"params": params}, x)
+        correct = jnp.sum((jnp.argmax(logits, -1) == y) * mask)
+        loss = jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, y) * mask)
+        return correct, loss
+
+    def _init_state(self, params: PyTree) -> TrainState:
+        self.traces["init"] += 1
+        return TrainState(params, self.tx.init(params), params)
+
+    # -- helpers -----------------------------------------------------------
+    def zeros_like(self, params: PyTree) -> PyTree:
+        return jax.device_put(jax.tree_util.tree_map(jnp.zeros_like, params), self.replicated)
+
+    def shard_batch(self, *arrays: np.ndarray) -> tuple[jax.Array, ...]:
+        return tuple(jax.device_put(a, self.batch_sharding) for a in arrays)
+
+
+@functools.lru_cache(maxsize=32)
+def step_functions(model: nn.Module, optimizer: str, microbatch_size: int,
+                   devices: tuple[jax.Device, ...]) -> StepFunctions:
+    """The shared :class:`StepFunctions` for this configuration (one per process).
+
+    Flax modules are frozen dataclasses, so equal model definitions hit the same
+    cache entry and the same compiled executables.
+    """
+    return StepFunctions(model, optimizer, microbatch_size, devices)

@@ -1,0 +1,204 @@
+"""Model registry: DP-compatible image classifiers in Flax (linen).
+
+DP-SGD needs each example's gradient on its own, so no model here mixes
+examples in its forward pass: normalisation is GroupNorm (optionally with
+weight-standardised convolutions, as in De et al. 2022), never BatchNorm.
+Input shape and class count come from the dataset.
+
+* ``cnn`` — two 3×3 conv layers with GroupNorm and a small dense head, for
+  28×28 or 8×8 inputs (≈106k parameters on MNIST).
+* ``wrn16_4`` — WideResNet-16-4 for CIFAR-sized inputs.
+* ``resnet18`` / ``resnet50`` — ImageNet-sized ResNets (He et al. 2016).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dptune.errors import ConfigError
+
+
+class Conv(nn.Module):
+    """2-D convolution (NHWC), optionally with weight standardisation.
+
+    Weight standardisation (Qiao et al. 2019) normalises each output filter's
+    kernel to zero mean and unit variance; it depends on parameters only, so it
+    keeps per-example independence.
+    """
+
+    features: int
+    kernel_size: int = 3
+    strides: int = 1
+    use_bias: bool = False
+    weight_standardization: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        k = self.kernel_size
+        kernel = self.param(
+            "kernel", nn.initializers.he_normal(), (k, k, x.shape[-1], self.features), jnp.float32
+        )
+        if self.weight_standardization:
+            mean = kernel.mean(axis=(0, 1, 2), keepdims=True)
+            var = kernel.var(axis=(0, 1, 2), keepdims=True)
+            kernel = (kernel - mean) * jax.lax.rsqrt(var + 1e-5)
+        y = jax.lax.conv_general_dilated(
+            x, kernel.astype(x.dtype), (self.strides, self.strides), "SAME",
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+        return y
+
+
+def _groups(channels: int, preferred: int) -> int:
+    g = min(preferred, channels)
+    while channels % g:
+        g -= 1
+    return g
+
+
+class SmallCNN(nn.Module):
+    """Conv(16)–GN–ReLU–pool, Conv(32)–GN–ReLU–pool, Dense(64), Dense(classes)."""
+
+    num_classes: int
+    weight_standardization: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for features in (16, 32):
+            x = Conv(features, 3, use_bias=True, weight_standardization=self.weight_standardization)(x)
+            x = nn.GroupNorm(num_groups=_groups(features, 8))(x)
+            x = nn.relu(x)
+            x = nn.avg_pool(x, (2, 2), (2, 2), padding="SAME")
+        x = x.reshape(x.shape[0], -1)
+        x = nn.relu(nn.Dense(64)(x))
+        return nn.Dense(self.num_classes)(x)
+
+
+class _WideBlock(nn.Module):
+    features: int
+    strides: int
+    ws: bool
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        out = nn.relu(nn.GroupNorm(num_groups=_groups(x.shape[-1], 16))(x))
+        shortcut = x
+        if self.strides != 1 or x.shape[-1] != self.features:
+            shortcut = Conv(self.features, 1, self.strides, weight_standardization=self.ws)(out)
+        y = Conv(self.features, 3, self.strides, weight_standardization=self.ws)(out)
+        y = nn.relu(nn.GroupNorm(num_groups=_groups(self.features, 16))(y))
+        y = Conv(self.features, 3, 1, weight_standardization=self.ws)(y)
+        return y + shortcut
+
+
+class WideResNet(nn.Module):
+    """WideResNet-(6n+4)-k with pre-activation blocks and GroupNorm (Zagoruyko & Komodakis 2016)."""
+
+    num_classes: int
+    depth: int = 16
+    width: int = 4
+    weight_standardization: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        n = (self.depth - 4) // 6
+        x = Conv(16, 3, weight_standardization=self.weight_standardization)(x)
+        for stage, features in enumerate((16 * self.width, 32 * self.width, 64 * self.width)):
+            for i in range(n):
+                x = _WideBlock(features, 2 if (stage > 0 and i == 0) else 1, self.weight_standardization)(x)
+        x = nn.relu(nn.GroupNorm(num_groups=_groups(x.shape[-1], 16))(x))
+        x = x.mean(axis=(1, 2))
+        return nn.Dense(self.num_classes)(x)
+
+
+class _BasicBlock(nn.Module):
+    features: int
+    strides: int
+    ws: bool
+    expansion = 1
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = Conv(self.features, 3, self.strides, weight_standardization=self.ws)(x)
+        y = nn.relu(nn.GroupNorm(num_groups=_groups(self.features, 32))(y))
+        y = Conv(self.features, 3, 1, weight_standardization=self.ws)(y)
+        y = nn.GroupNorm(num_groups=_groups(self.features, 32))(y)
+        return nn.relu(y + _projection(x, self.features, self.strides, self.ws))
+
+
+class _Bottleneck(nn.Module):
+    features: int
+    strides: int
+    ws: bool
+    expansion = 4
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        out = self.features * 4
+        y = Conv(self.features, 1, 1, weight_standardization=self.ws)(x)
+        y = nn.relu(nn.GroupNorm(num_groups=_groups(self.features, 32))(y))
+        y = Conv(self.features, 3, self.strides, weight_standardization=self.ws)(y)
+        y = nn.relu(nn.GroupNorm(num_groups=_groups(self.features, 32))(y))
+        y = Conv(out, 1, 1, weight_standardization=self.ws)(y)
+        y = nn.GroupNorm(num_groups=_groups(out, 32))(y)
+        return nn.relu(y + _projection(x, out, self.strides, self.ws))
+
+
+def _projection(x: jax.Array, features: int, strides: int, ws: bool) -> jax.Array:
+    if strides == 1 and x.shape[-1] == features:
+        return x
+    y = Conv(features, 1, strides, weight_standardization=ws)(x)
+    return nn.GroupNorm(num_groups=_groups(features, 32))(y)
+
+
+class ResNet(nn.Module):
+    """ResNet with GroupNorm in place of BatchNorm (as in Kurakin et al. 2022)."""
+
+    num_classes: int
+    stage_sizes: Sequence[int]
+    block: Callable[..., nn.Module]
+    weight_standardization: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        ws = self.weight_standardization
+        x = Conv(64, 7, 2, weight_standardization=ws)(x)
+        x = nn.relu(nn.GroupNorm(num_groups=32)(x))
+        x = nn.max_pool(x, (3, 3), (2, 2), padding="SAME")
+        for stage, blocks in enumerate(self.stage_sizes):
+            for i in range(blocks):
+                x = self.block(64 * 2**stage, 2 if (stage > 0 and i == 0) else 1, ws)(x)
+        x = x.mean(axis=(1, 2))
+        return nn.Dense(self.num_classes)(x)
+
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "cnn": lambda num_classes, ws: SmallCNN(num_classes, ws),
+    "wrn16_4": lambda num_classes, ws: WideResNet(num_classes, 16, 4, ws),
+    "resnet18": lambda num_classes, ws: ResNet(num_classes, (2, 2, 2, 2), _BasicBlock, ws),
+    "resnet50": lambda num_classes, ws: ResNet(num_classes, (3, 4, 6, 3), _Bottleneck, ws),
+}
+
+
+def build_model(name: str, num_classes: int, *, weight_standardization: bool = False) -> nn.Module:
+    """Instantiate a registered model; raises :class:`ConfigError` for an unknown name."""
+    if name not in MODELS:
+        raise ConfigError("model", f"unknown {name!r}; allowed: {', '.join(MODELS)}")
+    if num_classes < 2:
+        raise ConfigError("num_classes", f"must be >= 2, got {num_classes}")
+    return MODELS[name](num_classes, weight_standardization)
+
+
+def init_params(model: nn.Module, image_shape: Sequence[int], key: jax.Array) -> dict:
+    """Initial parameters for inputs of ``image_shape`` (H, W, C)."""
+    return model.init(key, jnp.zeros((1, *image_shape), jnp.float32))["params"]
+
+
+def count_params(params: dict) -> int:
+    return sum(int(p.size) for p in jax.tree_util.tree_leaves(params))

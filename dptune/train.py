@@ -1,0 +1,297 @@
+"""The training loop: ``train_step`` over Poisson batches, ``evaluate``, ``train_and_evaluate``.
+
+The loop knows nothing of Optuna. A caller passes a ``callback(step, metrics)``
+that is called after each evaluation; returning ``True`` stops the run, which
+then still reports the privacy it really spent.
+
+Budget enforcement: given a :class:`PrivacyBudget`, the run computes the
+largest number of steps whose ε stays within it before the first step and never
+takes more; the ε reported is that of the steps actually taken.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dptune import compile_stats, privacy
+from dptune.data import Dataset, batches
+from dptune.dp_step import OPTIMIZERS, StepFunctions, TrainState, step_functions
+from dptune.errors import ConfigError, PrivacyError
+from dptune.models import build_model, init_params
+from dptune.sampling import microbatches, pad_to_multiple, poisson_batch
+
+Callback = Callable[[int, dict[str, float]], bool | None]
+SCHEDULES: tuple[str, ...] = ("constant", "cosine")
+
+
+@dataclass(frozen=True)
+class Hyperparams:
+    """What a trial varies. ``batch_size`` is the *expected* logical batch B = qN."""
+
+    batch_size: int
+    learning_rate: float
+    clip_norm: float = 1.0
+    noise_multiplier: float = 1.0
+    optimizer: str = "momentum"
+    momentum: float = 0.9
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    ema_decay: float = 0.0
+
+    def validate(self, num_examples: int, private: bool) -> None:
+        if not 1 <= self.batch_size <= num_examples:
+            raise ConfigError("batch_size", f"must be in [1, {num_examples}] (the training-set size), got {self.batch_size}")
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            raise ConfigError("learning_rate", f"must be a finite number > 0, got {self.learning_rate}")
+        if private and not self.clip_norm > 0:
+            raise ConfigError("clip_norm", f"must be > 0, got {self.clip_norm}")
+        if not (self.noise_multiplier >= 0 and math.isfinite(self.noise_multiplier)):
+            raise ConfigError("noise_multiplier", f"must be a finite number >= 0, got {self.noise_multiplier}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError("optimizer", f"unknown {self.optimizer!r}; allowed: {', '.join(OPTIMIZERS)}")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError("momentum", f"must be in [0, 1), got {self.momentum}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError("schedule", f"unknown {self.schedule!r}; allowed: {', '.join(SCHEDULES)}")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError("ema_decay", f"must be in [0, 1) (0 = off), got {self.ema_decay}")
+
+
+@dataclass(frozen=True)
+class PrivacyBudget:
+    """A run may not take a step that would make its ε exceed ``epsilon`` at ``delta``."""
+
+    epsilon: float
+    delta: float
+    accountant: str = privacy.DEFAULT_ACCOUNTANT
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """What stays fixed across the trials of a study (and fixes the compiled shapes).
+
+    ``seed`` makes initialisation reproducible and is public. ``private_seed``
+    drives Poisson sampling and the noise: the guarantee assumes an adversary
+    cannot predict them, so by default it is drawn from the OS; fix it only for
+    reproducible experiments, and keep it as secret as the data.
+    """
+
+    model: str = "cnn"
+    weight_standardization: bool = False
+    private: bool = True
+    microbatch_size: int = 128
+    eval_every: int | None = None
+    eval_batch_size: int = 500
+    seed: int = 0
+    private_seed: int | None = None
+    num_devices: int | None = None
+
+
+@dataclass
+class TrainResult:
+    """What a run reports. Accuracies are on the validation and test splits."""
+
+    val_accuracy: float
+    test_accuracy: float
+    val_loss: float
+    ema_val_accuracy: float | None
+    ema_test_accuracy: float | None
+    steps: int
+    steps_requested: int
+    epochs: float
+    stopped_early: bool
+    budget_limited: bool
+    private: bool
+    privacy: privacy.PrivacySpend | None
+    examples_per_second: float
+    compile_seconds: float
+    wall_seconds: float
+    examples_processed: int
+    devices: int
+    private_seed_fixed: bool
+    split: dict[str, Any]
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    @property
+    def epsilon(self) -> float | None:
+        return None if self.privacy is None else self.privacy.epsilon
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["epsilon"] = self.epsilon
+        return d
+
+
+def learning_rate_at(hp: Hyperparams, step: int, total_steps: int) -> float:
+    """Host-side schedule: the value is passed to the compiled step, so no recompiles."""
+    lr = hp.learning_rate
+    if hp.warmup_steps and step < hp.warmup_steps:
+        return lr * (step + 1) / hp.warmup_steps
+    if hp.schedule == "cosine":
+        span = max(1, total_steps - hp.warmup_steps)
+        return lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - hp.warmup_steps) / span)))
+    return lr
+
+
+def _ema_decay_at(decay: float, step: int) -> float:
+    # Warm-up keeps early EMA from being dominated by the initialisation.
+    return min(decay, (1.0 + step) / (10.0 + step)) if decay > 0 else 0.0
+
+
+def _compute_seconds(tick: float, compiled_before: float) -> float:
+    # Steps run asynchronously; the loop blocks before each evaluation, so the
+    # sum over steps is exact even if single steps are not. Compilation is
+    # reported separately and excluded here.
+    return (time.perf_counter() - tick) - (compile_stats.seconds() - compiled_before)
+
+
+def train_step(fns: StepFunctions, state: TrainState, dataset: Dataset, indices: np.ndarray,
+               key: jax.Array, step: int, hp: Hyperparams, denominator: float,
+               clip_norm: float, noise_multiplier: float, lr: float) -> TrainState:
+    """One logical batch: accumulate clipped sums over microbatches, then one noisy update."""
+    padded, mask = pad_to_multiple(indices, fns.microbatch_size)
+    acc = fns.zeros_like(state.params)
+    for chunk, chunk_mask in microbatches(padded, mask, fns.microbatch_size):
+        x, y = dataset.train.take(chunk)
+        x, y, m = fns.shard_batch(x, y, chunk_mask)
+        acc = fns.accumulate(state.params, acc, x, y, m, clip_norm)
+    return fns.apply(state, acc, key, step, noise_multiplier, clip_norm, denominator,
+                     lr, hp.momentum, _ema_decay_at(hp.ema_decay, step))
+
+
+def evaluate(fns: StepFunctions, params: Any, split: Any, batch_size: int) -> tuple[float, float]:
+    """(accuracy, mean loss) of ``params`` on a whole split, in fixed-shape padded batches."""
+    correct = loss = 0.0
+    for positions in batches(split, batch_size):
+        x, y = split.take(positions)
+        n = len(y)
+        if n < batch_size:
+            pad = batch_size - n
+            x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
+            y = np.concatenate([y, np.zeros(pad, y.dtype)])
+        mask = (np.arange(batch_size) < n).astype(np.float32)
+        c, l = fns.evaluate(params, *fns.shard_batch(x, y, mask))
+        correct += float(c)
+        loss += float(l)
+    return correct / len(split), loss / len(split)
+
+
+def train_and_evaluate(
+    dataset: Dataset,
+    hparams: Hyperparams,
+    steps: int,
+    *,
+    config: RunConfig = RunConfig(),
+    budget: PrivacyBudget | None = None,
+    callback: Callback | None = None,
+) -> TrainResult:
+    """Train with DP-SGD (or non-privately) for at most ``steps`` steps and evaluate.
+
+    In private mode a ``budget`` is required; the run is capped at the largest
+    number of steps within it (``budget_limited`` says whether the cap bit).
+    Raises :class:`PrivacyError` if not even one step fits the budget.
+    """
+    n = len(dataset.train)
+    hparams.validate(n, config.private)
+    if steps < 1:
+        raise ConfigError("steps", f"must be >= 1, got {steps}")
+    q = hparams.batch_size / n
+    clip_norm = hparams.clip_norm if config.private else math.inf
+    sigma = hparams.noise_multiplier if config.private else 0.0
+
+    allowed = steps
+    if config.private:
+        if budget is None:
+            raise PrivacyError("budget: private training needs a privacy budget (epsilon, delta)")
+        privacy.validate(epsilon=budget.epsilon, delta=budget.delta, accountant=budget.accountant)
+        privacy.check_delta(budget.delta, n)
+        allowed = privacy.max_steps(q, sigma, budget.epsilon, budget.delta, budget.accountant, limit=steps)
+        if allowed == 0:
+            raise PrivacyError(
+                f"noise_multiplier: σ = {sigma:g} at q = {q:.4g} exceeds ε = {budget.epsilon:g} "
+                f"(δ = {budget.delta:g}) in a single step; raise σ or lower the batch size"
+            )
+
+    devices = tuple(jax.local_devices()[: config.num_devices or None])
+    eval_bs = -(-config.eval_batch_size // len(devices)) * len(devices)
+    model = build_model(config.model, dataset.num_classes, weight_standardization=config.weight_standardization)
+    fns = step_functions(model, hparams.optimizer, config.microbatch_size, devices)
+
+    started = time.perf_counter()
+    compile_before = compile_stats.seconds()
+    params = init_params(model, dataset.image_shape, jax.random.key(config.seed))
+    state = fns.init_state(jax.device_put(params, fns.replicated))
+    private_seed = config.private_seed if config.private_seed is not None else secrets.randbits(63)
+    rng = np.random.default_rng([private_seed, 0])
+    noise_key = jax.device_put(jax.random.key(private_seed), fns.replicated)
+    eval_every = config.eval_every or max(1, round(1 / q))
+    denominator = float(hparams.batch_size)
+
+    history: list[dict[str, float]] = []
+    examples = 0
+    train_seconds = 0.0
+    stopped = False
+    taken = 0
+    for t in range(allowed):
+        tick, compiled = time.perf_counter(), compile_stats.seconds()
+        indices = poisson_batch(rng, n, q)
+        examples += len(indices)
+        if not config.private:
+            # Non-private baselines may normalise by the realised batch size.
+            denominator = float(max(1, len(indices)))
+        lr = learning_rate_at(hparams, t, allowed)
+        state = train_step(fns, state, dataset, indices, noise_key, t, hparams, denominator,
+                           clip_norm, sigma, lr)
+        taken = t + 1
+        if taken % eval_every == 0 or taken == allowed:
+            jax.block_until_ready(state.params)
+            train_seconds += _compute_seconds(tick, compiled)
+            acc, loss = evaluate(fns, state.params, dataset.validation, eval_bs)
+            metrics = {"step": taken, "epoch": taken * q, "val_accuracy": acc, "val_loss": loss}
+            history.append(metrics)
+            if callback is not None and callback(taken, dict(metrics)) and taken < allowed:
+                stopped = True
+                break
+        else:
+            train_seconds += _compute_seconds(tick, compiled)
+
+    val_acc, val_loss = history[-1]["val_accuracy"], history[-1]["val_loss"]
+    test_acc, _ = evaluate(fns, state.params, dataset.test, eval_bs)
+    ema_val = ema_test = None
+    if hparams.ema_decay > 0:
+        ema_val, _ = evaluate(fns, state.ema_params, dataset.validation, eval_bs)
+        ema_test, _ = evaluate(fns, state.ema_params, dataset.test, eval_bs)
+    compile_seconds = compile_stats.seconds() - compile_before
+    spent = None
+    if config.private:
+        spent = privacy.spend(q, sigma, taken, budget.delta, budget.accountant)
+    return TrainResult(
+        val_accuracy=val_acc,
+        test_accuracy=test_acc,
+        val_loss=val_loss,
+        ema_val_accuracy=ema_val,
+        ema_test_accuracy=ema_test,
+        steps=taken,
+        steps_requested=steps,
+        epochs=taken * q,
+        stopped_early=stopped,
+        budget_limited=allowed < steps,
+        private=config.private,
+        privacy=spent,
+        examples_per_second=examples / max(train_seconds, 1e-9),
+        compile_seconds=compile_seconds,
+        wall_seconds=time.perf_counter() - started,
+        examples_processed=examples,
+        devices=len(devices),
+        private_seed_fixed=config.private_seed is not None,
+        split=dataset.split.as_dict(),
+        history=history,
+    )

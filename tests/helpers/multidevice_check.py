@@ -1,0 +1,41 @@
+"""Run under XLA_FLAGS=--xla_force_host_platform_device_count=4: compare 1 vs 4 devices.
+
+Prints one JSON line with the largest differences; tests/test_multidevice.py checks it.
+"""
+
+import json
+
+import jax
+import numpy as np
+
+from dptune.data import load_dataset
+from dptune.dp_step import step_functions
+from dptune.models import build_model, init_params
+from dptune.train import Hyperparams, PrivacyBudget, RunConfig, evaluate, train_and_evaluate, train_step
+
+assert jax.local_device_count() == 4, jax.devices()
+ds = load_dataset("digits")
+model = build_model("cnn", ds.num_classes)
+params0 = init_params(model, ds.image_shape, jax.random.key(0))
+idx = np.sort(np.random.default_rng(0).choice(len(ds.train), 150, replace=False))
+hp = Hyperparams(batch_size=128, learning_rate=0.5, clip_norm=0.7, noise_multiplier=1.3, optimizer="momentum")
+
+out = {}
+for n_dev in (1, 4):
+    fns = step_functions(model, "momentum", 64, tuple(jax.local_devices()[:n_dev]))
+    state = fns.init_state(jax.device_put(params0, fns.replicated))
+    key = jax.device_put(jax.random.key(11), fns.replicated)
+    for t in range(2):
+        state = train_step(fns, state, ds, idx, key, t, hp, 128.0, 0.7, 1.3, 0.5)
+    out[n_dev] = {
+        "params": [np.asarray(p) for p in jax.tree_util.tree_leaves(state.params)],
+        "sharding": str(state.params["Dense_0"]["kernel"].sharding),
+        "acc": evaluate(fns, state.params, ds.validation, 200),
+    }
+
+diff = max(float(np.max(np.abs(a - b))) for a, b in zip(out[1]["params"], out[4]["params"]))
+scale = max(float(np.max(np.abs(a))) for a in out[1]["params"])
+r = train_and_evaluate(ds, hp, 4, config=RunConfig(private_seed=0, microbatch_size=64, num_devices=4, eval_every=2),
+                       budget=PrivacyBudget(8.0, 1e-5))
+print(json.dumps({"max_abs_diff": diff, "param_scale": scale, "acc1": out[1]["acc"], "acc4": out[4]["acc"],
+                  "devices_used": r.devices, "steps": r.steps}))

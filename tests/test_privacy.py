@@ -1,0 +1,113 @@
+"""Contract tests of dptune.privacy against direct dp_accounting calls."""
+
+import math
+
+import pytest
+from dp_accounting import dp_event
+from dp_accounting.pld.pld_privacy_accountant import PLDAccountant
+from dp_accounting.rdp.rdp_privacy_accountant import RdpAccountant
+
+from dptune import privacy
+from dptune.errors import PrivacyError
+
+DIRECT = {"pld": PLDAccountant, "rdp": RdpAccountant}
+
+
+def direct_epsilon(acc: str, q: float, sigma: float, steps: int, delta: float) -> float:
+    event = dp_event.SelfComposedDpEvent(
+        dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(sigma)), steps
+    )
+    return DIRECT[acc]().compose(event).get_epsilon(delta)
+
+
+@pytest.mark.parametrize("acc", ["pld", "rdp"])
+@pytest.mark.parametrize(
+    "q,sigma,steps,delta",
+    [(0.01, 1.0, 100, 1e-5), (0.1, 2.0, 50, 1e-6), (0.5, 4.0, 20, 1e-5), (256 / 60000, 1.1, 1000, 1e-5)],
+)
+def test_epsilon_agrees_with_dp_accounting(acc, q, sigma, steps, delta):
+    assert privacy.epsilon(q, sigma, steps, delta, acc) == pytest.approx(
+        direct_epsilon(acc, q, sigma, steps, delta), rel=1e-9
+    )
+
+
+def test_tf_privacy_mnist_tutorial_values():
+    # TF Privacy's MNIST tutorial printed ε = 2.92 for these settings, from an
+    # older RDP-to-(ε, δ) conversion. dp-accounting's RDP conversion is tighter
+    # (≈ 2.60) and PLD accounting tighter still (≈ 2.38).
+    q, sigma, steps, delta = 256 / 60000, 1.1, math.ceil(60 * 60000 / 256), 1e-5
+    rdp = privacy.epsilon(q, sigma, steps, delta, "rdp")
+    pld = privacy.epsilon(q, sigma, steps, delta, "pld")
+    assert rdp == pytest.approx(2.60, abs=0.02)
+    assert pld == pytest.approx(2.38, abs=0.02)
+    assert pld < rdp < 2.92
+
+
+@pytest.mark.parametrize("acc", ["pld", "rdp"])
+def test_full_batch_equals_gaussian_composition(acc):
+    sigma, steps, delta = 5.0, 10, 1e-5
+    gaussian = DIRECT[acc]().compose(
+        dp_event.SelfComposedDpEvent(dp_event.GaussianDpEvent(sigma), steps)
+    ).get_epsilon(delta)
+    assert privacy.epsilon(1.0, sigma, steps, delta, acc) == pytest.approx(gaussian, rel=1e-6)
+
+
+def test_edge_values():
+    assert privacy.epsilon(0.1, 1.0, 0, 1e-5) == 0.0
+    assert privacy.epsilon(0.1, 0.0, 1, 1e-5) == math.inf
+    assert privacy.max_steps(0.1, 0.0, 3.0, 1e-5) == 0
+    # One full-batch step at tiny σ is already far over ε = 1.
+    assert privacy.max_steps(1.0, 0.3, 1.0, 1e-5) == 0
+
+
+@pytest.mark.parametrize("acc", ["pld", "rdp"])
+def test_noise_calibration_round_trip(acc):
+    q, steps, target, delta = 0.02, 500, 3.0, 1e-5
+    sigma = privacy.noise_for_epsilon(q, steps, target, delta, acc)
+    assert privacy.epsilon(q, sigma, steps, delta, acc) <= target
+    assert privacy.epsilon(q, sigma * 0.99, steps, delta, acc) > target
+
+
+@pytest.mark.parametrize("acc", ["pld", "rdp"])
+def test_steps_calibration_round_trip(acc):
+    q, sigma, target, delta = 0.05, 1.2, 2.0, 1e-5
+    t = privacy.max_steps(q, sigma, target, delta, acc)
+    assert t > 0
+    assert privacy.epsilon(q, sigma, t, delta, acc) <= target
+    assert privacy.epsilon(q, sigma, t + 1, delta, acc) > target
+
+
+def test_max_steps_respects_limit():
+    assert privacy.max_steps(0.01, 5.0, 8.0, 1e-5, "rdp", limit=7) == 7
+
+
+def test_pld_is_tighter_than_rdp():
+    args = (0.05, 1.0, 200, 1e-5)
+    assert privacy.epsilon(*args, "pld") < privacy.epsilon(*args, "rdp")
+
+
+@pytest.mark.parametrize(
+    "kwargs,field",
+    [
+        ({"sampling_rate": 0.0}, "sampling_rate"),
+        ({"sampling_rate": 1.5}, "sampling_rate"),
+        ({"noise_multiplier": -1.0}, "noise_multiplier"),
+        ({"delta": 1.0}, "delta"),
+        ({"delta": 0.0}, "delta"),
+        ({"epsilon": 0.0}, "epsilon"),
+        ({"epsilon": -2.0}, "epsilon"),
+        ({"steps": -1}, "steps"),
+        ({"accountant": "moments"}, "accountant"),
+    ],
+)
+def test_validation_names_the_field(kwargs, field):
+    with pytest.raises(PrivacyError, match=f"^{field}:"):
+        privacy.validate(**kwargs)
+
+
+def test_delta_must_be_below_one_over_n():
+    privacy.check_delta(1e-5, 5000)
+    with pytest.raises(PrivacyError, match="delta"):
+        privacy.check_delta(1e-3, 5000)
+    assert privacy.default_delta(5000) < 1 / 5000
+    assert privacy.default_delta(60000) == pytest.approx(1e-6)
