@@ -155,6 +155,7 @@ class StepFunctions:
         self.traces: Counter[str] = Counter()
         rep = self.replicated
         self.accumulate = jax.jit(self._accumulate, out_shardings=rep)
+        self.accumulate_nonprivate = jax.jit(self._accumulate_nonprivate, out_shardings=rep)
         self.apply = jax.jit(self._apply, out_shardings=rep)
         self.evaluate = jax.jit(self._evaluate, out_shardings=rep)
         self.init_state = jax.jit(self._init_state, out_shardings=rep)
@@ -188,6 +189,17 @@ class StepFunctions:
             in_specs=(rep, batch, batch, batch, rep), out_specs=rep,
         )(params, x, y, mask, clip_norm)
         return jax.tree_util.tree_map(jnp.add, acc, part)
+
+    def _accumulate_nonprivate(self, params: PyTree, acc: PyTree, x: jax.Array, y: jax.Array,
+                               mask: jax.Array, clip_norm: jax.Array) -> PyTree:
+        """Plain summed gradient (no per-example work) for non-private baselines."""
+        self.traces["accumulate_nonprivate"] += 1
+
+        def summed_loss(p: PyTree) -> jax.Array:
+            logits = self.model.apply({"params": p}, x)
+            return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, y) * mask)
+
+        return jax.tree_util.tree_map(jnp.add, acc, jax.grad(summed_loss)(params))
 
     def _apply(self, state: TrainState, grad_sum: PyTree, key: jax.Array, step: jax.Array,
                noise_multiplier: jax.Array, clip_norm: jax.Array, denominator: jax.Array,

@@ -155,14 +155,18 @@ def _compute_seconds(tick: float, compiled_before: float) -> float:
 
 def train_step(fns: StepFunctions, state: TrainState, dataset: Dataset, indices: np.ndarray,
                key: jax.Array, step: int, hp: Hyperparams, denominator: float,
-               clip_norm: float, noise_multiplier: float, lr: float) -> TrainState:
-    """One logical batch: accumulate clipped sums over microbatches, then one noisy update."""
+               clip_norm: float, noise_multiplier: float, lr: float, private: bool = True) -> TrainState:
+    """One logical batch: accumulate clipped sums over microbatches, then one noisy update.
+
+    ``private=False`` sums plain gradients instead (a non-private baseline; σ must be 0).
+    """
     padded, mask = pad_to_multiple(indices, fns.microbatch_size)
     acc = fns.zeros_like(state.params)
+    accumulate = fns.accumulate if private else fns.accumulate_nonprivate
     for chunk, chunk_mask in microbatches(padded, mask, fns.microbatch_size):
         x, y = dataset.train.take(chunk)
         x, y, m = fns.shard_batch(x, y, chunk_mask)
-        acc = fns.accumulate(state.params, acc, x, y, m, clip_norm)
+        acc = accumulate(state.params, acc, x, y, m, clip_norm)
     return fns.apply(state, acc, key, step, noise_multiplier, clip_norm, denominator,
                      lr, hp.momentum, _ema_decay_at(hp.ema_decay, step))
 
@@ -249,7 +253,7 @@ def train_and_evaluate(
             denominator = float(max(1, len(indices)))
         lr = learning_rate_at(hparams, t, allowed)
         state = train_step(fns, state, dataset, indices, noise_key, t, hparams, denominator,
-                           clip_norm, sigma, lr)
+                           clip_norm, sigma, lr, config.private)
         taken = t + 1
         if taken % eval_every == 0 or taken == allowed:
             jax.block_until_ready(state.params)

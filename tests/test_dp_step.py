@@ -105,6 +105,12 @@ def test_unclipped_noiseless_update_is_the_mean_gradient(digits):
     denom = 64.0
     new = _step(fns, params, digits, idx, clip=math.inf, denom=denom)
     x, y = digits.train.take(idx)
+    # The non-private path (batched gradient, no per-example work) gives the same update.
+    hp = Hyperparams(batch_size=64, learning_rate=1.0, clip_norm=math.inf, noise_multiplier=0.0, optimizer="sgd")
+    baseline = train_step(fns, fns.init_state(params), digits, idx, jax.random.key(0), 0, hp, denom,
+                          math.inf, 0.0, 1.0, private=False).params
+    for a, b in zip(jax.tree_util.tree_leaves(new), jax.tree_util.tree_leaves(baseline)):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6)
 
     def total_loss(p):
         logits = model.apply({"params": p}, x)
