@@ -210,6 +210,149 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- dptune study / optimize -----------------------------------------------------
+
+def _fmt(v: Any, digits: int = 4) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}g}"
+    return str(v)
+
+
+def _trial_line(t: Any) -> str:
+    a = t.user_attrs
+    state = t.state.name
+    if state == "PRUNED" and "rejected_reason" in a:
+        state = "REJECTED"
+    params = "  ".join(f"{k}={_fmt(v, 3)}" for k, v in t.params.items())
+    acc = a.get("val_accuracy")
+    eps = a.get("epsilon_spent")
+    tail = f"  ({a['rejected_reason']})" if "rejected_reason" in a else ""
+    return (f"trial {t.number:3d} {state:9s} val_acc {_fmt(acc)}  ε {_fmt(eps)}/{_fmt(a.get('epsilon_target'))}  "
+            f"steps {a.get('steps', '-')}  σ {_fmt(a.get('noise_multiplier'), 3)}  {params}{tail}")
+
+
+def cmd_study_create(args: argparse.Namespace) -> int:
+    from dptune import config, study
+
+    resolved = config.load_study(args.config)
+    storage = args.storage or resolved.study.storage or config.default_storage(resolved.study.name)
+    created = study.create_study(resolved, storage, skip_if_exists=args.skip_if_exists)
+    out = {"study_name": created.study_name, "storage": storage, "epsilon": resolved.study.privacy.epsilon,
+           "delta": created.user_attrs["delta"], "trials": len(created.trials)}
+    if args.json:
+        print(_dump(out))
+    else:
+        print(f"study {out['study_name']!r} in {storage}: ε = {out['epsilon']:g}, δ = {out['delta']:g}, "
+              f"{out['trials']} trial(s) so far")
+    return 0
+
+
+def cmd_optimize(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from dptune import compile_stats, study
+
+    compile_stats.enable_persistent_cache(args.cache_dir)
+    console = Console(stderr=True)
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=console, transient=True) as progress:
+        task = progress.add_task(f"optimizing {args.study_name}", total=args.n_trials)
+
+        def on_trial(_study: Any, trial: Any) -> None:
+            progress.console.print(_trial_line(trial))
+            progress.advance(task)
+
+        try:
+            result = study.optimize(args.study_name, args.storage, n_trials=args.n_trials,
+                                    timeout=args.timeout, callbacks=[on_trial])
+        except KeyboardInterrupt:
+            progress.stop()
+            console.print("dptune: interrupted: the running trial was marked FAIL; finished trials are kept. "
+                          "Re-run to continue the study.")
+            return 130
+    summary = study.summarize(result)
+    if args.json:
+        print(_dump(summary.as_dict()))
+    else:
+        _print_summary(summary)
+    return 0
+
+
+def _print_summary(summary: Any) -> None:
+    from rich.console import Console
+
+    c = Console()
+    c.print(f"[bold]{summary.name}[/]: ε target {summary.epsilon_target:g} (δ = {summary.delta:g}, "
+            f"{summary.accountant}); {summary.n_trials} trials: {summary.complete} complete, {summary.pruned} pruned, "
+            f"{summary.rejected} rejected before training, {summary.failed} failed; "
+            f"{summary.trial_steps} trial-steps in all")
+    b = summary.best
+    if b is None:
+        c.print("no completed trial yet")
+        return
+    c.print(f"best trial {b['number']}: validation accuracy {b['value']:.4f}, test accuracy "
+            f"{_fmt(b.get('test_accuracy'))}, ε spent {_fmt(b.get('epsilon_spent'))}, {b.get('steps')} steps "
+            f"({_fmt(b.get('epochs'), 3)} epochs)")
+    c.print("  " + "  ".join(f"{k}={_fmt(b.get(k), 4)}" for k in
+                             ("batch_size", "learning_rate", "clip_norm", "noise_multiplier", "sampling_rate")))
+
+
+def cmd_study_list(args: argparse.Namespace) -> int:
+    from dptune import config, study
+
+    storage = args.storage or config.default_storage(args.study_name or "dptune")
+    rows = study.list_studies(storage)
+    if args.json:
+        print(_dump(rows))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"studies in {storage}")
+    for col in ("name", "dataset", "ε target", "trials", "best val acc"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["name"], _fmt(r["dataset"]), _fmt(r["epsilon_target"]), str(r["trials"]),
+                      _fmt(r["best_value"]))
+    Console().print(table)
+    return 0
+
+
+def cmd_study_show(args: argparse.Namespace) -> int:
+    from dptune import study
+
+    s, _ = study.load(args.study_name, args.storage)
+    summary = study.summarize(s)
+    if args.json:
+        print(_dump(summary.as_dict()))
+    else:
+        _print_summary(summary)
+    return 0
+
+
+def cmd_study_best(args: argparse.Namespace) -> int:
+    from dptune import study
+
+    s, _ = study.load(args.study_name, args.storage)
+    best = study.summarize(s).best
+    if best is None:
+        raise study.StudyError(f"study_name: {args.study_name!r} has no completed trial yet")
+    if args.json:
+        print(_dump(best))
+    else:
+        print(_trial_line(s.trials[best["number"]]))
+    return 0
+
+
+def _study_args(p: argparse.ArgumentParser, *, name_required: bool = True) -> None:
+    p.add_argument("--study-name", required=name_required)
+    p.add_argument("--storage", help="Optuna storage URL (default sqlite:///studies/<study-name>.db)")
+    p.add_argument("--json", action="store_true")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dptune", description="Tune differentially private training.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -240,6 +383,31 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--json", action="store_true")
     t.set_defaults(func=cmd_train)
 
+    st = sub.add_parser("study", help="create and inspect studies")
+    stsub = st.add_subparsers(dest="study_command", required=True)
+    c = stsub.add_parser("create", help="create a study from a study file")
+    c.add_argument("--config", required=True, help="studies/<name>.yaml")
+    c.add_argument("--storage", help="overrides the file's storage")
+    c.add_argument("--skip-if-exists", action="store_true", help="reuse an identical existing study")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_study_create)
+    ls = stsub.add_parser("list", help="list the studies in a storage")
+    _study_args(ls, name_required=False)
+    ls.set_defaults(func=cmd_study_list)
+    for name, func, text in (("show", cmd_study_show, "summary and best trial"),
+                             ("best", cmd_study_best, "the best trial")):
+        sp = stsub.add_parser(name, help=text)
+        sp.add_argument("name", nargs="?", help="study name (or --study-name)")
+        _study_args(sp, name_required=False)
+        sp.set_defaults(func=func)
+
+    o = sub.add_parser("optimize", help="run trials of a study")
+    _study_args(o)
+    o.add_argument("--n-trials", type=_positive_int)
+    o.add_argument("--timeout", type=_float, help="seconds")
+    o.add_argument("--cache-dir", help="JAX persistent compilation cache")
+    o.set_defaults(func=cmd_optimize)
+
     p = sub.add_parser("privacy", help="privacy accounting questions")
     psub = p.add_subparsers(dest="question", required=True)
     e = psub.add_parser("epsilon", help="ε of a DP-SGD run")
@@ -260,6 +428,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dptune`` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "name", None) and not getattr(args, "study_name", None):
+        args.study_name = args.name
+    if args.command == "study" and args.study_command in ("show", "best") and not args.study_name:
+        parser.error("study name required (positional or --study-name)")
+    if args.command == "optimize" and args.n_trials is None and args.timeout is None:
+        parser.error("give --n-trials or --timeout")
     try:
         return args.func(args)
     except DptuneError as e:

@@ -167,11 +167,29 @@ def _load_builtin(name: str, seed: int, validation_fraction: float, test_fractio
     )
 
 
-def _tfds_decoder(name: str, image_shape: tuple[int, ...]) -> Callable[[dict], tuple[np.ndarray, int]]:
+def resize_center_crop(image: np.ndarray, size: int) -> np.ndarray:
+    """Resize the short side to ``size`` and crop the centre square (uint8 HWC)."""
+    from PIL import Image
+
+    h, w = image.shape[:2]
+    scale = size / min(h, w)
+    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    squeeze = image.shape[-1] == 1
+    pil = Image.fromarray(image[..., 0] if squeeze else image).resize((nw, nh), Image.BILINEAR)
+    out = np.asarray(pil)
+    top, left = (nh - size) // 2, (nw - size) // 2
+    out = out[top:top + size, left:left + size]
+    return out[..., None] if squeeze else out
+
+
+def _tfds_decoder(name: str, image_shape: tuple[int, ...], image_size: int | None
+                  ) -> Callable[[dict], tuple[np.ndarray, int]]:
     def decode(record: dict) -> tuple[np.ndarray, int]:
         image = np.asarray(record["image"])
         if image.ndim == 2:
             image = image[..., None]
+        if image_size is not None:
+            image = resize_center_crop(image, image_size)
         if tuple(image.shape) != tuple(image_shape):
             raise DataError(
                 f"dataset {name!r}: image of shape {tuple(image.shape)}, expected {tuple(image_shape)}; "
@@ -184,7 +202,7 @@ def _tfds_decoder(name: str, image_shape: tuple[int, ...]) -> Callable[[dict], t
 
 def _load_tfds(
     full_name: str, data_dir: str | None, seed: int, validation_fraction: float,
-    train_split: str, test_split: str,
+    train_split: str, test_split: str, image_size: int | None = None,
 ) -> Dataset:
     import tensorflow_datasets as tfds
 
@@ -194,6 +212,7 @@ def _load_tfds(
     if data_dir is None:
         raise DataError(f"data_dir: required for {full_name!r} (dptune never downloads; "
                         "prepare the data with `tfds build --file_format=array_record --data_dir DIR`)")
+    data_dir = os.path.expanduser(data_dir)
     try:
         builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError as e:
@@ -202,9 +221,11 @@ def _load_tfds(
     if "image" not in features or "label" not in features:
         raise DataError(f"dataset {full_name!r}: needs 'image' and 'label' features, has {sorted(features.keys())}")
     image_shape = tuple(features["image"].shape)
+    if image_size is not None:
+        image_shape = (image_size, image_size, image_shape[-1])
     if None in image_shape:
-        raise DataError(f"dataset {full_name!r}: images of variable shape {image_shape} are not supported; "
-                        "prepare a fixed-size variant (e.g. imagenet_resized/64x64)")
+        raise DataError(f"image_size: dataset {full_name!r} has images of variable shape {image_shape}; "
+                        "set image_size (e.g. 224) to resize and centre-crop them")
     num_classes = int(features["label"].num_classes)
     known = set(builder.info.splits.keys())
     sources = {}
@@ -222,7 +243,7 @@ def _load_tfds(
     n = len(train_src)
     n_train, n_val, _ = _split_sizes(n, validation_fraction, 0.0)
     perm = np.random.default_rng(seed).permutation(n)
-    decode = _tfds_decoder(full_name, image_shape)
+    decode = _tfds_decoder(full_name, image_shape, image_size)
     n_test = len(test_src)
     return Dataset(
         name=full_name,
@@ -245,6 +266,7 @@ def load_dataset(
     test_fraction: float = 0.2,
     train_split: str = "train",
     test_split: str = "test",
+    image_size: int | None = None,
 ) -> Dataset:
     """Load a dataset by name and split it deterministically.
 
@@ -252,11 +274,13 @@ def load_dataset(
     validation examples are carved out of ``train_split`` and the test split is
     the dataset's own ``test_split``. Raises :class:`DataError` for an unknown
     name, a missing ``data_dir`` or split, or images of an unexpected shape.
+    ``image_size`` resizes and centre-crops TFDS images (needed for datasets of
+    variable image size such as imagenet2012).
     """
     if name in _BUILTIN_LOADERS:
         return _load_builtin(name, seed, validation_fraction, test_fraction)
     if name.startswith(TFDS_PREFIX):
-        return _load_tfds(name, data_dir, seed, validation_fraction, train_split, test_split)
+        return _load_tfds(name, data_dir, seed, validation_fraction, train_split, test_split, image_size)
     raise DataError(f"dataset: unknown {name!r}; available: {', '.join(available())}")
 
 

@@ -1,0 +1,331 @@
+"""The study driver: Optuna studies of DP-SGD hyperparameters under a fixed ε.
+
+A study's whole configuration (study file + search space, resolved) is stored
+in the study's user attributes, so a worker anywhere needs only the storage URL
+and the study name. Each trial
+
+1. samples hyperparameters and derives steps or σ from the budget
+   (:func:`dptune.search_space.plan_trial`); an infeasible sample is recorded
+   as PRUNED with ``rejected_reason`` and ε spent 0 — it never touched data;
+2. trains with :func:`dptune.train.train_and_evaluate`, reporting validation
+   accuracy at each evaluation (``trial.report``) and stopping when the pruner
+   says so;
+3. records what ran as user attributes: ε target and spent, δ, accountant,
+   q, σ, C, steps, epochs, examples/s, compile and wall time, seeds, devices.
+
+Pruned trials are PRUNED, not FAILED, so TPE learns from them; their recorded ε
+is what they really spent.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from dptune import __version__, privacy
+from dptune.config import ResolvedStudy, SearchSpace, StudyConfig, default_storage
+from dptune.data import Dataset, load_dataset
+from dptune.errors import ConfigError, DptuneError
+from dptune.search_space import Infeasible, plan_trial
+from dptune.train import PrivacyBudget, RunConfig, train_and_evaluate
+
+CONFIG_ATTR = "dptune_config"
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+class StudyError(DptuneError):
+    """A study cannot be created, found or continued."""
+
+
+# -- samplers and pruners ---------------------------------------------------
+
+def make_sampler(study: StudyConfig, space: SearchSpace, seed: int) -> optuna.samplers.BaseSampler:
+    """The Optuna sampler a study file names."""
+    name = study.sampler.name
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=study.sampler.n_startup_trials)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "cmaes":
+        return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=study.sampler.n_startup_trials)
+    if name == "gp":
+        if importlib.util.find_spec("torch") is None:
+            raise ConfigError("sampler.name", "'gp' needs PyTorch installed (pip install torch); "
+                              "allowed without it: tpe, random, cmaes, grid")
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=study.sampler.n_startup_trials)
+    if name == "grid":
+        grid: dict[str, list] = {}
+        for pname, spec in space.params().items():
+            values = getattr(spec, "grid", None) or getattr(spec, "choices", None)
+            if values is None and hasattr(spec, "low"):
+                raise ConfigError(f"search_space.{pname}", "the grid sampler needs 'grid: [values]' for every range")
+            if values is not None:
+                grid[pname] = list(values)
+        return optuna.samplers.GridSampler(grid, seed=seed)
+    raise ConfigError("sampler.name", f"unknown {name!r}")
+
+
+def make_pruner(study: StudyConfig) -> optuna.pruners.BasePruner:
+    """The Optuna pruner a study file names (steps are evaluation counts)."""
+    p = study.pruner
+    if p.name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=p.n_startup_trials, n_warmup_steps=p.n_warmup_steps)
+    if p.name in ("successive_halving", "asha"):
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=p.min_resource,
+                                                      reduction_factor=p.reduction_factor)
+    if p.name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=p.min_resource, reduction_factor=p.reduction_factor)
+    return optuna.pruners.NopPruner()
+
+
+# -- create / load ------------------------------------------------------------
+
+def _dataset(cfg: StudyConfig) -> Dataset:
+    return load_dataset(cfg.dataset, data_dir=cfg.data_dir, seed=cfg.seed, image_size=cfg.image_size,
+                        test_split=cfg.test_split)
+
+
+def _resolve_delta(resolved: ResolvedStudy, dataset: Dataset) -> float:
+    n = len(dataset.train)
+    delta = resolved.study.privacy.delta if resolved.study.privacy.delta is not None else privacy.default_delta(n)
+    privacy.check_delta(delta, n)
+    return delta
+
+
+def create_study(resolved: ResolvedStudy, storage: str | None = None, *, skip_if_exists: bool = False) -> optuna.Study:
+    """Create a study holding its full configuration.
+
+    Everything is validated first (the dataset is opened, δ checked against
+    1/N, the sampler built), so a bad configuration writes nothing. An
+    existing study of the same name is an error unless ``skip_if_exists`` and
+    its stored configuration is identical.
+    """
+    study_cfg = resolved.study
+    storage = storage or study_cfg.storage or default_storage(study_cfg.name)
+    dataset = _dataset(study_cfg)
+    delta = _resolve_delta(resolved, dataset)
+    make_sampler(study_cfg, resolved.space, study_cfg.seed)
+    from dptune.models import build_model
+
+    build_model(study_cfg.model, dataset.num_classes)
+    stored = resolved.to_json()
+
+    existing = _find(study_cfg.name, storage)
+    if existing is not None:
+        if existing.user_attrs.get(CONFIG_ATTR) != stored:
+            raise StudyError(f"study_name: a study {study_cfg.name!r} with a different configuration exists "
+                             f"in {storage}; choose another name or delete it")
+        if not skip_if_exists:
+            raise StudyError(f"study_name: {study_cfg.name!r} already exists in {storage} (use --skip-if-exists)")
+        return optuna.load_study(study_name=study_cfg.name, storage=storage)
+
+    study = optuna.create_study(study_name=study_cfg.name, storage=storage, direction=study_cfg.objective.direction)
+    try:
+        study.set_user_attr(CONFIG_ATTR, stored)
+        study.set_user_attr("dptune_version", __version__)
+        study.set_user_attr("epsilon_target", study_cfg.privacy.epsilon)
+        study.set_user_attr("delta", delta)
+        study.set_user_attr("accountant", study_cfg.privacy.accountant)
+        study.set_user_attr("split", dataset.split.as_dict())
+    except BaseException:
+        optuna.delete_study(study_name=study_cfg.name, storage=storage)
+        raise
+    return study
+
+
+def _find(name: str, storage: str) -> optuna.study.StudySummary | None:
+    for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
+        if summary.study_name == name:
+            return summary
+    return None
+
+
+def load(study_name: str, storage: str | None = None) -> tuple[optuna.Study, ResolvedStudy]:
+    """Load a dptune study and its stored configuration."""
+    storage = storage or default_storage(study_name)
+    if _find(study_name, storage) is None:
+        names = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
+        raise StudyError(f"study_name: no study {study_name!r} in {storage}; "
+                         f"available: {', '.join(names) if names else '(none)'}")
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    if CONFIG_ATTR not in study.user_attrs:
+        raise StudyError(f"study_name: {study_name!r} was not created by dptune (no stored configuration)")
+    return study, ResolvedStudy.from_json(study.user_attrs[CONFIG_ATTR])
+
+
+# -- trials ---------------------------------------------------------------------
+
+def _storage_url(storage: str | None, name: str) -> str:
+    return storage or default_storage(name)
+
+
+class Objective:
+    """The per-trial function handed to ``study.optimize``."""
+
+    def __init__(self, resolved: ResolvedStudy, dataset: Dataset, delta: float):
+        self.resolved = resolved
+        self.dataset = dataset
+        cfg = resolved.study
+        self.budget = PrivacyBudget(cfg.privacy.epsilon, delta, cfg.privacy.accountant)
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        cfg = self.resolved.study
+        n = len(self.dataset.train)
+        trial.set_user_attr("epsilon_target", self.budget.epsilon)
+        trial.set_user_attr("delta", self.budget.delta)
+        trial.set_user_attr("accountant", self.budget.accountant)
+        try:
+            plan = plan_trial(trial, self.resolved.space, n, self.budget, cfg.budget)
+        except Infeasible as e:
+            trial.set_user_attr("rejected_reason", str(e))
+            trial.set_user_attr("epsilon_spent", 0.0)
+            trial.set_user_attr("steps", 0)
+            raise optuna.TrialPruned(str(e))
+        for k, v in plan.as_attrs().items():
+            trial.set_user_attr(k, v)
+
+        reports = []
+
+        def report(step: int, metrics: dict[str, float]) -> bool:
+            reports.append(metrics["val_accuracy"])
+            trial.report(metrics["val_accuracy"], len(reports))
+            return trial.should_prune()
+
+        config = RunConfig(
+            model=cfg.model,
+            weight_standardization=cfg.weight_standardization,
+            microbatch_size=cfg.microbatch_size,
+            eval_every=max(1, round(cfg.eval_every_epochs / plan.sampling_rate)),
+            seed=cfg.seed + trial.number,
+            private_seed=None if cfg.private_seed is None else cfg.private_seed + trial.number,
+        )
+        result = train_and_evaluate(self.dataset, plan.hparams, plan.steps, config=config,
+                                    budget=self.budget, callback=report)
+        attrs = {
+            "epsilon_spent": result.epsilon,
+            "steps": result.steps,
+            "epochs": result.epochs,
+            "val_accuracy": result.val_accuracy,
+            "test_accuracy": result.test_accuracy,
+            "ema_val_accuracy": result.ema_val_accuracy,
+            "ema_test_accuracy": result.ema_test_accuracy,
+            "examples_per_second": result.examples_per_second,
+            "compile_seconds": result.compile_seconds,
+            "wall_seconds": result.wall_seconds,
+            "examples_processed": result.examples_processed,
+            "devices": result.devices,
+            "seed": config.seed,
+            "private_seed_fixed": result.private_seed_fixed,
+            "budget_limited": result.budget_limited,
+        }
+        for k, v in attrs.items():
+            trial.set_user_attr(k, v)
+        if result.stopped_early:
+            raise optuna.TrialPruned(f"pruned after {result.steps} steps")
+        return result.val_accuracy
+
+
+TrialCallback = Callable[[optuna.Study, FrozenTrial], None]
+
+
+def optimize(
+    study_name: str,
+    storage: str | None = None,
+    *,
+    n_trials: int | None = None,
+    timeout: float | None = None,
+    callbacks: Sequence[TrialCallback] = (),
+) -> optuna.Study:
+    """Run ``n_trials`` more trials (or until ``timeout`` seconds) of a stored study.
+
+    A KeyboardInterrupt marks the running trial FAILED (Optuna's own handling)
+    and propagates; finished trials are already in the storage.
+    """
+    storage = _storage_url(storage, study_name)
+    study, resolved = load(study_name, storage)
+    cfg = resolved.study
+    dataset = _dataset(cfg)
+    delta = study.user_attrs.get("delta") or _resolve_delta(resolved, dataset)
+    # A fresh seed per session, so a continued study does not replay its first samples.
+    seed = cfg.seed + len(study.trials)
+    study.sampler = make_sampler(cfg, resolved.space, seed)
+    study.pruner = make_pruner(cfg)
+    study.optimize(Objective(resolved, dataset, delta), n_trials=n_trials, timeout=timeout,
+                   callbacks=list(callbacks), catch=())
+    return study
+
+
+# -- reading results ------------------------------------------------------------
+
+@dataclass(frozen=True)
+class StudySummary:
+    name: str
+    epsilon_target: float
+    delta: float
+    accountant: str
+    n_trials: int
+    complete: int
+    pruned: int
+    rejected: int
+    failed: int
+    running: int
+    trial_steps: int
+    best: dict[str, Any] | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return self.__dict__.copy()
+
+
+def trial_record(t: FrozenTrial) -> dict[str, Any]:
+    """A flat, JSON-ready description of one trial."""
+    return {
+        "number": t.number,
+        "state": t.state.name,
+        "value": t.value,
+        "params": dict(t.params),
+        **{k: v for k, v in t.user_attrs.items()},
+        "intermediate_values": {str(k): v for k, v in t.intermediate_values.items()},
+    }
+
+
+def summarize(study: optuna.Study) -> StudySummary:
+    """Counts, compute spent (trial-steps) and the best completed trial."""
+    trials = study.get_trials(deepcopy=False)
+    states = [t.state for t in trials]
+    rejected = sum(1 for t in trials if t.state == TrialState.PRUNED and "rejected_reason" in t.user_attrs)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    best = trial_record(max(complete, key=lambda t: t.value)) if complete else None
+    return StudySummary(
+        name=study.study_name,
+        epsilon_target=study.user_attrs.get("epsilon_target", math.nan),
+        delta=study.user_attrs.get("delta", math.nan),
+        accountant=study.user_attrs.get("accountant", "?"),
+        n_trials=len(trials),
+        complete=len(complete),
+        pruned=states.count(TrialState.PRUNED) - rejected,
+        rejected=rejected,
+        failed=states.count(TrialState.FAIL),
+        running=states.count(TrialState.RUNNING),
+        trial_steps=sum(int(t.user_attrs.get("steps", 0) or 0) for t in trials),
+        best=best,
+    )
+
+
+def list_studies(storage: str) -> list[dict[str, Any]]:
+    """One row per study in ``storage``."""
+    rows = []
+    for s in optuna.get_all_study_summaries(storage, include_best_trial=True):
+        rows.append({
+            "name": s.study_name,
+            "trials": s.n_trials,
+            "best_value": s.best_trial.value if s.best_trial else None,
+            "epsilon_target": s.user_attrs.get("epsilon_target"),
+            "dataset": s.user_attrs.get(CONFIG_ATTR, {}).get("study", {}).get("dataset"),
+            "dptune": CONFIG_ATTR in s.user_attrs,
+        })
+    return rows

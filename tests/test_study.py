@@ -1,0 +1,227 @@
+"""The study driver end to end, on real SQLite storage, read back with plain Optuna."""
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from dptune import config, study
+from dptune.errors import ConfigError, DptuneError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SPACE = {
+    "batch_size": {"low": 300, "high": 1200, "log": True},
+    "effective_learning_rate": {"low": 1.0, "high": 8.0, "log": True},
+    "clip_norm": {"low": 0.5, "high": 2.0, "log": True},
+    "noise_multiplier": {"low": 0.5, "high": 3.0, "log": True},
+}
+STUDY = {
+    "name": "e2e",
+    "dataset": "mnist5k",
+    "model": "cnn",
+    "privacy": {"epsilon": 3.0, "delta": 1e-5},
+    "sampler": {"name": "tpe", "n_startup_trials": 3},
+    "pruner": {"name": "median", "n_startup_trials": 2, "n_warmup_steps": 1},
+    "budget": {"max_epochs": 2, "min_steps": 3},
+    "eval_every_epochs": 0.5,
+    "private_seed": 0,
+    "search_space": "space.yaml",
+}
+
+
+def write(tmp_path, study_cfg=None, space=None, name="study.yaml"):
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(space if space is not None else SPACE))
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(study_cfg if study_cfg is not None else STUDY))
+    return str(path)
+
+
+def storage_of(tmp_path):
+    return f"sqlite:///{tmp_path / 'studies.db'}"
+
+
+@pytest.mark.slow
+def test_end_to_end_with_pruning(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    resolved = config.load_study(write(tmp_path))
+    storage = storage_of(tmp_path)
+    study.create_study(resolved, storage)
+    study.optimize("e2e", storage, n_trials=6)
+
+    s = optuna.load_study(study_name="e2e", storage=storage)
+    assert s.user_attrs["dptune_config"]["study"]["name"] == "e2e"
+    trials = s.get_trials()
+    assert len(trials) == 6
+    states = {t.state for t in trials}
+    assert states <= {optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED}
+    assert optuna.trial.TrialState.COMPLETE in states
+    for t in trials:
+        a = t.user_attrs
+        assert a["epsilon_target"] == 3.0 and a["delta"] == 1e-5 and a["accountant"] == "pld"
+        assert 0 <= a["epsilon_spent"] <= 3.0
+        if "rejected_reason" in a:
+            assert a["steps"] == 0 and not t.intermediate_values
+            continue
+        for key in ("sampling_rate", "noise_multiplier", "clip_norm", "steps", "epochs", "examples_per_second",
+                    "compile_seconds", "wall_seconds", "seed", "devices", "test_accuracy"):
+            assert key in a, key
+        assert t.intermediate_values, "validation accuracy must be reported as it trains"
+        assert a["steps"] <= a["planned_steps"]
+        if t.state == optuna.trial.TrialState.PRUNED:
+            assert a["steps"] < a["planned_steps"]
+    pruned_mid_training = [t for t in trials if t.state == optuna.trial.TrialState.PRUNED
+                           and "rejected_reason" not in t.user_attrs]
+    assert pruned_mid_training, "the median pruner stopped no trial"
+    summary = study.summarize(s)
+    assert summary.best is not None and summary.best["value"] > 0.3
+    assert summary.trial_steps == sum(t.user_attrs.get("steps", 0) for t in trials)
+
+    # Re-running continues the same study.
+    study.optimize("e2e", storage, n_trials=1)
+    assert len(optuna.load_study(study_name="e2e", storage=storage).trials) == 7
+
+
+def test_create_refuses_a_different_config_and_skips_an_identical_one(tmp_path):
+    storage = storage_of(tmp_path)
+    resolved = config.load_study(write(tmp_path))
+    study.create_study(resolved, storage)
+    with pytest.raises(DptuneError, match="already exists"):
+        study.create_study(resolved, storage)
+    study.create_study(resolved, storage, skip_if_exists=True)
+    changed = dict(STUDY, privacy={"epsilon": 8.0, "delta": 1e-5})
+    with pytest.raises(DptuneError, match="different configuration"):
+        study.create_study(config.load_study(write(tmp_path, changed, name="b.yaml")), storage,
+                           skip_if_exists=True)
+
+
+def test_load_unknown_study_lists_available(tmp_path):
+    storage = storage_of(tmp_path)
+    study.create_study(config.load_study(write(tmp_path)), storage)
+    with pytest.raises(DptuneError, match="available: e2e"):
+        study.load("nope", storage)
+
+
+BAD_STUDIES = [
+    ({"colour": "blue"}, r"colour: unknown key; allowed: name, dataset"),
+    ({"privacy": {"epsilon": 0}}, r"privacy.epsilon"),
+    ({"privacy": {"epsilon": 3, "delta": 2}}, r"privacy.delta"),
+    ({"privacy": {"epsilon": 3, "accountant": "moments"}}, r"privacy.accountant: must be one of 'pld' or 'rdp'"),
+    ({"privacy": {"epsilon": 3, "epslion": 2}}, r"privacy.epslion: unknown key; allowed: epsilon, delta, accountant"),
+    ({"sampler": {"name": "bayes"}}, r"sampler.name: must be one of"),
+    ({"pruner": {"name": "early"}}, r"pruner.name: must be one of"),
+    ({"budget": {"max_epochs": None, "max_steps": None}}, r"budget"),
+    ({"microbatch_size": 0}, r"microbatch_size"),
+    ({"name": "has space"}, r"name"),
+    ({"search_space": "missing.yaml"}, r"search_space: 'missing.yaml' not found"),
+]
+
+
+@pytest.mark.parametrize("change,message", BAD_STUDIES)
+def test_malformed_study_files(tmp_path, change, message):
+    cfg = {**STUDY, **change}
+    cfg = {k: v for k, v in cfg.items() if not (k == "privacy" and v is None)}
+    with pytest.raises(ConfigError, match=message):
+        config.load_study(write(tmp_path, cfg))
+
+
+BAD_SPACES = [
+    ({**SPACE, "lr": 0.1}, r"lr: unknown key; allowed: batch_size"),
+    ({k: v for k, v in SPACE.items() if k != "batch_size"}, r"batch_size: Field required"),
+    ({**SPACE, "epochs": {"low": 1, "high": 3}}, r"exactly one of noise_multiplier"),
+    ({**SPACE, "learning_rate": 0.1}, r"exactly one of learning_rate and effective_learning_rate"),
+    ({**SPACE, "clip_norm": {"low": 0, "high": 2, "log": True}}, r"clip_norm"),
+    ({**SPACE, "clip_norm": {"low": 3, "high": 2}}, r"clip_norm"),
+    ({**SPACE, "clip_norm": {"low": 1, "hi": 2}}, r"clip_norm"),
+]
+
+
+@pytest.mark.parametrize("space,message", BAD_SPACES)
+def test_malformed_search_spaces(tmp_path, space, message):
+    with pytest.raises(ConfigError, match=message):
+        config.load_study(write(tmp_path, space=space))
+
+
+def test_not_yaml_and_not_a_mapping(tmp_path):
+    p = tmp_path / "x.yaml"
+    p.write_text("name: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        config.load_study(str(p))
+    p.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        config.load_study(str(p))
+
+
+def _run_cli(*args, cwd, timeout=300):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, "-m", "dptune.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=cwd)
+
+
+def _studies_in(db: Path) -> list:
+    if not db.exists():
+        return []
+    with sqlite3.connect(db) as con:
+        try:
+            return con.execute("select study_name from studies").fetchall()
+        except sqlite3.OperationalError:
+            return []
+
+
+@pytest.mark.parametrize("change,field", [
+    ({"privacy": {"epsilon": 3, "delta": 0.01}}, "delta"),   # δ ≥ 1/N: only known after opening the data
+    ({"dataset": "nope"}, "dataset"),
+    ({"model": "vit"}, "model"),
+    ({"sampler": {"name": "grid"}}, "search_space.batch_size"),
+])
+def test_cli_create_errors_leave_storage_untouched(tmp_path, change, field):
+    path = write(tmp_path, {**STUDY, **change})
+    db = tmp_path / "s.db"
+    p = _run_cli("study", "create", "--config", path, "--storage", f"sqlite:///{db}", cwd=tmp_path)
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.count("\n") == 1 and p.stderr.startswith("dptune: error:") and field in p.stderr, p.stderr
+    assert _studies_in(db) == []
+
+
+def test_cli_malformed_file_names_file_and_field(tmp_path):
+    path = write(tmp_path, {**STUDY, "colour": "blue"})
+    p = _run_cli("study", "create", "--config", path, "--storage", f"sqlite:///{tmp_path / 's.db'}", cwd=tmp_path)
+    assert p.returncode == 2
+    assert "study.yaml: colour: unknown key" in p.stderr
+    assert not (tmp_path / "s.db").exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_leaves_nothing_running(tmp_path):
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    cfg = {**STUDY, "budget": {"max_epochs": 50, "min_steps": 3}, "pruner": {"name": "none"},
+           "search_space": "space.yaml"}
+    path = write(tmp_path, cfg)
+    assert _run_cli("study", "create", "--config", path, "--storage", storage, cwd=tmp_path).returncode == 0
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.Popen([sys.executable, "-m", "dptune.cli", "optimize", "--study-name", "e2e",
+                             "--storage", storage, "--n-trials", "5"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    running = False
+    while time.time() < deadline and not running:
+        time.sleep(1.0)
+        s = optuna.load_study(study_name="e2e", storage=storage)
+        running = any(t.state == optuna.trial.TrialState.RUNNING and "planned_steps" in t.user_attrs
+                      for t in s.trials)
+    assert running, "no trial started"
+    time.sleep(3)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "interrupted" in err
+    s = optuna.load_study(study_name="e2e", storage=storage)
+    assert all(t.state != optuna.trial.TrialState.RUNNING for t in s.trials)
+    assert any(t.state == optuna.trial.TrialState.FAIL for t in s.trials)
