@@ -93,7 +93,9 @@ def _steps_of(args: argparse.Namespace, q: float) -> int:
 
 
 _HEADERS = {"epsilon": "ε", "target_epsilon": "target ε", "delta": "δ", "sampling_rate": "q",
-            "noise_multiplier": "σ", "steps": "T"}
+            "noise_multiplier": "σ", "steps": "T", "single_trial_epsilon": "ε one trial",
+            "search_epsilon": "ε search", "naive_composition_epsilon": "ε naive", "naive_trials": "naive K",
+            "mean_trials": "mean K", "distribution": "K law"}
 
 
 def _print_privacy(args: argparse.Namespace, rows: list[dict], delta_default: bool, what: str) -> None:
@@ -104,10 +106,17 @@ def _print_privacy(args: argparse.Namespace, rows: list[dict], delta_default: bo
     from rich.table import Table
 
     table = Table(title=what)
-    for col in rows[0]:
-        table.add_column(_HEADERS.get(col, col))
-    for r in rows:
-        table.add_row(*(f"{v:.6g}" if isinstance(v, float) else str(v) for v in r.values()))
+    cell = lambda v: "-" if v is None else (f"{v:.6g}" if isinstance(v, float) else str(v))  # noqa: E731
+    if len(rows) == 1:
+        table.add_column("quantity")
+        table.add_column("value", justify="right")
+        for key, value in rows[0].items():
+            table.add_row(_HEADERS.get(key, key), cell(value))
+    else:
+        for col in rows[0]:
+            table.add_column(_HEADERS.get(col, col))
+        for r in rows:
+            table.add_row(*(cell(v) for v in r.values()))
     console = Console()
     console.print(table)
     if delta_default:
@@ -152,6 +161,31 @@ def cmd_privacy_steps(args: argparse.Namespace) -> int:
                          target_epsilon=args.epsilon, delta=delta, sampling_rate=q,
                          noise_multiplier=args.noise_multiplier))
     _print_privacy(args, rows, delta_default, "Most steps within the budget")
+    return 0
+
+
+def cmd_privacy_search(args: argparse.Namespace) -> int:
+    from dptune import privacy
+    from dptune.search_privacy import TrialCount, naive_epsilon, noise_for_search, search_epsilon
+
+    q, delta, delta_default, _ = _privacy_setup(args)
+    steps = _steps_of(args, q)
+    count = TrialCount(args.distribution, args.mean_trials, args.eta)
+    if (args.noise_multiplier is None) == (args.total_epsilon is None):
+        raise PrivacyError("noise_multiplier: give exactly one of --noise-multiplier and --total-epsilon")
+    if args.total_epsilon is not None:
+        privacy.validate(epsilon=args.total_epsilon)
+        sigma = noise_for_search(q, steps, args.total_epsilon, delta, count)
+    else:
+        sigma = args.noise_multiplier
+    expected = math.ceil(args.mean_trials)
+    row = dict(distribution=args.distribution, mean_trials=args.mean_trials, eta=args.eta, noise_multiplier=sigma,
+               single_trial_epsilon=privacy.epsilon(q, sigma, steps, delta, "rdp"),
+               search_epsilon=search_epsilon(q, sigma, steps, delta, count),
+               naive_composition_epsilon=naive_epsilon(q, sigma, steps, delta, expected),
+               naive_trials=expected, delta=delta, sampling_rate=q, steps=steps, accountant="rdp")
+    _print_privacy(args, [row], delta_default,
+                   "Private hyperparameter search (Papernot & Steinke 2022) vs naive composition")
     return 0
 
 
@@ -239,13 +273,22 @@ def cmd_study_create(args: argparse.Namespace) -> int:
     resolved = config.load_study(args.config)
     storage = args.storage or resolved.study.storage or config.default_storage(resolved.study.name)
     created = study.create_study(resolved, storage, skip_if_exists=args.skip_if_exists)
-    out = {"study_name": created.study_name, "storage": storage, "epsilon": resolved.study.privacy.epsilon,
-           "delta": created.user_attrs["delta"], "trials": len(created.trials)}
+    out = {"study_name": created.study_name, "storage": storage,
+           "epsilon": created.user_attrs["epsilon_target"], "delta": created.user_attrs["delta"],
+           "trials": len(created.trials), "private_search": created.user_attrs.get("private_search")}
     if args.json:
         print(_dump(out))
     else:
-        print(f"study {out['study_name']!r} in {storage}: ε = {out['epsilon']:g}, δ = {out['delta']:g}, "
-              f"{out['trials']} trial(s) so far")
+        private = created.user_attrs.get("private_search")
+        if private:
+            print(f"study {out['study_name']!r} in {storage}: private search, total ε = "
+                  f"{private['total_epsilon']:.4g} (δ = {out['delta']:g}) over K = {private['n_trials']} trials "
+                  f"drawn from a {private['distribution']} law of mean {private['mean_trials']:g}; each trial runs "
+                  f"σ = {private['noise_multiplier']:.4g} for {private['steps']} steps (q = "
+                  f"{private['sampling_rate']:.4g}); {out['trials']} trial(s) so far")
+        else:
+            print(f"study {out['study_name']!r} in {storage}: ε = {out['epsilon']:g} per trial, "
+                  f"δ = {out['delta']:g}, {out['trials']} trial(s) so far")
     return 0
 
 
@@ -289,6 +332,15 @@ def _print_summary(summary: Any) -> None:
             f"{summary.accountant}); {summary.n_trials} trials: {summary.complete} complete, {summary.pruned} pruned, "
             f"{summary.rejected} rejected before training, {summary.failed} failed; "
             f"{summary.trial_steps} trial-steps in all")
+    g = summary.search
+    if g["mode"] == "private_search":
+        c.print(f"[bold]ε of the released best model: {g['total_epsilon']:.4g}[/] (δ = {g['delta']:g}; "
+                f"each trial alone: {g['per_trial_epsilon']:.4g}). {g['guarantee']}")
+    else:
+        c.print(f"[bold]ε of the released best model after this search: {_fmt(g['total_epsilon'])}[/] "
+                f"(δ = {_fmt(g['delta'])}; per-trial target {_fmt(g['per_trial_epsilon'])}; PLD "
+                f"{_fmt(g['total_epsilon_pld_if_nonadaptive'])} if the trials had been fixed in advance). "
+                f"{g['guarantee']}")
     b = summary.best
     if b is None:
         c.print("no completed trial yet")
@@ -417,6 +469,15 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--epsilon", type=_float, required=True)
     _add_privacy_common(n, noise=False, duration=True)
     n.set_defaults(func=cmd_privacy_noise)
+    ps = psub.add_parser("search", help="ε of a private search with a random number of trials")
+    ps.add_argument("--total-epsilon", type=_float, help="calibrate σ so that the whole search fits this ε")
+    ps.add_argument("--mean-trials", type=_float, required=True)
+    ps.add_argument("--distribution", default="geometric",
+                    help="poisson, truncated_negative_binomial, geometric (default), logarithmic")
+    ps.add_argument("--eta", type=_float, help="η of the truncated negative binomial")
+    _add_privacy_common(ps, noise=False, duration=True)
+    ps.add_argument("--noise-multiplier", type=_float, help="σ of every trial")
+    ps.set_defaults(func=cmd_privacy_search, accountant="rdp")
     s = psub.add_parser("steps", help="most steps that fit a target ε")
     s.add_argument("--epsilon", type=_float, required=True)
     _add_privacy_common(s, noise=True, duration=False)

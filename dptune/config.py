@@ -102,6 +102,28 @@ class PrivacyConfig(_Strict):
         return v
 
 
+class TrialsConfig(_Strict):
+    """The distribution of the number of trials in a private search."""
+
+    distribution: Literal["poisson", "truncated_negative_binomial", "geometric", "logarithmic"] = "geometric"
+    mean: float = Field(gt=0)
+    eta: float | None = Field(default=None, gt=0)
+
+
+class SearchPrivacyConfig(_Strict):
+    """Private search (Papernot & Steinke 2022): a random number of trials, only the best released.
+
+    ``validation_public`` declares the held-out splits (validation, test) public:
+    the theorem covers the training data, and the score that picks the best
+    trial must not leak anything else.
+    """
+
+    total_epsilon: float = Field(gt=0)
+    delta: float | None = Field(default=None, gt=0, lt=1)
+    trials: TrialsConfig
+    validation_public: bool = False
+
+
 class SamplerConfig(_Strict):
     name: Literal["tpe", "random", "gp", "cmaes", "grid"] = "tpe"
     n_startup_trials: int = Field(default=5, ge=0)
@@ -144,7 +166,8 @@ class StudyConfig(_Strict):
     test_split: str = "test"
     model: str = "cnn"
     weight_standardization: bool = False
-    privacy: PrivacyConfig
+    privacy: PrivacyConfig | None = None
+    search_privacy: SearchPrivacyConfig | None = None
     objective: ObjectiveConfig = ObjectiveConfig()
     sampler: SamplerConfig = SamplerConfig()
     pruner: PrunerConfig = PrunerConfig()
@@ -156,12 +179,44 @@ class StudyConfig(_Strict):
     storage: str | None = None
     search_space: str = "dpsgd.yaml"
 
+    @model_validator(mode="after")
+    def _one_budget(self) -> "StudyConfig":
+        if (self.privacy is None) == (self.search_privacy is None):
+            raise ValueError("give exactly one of privacy (a budget per trial) and search_privacy "
+                             "(a budget for the whole search)")
+        return self
+
+    @property
+    def private_search(self) -> bool:
+        return self.search_privacy is not None
+
 
 class ResolvedStudy(_Strict):
     """A study file with its search space loaded: everything a worker needs."""
 
     study: StudyConfig
     space: SearchSpace
+
+    @model_validator(mode="after")
+    def _private_search_rules(self) -> "ResolvedStudy":
+        sp = self.study.search_privacy
+        if sp is None:
+            return self
+        if not sp.validation_public:
+            raise ValueError("search_privacy.validation_public: must be true: the best trial is chosen by its "
+                             "validation accuracy, which is only covered if the validation split is public "
+                             "(a DP-released score is not implemented)")
+        if "sampler" in self.study.model_fields_set and self.study.sampler.name != "random":
+            raise ValueError(f"sampler.name: private search needs hyperparameters drawn independently; "
+                             f"'{self.study.sampler.name}' is adaptive. Allowed: random")
+        if "pruner" in self.study.model_fields_set and self.study.pruner.name != "none":
+            raise ValueError(f"pruner.name: pruning is not accounted for in private search; allowed: none")
+        for name in ("batch_size", "epochs"):
+            value = getattr(self.space, name)
+            if value is None or isinstance(value, (Range, Choice)):
+                raise ValueError(f"search_space.{name}: must be a fixed value in private search, so that "
+                                 "every trial runs the same mechanism (σ is calibrated to the total ε)")
+        return self
 
     def to_json(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -197,7 +252,7 @@ def _explain(path: str, model: type[BaseModel], err: ValidationError) -> ConfigE
     if e["type"] == "extra_forbidden":
         allowed = _allowed_keys(model, fields[:-1]) or []
         return ConfigError(f"{path}: {field}", f"unknown key; allowed: {', '.join(allowed)}")
-    msg = e["msg"]
+    msg = e["msg"].removeprefix("Value error, ")
     if e["type"] == "literal_error":
         msg = "must be one of " + str(e.get("ctx", {}).get("expected", ""))
     return ConfigError(f"{path}: {field}", msg)
@@ -250,8 +305,17 @@ def load_search_space(path: str) -> SearchSpace:
 def load_study(path: str) -> ResolvedStudy:
     """Read and validate a study file and the search space it names."""
     study = parse(path, StudyConfig, _read_yaml(path))
+    if study.private_search:
+        # Unset sampler/pruner take the only values a private search allows;
+        # explicit other values are refused by ResolvedStudy.
+        defaults = {"sampler": SamplerConfig(name="random"), "pruner": PrunerConfig(name="none")}
+        study = study.model_copy(update={k: v for k, v in defaults.items() if k not in study.model_fields_set})
     space_file = search_space_path(study.search_space, path)
-    return ResolvedStudy(study=study, space=load_search_space(space_file))
+    space = load_search_space(space_file)
+    try:
+        return ResolvedStudy(study=study, space=space)
+    except ValidationError as e:
+        raise ConfigError(path, e.errors()[0]["msg"].removeprefix("Value error, ")) from None
 
 
 def default_storage(name: str) -> str:

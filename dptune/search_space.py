@@ -87,8 +87,13 @@ def plan_trial(
     num_examples: int,
     budget: PrivacyBudget,
     training: TrainingBudget,
+    fixed_mechanism: tuple[float, int] | None = None,
 ) -> TrialPlan:
-    """Sample one trial's hyperparameters and derive steps or σ from the budget."""
+    """Sample one trial's hyperparameters and derive steps or σ from the budget.
+
+    ``fixed_mechanism`` = (σ, steps) imposes the mechanism of a private search,
+    which every trial runs identically.
+    """
     v = {name: _suggest(trial, name, spec, num_examples) for name, spec in space.params().items()}
     batch = int(v["batch_size"])
     q = batch / num_examples
@@ -99,7 +104,10 @@ def plan_trial(
         cap = min(cap, training.max_steps)
     cap = int(cap)
 
-    if space.mode == "sample_noise":
+    if fixed_mechanism is not None:
+        sigma, steps = fixed_mechanism
+        derived = "private_search"
+    elif space.mode == "sample_noise":
         sigma = float(v["noise_multiplier"])
         steps = privacy.max_steps(q, sigma, budget.epsilon, budget.delta, budget.accountant, limit=cap)
         derived = "steps_from_epsilon"

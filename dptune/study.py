@@ -24,13 +24,15 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from dptune import __version__, privacy
+from dptune import __version__, privacy, search_privacy
 from dptune.config import ResolvedStudy, SearchSpace, StudyConfig, default_storage
 from dptune.data import Dataset, load_dataset
-from dptune.errors import ConfigError, DptuneError
+from dptune.errors import ConfigError, DptuneError, PrivacyError
+from dptune.search_privacy import TrialCount
 from dptune.search_space import Infeasible, plan_trial
 from dptune.train import PrivacyBudget, RunConfig, train_and_evaluate
 
@@ -92,9 +94,51 @@ def _dataset(cfg: StudyConfig) -> Dataset:
 
 def _resolve_delta(resolved: ResolvedStudy, dataset: Dataset) -> float:
     n = len(dataset.train)
-    delta = resolved.study.privacy.delta if resolved.study.privacy.delta is not None else privacy.default_delta(n)
+    cfg = resolved.study
+    given = cfg.privacy.delta if cfg.privacy is not None else cfg.search_privacy.delta
+    delta = given if given is not None else privacy.default_delta(n)
     privacy.check_delta(delta, n)
     return delta
+
+
+def _trial_count(cfg: StudyConfig) -> TrialCount:
+    t = cfg.search_privacy.trials
+    try:
+        return TrialCount(t.distribution, t.mean, t.eta)
+    except PrivacyError as e:
+        raise ConfigError("search_privacy.trials", str(e)) from None
+
+
+def _plan_private_search(resolved: ResolvedStudy, dataset: Dataset, delta: float) -> dict[str, Any]:
+    """Draw the number of trials and calibrate the one mechanism every trial runs."""
+    cfg, space = resolved.study, resolved.space
+    n = len(dataset.train)
+    batch = int(space.batch_size)
+    if not 1 <= batch <= n:
+        raise ConfigError("search_space.batch_size", f"must be in [1, {n}], got {batch}")
+    q = batch / n
+    steps = max(1, math.ceil(float(space.epochs) / q))
+    if cfg.budget.max_steps is not None:
+        steps = min(steps, cfg.budget.max_steps)
+    count = _trial_count(cfg)
+    total = cfg.search_privacy.total_epsilon
+    sigma = search_privacy.noise_for_search(q, steps, total, delta, count)
+    return {
+        # The bound holds over the randomness of K, so K is as secret as the noise:
+        # drawn from private_seed (reproducible, keep it secret) or the OS.
+        "n_trials": count.sample(np.random.default_rng(
+            None if cfg.private_seed is None else [cfg.private_seed, 7])),
+        "n_trials_seed_fixed": cfg.private_seed is not None,
+        "distribution": count.distribution,
+        "mean_trials": count.mean,
+        "eta": count.eta,
+        "sampling_rate": q,
+        "noise_multiplier": sigma,
+        "steps": steps,
+        "total_epsilon": search_privacy.search_epsilon(q, sigma, steps, delta, count),
+        "total_epsilon_target": total,
+        "per_trial_epsilon": privacy.epsilon(q, sigma, steps, delta, "rdp"),
+    }
 
 
 def create_study(resolved: ResolvedStudy, storage: str | None = None, *, skip_if_exists: bool = False) -> optuna.Study:
@@ -114,6 +158,13 @@ def create_study(resolved: ResolvedStudy, storage: str | None = None, *, skip_if
 
     build_model(study_cfg.model, dataset.num_classes)
     stored = resolved.to_json()
+    attrs: dict[str, Any] = {CONFIG_ATTR: stored, "dptune_version": __version__, "delta": delta,
+                             "split": dataset.split.as_dict()}
+    if study_cfg.private_search:
+        plan = _plan_private_search(resolved, dataset, delta)
+        attrs.update(private_search=plan, epsilon_target=plan["per_trial_epsilon"], accountant="rdp")
+    else:
+        attrs.update(epsilon_target=study_cfg.privacy.epsilon, accountant=study_cfg.privacy.accountant)
 
     existing = _find(study_cfg.name, storage)
     if existing is not None:
@@ -126,12 +177,8 @@ def create_study(resolved: ResolvedStudy, storage: str | None = None, *, skip_if
 
     study = optuna.create_study(study_name=study_cfg.name, storage=storage, direction=study_cfg.objective.direction)
     try:
-        study.set_user_attr(CONFIG_ATTR, stored)
-        study.set_user_attr("dptune_version", __version__)
-        study.set_user_attr("epsilon_target", study_cfg.privacy.epsilon)
-        study.set_user_attr("delta", delta)
-        study.set_user_attr("accountant", study_cfg.privacy.accountant)
-        study.set_user_attr("split", dataset.split.as_dict())
+        for key, value in attrs.items():
+            study.set_user_attr(key, value)
     except BaseException:
         optuna.delete_study(study_name=study_cfg.name, storage=storage)
         raise
@@ -167,11 +214,18 @@ def _storage_url(storage: str | None, name: str) -> str:
 class Objective:
     """The per-trial function handed to ``study.optimize``."""
 
-    def __init__(self, resolved: ResolvedStudy, dataset: Dataset, delta: float):
+    def __init__(self, resolved: ResolvedStudy, dataset: Dataset, delta: float,
+                 private_search: dict[str, Any] | None = None):
         self.resolved = resolved
         self.dataset = dataset
         cfg = resolved.study
-        self.budget = PrivacyBudget(cfg.privacy.epsilon, delta, cfg.privacy.accountant)
+        self.fixed = None
+        if private_search is not None:
+            # Every trial runs the calibrated mechanism; its own ε (RDP) is the trainer's cap.
+            self.fixed = (private_search["noise_multiplier"], private_search["steps"])
+            self.budget = PrivacyBudget(private_search["per_trial_epsilon"], delta, "rdp")
+        else:
+            self.budget = PrivacyBudget(cfg.privacy.epsilon, delta, cfg.privacy.accountant)
 
     def __call__(self, trial: optuna.Trial) -> float:
         cfg = self.resolved.study
@@ -180,7 +234,7 @@ class Objective:
         trial.set_user_attr("delta", self.budget.delta)
         trial.set_user_attr("accountant", self.budget.accountant)
         try:
-            plan = plan_trial(trial, self.resolved.space, n, self.budget, cfg.budget)
+            plan = plan_trial(trial, self.resolved.space, n, self.budget, cfg.budget, self.fixed)
         except Infeasible as e:
             trial.set_user_attr("rejected_reason", str(e))
             trial.set_user_attr("epsilon_spent", 0.0)
@@ -253,9 +307,19 @@ def optimize(
     delta = study.user_attrs.get("delta") or _resolve_delta(resolved, dataset)
     # A fresh seed per session, so a continued study does not replay its first samples.
     seed = cfg.seed + len(study.trials)
-    study.sampler = make_sampler(cfg, resolved.space, seed)
-    study.pruner = make_pruner(cfg)
-    study.optimize(Objective(resolved, dataset, delta), n_trials=n_trials, timeout=timeout,
+    private = study.user_attrs.get("private_search")
+    if private is not None:
+        # The number of trials was drawn at creation; every trial that ran counts.
+        remaining = private["n_trials"] - len(study.trials)
+        if remaining <= 0:
+            return study
+        n_trials = remaining if n_trials is None else min(n_trials, remaining)
+        study.sampler = optuna.samplers.RandomSampler(seed=seed)
+        study.pruner = optuna.pruners.NopPruner()
+    else:
+        study.sampler = make_sampler(cfg, resolved.space, seed)
+        study.pruner = make_pruner(cfg)
+    study.optimize(Objective(resolved, dataset, delta, private), n_trials=n_trials, timeout=timeout,
                    callbacks=list(callbacks), catch=())
     return study
 
@@ -276,6 +340,7 @@ class StudySummary:
     running: int
     trial_steps: int
     best: dict[str, Any] | None
+    search: dict[str, Any]
 
     def as_dict(self) -> dict[str, Any]:
         return self.__dict__.copy()
@@ -290,6 +355,62 @@ def trial_record(t: FrozenTrial) -> dict[str, Any]:
         "params": dict(t.params),
         **{k: v for k, v in t.user_attrs.items()},
         "intermediate_values": {str(k): v for k, v in t.intermediate_values.items()},
+    }
+
+
+def search_guarantee(study: optuna.Study) -> dict[str, Any]:
+    """The ε of releasing the best trial's model after the search as it ran.
+
+    Ordinary studies: the composition of every trial that touched the training
+    data (RDP, valid for adaptively chosen trials), each at the steps it took;
+    a trial that failed or is still running counts at its planned steps, an
+    upper bound. Private searches: the repeat-and-select bound, valid once all
+    of the K drawn trials have run.
+    """
+    trials = study.get_trials(deepcopy=False)
+    delta = study.user_attrs.get("delta")
+    private = study.user_attrs.get("private_search")
+    if private is not None:
+        done = len(trials)
+        complete = done >= private["n_trials"]
+        return {
+            "mode": "private_search",
+            "total_epsilon": private["total_epsilon"],
+            "delta": delta,
+            "per_trial_epsilon": private["per_trial_epsilon"],
+            "trials_drawn": private["n_trials"],
+            "trials_run": done,
+            "complete": complete,
+            "guarantee": (
+                f"Papernot & Steinke 2022 (RDP): K = {private['n_trials']} trials drawn from a "
+                f"{private['distribution']} law of mean {private['mean_trials']:g}, hyperparameters drawn at random, "
+                "every trial the same DP-SGD mechanism, only the best released; validation declared public. "
+                "K and the other trials stay internal: the study storage is as sensitive as the data."
+                + ("" if complete else f" Incomplete: {done} of {private['n_trials']} trials ran; finish them "
+                   "before releasing the result.")
+            ),
+        }
+    touched = []
+    for t in trials:
+        a = t.user_attrs
+        if "rejected_reason" in a or "sampling_rate" not in a:
+            continue
+        steps = a.get("steps") if t.state in (TrialState.COMPLETE, TrialState.PRUNED) else a.get("planned_steps")
+        if steps:
+            touched.append((a["sampling_rate"], a["noise_multiplier"], int(steps)))
+    totals = search_privacy.composed_epsilon(touched, delta) if delta else {"rdp": math.nan, "pld": math.nan}
+    return {
+        "mode": "composition",
+        "total_epsilon": totals["rdp"],
+        "total_epsilon_pld_if_nonadaptive": totals["pld"],
+        "delta": delta,
+        "per_trial_epsilon": study.user_attrs.get("epsilon_target"),
+        "trials_touching_data": len(touched),
+        "guarantee": (
+            f"Composition of the {len(touched)} trial(s) that trained on the data, each at the ε it spent "
+            "(RDP accountant, valid for adaptively chosen trials). Releasing the best model after the search "
+            "is covered by this total, not by the per-trial ε."
+        ),
     }
 
 
@@ -313,6 +434,7 @@ def summarize(study: optuna.Study) -> StudySummary:
         running=states.count(TrialState.RUNNING),
         trial_steps=sum(int(t.user_attrs.get("steps", 0) or 0) for t in trials),
         best=best,
+        search=search_guarantee(study),
     )
 
 

@@ -225,3 +225,85 @@ def test_ctrl_c_leaves_nothing_running(tmp_path):
     s = optuna.load_study(study_name="e2e", storage=storage)
     assert all(t.state != optuna.trial.TrialState.RUNNING for t in s.trials)
     assert any(t.state == optuna.trial.TrialState.FAIL for t in s.trials)
+
+
+# -- privacy of the search itself ---------------------------------------------------
+
+PRIVATE_SPACE = {
+    "batch_size": 400,
+    "epochs": 2,
+    "effective_learning_rate": {"low": 1.0, "high": 8.0, "log": True},
+    "clip_norm": {"low": 0.5, "high": 2.0, "log": True},
+}
+PRIVATE_STUDY = {
+    "name": "private",
+    "dataset": "digits",
+    "search_privacy": {"total_epsilon": 8.0, "delta": 1e-5, "validation_public": True,
+                       "trials": {"distribution": "geometric", "mean": 2}},
+    "budget": {"max_epochs": 2, "min_steps": 1},
+    "private_seed": 0,
+    "microbatch_size": 128,
+    "search_space": "space.yaml",
+}
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"sampler": {"name": "tpe"}}, "sampler.name: private search needs hyperparameters drawn independently"),
+    ({"pruner": {"name": "median"}}, "pruner.name: pruning is not accounted for"),
+    ({"search_privacy": {**PRIVATE_STUDY["search_privacy"], "validation_public": False}}, "validation_public"),
+    ({"privacy": {"epsilon": 3}}, "exactly one of privacy"),
+])
+def test_private_search_refusals(tmp_path, change, message):
+    with pytest.raises(ConfigError, match=message):
+        config.load_study(write(tmp_path, {**PRIVATE_STUDY, **change}, PRIVATE_SPACE))
+
+
+def test_private_search_needs_a_fixed_mechanism(tmp_path):
+    space = {**PRIVATE_SPACE, "batch_size": {"low": 100, "high": 800}}
+    with pytest.raises(ConfigError, match="search_space.batch_size: must be a fixed value"):
+        config.load_study(write(tmp_path, PRIVATE_STUDY, space))
+
+
+@pytest.mark.slow
+def test_private_search_runs_the_drawn_number_of_identical_trials(tmp_path):
+    storage = storage_of(tmp_path)
+    s = study.create_study(config.load_study(write(tmp_path, PRIVATE_STUDY, PRIVATE_SPACE)), storage)
+    plan = s.user_attrs["private_search"]
+    k = plan["n_trials"]
+    assert k >= 1 and plan["total_epsilon"] <= 8.0
+    assert plan["per_trial_epsilon"] < plan["total_epsilon"]
+    study.optimize("private", storage, n_trials=50)  # capped at the drawn K
+    s = optuna.load_study(study_name="private", storage=storage)
+    assert len(s.trials) == k
+    for t in s.trials:
+        assert t.user_attrs["noise_multiplier"] == plan["noise_multiplier"]
+        assert t.user_attrs["steps"] == plan["steps"]
+        assert t.user_attrs["derived"] == "private_search"
+    g = study.summarize(s).search
+    assert g["mode"] == "private_search" and g["complete"] and g["total_epsilon"] <= 8.0
+    study.optimize("private", storage, n_trials=5)
+    assert len(optuna.load_study(study_name="private", storage=storage).trials) == k
+
+
+def test_ordinary_study_total_composes_every_trial_that_touched_data(tmp_path):
+    from dptune.search_privacy import composed_epsilon
+
+    storage = storage_of(tmp_path)
+    s = study.create_study(config.load_study(write(tmp_path, {**STUDY, "dataset": "digits"})), storage)
+    # Three finished trials recorded as a worker would, plus one rejected (no data touched).
+    dist = {"batch_size": optuna.distributions.IntDistribution(1, 2000)}
+    for q, sigma, steps, state in [(0.2, 1.5, 10, "COMPLETE"), (0.3, 2.0, 4, "PRUNED"), (0.1, 1.0, 0, "PRUNED")]:
+        attrs = {"sampling_rate": q, "noise_multiplier": sigma, "steps": steps, "planned_steps": 20}
+        if steps == 0:
+            attrs = {"rejected_reason": "test", "steps": 0}
+        s.add_trial(optuna.trial.create_trial(
+            params={"batch_size": 300}, distributions=dist, user_attrs=attrs,
+            state=getattr(optuna.trial.TrialState, state), value=0.5 if state == "COMPLETE" else None))
+    g = study.summarize(s).search
+    expected = composed_epsilon([(0.2, 1.5, 10), (0.3, 2.0, 4)], 1e-5)
+    assert g["mode"] == "composition" and g["trials_touching_data"] == 2
+    assert g["total_epsilon"] == pytest.approx(expected["rdp"])
+    from dptune import privacy
+
+    assert g["total_epsilon"] > privacy.epsilon(0.2, 1.5, 10, 1e-5, "rdp")
+    assert g["total_epsilon"] > privacy.epsilon(0.3, 2.0, 4, 1e-5, "rdp")

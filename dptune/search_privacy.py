@@ -1,0 +1,160 @@
+"""The privacy cost of a hyperparameter search, not only of one trial.
+
+Releasing the best of several models trained on the same private data leaks
+more than any one of them. Two guarantees are computed here, both with
+``dp_accounting`` (no JAX):
+
+* **Ordinary studies** (a fixed or time-limited number of trials, adaptive
+  samplers such as TPE, pruning): the released model is covered by the
+  composition of *every* trial that touched the training data, each at what it
+  spent. :func:`composed_epsilon` composes them with the RDP accountant, whose
+  composition stays valid when each trial's hyperparameters are chosen from
+  the results of earlier ones (adaptive composition); a PLD figure is also
+  given, which holds only if the trials had been fixed in advance.
+
+* **Private search** (Papernot & Steinke 2022, "Hyperparameter Tuning with
+  Renyi Differential Privacy", ICLR): run a *random* number K of trials, K drawn
+  from a fixed distribution independently of the data, each with
+  hyperparameters drawn independently from a fixed distribution, and release
+  only the best. dp-accounting implements the bound as
+  ``RepeatAndSelectDpEvent(event, mean, shape)`` for its RDP accountant, where
+  every trial must be dominated by ``event``. dptune makes every trial run
+  exactly ``event`` (same q, σ, steps), so that holds by construction.
+
+Distributions of K (``shape`` in dp-accounting's terms): Poisson(μ) (shape ∞;
+K = 0 is possible and then nothing is released), truncated negative binomial
+with η > 0 (shape η), geometric (η = 1) and logarithmic (η = 0).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Iterable, Literal
+
+import dp_accounting
+import numpy as np
+from dp_accounting import dp_event
+from dp_accounting.pld.pld_privacy_accountant import PLDAccountant
+from dp_accounting.rdp.rdp_privacy_accountant import RdpAccountant
+from scipy import optimize, special
+
+from dptune import privacy
+from dptune.errors import PrivacyError
+
+Distribution = Literal["poisson", "truncated_negative_binomial", "geometric", "logarithmic"]
+DISTRIBUTIONS: tuple[str, ...] = ("poisson", "truncated_negative_binomial", "geometric", "logarithmic")
+
+
+@dataclass(frozen=True)
+class TrialCount:
+    """The distribution of the number of trials K, with mean ``mean``."""
+
+    distribution: Distribution
+    mean: float
+    eta: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.distribution not in DISTRIBUTIONS:
+            raise PrivacyError(f"distribution: unknown {self.distribution!r}; allowed: {', '.join(DISTRIBUTIONS)}")
+        if not (self.mean > 0 and math.isfinite(self.mean)):
+            raise PrivacyError(f"mean_trials: must be a finite number > 0, got {self.mean}")
+        if self.distribution == "truncated_negative_binomial":
+            if self.eta is None or not (self.eta > 0 and math.isfinite(self.eta)):
+                raise PrivacyError(f"eta: truncated_negative_binomial needs eta > 0, got {self.eta}")
+        elif self.eta is not None:
+            raise PrivacyError(f"eta: only for truncated_negative_binomial, not {self.distribution}")
+        if self.distribution != "poisson" and self.mean <= 1:
+            raise PrivacyError(f"mean_trials: must exceed 1 for {self.distribution} (K ≥ 1), got {self.mean}")
+
+    @property
+    def shape(self) -> float:
+        """dp-accounting's ``shape`` parameter."""
+        return {"poisson": math.inf, "geometric": 1.0, "logarithmic": 0.0}.get(self.distribution, self.eta)
+
+    @functools.cached_property
+    def gamma(self) -> float:
+        """γ of the truncated negative binomial D_{η,γ} with this mean (not for Poisson)."""
+        eta = self.shape
+
+        def mean_of(g: float) -> float:
+            if eta == 0:
+                return (1 - g) / (g * math.log(1 / g))
+            return eta * (1 - g) / (g * (1 - g**eta))
+
+        return float(optimize.brentq(lambda g: mean_of(g) - self.mean, 1e-12, 1 - 1e-12, xtol=1e-14))
+
+    def pmf(self, k: int) -> float:
+        """P[K = k]."""
+        if self.distribution == "poisson":
+            return float(math.exp(-self.mean + k * math.log(self.mean) - math.lgamma(k + 1)))
+        if k < 1:
+            return 0.0
+        g, eta = self.gamma, self.shape
+        if eta == 0:
+            return (1 - g) ** k / (k * math.log(1 / g))
+        # (1-γ)^k / (γ^{-η} - 1) · Γ(k+η) / (Γ(η) k!)
+        log_coef = special.gammaln(k + eta) - special.gammaln(eta) - special.gammaln(k + 1)
+        return float(math.exp(k * math.log1p(-g) + log_coef) / (g ** (-eta) - 1))
+
+    def sample(self, rng: np.random.Generator) -> int:
+        """Draw K (independently of any data)."""
+        if self.distribution == "poisson":
+            return int(rng.poisson(self.mean))
+        g, eta = self.gamma, self.shape
+        if eta == 0:
+            return int(rng.logseries(1 - g))
+        while True:  # a negative binomial conditioned on K ≥ 1
+            k = int(rng.negative_binomial(eta, g))
+            if k >= 1:
+                return k
+
+
+def repeat_and_select_event(trial: dp_event.DpEvent, count: TrialCount) -> dp_event.DpEvent:
+    return dp_event.RepeatAndSelectDpEvent(trial, count.mean, count.shape)
+
+
+def search_epsilon(sampling_rate: float, noise_multiplier: float, steps: int, delta: float,
+                   count: TrialCount) -> float:
+    """ε of a private search whose every trial is DP-SGD(q, σ, T) (RDP accountant)."""
+    privacy.validate(sampling_rate=sampling_rate, noise_multiplier=noise_multiplier, steps=steps, delta=delta)
+    trial = privacy.dpsgd_event(sampling_rate, noise_multiplier, steps)
+    return float(RdpAccountant().compose(repeat_and_select_event(trial, count)).get_epsilon(delta))
+
+
+def noise_for_search(sampling_rate: float, steps: int, total_epsilon: float, delta: float,
+                     count: TrialCount) -> float:
+    """The σ every trial needs so that the whole search spends ≤ ``total_epsilon``."""
+    privacy.validate(sampling_rate=sampling_rate, steps=steps, delta=delta, epsilon=total_epsilon)
+    return float(dp_accounting.calibrate_dp_mechanism(
+        RdpAccountant,
+        lambda s: repeat_and_select_event(privacy.dpsgd_event(sampling_rate, s, steps), count),
+        total_epsilon, delta, tol=1e-4,
+    ))
+
+
+def naive_epsilon(sampling_rate: float, noise_multiplier: float, steps: int, delta: float, trials: int,
+                  accountant: str = "rdp") -> float:
+    """ε of composing ``trials`` identical trials (what releasing all of them costs)."""
+    event = dp_event.SelfComposedDpEvent(privacy.dpsgd_event(sampling_rate, noise_multiplier, steps), trials)
+    acc = RdpAccountant() if accountant == "rdp" else PLDAccountant()
+    return float(acc.compose(event).get_epsilon(delta))
+
+
+def composed_epsilon(trials: Iterable[tuple[float, float, int]], delta: float) -> dict[str, float]:
+    """ε of all trials (q, σ, steps) that touched the data, composed.
+
+    ``rdp`` holds under adaptive choice of the trials (the guarantee dptune
+    reports); ``pld`` is tighter but assumes the trials were fixed in advance.
+    """
+    events = [privacy.dpsgd_event(q, s, int(t)) for q, s, t in trials if t > 0]
+    if not events:
+        return {"rdp": 0.0, "pld": 0.0}
+    if any(s == 0 for q, s, t in trials if t > 0):
+        return {"rdp": math.inf, "pld": math.inf}
+    composed = dp_event.ComposedDpEvent(events)
+    return {
+        "rdp": float(RdpAccountant().compose(composed).get_epsilon(delta)),
+        "pld": float(PLDAccountant().compose(composed).get_epsilon(delta)),
+    }
