@@ -4,7 +4,9 @@
 
 Both runs use the same sampler seed and the same private seed, so they start
 from the same samples; the table reports best validation and test accuracy,
-trial counts, total trial-steps (compute) and wall time, measured in this run.
+trial counts, total trial-steps, training examples processed (the compute
+measure that does not depend on machine load; a step's cost grows with its
+batch) and wall time, measured in this run.
 Studies are written to a temporary SQLite file and discarded.
 """
 
@@ -33,6 +35,7 @@ def run(resolved: config.ResolvedStudy, storage: str, n_trials: int) -> dict:
         "pruned": summary.pruned,
         "rejected": summary.rejected,
         "trial_steps": summary.trial_steps,
+        "examples": summary.examples_processed,
         "wall_s": wall,
     }
 
@@ -58,16 +61,17 @@ def main() -> None:
             rows.append(run(config.ResolvedStudy(study=cfg, space=base.space), storage, args.n_trials))
     print(f"{base.study.name}: ε = {base.study.privacy.epsilon:g}, {args.n_trials} trials each")
     header = (f"{'pruner':>10} | {'best val':>8} | {'its test':>8} | {'trials':>6} | {'pruned':>6} | "
-              f"{'rejected':>8} | {'trial-steps':>11} | {'wall s':>7}")
+              f"{'rejected':>8} | {'trial-steps':>11} | {'examples':>9} | {'wall s':>7}")
     print(header)
     print("-" * len(header))
     for r in rows:
         fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
         print(f"{r['pruner']:>10} | {fmt(r['best_val']):>8} | {fmt(r['best_test']):>8} | {r['trials']:>6} | "
-              f"{r['pruned']:>6} | {r['rejected']:>8} | {r['trial_steps']:>11} | {r['wall_s']:>7.1f}")
-    if rows[1]["trial_steps"]:
-        print(f"pruning used {rows[0]['trial_steps'] / rows[1]['trial_steps']:.2f}× the trial-steps "
-              f"and {rows[0]['wall_s'] / rows[1]['wall_s']:.2f}× the wall time of no pruning")
+              f"{r['pruned']:>6} | {r['rejected']:>8} | {r['trial_steps']:>11} | {r['examples']:>9,} | {r['wall_s']:>7.1f}")
+    if rows[1]["examples"]:
+        print(f"pruning processed {rows[0]['examples'] / rows[1]['examples']:.2f}× the training examples, "
+              f"{rows[0]['trial_steps'] / rows[1]['trial_steps']:.2f}× the trial-steps and took "
+              f"{rows[0]['wall_s'] / rows[1]['wall_s']:.2f}× the wall time of no pruning")
 
 
 if __name__ == "__main__":

@@ -316,11 +316,55 @@ def cmd_optimize(args: argparse.Namespace) -> int:
             console.print("dptune: interrupted: the running trial was marked FAIL; finished trials are kept. "
                           "Re-run to continue the study.")
             return 130
+    from dptune.inspect import dashboard
+
+    dashboard.publish(result)  # refresh the note and figures optuna-dashboard shows
     summary = study.summarize(result)
     if args.json:
         print(_dump(summary.as_dict()))
     else:
         _print_summary(summary)
+    return 0
+
+
+def _load_studies(names: Sequence[str], storage: str | None) -> list:
+    from dptune import study
+
+    return [study.load(name, storage)[0] for name in names]
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from dptune import config
+    from dptune.inspect import dashboard
+
+    storage = args.storage or config.default_storage(args.study_name)
+    s = _load_studies([args.study_name], storage)[0]
+    dashboard.publish(s)
+    print(f"optuna-dashboard for {args.study_name!r}: http://{args.host}:{args.port}/dashboard  (Ctrl-C stops it)",
+          flush=True)
+    dashboard.serve(storage, args.host, args.port)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from dptune.inspect import report
+
+    studies = _load_studies(args.study_name, args.storage)
+    report.write(studies, args.output)
+    print(f"wrote {args.output} ({len(studies)} stud{'y' if len(studies) == 1 else 'ies'})")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from dptune.inspect import export
+
+    studies = _load_studies(args.study_name, args.storage)
+    if args.to:
+        counts = export.to_sqlite(studies, args.to)
+        print(f"wrote {counts['trials']} trials and {counts['intermediate_values']} intermediate values to {args.to}",
+              file=sys.stderr)
+    if args.format or not args.to:
+        sys.stdout.write(export.to_text(studies, args.format or "csv"))
     return 0
 
 
@@ -331,7 +375,7 @@ def _print_summary(summary: Any) -> None:
     c.print(f"[bold]{summary.name}[/]: ε target {summary.epsilon_target:g} (δ = {summary.delta:g}, "
             f"{summary.accountant}); {summary.n_trials} trials: {summary.complete} complete, {summary.pruned} pruned, "
             f"{summary.rejected} rejected before training, {summary.failed} failed; "
-            f"{summary.trial_steps} trial-steps in all")
+            f"{summary.trial_steps} trial-steps and {summary.examples_processed:,} examples processed in all")
     g = summary.search
     if g["mode"] == "private_search":
         c.print(f"[bold]ε of the released best model: {g['total_epsilon']:.4g}[/] (δ = {g['delta']:g}; "
@@ -459,6 +503,24 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--timeout", type=_float, help="seconds")
     o.add_argument("--cache-dir", help="JAX persistent compilation cache")
     o.set_defaults(func=cmd_optimize)
+
+    d = sub.add_parser("dashboard", help="serve optuna-dashboard on a study's storage")
+    d.add_argument("--study-name", required=True)
+    d.add_argument("--storage")
+    d.add_argument("--host", default="127.0.0.1")
+    d.add_argument("--port", type=_positive_int, default=8080)
+    d.set_defaults(func=cmd_dashboard)
+    r = sub.add_parser("report", help="write a self-contained HTML report")
+    r.add_argument("--study-name", action="append", required=True, help="repeat for a privacy–utility curve")
+    r.add_argument("--storage")
+    r.add_argument("-o", "--output", default="report.html")
+    r.set_defaults(func=cmd_report)
+    x = sub.add_parser("export", help="export trials to SQLite (sqlite-utils), CSV or JSON")
+    x.add_argument("--study-name", action="append", required=True)
+    x.add_argument("--storage")
+    x.add_argument("--to", help="SQLite file to upsert into")
+    x.add_argument("--format", choices=("csv", "json"), help="also print to stdout")
+    x.set_defaults(func=cmd_export)
 
     p = sub.add_parser("privacy", help="privacy accounting questions")
     psub = p.add_subparsers(dest="question", required=True)

@@ -339,6 +339,7 @@ class StudySummary:
     failed: int
     running: int
     trial_steps: int
+    examples_processed: int
     best: dict[str, Any] | None
     search: dict[str, Any]
 
@@ -433,6 +434,7 @@ def summarize(study: optuna.Study) -> StudySummary:
         failed=states.count(TrialState.FAIL),
         running=states.count(TrialState.RUNNING),
         trial_steps=sum(int(t.user_attrs.get("steps", 0) or 0) for t in trials),
+        examples_processed=sum(int(t.user_attrs.get("examples_processed", 0) or 0) for t in trials),
         best=best,
         search=search_guarantee(study),
     )

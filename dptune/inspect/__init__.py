@@ -1,0 +1,1 @@
+"""Inspection: read a study's storage and show it (dashboard, report, export). Never trains."""

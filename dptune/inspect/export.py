@@ -1,0 +1,81 @@
+"""Flat tables of trials for SQL, datasette or a spreadsheet, written with sqlite-utils."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from typing import Any, Iterable
+
+import optuna
+import sqlite_utils
+
+BASE_COLUMNS = ("study", "number", "state", "value", "datetime_start", "datetime_complete", "duration_seconds")
+
+
+def _scalar(v: Any) -> Any:
+    if isinstance(v, (dict, list, tuple)):
+        return json.dumps(v)
+    return v
+
+
+def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
+    """One flat row per trial: identity, state, objective, timings, params (param_*), user attributes."""
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        row: dict[str, Any] = {
+            "study": study.study_name,
+            "number": t.number,
+            "state": t.state.name,
+            "value": t.value,
+            "datetime_start": t.datetime_start.isoformat() if t.datetime_start else None,
+            "datetime_complete": t.datetime_complete.isoformat() if t.datetime_complete else None,
+            "duration_seconds": t.duration.total_seconds() if t.duration else None,
+        }
+        for k, v in t.params.items():
+            row[f"param_{k}"] = _scalar(v)
+        for k, v in t.user_attrs.items():
+            row[f"attr_{k}" if k in row else k] = _scalar(v)
+        rows.append(row)
+    return rows
+
+
+def intermediate_rows(study: optuna.Study) -> list[dict[str, Any]]:
+    return [{"study": study.study_name, "number": t.number, "step": step, "value": value}
+            for t in study.get_trials(deepcopy=False) for step, value in sorted(t.intermediate_values.items())]
+
+
+def to_sqlite(studies: Iterable[optuna.Study], path: str) -> dict[str, int]:
+    """Upsert the studies' trials into ``path``: re-exporting updates rows, never duplicates them."""
+    db = sqlite_utils.Database(path)
+    counts = {"trials": 0, "intermediate_values": 0}
+    for study in studies:
+        rows = trial_rows(study)
+        if rows:
+            db["trials"].upsert_all(rows, pk=("study", "number"), alter=True)
+        inter = intermediate_rows(study)
+        if inter:
+            db["intermediate_values"].upsert_all(inter, pk=("study", "number", "step"), alter=True)
+        counts["trials"] += len(rows)
+        counts["intermediate_values"] += len(inter)
+    if "trials" in db.table_names():
+        db["trials"].create_index(["state"], if_not_exists=True)
+        db["trials"].create_index(["value"], if_not_exists=True)
+    if "intermediate_values" in db.table_names():
+        db["intermediate_values"].create_index(["study", "number"], if_not_exists=True)
+    return counts
+
+
+def to_text(studies: Iterable[optuna.Study], fmt: str) -> str:
+    """The trials table as CSV or JSON text."""
+    rows = [r for s in studies for r in trial_rows(s)]
+    if fmt == "json":
+        return json.dumps(rows, indent=2, default=str)
+    columns: list[str] = []
+    for r in rows:
+        columns += [k for k in r if k not in columns]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()

@@ -1,0 +1,95 @@
+"""One self-contained HTML report of one or more studies (plotly.js inlined: no network to view it)."""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from typing import Sequence
+
+import optuna
+import plotly.graph_objects as go
+import plotly.offline
+
+from dptune import figures
+from dptune.study import CONFIG_ATTR, summarize, trial_record
+
+TOP = 10
+
+
+def _fig_html(fig: go.Figure, div_id: str) -> str:
+    return fig.to_html(full_html=False, include_plotlyjs=False, div_id=div_id)
+
+
+def _fmt(v: object) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    return f"{v:.4g}" if isinstance(v, float) else html.escape(str(v))
+
+
+def _top_table(study: optuna.Study) -> str:
+    trials = sorted((t for t in study.get_trials(deepcopy=False) if t.value is not None),
+                    key=lambda t: t.value, reverse=True)[:TOP]
+    cols = ["number", "value", "test_accuracy", "epsilon_spent", "epsilon_target", "delta", "batch_size",
+            "learning_rate", "clip_norm", "noise_multiplier", "steps", "epochs", "examples_per_second"]
+    head = "".join(f"<th>{c}</th>" for c in ["trial", "val acc"] + cols[2:])
+    body = []
+    for t in trials:
+        r = trial_record(t)
+        body.append("<tr>" + "".join(f"<td>{_fmt(r.get(c))}</td>" for c in cols) + "</tr>")
+    return f"<table class='top'><tr>{head}</tr>{''.join(body)}</table>"
+
+
+def _study_section(study: optuna.Study, index: int) -> str:
+    s = summarize(study)
+    g = s.search
+    parts = [
+        f"<h2>{html.escape(study.study_name)}</h2>",
+        f"<p><b>Per-trial budget:</b> ε = {_fmt(s.epsilon_target)}, δ = {_fmt(s.delta)} ({html.escape(s.accountant)}). "
+        f"<b>ε of releasing the best model after this search: {_fmt(g['total_epsilon'])}</b>. "
+        f"{html.escape(g['guarantee'])}</p>",
+        f"<p>{s.n_trials} trials: {s.complete} complete, {s.pruned} pruned, {s.rejected} rejected before training, "
+        f"{s.failed} failed; {s.trial_steps} trial-steps. Accuracies: validation split unless marked test.</p>",
+    ]
+    if s.best:
+        parts.append(f"<p><b>Best trial {s.best['number']}:</b> validation {_fmt(s.best['value'])}, "
+                     f"test {_fmt(s.best.get('test_accuracy'))}, ε spent {_fmt(s.best.get('epsilon_spent'))}.</p>")
+    parts.append("<h3>Top trials and their privacy spend</h3>" + _top_table(study))
+    figs = {**figures.optuna_figures(study), **{
+        "Validation accuracy vs ε spent": figures.accuracy_vs_epsilon(study),
+        "Validation accuracy vs batch size": figures.accuracy_vs_batch_size(study),
+        "Validation accuracy vs σ": figures.accuracy_vs_noise(study),
+        "Learning curves: completed vs pruned": figures.learning_curves(study),
+    }}
+    for j, (title, fig) in enumerate(figs.items()):
+        parts.append(f"<h3>{html.escape(title)}</h3>" + _fig_html(fig, f"fig-{index}-{j}"))
+    parts.append("<h3>Configuration</h3><pre>"
+                 + html.escape(json.dumps(study.user_attrs.get(CONFIG_ATTR, {}), indent=2)) + "</pre>")
+    return "\n".join(parts)
+
+
+def render(studies: Sequence[optuna.Study]) -> str:
+    """The report's HTML text."""
+    sections = [_study_section(s, i) for i, s in enumerate(studies)]
+    if len(studies) > 1:
+        rows = []
+        for st in studies:
+            s = summarize(st)
+            if s.best:
+                rows.append({"name": st.study_name, "epsilon": s.epsilon_target, "total_epsilon": s.search["total_epsilon"],
+                             "val": s.best["value"], "test": s.best.get("test_accuracy")})
+        if rows:
+            sections.insert(0, "<h2>Privacy–utility across studies</h2>"
+                            + _fig_html(figures.privacy_utility_curve(rows), "fig-privacy-utility"))
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:auto;padding:1em}"
+             "table.top{border-collapse:collapse;font-size:90%}table.top td,table.top th{border:1px solid #ccc;"
+             "padding:2px 6px}pre{background:#f6f6f6;padding:1em;overflow:auto}")
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>dptune report</title>"
+            f"<style>{style}</style><script type='text/javascript'>{plotly.offline.get_plotlyjs()}</script>"
+            f"</head><body><h1>dptune report</h1>{''.join(sections)}</body></html>")
+
+
+def write(studies: Sequence[optuna.Study], path: str) -> str:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(render(studies))
+    return path
