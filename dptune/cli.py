@@ -300,6 +300,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
 
     compile_stats.enable_persistent_cache(args.cache_dir)
     console = Console(stderr=True)
+    if args.workers > 1:
+        return _optimize_pool(args, console)
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console, transient=True) as progress:
         task = progress.add_task(f"optimizing {args.study_name}", total=args.n_trials)
@@ -366,6 +368,31 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.format or not args.to:
         sys.stdout.write(export.to_text(studies, args.format or "csv"))
     return 0
+
+
+def _optimize_pool(args: argparse.Namespace, console: Any) -> int:
+    from dptune import config, study, workers
+    from dptune.inspect import dashboard
+
+    storage = args.storage or config.default_storage(args.study_name)
+    from dptune.storage import check_workers
+
+    check_workers(storage, args.workers)
+    console.print(f"{args.workers} workers × {args.devices_per_trial} device(s) on {storage}")
+    code = workers.run_pool(args.study_name, storage, workers=args.workers, n_trials=args.n_trials,
+                            timeout=args.timeout, devices_per_trial=args.devices_per_trial,
+                            cache_dir=args.cache_dir, on_trial=lambda t: console.print(_trial_line(t)))
+    result, _ = study.load(args.study_name, storage)
+    dashboard.publish(result)
+    summary = study.summarize(result)
+    if args.json:
+        print(_dump(summary.as_dict()))
+    else:
+        _print_summary(summary)
+    if code != 0:
+        console.print(f"dptune: a worker exited with code {code}; finished trials are kept, nothing is left "
+                      "RUNNING. Re-run to continue.")
+    return code
 
 
 def _print_summary(summary: Any) -> None:
@@ -502,6 +529,10 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--n-trials", type=_positive_int)
     o.add_argument("--timeout", type=_float, help="seconds")
     o.add_argument("--cache-dir", help="JAX persistent compilation cache")
+    o.add_argument("--workers", type=_positive_int, default=1,
+                   help="parallel worker processes (needs a journal:// or postgresql:// storage when > 1)")
+    o.add_argument("--devices-per-trial", type=_positive_int, default=1,
+                   help="devices each worker's trials shard over (GPUs, or forced host devices on CPU)")
     o.set_defaults(func=cmd_optimize)
 
     d = sub.add_parser("dashboard", help="serve optuna-dashboard on a study's storage")

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
+import socket
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -34,6 +36,7 @@ from dptune.data import Dataset, load_dataset
 from dptune.errors import ConfigError, DptuneError, PrivacyError
 from dptune.search_privacy import TrialCount
 from dptune.search_space import Infeasible, plan_trial
+from dptune.storage import MAX_RETRY, open_storage
 from dptune.train import PrivacyBudget, RunConfig, train_and_evaluate
 
 CONFIG_ATTR = "dptune_config"
@@ -166,40 +169,44 @@ def create_study(resolved: ResolvedStudy, storage: str | None = None, *, skip_if
     else:
         attrs.update(epsilon_target=study_cfg.privacy.epsilon, accountant=study_cfg.privacy.accountant)
 
-    existing = _find(study_cfg.name, storage)
+    storage_obj = open_storage(storage)
+    existing = _find(study_cfg.name, storage_obj)
     if existing is not None:
         if existing.user_attrs.get(CONFIG_ATTR) != stored:
             raise StudyError(f"study_name: a study {study_cfg.name!r} with a different configuration exists "
                              f"in {storage}; choose another name or delete it")
         if not skip_if_exists:
             raise StudyError(f"study_name: {study_cfg.name!r} already exists in {storage} (use --skip-if-exists)")
-        return optuna.load_study(study_name=study_cfg.name, storage=storage)
+        return optuna.load_study(study_name=study_cfg.name, storage=storage_obj)
 
-    study = optuna.create_study(study_name=study_cfg.name, storage=storage, direction=study_cfg.objective.direction)
+    study = optuna.create_study(study_name=study_cfg.name, storage=storage_obj,
+                                direction=study_cfg.objective.direction)
     try:
         for key, value in attrs.items():
             study.set_user_attr(key, value)
     except BaseException:
-        optuna.delete_study(study_name=study_cfg.name, storage=storage)
+        optuna.delete_study(study_name=study_cfg.name, storage=storage_obj)
         raise
     return study
 
 
-def _find(name: str, storage: str) -> optuna.study.StudySummary | None:
+def _find(name: str, storage: Any) -> optuna.study.StudySummary | None:
     for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
         if summary.study_name == name:
             return summary
     return None
 
 
-def load(study_name: str, storage: str | None = None) -> tuple[optuna.Study, ResolvedStudy]:
-    """Load a dptune study and its stored configuration."""
-    storage = storage or default_storage(study_name)
-    if _find(study_name, storage) is None:
-        names = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
-        raise StudyError(f"study_name: no study {study_name!r} in {storage}; "
+def load(study_name: str, storage: str | None = None, *, heartbeat: bool = False
+         ) -> tuple[optuna.Study, ResolvedStudy]:
+    """Load a dptune study and its stored configuration (``heartbeat``: for a worker running trials)."""
+    url = storage or default_storage(study_name)
+    storage_obj = open_storage(url, heartbeat=heartbeat)
+    if _find(study_name, storage_obj) is None:
+        names = [s.study_name for s in optuna.get_all_study_summaries(storage_obj, include_best_trial=False)]
+        raise StudyError(f"study_name: no study {study_name!r} in {url}; "
                          f"available: {', '.join(names) if names else '(none)'}")
-    study = optuna.load_study(study_name=study_name, storage=storage)
+    study = optuna.load_study(study_name=study_name, storage=storage_obj)
     if CONFIG_ATTR not in study.user_attrs:
         raise StudyError(f"study_name: {study_name!r} was not created by dptune (no stored configuration)")
     return study, ResolvedStudy.from_json(study.user_attrs[CONFIG_ATTR])
@@ -230,6 +237,7 @@ class Objective:
     def __call__(self, trial: optuna.Trial) -> float:
         cfg = self.resolved.study
         n = len(self.dataset.train)
+        trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
         trial.set_user_attr("epsilon_target", self.budget.epsilon)
         trial.set_user_attr("delta", self.budget.delta)
         trial.set_user_attr("accountant", self.budget.accountant)
@@ -270,6 +278,7 @@ class Objective:
             "ema_test_accuracy": result.ema_test_accuracy,
             "examples_per_second": result.examples_per_second,
             "compile_seconds": result.compile_seconds,
+            "startup_seconds": result.startup_seconds,
             "wall_seconds": result.wall_seconds,
             "examples_processed": result.examples_processed,
             "devices": result.devices,
@@ -285,6 +294,43 @@ class Objective:
 
 
 TrialCallback = Callable[[optuna.Study, FrozenTrial], None]
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def reap_dead_workers(study: optuna.Study) -> list[int]:
+    """Fail RUNNING trials whose worker process on this host has died, and re-queue them.
+
+    This is the stale-trial check for storages without heartbeats (the journal
+    file); RDB storages also get Optuna's heartbeats. A re-queued trial runs
+    again with the same parameters, at most ``MAX_RETRY`` times per original.
+    Returns the numbers of the trials it failed.
+    """
+    host = socket.gethostname()
+    failed = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker = t.user_attrs.get("worker") or {}
+        if worker.get("host") != host or _alive(int(worker.get("pid", -1))):
+            continue
+        study._storage.set_trial_user_attr(t._trial_id, "failed_reason",
+                                           f"worker process {worker.get('pid')} died")
+        study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
+        failed.append(t.number)
+        origin = t.user_attrs.get("retry_of", t.number)
+        retries = int(t.user_attrs.get("retries", 0))
+        if retries < MAX_RETRY:
+            study.enqueue_trial(dict(t.params), user_attrs={"retry_of": origin, "retries": retries + 1},
+                                skip_if_exists=False)
+    return failed
 
 
 def optimize(
@@ -294,14 +340,19 @@ def optimize(
     n_trials: int | None = None,
     timeout: float | None = None,
     callbacks: Sequence[TrialCallback] = (),
+    stop_at_finished: int | None = None,
 ) -> optuna.Study:
     """Run ``n_trials`` more trials (or until ``timeout`` seconds) of a stored study.
 
-    A KeyboardInterrupt marks the running trial FAILED (Optuna's own handling)
+    ``stop_at_finished`` stops this worker once the study holds that many
+    COMPLETE or PRUNED trials (the shared target of several workers). Dead
+    workers' trials are failed and re-queued before and after each trial. A
+    KeyboardInterrupt marks the running trial FAILED (Optuna's own handling)
     and propagates; finished trials are already in the storage.
     """
     storage = _storage_url(storage, study_name)
-    study, resolved = load(study_name, storage)
+    study, resolved = load(study_name, storage, heartbeat=True)
+    reap_dead_workers(study)
     cfg = resolved.study
     dataset = _dataset(cfg)
     delta = study.user_attrs.get("delta") or _resolve_delta(resolved, dataset)
@@ -319,8 +370,12 @@ def optimize(
     else:
         study.sampler = make_sampler(cfg, resolved.space, seed)
         study.pruner = make_pruner(cfg)
+    hooks = list(callbacks) + [lambda st, _t: reap_dead_workers(st)]
+    if stop_at_finished is not None:
+        # Several workers share one target: stop once the study holds that many finished trials.
+        hooks.append(optuna.study.MaxTrialsCallback(stop_at_finished, states=FINISHED))
     study.optimize(Objective(resolved, dataset, delta, private), n_trials=n_trials, timeout=timeout,
-                   callbacks=list(callbacks), catch=())
+                   callbacks=hooks, catch=())
     return study
 
 
@@ -443,7 +498,7 @@ def summarize(study: optuna.Study) -> StudySummary:
 def list_studies(storage: str) -> list[dict[str, Any]]:
     """One row per study in ``storage``."""
     rows = []
-    for s in optuna.get_all_study_summaries(storage, include_best_trial=True):
+    for s in optuna.get_all_study_summaries(open_storage(storage), include_best_trial=True):
         rows.append({
             "name": s.study_name,
             "trials": s.n_trials,

@@ -113,6 +113,7 @@ class TrainResult:
     privacy: privacy.PrivacySpend | None
     examples_per_second: float
     compile_seconds: float
+    startup_seconds: float
     wall_seconds: float
     examples_processed: int
     devices: int
@@ -255,6 +256,9 @@ def train_and_evaluate(
         state = train_step(fns, state, dataset, indices, noise_key, t, hparams, denominator,
                            clip_norm, sigma, lr, config.private)
         taken = t + 1
+        if taken == 1:
+            jax.block_until_ready(state.params)
+            startup_seconds = time.perf_counter() - started
         if taken % eval_every == 0 or taken == allowed:
             jax.block_until_ready(state.params)
             train_seconds += _compute_seconds(tick, compiled)
@@ -292,6 +296,7 @@ def train_and_evaluate(
         privacy=spent,
         examples_per_second=examples / max(train_seconds, 1e-9),
         compile_seconds=compile_seconds,
+        startup_seconds=startup_seconds,
         wall_seconds=time.perf_counter() - started,
         examples_processed=examples,
         devices=len(devices),

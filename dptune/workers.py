@@ -1,0 +1,151 @@
+"""Several long-lived worker processes pulling trials from one study.
+
+Each worker is a separate process that owns its devices — set through the
+environment *before* it imports JAX — and keeps its compiled step between
+trials (and shares the persistent compilation cache), so only its first trial
+compiles:
+
+* GPUs: ``CUDA_VISIBLE_DEVICES`` lists the worker's ``devices_per_trial`` GPUs,
+  and ``XLA_PYTHON_CLIENT_PREALLOCATE=false`` keeps a worker from taking the
+  memory of devices it does not use;
+* CPU only (like CI): ``XLA_FLAGS=--xla_force_host_platform_device_count=D``
+  gives each worker D host devices, so the same sharded code path runs.
+
+Workers stop when the study holds the requested number of finished trials
+(up to workers − 1 more may be finishing then). The launcher follows progress
+by reading the storage, forwards SIGINT/SIGTERM to the workers (their running
+trials are marked FAILED, nothing stays RUNNING) and exits non-zero if any
+worker did.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from typing import Callable
+
+from optuna.trial import FrozenTrial, TrialState
+
+from dptune import study as study_lib
+from dptune.storage import check_workers, open_storage
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+def local_gpus() -> list[str]:
+    """Indices of the NVIDIA GPUs on this machine (empty without nvidia-smi)."""
+    if shutil.which("nvidia-smi") is None:
+        return []
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [str(i) for i, line in enumerate(out.splitlines()) if line.startswith("GPU ")]
+
+
+def worker_env(index: int, devices_per_trial: int, gpus: list[str]) -> dict[str, str]:
+    """The environment that gives worker ``index`` its own devices."""
+    env = dict(os.environ)
+    env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+    if gpus:
+        mine = gpus[index * devices_per_trial:(index + 1) * devices_per_trial]
+        if len(mine) < devices_per_trial:
+            raise study_lib.StudyError(f"devices_per_trial: {len(gpus)} GPUs cannot give each of the workers "
+                                       f"{devices_per_trial}; lower --workers or --devices-per-trial")
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(mine)
+    else:
+        flags = [f for f in env.get("XLA_FLAGS", "").split() if "force_host_platform_device_count" not in f]
+        env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices_per_trial}"])
+        env.setdefault("JAX_PLATFORMS", "cpu")
+    return env
+
+
+def run_pool(
+    study_name: str,
+    storage: str,
+    *,
+    workers: int,
+    n_trials: int | None,
+    timeout: float | None,
+    devices_per_trial: int = 1,
+    cache_dir: str | None = None,
+    on_trial: Callable[[FrozenTrial], None] | None = None,
+    poll_seconds: float = 1.0,
+) -> int:
+    """Run ``workers`` worker processes until ``n_trials`` more trials finish; returns an exit code."""
+    check_workers(storage, workers)
+    study, _ = study_lib.load(study_name, storage)
+    done_before = len(study.get_trials(deepcopy=False, states=FINISHED))
+    target = None if n_trials is None else done_before + n_trials
+    gpus = local_gpus()
+    cmd = [sys.executable, "-m", "dptune.workers", "--study-name", study_name, "--storage", storage]
+    if target is not None:
+        cmd += ["--stop-at-finished", str(target)]
+    if timeout is not None:
+        cmd += ["--timeout", str(timeout)]
+    if cache_dir:
+        cmd += ["--cache-dir", cache_dir]
+    procs = [subprocess.Popen(cmd, env=worker_env(i, devices_per_trial, gpus)) for i in range(workers)]
+
+    def forward(signum: int, _frame: object) -> None:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    seen: set[int] = set()
+    storage_obj = open_storage(storage)
+    try:
+        while True:
+            running = any(p.poll() is None for p in procs)
+            if on_trial is not None:
+                for t in storage_obj.get_all_trials(study._study_id, deepcopy=False):
+                    if t.state.is_finished() and t.number not in seen:
+                        seen.add(t.number)
+                        if t.number >= 0:
+                            on_trial(t)
+            if not running:
+                break
+            time.sleep(poll_seconds)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    codes = [p.wait() for p in procs]
+    return next((c for c in codes if c != 0), 0)
+
+
+def _worker_main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m dptune.workers", description="one dptune worker process")
+    ap.add_argument("--study-name", required=True)
+    ap.add_argument("--storage", required=True)
+    ap.add_argument("--stop-at-finished", type=int)
+    ap.add_argument("--timeout", type=float)
+    ap.add_argument("--cache-dir")
+    args = ap.parse_args(argv)
+
+    def terminate(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminate)
+    from dptune import compile_stats
+    from dptune.errors import DptuneError
+
+    compile_stats.enable_persistent_cache(args.cache_dir)
+    try:
+        study_lib.optimize(args.study_name, args.storage, timeout=args.timeout,
+                           stop_at_finished=args.stop_at_finished)
+    except KeyboardInterrupt:
+        return 130
+    except DptuneError as e:
+        print(f"dptune worker {os.getpid()}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_worker_main())
