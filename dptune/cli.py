@@ -214,6 +214,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         privacy.validate(epsilon=args.epsilon, accountant=args.accountant)
         delta = args.delta if args.delta is not None else privacy.default_delta(n)
         privacy.check_delta(delta, n)
+        if args.delta is None:
+            console.print(f"δ = {delta:g} by default (well below 1/N = {1 / n:.3g}); set it with --delta.")
         budget = PrivacyBudget(args.epsilon, delta, args.accountant)
         if args.noise_multiplier is None:
             sigma = privacy.noise_for_epsilon(q, steps, args.epsilon, delta, args.accountant)
@@ -321,12 +323,18 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     from dptune.inspect import dashboard
 
     dashboard.publish(result)  # refresh the note and figures optuna-dashboard shows
-    summary = study.summarize(result)
-    if args.json:
+    _emit_summary(result, args.json)
+    return 0
+
+
+def _emit_summary(s: Any, as_json: bool) -> None:
+    from dptune import study
+
+    summary = study.summarize(s)
+    if as_json:
         print(_dump(summary.as_dict()))
     else:
         _print_summary(summary)
-    return 0
 
 
 def _load_studies(names: Sequence[str], storage: str | None) -> list:
@@ -384,11 +392,7 @@ def _optimize_pool(args: argparse.Namespace, console: Any) -> int:
                             cache_dir=args.cache_dir, on_trial=lambda t: console.print(_trial_line(t)))
     result, _ = study.load(args.study_name, storage)
     dashboard.publish(result)
-    summary = study.summarize(result)
-    if args.json:
-        print(_dump(summary.as_dict()))
-    else:
-        _print_summary(summary)
+    _emit_summary(result, args.json)
     if code != 0:
         console.print(f"dptune: a worker exited with code {code}; finished trials are kept, nothing is left "
                       "RUNNING. Re-run to continue.")
@@ -448,11 +452,7 @@ def cmd_study_show(args: argparse.Namespace) -> int:
     from dptune import study
 
     s, _ = study.load(args.study_name, args.storage)
-    summary = study.summarize(s)
-    if args.json:
-        print(_dump(summary.as_dict()))
-    else:
-        _print_summary(summary)
+    _emit_summary(s, args.json)
     return 0
 
 

@@ -19,6 +19,7 @@ whose worker process has died instead.
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 import optuna
@@ -81,7 +82,10 @@ def open_storage(url: str, *, heartbeat: bool = False) -> optuna.storages.BaseSt
         beat = {"heartbeat_interval": HEARTBEAT_SECONDS, "grace_period": GRACE_SECONDS,
                 "heartbeat_stale_trial_callback": RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)}
     try:
-        return RDBStorage(url, engine_kwargs=engine, **beat)
+        with warnings.catch_warnings():
+            # Heartbeats are marked experimental in Optuna; the warning is not actionable for users.
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return RDBStorage(url, engine_kwargs=engine, **beat)
     except Exception as e:  # SQLAlchemy's OperationalError and friends
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise StorageError(f"storage: cannot open {url!r}: {first}") from None
