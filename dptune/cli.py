@@ -428,22 +428,25 @@ def _print_summary(summary: Any) -> None:
 
 
 def cmd_study_list(args: argparse.Namespace) -> int:
-    from dptune import config, study
+    from dptune import study
 
-    storage = args.storage or config.default_storage(args.study_name or "dptune")
-    rows = study.list_studies(storage)
+    import glob
+
+    # Without --storage: every default SQLite storage (studies/*.db under the current directory).
+    storages = [args.storage] if args.storage else [f"sqlite:///{p}" for p in sorted(glob.glob("studies/*.db"))]
+    rows = [dict(r, storage=url) for url in storages for r in study.list_studies(url)]
     if args.json:
         print(_dump(rows))
         return 0
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"studies in {storage}")
-    for col in ("name", "dataset", "ε target", "trials", "best val acc"):
+    table = Table(title="studies")
+    for col in ("name", "dataset", "ε target", "trials", "best val acc", "storage"):
         table.add_column(col)
     for r in rows:
         table.add_row(r["name"], _fmt(r["dataset"]), _fmt(r["epsilon_target"]), str(r["trials"]),
-                      _fmt(r["best_value"]))
+                      _fmt(r["best_value"]), r["storage"])
     Console().print(table)
     return 0
 

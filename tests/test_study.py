@@ -307,3 +307,19 @@ def test_ordinary_study_total_composes_every_trial_that_touched_data(tmp_path):
 
     assert g["total_epsilon"] > privacy.epsilon(0.2, 1.5, 10, 1e-5, "rdp")
     assert g["total_epsilon"] > privacy.epsilon(0.3, 2.0, 4, 1e-5, "rdp")
+
+
+def test_cli_study_list_and_show_default_storage(tmp_path):
+    for name in ("first", "second"):
+        path = write(tmp_path, {**STUDY, "name": name, "dataset": "digits"}, name=f"{name}.yaml")
+        assert _run_cli("study", "create", "--config", path, cwd=tmp_path).returncode == 0
+    assert sorted(p.name for p in (tmp_path / "studies").glob("*.db")) == ["first.db", "second.db"]
+    import json
+
+    p = _run_cli("study", "list", "--json", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert sorted(r["name"] for r in json.loads(p.stdout)) == ["first", "second"]
+    p = _run_cli("study", "show", "first", "--json", cwd=tmp_path)
+    assert p.returncode == 0 and json.loads(p.stdout)["n_trials"] == 0
+    p = _run_cli("study", "best", "first", cwd=tmp_path)
+    assert p.returncode == 2 and "no completed trial" in p.stderr
