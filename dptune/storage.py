@@ -77,14 +77,14 @@ def open_storage(url: str, *, heartbeat: bool = False) -> optuna.storages.BaseSt
         engine["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_SECONDS}
     if k == "mysql":
         engine["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_SECONDS}
-    beat: dict[str, Any] = {}
-    if heartbeat:
-        beat = {"heartbeat_interval": HEARTBEAT_SECONDS, "grace_period": GRACE_SECONDS,
-                "heartbeat_stale_trial_callback": RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)}
     try:
         with warnings.catch_warnings():
             # Heartbeats are marked experimental in Optuna; the warning is not actionable for users.
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            beat: dict[str, Any] = {}
+            if heartbeat:
+                beat = {"heartbeat_interval": HEARTBEAT_SECONDS, "grace_period": GRACE_SECONDS,
+                        "heartbeat_stale_trial_callback": RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)}
             return RDBStorage(url, engine_kwargs=engine, **beat)
     except Exception as e:  # SQLAlchemy's OperationalError and friends
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

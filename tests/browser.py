@@ -35,3 +35,16 @@ def screenshot(driver, name: str) -> str:
     path = os.path.join(ARTIFACTS, name)
     driver.save_screenshot(path)
     return path
+
+
+def wait_for(driver, predicate, timeout: float = 60.0, what: str = "condition"):
+    """Poll ``predicate(driver)`` until true (pages render asynchronously; a loaded CI box is slow)."""
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate(driver)
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")

@@ -14,7 +14,7 @@ import yaml
 
 from dptune import config, study
 from dptune.inspect import dashboard, export, report
-from tests.browser import chromium, screenshot
+from tests.browser import chromium, screenshot, wait_for
 
 SPACE = {"batch_size": {"low": 100, "high": 1000, "log": True}, "learning_rate": {"low": 0.1, "high": 5.0},
          "clip_norm": 1.0, "noise_multiplier": {"low": 0.5, "high": 3.0}}
@@ -81,11 +81,11 @@ def test_report_renders_every_figure_in_a_browser(tmp_path):
     driver = chromium()
     try:
         driver.get("file://" + path)
-        time.sleep(1.0)
-        figures = driver.execute_script(
-            "return Array.from(document.querySelectorAll('.plotly-graph-div')).map("
-            "e => [e.id, e.querySelectorAll('.main-svg').length, e.querySelectorAll('.scatterlayer .trace, "
-            ".barlayer .trace').length])")
+        script = ("return Array.from(document.querySelectorAll('.plotly-graph-div')).map("
+                  "e => [e.id, e.querySelectorAll('.main-svg').length, e.querySelectorAll('.scatterlayer .trace, "
+                  ".barlayer .trace').length])")
+        figures = wait_for(driver, lambda d: (lambda f: f if f and all(x[1] for x in f) else None)(
+            d.execute_script(script)), what="plotly figures to render")
         screenshot(driver, "report.png")
     finally:
         driver.quit()
@@ -125,24 +125,21 @@ def test_dashboard_shows_the_study_and_its_trials(tmp_path):
         driver = chromium()
         try:
             driver.get(url + "/dashboard")
-            time.sleep(3)
-            assert "dashboard_study" in driver.page_source
+            wait_for(driver, lambda d: "dashboard_study" in d.page_source, what="the study on the home page")
             screenshot(driver, "dashboard_home.png")
             study_id = loaded._study_id
             driver.get(f"{url}/dashboard/studies/{study_id}")
-            time.sleep(3)
-            assert "validation accuracy vs ε spent" in driver.page_source  # dptune's saved figures
+            wait_for(driver, lambda d: "validation accuracy vs ε spent" in d.page_source,
+                     what="dptune's saved figures on the study page")
             screenshot(driver, "dashboard_study.png")
             driver.get(f"{url}/dashboard/studies/{study_id}/note")
-            time.sleep(2)
-            assert "releasing the best model after this search" in driver.page_source
+            wait_for(driver, lambda d: "releasing the best model after this search" in d.page_source,
+                     what="dptune's note")
             screenshot(driver, "dashboard_note.png")
             driver.get(f"{url}/dashboard/studies/{study_id}/trials")
-            time.sleep(3)
-            page = driver.page_source
+            wait_for(driver, lambda d: "Trial 0" in d.page_source and "epsilon_spent" in d.page_source,
+                     what="the trials and their privacy attributes")
             screenshot(driver, "dashboard_trials.png")
-            assert "Trial 0" in page or "trial 0" in page.lower()
-            assert "epsilon_spent" in page
         finally:
             driver.quit()
     finally:
