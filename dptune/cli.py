@@ -27,6 +27,10 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _workers(text: str) -> int | str:
+    return "auto" if text == "auto" else _positive_int(text)
+
+
 def _float(text: str) -> float:
     try:
         return float(text)
@@ -302,6 +306,15 @@ def cmd_optimize(args: argparse.Namespace) -> int:
 
     compile_stats.enable_persistent_cache(args.cache_dir)
     console = Console(stderr=True)
+    if args.workers == "auto":
+        from dptune import config, workers
+
+        storage = args.storage or config.default_storage(args.study_name)
+        _, resolved = study.load(args.study_name, storage)
+        args.workers, per_trial, why = workers.auto_layout(resolved.study.model, storage)
+        args.devices_per_trial = args.devices_per_trial or per_trial or 1
+        console.print(f"workers: {why}")
+    args.devices_per_trial = args.devices_per_trial or 1
     if args.workers > 1:
         return _optimize_pool(args, console)
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -532,9 +545,10 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--n-trials", type=_positive_int)
     o.add_argument("--timeout", type=_float, help="seconds")
     o.add_argument("--cache-dir", help="JAX persistent compilation cache")
-    o.add_argument("--workers", type=_positive_int, default=1,
-                   help="parallel worker processes (needs a journal:// or postgresql:// storage when > 1)")
-    o.add_argument("--devices-per-trial", type=_positive_int, default=1,
+    o.add_argument("--workers", type=_workers, default="auto",
+                   help="parallel worker processes, or 'auto' (default: one per GPU for small models, "
+                        "one trial over all devices otherwise); > 1 needs a journal:// or postgresql:// storage")
+    o.add_argument("--devices-per-trial", type=_positive_int,
                    help="devices each worker's trials shard over (GPUs, or forced host devices on CPU)")
     o.set_defaults(func=cmd_optimize)
 

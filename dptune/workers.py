@@ -48,6 +48,28 @@ def local_gpus() -> list[str]:
     return [str(i) for i, line in enumerate(out.splitlines()) if line.startswith("GPU ")]
 
 
+SMALL_MODELS = ("cnn",)
+
+
+def auto_layout(model: str, storage: str) -> tuple[int, int | None, str]:
+    """(workers, devices per trial, why) for ``--workers auto``.
+
+    Small models gain nothing from sharding one trial: one worker per GPU. Large
+    models use every device for one trial. SQLite allows one writer, so there it
+    is always one in-process worker over all local devices.
+    """
+    from dptune.storage import kind
+
+    gpus = local_gpus()
+    if len(gpus) <= 1:
+        return 1, None, "one worker on all local devices (at most one GPU here)"
+    if model in SMALL_MODELS and kind(storage) != "sqlite":
+        return len(gpus), 1, f"small model: one worker per GPU ({len(gpus)} GPUs)"
+    if model in SMALL_MODELS:
+        return 1, None, "SQLite allows one writer: one trial across all GPUs (use journal:// for one per GPU)"
+    return 1, None, f"large model: each trial shards over all {len(gpus)} GPUs"
+
+
 def worker_env(index: int, devices_per_trial: int, gpus: list[str]) -> dict[str, str]:
     """The environment that gives worker ``index`` its own devices."""
     env = dict(os.environ)

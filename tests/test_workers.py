@@ -202,3 +202,18 @@ def test_unreachable_database_fails_fast_with_a_clear_error():
     p = cli("study", "list", "--storage", f"postgresql://postgres@127.0.0.1:{port}/nope", timeout=120)
     assert p.returncode == 2 and time.time() - tick < 60
     assert p.stderr.strip().splitlines()[-1].startswith("dptune: error: storage: cannot open")
+
+
+def test_auto_layout(monkeypatch):
+    from dptune import workers
+
+    monkeypatch.setattr(workers, "local_gpus", lambda: [])
+    assert workers.auto_layout("cnn", "journal:///x")[:2] == (1, None)
+    monkeypatch.setattr(workers, "local_gpus", lambda: ["0", "1", "2", "3"])
+    assert workers.auto_layout("cnn", "journal:///x")[:2] == (4, 1)
+    assert workers.auto_layout("cnn", "sqlite:///x.db")[:2] == (1, None)
+    assert workers.auto_layout("resnet18", "postgresql://h/db")[:2] == (1, None)
+    env = workers.worker_env(2, 1, ["0", "1", "2", "3"])
+    assert env["CUDA_VISIBLE_DEVICES"] == "2" and env["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
+    env = workers.worker_env(0, 3, [])
+    assert "--xla_force_host_platform_device_count=3" in env["XLA_FLAGS"]
