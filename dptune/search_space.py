@@ -60,6 +60,7 @@ class TrialPlan:
             "sampling_rate": self.sampling_rate,
             "planned_steps": self.steps,
             "planned_epochs": self.epochs,
+            "max_steps_by_budget": self.max_steps_by_budget,
             "derived": self.derived,
         }
 
