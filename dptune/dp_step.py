@@ -131,7 +131,9 @@ class TrainState(NamedTuple):
 
 
 class StepFunctions:
-    """The jitted functions of one (model, input shape, optimizer, microbatch, devices).
+    """The jitted functions of one (model, optimizer family, microbatch size, devices).
+
+    Input shapes come from the data: a dataset of another image size traces anew.
 
     ``traces`` counts how often each function was traced (= compiled); tests
     use it to show that trials with new hyperparameters compile nothing.
@@ -144,7 +146,6 @@ class StepFunctions:
                 f"{microbatch_size} is not a multiple of the {len(devices)} devices it is sharded over",
             )
         self.model = model
-        self.optimizer_name = optimizer
         self.tx = make_optimizer(optimizer)
         self.microbatch_size = microbatch_size
         self.devices = tuple(devices)

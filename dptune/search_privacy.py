@@ -147,7 +147,17 @@ def composed_epsilon(trials: Iterable[tuple[float, float, int]], delta: float) -
 
     ``rdp`` holds under adaptive choice of the trials (the guarantee dptune
     reports); ``pld`` is tighter but assumes the trials were fixed in advance.
+    Cached: a study's summary, note and report ask for the same composition.
     """
+    return dict(_composed(tuple((float(q), float(s), int(t)) for q, s, t in trials), delta))
+
+
+@functools.lru_cache(maxsize=64)
+def _composed(trials: tuple[tuple[float, float, int], ...], delta: float) -> tuple[tuple[str, float], ...]:
+    return tuple(_compose(trials, delta).items())
+
+
+def _compose(trials: tuple[tuple[float, float, int], ...], delta: float) -> dict[str, float]:
     events = [privacy.dpsgd_event(q, s, int(t)) for q, s, t in trials if t > 0]
     if not events:
         return {"rdp": 0.0, "pld": 0.0}

@@ -214,10 +214,6 @@ def load(study_name: str, storage: str | None = None, *, heartbeat: bool = False
 
 # -- trials ---------------------------------------------------------------------
 
-def _storage_url(storage: str | None, name: str) -> str:
-    return storage or default_storage(name)
-
-
 class Objective:
     """The per-trial function handed to ``study.optimize``."""
 
@@ -350,7 +346,6 @@ def optimize(
     KeyboardInterrupt marks the running trial FAILED (Optuna's own handling)
     and propagates; finished trials are already in the storage.
     """
-    storage = _storage_url(storage, study_name)
     study, resolved = load(study_name, storage, heartbeat=True)
     reap_dead_workers(study)
     cfg = resolved.study

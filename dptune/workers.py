@@ -129,8 +129,7 @@ def run_pool(
                 for t in storage_obj.get_all_trials(study._study_id, deepcopy=False):
                     if t.state.is_finished() and t.number not in seen:
                         seen.add(t.number)
-                        if t.number >= 0:
-                            on_trial(t)
+                        on_trial(t)
             if not running:
                 break
             time.sleep(poll_seconds)
