@@ -38,10 +38,15 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from dptune import bookkeeping
 from dptune.errors import ConfigError
 
 PyTree = Any
 OPTIMIZERS: tuple[str, ...] = ("sgd", "momentum", "adam")
+# How the clipped sum is computed: "bookkeeping" (fast, dptune.bookkeeping),
+# "vmap" (per-example gradients of the whole model: the reference), or
+# "auto" (book-keeping where the model supports it, else vmap).
+CLIPPING: tuple[str, ...] = ("auto", "bookkeeping", "vmap")
 
 
 # Examples whose largest |g| exceeds _BIG are multiplied by _SHRINK (an exact
@@ -131,15 +136,21 @@ class TrainState(NamedTuple):
 
 
 class StepFunctions:
-    """The jitted functions of one (model, optimizer family, microbatch size, devices).
+    """The jitted functions of one (model, optimizer family, microbatch size, devices, clipping path).
 
     Input shapes come from the data: a dataset of another image size traces anew.
+    ``clipping_used`` says which path computed the clipped sums (known after
+    the first trace; "auto" resolves per model, and ``fallback_reason`` says
+    why book-keeping was not used).
 
     ``traces`` counts how often each function was traced (= compiled); tests
     use it to show that trials with new hyperparameters compile nothing.
     """
 
-    def __init__(self, model: nn.Module, optimizer: str, microbatch_size: int, devices: Sequence[jax.Device]):
+    def __init__(self, model: nn.Module, optimizer: str, microbatch_size: int, devices: Sequence[jax.Device],
+                 clipping: str = "auto"):
+        if clipping not in CLIPPING:
+            raise ConfigError("clipping", f"unknown {clipping!r}; allowed: {', '.join(CLIPPING)}")
         if microbatch_size % len(devices):
             raise ConfigError(
                 "microbatch_size",
@@ -148,6 +159,9 @@ class StepFunctions:
         self.model = model
         self.tx = make_optimizer(optimizer)
         self.microbatch_size = microbatch_size
+        self.clipping = clipping
+        self.clipping_used: str | None = None
+        self.fallback_reason: str | None = None
         self.devices = tuple(devices)
         mesh = Mesh(np.asarray(self.devices), ("data",))
         self.mesh = mesh
@@ -174,8 +188,17 @@ class StepFunctions:
         # every device, breaking the clipping bound. Casting them to varying
         # keeps every gradient local to its example.
         params = jax.lax.pcast(params, "data", to="varying")
-        per_example = jax.vmap(jax.grad(self._example_loss), in_axes=(None, 0, 0))(params, x, y)
-        return jax.lax.psum(clipped_sum(per_example, mask, clip_norm), "data")
+        path = self.clipping
+        if path == "auto":
+            self.fallback_reason = bookkeeping.plan(self.model, params, x, y)
+            path = "vmap" if self.fallback_reason else "bookkeeping"
+        self.clipping_used = path
+        if path == "bookkeeping":
+            local = bookkeeping.clipped_sum(self.model, params, x, y, mask, clip_norm, varying_axis="data")
+        else:
+            per_example = jax.vmap(jax.grad(self._example_loss), in_axes=(None, 0, 0))(params, x, y)
+            local = clipped_sum(per_example, mask, clip_norm)
+        return jax.lax.psum(local, "data")
 
     def _accumulate(self, params: PyTree, acc: PyTree, x: jax.Array, y: jax.Array,
                     mask: jax.Array, clip_norm: jax.Array) -> PyTree:
@@ -239,10 +262,10 @@ class StepFunctions:
 
 @functools.lru_cache(maxsize=32)
 def step_functions(model: nn.Module, optimizer: str, microbatch_size: int,
-                   devices: tuple[jax.Device, ...]) -> StepFunctions:
+                   devices: tuple[jax.Device, ...], clipping: str = "auto") -> StepFunctions:
     """The shared :class:`StepFunctions` for this configuration (one per process).
 
     Flax modules are frozen dataclasses, so equal model definitions hit the same
     cache entry and the same compiled executables.
     """
-    return StepFunctions(model, optimizer, microbatch_size, devices)
+    return StepFunctions(model, optimizer, microbatch_size, devices, clipping)

@@ -20,39 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from dptune.errors import ConfigError
-
-
-class Conv(nn.Module):
-    """2-D convolution (NHWC), optionally with weight standardisation.
-
-    Weight standardisation (Qiao et al. 2019) normalises each output filter's
-    kernel to zero mean and unit variance; it depends on parameters only, so it
-    keeps per-example independence.
-    """
-
-    features: int
-    kernel_size: int = 3
-    strides: int = 1
-    use_bias: bool = False
-    weight_standardization: bool = False
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        k = self.kernel_size
-        kernel = self.param(
-            "kernel", nn.initializers.he_normal(), (k, k, x.shape[-1], self.features), jnp.float32
-        )
-        if self.weight_standardization:
-            mean = kernel.mean(axis=(0, 1, 2), keepdims=True)
-            var = kernel.var(axis=(0, 1, 2), keepdims=True)
-            kernel = (kernel - mean) * jax.lax.rsqrt(var + 1e-5)
-        y = jax.lax.conv_general_dilated(
-            x, kernel.astype(x.dtype), (self.strides, self.strides), "SAME",
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        )
-        if self.use_bias:
-            y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
-        return y
+from dptune.layers import Conv, Dense, GroupNorm
 
 
 def _groups(channels: int, preferred: int) -> int:
@@ -72,12 +40,12 @@ class SmallCNN(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         for features in (16, 32):
             x = Conv(features, 3, use_bias=True, weight_standardization=self.weight_standardization)(x)
-            x = nn.GroupNorm(num_groups=_groups(features, 8))(x)
+            x = GroupNorm(num_groups=_groups(features, 8))(x)
             x = nn.relu(x)
             x = nn.avg_pool(x, (2, 2), (2, 2), padding="SAME")
         x = x.reshape(x.shape[0], -1)
-        x = nn.relu(nn.Dense(64)(x))
-        return nn.Dense(self.num_classes)(x)
+        x = nn.relu(Dense(64)(x))
+        return Dense(self.num_classes)(x)
 
 
 class _WideBlock(nn.Module):
@@ -87,12 +55,12 @@ class _WideBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        out = nn.relu(nn.GroupNorm(num_groups=_groups(x.shape[-1], 16))(x))
+        out = nn.relu(GroupNorm(num_groups=_groups(x.shape[-1], 16))(x))
         shortcut = x
         if self.strides != 1 or x.shape[-1] != self.features:
             shortcut = Conv(self.features, 1, self.strides, weight_standardization=self.ws)(out)
         y = Conv(self.features, 3, self.strides, weight_standardization=self.ws)(out)
-        y = nn.relu(nn.GroupNorm(num_groups=_groups(self.features, 16))(y))
+        y = nn.relu(GroupNorm(num_groups=_groups(self.features, 16))(y))
         y = Conv(self.features, 3, 1, weight_standardization=self.ws)(y)
         return y + shortcut
 
@@ -112,9 +80,9 @@ class WideResNet(nn.Module):
         for stage, features in enumerate((16 * self.width, 32 * self.width, 64 * self.width)):
             for i in range(n):
                 x = _WideBlock(features, 2 if (stage > 0 and i == 0) else 1, self.weight_standardization)(x)
-        x = nn.relu(nn.GroupNorm(num_groups=_groups(x.shape[-1], 16))(x))
+        x = nn.relu(GroupNorm(num_groups=_groups(x.shape[-1], 16))(x))
         x = x.mean(axis=(1, 2))
-        return nn.Dense(self.num_classes)(x)
+        return Dense(self.num_classes)(x)
 
 
 class _BasicBlock(nn.Module):
@@ -126,9 +94,9 @@ class _BasicBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         y = Conv(self.features, 3, self.strides, weight_standardization=self.ws)(x)
-        y = nn.relu(nn.GroupNorm(num_groups=_groups(self.features, 32))(y))
+        y = nn.relu(GroupNorm(num_groups=_groups(self.features, 32))(y))
         y = Conv(self.features, 3, 1, weight_standardization=self.ws)(y)
-        y = nn.GroupNorm(num_groups=_groups(self.features, 32))(y)
+        y = GroupNorm(num_groups=_groups(self.features, 32))(y)
         return nn.relu(y + _projection(x, self.features, self.strides, self.ws))
 
 
@@ -142,11 +110,11 @@ class _Bottleneck(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         out = self.features * 4
         y = Conv(self.features, 1, 1, weight_standardization=self.ws)(x)
-        y = nn.relu(nn.GroupNorm(num_groups=_groups(self.features, 32))(y))
+        y = nn.relu(GroupNorm(num_groups=_groups(self.features, 32))(y))
         y = Conv(self.features, 3, self.strides, weight_standardization=self.ws)(y)
-        y = nn.relu(nn.GroupNorm(num_groups=_groups(self.features, 32))(y))
+        y = nn.relu(GroupNorm(num_groups=_groups(self.features, 32))(y))
         y = Conv(out, 1, 1, weight_standardization=self.ws)(y)
-        y = nn.GroupNorm(num_groups=_groups(out, 32))(y)
+        y = GroupNorm(num_groups=_groups(out, 32))(y)
         return nn.relu(y + _projection(x, out, self.strides, self.ws))
 
 
@@ -154,7 +122,7 @@ def _projection(x: jax.Array, features: int, strides: int, ws: bool) -> jax.Arra
     if strides == 1 and x.shape[-1] == features:
         return x
     y = Conv(features, 1, strides, weight_standardization=ws)(x)
-    return nn.GroupNorm(num_groups=_groups(features, 32))(y)
+    return GroupNorm(num_groups=_groups(features, 32))(y)
 
 
 class ResNet(nn.Module):
@@ -169,13 +137,13 @@ class ResNet(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         ws = self.weight_standardization
         x = Conv(64, 7, 2, weight_standardization=ws)(x)
-        x = nn.relu(nn.GroupNorm(num_groups=32)(x))
+        x = nn.relu(GroupNorm(num_groups=32)(x))
         x = nn.max_pool(x, (3, 3), (2, 2), padding="SAME")
         for stage, blocks in enumerate(self.stage_sizes):
             for i in range(blocks):
                 x = self.block(64 * 2**stage, 2 if (stage > 0 and i == 0) else 1, ws)(x)
         x = x.mean(axis=(1, 2))
-        return nn.Dense(self.num_classes)(x)
+        return Dense(self.num_classes)(x)
 
 
 MODELS: dict[str, Callable[..., nn.Module]] = {

@@ -1,0 +1,101 @@
+"""Parameterised layers that expose what book-keeping clipping needs.
+
+Each layer computes ``y = f(a; θ)`` and, only when asked, records two things:
+
+* its input ``a`` in the ``dp_taps`` collection, under the name of the rule
+  that turns (a, ∂ℓ/∂y) into per-example parameter gradients
+  (see :mod:`dptune.bookkeeping`);
+* a zero *perturbation* added to ``y`` (Flax ``perturb``), whose gradient is
+  ∂ℓ/∂y for every example at once.
+
+Applied normally (without ``dp_taps`` mutable and without ``perturbations``),
+both are no-ops, so the layers are ordinary Flax layers. Their parameter
+names match ``flax.linen.Dense`` / ``GroupNorm`` (``kernel``, ``bias``,
+``scale``), so parameter trees and checkpoints are the same as with Flax's own.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+TAPS = "dp_taps"
+
+
+def standardize(kernel: jax.Array) -> jax.Array:
+    """Weight standardisation (Qiao et al. 2019): each output filter to mean 0, variance 1."""
+    mean = kernel.mean(axis=tuple(range(kernel.ndim - 1)), keepdims=True)
+    var = kernel.var(axis=tuple(range(kernel.ndim - 1)), keepdims=True)
+    return (kernel - mean) * jax.lax.rsqrt(var + 1e-5)
+
+
+class Dense(nn.Module):
+    """``y = a·W + b`` on the last axis (tap rule ``dense``)."""
+
+    features: int
+    use_bias: bool = True
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features), jnp.float32)
+        self.sow(TAPS, "dense", x)
+        y = x @ kernel.astype(x.dtype)
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+        return self.perturb("out", y)
+
+
+class Conv(nn.Module):
+    """2-D convolution (NHWC, SAME padding), optionally weight-standardised (tap rule ``conv`` / ``conv_ws``).
+
+    Weight standardisation depends on parameters only, so it keeps
+    per-example independence (De et al. 2022 pair it with GroupNorm).
+    """
+
+    features: int
+    kernel_size: int = 3
+    strides: int = 1
+    use_bias: bool = False
+    weight_standardization: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        k = self.kernel_size
+        kernel = self.param(
+            "kernel", nn.initializers.he_normal(), (k, k, x.shape[-1], self.features), jnp.float32
+        )
+        self.sow(TAPS, "conv_ws" if self.weight_standardization else "conv", x)
+        if self.weight_standardization:
+            kernel = standardize(kernel)
+        y = jax.lax.conv_general_dilated(
+            x, kernel.astype(x.dtype), (self.strides, self.strides), "SAME",
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+        return self.perturb("out", y)
+
+
+class GroupNorm(nn.Module):
+    """Group normalisation (Wu & He 2018) per example, then ``x̂·scale + bias`` (tap rule ``affine``).
+
+    Statistics are over each example's own spatial positions and channel
+    group, never across examples.
+    """
+
+    num_groups: int = 32
+    epsilon: float = 1e-6
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = x.shape[-1]
+        grouped = x.reshape(*x.shape[:-1], self.num_groups, c // self.num_groups)
+        axes = tuple(range(1, grouped.ndim - 2)) + (grouped.ndim - 1,)
+        mean = grouped.mean(axis=axes, keepdims=True)
+        var = jnp.square(grouped - mean).mean(axis=axes, keepdims=True)
+        x_hat = ((grouped - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
+        scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+        self.sow(TAPS, "affine", x_hat)
+        return self.perturb("out", x_hat * scale + bias)
