@@ -177,7 +177,7 @@ def per_example_pieces(model: nn.Module, params: PyTree, x: jax.Array, y: jax.Ar
     device-varying, or their gradients would be summed across devices.
     """
     shapes = jax.eval_shape(
-        lambda: model.apply({"params": params}, x, mutable=["perturbations"])[1]["perturbations"]
+        lambda: model.apply({"params": params}, x, mutable=["perturbations"])[1].get("perturbations", {})
     )
     zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
     if varying_axis is not None:
@@ -186,7 +186,7 @@ def per_example_pieces(model: nn.Module, params: PyTree, x: jax.Array, y: jax.Ar
     def total_loss(perturbations: PyTree) -> tuple[jax.Array, dict]:
         logits, state = model.apply({"params": params, "perturbations": perturbations}, x, mutable=[TAPS])
         # Examples never mix, so ∂(Σℓ)/∂yᵢ = ∂ℓᵢ/∂yᵢ for every layer output yᵢ.
-        return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, y)), state[TAPS]
+        return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, y)), state.get(TAPS, {})
 
     grads, taps = jax.grad(total_loss, has_aux=True)(zeros)
     return _pieces(params, taps, grads)

@@ -85,9 +85,15 @@ def digits():
     return load_dataset("digits")
 
 
-def _setup(digits, microbatch=32, optimizer="sgd"):
+@pytest.fixture(params=["bookkeeping", "vmap"])
+def clipping(request):
+    """Every trainer-level invariant below is checked on each clipping path."""
+    return request.param
+
+
+def _setup(digits, microbatch=32, optimizer="sgd", clipping="auto"):
     model = build_model("cnn", digits.num_classes)
-    fns = step_functions(model, optimizer, microbatch, tuple(jax.local_devices()[:1]))
+    fns = step_functions(model, optimizer, microbatch, tuple(jax.local_devices()[:1]), clipping)
     params = init_params(model, digits.image_shape, jax.random.key(0))
     return model, fns, params
 
@@ -99,8 +105,8 @@ def _step(fns, params, digits, indices, *, sigma=0.0, clip=1.0, denom=64.0, lr=1
     return new.params
 
 
-def test_unclipped_noiseless_update_is_the_mean_gradient(digits):
-    model, fns, params = _setup(digits)
+def test_unclipped_noiseless_update_is_the_mean_gradient(digits, clipping):
+    model, fns, params = _setup(digits, clipping=clipping)
     idx = np.arange(40)
     denom = 64.0
     new = _step(fns, params, digits, idx, clip=math.inf, denom=denom)
@@ -122,21 +128,21 @@ def test_unclipped_noiseless_update_is_the_mean_gradient(digits):
         np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6)
 
 
-def test_update_does_not_depend_on_microbatch_size(digits):
+def test_update_does_not_depend_on_microbatch_size(digits, clipping):
     idx = np.sort(np.random.default_rng(0).choice(len(digits.train), 70, replace=False))
     results = []
     for m in (8, 32, 128):
-        _, fns, params = _setup(digits, microbatch=m)
+        _, fns, params = _setup(digits, microbatch=m, clipping=clipping)
         results.append(_step(fns, params, digits, idx, sigma=1.0, clip=0.5, key=7))
     for other in results[1:]:
         for a, b in zip(jax.tree_util.tree_leaves(results[0]), jax.tree_util.tree_leaves(other)):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
-def test_noise_added_once_per_logical_batch(digits):
+def test_noise_added_once_per_logical_batch(digits, clipping):
     # 96 examples in microbatches of 32 = 3 accumulation calls. The noisy update
     # minus the noiseless one (same key) must have std σC/denominator — not √3 times it.
-    _, fns, params = _setup(digits, microbatch=32)
+    _, fns, params = _setup(digits, microbatch=32, clipping=clipping)
     idx = np.arange(96)
     sigma, clip, denom = 2.0, 0.5, 64.0
     noisy = _step(fns, params, digits, idx, sigma=sigma, clip=clip, denom=denom, key=3)
@@ -146,8 +152,8 @@ def test_noise_added_once_per_logical_batch(digits):
     assert abs(diff.std() - expected) < 5 * expected / math.sqrt(2 * diff.size)
 
 
-def test_padding_rows_have_no_effect_even_with_garbage(digits):
-    _, fns, params = _setup(digits, microbatch=32)
+def test_padding_rows_have_no_effect_even_with_garbage(digits, clipping):
+    _, fns, params = _setup(digits, microbatch=32, clipping=clipping)
     x, y = digits.train.take(np.arange(20))
     acc0 = fns.zeros_like(params)
     real = fns.accumulate(params, acc0, *fns.shard_batch(
@@ -162,8 +168,8 @@ def test_padding_rows_have_no_effect_even_with_garbage(digits):
         np.testing.assert_array_equal(a, b)
 
 
-def test_model_gradient_sensitivity_with_a_poisoned_example(digits):
-    _, fns, params = _setup(digits, microbatch=32)
+def test_model_gradient_sensitivity_with_a_poisoned_example(digits, clipping):
+    _, fns, params = _setup(digits, microbatch=32, clipping=clipping)
     x, y = digits.train.take(np.arange(32))
     x = x.copy()
     x[5] = np.inf

@@ -17,6 +17,7 @@ def test_four_devices_equal_one():
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     # Same key, same batch: only the order of floating-point summation differs.
     assert result["max_abs_diff"] <= 1e-5 * max(1.0, result["param_scale"]), result
+    assert result["bookkeeping_diff"] <= 1e-5 * max(1.0, result["param_scale"]), result
     assert result["acc1"] == pytest.approx(result["acc4"], abs=1e-6)
     assert result["devices_used"] == 4 and result["steps"] == 4
     assert result["nonprivate_diff"] <= 1e-5 * max(1.0, result["grad_scale"]), result
