@@ -27,7 +27,7 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _workers(text: str) -> int | str:
+def _int_or_auto(text: str) -> int | str:
     return "auto" if text == "auto" else _positive_int(text)
 
 
@@ -196,9 +196,10 @@ def cmd_privacy_search(args: argparse.Namespace) -> int:
 # -- dptune train -------------------------------------------------------------
 
 def cmd_train(args: argparse.Namespace) -> int:
+    import jax
     from rich.console import Console
 
-    from dptune import compile_stats, privacy
+    from dptune import compile_stats, microbatch, privacy
     from dptune.data import load_dataset
     from dptune.train import Hyperparams, PrivacyBudget, RunConfig, train_and_evaluate
 
@@ -228,8 +229,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     hp = Hyperparams(batch_size=args.batch_size, learning_rate=args.learning_rate, clip_norm=args.clip_norm,
                      noise_multiplier=sigma, optimizer=args.optimizer, momentum=args.momentum,
                      ema_decay=args.ema_decay)
-    config = RunConfig(model=args.model, private=not args.non_private, microbatch_size=args.microbatch_size,
-                       eval_every=args.eval_every, seed=args.seed, private_seed=args.private_seed,
+    microbatch_size = args.microbatch_size
+    if microbatch_size == "auto":
+        choice = microbatch.choose(args.model, dataset.image_shape, dataset.num_classes,
+                                   jax.local_devices()[: args.devices or None], clipping=args.clipping,
+                                   upper=args.batch_size)
+        microbatch_size = choice.microbatch_size
+        measured = ", ".join(f"{m}: {r:,.0f} ex/s" for m, (r, _) in sorted(choice.measured.items()))
+        console.print(f"microbatch {microbatch_size} ({'cached' if choice.cached else 'measured'}: {measured})")
+    config = RunConfig(model=args.model, private=not args.non_private, microbatch_size=microbatch_size,
+                       clipping=args.clipping, eval_every=args.eval_every, seed=args.seed, private_seed=args.private_seed,
                        num_devices=args.devices)
 
     def progress(step: int, metrics: dict) -> None:
@@ -512,7 +521,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--optimizer", default="momentum", help="sgd, momentum, adam")
     t.add_argument("--momentum", type=_float, default=0.9)
     t.add_argument("--ema-decay", type=_float, default=0.0)
-    t.add_argument("--microbatch-size", type=_positive_int, default=256)
+    t.add_argument("--microbatch-size", type=_int_or_auto, default=256,
+                   help="examples per accumulation call, or 'auto' (measured once, cached)")
+    t.add_argument("--clipping", choices=("auto", "bookkeeping", "vmap"), default="auto",
+                   help="per-example clipping path: bookkeeping (fast), vmap (reference), auto")
     t.add_argument("--eval-every", type=_positive_int)
     t.add_argument("--devices", type=_positive_int, help="number of local devices (default: all)")
     t.add_argument("--seed", type=int, default=0)
@@ -545,7 +557,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--n-trials", type=_positive_int)
     o.add_argument("--timeout", type=_float, help="seconds")
     o.add_argument("--cache-dir", help="JAX persistent compilation cache")
-    o.add_argument("--workers", type=_workers, default="auto",
+    o.add_argument("--workers", type=_int_or_auto, default="auto",
                    help="parallel worker processes, or 'auto' (default: one per GPU for small models, "
                         "one trial over all devices otherwise); > 1 needs a journal:// or postgresql:// storage")
     o.add_argument("--devices-per-trial", type=_positive_int,

@@ -175,9 +175,17 @@ class StudyConfig(_Strict):
     eval_every_epochs: float = Field(default=1.0, gt=0)
     seed: int = 0
     private_seed: int | None = None
-    microbatch_size: int = Field(default=256, ge=1)
+    microbatch_size: Union[int, Literal["auto"]] = 256
+    clipping: Literal["auto", "bookkeeping", "vmap"] = "auto"
     storage: str | None = None
     search_space: str = "dpsgd.yaml"
+
+    @field_validator("microbatch_size")
+    @classmethod
+    def _positive_microbatch(cls, v: int | str) -> int | str:
+        if v != "auto" and v < 1:
+            raise ValueError(f"must be 'auto' or an integer >= 1, got {v}")
+        return v
 
     @model_validator(mode="after")
     def _one_budget(self) -> "StudyConfig":

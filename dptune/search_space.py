@@ -82,6 +82,18 @@ def _suggest(trial: SuggestsParams, name: str, spec: Any, num_examples: int) -> 
     return spec  # a fixed value
 
 
+def smallest_batch(space: SearchSpace, num_examples: int) -> int:
+    """The smallest logical batch the space can sample (a microbatch larger than it is wasted padding)."""
+    spec = space.batch_size
+    if isinstance(spec, Range):
+        low = spec.low
+    elif isinstance(spec, Choice):
+        low = min(num_examples if c == "full" else float(c) for c in spec.choices)
+    else:
+        low = num_examples if spec == "full" else float(spec)
+    return max(1, min(num_examples, int(math.ceil(low))))
+
+
 def plan_trial(
     trial: SuggestsParams,
     space: SearchSpace,

@@ -26,16 +26,17 @@ import socket
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+import jax
 import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from dptune import __version__, privacy, search_privacy
+from dptune import __version__, microbatch, privacy, search_privacy
 from dptune.config import ResolvedStudy, SearchSpace, StudyConfig, default_storage
 from dptune.data import Dataset, load_dataset
 from dptune.errors import ConfigError, DptuneError, PrivacyError
 from dptune.search_privacy import TrialCount
-from dptune.search_space import Infeasible, plan_trial
+from dptune.search_space import Infeasible, plan_trial, smallest_batch
 from dptune.storage import MAX_RETRY, open_storage
 from dptune.train import PrivacyBudget, RunConfig, train_and_evaluate
 
@@ -229,6 +230,18 @@ class Objective:
             self.budget = PrivacyBudget(private_search["per_trial_epsilon"], delta, "rdp")
         else:
             self.budget = PrivacyBudget(cfg.privacy.epsilon, delta, cfg.privacy.accountant)
+        self._microbatch: int | None = None if cfg.microbatch_size == "auto" else cfg.microbatch_size
+
+    def microbatch_size(self) -> int:
+        """The study's microbatch, measured once per worker (and cached on disk) when set to ``auto``."""
+        if self._microbatch is None:
+            cfg = self.resolved.study
+            upper = smallest_batch(self.resolved.space, len(self.dataset.train))
+            self._microbatch = microbatch.choose(
+                cfg.model, self.dataset.image_shape, self.dataset.num_classes, jax.local_devices(),
+                weight_standardization=cfg.weight_standardization, clipping=cfg.clipping, upper=upper,
+            ).microbatch_size
+        return self._microbatch
 
     def __call__(self, trial: optuna.Trial) -> float:
         cfg = self.resolved.study
@@ -257,7 +270,8 @@ class Objective:
         config = RunConfig(
             model=cfg.model,
             weight_standardization=cfg.weight_standardization,
-            microbatch_size=cfg.microbatch_size,
+            microbatch_size=self.microbatch_size(),
+            clipping=cfg.clipping,
             eval_every=max(1, round(cfg.eval_every_epochs / plan.sampling_rate)),
             seed=cfg.seed + trial.number,
             private_seed=None if cfg.private_seed is None else cfg.private_seed + trial.number,
@@ -278,6 +292,8 @@ class Objective:
             "wall_seconds": result.wall_seconds,
             "examples_processed": result.examples_processed,
             "devices": result.devices,
+            "microbatch_size": result.microbatch_size,
+            "clipping": result.clipping,
             "seed": config.seed,
             "private_seed_fixed": result.private_seed_fixed,
             "budget_limited": result.budget_limited,

@@ -88,6 +88,7 @@ class RunConfig:
     weight_standardization: bool = False
     private: bool = True
     microbatch_size: int = 128
+    clipping: str = "auto"
     eval_every: int | None = None
     eval_batch_size: int = 500
     seed: int = 0
@@ -117,6 +118,8 @@ class TrainResult:
     wall_seconds: float
     examples_processed: int
     devices: int
+    microbatch_size: int
+    clipping: str
     private_seed_fixed: bool
     split: dict[str, Any]
     history: list[dict[str, float]] = field(default_factory=list)
@@ -228,7 +231,7 @@ def train_and_evaluate(
     devices = tuple(jax.local_devices()[: config.num_devices or None])
     eval_bs = -(-config.eval_batch_size // len(devices)) * len(devices)
     model = build_model(config.model, dataset.num_classes, weight_standardization=config.weight_standardization)
-    fns = step_functions(model, hparams.optimizer, config.microbatch_size, devices)
+    fns = step_functions(model, hparams.optimizer, config.microbatch_size, devices, config.clipping)
 
     started = time.perf_counter()
     compile_before = compile_stats.seconds()
@@ -300,6 +303,8 @@ def train_and_evaluate(
         wall_seconds=time.perf_counter() - started,
         examples_processed=examples,
         devices=len(devices),
+        microbatch_size=config.microbatch_size,
+        clipping=str(fns.clipping_used) if config.private else "none (non-private)",
         private_seed_fixed=config.private_seed is not None,
         split=dataset.split.as_dict(),
         history=history,
