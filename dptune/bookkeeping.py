@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from dptune.freezing import apply_mask
 from dptune.layers import TAPS, standardize
 
 PyTree = Any
@@ -69,13 +70,18 @@ def _rows(keep: jax.Array, x: jax.Array) -> jax.Array:
     return jnp.where(keep.reshape((-1,) + (1,) * (x.ndim - 1)), x, 0.0)
 
 
+def _grouped(per_row: jax.Array, k: int) -> jax.Array:
+    """Sum each example's k consecutive rows (its augmented copies)."""
+    return per_row if k == 1 else per_row.reshape(-1, k, *per_row.shape[1:]).sum(axis=1)
+
+
 def _materialised(per_example: jax.Array) -> Piece:
     return Piece(robust_norm(per_example), lambda w, keep: jnp.tensordot(w, _rows(keep, per_example), axes=1))
 
 
-def dense_rule(params: dict, a: jax.Array, g: jax.Array) -> dict[str, Piece]:
-    """``y = a·W + b``. Flat inputs: ‖∇W‖ = ‖a‖·‖g‖ and Σ wᵢ∇Wᵢ = (w⊙a)ᵀg; sequences: per-example ∇W formed."""
-    b = a.shape[0]
+def dense_rule(params: dict, a: jax.Array, g: jax.Array, k: int = 1) -> dict[str, Piece]:
+    """``y = a·W + b``. Flat inputs: ‖∇W‖ = ‖a‖·‖g‖ and Σ wᵢ∇Wᵢ = (w⊙a)ᵀg; sequences or k copies: ∇W formed."""
+    b = a.shape[0] // k
     a3, g3 = a.reshape(b, -1, a.shape[-1]), g.reshape(b, -1, g.shape[-1])
     if a3.shape[1] == 1:
         a2, g2 = a3[:, 0], g3[:, 0]
@@ -115,29 +121,30 @@ def conv_kernel_grads(a: jax.Array, g: jax.Array, kernel_size: int) -> jax.Array
     return jnp.stack(rows, axis=1)
 
 
-def conv_rule(params: dict, a: jax.Array, g: jax.Array, standardized: bool = False) -> dict[str, Piece]:
+def conv_rule(params: dict, a: jax.Array, g: jax.Array, k: int = 1, standardized: bool = False) -> dict[str, Piece]:
     """SAME convolution; with weight standardisation the kernel gradients go through its VJP at θ."""
     kernel = params["kernel"]
-    grads = conv_kernel_grads(a, g, kernel.shape[0])
+    grads = _grouped(conv_kernel_grads(a, g, kernel.shape[0]), k)
     if standardized:
         _, vjp = jax.vjp(standardize, kernel)
         grads = jax.vmap(lambda gk: vjp(gk)[0])(grads)
     pieces = {"kernel": _materialised(grads)}
     if "bias" in params:
-        pieces["bias"] = _materialised(g.sum(axis=(1, 2)))
+        pieces["bias"] = _materialised(_grouped(g.sum(axis=(1, 2)), k))
     return pieces
 
 
-def affine_rule(params: dict, x_hat: jax.Array, g: jax.Array) -> dict[str, Piece]:
+def affine_rule(params: dict, x_hat: jax.Array, g: jax.Array, k: int = 1) -> dict[str, Piece]:
     """``y = x̂·scale + bias`` per channel (GroupNorm's affine part)."""
     axes = tuple(range(1, g.ndim - 1))
-    return {"scale": _materialised((x_hat * g).sum(axis=axes)), "bias": _materialised(g.sum(axis=axes))}
+    return {"scale": _materialised(_grouped((x_hat * g).sum(axis=axes), k)),
+            "bias": _materialised(_grouped(g.sum(axis=axes), k))}
 
 
 RULES: dict[str, Callable[..., dict[str, Piece]]] = {
     "dense": dense_rule,
     "conv": conv_rule,
-    "conv_ws": lambda p, a, g: conv_rule(p, a, g, standardized=True),
+    "conv_ws": lambda p, a, g, k=1: conv_rule(p, a, g, k, standardized=True),
     "affine": affine_rule,
 }
 
@@ -150,10 +157,10 @@ def _is_layer(node: dict) -> bool:
     return any(not isinstance(v, dict) for v in node.values())
 
 
-def _pieces(params: PyTree, taps: dict, grads: dict, path: str = "") -> PyTree:
+def _pieces(params: PyTree, taps: dict, grads: dict, k: int, path: str = "") -> PyTree:
     """Walk the parameter tree; each leaf module is paired with its tap and its output gradient."""
     if not _is_layer(params):
-        return {name: _pieces(sub, taps.get(name, {}), grads.get(name, {}), f"{path}/{name}")
+        return {name: _pieces(sub, taps.get(name, {}), grads.get(name, {}), k, f"{path}/{name}")
                 for name, sub in params.items()}
     if any(isinstance(v, dict) for v in params.values()):
         raise Unsupported(f"{path}: a module with both parameters and submodules")
@@ -163,7 +170,7 @@ def _pieces(params: PyTree, taps: dict, grads: dict, path: str = "") -> PyTree:
     rule, inputs = recorded[0]
     if len(inputs) != 1:
         raise Unsupported(f"{path}: layer called {len(inputs)} times (shared weights)")
-    pieces = RULES[rule](params, inputs[0], grads["out"])
+    pieces = RULES[rule](params, inputs[0], grads["out"], k)
     if set(pieces) != set(params):
         raise Unsupported(f"{path}: rule {rule!r} covers {sorted(pieces)}, parameters are {sorted(params)}")
     return pieces
@@ -175,7 +182,12 @@ def per_example_pieces(model: nn.Module, params: PyTree, x: jax.Array, y: jax.Ar
 
     ``varying_axis``: inside ``shard_map``, the zero perturbations must be
     device-varying, or their gradients would be summed across devices.
+
+    ``x`` may hold k consecutive augmented copies of each of the ``len(y)``
+    examples; an example's gradient is then the mean over its copies.
     """
+    k = x.shape[0] // y.shape[0]
+    labels = jnp.repeat(y, k) if k > 1 else y
     shapes = jax.eval_shape(
         lambda: model.apply({"params": params}, x, mutable=["perturbations"])[1].get("perturbations", {})
     )
@@ -186,10 +198,10 @@ def per_example_pieces(model: nn.Module, params: PyTree, x: jax.Array, y: jax.Ar
     def total_loss(perturbations: PyTree) -> tuple[jax.Array, dict]:
         logits, state = model.apply({"params": params, "perturbations": perturbations}, x, mutable=[TAPS])
         # Examples never mix, so ∂(Σℓ)/∂yᵢ = ∂ℓᵢ/∂yᵢ for every layer output yᵢ.
-        return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, y)), state.get(TAPS, {})
+        return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, labels)) / k, state.get(TAPS, {})
 
     grads, taps = jax.grad(total_loss, has_aux=True)(zeros)
-    return _pieces(params, taps, grads)
+    return _pieces(params, taps, grads, k)
 
 
 def plan(model: nn.Module, params: PyTree, x: jax.Array, y: jax.Array) -> str | None:
@@ -212,11 +224,21 @@ def global_norms(pieces: PyTree) -> jax.Array:
 
 
 def clipped_sum(model: nn.Module, params: PyTree, x: jax.Array, y: jax.Array, mask: jax.Array,
-                clip_norm: jax.Array | float, varying_axis: str | None = None) -> PyTree:
-    """Σᵢ maskᵢ · min(1, C/‖∇ℓᵢ‖) · ∇ℓᵢ by book-keeping; same contract as :func:`dptune.dp_step.clipped_sum`."""
+                clip_norm: jax.Array | float, varying_axis: str | None = None,
+                trainable: PyTree | None = None) -> PyTree:
+    """Σᵢ maskᵢ · min(1, C/‖∇ℓᵢ‖) · ∇ℓᵢ by book-keeping; same contract as :func:`dptune.dp_step.clipped_sum`.
+
+    ``trainable`` (0/1 per leaf, :mod:`dptune.freezing`): frozen leaves are left
+    out of the norms and the sum.
+    """
     pieces = per_example_pieces(model, params, x, y, varying_axis)
+    if trainable is not None:
+        pieces = jax.tree_util.tree_map(
+            lambda p, m: Piece(jnp.where(m > 0, p.norms, 0.0), p.weighted), pieces, trainable,
+            is_leaf=lambda n: isinstance(n, Piece))
     norms = global_norms(pieces)
     keep = (mask > 0) & jnp.isfinite(norms)
     tiny = jnp.finfo(norms.dtype).tiny
     w = jnp.where(keep, jnp.minimum(1.0, clip_norm / jnp.maximum(norms, tiny)), 0.0)
-    return jax.tree_util.tree_map(lambda p: p.weighted(w, keep), pieces, is_leaf=lambda n: isinstance(n, Piece))
+    summed = jax.tree_util.tree_map(lambda p: p.weighted(w, keep), pieces, is_leaf=lambda n: isinstance(n, Piece))
+    return apply_mask(summed, trainable)

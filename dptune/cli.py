@@ -201,11 +201,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from dptune import compile_stats, microbatch, privacy
     from dptune.data import load_dataset
+    from dptune.augment import Augmentation
     from dptune.train import Hyperparams, PrivacyBudget, RunConfig, train_and_evaluate
 
     console = Console(stderr=args.json)
     compile_stats.enable_persistent_cache(args.cache_dir)
-    dataset = load_dataset(args.dataset, data_dir=args.data_dir, seed=args.seed)
+    if args.command == "pretrain":
+        if not args.declare_public:
+            raise PrivacyError(f"dataset: pretraining is not private; pass --declare-public to confirm that "
+                               f"{args.dataset!r} is public data (not the data you protect)")
+        args.non_private, args.save_checkpoint = True, args.output
+    dataset = load_dataset(args.dataset, data_dir=args.data_dir, seed=args.seed, image_size=args.image_size)
     n = len(dataset.train)
     if not 1 <= args.batch_size <= n:
         raise PrivacyError(f"batch_size: must be in [1, {n}] (the training-set size), got {args.batch_size}")
@@ -228,18 +234,21 @@ def cmd_train(args: argparse.Namespace) -> int:
                           f"spend ε ≤ {args.epsilon:g} at δ = {delta:g} ({args.accountant})")
     hp = Hyperparams(batch_size=args.batch_size, learning_rate=args.learning_rate, clip_norm=args.clip_norm,
                      noise_multiplier=sigma, optimizer=args.optimizer, momentum=args.momentum,
-                     ema_decay=args.ema_decay)
+                     ema_decay=args.ema_decay, trainable=args.trainable)
     microbatch_size = args.microbatch_size
     if microbatch_size == "auto":
         choice = microbatch.choose(args.model, dataset.image_shape, dataset.num_classes,
                                    jax.local_devices()[: args.devices or None], clipping=args.clipping,
-                                   upper=args.batch_size)
+                                   upper=args.batch_size, weight_standardization=args.weight_standardization)
         microbatch_size = choice.microbatch_size
         measured = ", ".join(f"{m}: {r:,.0f} ex/s" for m, (r, _) in sorted(choice.measured.items()))
         console.print(f"microbatch {microbatch_size} ({'cached' if choice.cached else 'measured'}: {measured})")
-    config = RunConfig(model=args.model, private=not args.non_private, microbatch_size=microbatch_size,
+    config = RunConfig(model=args.model, weight_standardization=args.weight_standardization,
+                       private=not args.non_private, microbatch_size=microbatch_size,
                        clipping=args.clipping, eval_every=args.eval_every, seed=args.seed, private_seed=args.private_seed,
-                       num_devices=args.devices)
+                       num_devices=args.devices, init_checkpoint=args.init_checkpoint,
+                       reinitialize=tuple(args.reinitialize), save_checkpoint=args.save_checkpoint,
+                       augmentation=Augmentation(args.augment_multiplicity, args.augment_shift, args.augment_flip))
 
     def progress(step: int, metrics: dict) -> None:
         console.print(f"step {step:5d}  epoch {metrics['epoch']:6.2f}  val_acc {metrics['val_accuracy']:.4f}  "
@@ -252,6 +261,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     eps = "∞ (non-private)" if result.epsilon is None else f"{result.epsilon:.4f} (δ = {budget.delta:g}, {budget.accountant})"
     console.print(f"[bold]{dataset.name}[/] {args.model}: validation accuracy {result.val_accuracy:.4f}, "
                   f"test accuracy {result.test_accuracy:.4f}, ε spent {eps}")
+    if result.ema_val_accuracy is not None:
+        console.print(f"EMA parameters: validation accuracy {result.ema_val_accuracy:.4f}, test accuracy "
+                      f"{result.ema_test_accuracy:.4f} — selected by validation: {result.selected}")
+    if args.save_checkpoint:
+        console.print(f"saved the {result.selected} parameters to {args.save_checkpoint} (+ .json)")
     console.print(f"{result.steps} steps ({result.epochs:.2f} epochs) of {result.steps_requested} requested"
                   f"{' — stopped at the privacy budget' if result.budget_limited else ''}; "
                   f"{result.examples_per_second:,.0f} examples/s on {result.devices} device(s), "
@@ -501,11 +515,7 @@ def _study_args(p: argparse.ArgumentParser, *, name_required: bool = True) -> No
     p.add_argument("--json", action="store_true")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dptune", description="Tune differentially private training.")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    t = sub.add_parser("train", help="train one model with DP-SGD and print its accuracy and ε")
+def _add_training_args(t: argparse.ArgumentParser) -> None:
     t.add_argument("--dataset", default="mnist5k", help="mnist5k (default), digits, or tfds:<name>")
     t.add_argument("--data-dir", help="TFDS data directory (for tfds:<name>)")
     t.add_argument("--model", default="cnn", help="cnn, wrn16_4, resnet18, resnet50")
@@ -532,7 +542,32 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--non-private", action="store_true", help="no clipping, no noise (a baseline)")
     t.add_argument("--cache-dir", help="JAX persistent compilation cache (default ~/.cache/dptune/jax)")
     t.add_argument("--json", action="store_true")
+    t.add_argument("--image-size", type=_positive_int, help="resize and centre-crop images to this size")
+    t.add_argument("--weight-standardization", action="store_true", help="weight-standardised convolutions")
+    t.add_argument("--init-checkpoint", help="start from this checkpoint (Flax msgpack file or Orbax directory)")
+    t.add_argument("--reinitialize", nargs="*", default=[], metavar="MODULE",
+                   help="top-level modules to start fresh instead of from the checkpoint (e.g. Dense_1)")
+    t.add_argument("--trainable", default="all", help="all, head, or last_<k> blocks; the rest stay frozen")
+    t.add_argument("--augment-multiplicity", type=_positive_int, default=1,
+                   help="K augmented copies per example, averaged before clipping")
+    t.add_argument("--augment-shift", type=int, default=0, help="random shift of up to this many pixels")
+    t.add_argument("--augment-flip", action="store_true", help="random horizontal flips")
+    t.add_argument("--save-checkpoint", help="write the final (raw or EMA, by validation) parameters here")
     t.set_defaults(func=cmd_train)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dptune", description="Tune differentially private training.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train one model with DP-SGD and print its accuracy and ε")
+    _add_training_args(t)
+
+    pt = sub.add_parser("pretrain", help="train non-privately on a PUBLIC dataset and save a checkpoint")
+    _add_training_args(pt)
+    pt.add_argument("--output", required=True, help="checkpoint file to write (Flax msgpack, + .json metadata)")
+    pt.add_argument("--declare-public", action="store_true",
+                    help="confirm the dataset is public: pretraining spends no privacy because it protects nothing")
 
     st = sub.add_parser("study", help="create and inspect studies")
     stsub = st.add_subparsers(dest="study_command", required=True)

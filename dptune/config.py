@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
@@ -70,6 +71,16 @@ class SearchSpace(_Strict):
     optimizer: Param = "momentum"
     momentum: Param = 0.9
     ema_decay: Param = 0.0
+    trainable: Param = "all"
+
+    @field_validator("trainable")
+    @classmethod
+    def _trainable_values(cls, v: Param) -> Param:
+        values = v.choices if isinstance(v, Choice) else [v]
+        for value in values:
+            if not (isinstance(value, str) and re.fullmatch(r"all|head|last_[1-9]\d*", value)):
+                raise ValueError(f"{value!r} is not one of: all, head, last_<k> (k >= 1)")
+        return v
 
     @model_validator(mode="after")
     def _one_of_each(self) -> "SearchSpace":
@@ -156,6 +167,14 @@ class ObjectiveConfig(_Strict):
     direction: Literal["maximize"] = "maximize"
 
 
+class AugmentationConfig(_Strict):
+    """Augmentation multiplicity (De et al. 2022): K shifted/flipped copies per example, averaged before clipping."""
+
+    multiplicity: int = Field(default=1, ge=1)
+    shift: int = Field(default=0, ge=0)
+    flip: bool = False
+
+
 class StudyConfig(_Strict):
     """A study file. ``search_space`` names a file in ``search_spaces/`` or a path."""
 
@@ -175,6 +194,10 @@ class StudyConfig(_Strict):
     eval_every_epochs: float = Field(default=1.0, gt=0)
     seed: int = 0
     private_seed: int | None = None
+    non_private: bool = False
+    init_checkpoint: str | None = None
+    reinitialize: list[str] = []
+    augmentation: AugmentationConfig = AugmentationConfig()
     microbatch_size: Union[int, Literal["auto"]] = 256
     clipping: Literal["auto", "bookkeeping", "vmap"] = "auto"
     storage: str | None = None
@@ -189,6 +212,10 @@ class StudyConfig(_Strict):
 
     @model_validator(mode="after")
     def _one_budget(self) -> "StudyConfig":
+        if self.non_private:
+            if self.privacy is not None or self.search_privacy is not None:
+                raise ValueError("non_private: true takes neither privacy nor search_privacy")
+            return self
         if (self.privacy is None) == (self.search_privacy is None):
             raise ValueError("give exactly one of privacy (a budget per trial) and search_privacy "
                              "(a budget for the whole search)")

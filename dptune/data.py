@@ -150,8 +150,11 @@ def _split_sizes(n: int, validation_fraction: float, test_fraction: float) -> tu
     return n_train, n_val, n_test
 
 
-def _load_builtin(name: str, seed: int, validation_fraction: float, test_fraction: float) -> Dataset:
+def _load_builtin(name: str, seed: int, validation_fraction: float, test_fraction: float,
+                  image_size: int | None = None) -> Dataset:
     images, labels = _BUILTIN_LOADERS[name]()
+    if image_size is not None and images.shape[1:3] != (image_size, image_size):
+        images = np.stack([resize_center_crop(im, image_size) for im in images])
     perm = np.random.default_rng(seed).permutation(len(labels))
     n_train, n_val, n_test = _split_sizes(len(labels), validation_fraction, test_fraction)
     parts = np.split(perm, [n_train, n_train + n_val])
@@ -163,7 +166,8 @@ def _load_builtin(name: str, seed: int, validation_fraction: float, test_fractio
         test=test,
         image_shape=tuple(images.shape[1:]),
         num_classes=int(labels.max()) + 1,
-        split=SplitInfo(name, seed, n_train, n_val, n_test, source=f"builtin:{name}"),
+        split=SplitInfo(name, seed, n_train, n_val, n_test,
+                        source=f"builtin:{name}" + (f" resized to {image_size}×{image_size}" if image_size else "")),
     )
 
 
@@ -274,11 +278,12 @@ def load_dataset(
     validation examples are carved out of ``train_split`` and the test split is
     the dataset's own ``test_split``. Raises :class:`DataError` for an unknown
     name, a missing ``data_dir`` or split, or images of an unexpected shape.
-    ``image_size`` resizes and centre-crops TFDS images (needed for datasets of
-    variable image size such as imagenet2012).
+    ``image_size`` resizes and centre-crops the images (needed for TFDS datasets
+    of variable image size such as imagenet2012; also lets a public dataset
+    match the shape of the private one for transfer learning).
     """
     if name in _BUILTIN_LOADERS:
-        return _load_builtin(name, seed, validation_fraction, test_fraction)
+        return _load_builtin(name, seed, validation_fraction, test_fraction, image_size)
     if name.startswith(TFDS_PREFIX):
         return _load_tfds(name, data_dir, seed, validation_fraction, train_split, test_split, image_size)
     raise DataError(f"dataset: unknown {name!r}; available: {', '.join(available())}")

@@ -40,6 +40,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dptune import bookkeeping
 from dptune.errors import ConfigError
+from dptune.freezing import apply_mask
 
 PyTree = Any
 OPTIMIZERS: tuple[str, ...] = ("sgd", "momentum", "adam")
@@ -177,11 +178,12 @@ class StepFunctions:
 
     # -- pure bodies -------------------------------------------------------
     def _example_loss(self, params: PyTree, x: jax.Array, y: jax.Array) -> jax.Array:
-        logits = self.model.apply({"params": params}, x[None])[0]
-        return optax.softmax_cross_entropy_with_integer_labels(logits, y)
+        """One example's loss; ``x`` holds its k augmented copies [k, H, W, C], and the loss is their mean."""
+        logits = self.model.apply({"params": params}, x)
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, jnp.full(x.shape[0], y)))
 
     def _local_clipped_sum(self, params: PyTree, x: jax.Array, y: jax.Array,
-                           mask: jax.Array, clip_norm: jax.Array) -> PyTree:
+                           mask: jax.Array, clip_norm: jax.Array, trainable: PyTree | None) -> PyTree:
         # Inside shard_map the replicated params are device-invariant, and the
         # gradient with respect to an invariant value is psum-ed over devices:
         # each "per-example" gradient would then be a sum of one example from
@@ -194,14 +196,16 @@ class StepFunctions:
             path = "vmap" if self.fallback_reason else "bookkeeping"
         self.clipping_used = path
         if path == "bookkeeping":
-            local = bookkeeping.clipped_sum(self.model, params, x, y, mask, clip_norm, varying_axis="data")
+            local = bookkeeping.clipped_sum(self.model, params, x, y, mask, clip_norm, "data", trainable)
         else:
-            per_example = jax.vmap(jax.grad(self._example_loss), in_axes=(None, 0, 0))(params, x, y)
-            local = clipped_sum(per_example, mask, clip_norm)
+            copies = x.reshape(y.shape[0], -1, *x.shape[1:])
+            per_example = jax.vmap(jax.grad(self._example_loss), in_axes=(None, 0, 0))(params, copies, y)
+            local = clipped_sum(apply_mask(per_example, trainable), mask, clip_norm)
         return jax.lax.psum(local, "data")
 
     def _accumulate(self, params: PyTree, acc: PyTree, x: jax.Array, y: jax.Array,
-                    mask: jax.Array, clip_norm: jax.Array) -> PyTree:
+                    mask: jax.Array, clip_norm: jax.Array, trainable: PyTree | None = None) -> PyTree:
+        """acc + the clipped sum of this microbatch. ``x`` holds k ≥ 1 consecutive copies per label in ``y``."""
         self.traces["accumulate"] += 1
         # Each device clips its own examples and the sums meet in one psum.
         # Explicit shard_map rather than automatic partitioning: with the batch
@@ -210,26 +214,31 @@ class StepFunctions:
         rep, batch = PartitionSpec(), PartitionSpec("data")
         part = jax.shard_map(
             self._local_clipped_sum, mesh=self.mesh,
-            in_specs=(rep, batch, batch, batch, rep), out_specs=rep,
-        )(params, x, y, mask, clip_norm)
+            in_specs=(rep, batch, batch, batch, rep, rep), out_specs=rep,
+        )(params, x, y, mask, clip_norm, trainable)
         return jax.tree_util.tree_map(jnp.add, acc, part)
 
     def _accumulate_nonprivate(self, params: PyTree, acc: PyTree, x: jax.Array, y: jax.Array,
-                               mask: jax.Array, clip_norm: jax.Array) -> PyTree:
+                               mask: jax.Array, clip_norm: jax.Array, trainable: PyTree | None = None) -> PyTree:
         """Plain summed gradient (no per-example work) for non-private baselines."""
         self.traces["accumulate_nonprivate"] += 1
+        k = x.shape[0] // y.shape[0]
 
         def summed_loss(p: PyTree) -> jax.Array:
             logits = self.model.apply({"params": p}, x)
-            return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, y) * mask)
+            losses = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.repeat(y, k))
+            return jnp.sum(losses.reshape(-1, k).mean(axis=1) * mask)
 
-        return jax.tree_util.tree_map(jnp.add, acc, jax.grad(summed_loss)(params))
+        return jax.tree_util.tree_map(jnp.add, acc, apply_mask(jax.grad(summed_loss)(params), trainable))
 
     def _apply(self, state: TrainState, grad_sum: PyTree, key: jax.Array, step: jax.Array,
                noise_multiplier: jax.Array, clip_norm: jax.Array, denominator: jax.Array,
-               learning_rate: jax.Array, momentum: jax.Array, ema_decay: jax.Array) -> TrainState:
+               learning_rate: jax.Array, momentum: jax.Array, ema_decay: jax.Array,
+               trainable: PyTree | None = None) -> TrainState:
         self.traces["apply"] += 1
         grads = privatize(grad_sum, jax.random.fold_in(key, step), noise_multiplier, clip_norm, denominator)
+        # Frozen parameters get no update at all (not even noise).
+        grads = apply_mask(grads, trainable)
         hyper = dict(state.opt_state.hyperparams)
         hyper["learning_rate"] = jnp.asarray(learning_rate, jnp.float32)
         if "momentum" in hyper:
@@ -260,7 +269,6 @@ class StepFunctions:
         return tuple(jax.device_put(a, self.batch_sharding) for a in arrays)
 
 
-@functools.lru_cache(maxsize=32)
 def step_functions(model: nn.Module, optimizer: str, microbatch_size: int,
                    devices: tuple[jax.Device, ...], clipping: str = "auto") -> StepFunctions:
     """The shared :class:`StepFunctions` for this configuration (one per process).
@@ -268,4 +276,11 @@ def step_functions(model: nn.Module, optimizer: str, microbatch_size: int,
     Flax modules are frozen dataclasses, so equal model definitions hit the same
     cache entry and the same compiled executables.
     """
+    # Always positional, so that a defaulted and an explicit "auto" share one entry.
+    return _cached_step_functions(model, optimizer, microbatch_size, tuple(devices), clipping)
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_step_functions(model: nn.Module, optimizer: str, microbatch_size: int,
+                           devices: tuple[jax.Device, ...], clipping: str) -> StepFunctions:
     return StepFunctions(model, optimizer, microbatch_size, devices, clipping)

@@ -98,14 +98,15 @@ def plan_trial(
     trial: SuggestsParams,
     space: SearchSpace,
     num_examples: int,
-    budget: PrivacyBudget,
+    budget: PrivacyBudget | None,
     training: TrainingBudget,
     fixed_mechanism: tuple[float, int] | None = None,
 ) -> TrialPlan:
     """Sample one trial's hyperparameters and derive steps or σ from the budget.
 
     ``fixed_mechanism`` = (σ, steps) imposes the mechanism of a private search,
-    which every trial runs identically.
+    which every trial runs identically. ``budget=None``: a non-private study
+    (σ = 0; steps from the sampled epochs, else the training budget's cap).
     """
     v = {name: _suggest(trial, name, spec, num_examples) for name, spec in space.params().items()}
     batch = int(v["batch_size"])
@@ -117,7 +118,16 @@ def plan_trial(
         cap = min(cap, training.max_steps)
     cap = int(cap)
 
-    if fixed_mechanism is not None:
+    if budget is None:
+        sigma, derived = 0.0, "non_private"
+        if "epochs" in v:
+            steps = min(cap, max(1, math.ceil(float(v["epochs"]) / q)))
+        elif cap < math.inf:
+            steps = cap
+        else:
+            raise ConfigError("budget", "a non-private study needs epochs in the search space or "
+                                        "budget.max_epochs / budget.max_steps")
+    elif fixed_mechanism is not None:
         sigma, steps = fixed_mechanism
         derived = "private_search"
     elif space.mode == "sample_noise":
@@ -144,5 +154,6 @@ def plan_trial(
         optimizer=str(v["optimizer"]),
         momentum=float(v["momentum"]),
         ema_decay=float(v["ema_decay"]),
+        trainable=str(v["trainable"]),
     )
     return TrialPlan(hparams=hp, steps=steps, sampling_rate=q, max_steps_by_budget=cap, derived=derived)

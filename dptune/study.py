@@ -38,6 +38,7 @@ from dptune.errors import ConfigError, DptuneError, PrivacyError
 from dptune.search_privacy import TrialCount
 from dptune.search_space import Infeasible, plan_trial, smallest_batch
 from dptune.storage import MAX_RETRY, open_storage
+from dptune.augment import Augmentation
 from dptune.train import PrivacyBudget, RunConfig, train_and_evaluate
 
 CONFIG_ATTR = "dptune_config"
@@ -96,9 +97,11 @@ def _dataset(cfg: StudyConfig) -> Dataset:
                         test_split=cfg.test_split)
 
 
-def _resolve_delta(resolved: ResolvedStudy, dataset: Dataset) -> float:
+def _resolve_delta(resolved: ResolvedStudy, dataset: Dataset) -> float | None:
     n = len(dataset.train)
     cfg = resolved.study
+    if cfg.non_private:
+        return None
     given = cfg.privacy.delta if cfg.privacy is not None else cfg.search_privacy.delta
     delta = given if given is not None else privacy.default_delta(n)
     privacy.check_delta(delta, n)
@@ -160,13 +163,24 @@ def create_study(resolved: ResolvedStudy, storage: str | None = None, *, skip_if
     make_sampler(study_cfg, resolved.space, study_cfg.seed)
     from dptune.models import build_model
 
-    build_model(study_cfg.model, dataset.num_classes)
+    model = build_model(study_cfg.model, dataset.num_classes, weight_standardization=study_cfg.weight_standardization)
+    if study_cfg.init_checkpoint:
+        # A checkpoint that does not fit is a configuration error, found before anything is written.
+        import jax
+
+        from dptune import checkpoint
+        from dptune.models import init_params
+
+        checkpoint.fit(init_params(model, dataset.image_shape, jax.random.key(0)),
+                       checkpoint.load(study_cfg.init_checkpoint), study_cfg.reinitialize)
     stored = resolved.to_json()
     attrs: dict[str, Any] = {CONFIG_ATTR: stored, "dptune_version": __version__, "delta": delta,
                              "split": dataset.split.as_dict()}
     if study_cfg.private_search:
         plan = _plan_private_search(resolved, dataset, delta)
         attrs.update(private_search=plan, epsilon_target=plan["per_trial_epsilon"], accountant="rdp")
+    elif study_cfg.non_private:
+        attrs.update(non_private=True)
     else:
         attrs.update(epsilon_target=study_cfg.privacy.epsilon, accountant=study_cfg.privacy.accountant)
 
@@ -224,11 +238,12 @@ class Objective:
         self.dataset = dataset
         cfg = resolved.study
         self.fixed = None
+        self.budget: PrivacyBudget | None = None
         if private_search is not None:
             # Every trial runs the calibrated mechanism; its own ε (RDP) is the trainer's cap.
             self.fixed = (private_search["noise_multiplier"], private_search["steps"])
             self.budget = PrivacyBudget(private_search["per_trial_epsilon"], delta, "rdp")
-        else:
+        elif not cfg.non_private:
             self.budget = PrivacyBudget(cfg.privacy.epsilon, delta, cfg.privacy.accountant)
         self._microbatch: int | None = None if cfg.microbatch_size == "auto" else cfg.microbatch_size
 
@@ -247,9 +262,10 @@ class Objective:
         cfg = self.resolved.study
         n = len(self.dataset.train)
         trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
-        trial.set_user_attr("epsilon_target", self.budget.epsilon)
-        trial.set_user_attr("delta", self.budget.delta)
-        trial.set_user_attr("accountant", self.budget.accountant)
+        if self.budget is not None:
+            trial.set_user_attr("epsilon_target", self.budget.epsilon)
+            trial.set_user_attr("delta", self.budget.delta)
+            trial.set_user_attr("accountant", self.budget.accountant)
         try:
             plan = plan_trial(trial, self.resolved.space, n, self.budget, cfg.budget, self.fixed)
         except Infeasible as e:
@@ -263,8 +279,9 @@ class Objective:
         reports = []
 
         def report(step: int, metrics: dict[str, float]) -> bool:
-            reports.append(metrics["val_accuracy"])
-            trial.report(metrics["val_accuracy"], len(reports))
+            # With averaging on, the better of raw and EMA parameters is what the trial would release.
+            reports.append(metrics["best_val_accuracy"])
+            trial.report(metrics["best_val_accuracy"], len(reports))
             return trial.should_prune()
 
         config = RunConfig(
@@ -272,6 +289,10 @@ class Objective:
             weight_standardization=cfg.weight_standardization,
             microbatch_size=self.microbatch_size(),
             clipping=cfg.clipping,
+            private=not cfg.non_private,
+            init_checkpoint=cfg.init_checkpoint,
+            reinitialize=tuple(cfg.reinitialize),
+            augmentation=Augmentation(**cfg.augmentation.model_dump()),
             eval_every=max(1, round(cfg.eval_every_epochs / plan.sampling_rate)),
             seed=cfg.seed + trial.number,
             private_seed=None if cfg.private_seed is None else cfg.private_seed + trial.number,
@@ -282,8 +303,8 @@ class Objective:
             "epsilon_spent": result.epsilon,
             "steps": result.steps,
             "epochs": result.epochs,
-            "val_accuracy": result.val_accuracy,
-            "test_accuracy": result.test_accuracy,
+            "val_accuracy": result.selected_val_accuracy,
+            "test_accuracy": result.selected_test_accuracy,
             "ema_val_accuracy": result.ema_val_accuracy,
             "ema_test_accuracy": result.ema_test_accuracy,
             "examples_per_second": result.examples_per_second,
@@ -297,12 +318,17 @@ class Objective:
             "seed": config.seed,
             "private_seed_fixed": result.private_seed_fixed,
             "budget_limited": result.budget_limited,
+            "selected_parameters": result.selected,
+            "raw_val_accuracy": result.val_accuracy,
+            "raw_test_accuracy": result.test_accuracy,
+            "trainable_modules": result.trainable_modules,
+            "augmentation_multiplicity": cfg.augmentation.multiplicity,
         }
         for k, v in attrs.items():
             trial.set_user_attr(k, v)
         if result.stopped_early:
             raise optuna.TrialPruned(f"pruned after {result.steps} steps")
-        return result.val_accuracy
+        return result.selected_val_accuracy
 
 
 TrialCallback = Callable[[optuna.Study, FrozenTrial], None]
@@ -437,6 +463,10 @@ def search_guarantee(study: optuna.Study) -> dict[str, Any]:
     trials = study.get_trials(deepcopy=False)
     delta = study.user_attrs.get("delta")
     private = study.user_attrs.get("private_search")
+    if study.user_attrs.get("non_private"):
+        return {"mode": "non_private", "total_epsilon": math.inf, "delta": None, "per_trial_epsilon": None,
+                "guarantee": "None: a non-private baseline (no clipping, no noise); its models must not be released "
+                             "as private."}
     if private is not None:
         done = len(trials)
         complete = done >= private["n_trials"]

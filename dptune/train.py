@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dptune import compile_stats, privacy
+from dptune import checkpoint, compile_stats, freezing, privacy
+from dptune.augment import Augmentation
 from dptune.data import Dataset, batches
 from dptune.dp_step import OPTIMIZERS, StepFunctions, TrainState, step_functions
 from dptune.errors import ConfigError, PrivacyError
@@ -45,6 +46,7 @@ class Hyperparams:
     schedule: str = "constant"
     warmup_steps: int = 0
     ema_decay: float = 0.0
+    trainable: str = "all"
 
     def validate(self, num_examples: int, private: bool) -> None:
         if not 1 <= self.batch_size <= num_examples:
@@ -94,11 +96,20 @@ class RunConfig:
     seed: int = 0
     private_seed: int | None = None
     num_devices: int | None = None
+    init_checkpoint: str | None = None
+    reinitialize: tuple[str, ...] = ()
+    augmentation: Augmentation = Augmentation()
+    save_checkpoint: str | None = None
 
 
 @dataclass
 class TrainResult:
-    """What a run reports. Accuracies are on the validation and test splits."""
+    """What a run reports. Accuracies are on the validation and test splits.
+
+    With parameter averaging on, both the raw and the EMA parameters are
+    evaluated; ``selected`` names the one with the better validation accuracy
+    (test accuracy plays no part in the choice) and ``selected_*`` are its figures.
+    """
 
     val_accuracy: float
     test_accuracy: float
@@ -122,6 +133,12 @@ class TrainResult:
     clipping: str
     private_seed_fixed: bool
     split: dict[str, Any]
+    selected: str = "raw"
+    selected_val_accuracy: float = 0.0
+    selected_test_accuracy: float = 0.0
+    trainable_modules: list[str] = field(default_factory=list)
+    init_checkpoint: str | None = None
+    augmentation: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)
 
     @property
@@ -159,20 +176,26 @@ def _compute_seconds(tick: float, compiled_before: float) -> float:
 
 def train_step(fns: StepFunctions, state: TrainState, dataset: Dataset, indices: np.ndarray,
                key: jax.Array, step: int, hp: Hyperparams, denominator: float,
-               clip_norm: float, noise_multiplier: float, lr: float, private: bool = True) -> TrainState:
+               clip_norm: float, noise_multiplier: float, lr: float, private: bool = True, *,
+               augment: Callable[[np.ndarray], np.ndarray] | None = None,
+               trainable: Any = None) -> TrainState:
     """One logical batch: accumulate clipped sums over microbatches, then one noisy update.
 
     ``private=False`` sums plain gradients instead (a non-private baseline; σ must be 0).
+    ``augment`` expands each microbatch's images into k copies per example
+    (averaged before clipping); ``trainable`` is the 0/1 mask of :mod:`dptune.freezing`.
     """
     padded, mask = pad_to_multiple(indices, fns.microbatch_size)
     acc = fns.zeros_like(state.params)
     accumulate = fns.accumulate if private else fns.accumulate_nonprivate
     for chunk, chunk_mask in microbatches(padded, mask, fns.microbatch_size):
         x, y = dataset.train.take(chunk)
+        if augment is not None:
+            x = augment(x)
         x, y, m = fns.shard_batch(x, y, chunk_mask)
-        acc = accumulate(state.params, acc, x, y, m, clip_norm)
+        acc = accumulate(state.params, acc, x, y, m, clip_norm, trainable)
     return fns.apply(state, acc, key, step, noise_multiplier, clip_norm, denominator,
-                     lr, hp.momentum, _ema_decay_at(hp.ema_decay, step))
+                     lr, hp.momentum, _ema_decay_at(hp.ema_decay, step), trainable)
 
 
 def evaluate(fns: StepFunctions, params: Any, split: Any, batch_size: int) -> tuple[float, float]:
@@ -236,9 +259,16 @@ def train_and_evaluate(
     started = time.perf_counter()
     compile_before = compile_stats.seconds()
     params = init_params(model, dataset.image_shape, jax.random.key(config.seed))
+    if config.init_checkpoint:
+        params = checkpoint.fit(params, checkpoint.load(config.init_checkpoint), config.reinitialize)
+    trainable_modules = freezing.trainable_modules(params, hparams.trainable)
+    trainable = jax.device_put(freezing.trainable_mask(params, hparams.trainable), fns.replicated)
     state = fns.init_state(jax.device_put(params, fns.replicated))
     private_seed = config.private_seed if config.private_seed is not None else secrets.randbits(63)
     rng = np.random.default_rng([private_seed, 0])
+    # Augmentation randomness is independent of sampling and noise; it needs no secrecy.
+    aug_rng = np.random.default_rng([config.seed, 1])
+    augment = (lambda x: config.augmentation(x, aug_rng)) if config.augmentation.active else None
     noise_key = jax.device_put(jax.random.key(private_seed), fns.replicated)
     eval_every = config.eval_every or max(1, round(1 / q))
     denominator = float(hparams.batch_size)
@@ -257,7 +287,7 @@ def train_and_evaluate(
             denominator = float(max(1, len(indices)))
         lr = learning_rate_at(hparams, t, allowed)
         state = train_step(fns, state, dataset, indices, noise_key, t, hparams, denominator,
-                           clip_norm, sigma, lr, config.private)
+                           clip_norm, sigma, lr, config.private, augment=augment, trainable=trainable)
         taken = t + 1
         if taken == 1:
             jax.block_until_ready(state.params)
@@ -267,6 +297,9 @@ def train_and_evaluate(
             train_seconds += _compute_seconds(tick, compiled)
             acc, loss = evaluate(fns, state.params, dataset.validation, eval_bs)
             metrics = {"step": taken, "epoch": taken * q, "val_accuracy": acc, "val_loss": loss}
+            if hparams.ema_decay > 0:
+                metrics["ema_val_accuracy"], _ = evaluate(fns, state.ema_params, dataset.validation, eval_bs)
+            metrics["best_val_accuracy"] = max(acc, metrics.get("ema_val_accuracy", 0.0))
             history.append(metrics)
             if callback is not None and callback(taken, dict(metrics)) and taken < allowed:
                 stopped = True
@@ -277,9 +310,21 @@ def train_and_evaluate(
     val_acc, val_loss = history[-1]["val_accuracy"], history[-1]["val_loss"]
     test_acc, _ = evaluate(fns, state.params, dataset.test, eval_bs)
     ema_val = ema_test = None
+    selected, selected_params = "raw", state.params
     if hparams.ema_decay > 0:
-        ema_val, _ = evaluate(fns, state.ema_params, dataset.validation, eval_bs)
+        ema_val = history[-1]["ema_val_accuracy"]
         ema_test, _ = evaluate(fns, state.ema_params, dataset.test, eval_bs)
+        if ema_val > val_acc:
+            selected, selected_params = "ema", state.ema_params
+    sel_val, sel_test = (ema_val, ema_test) if selected == "ema" else (val_acc, test_acc)
+    if config.save_checkpoint:
+        checkpoint.save(config.save_checkpoint, jax.device_get(selected_params), {
+            "model": config.model, "weight_standardization": config.weight_standardization,
+            "dataset": dataset.name, "image_shape": list(dataset.image_shape),
+            "num_classes": dataset.num_classes, "private": config.private, "steps": taken,
+            "parameters": selected, "val_accuracy": sel_val, "test_accuracy": sel_test,
+            "init_checkpoint": config.init_checkpoint, "split": dataset.split.as_dict(),
+        })
     compile_seconds = compile_stats.seconds() - compile_before
     spent = None
     if config.private:
@@ -308,4 +353,10 @@ def train_and_evaluate(
         private_seed_fixed=config.private_seed is not None,
         split=dataset.split.as_dict(),
         history=history,
+        selected=selected,
+        selected_val_accuracy=sel_val,
+        selected_test_accuracy=sel_test,
+        trainable_modules=trainable_modules,
+        init_checkpoint=config.init_checkpoint,
+        augmentation=asdict(config.augmentation),
     )

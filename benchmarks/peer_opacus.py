@@ -1,0 +1,193 @@
+"""dptune's DP step beside Opacus 1.6 on the same CNN, batch sizes and threads: one table.
+
+    python benchmarks/peer_opacus.py [--batch-sizes 64 256 1024] [--steps 20] [--venv .bench/opacus-venv]
+
+Opacus runs in a virtual environment this script makes itself the first time
+(``pip install torch==2.13.0 opacus``: a pinned CPU build of torch; an
+unpinned torch would pull a several-GB CUDA build). dptune runs in the Python
+that runs this script. Every (framework, mode, B) is its own process, so each
+peak RSS is that configuration's alone; both frameworks get the same number of
+threads.
+
+Timed: one whole DP-SGD step on one logical batch of B examples held in memory
+(forward, per-example clipping, noise, optimizer update), median of
+``--steps`` after two warm-up steps. Modes:
+
+* Opacus ``hooks`` (its default per-sample gradients) and ``ghost`` (ghost
+  clipping, two backward passes), and plain PyTorch without DP;
+* dptune ``bookkeeping`` (its default), ``vmap`` (the reference), and its
+  non-private step.
+
+Peak memory: the process's peak RSS, and its growth over the RSS just before
+the first step (the step's own working memory, roughly).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+IMAGE = (28, 28, 1)
+CLASSES = 10
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _peak_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _timed(step, steps: int) -> list[float]:
+    for _ in range(2):
+        step()
+    times = []
+    for _ in range(steps):
+        tick = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - tick)
+    return times
+
+
+def worker_opacus(mode: str, b: int, steps: int, threads: int) -> dict:
+    import torch
+    from torch import nn
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.GroupNorm(8, 16), nn.ReLU(), nn.AvgPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1), nn.GroupNorm(8, 32), nn.ReLU(), nn.AvgPool2d(2),
+        nn.Flatten(), nn.Linear(32 * 7 * 7, 64), nn.ReLU(), nn.Linear(64, CLASSES),
+    )
+    params = sum(p.numel() for p in model.parameters())
+    x = torch.randn(b, 1, 28, 28)
+    y = torch.randint(0, CLASSES, (b,))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    criterion = nn.CrossEntropyLoss()
+    if mode != "nonprivate":
+        from opacus import PrivacyEngine
+
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=b)
+        engine = PrivacyEngine(accountant="rdp")
+        made = engine.make_private(module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=1.0,
+                                   max_grad_norm=1.0, criterion=criterion, grad_sample_mode=mode)
+        if mode == "ghost":
+            model, optimizer, criterion, _ = made
+        else:
+            model, optimizer, _ = made
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        criterion(model(x), y).backward()
+        optimizer.step()
+
+    before = _rss_mib()
+    times = _timed(step, steps)
+    return {"params": params, "rate": b / statistics.median(times), "peak": _peak_mib(),
+            "step_mem": _peak_mib() - before}
+
+
+def worker_dptune(mode: str, b: int, steps: int, threads: int) -> dict:
+    import jax
+    import numpy as np
+
+    sys.path.insert(0, str(HERE))
+    from step_throughput import make_step
+
+    from dptune.dp_step import step_functions
+    from dptune.models import build_model, count_params, init_params
+
+    model = build_model("cnn", CLASSES)
+    params = init_params(model, IMAGE, jax.random.key(0))
+    fns = step_functions(model, "momentum", b, tuple(jax.local_devices()[:1]),
+                         "vmap" if mode == "nonprivate" else mode)
+    rng = np.random.default_rng(0)
+    batch = fns.shard_batch(rng.standard_normal((b, *IMAGE)).astype(np.float32),
+                            rng.integers(0, CLASSES, b).astype(np.int32), np.ones(b, np.float32))
+    one, _ = make_step(fns, *batch, private=mode != "nonprivate")
+    state = {"s": fns.init_state(jax.device_put(params, fns.replicated)), "t": 0}
+
+    def step() -> None:
+        state["t"] += 1
+        state["s"] = one(state["s"], state["t"])
+
+    step()  # compile outside the memory baseline, like torch's lazy init above
+    before = _rss_mib()
+    times = _timed(step, steps)
+    return {"params": count_params(params), "rate": b / statistics.median(times), "peak": _peak_mib(),
+            "step_mem": _peak_mib() - before}
+
+
+def ensure_venv(venv: Path) -> Path:
+    python = venv / "bin" / "python"
+    probe = [str(python), "-c", "import opacus, torch; print(opacus.__version__, torch.__version__)"]
+    if python.exists() and subprocess.run(probe, capture_output=True).returncode == 0:
+        return python
+    print(f"making {venv} (torch==2.13.0, opacus) …", flush=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    subprocess.run([str(python), "-m", "pip", "install", "-q", "torch==2.13.0", "opacus"], check=True)
+    return python
+
+
+def run(python: Path, framework: str, mode: str, b: int, steps: int, threads: int) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    out = subprocess.run([str(python), __file__, "--worker", framework, mode, str(b), str(steps), str(threads)],
+                         capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        framework, mode, b, steps, threads = sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
+        fn = worker_opacus if framework == "opacus" else worker_dptune
+        print(json.dumps(fn(mode, b, steps, threads)))
+        return
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=(64, 256, 1024))
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--venv", type=Path, default=HERE.parent / ".bench" / "opacus-venv")
+    args = ap.parse_args()
+    torch_python = ensure_venv(args.venv)
+    versions = subprocess.run([str(torch_python), "-c", "import opacus, torch; print(opacus.__version__, torch.__version__)"],
+                              capture_output=True, text=True).stdout.split()
+    import jax
+
+    print(f"small CNN on 28×28×1, {args.threads} threads, median of {args.steps} steps, one process per cell; "
+          f"opacus {versions[0]} / torch {versions[1]}, jax {jax.__version__} ({jax.devices()[0].device_kind})")
+    modes = [("opacus", "hooks"), ("opacus", "ghost"), ("opacus", "nonprivate"),
+             ("dptune", "bookkeeping"), ("dptune", "vmap"), ("dptune", "nonprivate")]
+    header = ("B", "framework", "mode", "params", "ex/s", "vs best Opacus DP", "DP ÷ own non-private time",
+              "peak RSS MiB", "step Δ MiB")
+    print(" | ".join(header))
+    print(" | ".join("-" * len(h) for h in header))
+    for b in args.batch_sizes:
+        rows = {m: run(torch_python if m[0] == "opacus" else Path(sys.executable), *m, b, args.steps, args.threads)
+                for m in modes}
+        best_opacus = max(rows[m].get("rate", 0.0) for m in modes[:2])
+        for (framework, mode), r in rows.items():
+            if "error" in r:
+                print(f"{b} | {framework} | {mode} | failed: {r['error']}")
+                continue
+            own_np = rows[(framework, "nonprivate")].get("rate")
+            ratio = f"{own_np / r['rate']:.2f}" if own_np and mode != "nonprivate" else ""
+            vs = f"{r['rate'] / best_opacus:.2f}×" if best_opacus and mode != "nonprivate" else ""
+            print(f"{b} | {framework} | {mode} | {r['params']:,} | {r['rate']:,.0f} | {vs} | {ratio} | "
+                  f"{r['peak']:,.0f} | {r['step_mem']:,.0f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""Model checkpoints for transfer learning: save a parameter tree, load one, fit it to a model.
+
+Format: a Flax msgpack file (``flax.serialization``) holding ``{"params": tree}``
+— or a bare parameter tree, as ``flax.serialization.to_bytes(params)`` writes —
+plus, for checkpoints dptune writes, a ``<file>.json`` beside it saying what
+produced it (model, dataset, image shape, accuracy). An Orbax checkpoint
+directory (``orbax.checkpoint``) is read too.
+
+A checkpoint is public information only if the data it was trained on is
+public: ``dptune pretrain`` asks the user to declare that, and the study records
+which checkpoint each trial started from.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from typing import Any, Iterable
+
+import numpy as np
+
+from dptune.errors import ConfigError
+
+PyTree = Any
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint that cannot be read or does not fit the model."""
+
+    def __init__(self, message: str):
+        super().__init__("checkpoint", message)
+
+
+def save(path: str, params: PyTree, meta: dict[str, Any]) -> None:
+    """Write ``params`` (msgpack) and ``meta`` (JSON beside it), each atomically."""
+    from flax import serialization
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    host = _to_numpy(params)
+    for target, data in ((path, serialization.msgpack_serialize({"params": host})),
+                         (path + ".json", json.dumps(meta, indent=1, default=str).encode())):
+        tmp = f"{target}.tmp{os.getpid()}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, target)
+
+
+def _to_numpy(tree: PyTree) -> PyTree:
+    if isinstance(tree, dict):
+        return {k: _to_numpy(v) for k, v in tree.items()}
+    return np.asarray(tree)
+
+
+def metadata(path: str) -> dict[str, Any]:
+    """The JSON dptune wrote beside a checkpoint ({} for checkpoints from elsewhere)."""
+    try:
+        with open(path + ".json") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def load(path: str) -> PyTree:
+    """The parameter tree stored at ``path`` (msgpack file or Orbax directory), as numpy arrays."""
+    path = os.path.expanduser(path)
+    try:
+        stamp = os.stat(path).st_mtime_ns
+    except OSError:
+        raise CheckpointError(f"{path}: no such file or directory")
+    return _load(path, stamp)
+
+
+@functools.lru_cache(maxsize=4)
+def _load(path: str, stamp: int) -> PyTree:
+    if os.path.isdir(path):
+        try:
+            import orbax.checkpoint as ocp
+        except ImportError:
+            raise CheckpointError(f"{path} is a directory (an Orbax checkpoint?) but orbax-checkpoint is not installed")
+        try:
+            tree = ocp.PyTreeCheckpointer().restore(os.path.abspath(path))
+        except Exception as e:  # orbax raises many kinds
+            raise CheckpointError(f"{path}: not a readable Orbax checkpoint ({type(e).__name__}: {e})")
+    else:
+        from flax import serialization
+
+        try:
+            with open(path, "rb") as f:
+                tree = serialization.msgpack_restore(f.read())
+        except Exception as e:  # msgpack raises several kinds on garbage
+            raise CheckpointError(f"{path}: not a Flax msgpack checkpoint ({type(e).__name__})")
+    if isinstance(tree, dict) and set(tree) >= {"params"} and isinstance(tree["params"], dict):
+        tree = tree["params"]
+    if not isinstance(tree, dict):
+        raise CheckpointError(f"{path}: expected a tree of parameters, found {type(tree).__name__}")
+    return _to_numpy(tree)
+
+
+def _leaves(tree: PyTree, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        name = f"{prefix}/{k}" if prefix else str(k)
+        out.update(_leaves(v, name) if isinstance(v, dict) else {name: v})
+    return out
+
+
+def fit(model_params: PyTree, checkpoint: PyTree, reinitialize: Iterable[str] = ()) -> PyTree:
+    """The model's parameter tree with every leaf taken from ``checkpoint``.
+
+    Leaves under a top-level module named in ``reinitialize`` (e.g. the
+    classifier head when the class count differs) keep the model's fresh
+    initialisation. Any other missing, unexpected or differently shaped leaf is
+    an error naming each one.
+    """
+    reinit = set(reinitialize)
+    unknown = reinit - set(model_params)
+    if unknown:
+        raise CheckpointError(f"reinitialize: no module {sorted(unknown)} in the model; its top-level "
+                              f"modules are {', '.join(model_params)}")
+    want, have = _leaves(model_params), _leaves(checkpoint)
+    problems = []
+    for name, value in want.items():
+        if name.split("/")[0] in reinit:
+            continue
+        if name not in have:
+            problems.append(f"{name} missing from the checkpoint")
+        elif tuple(np.shape(have[name])) != tuple(np.shape(value)):
+            problems.append(f"{name}: checkpoint {tuple(np.shape(have[name]))} vs model {tuple(np.shape(value))}")
+    extra = sorted(n for n in have if n not in want and n.split("/")[0] not in reinit)
+    if extra:
+        problems.append(f"not in the model: {', '.join(extra)}")
+    if problems:
+        raise CheckpointError("does not fit the model — " + "; ".join(problems)
+                              + " (reinitialize lists modules to start fresh, e.g. the head)")
+
+    def build(node: PyTree, prefix: str = "") -> PyTree:
+        out = {}
+        for k, v in node.items():
+            name = f"{prefix}/{k}" if prefix else str(k)
+            if isinstance(v, dict):
+                out[k] = build(v, name)
+            else:
+                out[k] = v if name.split("/")[0] in reinit else np.asarray(have[name], dtype=np.asarray(v).dtype)
+        return out
+
+    return build(model_params)
