@@ -303,7 +303,7 @@ def cmd_study_create(args: argparse.Namespace) -> int:
     storage = args.storage or resolved.study.storage or config.default_storage(resolved.study.name)
     created = study.create_study(resolved, storage, skip_if_exists=args.skip_if_exists)
     out = {"study_name": created.study_name, "storage": storage,
-           "epsilon": created.user_attrs["epsilon_target"], "delta": created.user_attrs["delta"],
+           "epsilon": created.user_attrs.get("epsilon_target"), "delta": created.user_attrs["delta"],
            "trials": len(created.trials), "private_search": created.user_attrs.get("private_search")}
     if args.json:
         print(_dump(out))
@@ -315,6 +315,9 @@ def cmd_study_create(args: argparse.Namespace) -> int:
                   f"drawn from a {private['distribution']} law of mean {private['mean_trials']:g}; each trial runs "
                   f"σ = {private['noise_multiplier']:.4g} for {private['steps']} steps (q = "
                   f"{private['sampling_rate']:.4g}); {out['trials']} trial(s) so far")
+        elif out["epsilon"] is None:
+            print(f"study {out['study_name']!r} in {storage}: non-private baseline (no privacy), "
+                  f"{out['trials']} trial(s) so far")
         else:
             print(f"study {out['study_name']!r} in {storage}: ε = {out['epsilon']:g} per trial, "
                   f"δ = {out['delta']:g}, {out['trials']} trial(s) so far")
@@ -439,12 +442,13 @@ def _print_summary(summary: Any) -> None:
     from rich.console import Console
 
     c = Console()
-    c.print(f"[bold]{summary.name}[/]: ε target {summary.epsilon_target:g} (δ = {summary.delta:g}, "
-            f"{summary.accountant}); {summary.n_trials} trials: {summary.complete} complete, {summary.pruned} pruned, "
+    c.print(f"[bold]{summary.name}[/]: {summary.budget_text}; {summary.n_trials} trials: {summary.complete} complete, {summary.pruned} pruned, "
             f"{summary.rejected} rejected before training, {summary.failed} failed; "
             f"{summary.trial_steps} trial-steps and {summary.examples_processed:,} examples processed in all")
     g = summary.search
-    if g["mode"] == "private_search":
+    if g["mode"] == "non_private":
+        c.print(f"[bold]No privacy guarantee[/]: {g['guarantee']}")
+    elif g["mode"] == "private_search":
         c.print(f"[bold]ε of the released best model: {g['total_epsilon']:.4g}[/] (δ = {g['delta']:g}; "
                 f"each trial alone: {g['per_trial_epsilon']:.4g}). {g['guarantee']}")
     else:

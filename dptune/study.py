@@ -438,6 +438,17 @@ class StudySummary:
     def as_dict(self) -> dict[str, Any]:
         return self.__dict__.copy()
 
+    @property
+    def non_private(self) -> bool:
+        return self.search.get("mode") == "non_private"
+
+    @property
+    def budget_text(self) -> str:
+        """The per-trial budget in words ("ε = 3 per trial (δ = 1e-05, pld)" or "non-private")."""
+        if self.non_private:
+            return "non-private (no clipping, no noise: no privacy)"
+        return f"ε = {self.epsilon_target:.4g} per trial (δ = {self.delta:g}, {self.accountant})"
+
 
 def trial_record(t: FrozenTrial) -> dict[str, Any]:
     """A flat, JSON-ready description of one trial."""
@@ -521,7 +532,7 @@ def summarize(study: optuna.Study) -> StudySummary:
     return StudySummary(
         name=study.study_name,
         epsilon_target=study.user_attrs.get("epsilon_target", math.nan),
-        delta=study.user_attrs.get("delta", math.nan),
+        delta=study.user_attrs.get("delta") or math.nan,
         accountant=study.user_attrs.get("accountant", "?"),
         n_trials=len(trials),
         complete=len(complete),

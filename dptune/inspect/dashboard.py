@@ -18,7 +18,7 @@ def study_note(study: optuna.Study) -> str:
     lines = [
         f"# {study.study_name}",
         "",
-        f"**Privacy budget per trial:** ε = {s.epsilon_target:.4g}, δ = {s.delta:g} ({s.accountant} accountant).",
+        f"**Privacy budget:** {s.budget_text}.",
         f"**ε of releasing the best model after this search:** {g['total_epsilon']:.4g} — {g['guarantee']}",
         "",
         f"Trials: {s.n_trials} ({s.complete} complete, {s.pruned} pruned, {s.rejected} rejected before training, "

@@ -45,7 +45,7 @@ def _study_section(study: optuna.Study, index: int) -> str:
     g = s.search
     parts = [
         f"<h2>{html.escape(study.study_name)}</h2>",
-        f"<p><b>Per-trial budget:</b> ε = {_fmt(s.epsilon_target)}, δ = {_fmt(s.delta)} ({html.escape(s.accountant)}). "
+        f"<p><b>Budget:</b> {html.escape(s.budget_text)}. "
         f"<b>ε of releasing the best model after this search: {_fmt(g['total_epsilon'])}</b>. "
         f"{html.escape(g['guarantee'])}</p>",
         f"<p>{s.n_trials} trials: {s.complete} complete, {s.pruned} pruned, {s.rejected} rejected before training, "
@@ -75,7 +75,7 @@ def render(studies: Sequence[optuna.Study]) -> str:
         rows = []
         for st in studies:
             s = summarize(st)
-            if s.best:
+            if s.best and not s.non_private:
                 rows.append({"name": st.study_name, "epsilon": s.epsilon_target, "total_epsilon": s.search["total_epsilon"],
                              "val": s.best["value"], "test": s.best.get("test_accuracy")})
         if rows:
