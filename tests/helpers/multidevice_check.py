@@ -46,11 +46,25 @@ for n_dev in (1, 4):
     p = jax.device_put(params0, fns.replicated)
     acc = fns.accumulate_nonprivate(p, fns.zeros_like(p), *fns.shard_batch(x, y, np.ones(64, np.float32)), 1.0)
     grads[n_dev] = [np.asarray(g) for g in jax.tree_util.tree_leaves(acc)]
+# Book-keeping with 2 augmented copies per example and a frozen first block: the
+# copies of one example must stay on one device (they are consecutive rows).
+from dptune.augment import Augmentation
+from dptune.freezing import trainable_mask
+
+xk = Augmentation(2, shift=1)(x, np.random.default_rng(0))
+mask = trainable_mask(params0, "last_3")
+aug = {}
+for n_dev in (1, 4):
+    fns = step_functions(model, "momentum", 64, tuple(jax.local_devices()[:n_dev]), "bookkeeping")
+    p = jax.device_put(params0, fns.replicated)
+    acc = fns.accumulate(p, fns.zeros_like(p), *fns.shard_batch(xk, y, np.ones(64, np.float32)), 0.5, mask)
+    aug[n_dev] = [np.asarray(g) for g in jax.tree_util.tree_leaves(acc)]
+augmented_diff = max(float(np.max(np.abs(a - b))) for a, b in zip(aug[1], aug[4]))
 nonprivate_diff = max(float(np.max(np.abs(a - b))) for a, b in zip(grads[1], grads[4]))
 grad_scale = max(float(np.max(np.abs(g))) for g in grads[1])
 scale = max(float(np.max(np.abs(a))) for a in ref["params"])
 r = train_and_evaluate(ds, hp, 4, config=RunConfig(private_seed=0, microbatch_size=64, num_devices=4, eval_every=2),
                        budget=PrivacyBudget(8.0, 1e-5))
-print(json.dumps({"max_abs_diff": diff, "bookkeeping_diff": bk_diff, "param_scale": scale, "nonprivate_diff": nonprivate_diff,
+print(json.dumps({"max_abs_diff": diff, "augmented_diff": augmented_diff, "bookkeeping_diff": bk_diff, "param_scale": scale, "nonprivate_diff": nonprivate_diff,
                   "grad_scale": grad_scale, "acc1": ref["acc"], "acc4": out[4, "vmap"]["acc"],
                   "devices_used": r.devices, "steps": r.steps}))
