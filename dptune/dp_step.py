@@ -20,9 +20,19 @@ Invariants (each is tested in ``tests/test_dp_step.py``):
   after the sum over all microbatches and devices, never per microbatch.
 * **Public normaliser.** In private mode the denominator is the *expected*
   batch size qN, a public constant; the realised Poisson batch size is private.
-* **Compile once.** Learning rate, momentum, C, σ, the denominator and the
-  EMA decay are traced arguments; only the model, optimizer family,
-  microbatch size and devices fix a compilation (:func:`step_functions`).
+* **Compile once.** Learning rate, momentum, C, σ, the denominator, the
+  EMA decay and the mask of frozen layers are traced arguments; only the
+  model, optimizer family, microbatch size, augmentation multiplicity, devices
+  and clipping path fix a compilation (:func:`step_functions`).
+
+Two ways compute the clipped sum, with the same contract: ``vmap`` forms every
+example's full gradient (:func:`clipped_sum`; the reference) and
+``bookkeeping`` (:mod:`dptune.bookkeeping`, the default where the model allows)
+gets the same sum from per-layer activations and output gradients at about the
+cost of a non-private step. Every test of the invariants runs on both.
+With augmentation multiplicity, ``x`` holds k consecutive copies of each
+example and an example's gradient is the mean over its copies, clipped once.
+Frozen layers (:mod:`dptune.freezing`) are left out of the norm and the update.
 """
 
 from __future__ import annotations
