@@ -90,11 +90,11 @@ class GroupNorm(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         c = x.shape[-1]
-        grouped = x.reshape(*x.shape[:-1], self.num_groups, c // self.num_groups)
-        axes = tuple(range(1, grouped.ndim - 2)) + (grouped.ndim - 1,)
-        mean = grouped.mean(axis=axes, keepdims=True)
-        var = jnp.square(grouped - mean).mean(axis=axes, keepdims=True)
-        x_hat = ((grouped - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
+        # Flax's own normalisation without its affine part (it has no parameters, so
+        # the parameter tree is unchanged); on XLA:CPU its backward pass is about
+        # twice as fast as the plain two-pass formula.
+        x_hat = nn.GroupNorm(num_groups=self.num_groups, epsilon=self.epsilon, use_scale=False, use_bias=False,
+                             name="normalize")(x)
         scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
         self.sow(TAPS, "affine", x_hat)
