@@ -50,6 +50,7 @@ def main() -> None:
     ap.add_argument("--image-shape", type=int, nargs=3, default=(28, 28, 1))
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=(64, 256, 1024))
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--devices", type=int, default=1, help="local devices to shard each microbatch over")
     ap.add_argument("--smoke", action="store_true", help="B = 16, 3 steps: checks the script runs")
     args = ap.parse_args()
     if args.smoke:
@@ -70,7 +71,7 @@ def main() -> None:
         y = rng.integers(0, 10, b).astype(np.int32)
         runs = []
         for _, clipping, private in paths:
-            fns = step_functions(model, "momentum", b, tuple(jax.local_devices()[:1]), clipping)
+            fns = step_functions(model, "momentum", b, tuple(jax.local_devices()[: args.devices]), clipping)
             xs, ys, ms = fns.shard_batch(x, y, np.ones(b, np.float32))
             one, temp = make_step(fns, xs, ys, ms, private)
             state = fns.init_state(jax.device_put(params, fns.replicated))
