@@ -32,13 +32,13 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from dptune import __version__, microbatch, privacy, search_privacy
+from dptune.augment import Augmentation
 from dptune.config import ResolvedStudy, SearchSpace, StudyConfig, default_storage
 from dptune.data import Dataset, load_dataset
 from dptune.errors import ConfigError, DptuneError, PrivacyError
 from dptune.search_privacy import TrialCount
 from dptune.search_space import Infeasible, plan_trial, smallest_batch
 from dptune.storage import MAX_RETRY, open_storage
-from dptune.augment import Augmentation
 from dptune.train import PrivacyBudget, RunConfig, train_and_evaluate
 
 CONFIG_ATTR = "dptune_config"
@@ -166,8 +166,6 @@ def create_study(resolved: ResolvedStudy, storage: str | None = None, *, skip_if
     model = build_model(study_cfg.model, dataset.num_classes, weight_standardization=study_cfg.weight_standardization)
     if study_cfg.init_checkpoint:
         # A checkpoint that does not fit is a configuration error, found before anything is written.
-        import jax
-
         from dptune import checkpoint
         from dptune.models import init_params
 

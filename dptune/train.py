@@ -134,8 +134,6 @@ class TrainResult:
     private_seed_fixed: bool
     split: dict[str, Any]
     selected: str = "raw"
-    selected_val_accuracy: float = 0.0
-    selected_test_accuracy: float = 0.0
     trainable_modules: list[str] = field(default_factory=list)
     init_checkpoint: str | None = None
     augmentation: dict[str, Any] = field(default_factory=dict)
@@ -145,9 +143,18 @@ class TrainResult:
     def epsilon(self) -> float | None:
         return None if self.privacy is None else self.privacy.epsilon
 
+    @property
+    def selected_val_accuracy(self) -> float:
+        return self.ema_val_accuracy if self.selected == "ema" else self.val_accuracy
+
+    @property
+    def selected_test_accuracy(self) -> float:
+        return self.ema_test_accuracy if self.selected == "ema" else self.test_accuracy
+
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["epsilon"] = self.epsilon
+        d.update(epsilon=self.epsilon, selected_val_accuracy=self.selected_val_accuracy,
+                 selected_test_accuracy=self.selected_test_accuracy)
         return d
 
 
@@ -354,8 +361,6 @@ def train_and_evaluate(
         split=dataset.split.as_dict(),
         history=history,
         selected=selected,
-        selected_val_accuracy=sel_val,
-        selected_test_accuracy=sel_test,
         trainable_modules=trainable_modules,
         init_checkpoint=config.init_checkpoint,
         augmentation=asdict(config.augmentation),
