@@ -1,6 +1,6 @@
 """Examples/s of dptune's DP-SGD step (each clipping path) vs its non-private step, same model, same process.
 
-    python benchmarks/step_throughput.py [--model cnn] [--batch-sizes 64 256 1024] [--steps 20]
+    python benchmarks/step_throughput.py [--model cnn] [--batch-sizes 64 256 1024] [--steps 20] [--xla-options both]
 
 For each logical batch size B, one microbatch of B examples (so the step is
 accumulate + apply, as in training) is timed for ``--steps`` steps after a
@@ -8,20 +8,23 @@ warm-up step, for the book-keeping DP step, the vmap (reference) DP step and the
 non-private step, interleaved step by step so that machine noise hits all
 alike. The table reports median examples/s, the DP ÷ non-private time ratio,
 compile seconds and XLA's temporary-buffer size of each compiled accumulate
-(the step's working memory beyond inputs and parameters). ``--smoke``: tiny.
+(the step's working memory beyond inputs and parameters). ``--xla-options
+both`` times every path also with XLA's default compiler options, to show what
+:mod:`dptune.xla_options` buys on this backend. ``--smoke``: tiny.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
 import jax
 import numpy as np
 
-from dptune import compile_stats
-from dptune.dp_step import step_functions
+from dptune import compile_stats, xla_options
+from dptune.dp_step import StepFunctions
 from dptune.models import build_model, count_params, init_params
 
 
@@ -51,6 +54,8 @@ def main() -> None:
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=(64, 256, 1024))
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--devices", type=int, default=1, help="local devices to shard each microbatch over")
+    ap.add_argument("--xla-options", choices=("dptune", "xla", "both"), default="dptune",
+                    help="compile with dptune's backend options (dptune.xla_options), XLA's defaults, or both")
     ap.add_argument("--smoke", action="store_true", help="B = 16, 3 steps: checks the script runs")
     args = ap.parse_args()
     if args.smoke:
@@ -59,36 +64,45 @@ def main() -> None:
     model = build_model(args.model, 10)
     params = init_params(model, args.image_shape, jax.random.key(0))
     rng = np.random.default_rng(0)
+    devices = tuple(jax.local_devices()[: args.devices])
     print(f"model {args.model} ({count_params(params):,} params), input {tuple(args.image_shape)}, "
-          f"device {jax.devices()[0].device_kind} ×{jax.local_device_count()}, median of {args.steps} steps")
-    paths = (("book-keeping", "bookkeeping", True), ("vmap", "vmap", True), ("non-private", "vmap", False))
-    cols = ["B"] + [f"{p} ex/s" for p, _, _ in paths] + ["BK ÷ NP time", "vmap ÷ NP time", "BK vs vmap"] \
-        + [f"{p} compile s" for p, _, _ in paths] + [f"{p} temp MiB" for p, _, _ in paths]
+          f"device {devices[0].device_kind} ×{len(devices)}, median of {args.steps} steps, "
+          f"dptune options on this backend: {xla_options.for_devices(devices) or 'none'}")
+    options = {"dptune": ("dptune",), "xla": ("xla",), "both": ("dptune", "xla")}[args.xla_options]
+    paths = [(name, clipping, private, opt) for opt in options
+             for name, clipping, private in (("book-keeping", "bookkeeping", True), ("vmap", "vmap", True),
+                                             ("non-private", "vmap", False))]
+    cols = ["B", "path", "options", "ex/s", "÷ NP time", "vs vmap", "compile s", "temp MiB"]
     print(" | ".join(cols))
-    print("-" * (sum(len(c) for c in cols) + 3 * len(cols)))
+    print(" | ".join("-" * len(c) for c in cols))
     for b in args.batch_sizes:
         x = rng.standard_normal((b, *args.image_shape)).astype(np.float32)
         y = rng.integers(0, 10, b).astype(np.int32)
         runs = []
-        for _, clipping, private in paths:
-            fns = step_functions(model, "momentum", b, tuple(jax.local_devices()[: args.devices]), clipping)
+        for name, clipping, private, opt in paths:
+            # Built directly (not the per-process cache) so that each option set gets its own compilation.
+            os.environ[xla_options.ENV] = "1" if opt == "dptune" else "0"
+            fns = StepFunctions(model, "momentum", b, devices, clipping)
             xs, ys, ms = fns.shard_batch(x, y, np.ones(b, np.float32))
             one, temp = make_step(fns, xs, ys, ms, private)
             state = fns.init_state(jax.device_put(params, fns.replicated))
             before = compile_stats.seconds()
             state = one(state, 0)
-            runs.append({"one": one, "state": state, "compile": compile_stats.seconds() - before,
+            runs.append({"key": (name, opt), "one": one, "state": state, "compile": compile_stats.seconds() - before,
                          "temp": temp(state) / 2**20, "times": []})
+        # Interleaved step by step, so that machine noise hits every path alike.
         for t in range(args.steps):
             for r in runs:
                 tick = time.perf_counter()
                 r["state"] = r["one"](r["state"], t + 1)
                 r["times"].append(time.perf_counter() - tick)
-        rate = [b / statistics.median(r["times"]) for r in runs]
-        row = [f"{b}"] + [f"{v:,.0f}" for v in rate] + [
-            f"{rate[2] / rate[0]:.2f}", f"{rate[2] / rate[1]:.2f}", f"{rate[0] / rate[1]:.2f}×"]
-        row += [f"{r['compile']:.2f}" for r in runs] + [f"{r['temp']:.1f}" for r in runs]
-        print(" | ".join(row))
+        rate = {r["key"]: b / statistics.median(r["times"]) for r in runs}
+        for r in runs:
+            name, opt = r["key"]
+            ratio = f"{rate[('non-private', opt)] / rate[r['key']]:.2f}" if name != "non-private" else ""
+            vs = f"{rate[r['key']] / rate[('vmap', opt)]:.2f}×" if name == "book-keeping" else ""
+            print(f"{b} | {name} | {opt} | {rate[r['key']]:,.0f} | {ratio} | {vs} | {r['compile']:.2f} | "
+                  f"{r['temp']:.1f}")
 
 
 if __name__ == "__main__":

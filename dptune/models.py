@@ -31,6 +31,15 @@ def _groups(channels: int, preferred: int) -> int:
     return g
 
 
+def _avg_pool_2x2(x: jax.Array) -> jax.Array:
+    """2×2 average pooling with stride 2 (SAME padding, padded cells counted, as ``nn.avg_pool``)."""
+    b, h, w, c = x.shape
+    if h % 2 or w % 2:
+        return nn.avg_pool(x, (2, 2), (2, 2), padding="SAME")
+    # Same numbers as nn.avg_pool; its reduce_window backward is ~6x slower on XLA:CPU than this broadcast.
+    return x.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
+
+
 class SmallCNN(nn.Module):
     """Conv(16)–GN–ReLU–pool, Conv(32)–GN–ReLU–pool, Dense(64), Dense(classes)."""
 
@@ -43,7 +52,7 @@ class SmallCNN(nn.Module):
             x = Conv(features, 3, use_bias=True, weight_standardization=self.weight_standardization)(x)
             x = GroupNorm(num_groups=_groups(features, 8))(x)
             x = nn.relu(x)
-            x = nn.avg_pool(x, (2, 2), (2, 2), padding="SAME")
+            x = _avg_pool_2x2(x)
         x = x.reshape(x.shape[0], -1)
         x = nn.relu(Dense(64)(x))
         return Dense(self.num_classes)(x)

@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from dptune import bookkeeping
+from dptune import bookkeeping, xla_options
 from dptune.dp_step import clipped_sum, step_functions
 from dptune.layers import Dense
 from dptune.models import ResNet, WideResNet, _BasicBlock, build_model, init_params
@@ -27,7 +27,8 @@ def _jitted(model, path):
     def book(p, x, y, mask, clip):
         return bookkeeping.clipped_sum(model, p, x, y, mask, clip)
 
-    return jax.jit(reference if path == "vmap" else book)
+    # The options the trainer compiles with, so that this is the code that runs.
+    return jax.jit(reference if path == "vmap" else book, compiler_options=xla_options.for_devices(jax.devices()))
 
 
 def _reference(model, params, x, y, mask, clip):

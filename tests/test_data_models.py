@@ -89,3 +89,13 @@ def test_cnn_size_matches_the_reference_cnn():
 def test_unknown_model():
     with pytest.raises(ConfigError, match="^model:.*cnn"):
         build_model("vit", 10)
+
+
+@pytest.mark.parametrize("size", [8, 7])
+def test_fast_average_pooling_equals_flax(size):
+    import flax.linen as nn
+
+    from dptune.models import _avg_pool_2x2
+
+    x = jax.random.normal(jax.random.key(0), (3, size, size, 5))
+    np.testing.assert_allclose(_avg_pool_2x2(x), nn.avg_pool(x, (2, 2), (2, 2), padding="SAME"), rtol=1e-6, atol=1e-6)
