@@ -7,7 +7,8 @@ Opacus runs in a virtual environment this script makes itself the first time
 unpinned torch would pull a several-GB CUDA build). dptune runs in the Python
 that runs this script. Every (framework, mode, B) is its own process, so each
 peak RSS is that configuration's alone; both frameworks get the same number of
-threads.
+threads (dptune as its CLI runs on a CPU host: one JAX device per thread,
+:func:`dptune.xla_options.use_host_cores`).
 
 Timed: one whole DP-SGD step on one logical batch of B examples held in memory
 (forward, per-example clipping, noise, optimizer update), median of
@@ -16,7 +17,10 @@ Timed: one whole DP-SGD step on one logical batch of B examples held in memory
 * Opacus ``hooks`` (its default per-sample gradients) and ``ghost`` (ghost
   clipping, two backward passes), and plain PyTorch without DP;
 * dptune ``bookkeeping`` (its default), ``vmap`` (the reference), and its
-  non-private step.
+  non-private step. As in training, the logical batch is split into
+  microbatches of the size dptune measures as fastest for the device set
+  (:mod:`dptune.microbatch`; the non-private step uses book-keeping's), their
+  clipped sums accumulated, then noise added once and the update applied.
 
 Peak memory: the process's peak RSS, and its growth over the RSS just before
 the first step (the step's own working memory, roughly).
@@ -98,35 +102,51 @@ def worker_opacus(mode: str, b: int, steps: int, threads: int) -> dict:
             "step_mem": _peak_mib() - before}
 
 
-def worker_dptune(mode: str, b: int, steps: int, threads: int) -> dict:
+def worker_dptune(mode: str, b: int, steps: int, threads: int, microbatch_size: int = 0) -> dict:
+    sys.path.insert(0, str(HERE.parent))
+    from dptune import xla_options
+
+    # As the dptune CLI does before JAX starts: one host device per thread it may use.
+    xla_options.use_host_cores(limit=threads)
     import jax
     import numpy as np
 
-    sys.path.insert(0, str(HERE))
-    from step_throughput import make_step
-
+    from dptune import microbatch
     from dptune.dp_step import step_functions
     from dptune.models import build_model, count_params, init_params
 
+    devices = tuple(jax.local_devices())
     model = build_model("cnn", CLASSES)
     params = init_params(model, IMAGE, jax.random.key(0))
-    fns = step_functions(model, "momentum", b, tuple(jax.local_devices()[:1]),
-                         "vmap" if mode == "nonprivate" else mode)
+    private = mode != "nonprivate"
+    if not microbatch_size:  # the product's default: measured per device set (dptune.microbatch)
+        microbatch_size = microbatch.choose("cnn", IMAGE, CLASSES, devices, clipping=mode, upper=b,
+                                            use_cache=False).microbatch_size
+    fns = step_functions(model, "momentum", microbatch_size, devices, mode if private else "vmap")
+    accumulate = fns.accumulate if private else fns.accumulate_nonprivate
     rng = np.random.default_rng(0)
-    batch = fns.shard_batch(rng.standard_normal((b, *IMAGE)).astype(np.float32),
-                            rng.integers(0, CLASSES, b).astype(np.int32), np.ones(b, np.float32))
-    one, _ = make_step(fns, *batch, private=mode != "nonprivate")
+    chunks = [fns.shard_batch(rng.standard_normal((microbatch_size, *IMAGE)).astype(np.float32),
+                              rng.integers(0, CLASSES, microbatch_size).astype(np.int32),
+                              np.ones(microbatch_size, np.float32))
+              for _ in range(-(-b // microbatch_size))]
+    key = jax.random.key(0)
+    sigma, clip = (1.0, 1.0) if private else (0.0, float("inf"))
     state = {"s": fns.init_state(jax.device_put(params, fns.replicated)), "t": 0}
 
     def step() -> None:
+        # One logical batch: the clipped sums of its microbatches, then noise once and the update.
         state["t"] += 1
-        state["s"] = one(state["s"], state["t"])
+        acc = fns.zeros_like(state["s"].params)
+        for x, y, mask in chunks:
+            acc = accumulate(state["s"].params, acc, x, y, mask, clip)
+        state["s"] = fns.apply(state["s"], acc, key, state["t"], sigma, clip, float(b), 0.1, 0.9, 0.0)
+        jax.block_until_ready(state["s"].params)
 
     step()  # compile outside the memory baseline, like torch's lazy init above
     before = _rss_mib()
     times = _timed(step, steps)
     return {"params": count_params(params), "rate": b / statistics.median(times), "peak": _peak_mib(),
-            "step_mem": _peak_mib() - before}
+            "step_mem": _peak_mib() - before, "microbatch": microbatch_size, "devices": len(devices)}
 
 
 def ensure_venv(venv: Path) -> Path:
@@ -140,9 +160,10 @@ def ensure_venv(venv: Path) -> Path:
     return python
 
 
-def run(python: Path, framework: str, mode: str, b: int, steps: int, threads: int) -> dict:
+def run(python: Path, framework: str, mode: str, b: int, steps: int, threads: int, microbatch_size: int = 0) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    out = subprocess.run([str(python), __file__, "--worker", framework, mode, str(b), str(steps), str(threads)],
+    out = subprocess.run([str(python), __file__, "--worker", framework, mode, str(b), str(steps), str(threads),
+                          str(microbatch_size)],
                          capture_output=True, text=True, env=env)
     if out.returncode != 0:
         return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"}
@@ -151,9 +172,11 @@ def run(python: Path, framework: str, mode: str, b: int, steps: int, threads: in
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        framework, mode, b, steps, threads = sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
-        fn = worker_opacus if framework == "opacus" else worker_dptune
-        print(json.dumps(fn(mode, b, steps, threads)))
+        framework, mode, b, steps, threads, micro = sys.argv[2], sys.argv[3], *map(int, sys.argv[4:8])
+        if framework == "opacus":
+            print(json.dumps(worker_opacus(mode, b, steps, threads)))
+        else:
+            print(json.dumps(worker_dptune(mode, b, steps, threads, micro)))
         return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=(64, 256, 1024))
@@ -171,12 +194,16 @@ def main() -> None:
     modes = [("opacus", "hooks"), ("opacus", "ghost"), ("opacus", "nonprivate"),
              ("dptune", "bookkeeping"), ("dptune", "vmap"), ("dptune", "nonprivate")]
     header = ("B", "framework", "mode", "params", "ex/s", "vs best Opacus DP", "DP ÷ own non-private time",
-              "peak RSS MiB", "step Δ MiB")
+              "peak RSS MiB", "step Δ MiB", "dptune microbatch × devices")
     print(" | ".join(header))
     print(" | ".join("-" * len(h) for h in header))
     for b in args.batch_sizes:
-        rows = {m: run(torch_python if m[0] == "opacus" else Path(sys.executable), *m, b, args.steps, args.threads)
-                for m in modes}
+        rows: dict = {}
+        for m in modes:
+            # dptune's non-private step runs on the microbatch its book-keeping step chose.
+            micro = rows.get(("dptune", "bookkeeping"), {}).get("microbatch", 0) if m == ("dptune", "nonprivate") else 0
+            rows[m] = run(torch_python if m[0] == "opacus" else Path(sys.executable), *m, b, args.steps, args.threads,
+                          micro)
         best_opacus = max(rows[m].get("rate", 0.0) for m in modes[:2])
         for (framework, mode), r in rows.items():
             if "error" in r:
@@ -185,8 +212,9 @@ def main() -> None:
             own_np = rows[(framework, "nonprivate")].get("rate")
             ratio = f"{own_np / r['rate']:.2f}" if own_np and mode != "nonprivate" else ""
             vs = f"{r['rate'] / best_opacus:.2f}×" if best_opacus and mode != "nonprivate" else ""
+            layout = f"{r['microbatch']} × {r['devices']}" if "microbatch" in r else ""
             print(f"{b} | {framework} | {mode} | {r['params']:,} | {r['rate']:,.0f} | {vs} | {ratio} | "
-                  f"{r['peak']:,.0f} | {r['step_mem']:,.0f}")
+                  f"{r['peak']:,.0f} | {r['step_mem']:,.0f} | {layout}")
 
 
 if __name__ == "__main__":

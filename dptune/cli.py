@@ -648,6 +648,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dptune`` console script."""
+    from dptune import xla_options
+
+    # Before any command starts JAX: on a CPU-only host, one device per core.
+    xla_options.use_host_cores()
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "name", None) and not getattr(args, "study_name", None):

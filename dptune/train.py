@@ -222,6 +222,15 @@ def evaluate(fns: StepFunctions, params: Any, split: Any, batch_size: int) -> tu
     return correct / len(split), loss / len(split)
 
 
+def _devices(config: RunConfig) -> tuple[jax.Device, ...]:
+    """``num_devices`` local devices; by default the most that evenly share a microbatch."""
+    local = jax.local_devices()
+    if config.num_devices:
+        return tuple(local[: config.num_devices])
+    count = max(d for d in range(1, len(local) + 1) if config.microbatch_size % d == 0)
+    return tuple(local[:count])
+
+
 def train_and_evaluate(
     dataset: Dataset,
     hparams: Hyperparams,
@@ -258,7 +267,7 @@ def train_and_evaluate(
                 f"(δ = {budget.delta:g}) in a single step; raise σ or lower the batch size"
             )
 
-    devices = tuple(jax.local_devices()[: config.num_devices or None])
+    devices = _devices(config)
     eval_bs = -(-config.eval_batch_size // len(devices)) * len(devices)
     model = build_model(config.model, dataset.num_classes, weight_standardization=config.weight_standardization)
     fns = step_functions(model, hparams.optimizer, config.microbatch_size, devices, config.clipping)

@@ -1,8 +1,11 @@
-"""dptune's per-compilation XLA options: known to this jaxlib, switchable off, and the same numbers either way."""
+"""dptune's XLA settings: per-compilation options known to this jaxlib, one host device per core, both switchable off."""
+
+import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
-import pytest
 
 from dptune import bookkeeping, xla_options
 from dptune.dp_step import StepFunctions
@@ -38,3 +41,19 @@ def test_same_clipped_sum_with_and_without_the_options():
     plain = jax.jit(f)(params, x, y, mask)
     for a, b in zip(jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(plain)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def _device_count(env_changes: dict) -> int:
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES", xla_options.ENV)}
+    env.update(env_changes, JAX_PLATFORMS="cpu")
+    code = "from dptune import xla_options; xla_options.use_host_cores(); import jax; print(jax.device_count())"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return int(out.stdout.split()[-1])
+
+
+def test_one_host_device_per_core_unless_told_otherwise():
+    cores = min(len(os.sched_getaffinity(0)), 8)
+    assert _device_count({}) == (cores if cores > 1 else 1)
+    assert _device_count({"XLA_FLAGS": "--xla_force_host_platform_device_count=3"}) == 3
+    assert _device_count({xla_options.ENV: "0"}) == 1

@@ -65,6 +65,10 @@ grad_scale = max(float(np.max(np.abs(g))) for g in grads[1])
 scale = max(float(np.max(np.abs(a))) for a in ref["params"])
 r = train_and_evaluate(ds, hp, 4, config=RunConfig(private_seed=0, microbatch_size=64, num_devices=4, eval_every=2),
                        budget=PrivacyBudget(8.0, 1e-5))
-print(json.dumps({"max_abs_diff": diff, "augmented_diff": augmented_diff, "bookkeeping_diff": bk_diff, "param_scale": scale, "nonprivate_diff": nonprivate_diff,
+# Without num_devices: the most devices that evenly share the microbatch.
+from dptune.train import _devices  # noqa: E402
+
+default_devices = [len(_devices(RunConfig(microbatch_size=m))) for m in (64, 6, 5)]
+print(json.dumps({"default_devices": default_devices, "max_abs_diff": diff, "augmented_diff": augmented_diff, "bookkeeping_diff": bk_diff, "param_scale": scale, "nonprivate_diff": nonprivate_diff,
                   "grad_scale": grad_scale, "acc1": ref["acc"], "acc4": out[4, "vmap"]["acc"],
                   "devices_used": r.devices, "steps": r.steps}))
