@@ -24,7 +24,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from dptune import compile_stats
+from dptune import compile_stats, xla_options
 from dptune.dp_step import step_functions
 from dptune.models import build_model, init_params
 
@@ -51,7 +51,10 @@ def _memory_limit(device: jax.Device) -> float:
 def _key(model: str, ws: bool, image_shape: Sequence[int], num_classes: int, clipping: str,
          devices: Sequence[jax.Device], upper: int) -> str:
     shape = "x".join(str(s) for s in image_shape)
-    return f"{model}|ws={int(ws)}|{shape}|{num_classes}|{clipping}|{devices[0].device_kind}x{len(devices)}|<={upper}"
+    # Compiler options change the timings, so a choice made under others is not reused.
+    options = ",".join(f"{k}={v}" for k, v in sorted(xla_options.for_devices(devices).items())) or "xla-defaults"
+    return (f"{model}|ws={int(ws)}|{shape}|{num_classes}|{clipping}|{devices[0].device_kind}x{len(devices)}"
+            f"|<={upper}|{options}")
 
 
 def _cache_path() -> str:
