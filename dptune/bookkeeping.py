@@ -10,11 +10,15 @@ backward pass to the layer outputs (never to the parameters) give all of them
 (:mod:`dptune.layers` records them). Per layer, a *rule* turns (a, g) into
 
 * each example's gradient norm for each parameter — for a dense kernel
-  ‖aᵢ‖·‖gᵢ‖, without forming aᵢᵀgᵢ; for a convolution kernel the small
-  per-example kernel gradient (k·k·c_in·c_out numbers) is formed from k²
-  shifted batched matmuls;
+  ‖aᵢ‖·‖gᵢ‖, without forming aᵢᵀgᵢ; for a convolution kernel, per layer
+  whichever costs fewer operations ("mixed", Bu et al. 2023): the small
+  per-example kernel gradient (k·k·c_in·c_out numbers) from k² shifted
+  batched matmuls, or Gram matrices of the layer's input patches and output
+  gradients (ghost norm, Li et al. 2022), cheaper where the spatial size is
+  small and the channels many;
 * the weighted sum Σᵢ wᵢ·∇θℓᵢ for any weights w — for a dense kernel the
-  single matmul (w⊙a)ᵀg.
+  single matmul (w⊙a)ᵀg; for a ghost-norm convolution one kernel gradient of
+  the whole batch with output gradients wᵢ·gᵢ.
 
 The clip weights ``wᵢ = min(1, C/‖∇ℓᵢ‖)`` come from the global norms, then one
 weighted sum per parameter gives the clipped sum: no second backward pass.
@@ -96,6 +100,18 @@ def dense_rule(params: dict, a: jax.Array, g: jax.Array, k: int = 1) -> dict[str
     return pieces
 
 
+def _same_geometry(a_shape: tuple[int, ...], g_shape: tuple[int, ...], k: int) -> tuple[int, list[tuple[int, int]]]:
+    """Stride and SAME padding of a convolution, read from its input and output shapes (out = ⌈in / stride⌉)."""
+    _, h, w_in, _ = a_shape
+    _, ho, wo, _ = g_shape
+    s = -(-h // ho)
+    pads = []
+    for size, out in ((h, ho), (w_in, wo)):
+        total = max((out - 1) * s + k - size, 0)
+        pads.append((total // 2, total - total // 2))
+    return s, pads
+
+
 def conv_kernel_grads(a: jax.Array, g: jax.Array, kernel_size: int) -> jax.Array:
     """Per-example kernel gradients [B, k, k, c_in, c_out] of a SAME-padded NHWC convolution.
 
@@ -103,13 +119,8 @@ def conv_kernel_grads(a: jax.Array, g: jax.Array, kernel_size: int) -> jax.Array
     one batched matmul of the shifted input against the output gradient.
     """
     k = kernel_size
-    _, h, w_in, _ = a.shape
+    s, pads = _same_geometry(a.shape, g.shape, k)
     _, ho, wo, _ = g.shape
-    s = -(-h // ho)
-    pads = []
-    for size, out in ((h, ho), (w_in, wo)):
-        total = max((out - 1) * s + k - size, 0)
-        pads.append((total // 2, total - total // 2))
     padded = jnp.pad(a, ((0, 0), pads[0], pads[1], (0, 0)))
     rows = []
     for di in range(k):
@@ -121,14 +132,91 @@ def conv_kernel_grads(a: jax.Array, g: jax.Array, kernel_size: int) -> jax.Array
     return jnp.stack(rows, axis=1)
 
 
-def conv_rule(params: dict, a: jax.Array, g: jax.Array, k: int = 1, standardized: bool = False) -> dict[str, Piece]:
-    """SAME convolution; with weight standardisation the kernel gradients go through its VJP at θ."""
+def conv_ghost_norms(a: jax.Array, g: jax.Array, kernel_size: int) -> jax.Array:
+    """Each example's kernel-gradient norm from Gram matrices, without forming the gradient (Bu et al. 2023).
+
+    With uₚ the input patch seen by output position p,
+    ‖∇Wᵢ‖² = Σₚ,q ⟨uₚ, u_q⟩⟨gₚ, g_q⟩, and the patch Gram is the sum over the k²
+    kernel offsets of the Gram of the (padded) input with itself, shifted.
+    Inputs are rescaled per example by their largest entry, so squares cannot
+    overflow; a NaN or ±inf anywhere in an example gives NaN.
+    """
+    k = kernel_size
+    s, pads = _same_geometry(a.shape, g.shape, k)
+    _, ho, wo, _ = g.shape
+    ma = jnp.max(jnp.abs(a.reshape(a.shape[0], -1)), axis=1)
+    mg = jnp.max(jnp.abs(g.reshape(g.shape[0], -1)), axis=1)
+    a = a / jnp.where(ma > 0, ma, 1.0)[:, None, None, None]
+    g = g / jnp.where(mg > 0, mg, 1.0)[:, None, None, None]
+    padded = jnp.pad(a, ((0, 0), pads[0], pads[1], (0, 0)))
+    raw = jnp.einsum("bxyc,buvc->bxyuv", padded, padded)
+    patch = sum(
+        raw[:, di: di + (ho - 1) * s + 1: s, dj: dj + (wo - 1) * s + 1: s,
+            di: di + (ho - 1) * s + 1: s, dj: dj + (wo - 1) * s + 1: s]
+        for di in range(k) for dj in range(k)
+    )
+    sq = jnp.einsum("bijkl,bijkl->b", patch, jnp.einsum("bijo,bklo->bijkl", g, g))
+    return ma * mg * jnp.sqrt(jnp.maximum(sq, 0.0))
+
+
+def conv_weighted_sum(a: jax.Array, g: jax.Array, kernel_shape: tuple[int, ...], w: jax.Array,
+                      keep: jax.Array) -> jax.Array:
+    """Σᵢ wᵢ·∇Wᵢ as one kernel gradient of the whole batch with output gradients wᵢ·gᵢ (no per-example work).
+
+    Written as the convolution that computes a kernel gradient (input with
+    batch and channel axes swapped, output gradient as the kernel dilated by
+    the stride), not as a VJP: inside ``shard_map`` a VJP against a
+    device-invariant kernel would be summed over devices here already.
+    """
+    k = kernel_shape[0]
+    s, pads = _same_geometry(a.shape, g.shape, k)
+    _, h, w_in, _ = a.shape
+    _, ho, wo, _ = g.shape
+    a = _rows(keep, a)
+    gw = _rows(keep, g) * w.reshape(-1, 1, 1, 1).astype(g.dtype)
+    # High padding (negative: cropped) so that exactly k offsets fit in each direction.
+    padding = [(pads[0][0], (ho - 1) * s + k - h - pads[0][0]), (pads[1][0], (wo - 1) * s + k - w_in - pads[1][0])]
+    return jax.lax.conv_general_dilated(a, gw, (1, 1), padding, rhs_dilation=(s, s),
+                                        dimension_numbers=("CHWN", "IHWO", "HWNC"))
+
+
+# "auto": per layer, Gram-matrix norms where they cost fewer operations than
+# forming per-example kernel gradients (deep, narrow-spatial layers), else the latter.
+CONV_NORMS: tuple[str, ...] = ("auto", "ghost", "materialise")
+
+
+def conv_uses_ghost(a_shape: tuple[int, ...], g_shape: tuple[int, ...], kernel_size: int,
+                    mode: str = "auto") -> bool:
+    """Whether a layer's norms come from Gram matrices: by operation count, unless ``mode`` forces a side."""
+    if mode != "auto":
+        return mode == "ghost"
+    k = kernel_size
+    _, pads = _same_geometry(a_shape, g_shape, k)
+    hp, wp = a_shape[1] + sum(pads[0]), a_shape[2] + sum(pads[1])
+    positions = g_shape[1] * g_shape[2]
+    ghost = (hp * wp) ** 2 * a_shape[3] + positions ** 2 * (g_shape[3] + k * k)
+    return ghost < positions * k * k * a_shape[3] * g_shape[3]
+
+
+def conv_rule(params: dict, a: jax.Array, g: jax.Array, k: int = 1, standardized: bool = False,
+              norms: str = "auto") -> dict[str, Piece]:
+    """SAME convolution; with weight standardisation the kernel gradients go through its VJP at θ.
+
+    Without standardisation or augmented copies, layers where it is cheaper
+    (:func:`conv_uses_ghost`) take their norms from Gram matrices and their
+    weighted sum from one batch kernel gradient; the others form each
+    example's kernel gradient.
+    """
     kernel = params["kernel"]
-    grads = _grouped(conv_kernel_grads(a, g, kernel.shape[0]), k)
-    if standardized:
-        _, vjp = jax.vjp(standardize, kernel)
-        grads = jax.vmap(lambda gk: vjp(gk)[0])(grads)
-    pieces = {"kernel": _materialised(grads)}
+    if not standardized and k == 1 and conv_uses_ghost(a.shape, g.shape, kernel.shape[0], norms):
+        pieces = {"kernel": Piece(conv_ghost_norms(a, g, kernel.shape[0]),
+                                  lambda w, keep: conv_weighted_sum(a, g, kernel.shape, w, keep))}
+    else:
+        grads = _grouped(conv_kernel_grads(a, g, kernel.shape[0]), k)
+        if standardized:
+            _, vjp = jax.vjp(standardize, kernel)
+            grads = jax.vmap(lambda gk: vjp(gk)[0])(grads)
+        pieces = {"kernel": _materialised(grads)}
     if "bias" in params:
         pieces["bias"] = _materialised(_grouped(g.sum(axis=(1, 2)), k))
     return pieces
@@ -157,10 +245,10 @@ def _is_layer(node: dict) -> bool:
     return any(not isinstance(v, dict) for v in node.values())
 
 
-def _pieces(params: PyTree, taps: dict, grads: dict, k: int, path: str = "") -> PyTree:
+def _pieces(params: PyTree, taps: dict, grads: dict, k: int, path: str = "", conv_norms: str = "auto") -> PyTree:
     """Walk the parameter tree; each leaf module is paired with its tap and its output gradient."""
     if not _is_layer(params):
-        return {name: _pieces(sub, taps.get(name, {}), grads.get(name, {}), k, f"{path}/{name}")
+        return {name: _pieces(sub, taps.get(name, {}), grads.get(name, {}), k, f"{path}/{name}", conv_norms)
                 for name, sub in params.items()}
     if any(isinstance(v, dict) for v in params.values()):
         raise Unsupported(f"{path}: a module with both parameters and submodules")
@@ -170,14 +258,17 @@ def _pieces(params: PyTree, taps: dict, grads: dict, k: int, path: str = "") -> 
     rule, inputs = recorded[0]
     if len(inputs) != 1:
         raise Unsupported(f"{path}: layer called {len(inputs)} times (shared weights)")
-    pieces = RULES[rule](params, inputs[0], grads["out"], k)
+    if rule == "conv":
+        pieces = conv_rule(params, inputs[0], grads["out"], k, norms=conv_norms)
+    else:
+        pieces = RULES[rule](params, inputs[0], grads["out"], k)
     if set(pieces) != set(params):
         raise Unsupported(f"{path}: rule {rule!r} covers {sorted(pieces)}, parameters are {sorted(params)}")
     return pieces
 
 
 def per_example_pieces(model: nn.Module, params: PyTree, x: jax.Array, y: jax.Array,
-                       varying_axis: str | None = None) -> PyTree:
+                       varying_axis: str | None = None, conv_norms: str = "auto") -> PyTree:
     """One forward and one backward (to layer outputs only) → a :class:`Piece` per parameter.
 
     ``varying_axis``: inside ``shard_map``, the zero perturbations must be
@@ -201,7 +292,7 @@ def per_example_pieces(model: nn.Module, params: PyTree, x: jax.Array, y: jax.Ar
         return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, labels)) / k, state.get(TAPS, {})
 
     grads, taps = jax.grad(total_loss, has_aux=True)(zeros)
-    return _pieces(params, taps, grads, k)
+    return _pieces(params, taps, grads, k, conv_norms=conv_norms)
 
 
 def plan(model: nn.Module, params: PyTree, x: jax.Array, y: jax.Array) -> str | None:
@@ -225,13 +316,14 @@ def global_norms(pieces: PyTree) -> jax.Array:
 
 def clipped_sum(model: nn.Module, params: PyTree, x: jax.Array, y: jax.Array, mask: jax.Array,
                 clip_norm: jax.Array | float, varying_axis: str | None = None,
-                trainable: PyTree | None = None) -> PyTree:
+                trainable: PyTree | None = None, conv_norms: str = "auto") -> PyTree:
     """Σᵢ maskᵢ · min(1, C/‖∇ℓᵢ‖) · ∇ℓᵢ by book-keeping; same contract as :func:`dptune.dp_step.clipped_sum`.
 
     ``trainable`` (0/1 per leaf, :mod:`dptune.freezing`): frozen leaves are left
-    out of the norms and the sum.
+    out of the norms and the sum. ``conv_norms`` (:data:`CONV_NORMS`): how
+    convolution layers get their per-example norms; every choice gives the same sum.
     """
-    pieces = per_example_pieces(model, params, x, y, varying_axis)
+    pieces = per_example_pieces(model, params, x, y, varying_axis, conv_norms)
     if trainable is not None:
         pieces = jax.tree_util.tree_map(
             lambda p, m: Piece(jnp.where(m > 0, p.norms, 0.0), p.weighted), pieces, trainable,

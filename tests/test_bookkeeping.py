@@ -16,7 +16,7 @@ from dptune.models import ResNet, WideResNet, _BasicBlock, build_model, init_par
 
 
 @functools.lru_cache
-def _jitted(model, path):
+def _jitted(model, path, conv_norms="auto"):
     # One compilation per (model, path): the clip norm and mask are arguments.
     def reference(p, x, y, mask, clip):
         def loss(p, xi, yi):
@@ -25,7 +25,7 @@ def _jitted(model, path):
         return clipped_sum(jax.vmap(jax.grad(loss), in_axes=(None, 0, 0))(p, x, y), mask, clip)
 
     def book(p, x, y, mask, clip):
-        return bookkeeping.clipped_sum(model, p, x, y, mask, clip)
+        return bookkeeping.clipped_sum(model, p, x, y, mask, clip, conv_norms=conv_norms)
 
     # The options the trainer compiles with, so that this is the code that runs.
     return jax.jit(reference if path == "vmap" else book, compiler_options=xla_options.for_devices(jax.devices()))
@@ -35,8 +35,8 @@ def _reference(model, params, x, y, mask, clip):
     return _jitted(model, "vmap")(params, x, y, mask, clip)
 
 
-def _bookkeeping(model, params, x, y, mask, clip):
-    return _jitted(model, "bookkeeping")(params, x, y, mask, clip)
+def _bookkeeping(model, params, x, y, mask, clip, conv_norms="auto"):
+    return _jitted(model, "bookkeeping", conv_norms)(params, x, y, mask, clip)
 
 
 def _assert_close(a, b, rtol):
@@ -67,7 +67,8 @@ def test_equals_the_vmap_reference(model, shape):
         _assert_close(_reference(model, params, x, y, mask, clip), _bookkeeping(model, params, x, y, mask, clip), 2e-5)
 
 
-def test_adversarial_examples_keep_the_bound_and_match_the_reference():
+@pytest.mark.parametrize("conv_norms", ["materialise", "ghost"])
+def test_adversarial_examples_keep_the_bound_and_match_the_reference(conv_norms):
     model = build_model("cnn", 10)
     params = init_params(model, (8, 8, 1), jax.random.key(0))
     rng = np.random.default_rng(2)
@@ -79,17 +80,66 @@ def test_adversarial_examples_keep_the_bound_and_match_the_reference():
     y = jnp.asarray(rng.integers(0, 10, 8))
     ones = jnp.ones(8, jnp.float32)
     clip = 0.25
-    full = _bookkeeping(model, params, jnp.asarray(x), y, ones, clip)
+    full = _bookkeeping(model, params, jnp.asarray(x), y, ones, clip, conv_norms)
     assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree_util.tree_leaves(full))
     _assert_close(_reference(model, params, jnp.asarray(x), y, ones, clip), full, 2e-5)
     for i in range(8):
-        without = _bookkeeping(model, params, jnp.asarray(x), y, ones.at[i].set(0.0), clip)
+        without = _bookkeeping(model, params, jnp.asarray(x), y, ones.at[i].set(0.0), clip, conv_norms)
         change = _norm(jax.tree_util.tree_map(jnp.subtract, full, without))
         assert change <= clip * (1 + 1e-5), (i, change)
         if i in (2, 3):
             assert change == 0.0
         if i == 1:  # the huge example is clipped, not dropped
             assert change == pytest.approx(clip, rel=1e-4)
+
+
+# (input size, c_in, c_out, kernel, output size): stride 1 and 2, 1×1, 7×7 stride 2, odd sizes.
+@pytest.mark.parametrize("h,c,o,k,ho", [(8, 4, 5, 3, 8), (9, 3, 4, 3, 5), (10, 2, 3, 1, 5), (12, 3, 4, 7, 6), (7, 2, 2, 3, 7)])
+def test_ghost_conv_norms_and_sums_equal_the_per_example_gradients(h, c, o, k, ho):
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((5, h, h, c)).astype(np.float32)
+    a[1] *= 1e20          # huge but finite
+    a[2, 0, 0, 0] = np.nan
+    a[3, 0, 0, 0] = np.inf
+    g = jnp.asarray(rng.standard_normal((5, ho, ho, o)), jnp.float32)
+    a = jnp.asarray(a)
+    per_example = bookkeeping.conv_kernel_grads(a, g, k)
+    ghost = bookkeeping.conv_ghost_norms(a, g, k)
+    exact = bookkeeping.robust_norm(per_example)
+    finite = np.array([True, True, False, False, True])
+    np.testing.assert_allclose(ghost[finite], exact[finite], rtol=1e-5)
+    assert np.all(np.isnan(ghost[~finite]))
+    w = jnp.asarray([0.5, 1e-20, 0.3, 0.7, 0.2], jnp.float32)
+    keep = jnp.asarray(finite)
+    expected = jnp.tensordot(jnp.where(keep, w, 0.0), jnp.where(keep[:, None, None, None, None], per_example, 0.0), axes=1)
+    got = bookkeeping.conv_weighted_sum(a, g, (k, k, c, o), w, keep)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(expected))))
+
+
+def test_mixed_rule_picks_ghost_norms_for_deep_narrow_layers_only():
+    # dptune's small CNN on 28×28: every layer forms per-example gradients.
+    assert not bookkeeping.conv_uses_ghost((1, 28, 28, 1), (1, 28, 28, 16), 3)
+    assert not bookkeeping.conv_uses_ghost((1, 14, 14, 16), (1, 14, 14, 32), 3)
+    # WRN-16-4 on 32×32: the 16×16 and 8×8 stages are cheaper by Gram matrices; the 32×32 stage is not.
+    assert not bookkeeping.conv_uses_ghost((1, 32, 32, 64), (1, 32, 32, 64), 3)
+    assert bookkeeping.conv_uses_ghost((1, 16, 16, 128), (1, 16, 16, 128), 3)
+    assert bookkeeping.conv_uses_ghost((1, 8, 8, 256), (1, 8, 8, 256), 3)
+    assert bookkeeping.conv_uses_ghost((1, 8, 8, 256), (1, 8, 8, 256), 3, mode="ghost") is True
+    assert bookkeeping.conv_uses_ghost((1, 8, 8, 256), (1, 8, 8, 256), 3, mode="materialise") is False
+
+
+@pytest.mark.parametrize("conv_norms", ["ghost", "materialise"])
+def test_forced_conv_norms_equal_the_vmap_reference(conv_norms):
+    model = ResNet(10, (1, 1), _BasicBlock)   # 7×7 stride 2, strided 3×3 and 1×1 projections
+    shape = (12, 12, 3)
+    params = init_params(model, shape, jax.random.key(0))
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.standard_normal((6, *shape)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 10, 6))
+    mask = jnp.asarray([1, 0, 1, 1, 1, 1], jnp.float32)
+    for clip in (0.5, float("inf")):
+        _assert_close(_reference(model, params, x, y, mask, clip),
+                      _bookkeeping(model, params, x, y, mask, clip, conv_norms), 2e-5)
 
 
 def test_robust_norm_does_not_overflow():

@@ -21,5 +21,6 @@ def test_four_devices_equal_one():
     assert result["acc1"] == pytest.approx(result["acc4"], abs=1e-6)
     assert result["devices_used"] == 4 and result["steps"] == 4
     assert result["default_devices"] == [4, 3, 1]
+    assert result["ghost_diff"] <= 1e-5 * max(1.0, result["ghost_scale"]), result
     assert result["nonprivate_diff"] <= 1e-5 * max(1.0, result["grad_scale"]), result
     assert result["augmented_diff"] <= 1e-5 * max(1.0, result["grad_scale"]), result

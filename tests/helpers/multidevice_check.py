@@ -65,10 +65,29 @@ grad_scale = max(float(np.max(np.abs(g))) for g in grads[1])
 scale = max(float(np.max(np.abs(a))) for a in ref["params"])
 r = train_and_evaluate(ds, hp, 4, config=RunConfig(private_seed=0, microbatch_size=64, num_devices=4, eval_every=2),
                        budget=PrivacyBudget(8.0, 1e-5))
+# A ResNet whose deep layers take Gram-matrix (ghost) norms and one batch kernel
+# gradient for the weighted sum: that sum must stay local to each device until the psum.
+from dptune import bookkeeping  # noqa: E402
+from dptune.models import ResNet, _BasicBlock  # noqa: E402
+
+resnet = ResNet(10, (1, 1), _BasicBlock)
+rparams = init_params(resnet, (12, 12, 3), jax.random.key(0))
+assert bookkeeping.conv_uses_ghost((1, 3, 3, 64), (1, 3, 3, 64), 3)
+rx = np.random.default_rng(5).standard_normal((8, 12, 12, 3)).astype(np.float32)
+ry = np.arange(8, dtype=np.int32) % 10
+rsum = {}
+for n_dev in (1, 4):
+    fns = step_functions(resnet, "sgd", 8, tuple(jax.local_devices()[:n_dev]), "bookkeeping")
+    p = jax.device_put(rparams, fns.replicated)
+    acc = fns.accumulate(p, fns.zeros_like(p), *fns.shard_batch(rx, ry, np.ones(8, np.float32)), 0.5)
+    rsum[n_dev] = [np.asarray(g) for g in jax.tree_util.tree_leaves(acc)]
+ghost_diff = max(float(np.max(np.abs(a - b))) for a, b in zip(rsum[1], rsum[4]))
+ghost_scale = max(float(np.max(np.abs(g))) for g in rsum[1])
+
 # Without num_devices: the most devices that evenly share the microbatch.
 from dptune.train import _devices  # noqa: E402
 
 default_devices = [len(_devices(RunConfig(microbatch_size=m))) for m in (64, 6, 5)]
-print(json.dumps({"default_devices": default_devices, "max_abs_diff": diff, "augmented_diff": augmented_diff, "bookkeeping_diff": bk_diff, "param_scale": scale, "nonprivate_diff": nonprivate_diff,
+print(json.dumps({"ghost_diff": ghost_diff, "ghost_scale": ghost_scale, "default_devices": default_devices, "max_abs_diff": diff, "augmented_diff": augmented_diff, "bookkeeping_diff": bk_diff, "param_scale": scale, "nonprivate_diff": nonprivate_diff,
                   "grad_scale": grad_scale, "acc1": ref["acc"], "acc4": out[4, "vmap"]["acc"],
                   "devices_used": r.devices, "steps": r.steps}))
