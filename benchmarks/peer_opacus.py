@@ -1,6 +1,6 @@
 """dptune's DP step beside Opacus 1.6 on the same CNN, batch sizes and threads: one table.
 
-    python benchmarks/peer_opacus.py [--batch-sizes 64 256 1024] [--steps 20] [--venv .bench/opacus-venv]
+    python benchmarks/peer_opacus.py [--batch-sizes 64 256 1024] [--steps 20] [--rounds 3] [--venv .bench/opacus-venv]
 
 Opacus runs in a virtual environment this script makes itself the first time
 (``pip install torch==2.13.0 opacus``: a pinned CPU build of torch; an
@@ -21,6 +21,11 @@ Timed: one whole DP-SGD step on one logical batch of B examples held in memory
   microbatches of the size dptune measures as fastest for the device set
   (:mod:`dptune.microbatch`; the non-private step uses book-keeping's), their
   clipped sums accumulated, then noise added once and the update applied.
+
+This machine is shared and noisy: ``--rounds R`` repeats every cell R times
+(each round runs all modes of a batch size back to back), reports median
+examples/s, and the ratio to the faster Opacus mode per round with its
+median and range.
 
 Peak memory: the process's peak RSS, and its growth over the RSS just before
 the first step (the step's own working memory, roughly).
@@ -183,38 +188,59 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--venv", type=Path, default=HERE.parent / ".bench" / "opacus-venv")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="repeat every cell this many times (rounds interleaved); report medians and the ratio's range")
     args = ap.parse_args()
     torch_python = ensure_venv(args.venv)
     versions = subprocess.run([str(torch_python), "-c", "import opacus, torch; print(opacus.__version__, torch.__version__)"],
                               capture_output=True, text=True).stdout.split()
     import jax
 
-    print(f"small CNN on 28×28×1, {args.threads} threads, median of {args.steps} steps, one process per cell; "
-          f"opacus {versions[0]} / torch {versions[1]}, jax {jax.__version__} ({jax.devices()[0].device_kind})")
+    print(f"small CNN on 28×28×1, {args.threads} threads, median of {args.steps} steps, one process per cell, "
+          f"{args.rounds} round(s); opacus {versions[0]} / torch {versions[1]}, "
+          f"jax {jax.__version__} ({jax.devices()[0].device_kind})")
     modes = [("opacus", "hooks"), ("opacus", "ghost"), ("opacus", "nonprivate"),
              ("dptune", "bookkeeping"), ("dptune", "vmap"), ("dptune", "nonprivate")]
-    header = ("B", "framework", "mode", "params", "ex/s", "vs best Opacus DP", "DP ÷ own non-private time",
-              "peak RSS MiB", "step Δ MiB", "dptune microbatch × devices")
+    header = ("B", "framework", "mode", "params", "ex/s", "vs best Opacus DP", "range over rounds",
+              "DP ÷ own non-private time", "peak RSS MiB", "step Δ MiB", "dptune microbatch × devices")
     print(" | ".join(header))
     print(" | ".join("-" * len(h) for h in header))
     for b in args.batch_sizes:
-        rows: dict = {}
-        for m in modes:
-            # dptune's non-private step runs on the microbatch its book-keeping step chose.
-            micro = rows.get(("dptune", "bookkeeping"), {}).get("microbatch", 0) if m == ("dptune", "nonprivate") else 0
-            rows[m] = run(torch_python if m[0] == "opacus" else Path(sys.executable), *m, b, args.steps, args.threads,
-                          micro)
-        best_opacus = max(rows[m].get("rate", 0.0) for m in modes[:2])
-        for (framework, mode), r in rows.items():
-            if "error" in r:
-                print(f"{b} | {framework} | {mode} | failed: {r['error']}")
-                continue
-            own_np = rows[(framework, "nonprivate")].get("rate")
-            ratio = f"{own_np / r['rate']:.2f}" if own_np and mode != "nonprivate" else ""
-            vs = f"{r['rate'] / best_opacus:.2f}×" if best_opacus and mode != "nonprivate" else ""
-            layout = f"{r['microbatch']} × {r['devices']}" if "microbatch" in r else ""
-            print(f"{b} | {framework} | {mode} | {r['params']:,} | {r['rate']:,.0f} | {vs} | {ratio} | "
-                  f"{r['peak']:,.0f} | {r['step_mem']:,.0f} | {layout}")
+        rounds = []
+        for _ in range(args.rounds):
+            rows: dict = {}
+            for m in modes:
+                # dptune's non-private step runs on the microbatch its book-keeping step chose.
+                micro = rows.get(("dptune", "bookkeeping"), {}).get("microbatch", 0) if m == ("dptune", "nonprivate") else 0
+                rows[m] = run(torch_python if m[0] == "opacus" else Path(sys.executable), *m, b, args.steps,
+                              args.threads, micro)
+            rounds.append(rows)
+        _print_rows(b, modes, rounds)
+
+
+def _print_rows(b: int, modes: list, rounds: list[dict]) -> None:
+    """One line per mode: median ex/s over rounds; the ratio to the best Opacus DP mode per round, its median and range."""
+    for m in modes:
+        framework, mode = m
+        ok = [rows for rows in rounds if "error" not in rows[m]]
+        if not ok:
+            print(f"{b} | {framework} | {mode} | failed: {rounds[0][m]['error']}")
+            continue
+        r = ok[len(ok) // 2][m]
+        rate = statistics.median(rows[m]["rate"] for rows in ok)
+        vs, spread, ratio = "", "", ""
+        if mode != "nonprivate":
+            per_round = [rows[m]["rate"] / max(rows[o].get("rate", 0.0) for o in modes[:2]) for rows in ok]
+            vs = f"{statistics.median(per_round):.2f}×"
+            spread = f"{min(per_round):.2f}–{max(per_round):.2f}" if len(per_round) > 1 else ""
+            own = [rows[(framework, "nonprivate")].get("rate") for rows in ok]
+            if all(own):
+                ratio = f"{statistics.median(o / rows[m]['rate'] for o, rows in zip(own, ok)):.2f}"
+        layout = f"{r['microbatch']} × {r['devices']}" if "microbatch" in r else ""
+        peak = statistics.median(rows[m]["peak"] for rows in ok)
+        step_mem = statistics.median(rows[m]["step_mem"] for rows in ok)
+        print(f"{b} | {framework} | {mode} | {r['params']:,} | {rate:,.0f} | {vs} | {spread} | {ratio} | "
+              f"{peak:,.0f} | {step_mem:,.0f} | {layout}")
 
 
 if __name__ == "__main__":
