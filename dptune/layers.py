@@ -30,6 +30,30 @@ def standardize(kernel: jax.Array) -> jax.Array:
     return (kernel - mean) * jax.lax.rsqrt(var + 1e-5)
 
 
+def conv_same(x: jax.Array, kernel: jax.Array, strides: int = 1) -> jax.Array:
+    """SAME-padded NHWC convolution with an HWIO kernel, as ``lax.conv_general_dilated``.
+
+    Single-channel inputs (grayscale images) are convolved as one matmul of
+    their k² shifted copies: XLA:CPU's convolution is slow for one input
+    channel, and the book-keeping step was 5–12% faster this way (small CNN
+    on 28×28×1, B = 256, 2 host devices).
+    """
+    k, c = kernel.shape[0], x.shape[-1]
+    if c != 1:
+        return jax.lax.conv_general_dilated(x, kernel, (strides, strides), "SAME",
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    b, h, w, _ = x.shape
+    ho, wo = -(-h // strides), -(-w // strides)
+    pads = []
+    for size, out in ((h, ho), (w, wo)):
+        total = max((out - 1) * strides + k - size, 0)
+        pads.append((total // 2, total - total // 2))
+    padded = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
+    shifted = [padded[:, i: i + (ho - 1) * strides + 1: strides, j: j + (wo - 1) * strides + 1: strides, 0]
+               for i in range(k) for j in range(k)]
+    return jnp.stack(shifted, axis=-1) @ kernel.reshape(k * k, -1)
+
+
 class Dense(nn.Module):
     """``y = a·W + b`` on the last axis (tap rule ``dense``)."""
 
@@ -68,10 +92,7 @@ class Conv(nn.Module):
         self.sow(TAPS, "conv_ws" if self.weight_standardization else "conv", x)
         if self.weight_standardization:
             kernel = standardize(kernel)
-        y = jax.lax.conv_general_dilated(
-            x, kernel.astype(x.dtype), (self.strides, self.strides), "SAME",
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        )
+        y = conv_same(x, kernel.astype(x.dtype), self.strides)
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
         return self.perturb("out", y)

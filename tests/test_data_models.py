@@ -99,3 +99,14 @@ def test_fast_average_pooling_equals_flax(size):
 
     x = jax.random.normal(jax.random.key(0), (3, size, size, 5))
     np.testing.assert_allclose(_avg_pool_2x2(x), nn.avg_pool(x, (2, 2), (2, 2), padding="SAME"), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("size,k,stride", [(28, 3, 1), (9, 3, 2), (12, 7, 2), (10, 1, 2)])
+def test_single_channel_convolution_equals_xla(size, k, stride):
+    from dptune.layers import conv_same
+
+    x = jax.random.normal(jax.random.key(1), (2, size, size, 1))
+    kernel = jax.random.normal(jax.random.key(2), (k, k, 1, 5))
+    expected = jax.lax.conv_general_dilated(x, kernel, (stride, stride), "SAME",
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    np.testing.assert_allclose(conv_same(x, kernel, stride), expected, rtol=1e-5, atol=1e-5)
