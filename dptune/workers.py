@@ -81,6 +81,8 @@ def worker_env(index: int, devices_per_trial: int, gpus: list[str]) -> dict[str,
                                        f"{devices_per_trial}; lower --workers or --devices-per-trial")
         env["CUDA_VISIBLE_DEVICES"] = ",".join(mine)
     else:
+        # JAX_NUM_CPU_DEVICES (set by the CLI for itself) would override the worker's own count.
+        env.pop("JAX_NUM_CPU_DEVICES", None)
         flags = [f for f in env.get("XLA_FLAGS", "").split() if "force_host_platform_device_count" not in f]
         env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices_per_trial}"])
         env.setdefault("JAX_PLATFORMS", "cpu")

@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Sequence
+import sys
+from typing import TYPE_CHECKING, Sequence
 
-import jax
-import jax.numpy as jnp
+if TYPE_CHECKING:
+    import jax
 
 CPU_OPTIONS: dict[str, str] = {"xla_cpu_experimental_ynn_fusion_type": ""}
 ENV = "DPTUNE_XLA_DEFAULTS"
@@ -35,6 +36,9 @@ ENV = "DPTUNE_XLA_DEFAULTS"
 @functools.lru_cache(maxsize=None)
 def _accepted(platform: str, options: tuple[tuple[str, str], ...]) -> bool:
     """Whether this jaxlib compiles a trivial function for ``platform`` with ``options``."""
+    import jax
+    import jax.numpy as jnp
+
     device = jax.devices(platform)[0]
     arg = jax.ShapeDtypeStruct((4,), jnp.float32, sharding=jax.sharding.SingleDeviceSharding(device))
     try:
@@ -47,17 +51,27 @@ def _accepted(platform: str, options: tuple[tuple[str, str], ...]) -> bool:
 def use_host_cores(limit: int = 8) -> int | None:
     """Ask JAX for one CPU device per usable core (at most ``limit``); call before JAX starts its backends.
 
-    Leaves everything alone (returns None) when switched off, when the host
-    device count is already set (``XLA_FLAGS``' ``--xla_force_host_platform_device_count``
-    or ``JAX_NUM_CPU_DEVICES``), on a one-core host, or once the backends are up.
-    Accelerators are unaffected: dptune trains on the default backend's devices.
+    Before JAX is imported this only sets ``JAX_NUM_CPU_DEVICES`` (so commands
+    that never use JAX do not pay for importing it); after, it updates JAX's
+    config. Leaves everything alone (returns None) when switched off, when the
+    host device count is already set (``XLA_FLAGS``'
+    ``--xla_force_host_platform_device_count`` or ``JAX_NUM_CPU_DEVICES``), on
+    a one-core host, or once the backends are up. Accelerators are unaffected:
+    dptune trains on the default backend's devices.
     """
     if os.environ.get(ENV, "1") == "0" or "force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
         return None
-    if jax.config.jax_num_cpu_devices != -1:
+    if os.environ.get("JAX_NUM_CPU_DEVICES"):
         return None
     cores = min(len(os.sched_getaffinity(0)), limit)
     if cores <= 1:
+        return None
+    if "jax" not in sys.modules:
+        os.environ["JAX_NUM_CPU_DEVICES"] = str(cores)
+        return cores
+    import jax
+
+    if jax.config.jax_num_cpu_devices != -1:
         return None
     try:
         jax.config.update("jax_num_cpu_devices", cores)

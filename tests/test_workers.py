@@ -215,5 +215,7 @@ def test_auto_layout(monkeypatch):
     assert workers.auto_layout("resnet18", "postgresql://h/db")[:2] == (1, None)
     env = workers.worker_env(2, 1, ["0", "1", "2", "3"])
     assert env["CUDA_VISIBLE_DEVICES"] == "2" and env["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
+    monkeypatch.setenv("JAX_NUM_CPU_DEVICES", "2")  # the launcher's own count must not reach its workers
     env = workers.worker_env(0, 3, [])
     assert "--xla_force_host_platform_device_count=3" in env["XLA_FLAGS"]
+    assert "JAX_NUM_CPU_DEVICES" not in env

@@ -43,17 +43,27 @@ def test_same_clipped_sum_with_and_without_the_options():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
-def _device_count(env_changes: dict) -> int:
+_BEFORE_JAX = "from dptune import xla_options; xla_options.use_host_cores(); import jax; print(jax.device_count())"
+_AFTER_JAX = "import jax; from dptune import xla_options; xla_options.use_host_cores(); print(jax.device_count())"
+
+
+def _run(code: str, env_changes: dict | None = None) -> str:
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES", xla_options.ENV)}
-    env.update(env_changes, JAX_PLATFORMS="cpu")
-    code = "from dptune import xla_options; xla_options.use_host_cores(); import jax; print(jax.device_count())"
+    env.update(env_changes or {}, JAX_PLATFORMS="cpu")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    return int(out.stdout.split()[-1])
+    return out.stdout.split()[-1]
 
 
 def test_one_host_device_per_core_unless_told_otherwise():
     cores = min(len(os.sched_getaffinity(0)), 8)
-    assert _device_count({}) == (cores if cores > 1 else 1)
-    assert _device_count({"XLA_FLAGS": "--xla_force_host_platform_device_count=3"}) == 3
-    assert _device_count({xla_options.ENV: "0"}) == 1
+    expected = str(cores if cores > 1 else 1)
+    assert _run(_BEFORE_JAX) == expected   # by environment, before JAX is imported
+    assert _run(_AFTER_JAX) == expected    # by JAX's config, before its backends start
+    assert _run(_BEFORE_JAX, {"XLA_FLAGS": "--xla_force_host_platform_device_count=3"}) == "3"
+    assert _run(_BEFORE_JAX, {xla_options.ENV: "0"}) == "1"
+
+
+def test_the_cli_does_not_import_jax_for_commands_that_do_not_need_it():
+    code = "import sys; from dptune import cli, xla_options; xla_options.use_host_cores(); print('jax' in sys.modules)"
+    assert _run(code) == "False"
