@@ -108,7 +108,6 @@ def worker_opacus(mode: str, b: int, steps: int, threads: int) -> dict:
 
 
 def worker_dptune(mode: str, b: int, steps: int, threads: int, microbatch_size: int = 0) -> dict:
-    sys.path.insert(0, str(HERE.parent))
     from dptune import xla_options
 
     # As the dptune CLI does before JAX starts: one host device per thread it may use.

@@ -38,6 +38,7 @@ A model is supported when every parameterised module is one of
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
@@ -45,8 +46,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from dptune.errors import ConfigError
 from dptune.freezing import apply_mask
-from dptune.layers import TAPS, standardize
+from dptune.layers import TAPS, same_padding, standardize
 
 PyTree = Any
 
@@ -105,11 +107,7 @@ def _same_geometry(a_shape: tuple[int, ...], g_shape: tuple[int, ...], k: int) -
     _, h, w_in, _ = a_shape
     _, ho, wo, _ = g_shape
     s = -(-h // ho)
-    pads = []
-    for size, out in ((h, ho), (w_in, wo)):
-        total = max((out - 1) * s + k - size, 0)
-        pads.append((total // 2, total - total // 2))
-    return s, pads
+    return s, same_padding((h, w_in), (ho, wo), k, s)
 
 
 def conv_kernel_grads(a: jax.Array, g: jax.Array, kernel_size: int) -> jax.Array:
@@ -188,6 +186,8 @@ CONV_NORMS: tuple[str, ...] = ("auto", "ghost", "materialise")
 def conv_uses_ghost(a_shape: tuple[int, ...], g_shape: tuple[int, ...], kernel_size: int,
                     mode: str = "auto") -> bool:
     """Whether a layer's norms come from Gram matrices: by operation count, unless ``mode`` forces a side."""
+    if mode not in CONV_NORMS:
+        raise ConfigError("conv_norms", f"unknown {mode!r}; allowed: {', '.join(CONV_NORMS)}")
     if mode != "auto":
         return mode == "ghost"
     k = kernel_size
@@ -245,10 +245,10 @@ def _is_layer(node: dict) -> bool:
     return any(not isinstance(v, dict) for v in node.values())
 
 
-def _pieces(params: PyTree, taps: dict, grads: dict, k: int, path: str = "", conv_norms: str = "auto") -> PyTree:
+def _pieces(params: PyTree, taps: dict, grads: dict, k: int, rules: dict, path: str = "") -> PyTree:
     """Walk the parameter tree; each leaf module is paired with its tap and its output gradient."""
     if not _is_layer(params):
-        return {name: _pieces(sub, taps.get(name, {}), grads.get(name, {}), k, f"{path}/{name}", conv_norms)
+        return {name: _pieces(sub, taps.get(name, {}), grads.get(name, {}), k, rules, f"{path}/{name}")
                 for name, sub in params.items()}
     if any(isinstance(v, dict) for v in params.values()):
         raise Unsupported(f"{path}: a module with both parameters and submodules")
@@ -258,10 +258,7 @@ def _pieces(params: PyTree, taps: dict, grads: dict, k: int, path: str = "", con
     rule, inputs = recorded[0]
     if len(inputs) != 1:
         raise Unsupported(f"{path}: layer called {len(inputs)} times (shared weights)")
-    if rule == "conv":
-        pieces = conv_rule(params, inputs[0], grads["out"], k, norms=conv_norms)
-    else:
-        pieces = RULES[rule](params, inputs[0], grads["out"], k)
+    pieces = rules[rule](params, inputs[0], grads["out"], k)
     if set(pieces) != set(params):
         raise Unsupported(f"{path}: rule {rule!r} covers {sorted(pieces)}, parameters are {sorted(params)}")
     return pieces
@@ -292,7 +289,7 @@ def per_example_pieces(model: nn.Module, params: PyTree, x: jax.Array, y: jax.Ar
         return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, labels)) / k, state.get(TAPS, {})
 
     grads, taps = jax.grad(total_loss, has_aux=True)(zeros)
-    return _pieces(params, taps, grads, k, conv_norms=conv_norms)
+    return _pieces(params, taps, grads, k, {**RULES, "conv": functools.partial(conv_rule, norms=conv_norms)})
 
 
 def plan(model: nn.Module, params: PyTree, x: jax.Array, y: jax.Array) -> str | None:

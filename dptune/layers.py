@@ -30,6 +30,16 @@ def standardize(kernel: jax.Array) -> jax.Array:
     return (kernel - mean) * jax.lax.rsqrt(var + 1e-5)
 
 
+def same_padding(sizes: tuple[int, int], outputs: tuple[int, int], k: int,
+                 stride: int) -> list[tuple[int, int]]:
+    """(low, high) padding of each spatial axis of a SAME convolution, as XLA pads it (extra cell high)."""
+    pads = []
+    for size, out in zip(sizes, outputs):
+        total = max((out - 1) * stride + k - size, 0)
+        pads.append((total // 2, total - total // 2))
+    return pads
+
+
 def conv_same(x: jax.Array, kernel: jax.Array, strides: int = 1) -> jax.Array:
     """SAME-padded NHWC convolution with an HWIO kernel, as ``lax.conv_general_dilated``.
 
@@ -42,12 +52,9 @@ def conv_same(x: jax.Array, kernel: jax.Array, strides: int = 1) -> jax.Array:
     if c != 1:
         return jax.lax.conv_general_dilated(x, kernel, (strides, strides), "SAME",
                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    b, h, w, _ = x.shape
+    _, h, w, _ = x.shape
     ho, wo = -(-h // strides), -(-w // strides)
-    pads = []
-    for size, out in ((h, ho), (w, wo)):
-        total = max((out - 1) * strides + k - size, 0)
-        pads.append((total // 2, total - total // 2))
+    pads = same_padding((h, w), (ho, wo), k, strides)
     padded = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
     shifted = [padded[:, i: i + (ho - 1) * strides + 1: strides, j: j + (wo - 1) * strides + 1: strides, 0]
                for i in range(k) for j in range(k)]

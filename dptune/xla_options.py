@@ -5,7 +5,7 @@ times slower than XLA's own loop fusions for the strided reductions of
 GroupNorm and for the small batched matmuls of book-keeping clipping: on the
 small CNN at B = 256 (2 cores) the forward pass took 31 → 13 ms, the
 non-private gradient 84 → 53 ms and the book-keeping clipped sum 88 → 69 ms
-with YNNPACK fusions off (``benchmarks/step_throughput.py --xla-defaults
+with YNNPACK fusions off (``benchmarks/step_throughput.py --xla-options
 both`` measures it side by side). The options are passed per compilation
 (``jax.jit(..., compiler_options=...)``), so nothing else in the process is
 affected, and only when this jaxlib knows them.

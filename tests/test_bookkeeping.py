@@ -11,6 +11,7 @@ import pytest
 
 from dptune import bookkeeping, xla_options
 from dptune.dp_step import clipped_sum, step_functions
+from dptune.errors import ConfigError
 from dptune.layers import Dense
 from dptune.models import ResNet, WideResNet, _BasicBlock, build_model, init_params
 
@@ -126,6 +127,8 @@ def test_mixed_rule_picks_ghost_norms_for_deep_narrow_layers_only():
     assert bookkeeping.conv_uses_ghost((1, 8, 8, 256), (1, 8, 8, 256), 3)
     assert bookkeeping.conv_uses_ghost((1, 8, 8, 256), (1, 8, 8, 256), 3, mode="ghost") is True
     assert bookkeeping.conv_uses_ghost((1, 8, 8, 256), (1, 8, 8, 256), 3, mode="materialise") is False
+    with pytest.raises(ConfigError, match="conv_norms"):
+        bookkeeping.conv_uses_ghost((1, 8, 8, 256), (1, 8, 8, 256), 3, mode="gost")
 
 
 def test_ghost_norms_on_every_layer_equal_the_vmap_reference():
