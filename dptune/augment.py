@@ -11,6 +11,13 @@ The augmentations are random shifts (edge-padded translation by up to
 ``shift`` pixels, i.e. pad-and-crop) and optional horizontal flips (off for
 digits, where a flip changes the meaning). They run on the host in numpy; the
 copies of one example are consecutive rows, which the step relies on.
+
+The randomness is secret and keyed by example: the caller passes random words
+that depend only on (secret, step, example, copy)
+(:meth:`dptune.randomness.SecretSeed.augmentation_words`). A stream drawn from a
+public seed and assigned by batch position would break the sensitivity argument:
+adding one example would shift the augmentation of every later example, so two
+neighbouring batches would differ in many clipped terms, not one.
 """
 
 from __future__ import annotations
@@ -40,19 +47,33 @@ class Augmentation:
     def active(self) -> bool:
         return self.multiplicity > 1 or self.shift > 0 or self.flip
 
-    def __call__(self, images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """[B, H, W, C] → [B·K, H, W, C]; rows i·K … i·K+K−1 are copies of example i."""
-        out = np.repeat(images, self.multiplicity, axis=0)
+    def __call__(self, images: np.ndarray, words: np.ndarray) -> np.ndarray:
+        """[B, H, W, C] → [B·K, H, W, C]; rows i·K … i·K+K−1 are copies of example i.
+
+        Args:
+          images: B examples.
+          words: uint32 random words of shape [B, K, 2]; copy k of example i is
+            transformed by ``words[i, k]`` alone.
+
+        Returns:
+          The B·K augmented copies.
+        """
+        k = self.multiplicity
+        words = np.asarray(words, np.uint32)
+        if words.shape != (images.shape[0], k, 2):
+            raise ValueError(f"augmentation: words of shape {(images.shape[0], k, 2)} expected, got {words.shape}")
+        out = np.repeat(images, k, axis=0)
         n, h, w, _ = out.shape
+        first, second = words[..., 0].reshape(n), words[..., 1].reshape(n)
         if self.shift:
             s = self.shift
             padded = np.pad(out, ((0, 0), (s, s), (s, s), (0, 0)), mode="edge")
-            dy = rng.integers(0, 2 * s + 1, n)
-            dx = rng.integers(0, 2 * s + 1, n)
+            dy = (first & 0xFFFF) % (2 * s + 1)
+            dx = (first >> 16) % (2 * s + 1)
             rows = dy[:, None] + np.arange(h)[None, :]
             cols = dx[:, None] + np.arange(w)[None, :]
             out = padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
         if self.flip:
-            flip = rng.random(n) < 0.5
+            flip = (second & 1).astype(bool)
             out[flip] = out[flip, :, ::-1]
         return out

@@ -8,7 +8,12 @@ directory (``orbax.checkpoint``) is read too.
 
 A checkpoint is public information only if the data it was trained on is
 public: ``dptune pretrain`` asks the user to declare that, and the study records
-which checkpoint each trial started from.
+which checkpoint each trial started from. dptune's metadata also records the
+checkpoint's *lineage*: every dataset its parameters were trained on, whether
+privately, and the DP-SGD runs (q, σ, T) spent on it. :func:`prior_spend` reads
+it before a run starts: a checkpoint trained without privacy on the dataset
+being protected is refused, and a private one continued on the same data adds
+its recorded runs to the new run's ε.
 """
 
 from __future__ import annotations
@@ -59,6 +64,65 @@ def metadata(path: str) -> dict[str, Any]:
             return json.load(f)
     except (OSError, ValueError):
         return {}
+
+
+def lineage(path: str | None) -> list[dict[str, Any]]:
+    """The datasets a checkpoint's parameters were trained on, oldest first ([] if unknown or none).
+
+    Each entry: ``dataset``, ``private`` and ``events`` (a list of DP-SGD runs
+    [q, σ, T]; ``None`` where a checkpoint of an older dptune did not record them).
+    """
+    if not path:
+        return []
+    meta = metadata(os.path.expanduser(path))
+    if "lineage" in meta:
+        return list(meta["lineage"])
+    if "dataset" in meta:
+        return [{"dataset": meta["dataset"], "private": bool(meta.get("private")), "events": None}]
+    return []
+
+
+def prior_spend(path: str, dataset: str, *, private: bool, unsafe_ignore: bool = False
+                ) -> list[tuple[float, float, int]]:
+    """The DP-SGD runs (q, σ, T) a checkpoint already spent on ``dataset``, to compose with a new run.
+
+    Args:
+      path: the ``init_checkpoint``.
+      dataset: the name of the dataset the new run trains on.
+      private: whether the new run is private (a non-private run needs no check).
+      unsafe_ignore: accept a checkpoint that saw ``dataset`` without (recorded)
+        privacy; the new run's ε then does not cover what the checkpoint learnt.
+
+    Returns:
+      The recorded runs on ``dataset`` ([] for checkpoints without dptune
+      metadata, which are treated as trained on public data).
+
+    Raises:
+      CheckpointError: the checkpoint was trained without privacy on ``dataset``,
+        or privately without a recorded spend, and ``unsafe_ignore`` is off.
+    """
+    if not private:
+        return []
+    events: list[tuple[float, float, int]] = []
+    for entry in lineage(path):
+        if entry.get("dataset") != dataset:
+            continue
+        known = entry.get("private") and entry.get("events") is not None
+        if unsafe_ignore and not known:
+            continue
+        if not entry.get("private"):
+            raise CheckpointError(
+                f"{path} was trained without privacy on {dataset!r}, the dataset this run protects (its metadata "
+                "says so), so no ε would cover it; start from a checkpoint trained on other (public) data, or pass "
+                "--unsafe-ignore-checkpoint-provenance (study file: unsafe_ignore_checkpoint_provenance: true) to "
+                "accept an ε that does not cover it")
+        if entry.get("events") is None:
+            raise CheckpointError(
+                f"{path} was trained privately on {dataset!r} but its privacy spend was not recorded, so it "
+                "cannot be composed with this run; retrain it with this dptune, or pass "
+                "--unsafe-ignore-checkpoint-provenance to accept an ε that does not cover it")
+        events.extend((float(q), float(s), int(t)) for q, s, t in entry["events"])
+    return events
 
 
 def load(path: str) -> PyTree:

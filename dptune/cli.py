@@ -135,6 +135,19 @@ def cmd_privacy_epsilon(args: argparse.Namespace) -> int:
     rows = [dict(accountant=a, epsilon=privacy.epsilon(q, args.noise_multiplier, steps, delta, a), delta=delta,
                  sampling_rate=q, noise_multiplier=args.noise_multiplier, steps=steps, epochs=steps * q)
             for a in accountants]
+    if args.statement:
+        from dptune.statement import Mechanism, Statement
+
+        first = rows[0]
+        text = Statement(epsilon=first["epsilon"], delta=delta, accountant=first["accountant"],
+                         dataset_size=args.dataset_size,
+                         mechanism=Mechanism(q, args.noise_multiplier, steps)).text()
+        if args.json:
+            print(_dump({"results": rows, "delta_is_default": delta_default, "statement": text}))
+        else:
+            _print_privacy(args, rows, delta_default, "ε of DP-SGD (Poisson sampling)")
+            print("\n" + text)
+        return 0
     _print_privacy(args, rows, delta_default, "ε of DP-SGD (Poisson sampling)")
     return 0
 
@@ -248,17 +261,22 @@ def cmd_train(args: argparse.Namespace) -> int:
                        clipping=args.clipping, eval_every=args.eval_every, seed=args.seed, private_seed=args.private_seed,
                        num_devices=args.devices, init_checkpoint=args.init_checkpoint,
                        reinitialize=tuple(args.reinitialize), save_checkpoint=args.save_checkpoint,
-                       augmentation=Augmentation(args.augment_multiplicity, args.augment_shift, args.augment_flip))
+                       augmentation=Augmentation(args.augment_multiplicity, args.augment_shift, args.augment_flip),
+                       unsafe_ignore_checkpoint_provenance=args.unsafe_ignore_checkpoint_provenance)
 
     def progress(step: int, metrics: dict) -> None:
         console.print(f"step {step:5d}  epoch {metrics['epoch']:6.2f}  val_acc {metrics['val_accuracy']:.4f}  "
                       f"val_loss {metrics['val_loss']:.4f}")
 
     result = train_and_evaluate(dataset, hp, steps, config=config, budget=budget, callback=progress)
+    statement = result.statement(dataset.name, config)
     if args.json:
-        print(_dump(result.as_dict()))
+        print(_dump({**result.as_dict(), "statement": None if statement is None else statement.text()}))
         return 0
     eps = "∞ (non-private)" if result.epsilon is None else f"{result.epsilon:.4f} (δ = {budget.delta:g}, {budget.accountant})"
+    if result.prior_events:
+        eps += (f" for this run; {result.total_epsilon:.4f} in all with the initial checkpoint's recorded training "
+                "on this data (RDP composition)")
     console.print(f"[bold]{dataset.name}[/] {args.model}: validation accuracy {result.val_accuracy:.4f}, "
                   f"test accuracy {result.test_accuracy:.4f}, ε spent {eps}")
     if result.ema_val_accuracy is not None:
@@ -270,6 +288,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                   f"{' — stopped at the privacy budget' if result.budget_limited else ''}; "
                   f"{result.examples_per_second:,.0f} examples/s on {result.devices} device(s), "
                   f"compile {result.compile_seconds:.1f} s, wall {result.wall_seconds:.1f} s")
+    if statement is not None:
+        console.print("\n[bold]Privacy statement[/]\n" + statement.text(), highlight=False)
     return 0
 
 
@@ -283,7 +303,8 @@ def _fmt(v: Any, digits: int = 4) -> str:
     return str(v)
 
 
-def _trial_line(t: Any) -> str:
+def _trial_line(t: Any, numbered: bool = True) -> str:
+    """One trial in a line; ``numbered=False`` for private searches, whose trial numbers are internal."""
     a = t.user_attrs
     state = t.state.name
     if state == "PRUNED" and "rejected_reason" in a:
@@ -292,7 +313,8 @@ def _trial_line(t: Any) -> str:
     acc = a.get("val_accuracy")
     eps = a.get("epsilon_spent")
     tail = f"  ({a['rejected_reason']})" if "rejected_reason" in a else ""
-    return (f"trial {t.number:3d} {state:9s} val_acc {_fmt(acc)}  ε {_fmt(eps)}/{_fmt(a.get('epsilon_target'))}  "
+    head = f"trial {t.number:3d} {state:9s}" if numbered else f"trial {state:9s}"
+    return (f"{head} val_acc {_fmt(acc)}  ε {_fmt(eps)}/{_fmt(a.get('epsilon_target'))}  "
             f"steps {a.get('steps', '-')}  σ {_fmt(a.get('noise_multiplier'), 3)}  {params}{tail}")
 
 
@@ -302,19 +324,22 @@ def cmd_study_create(args: argparse.Namespace) -> int:
     resolved = config.load_study(args.config)
     storage = args.storage or resolved.study.storage or config.default_storage(resolved.study.name)
     created = study.create_study(resolved, storage, skip_if_exists=args.skip_if_exists)
+    private = created.user_attrs.get("private_search")
     out = {"study_name": created.study_name, "storage": storage,
            "epsilon": created.user_attrs.get("epsilon_target"), "delta": created.user_attrs["delta"],
-           "trials": len(created.trials), "private_search": created.user_attrs.get("private_search")}
+           "trials": None if private else len(created.trials),
+           # K is secret: everything of the plan but the drawn count.
+           "private_search": None if private is None else {k: v for k, v in private.items() if k != "n_trials"}}
     if args.json:
         print(_dump(out))
     else:
         private = created.user_attrs.get("private_search")
         if private:
             print(f"study {out['study_name']!r} in {storage}: private search, total ε = "
-                  f"{private['total_epsilon']:.4g} (δ = {out['delta']:g}) over K = {private['n_trials']} trials "
-                  f"drawn from a {private['distribution']} law of mean {private['mean_trials']:g}; each trial runs "
+                  f"{private['total_epsilon']:.4g} (δ = {out['delta']:g}) over a secret number of trials drawn "
+                  f"from a {private['distribution']} law of mean {private['mean_trials']:g}; each trial runs "
                   f"σ = {private['noise_multiplier']:.4g} for {private['steps']} steps (q = "
-                  f"{private['sampling_rate']:.4g}); {out['trials']} trial(s) so far")
+                  f"{private['sampling_rate']:.4g}). The storage holds K and every trial: keep it internal.")
         elif out["epsilon"] is None:
             print(f"study {out['study_name']!r} in {storage}: non-private baseline (no privacy), "
                   f"{out['trials']} trial(s) so far")
@@ -348,7 +373,9 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         task = progress.add_task(f"optimizing {args.study_name}", total=args.n_trials)
 
         def on_trial(_study: Any, trial: Any) -> None:
-            progress.console.print(_trial_line(trial))
+            if "skipped_reason" in trial.user_attrs:
+                return
+            progress.console.print(_trial_line(trial, numbered="private_search" not in _study.user_attrs))
             progress.advance(task)
 
         try:
@@ -366,14 +393,23 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     return 0
 
 
-def _emit_summary(s: Any, as_json: bool) -> None:
+def _emit_summary(s: Any, as_json: bool, internal: bool = False) -> None:
+    """The study's summary and written privacy statement; for a private search only what may be
+    released, unless ``internal``."""
     from dptune import study
 
     summary = study.summarize(s)
+    statement = study.privacy_statement(s, summary)
+    text = None if statement is None else statement.text()
     if as_json:
-        print(_dump(summary.as_dict()))
-    else:
-        _print_summary(summary)
+        body = summary.as_dict() if internal else summary.release()
+        print(_dump({**body, "statement": text, "internal": internal or not summary.private_search}))
+        return
+    _print_summary(summary, internal)
+    if text is not None:
+        from rich.console import Console
+
+        Console().print("\n[bold]Privacy statement[/]\n" + text, highlight=False)
 
 
 def _load_studies(names: Sequence[str], storage: str | None) -> list:
@@ -426,9 +462,16 @@ def _optimize_pool(args: argparse.Namespace, console: Any) -> int:
 
     check_workers(storage, args.workers)
     console.print(f"{args.workers} workers × {args.devices_per_trial} device(s) on {storage}")
+    _, resolved = study.load(args.study_name, storage)
+    numbered = not resolved.study.private_search
+
+    def on_trial(t: Any) -> None:
+        if "skipped_reason" not in t.user_attrs:
+            console.print(_trial_line(t, numbered=numbered))
+
     code = workers.run_pool(args.study_name, storage, workers=args.workers, n_trials=args.n_trials,
                             timeout=args.timeout, devices_per_trial=args.devices_per_trial,
-                            cache_dir=args.cache_dir, on_trial=lambda t: console.print(_trial_line(t)))
+                            cache_dir=args.cache_dir, on_trial=on_trial)
     result, _ = study.load(args.study_name, storage)
     dashboard.publish(result)
     _emit_summary(result, args.json)
@@ -438,29 +481,48 @@ def _optimize_pool(args: argparse.Namespace, console: Any) -> int:
     return code
 
 
-def _print_summary(summary: Any) -> None:
+def _print_summary(summary: Any, internal: bool = False) -> None:
     from rich.console import Console
 
     c = Console()
-    c.print(f"[bold]{summary.name}[/]: {summary.budget_text}; {summary.n_trials} trials: {summary.complete} complete, {summary.pruned} pruned, "
-            f"{summary.rejected} rejected before training, {summary.failed} failed; "
-            f"{summary.trial_steps} trial-steps and {summary.examples_processed:,} examples processed in all")
     g = summary.search
+    private_search = summary.private_search and not internal
+    if private_search:
+        # The trial count and numbers would reveal K, on which the bound rests.
+        c.print(f"[bold]{summary.name}[/]: private search — {'complete' if g['complete'] else 'INCOMPLETE'}. "
+                "Shown: what may be released with the best model (--internal shows K and every count; the "
+                "storage itself is internal).")
+    else:
+        if summary.private_search:
+            c.print("[bold]INTERNAL — do not publish[/]: the trial count and numbers reveal the secret K.")
+        c.print(f"[bold]{summary.name}[/]: {summary.budget_text}; {summary.n_trials} trials: {summary.complete} "
+                f"complete, {summary.pruned} pruned, {summary.rejected} rejected before training, {summary.failed} "
+                f"failed; {summary.trial_steps} trial-steps and {summary.examples_processed:,} examples processed "
+                "in all")
     if g["mode"] == "non_private":
         c.print(f"[bold]No privacy guarantee[/]: {g['guarantee']}")
     elif g["mode"] == "private_search":
         c.print(f"[bold]ε of the released best model: {g['total_epsilon']:.4g}[/] (δ = {g['delta']:g}; "
                 f"each trial alone: {g['per_trial_epsilon']:.4g}). {g['guarantee']}")
+    elif g["mode"] == "filter":
+        c.print(f"[bold]ε of the released best model after this search: {_fmt(g['total_epsilon'])}[/] "
+                f"(δ = {_fmt(g['delta'])}, enforced before each trial; per-trial target {_fmt(g['per_trial_epsilon'])}). "
+                f"{g['guarantee']}")
     else:
         c.print(f"[bold]ε of the released best model after this search: {_fmt(g['total_epsilon'])}[/] "
                 f"(δ = {_fmt(g['delta'])}; per-trial target {_fmt(g['per_trial_epsilon'])}; PLD "
                 f"{_fmt(g['total_epsilon_pld_if_nonadaptive'])} if the trials had been fixed in advance). "
                 f"{g['guarantee']}")
+    if not summary.non_private:
+        from dptune.statement import COVERAGE
+
+        c.print(COVERAGE)
     b = summary.best
     if b is None:
         c.print("no completed trial yet")
         return
-    c.print(f"best trial {b['number']}: validation accuracy {b['value']:.4f}, test accuracy "
+    which = "best trial" if private_search else f"best trial {b['number']}"
+    c.print(f"{which}: validation accuracy {b['value']:.4f}, test accuracy "
             f"{_fmt(b.get('test_accuracy'))}, ε spent {_fmt(b.get('epsilon_spent'))}, {b.get('steps')} steps "
             f"({_fmt(b.get('epochs'), 3)} epochs)")
     c.print("  " + "  ".join(f"{k}={_fmt(b.get(k), 4)}" for k in
@@ -495,7 +557,7 @@ def cmd_study_show(args: argparse.Namespace) -> int:
     from dptune import study
 
     s, _ = study.load(args.study_name, args.storage)
-    _emit_summary(s, args.json)
+    _emit_summary(s, args.json, internal=args.internal)
     return 0
 
 
@@ -503,13 +565,14 @@ def cmd_study_best(args: argparse.Namespace) -> int:
     from dptune import study
 
     s, _ = study.load(args.study_name, args.storage)
-    best = study.summarize(s).best
-    if best is None:
+    summary = study.summarize(s)
+    if summary.best is None:
         raise study.StudyError(f"study_name: {args.study_name!r} has no completed trial yet")
+    numbered = args.internal or not summary.private_search
     if args.json:
-        print(_dump(best))
+        print(_dump(summary.best if numbered else summary.release()["best"]))
     else:
-        print(_trial_line(s.trials[best["number"]]))
+        print(_trial_line(s.trials[summary.best["number"]], numbered=numbered))
     return 0
 
 
@@ -557,6 +620,9 @@ def _add_training_args(t: argparse.ArgumentParser) -> None:
     t.add_argument("--augment-shift", type=int, default=0, help="random shift of up to this many pixels")
     t.add_argument("--augment-flip", action="store_true", help="random horizontal flips")
     t.add_argument("--save-checkpoint", help="write the final (raw or EMA, by validation) parameters here")
+    t.add_argument("--unsafe-ignore-checkpoint-provenance", action="store_true",
+                   help="accept an --init-checkpoint trained without (recorded) privacy on this dataset; the printed "
+                        "ε then does not cover what it learnt")
     t.set_defaults(func=cmd_train)
 
 
@@ -589,6 +655,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp = stsub.add_parser(name, help=text)
         sp.add_argument("name", nargs="?", help="study name (or --study-name)")
         _study_args(sp, name_required=False)
+        sp.add_argument("--internal", action="store_true",
+                        help="private search: also show K, trial numbers and counts (never publish these)")
         sp.set_defaults(func=func)
 
     o = sub.add_parser("optimize", help="run trials of a study")
@@ -625,6 +693,8 @@ def build_parser() -> argparse.ArgumentParser:
     psub = p.add_subparsers(dest="question", required=True)
     e = psub.add_parser("epsilon", help="ε of a DP-SGD run")
     _add_privacy_common(e, noise=True, duration=True)
+    e.add_argument("--statement", action="store_true",
+                   help="also print the guarantee in words (adjacency, sampling, what is covered, assumptions)")
     e.set_defaults(func=cmd_privacy_epsilon)
     n = psub.add_parser("noise", help="smallest σ that fits a target ε")
     n.add_argument("--epsilon", type=_float, required=True)

@@ -124,15 +124,35 @@ class TrialsConfig(_Strict):
 class SearchPrivacyConfig(_Strict):
     """Private search (Papernot & Steinke 2022): a random number of trials, only the best released.
 
-    ``validation_public`` declares the held-out splits (validation, test) public:
-    the theorem covers the training data, and the score that picks the best
-    trial must not leak anything else.
+    The theorem covers the training data; the score that picks the best trial
+    must not leak anything else, so a new private search must take its
+    validation examples from a separate public dataset (``validation_dataset``
+    of the study). ``validation_public`` is kept so that studies stored by
+    earlier versions still load; on its own it is no longer accepted.
     """
 
     total_epsilon: float = Field(gt=0)
     delta: float | None = Field(default=None, gt=0, lt=1)
     trials: TrialsConfig
     validation_public: bool = False
+
+
+class SearchBudgetConfig(_Strict):
+    """A cap on the whole search, enforced before each trial (a Rényi privacy filter).
+
+    ``order`` fixes the Rényi order α of the filter before any data is seen
+    (default: 1 + 2·ln(1/δ)/ε, near the best order for a composition reaching ε).
+    """
+
+    epsilon: float = Field(gt=0)
+    order: float | None = Field(default=None, gt=1)
+
+    @field_validator("epsilon")
+    @classmethod
+    def _finite(cls, v: float) -> float:
+        if not math.isfinite(v):
+            raise ValueError("must be a finite number")
+        return v
 
 
 class SamplerConfig(_Strict):
@@ -187,6 +207,8 @@ class StudyConfig(_Strict):
     weight_standardization: bool = False
     privacy: PrivacyConfig | None = None
     search_privacy: SearchPrivacyConfig | None = None
+    search_budget: SearchBudgetConfig | None = None
+    validation_dataset: str | None = None
     objective: ObjectiveConfig = ObjectiveConfig()
     sampler: SamplerConfig = SamplerConfig()
     pruner: PrunerConfig = PrunerConfig()
@@ -196,6 +218,7 @@ class StudyConfig(_Strict):
     private_seed: int | None = None
     non_private: bool = False
     init_checkpoint: str | None = None
+    unsafe_ignore_checkpoint_provenance: bool = False
     reinitialize: list[str] = []
     augmentation: AugmentationConfig = AugmentationConfig()
     microbatch_size: Union[int, Literal["auto"]] = 256
@@ -213,12 +236,14 @@ class StudyConfig(_Strict):
     @model_validator(mode="after")
     def _one_budget(self) -> "StudyConfig":
         if self.non_private:
-            if self.privacy is not None or self.search_privacy is not None:
-                raise ValueError("non_private: true takes neither privacy nor search_privacy")
+            if self.privacy is not None or self.search_privacy is not None or self.search_budget is not None:
+                raise ValueError("non_private: true takes none of privacy, search_privacy, search_budget")
             return self
         if (self.privacy is None) == (self.search_privacy is None):
             raise ValueError("give exactly one of privacy (a budget per trial) and search_privacy "
                              "(a budget for the whole search)")
+        if self.search_budget is not None and self.search_privacy is not None:
+            raise ValueError("search_budget: a private search has its own total (search_privacy.total_epsilon)")
         return self
 
     @property
@@ -237,10 +262,10 @@ class ResolvedStudy(_Strict):
         sp = self.study.search_privacy
         if sp is None:
             return self
-        if not sp.validation_public:
-            raise ValueError("search_privacy.validation_public: must be true: the best trial is chosen by its "
-                             "validation accuracy, which is only covered if the validation split is public "
-                             "(a DP-released score is not implemented)")
+        if not sp.validation_public and self.study.validation_dataset is None:
+            raise ValueError("validation_dataset: a private search chooses the best trial by its validation "
+                             "accuracy, which the theorem covers only if the validation examples are public: name "
+                             "a public dataset here (e.g. digits), not a split of the private one")
         if "sampler" in self.study.model_fields_set and self.study.sampler.name != "random":
             raise ValueError(f"sampler.name: private search needs hyperparameters drawn independently; "
                              f"'{self.study.sampler.name}' is adaptive. Allowed: random")

@@ -116,11 +116,17 @@ def repeat_and_select_event(trial: dp_event.DpEvent, count: TrialCount) -> dp_ev
 
 
 def search_epsilon(sampling_rate: float, noise_multiplier: float, steps: int, delta: float,
-                   count: TrialCount) -> float:
-    """ε of a private search whose every trial is DP-SGD(q, σ, T) (RDP accountant)."""
+                   count: TrialCount, prior: Iterable[tuple[float, float, int]] = ()) -> float:
+    """ε of a private search whose every trial is DP-SGD(q, σ, T) (RDP accountant).
+
+    ``prior``: earlier DP-SGD runs (q, σ, T) on the same data, e.g. the
+    training of a private initial checkpoint, composed with the search.
+    """
     privacy.validate(sampling_rate=sampling_rate, noise_multiplier=noise_multiplier, steps=steps, delta=delta)
     trial = privacy.dpsgd_event(sampling_rate, noise_multiplier, steps)
-    return float(RdpAccountant().compose(repeat_and_select_event(trial, count)).get_epsilon(delta))
+    events = [repeat_and_select_event(trial, count)] + [privacy.dpsgd_event(q, s, int(t)) for q, s, t in prior]
+    event = events[0] if len(events) == 1 else dp_event.ComposedDpEvent(events)
+    return float(RdpAccountant().compose(event).get_epsilon(delta))
 
 
 def noise_for_search(sampling_rate: float, steps: int, total_epsilon: float, delta: float,
@@ -168,3 +174,44 @@ def _compose(trials: tuple[tuple[float, float, int], ...], delta: float) -> dict
         "rdp": float(RdpAccountant().compose(composed).get_epsilon(delta)),
         "pld": float(PLDAccountant().compose(composed).get_epsilon(delta)),
     }
+
+
+def default_filter_order(epsilon: float, delta: float) -> float:
+    """A Rényi order for a filter capped at (ε, δ), fixed from public values before any trial runs.
+
+    For a composition of Gaussian mechanisms whose total reaches ε at δ, the
+    order that gives the smallest ε is close to 1 + 2·ln(1/δ)/ε; subsampled
+    Gaussians behave alike at these orders.
+    """
+    return 1.0 + 2.0 * math.log(1.0 / delta) / epsilon
+
+
+@dataclass(frozen=True)
+class RenyiFilter:
+    """A privacy filter over DP-SGD trials at one Rényi order (Feldman & Zrnic 2021).
+
+    Guarantee: if every trial is admitted only when :meth:`admits` holds for
+    the trials admitted so far plus itself, each with its (q, σ, T) fixed
+    before it runs, the whole adaptive sequence — trial choices, count and
+    early stopping included — is (α, ρ)-RDP with a ρ whose conversion is ε at
+    δ, hence (ε, δ)-DP. The order is fixed in advance: choosing the best order
+    after the fact is only valid for a composition fixed in advance.
+    """
+
+    epsilon: float
+    delta: float
+    order: float
+
+    def spent(self, trials: Iterable[tuple[float, float, int]]) -> float:
+        """ε at δ of the trials (q, σ, T), by the single-order RDP conversion of this filter."""
+        events = [privacy.dpsgd_event(q, s, int(t)) for q, s, t in trials if t > 0]
+        if not events:
+            return 0.0
+        if any(s == 0 for q, s, t in trials if t > 0):
+            return math.inf
+        acc = RdpAccountant(orders=[self.order])
+        return float(acc.compose(dp_event.ComposedDpEvent(events)).get_epsilon(self.delta))
+
+    def admits(self, trials: Iterable[tuple[float, float, int]]) -> bool:
+        """Whether these trials together stay within the cap."""
+        return self.spent(trials) <= self.epsilon

@@ -14,14 +14,22 @@ and the study name. Each trial
    q, σ, C, steps, epochs, examples/s, compile and wall time, seeds, devices.
 
 Pruned trials are PRUNED, not FAILED, so TPE learns from them; their recorded ε
-is what they really spent.
+is what they really spent. ``touched_data`` is set on a trial just before it
+reads the training data: the search's privacy counts exactly those trials.
+
+Counts and caps that protect the guarantee are enforced through the storage,
+never per process: a private search's K by trial number (Optuna numbers trials
+atomically in the storage), and a ``search_budget`` by a privacy filter whose
+requests every trial writes before it reads the others'.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import math
 import os
+import secrets
 import socket
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -31,13 +39,15 @@ import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from dptune import __version__, microbatch, privacy, search_privacy
+from dptune import __version__, checkpoint, microbatch, privacy, search_privacy
 from dptune.augment import Augmentation
 from dptune.config import ResolvedStudy, SearchSpace, StudyConfig, default_storage
 from dptune.data import Dataset, load_dataset
 from dptune.errors import ConfigError, DptuneError, PrivacyError
-from dptune.search_privacy import TrialCount
+from dptune.randomness import SecretSeed
+from dptune.search_privacy import RenyiFilter, TrialCount
 from dptune.search_space import Infeasible, plan_trial, smallest_batch
+from dptune.statement import Mechanism, Statement
 from dptune.storage import MAX_RETRY, open_storage
 from dptune.train import PrivacyBudget, RunConfig, train_and_evaluate
 
@@ -93,8 +103,19 @@ def make_pruner(study: StudyConfig) -> optuna.pruners.BasePruner:
 # -- create / load ------------------------------------------------------------
 
 def _dataset(cfg: StudyConfig) -> Dataset:
-    return load_dataset(cfg.dataset, data_dir=cfg.data_dir, seed=cfg.seed, image_size=cfg.image_size,
+    """The study's data; with ``validation_dataset``, validation examples come from that (public) dataset."""
+    data = load_dataset(cfg.dataset, data_dir=cfg.data_dir, seed=cfg.seed, image_size=cfg.image_size,
                         test_split=cfg.test_split)
+    if cfg.validation_dataset is None:
+        return data
+    if cfg.validation_dataset == cfg.dataset:
+        raise ConfigError("validation_dataset", f"must be another, public dataset, not the private {cfg.dataset!r}")
+    public = load_dataset(cfg.validation_dataset, data_dir=cfg.data_dir, seed=cfg.seed, image_size=cfg.image_size)
+    if public.image_shape != data.image_shape or public.num_classes != data.num_classes:
+        raise ConfigError("validation_dataset", f"{cfg.validation_dataset!r} has images {public.image_shape} and "
+                          f"{public.num_classes} classes, the training data {data.image_shape} and "
+                          f"{data.num_classes}; set image_size so that they match")
+    return dataclasses.replace(data, validation=public.validation)
 
 
 def _resolve_delta(resolved: ResolvedStudy, dataset: Dataset) -> float | None:
@@ -130,11 +151,11 @@ def _plan_private_search(resolved: ResolvedStudy, dataset: Dataset, delta: float
     count = _trial_count(cfg)
     total = cfg.search_privacy.total_epsilon
     sigma = search_privacy.noise_for_search(q, steps, total, delta, count)
+    # The bound holds over the randomness of K, so K is as secret as the noise:
+    # drawn from the OS, or from private_seed (reproducible; keep it secret).
+    secret = SecretSeed.resolve(cfg.private_seed).child("number of trials")
     return {
-        # The bound holds over the randomness of K, so K is as secret as the noise:
-        # drawn from private_seed (reproducible, keep it secret) or the OS.
-        "n_trials": count.sample(np.random.default_rng(
-            None if cfg.private_seed is None else [cfg.private_seed, 7])),
+        "n_trials": count.sample(secret.sampler()),
         "n_trials_seed_fixed": cfg.private_seed is not None,
         "distribution": count.distribution,
         "mean_trials": count.mean,
@@ -158,22 +179,30 @@ def create_study(resolved: ResolvedStudy, storage: str | None = None, *, skip_if
     """
     study_cfg = resolved.study
     storage = storage or study_cfg.storage or default_storage(study_cfg.name)
+    sp = study_cfg.search_privacy
+    if sp is not None and study_cfg.validation_dataset is None:
+        raise ConfigError("validation_dataset", "a private search chooses the best trial by validation accuracy, "
+                          "which its theorem covers only on public examples: name a public dataset (e.g. digits), "
+                          "not a split of the private one")
     dataset = _dataset(study_cfg)
     delta = _resolve_delta(resolved, dataset)
     make_sampler(study_cfg, resolved.space, study_cfg.seed)
     from dptune.models import build_model
 
     model = build_model(study_cfg.model, dataset.num_classes, weight_standardization=study_cfg.weight_standardization)
+    prior: list[tuple[float, float, int]] = []
     if study_cfg.init_checkpoint:
-        # A checkpoint that does not fit is a configuration error, found before anything is written.
-        from dptune import checkpoint
+        # A checkpoint that does not fit, or that saw this data without privacy, is a
+        # configuration error, found before anything is written.
         from dptune.models import init_params
 
+        prior = checkpoint.prior_spend(study_cfg.init_checkpoint, dataset.name, private=not study_cfg.non_private,
+                                       unsafe_ignore=study_cfg.unsafe_ignore_checkpoint_provenance)
         checkpoint.fit(init_params(model, dataset.image_shape, jax.random.key(0)),
                        checkpoint.load(study_cfg.init_checkpoint), study_cfg.reinitialize)
     stored = resolved.to_json()
     attrs: dict[str, Any] = {CONFIG_ATTR: stored, "dptune_version": __version__, "delta": delta,
-                             "split": dataset.split.as_dict()}
+                             "split": dataset.split.as_dict(), "prior_privacy_events": [list(e) for e in prior]}
     if study_cfg.private_search:
         plan = _plan_private_search(resolved, dataset, delta)
         attrs.update(private_search=plan, epsilon_target=plan["per_trial_epsilon"], accountant="rdp")
@@ -181,6 +210,14 @@ def create_study(resolved: ResolvedStudy, storage: str | None = None, *, skip_if
         attrs.update(non_private=True)
     else:
         attrs.update(epsilon_target=study_cfg.privacy.epsilon, accountant=study_cfg.privacy.accountant)
+        if study_cfg.search_budget is not None:
+            cap = study_cfg.search_budget
+            order = cap.order or search_privacy.default_filter_order(cap.epsilon, delta)
+            filt = RenyiFilter(cap.epsilon, delta, order)
+            if not filt.admits(prior):
+                raise ConfigError("search_budget.epsilon", f"{cap.epsilon:g} is already spent by the init_checkpoint's "
+                                  f"recorded training on {dataset.name!r} ({filt.spent(prior):.4g} at order {order:.3g})")
+            attrs.update(search_budget={"epsilon": cap.epsilon, "order": order})
 
     storage_obj = open_storage(storage)
     existing = _find(study_cfg.name, storage_obj)
@@ -231,12 +268,17 @@ class Objective:
     """The per-trial function handed to ``study.optimize``."""
 
     def __init__(self, resolved: ResolvedStudy, dataset: Dataset, delta: float,
-                 private_search: dict[str, Any] | None = None):
+                 private_search: dict[str, Any] | None = None, search_budget: dict[str, float] | None = None,
+                 prior: Sequence[Sequence[float]] = ()):
         self.resolved = resolved
         self.dataset = dataset
         cfg = resolved.study
         self.fixed = None
         self.budget: PrivacyBudget | None = None
+        self.private_search = private_search
+        self.filter = (None if search_budget is None
+                       else RenyiFilter(search_budget["epsilon"], delta, search_budget["order"]))
+        self.prior = [(float(q), float(s), int(t)) for q, s, t in prior]
         if private_search is not None:
             # Every trial runs the calibrated mechanism; its own ε (RDP) is the trainer's cap.
             self.fixed = (private_search["noise_multiplier"], private_search["steps"])
@@ -260,6 +302,13 @@ class Objective:
         cfg = self.resolved.study
         n = len(self.dataset.train)
         trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
+        if self.private_search is not None and trial.number >= self.private_search["n_trials"]:
+            # K is enforced in the storage, not per process: Optuna numbers trials
+            # atomically there, so however many workers or machines share the
+            # study, only trials 0 … K−1 ever reach the data.
+            trial.set_user_attr("skipped_reason", "every trial of the private search has started")
+            trial.study.stop()
+            raise optuna.TrialPruned("private search: no trials left")
         if self.budget is not None:
             trial.set_user_attr("epsilon_target", self.budget.epsilon)
             trial.set_user_attr("delta", self.budget.delta)
@@ -273,6 +322,10 @@ class Objective:
             raise optuna.TrialPruned(str(e))
         for k, v in plan.as_attrs().items():
             trial.set_user_attr(k, v)
+        plan.hparams.validate(n, not cfg.non_private)
+        if self.filter is not None and (refusal := self._admit(trial, plan)) is not None:
+            trial.study.stop()
+            raise optuna.TrialPruned(refusal)
 
         reports = []
 
@@ -292,9 +345,13 @@ class Objective:
             reinitialize=tuple(cfg.reinitialize),
             augmentation=Augmentation(**cfg.augmentation.model_dump()),
             eval_every=max(1, round(cfg.eval_every_epochs / plan.sampling_rate)),
-            seed=cfg.seed + trial.number,
+            # In a private search every trial starts from the same public initialisation:
+            # a seed that varied with the trial number would reveal the released trial's index.
+            seed=cfg.seed if self.private_search is not None else cfg.seed + trial.number,
             private_seed=None if cfg.private_seed is None else cfg.private_seed + trial.number,
+            unsafe_ignore_checkpoint_provenance=cfg.unsafe_ignore_checkpoint_provenance,
         )
+        trial.set_user_attr("touched_data", True)
         result = train_and_evaluate(self.dataset, plan.hparams, plan.steps, config=config,
                                     budget=self.budget, callback=report)
         attrs = {
@@ -327,6 +384,39 @@ class Objective:
         if result.stopped_early:
             raise optuna.TrialPruned(f"pruned after {result.steps} steps")
         return result.selected_val_accuracy
+
+    def _admit(self, trial: optuna.Trial, plan: Any) -> str | None:
+        """The privacy filter: None if this trial may start within ``search_budget``, else why not.
+
+        Each trial writes its request before reading the others', so of two
+        trials deciding at the same time at least the later reader counts the
+        other: concurrent workers cannot both squeeze under the cap. Requests of
+        trials still running are counted whether or not they were admitted yet
+        (conservative); every admitted trial counts at its planned steps, which
+        also covers pruning.
+        """
+        assert self.filter is not None
+        request = (plan.sampling_rate, plan.hparams.noise_multiplier, int(plan.steps))
+        trial.set_user_attr("filter_request", list(request))
+        others = []
+        for t in trial.study.get_trials(deepcopy=False):
+            a = t.user_attrs
+            if t.number == trial.number or "filter_request" not in a or a.get("filter_admitted") is False:
+                continue
+            if t.state == TrialState.RUNNING or a.get("filter_admitted") or a.get("touched_data"):
+                q, sigma, steps = a["filter_request"]
+                others.append((float(q), float(sigma), int(steps)))
+        trials = self.prior + others + [request]
+        if not self.filter.admits(trials):
+            reason = (f"search_budget: starting this trial would take the search to ε = "
+                      f"{self.filter.spent(trials):.4g} > {self.filter.epsilon:g} (privacy filter at Rényi order "
+                      f"{self.filter.order:.3g}); the search stops here")
+            for key, value in (("filter_admitted", False), ("rejected_reason", reason), ("epsilon_spent", 0.0),
+                               ("steps", 0)):
+                trial.set_user_attr(key, value)
+            return reason
+        trial.set_user_attr("filter_admitted", True)
+        return None
 
 
 TrialCallback = Callable[[optuna.Study, FrozenTrial], None]
@@ -363,7 +453,9 @@ def reap_dead_workers(study: optuna.Study) -> list[int]:
         failed.append(t.number)
         origin = t.user_attrs.get("retry_of", t.number)
         retries = int(t.user_attrs.get("retries", 0))
-        if retries < MAX_RETRY:
+        # A private search draws fresh hyperparameters for every trial; a retry with the
+        # failed trial's draw would make two trials dependent. The failed one counts in K.
+        if retries < MAX_RETRY and "private_search" not in study.user_attrs:
             study.enqueue_trial(dict(t.params), user_attrs={"retry_of": origin, "retries": retries + 1},
                                 skip_if_exists=False)
     return failed
@@ -396,11 +488,14 @@ def optimize(
     private = study.user_attrs.get("private_search")
     if private is not None:
         # The number of trials was drawn at creation; every trial that ran counts.
+        # This only saves starting processes for nothing: the objective enforces K.
         remaining = private["n_trials"] - len(study.trials)
         if remaining <= 0:
             return study
         n_trials = remaining if n_trials is None else min(n_trials, remaining)
-        study.sampler = optuna.samplers.RandomSampler(seed=seed)
+        # Seeded from the OS (full MT19937 state), not from the public seed: draws that an
+        # adversary could replay would reveal which trial index the released one had.
+        study.sampler = optuna.samplers.RandomSampler(seed=None)
         study.pruner = optuna.pruners.NopPruner()
     else:
         study.sampler = make_sampler(cfg, resolved.space, seed)
@@ -409,8 +504,9 @@ def optimize(
     if stop_at_finished is not None:
         # Several workers share one target: stop once the study holds that many finished trials.
         hooks.append(optuna.study.MaxTrialsCallback(stop_at_finished, states=FINISHED))
-    study.optimize(Objective(resolved, dataset, delta, private), n_trials=n_trials, timeout=timeout,
-                   callbacks=hooks, catch=())
+    objective = Objective(resolved, dataset, delta, private, study.user_attrs.get("search_budget"),
+                          study.user_attrs.get("prior_privacy_events", ()))
+    study.optimize(objective, n_trials=n_trials, timeout=timeout, callbacks=hooks, catch=())
     return study
 
 
@@ -441,11 +537,36 @@ class StudySummary:
         return self.search.get("mode") == "non_private"
 
     @property
+    def private_search(self) -> bool:
+        return self.search.get("mode") == "private_search"
+
+    @property
     def budget_text(self) -> str:
         """The per-trial budget in words ("ε = 3 per trial (δ = 1e-05, pld)" or "non-private")."""
         if self.non_private:
             return "non-private (no clipping, no noise: no privacy)"
         return f"ε = {self.epsilon_target:.4g} per trial (δ = {self.delta:g}, {self.accountant})"
+
+    def release(self) -> dict[str, Any]:
+        """What may be published with the best model.
+
+        For a private search the bound holds only while K stays secret, so the
+        trial count, the trial numbers and anything that adds up over trials
+        (trial-steps, examples) are left out; the rest of the summary is internal.
+        For other studies the guarantee covers every trial, and this is the whole summary.
+        """
+        if not self.private_search:
+            return self.as_dict()
+        internal = {"number", "trial_id", "retry_of", "retries", "worker", "datetime_start", "datetime_complete",
+                    "intermediate_values", "seed", "skipped_reason"}
+        best = None if self.best is None else {k: v for k, v in self.best.items() if k not in internal}
+        search = {k: v for k, v in self.search.items() if k not in PRIVATE_SEARCH_INTERNAL}
+        return {"name": self.name, "epsilon_target": self.epsilon_target, "delta": self.delta,
+                "accountant": self.accountant, "best": best, "search": search}
+
+
+# Private-search figures that reveal K (or bound it): kept out of the release.
+PRIVATE_SEARCH_INTERNAL = ("trials_drawn", "trials_run", "trials_touching_data", "internal_note")
 
 
 def trial_record(t: FrozenTrial) -> dict[str, Any]:
@@ -460,51 +581,101 @@ def trial_record(t: FrozenTrial) -> dict[str, Any]:
     }
 
 
+def touched_data(t: FrozenTrial) -> bool:
+    """Whether the trial reached the training data (and so counts in the search's privacy)."""
+    a = t.user_attrs
+    if "touched_data" in a:
+        return bool(a["touched_data"])
+    # Studies stored before ``touched_data`` existed: every planned trial that was not rejected.
+    return "rejected_reason" not in a and "skipped_reason" not in a and "sampling_rate" in a
+
+
+def _spend(t: FrozenTrial) -> tuple[float, float, int] | None:
+    """(q, σ, steps) of a trial that touched data: steps taken, or planned if it did not finish."""
+    a = t.user_attrs
+    steps = a.get("steps") if t.state in FINISHED else a.get("planned_steps")
+    if not steps or "sampling_rate" not in a:
+        return None
+    return float(a["sampling_rate"]), float(a["noise_multiplier"]), int(steps)
+
+
+NOT_COVERED = ("The ε covers the training examples only: the validation and test examples used to select, prune "
+               "and report are not protected by it.")
+
+
 def search_guarantee(study: optuna.Study) -> dict[str, Any]:
     """The ε of releasing the best trial's model after the search as it ran.
 
     Ordinary studies: the composition of every trial that touched the training
-    data (RDP, valid for adaptively chosen trials), each at the steps it took;
-    a trial that failed or is still running counts at its planned steps, an
-    upper bound. Private searches: the repeat-and-select bound, valid once all
-    of the K drawn trials have run.
+    data (RDP), each at the steps it took; a trial that failed or is still
+    running counts at its planned steps, an upper bound. With ``search_budget``
+    a privacy filter enforced the cap before each trial: the cap is the
+    guarantee. Private searches: the repeat-and-select bound, valid once all
+    of the K drawn trials have run and no more than K touched the data; if more
+    did, the bound is void and the composition of all of them is given instead.
+    Every mode composes a private ``init_checkpoint``'s recorded spend.
     """
     trials = study.get_trials(deepcopy=False)
     delta = study.user_attrs.get("delta")
     private = study.user_attrs.get("private_search")
+    prior = [(float(q), float(s), int(t)) for q, s, t in study.user_attrs.get("prior_privacy_events", [])]
+    prior_text = (f" It includes the recorded training of the initial checkpoint on the same data "
+                  f"({len(prior)} earlier run(s)).") if prior else ""
     if study.user_attrs.get("non_private"):
         return {"mode": "non_private", "total_epsilon": math.inf, "delta": None, "per_trial_epsilon": None,
                 "guarantee": "None: a non-private baseline (no clipping, no noise); its models must not be released "
                              "as private."}
+    touched = [t for t in trials if touched_data(t)]
+    spends = [sp for t in touched if (sp := _spend(t)) is not None]
+    totals = (search_privacy.composed_epsilon(prior + spends, delta) if delta
+              else {"rdp": math.nan, "pld": math.nan})
     if private is not None:
-        done = len(trials)
-        complete = done >= private["n_trials"]
-        return {
-            "mode": "private_search",
-            "total_epsilon": private["total_epsilon"],
-            "delta": delta,
-            "per_trial_epsilon": private["per_trial_epsilon"],
-            "trials_drawn": private["n_trials"],
-            "trials_run": done,
-            "complete": complete,
-            "guarantee": (
-                f"Papernot & Steinke 2022 (RDP): K = {private['n_trials']} trials drawn from a "
-                f"{private['distribution']} law of mean {private['mean_trials']:g}, hyperparameters drawn at random, "
-                "every trial the same DP-SGD mechanism, only the best released; validation declared public. "
-                "K and the other trials stay internal: the study storage is as sensitive as the data."
-                + ("" if complete else f" Incomplete: {done} of {private['n_trials']} trials ran; finish them "
-                   "before releasing the result.")
-            ),
+        k = int(private["n_trials"])
+        exceeded = len(touched) > k or any(t.number >= k for t in touched)
+        settled = [t for t in trials if t.number < k and t.state in (*FINISHED, TrialState.FAIL)]
+        complete = not exceeded and len(settled) == k
+        validation = study.user_attrs.get(CONFIG_ATTR, {}).get("study", {}).get("validation_dataset")
+        base = {
+            "mode": "private_search", "delta": delta, "per_trial_epsilon": private["per_trial_epsilon"],
+            "sampling_rate": private["sampling_rate"], "noise_multiplier": private["noise_multiplier"],
+            "steps": private["steps"], "complete": complete, "valid": not exceeded,
+            "trials_drawn": k, "trials_run": len(touched), "trials_touching_data": len(touched),
+            "validation_dataset": validation,
         }
-    touched = []
-    for t in trials:
-        a = t.user_attrs
-        if "rejected_reason" in a or "sampling_rate" not in a:
-            continue
-        steps = a.get("steps") if t.state in (TrialState.COMPLETE, TrialState.PRUNED) else a.get("planned_steps")
-        if steps:
-            touched.append((a["sampling_rate"], a["noise_multiplier"], int(steps)))
-    totals = search_privacy.composed_epsilon(touched, delta) if delta else {"rdp": math.nan, "pld": math.nan}
+        if exceeded:
+            return {**base, "total_epsilon": totals["rdp"], "guarantee": (
+                f"EXCEEDED, INVALID: {len(touched)} trials trained on the data, more than the secretly drawn number, "
+                "so the repeat-and-select bound does not hold. The honest figure is the composition of every trial "
+                f"that trained on the data (RDP): ε = {totals['rdp']:.4g}.{prior_text}")}
+        total = search_privacy.search_epsilon(private["sampling_rate"], private["noise_multiplier"],
+                                              int(private["steps"]), delta, _trial_count_of(private), prior)
+        held_out = (f"selection on the public dataset {validation!r}" if validation else
+                    "selection on a validation split of the private dataset declared public (a study of an earlier "
+                    "dptune; that split is not covered)")
+        return {**base, "total_epsilon": total, "guarantee": (
+            f"Papernot & Steinke 2022 (RDP): a secret number K of trials drawn from a {private['distribution']} "
+            f"law of mean {private['mean_trials']:g}, hyperparameters drawn at random from secret randomness, every "
+            f"trial the same DP-SGD mechanism, only the best released, {held_out}. The bound holds while K stays "
+            "secret: the trial count, trial numbers and the study storage are internal."
+            + prior_text + ("" if complete else " Incomplete: trials remain; run dptune optimize until the search "
+                            "is complete before releasing the result."))}
+    cap = study.user_attrs.get("search_budget")
+    accounted = (f"Composition of the {len(spends)} trial(s) that trained on the data, each at the steps it took "
+                 f"(RDP): ε = {totals['rdp']:.4g}.{prior_text}")
+    if cap is not None:
+        admitted = [tuple(t.user_attrs["filter_request"]) for t in touched if "filter_request" in t.user_attrs]
+        filt = RenyiFilter(cap["epsilon"], delta, cap["order"])
+        return {
+            "mode": "filter", "total_epsilon": cap["epsilon"], "accounted_epsilon": totals["rdp"],
+            "filter_epsilon": filt.spent(prior + [(float(q), float(s), int(t)) for q, s, t in admitted]),
+            "filter_order": cap["order"], "delta": delta, "per_trial_epsilon": study.user_attrs.get("epsilon_target"),
+            "trials_touching_data": len(touched),
+            "guarantee": (
+                f"Pre-committed: a privacy filter (Feldman & Zrnic 2021, Rényi order {cap['order']:.3g}) started a "
+                f"trial only if the whole search stayed within ε = {cap['epsilon']:g}, so releasing the best model "
+                f"(and anything else from the search) is ({cap['epsilon']:g}, {delta:g})-DP whatever was chosen while "
+                f"watching. {accounted}"),
+        }
     return {
         "mode": "composition",
         "total_epsilon": totals["rdp"],
@@ -513,11 +684,48 @@ def search_guarantee(study: optuna.Study) -> dict[str, Any]:
         "per_trial_epsilon": study.user_attrs.get("epsilon_target"),
         "trials_touching_data": len(touched),
         "guarantee": (
-            f"Composition of the {len(touched)} trial(s) that trained on the data, each at the ε it spent "
-            "(RDP accountant, valid for adaptively chosen trials). Releasing the best model after the search "
-            "is covered by this total, not by the per-trial ε."
+            f"{accounted} Releasing the best model after the search is covered by this total, not by the per-trial "
+            "ε. It was computed after the search, over trials whose number and lengths depended on what was seen: "
+            "an accounting of what ran, not a guarantee fixed in advance (set search_budget in the study file to "
+            "enforce a cap before each trial)."
         ),
     }
+
+
+def _trial_count_of(private: dict[str, Any]) -> TrialCount:
+    return TrialCount(private["distribution"], private["mean_trials"], private.get("eta"))
+
+
+def privacy_statement(study: optuna.Study, summary: "StudySummary | None" = None) -> Statement | None:
+    """The written statement of releasing the best model after this search (None for non-private studies)."""
+    summary = summary or summarize(study)
+    g = summary.search
+    if summary.non_private:
+        return None
+    cfg = study.user_attrs.get(CONFIG_ATTR, {}).get("study", {})
+    split = study.user_attrs.get("split", {})
+    mechanism = None
+    if g["mode"] == "private_search":
+        mechanism = Mechanism(g["sampling_rate"], g["noise_multiplier"], int(g["steps"]))
+    validation = NOT_COVERED
+    if cfg.get("validation_dataset"):
+        validation = (f"the test examples used to report are not protected by this ε; validation examples come "
+                      f"from the separate dataset {cfg['validation_dataset']!r}, treated as public.")
+    assumptions = []
+    if cfg.get("init_checkpoint"):
+        assumptions.append("the initial checkpoint's recorded lineage is true (a checkpoint without dptune "
+                           "metadata is treated as trained on public data)")
+        if cfg.get("unsafe_ignore_checkpoint_provenance"):
+            assumptions.append("UNSAFE: the initial checkpoint's provenance was ignored on request, so what it "
+                               "learnt from this data is not covered")
+    accountant = "rdp" if g["mode"] in ("private_search", "composition", "filter") else summary.accountant
+    return Statement(
+        epsilon=g["total_epsilon"], delta=g["delta"], accountant=accountant,
+        dataset=cfg.get("dataset"), dataset_size=split.get("train"), mechanism=mechanism,
+        search=g["guarantee"],
+        validation=validation, seed_fixed=cfg.get("private_seed") is not None,
+        extra_assumptions=tuple(assumptions),
+    )
 
 
 def summarize(study: optuna.Study) -> StudySummary:
@@ -525,6 +733,7 @@ def summarize(study: optuna.Study) -> StudySummary:
     trials = study.get_trials(deepcopy=False)
     states = [t.state for t in trials]
     rejected = sum(1 for t in trials if t.state == TrialState.PRUNED and "rejected_reason" in t.user_attrs)
+    skipped = sum(1 for t in trials if "skipped_reason" in t.user_attrs)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     best = trial_record(max(complete, key=lambda t: t.value)) if complete else None
     return StudySummary(
@@ -532,9 +741,9 @@ def summarize(study: optuna.Study) -> StudySummary:
         epsilon_target=study.user_attrs.get("epsilon_target", math.nan),
         delta=study.user_attrs.get("delta") or math.nan,
         accountant=study.user_attrs.get("accountant", "?"),
-        n_trials=len(trials),
+        n_trials=len(trials) - skipped,
         complete=len(complete),
-        pruned=states.count(TrialState.PRUNED) - rejected,
+        pruned=states.count(TrialState.PRUNED) - rejected - skipped,
         rejected=rejected,
         failed=states.count(TrialState.FAIL),
         running=states.count(TrialState.RUNNING),

@@ -12,7 +12,6 @@ takes more; the ε reported is that of the steps actually taken.
 from __future__ import annotations
 
 import math
-import secrets
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
@@ -21,12 +20,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dptune import checkpoint, compile_stats, freezing, privacy
+from dptune import checkpoint, compile_stats, freezing, privacy, search_privacy
 from dptune.augment import Augmentation
 from dptune.data import Dataset, batches
 from dptune.dp_step import OPTIMIZERS, StepFunctions, TrainState, step_functions
 from dptune.errors import ConfigError, PrivacyError
 from dptune.models import build_model, init_params
+from dptune.randomness import SecretSeed
+from dptune.statement import Mechanism, Statement
 from dptune.sampling import microbatches, pad_to_multiple, poisson_batch
 
 Callback = Callable[[int, dict[str, float]], bool | None]
@@ -53,8 +54,9 @@ class Hyperparams:
             raise ConfigError("batch_size", f"must be in [1, {num_examples}] (the training-set size), got {self.batch_size}")
         if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
             raise ConfigError("learning_rate", f"must be a finite number > 0, got {self.learning_rate}")
-        if private and not self.clip_norm > 0:
-            raise ConfigError("clip_norm", f"must be > 0, got {self.clip_norm}")
+        if private and not (self.clip_norm > 0 and math.isfinite(self.clip_norm)):
+            # C bounds each example's contribution: an infinite C is no bound at all.
+            raise ConfigError("clip_norm", f"must be a finite number > 0 in private training, got {self.clip_norm}")
         if not (self.noise_multiplier >= 0 and math.isfinite(self.noise_multiplier)):
             raise ConfigError("noise_multiplier", f"must be a finite number >= 0, got {self.noise_multiplier}")
         if self.optimizer not in OPTIMIZERS:
@@ -81,9 +83,14 @@ class RunConfig:
     """What stays fixed across the trials of a study (and fixes the compiled shapes).
 
     ``seed`` makes initialisation reproducible and is public. ``private_seed``
-    drives Poisson sampling and the noise: the guarantee assumes an adversary
-    cannot predict them, so by default it is drawn from the OS; fix it only for
+    drives Poisson sampling, the noise and the augmentation
+    (:mod:`dptune.randomness`): the guarantee assumes an adversary cannot
+    predict them, so by default 256 bits are drawn from the OS; fix it only for
     reproducible experiments, and keep it as secret as the data.
+    ``unsafe_ignore_checkpoint_provenance`` accepts an ``init_checkpoint``
+    whose metadata says it was trained without privacy on the dataset being
+    protected (or whose spend on it was not recorded): the printed ε then does
+    not cover what that checkpoint learnt.
     """
 
     model: str = "cnn"
@@ -100,6 +107,7 @@ class RunConfig:
     reinitialize: tuple[str, ...] = ()
     augmentation: Augmentation = Augmentation()
     save_checkpoint: str | None = None
+    unsafe_ignore_checkpoint_provenance: bool = False
 
 
 @dataclass
@@ -138,10 +146,19 @@ class TrainResult:
     init_checkpoint: str | None = None
     augmentation: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)
+    prior_events: list[tuple[float, float, int]] = field(default_factory=list)
 
     @property
     def epsilon(self) -> float | None:
+        """ε of this run's steps alone."""
         return None if self.privacy is None else self.privacy.epsilon
+
+    @property
+    def total_epsilon(self) -> float | None:
+        """ε on this dataset including a private ``init_checkpoint``'s recorded spend (RDP composition)."""
+        if self.privacy is None or not self.prior_events:
+            return self.epsilon
+        return composed_with_prior(self.privacy, self.prior_events)
 
     @property
     def selected_val_accuracy(self) -> float:
@@ -151,11 +168,57 @@ class TrainResult:
     def selected_test_accuracy(self) -> float:
         return self.ema_test_accuracy if self.selected == "ema" else self.test_accuracy
 
+    def statement(self, dataset: str, config: "RunConfig") -> Statement | None:
+        """The written privacy statement of this run (None when it was not private)."""
+        if self.privacy is None:
+            return None
+        p = self.privacy
+        notes = []
+        assumptions = []
+        if self.prior_events:
+            notes.append(f"This run alone: ε = {p.epsilon:.4g} ({p.accountant}); the guarantee above composes it "
+                         f"with the initial checkpoint's {len(self.prior_events)} recorded run(s) on {dataset!r} (RDP).")
+        if config.init_checkpoint:
+            assumptions.append("the initial checkpoint's recorded lineage is true (a checkpoint without dptune "
+                               "metadata is treated as trained on public data)")
+            if config.unsafe_ignore_checkpoint_provenance:
+                assumptions.append("UNSAFE: the initial checkpoint's provenance was ignored on request, so what it "
+                                   "learnt from this data is not covered")
+        return Statement(
+            epsilon=self.total_epsilon, delta=p.delta, accountant="rdp" if self.prior_events else p.accountant,
+            dataset=dataset, dataset_size=self.split.get("train"),
+            mechanism=Mechanism(p.sampling_rate, p.noise_multiplier, p.steps),
+            seed_fixed=self.private_seed_fixed, extra_assumptions=tuple(assumptions), notes=tuple(notes))
+
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d.update(epsilon=self.epsilon, selected_val_accuracy=self.selected_val_accuracy,
+        d.update(epsilon=self.epsilon, total_epsilon=self.total_epsilon,
+                 selected_val_accuracy=self.selected_val_accuracy,
                  selected_test_accuracy=self.selected_test_accuracy)
         return d
+
+
+def composed_with_prior(spend: privacy.PrivacySpend, prior: list[tuple[float, float, int]]) -> float:
+    """ε of ``spend``'s steps composed with earlier DP-SGD runs (q, σ, T) on the same data.
+
+    RDP composition, valid when the later run's settings were chosen after
+    seeing the earlier one's model.
+    """
+    events = list(prior) + [(spend.sampling_rate, spend.noise_multiplier, spend.steps)]
+    return search_privacy.composed_epsilon(events, spend.delta)["rdp"]
+
+
+def augmenter(augmentation: Augmentation, secret: SecretSeed) -> Callable[[np.ndarray, np.ndarray, int], np.ndarray]:
+    """``augment(x, indices, step)`` for :func:`train_step`, with randomness keyed by (secret, step, example).
+
+    Guarantee: with the secret fixed, example i's copies at a step depend on
+    (x_i, i, step) alone, so adding or removing one example from a batch changes
+    one term of the clipped sum (norm ≤ C) and leaves the others as they were.
+    """
+    def augment(x: np.ndarray, indices: np.ndarray, step: int) -> np.ndarray:
+        return augmentation(x, secret.augmentation_words(step, indices, augmentation.multiplicity))
+
+    return augment
 
 
 def learning_rate_at(hp: Hyperparams, step: int, total_steps: int) -> float:
@@ -184,13 +247,14 @@ def _compute_seconds(tick: float, compiled_before: float) -> float:
 def train_step(fns: StepFunctions, state: TrainState, dataset: Dataset, indices: np.ndarray,
                key: jax.Array, step: int, hp: Hyperparams, denominator: float,
                clip_norm: float, noise_multiplier: float, lr: float, private: bool = True, *,
-               augment: Callable[[np.ndarray], np.ndarray] | None = None,
+               augment: Callable[[np.ndarray, np.ndarray, int], np.ndarray] | None = None,
                trainable: Any = None) -> TrainState:
     """One logical batch: accumulate clipped sums over microbatches, then one noisy update.
 
     ``private=False`` sums plain gradients instead (a non-private baseline; σ must be 0).
-    ``augment`` expands each microbatch's images into k copies per example
-    (averaged before clipping); ``trainable`` is the 0/1 mask of :mod:`dptune.freezing`.
+    ``augment(x, indices, step)`` expands each microbatch's images into k copies
+    per example (averaged before clipping), with randomness keyed by example
+    index and step; ``trainable`` is the 0/1 mask of :mod:`dptune.freezing`.
     """
     padded, mask = pad_to_multiple(indices, fns.microbatch_size)
     acc = fns.zeros_like(state.params)
@@ -198,7 +262,7 @@ def train_step(fns: StepFunctions, state: TrainState, dataset: Dataset, indices:
     for chunk, chunk_mask in microbatches(padded, mask, fns.microbatch_size):
         x, y = dataset.train.take(chunk)
         if augment is not None:
-            x = augment(x)
+            x = augment(x, chunk, step)
         x, y, m = fns.shard_batch(x, y, chunk_mask)
         acc = accumulate(state.params, acc, x, y, m, clip_norm, trainable)
     return fns.apply(state, acc, key, step, noise_multiplier, clip_norm, denominator,
@@ -244,7 +308,19 @@ def train_and_evaluate(
 
     In private mode a ``budget`` is required; the run is capped at the largest
     number of steps within it (``budget_limited`` says whether the cap bit).
-    Raises :class:`PrivacyError` if not even one step fits the budget.
+
+    Guarantee: in private mode, (ε, δ)-DP for add-or-remove-one-example
+    adjacency on ``dataset.train``, with ε the reported ``privacy.epsilon`` —
+    provided the Poisson sampling, noise and augmentation streams stay secret
+    (:mod:`dptune.randomness`). A private ``init_checkpoint`` trained on the
+    same dataset adds its recorded spend (``total_epsilon``). The validation and
+    test splits are not protected.
+
+    Raises:
+      PrivacyError: not even one step fits the budget, or no budget in private mode.
+      ConfigError: invalid hyperparameters or steps.
+      CheckpointError: ``init_checkpoint`` unreadable, not fitting the model, or
+        trained without privacy on this dataset.
     """
     n = len(dataset.train)
     hparams.validate(n, config.private)
@@ -267,6 +343,12 @@ def train_and_evaluate(
                 f"(δ = {budget.delta:g}) in a single step; raise σ or lower the batch size"
             )
 
+    prior_events: list[tuple[float, float, int]] = []
+    if config.init_checkpoint:
+        # Before anything is computed or written: a checkpoint that saw this data must be accounted for.
+        prior_events = checkpoint.prior_spend(config.init_checkpoint, dataset.name, private=config.private,
+                                              unsafe_ignore=config.unsafe_ignore_checkpoint_provenance)
+
     devices = _devices(config)
     eval_bs = -(-config.eval_batch_size // len(devices)) * len(devices)
     model = build_model(config.model, dataset.num_classes, weight_standardization=config.weight_standardization)
@@ -280,12 +362,10 @@ def train_and_evaluate(
     trainable_modules = freezing.trainable_modules(params, hparams.trainable)
     trainable = jax.device_put(freezing.trainable_mask(params, hparams.trainable), fns.replicated)
     state = fns.init_state(jax.device_put(params, fns.replicated))
-    private_seed = config.private_seed if config.private_seed is not None else secrets.randbits(63)
-    rng = np.random.default_rng([private_seed, 0])
-    # Augmentation randomness is independent of sampling and noise; it needs no secrecy.
-    aug_rng = np.random.default_rng([config.seed, 1])
-    augment = (lambda x: config.augmentation(x, aug_rng)) if config.augmentation.active else None
-    noise_key = jax.device_put(jax.random.key(private_seed), fns.replicated)
+    secret = SecretSeed.resolve(config.private_seed)
+    rng = secret.sampler()
+    augment = augmenter(config.augmentation, secret) if config.augmentation.active else None
+    noise_key = jax.device_put(secret.noise_key(), fns.replicated)
     eval_every = config.eval_every or max(1, round(1 / q))
     denominator = float(hparams.batch_size)
 
@@ -297,7 +377,8 @@ def train_and_evaluate(
     for t in range(allowed):
         tick, compiled = time.perf_counter(), compile_stats.seconds()
         indices = poisson_batch(rng, n, q)
-        examples += len(indices)
+        # Throughput counts the expected batch (public); realised Poisson sizes are private.
+        examples += hparams.batch_size if config.private else len(indices)
         if not config.private:
             # Non-private baselines may normalise by the realised batch size.
             denominator = float(max(1, len(indices)))
@@ -333,18 +414,25 @@ def train_and_evaluate(
         if ema_val > val_acc:
             selected, selected_params = "ema", state.ema_params
     sel_val, sel_test = (ema_val, ema_test) if selected == "ema" else (val_acc, test_acc)
+    spent = None
+    if config.private:
+        spent = privacy.spend(q, sigma, taken, budget.delta, budget.accountant)
     if config.save_checkpoint:
+        # The lineage says which datasets these parameters have seen and at what privacy,
+        # so that continuing from them on the same data composes instead of resetting.
+        lineage = checkpoint.lineage(config.init_checkpoint) + [{
+            "dataset": dataset.name, "private": config.private,
+            "events": [[q, sigma, taken]] if config.private else [],
+        }]
         checkpoint.save(config.save_checkpoint, jax.device_get(selected_params), {
             "model": config.model, "weight_standardization": config.weight_standardization,
             "dataset": dataset.name, "image_shape": list(dataset.image_shape),
             "num_classes": dataset.num_classes, "private": config.private, "steps": taken,
             "parameters": selected, "val_accuracy": sel_val, "test_accuracy": sel_test,
             "init_checkpoint": config.init_checkpoint, "split": dataset.split.as_dict(),
+            "privacy": None if spent is None else spent.as_dict(), "lineage": lineage,
         })
     compile_seconds = compile_stats.seconds() - compile_before
-    spent = None
-    if config.private:
-        spent = privacy.spend(q, sigma, taken, budget.delta, budget.accountant)
     return TrainResult(
         val_accuracy=val_acc,
         test_accuracy=test_acc,
@@ -373,4 +461,5 @@ def train_and_evaluate(
         trainable_modules=trainable_modules,
         init_checkpoint=config.init_checkpoint,
         augmentation=asdict(config.augmentation),
+        prior_events=prior_events,
     )

@@ -238,8 +238,10 @@ PRIVATE_SPACE = {
 PRIVATE_STUDY = {
     "name": "private",
     "dataset": "digits",
-    "search_privacy": {"total_epsilon": 8.0, "delta": 1e-5, "validation_public": True,
+    "search_privacy": {"total_epsilon": 8.0, "delta": 1e-5,
                        "trials": {"distribution": "geometric", "mean": 2}},
+    "validation_dataset": "mnist5k",  # public examples (resized to digits' 8×8) choose the best trial
+    "image_size": 8,
     "budget": {"max_epochs": 2, "min_steps": 1},
     "private_seed": 0,
     "microbatch_size": 128,
@@ -250,7 +252,7 @@ PRIVATE_STUDY = {
 @pytest.mark.parametrize("change,message", [
     ({"sampler": {"name": "tpe"}}, "sampler.name: private search needs hyperparameters drawn independently"),
     ({"pruner": {"name": "median"}}, "pruner.name: pruning is not accounted for"),
-    ({"search_privacy": {**PRIVATE_STUDY["search_privacy"], "validation_public": False}}, "validation_public"),
+    ({"validation_dataset": None}, "validation_dataset: a private search chooses the best trial"),
     ({"privacy": {"epsilon": 3}}, "exactly one of privacy"),
 ])
 def test_private_search_refusals(tmp_path, change, message):

@@ -18,6 +18,7 @@ import pytest
 
 from dptune import checkpoint, freezing
 from dptune.augment import Augmentation
+from dptune.randomness import SecretSeed
 from dptune.data import load_dataset
 from dptune.dp_step import clipped_sum, step_functions
 from dptune.models import build_model, init_params
@@ -137,14 +138,15 @@ def test_trials_freezing_other_layers_compile_nothing(digits):
 
 def test_augmentation_makes_consecutive_shifted_copies():
     images = np.arange(2 * 6 * 6, dtype=np.float32).reshape(2, 6, 6, 1)
-    out = Augmentation(3, shift=1)(images, np.random.default_rng(0))
+    out = Augmentation(3, shift=1)(images, SecretSeed.from_int(0).augmentation_words(0, np.arange(2), 3))
     assert out.shape == (6, 6, 6, 1)
     for i in range(2):
         for c in out[3 * i: 3 * i + 3]:
             # Each copy is example i moved by at most one pixel (edge-padded).
             assert any(np.array_equal(c[1:-1, 1:-1], images[i][1 + dy:5 + dy, 1 + dx:5 + dx])
                        for dy in (-1, 0, 1) for dx in (-1, 0, 1))
-    assert np.array_equal(Augmentation(1)(images, np.random.default_rng(0)), images)
+    assert np.array_equal(Augmentation(1)(images, SecretSeed.from_int(0).augmentation_words(0, np.arange(2), 1)),
+                          images)
     with pytest.raises(freezing.ConfigError, match="multiplicity"):
         Augmentation(0)
 
@@ -155,7 +157,7 @@ def test_augmentation_multiplicity_keeps_the_sensitivity(digits):
     params = init_params(model, digits.image_shape, jax.random.key(0))
     k, m, clip = 4, 8, 0.1
     x, y = digits.train.take(np.arange(m))
-    xk = Augmentation(k, shift=1)(x, np.random.default_rng(0))
+    xk = Augmentation(k, shift=1)(x, SecretSeed.from_int(0).augmentation_words(0, np.arange(m), k))
     sums = {}
     for clipping in ("bookkeeping", "vmap"):
         fns = step_functions(model, "sgd", m, tuple(jax.local_devices()[:1]), clipping)
@@ -205,11 +207,13 @@ def test_pretrain_then_private_fine_tune_offline(tmp_path):
     p = _cli("pretrain", "--dataset", "digits", "--output", "pre.msgpack", cwd=tmp_path)
     assert p.returncode == 2 and "--declare-public" in p.stderr and len(p.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "pre.msgpack").exists()
-    p = _cli("pretrain", "--dataset", "digits", "--declare-public", "--batch-size", "256", "--epochs", "3",
-             "--learning-rate", "0.1", "--microbatch-size", "128", "--output", "pre.msgpack", cwd=tmp_path)
+    # Public data that is not the private data: mnist5k resized to digits' 8×8.
+    p = _cli("pretrain", "--dataset", "mnist5k", "--image-size", "8", "--declare-public", "--batch-size", "256",
+             "--epochs", "1", "--learning-rate", "0.1", "--microbatch-size", "128", "--output", "pre.msgpack",
+             cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     meta = json.loads((tmp_path / "pre.msgpack.json").read_text())
-    assert meta["dataset"] == "digits" and meta["private"] is False
+    assert meta["dataset"] == "mnist5k" and meta["private"] is False
 
     study = tmp_path / "ft.yaml"
     (tmp_path / "space.yaml").write_text("{batch_size: 400, learning_rate: 1.0, clip_norm: 1.0, epochs: 2, "

@@ -51,7 +51,9 @@ for n_dev in (1, 4):
 from dptune.augment import Augmentation
 from dptune.freezing import trainable_mask
 
-xk = Augmentation(2, shift=1)(x, np.random.default_rng(0))
+from dptune.randomness import SecretSeed
+
+xk = Augmentation(2, shift=1)(x, SecretSeed.from_int(0).augmentation_words(0, np.arange(len(x)), 2))
 mask = trainable_mask(params0, "last_3")
 aug = {}
 for n_dev in (1, 4):

@@ -1,0 +1,428 @@
+"""The printed ε is true: the holes found by the end-to-end privacy review stay closed.
+
+Each test is written so that it fails on the behaviour it guards against (where
+the old behaviour can still be built, the test builds it as a negative control).
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optuna
+import pytest
+import yaml
+from dp_accounting import dp_event
+from dp_accounting.rdp.rdp_privacy_accountant import RdpAccountant
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dptune import checkpoint, config, search_privacy, study
+from dptune.augment import Augmentation
+from dptune.data import load_dataset
+from dptune.errors import ConfigError
+from dptune.models import build_model, init_params
+from dptune.randomness import SecretSeed
+from dptune.search_privacy import RenyiFilter, TrialCount
+from dptune.dp_step import step_functions
+from dptune.train import Hyperparams, PrivacyBudget, RunConfig, augmenter, train_and_evaluate
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cli(*args, cwd, timeout=600):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, "-m", "dptune.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=cwd)
+
+
+def _norm(tree):
+    return float(jnp.sqrt(sum(jnp.sum(jnp.square(t)) for t in jax.tree_util.tree_leaves(tree))))
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits")
+
+
+# -- 2. the noise key has the full width of a JAX key -------------------------------------
+
+def test_seeds_differing_above_bit_32_give_different_noise():
+    a, b = 12345, 12345 + 2**50
+    # The hole: with x64 off, jax.random.key(int) keeps the low 32 bits only.
+    assert np.array_equal(jax.random.key_data(jax.random.key(a)), jax.random.key_data(jax.random.key(b)))
+    ka, kb = SecretSeed.from_int(a).noise_key(), SecretSeed.from_int(b).noise_key()
+    assert not np.array_equal(jax.random.key_data(ka), jax.random.key_data(kb))
+    assert not np.allclose(jax.random.normal(ka, (8,)), jax.random.normal(kb, (8,)))
+    # The Poisson sampler gets the same width.
+    assert not np.array_equal(SecretSeed.from_int(a).sampler().random(4), SecretSeed.from_int(b).sampler().random(4))
+
+
+def test_default_key_fills_every_word_from_the_os(monkeypatch):
+    words = np.stack([np.asarray(jax.random.key_data(SecretSeed.from_os().noise_key())) for _ in range(16)])
+    width = np.asarray(jax.random.key_data(jax.random.key(0))).size
+    assert words.reshape(16, -1).shape[1] == width
+    for column in words.reshape(16, -1).T:  # every 32-bit word of the key varies between draws
+        assert len(set(column.tolist())) == 16
+    # train_and_evaluate takes its secret from the OS when no private seed is fixed.
+    calls = []
+    real = SecretSeed.from_os
+
+    def spy():
+        calls.append(1)
+        return real()
+
+    monkeypatch.setattr(SecretSeed, "from_os", staticmethod(spy))
+    digits = load_dataset("digits")
+    hp = Hyperparams(batch_size=200, learning_rate=0.5, clip_norm=1.0, noise_multiplier=2.0)
+    r = train_and_evaluate(digits, hp, 2, config=RunConfig(microbatch_size=64), budget=PrivacyBudget(8.0, 1e-5))
+    assert calls == [1] and not r.private_seed_fixed
+
+
+def test_training_with_seeds_differing_above_bit_32_differs(digits):
+    hp = Hyperparams(batch_size=200, learning_rate=0.5, clip_norm=1.0, noise_multiplier=2.0)
+    runs = [train_and_evaluate(digits, hp, 3, config=RunConfig(microbatch_size=64, private_seed=s, eval_every=3),
+                               budget=PrivacyBudget(8.0, 1e-5)) for s in (7, 7 + 2**40, 7)]
+    assert runs[0].val_loss != runs[1].val_loss
+    assert runs[0].val_loss == runs[2].val_loss  # a fixed seed still reproduces
+
+
+# -- 3. augmentation keyed by (secret, step, example) ---------------------------------------
+
+M, K_COPIES, CLIP = 16, 3, 0.05
+
+
+@pytest.fixture(scope="module")
+def aug_setup(digits):
+    model = build_model("cnn", digits.num_classes)
+    params = init_params(model, digits.image_shape, jax.random.key(0))
+    fns = {c: step_functions(model, "sgd", M, tuple(jax.local_devices()[:1]), c) for c in ("bookkeeping", "vmap")}
+    return params, fns
+
+
+def _clipped_sum(fns, params, digits, indices, augment, step):
+    padded = np.zeros(M, np.int64)
+    padded[:len(indices)] = indices
+    mask = (np.arange(M) < len(indices)).astype(np.float32)
+    x, y = digits.train.take(padded)
+    xk = augment(x, padded, step)
+    return fns.accumulate(params, fns.zeros_like(params), *fns.shard_batch(xk, y, mask), CLIP)
+
+
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(secret=st.integers(0, 2**64), step=st.integers(0, 10_000), seed=st.integers(0, 2**32 - 1))
+@pytest.mark.parametrize("clipping", ["bookkeeping", "vmap"])
+def test_removing_one_example_moves_the_augmented_sum_by_at_most_c(digits, aug_setup, clipping, secret, step, seed):
+    params, all_fns = aug_setup
+    fns = all_fns[clipping]
+    rng = np.random.default_rng(seed)
+    batch = np.sort(rng.choice(len(digits.train), size=M, replace=False))
+    augment = augmenter(Augmentation(K_COPIES, shift=2, flip=True), SecretSeed.from_int(secret))
+    full = _clipped_sum(fns, params, digits, batch, augment, step)
+    for j in range(0, M, 3):
+        rest = np.delete(batch, j)
+        diff = jax.tree_util.tree_map(jnp.subtract, full, _clipped_sum(fns, params, digits, rest, augment, step))
+        assert _norm(diff) <= CLIP * (1 + 1e-4)
+
+
+def test_position_keyed_augmentation_would_break_the_bound(digits, aug_setup):
+    """Negative control: randomness assigned by batch position (the old behaviour) moves the sum by more than C."""
+    params, all_fns = aug_setup
+    secret, aug = SecretSeed.from_int(1), Augmentation(K_COPIES, shift=2, flip=True)
+
+    def by_position(x, indices, step):
+        return aug(x, secret.augmentation_words(step, np.arange(len(indices)), K_COPIES))
+
+    batch = np.arange(M) * 7
+    full = _clipped_sum(all_fns["vmap"], params, digits, batch, by_position, 0)
+    diff = jax.tree_util.tree_map(jnp.subtract, full,
+                                  _clipped_sum(all_fns["vmap"], params, digits, batch[1:], by_position, 0))
+    assert _norm(diff) > 1.5 * CLIP
+
+
+# -- 4. checkpoint provenance --------------------------------------------------------------
+
+def _fake_checkpoint(path, digits, lineage):
+    model = build_model("cnn", digits.num_classes)
+    params = jax.device_get(init_params(model, digits.image_shape, jax.random.key(3)))
+    checkpoint.save(str(path), params, {"model": "cnn", "dataset": lineage[-1]["dataset"],
+                                        "private": lineage[-1]["private"], "lineage": lineage})
+    return str(path)
+
+
+def test_public_checkpoint_trained_on_the_private_data_is_refused(tmp_path, digits):
+    ck = _fake_checkpoint(tmp_path / "pre.msgpack", digits, [{"dataset": "digits", "private": False, "events": []}])
+    p = _cli("train", "--dataset", "digits", "--init-checkpoint", ck, "--batch-size", "200", "--epochs", "1",
+             "--save-checkpoint", str(tmp_path / "out.msgpack"), cwd=tmp_path)
+    assert p.returncode == 2
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "trained without privacy on 'digits'" in lines[0] and "Traceback" not in p.stderr
+    assert not (tmp_path / "out.msgpack").exists()
+    # The same in a study file: nothing written.
+    study_file = tmp_path / "s.yaml"
+    study_file.write_text(yaml.safe_dump({
+        "name": "ck", "dataset": "digits", "privacy": {"epsilon": 3.0, "delta": 1e-5}, "init_checkpoint": ck,
+        "search_space": str(ROOT / "search_spaces" / "dpsgd_epochs.yaml")}))
+    p = _cli("study", "create", "--config", str(study_file), "--storage", f"sqlite:///{tmp_path / 'ck.db'}",
+             cwd=tmp_path)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert not (tmp_path / "ck.db").exists()
+    # On other data it is public, and an explicit override accepts it (saying so in the statement).
+    assert checkpoint.prior_spend(ck, "mnist5k", private=True) == []
+    assert checkpoint.prior_spend(ck, "digits", private=True, unsafe_ignore=True) == []
+
+
+def test_private_checkpoint_continued_on_its_data_composes(tmp_path, digits):
+    hp = Hyperparams(batch_size=200, learning_rate=0.5, clip_norm=1.0, noise_multiplier=1.5)
+    first = train_and_evaluate(digits, hp, 4, budget=PrivacyBudget(8.0, 1e-5, "rdp"), config=RunConfig(
+        microbatch_size=64, save_checkpoint=str(tmp_path / "p1.msgpack")))
+    second = train_and_evaluate(digits, hp, 5, budget=PrivacyBudget(8.0, 1e-5, "rdp"), config=RunConfig(
+        microbatch_size=64, init_checkpoint=str(tmp_path / "p1.msgpack"), save_checkpoint=str(tmp_path / "p2.msgpack")))
+    q = 200 / len(digits.train)
+    event = lambda t: dp_event.SelfComposedDpEvent(dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(1.5)), t)
+    direct = RdpAccountant().compose(dp_event.ComposedDpEvent([event(4), event(5)])).get_epsilon(1e-5)
+    assert second.epsilon == pytest.approx(RdpAccountant().compose(event(5)).get_epsilon(1e-5))
+    assert second.total_epsilon == pytest.approx(direct, rel=1e-9)
+    assert second.total_epsilon > max(first.epsilon, second.epsilon)
+    assert "composes it with the initial checkpoint" in second.statement("digits", RunConfig(
+        init_checkpoint="p1")).text()
+    # The lineage carries both runs forward: a third continuation composes all three.
+    assert checkpoint.prior_spend(str(tmp_path / "p2.msgpack"), "digits", private=True) == [(q, 1.5, 4), (q, 1.5, 5)]
+
+
+def test_private_checkpoint_without_a_recorded_spend_is_refused(tmp_path, digits):
+    ck = _fake_checkpoint(tmp_path / "old.msgpack", digits, [{"dataset": "digits", "private": True, "events": None}])
+    with pytest.raises(checkpoint.CheckpointError, match="privacy spend was not recorded"):
+        checkpoint.prior_spend(ck, "digits", private=True)
+
+
+# -- 1 & 5. private search: K enforced in the storage, K and trial numbers kept out of the release ----
+
+SPACE = {"batch_size": 400, "epochs": 1, "effective_learning_rate": {"low": 1.0, "high": 8.0, "log": True},
+         "clip_norm": {"low": 0.5, "high": 2.0, "log": True}}
+
+
+def _private_study(tmp_path, k_wanted, name="private"):
+    """A private-search study file whose fixed private seed draws K = ``k_wanted`` (found by search)."""
+    count = TrialCount("geometric", 3)
+    seed = next(s for s in range(1000)
+                if count.sample(SecretSeed.from_int(s).child("number of trials").sampler()) == k_wanted)
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(SPACE))
+    cfg = {"name": name, "dataset": "digits", "validation_dataset": "mnist5k", "image_size": 8,
+           "search_privacy": {"total_epsilon": 8.0, "delta": 1e-5, "trials": {"distribution": "geometric", "mean": 3}},
+           "budget": {"max_epochs": 1, "min_steps": 1}, "private_seed": seed, "microbatch_size": 128,
+           "search_space": "space.yaml"}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+@pytest.mark.slow
+def test_two_pools_on_one_journal_study_run_exactly_k_trials(tmp_path):
+    storage = f"journal:///{tmp_path / 'shared.journal'}"
+    path = _private_study(tmp_path, 4)
+    assert _cli("study", "create", "--config", path, "--storage", storage, cwd=tmp_path).returncode == 0
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    cmd = [sys.executable, "-m", "dptune.cli", "optimize", "--study-name", "private", "--storage", storage,
+           "--n-trials", "4", "--workers", "2"]
+    procs = [subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    s = optuna.load_study(study_name="private", storage=study.open_storage(storage))
+    touched = [t for t in s.trials if study.touched_data(t)]
+    assert len(touched) == 4 and sorted(t.number for t in touched) == [0, 1, 2, 3]
+    g = study.search_guarantee(s)
+    assert g["complete"] and g["valid"]
+
+
+def test_more_than_k_trials_on_the_data_voids_the_bound(tmp_path):
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    s = study.create_study(config.load_study(_private_study(tmp_path, 2)), storage)
+    plan = s.user_attrs["private_search"]
+    dist = {"clip_norm": optuna.distributions.FloatDistribution(0.5, 2.0)}
+    for _ in range(3):  # what two processes counting K each on their own used to do
+        s.add_trial(optuna.trial.create_trial(
+            params={"clip_norm": 1.0}, distributions=dist, value=0.5,
+            user_attrs={"touched_data": True, "sampling_rate": plan["sampling_rate"],
+                        "noise_multiplier": plan["noise_multiplier"], "steps": plan["steps"]}))
+    g = study.search_guarantee(s)
+    assert not g["valid"] and "EXCEEDED, INVALID" in g["guarantee"]
+    direct = search_privacy.composed_epsilon([(plan["sampling_rate"], plan["noise_multiplier"], plan["steps"])] * 3,
+                                             1e-5)["rdp"]
+    assert g["total_epsilon"] == pytest.approx(direct)
+
+
+def _walk_keys(obj):
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield k
+            yield from _walk_keys(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _walk_keys(v)
+
+
+@pytest.mark.slow
+def test_private_search_release_shows_neither_k_nor_trial_numbers(tmp_path, capsys):
+    from dptune import cli
+
+    def run(*args):
+        code = cli.main(list(args))
+        out = capsys.readouterr()
+        assert code == 0, out.err
+        return out.out + out.err
+
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    path = _private_study(tmp_path, 3)
+    printed = [run("study", "create", "--config", path, "--storage", storage),
+               run("optimize", "--study-name", "private", "--storage", storage, "--n-trials", "10")]
+    s = optuna.load_study(study_name="private", storage=storage)
+    assert len(s.trials) == 3  # K really was 3: the checks below are about a known value
+    best_number = study.summarize(s).best["number"]
+    forbidden = [re.compile(r"\bK[ \t]*=[ \t]*\d"), re.compile(r"\btrials?[ \t]+\d"),
+                 re.compile(r"\b\d+[ \t]+trials?\b"), re.compile(r"\bof[ \t]+\d+\b"),
+                 re.compile(r"best trial[ \t]+\d")]
+    for args in (("study", "show", "private"), ("study", "best", "private")):
+        printed.append(run(*args, "--storage", storage))
+        keys = set(_walk_keys(json.loads(run(*args, "--storage", storage, "--json"))))
+        assert not keys & {"number", "n_trials", "trials_drawn", "trials_run", "trials_touching_data",
+                           "retry_of"}, keys
+    for out in printed:
+        for pattern in forbidden:
+            assert not pattern.search(out), (pattern.pattern, out)
+    # --internal shows them (so the checks above can fail), labelled as internal.
+    internal = run("study", "show", "private", "--storage", storage, "--internal")
+    assert "INTERNAL" in internal and "3 trials" in internal and f"best trial {best_number}" in internal
+
+
+def test_private_search_sampler_and_initialisation_are_not_public():
+    # Random draws from an unseeded sampler differ between processes; the public seed plays no part.
+    from dptune.study import Objective
+
+    a = optuna.samplers.RandomSampler(seed=None)._rng.rng.random_sample()
+    b = optuna.samplers.RandomSampler(seed=None)._rng.rng.random_sample()
+    assert a != b
+    assert "seed=cfg.seed if self.private_search is not None" in Path(
+        sys.modules[Objective.__module__].__file__).read_text()
+
+
+# -- 6. a separate public validation dataset ------------------------------------------------
+
+def test_private_search_requires_a_separate_validation_dataset(tmp_path):
+    path = _private_study(tmp_path, 2)
+    data = yaml.safe_load(Path(path).read_text())
+    for change, message in (({"validation_dataset": None}, "validation_dataset"),
+                            ({"validation_dataset": "digits"}, "not the private"),
+                            ({"validation_dataset": "mnist5k", "image_size": None}, "set image_size")):
+        Path(path).write_text(yaml.safe_dump({**data, **change}))
+        with pytest.raises(ConfigError, match=message):
+            study.create_study(config.load_study(path), f"sqlite:///{tmp_path / 'v.db'}")
+    assert not (tmp_path / "v.db").exists()
+    Path(path).write_text(yaml.safe_dump(data))
+    s = study.create_study(config.load_study(path), f"sqlite:///{tmp_path / 'v.db'}")
+    statement = study.privacy_statement(s).text()
+    assert "'mnist5k', treated as public" in statement
+
+
+# -- 7 & 8. the written statement ---------------------------------------------------------
+
+def test_privacy_epsilon_prints_a_statement(tmp_path):
+    p = _cli("privacy", "epsilon", "--dataset-size", "60000", "--batch-size", "256", "--noise-multiplier", "1.1",
+             "--epochs", "60", "--delta", "1e-5", "--statement", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    for phrase in ("add-or-remove-one-example adjacency", "Poisson sampling", "training examples only",
+                   "validation and test examples", "Treated as public", "Realised batch sizes are private",
+                   "N = 60,000", "secret"):
+        assert phrase in p.stdout, phrase
+    js = _cli("privacy", "epsilon", "--dataset-size", "60000", "--batch-size", "256", "--noise-multiplier", "1.1",
+              "--epochs", "60", "--delta", "1e-5", "--statement", "--json", cwd=tmp_path)
+    assert json.loads(js.stdout)["results"][0]["epsilon"] == pytest.approx(2.38, abs=0.02)
+    assert "add-or-remove" in json.loads(js.stdout)["statement"]
+
+
+def test_realised_batch_sizes_stay_out_of_the_results(digits):
+    hp = Hyperparams(batch_size=200, learning_rate=0.5, clip_norm=1.0, noise_multiplier=2.0)
+    r = train_and_evaluate(digits, hp, 3, config=RunConfig(microbatch_size=64, private_seed=5),
+                           budget=PrivacyBudget(8.0, 1e-5))
+    assert r.examples_processed == 3 * 200  # expected count, not the Poisson realisation
+
+
+# -- 9. a search budget enforced before each trial ---------------------------------------------
+
+def test_filter_counts_requests_of_running_trials_before_they_are_admitted(tmp_path):
+    """Two workers deciding at once: the later reader sees the earlier one's request and stays under the cap."""
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump({
+        "batch_size": 400, "epochs": 2, "learning_rate": 1.0, "clip_norm": 1.0}))
+    per_trial = 2.5  # one trial fits under the cap of 3 (at the filter's order), two do not
+    (tmp_path / "f.yaml").write_text(yaml.safe_dump({
+        "name": "f", "dataset": "digits", "privacy": {"epsilon": per_trial, "delta": 1e-5, "accountant": "rdp"},
+        "search_budget": {"epsilon": 3.0}, "budget": {"max_epochs": 2, "min_steps": 1},
+        "search_space": "space.yaml"}))
+    storage = f"sqlite:///{tmp_path / 'f.db'}"
+    s = study.create_study(config.load_study(str(tmp_path / "f.yaml")), storage)
+    cap = s.user_attrs["search_budget"]
+    assert cap["order"] == pytest.approx(search_privacy.default_filter_order(3.0, 1e-5))
+    resolved = study.load("f", storage)[1]
+    objective = study.Objective(resolved, study._dataset(resolved.study), 1e-5, None, cap)
+    from dptune.search_space import plan_trial
+
+    first, second = s.ask(), s.ask()
+    plans = [plan_trial(t, resolved.space, 1258, objective.budget, resolved.study.budget) for t in (first, second)]
+    # The first writes its request but has not decided yet; the second must count it.
+    first.set_user_attr("filter_request", [plans[0].sampling_rate, plans[0].hparams.noise_multiplier, plans[0].steps])
+    assert RenyiFilter(3.0, 1e-5, cap["order"]).admits([tuple(first.user_attrs["filter_request"])] * 1)
+    assert "search_budget" in objective._admit(second, plans[1])
+    assert s.trials[second.number].user_attrs["filter_admitted"] is False
+
+
+@pytest.mark.slow
+def test_search_budget_stops_the_search_before_the_cap(tmp_path):
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump({
+        "batch_size": 400, "epochs": 1, "effective_learning_rate": {"low": 1.0, "high": 4.0}, "clip_norm": 1.0}))
+    (tmp_path / "f.yaml").write_text(yaml.safe_dump({
+        "name": "f", "dataset": "digits", "privacy": {"epsilon": 1.0, "delta": 1e-5}, "search_budget": {"epsilon": 2.5},
+        "budget": {"max_epochs": 1, "min_steps": 1}, "pruner": {"name": "none"}, "microbatch_size": 128,
+        "search_space": "space.yaml"}))
+    storage = f"sqlite:///{tmp_path / 'f.db'}"
+    study.create_study(config.load_study(str(tmp_path / "f.yaml")), storage)
+    s = study.optimize("f", storage, n_trials=20)
+    admitted = [t for t in s.trials if t.user_attrs.get("filter_admitted")]
+    refused = [t for t in s.trials if t.user_attrs.get("filter_admitted") is False]
+    assert len(admitted) >= 2 and len(refused) == 1 and len(s.trials) == len(admitted) + 1
+    cap = s.user_attrs["search_budget"]
+    requests = [tuple(t.user_attrs["filter_request"]) for t in admitted]
+    filt = RenyiFilter(2.5, 1e-5, cap["order"])
+    assert filt.spent(requests) <= 2.5 < filt.spent(requests + [tuple(refused[0].user_attrs["filter_request"])])
+    # The single-order figure is what dp-accounting gives at that order.
+    acc = RdpAccountant(orders=[cap["order"]])
+    acc.compose(dp_event.ComposedDpEvent([dp_event.SelfComposedDpEvent(
+        dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(sg)), t) for q, sg, t in requests]))
+    assert filt.spent(requests) == pytest.approx(acc.get_epsilon(1e-5))
+    g = study.search_guarantee(s)
+    assert g["mode"] == "filter" and g["total_epsilon"] == 2.5 and "Pre-committed" in g["guarantee"]
+    assert refused[0].user_attrs["epsilon_spent"] == 0.0 and not study.touched_data(refused[0])
+
+
+def test_ordinary_total_says_it_is_an_accounting_not_a_precommitment(tmp_path):
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(SPACE))
+    (tmp_path / "o.yaml").write_text(yaml.safe_dump({
+        "name": "o", "dataset": "digits", "privacy": {"epsilon": 2.0, "delta": 1e-5}, "search_space": "space.yaml"}))
+    s = study.create_study(config.load_study(str(tmp_path / "o.yaml")), f"sqlite:///{tmp_path / 'o.db'}")
+    text = study.privacy_statement(s).text()
+    assert "an accounting of what ran, not a guarantee fixed in advance" in text
+    assert "training examples only" in text
+
+
+# -- smaller: C must be finite in private training ----------------------------------------------
+
+def test_infinite_clip_norm_is_refused_in_private_mode(digits):
+    hp = Hyperparams(batch_size=200, learning_rate=0.5, clip_norm=float("inf"), noise_multiplier=2.0)
+    with pytest.raises(ConfigError, match="clip_norm: must be a finite number > 0 in private training"):
+        train_and_evaluate(digits, hp, 2, config=RunConfig(microbatch_size=64), budget=PrivacyBudget(8.0, 1e-5))
+    hp.validate(len(digits.train), private=False)  # the non-private baseline ignores C
