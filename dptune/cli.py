@@ -499,24 +499,21 @@ def _print_summary(summary: Any, internal: bool = False) -> None:
                 f"complete, {summary.pruned} pruned, {summary.rejected} rejected before training, {summary.failed} "
                 f"failed; {summary.trial_steps} trial-steps and {summary.examples_processed:,} examples processed "
                 "in all")
+    # The guarantee in words follows in the privacy statement; here the headline figures.
     if g["mode"] == "non_private":
         c.print(f"[bold]No privacy guarantee[/]: {g['guarantee']}")
     elif g["mode"] == "private_search":
         c.print(f"[bold]ε of the released best model: {g['total_epsilon']:.4g}[/] (δ = {g['delta']:g}; "
-                f"each trial alone: {g['per_trial_epsilon']:.4g}). {g['guarantee']}")
+                f"each trial alone: {g['per_trial_epsilon']:.4g})"
+                + ("" if g["valid"] else " — [bold]EXCEEDED, INVALID[/]: see the statement"))
     elif g["mode"] == "filter":
         c.print(f"[bold]ε of the released best model after this search: {_fmt(g['total_epsilon'])}[/] "
-                f"(δ = {_fmt(g['delta'])}, enforced before each trial; per-trial target {_fmt(g['per_trial_epsilon'])}). "
-                f"{g['guarantee']}")
+                f"(δ = {_fmt(g['delta'])}, a cap enforced before each trial; per-trial target "
+                f"{_fmt(g['per_trial_epsilon'])}; the trials so far compose to {_fmt(g['accounted_epsilon'])})")
     else:
         c.print(f"[bold]ε of the released best model after this search: {_fmt(g['total_epsilon'])}[/] "
                 f"(δ = {_fmt(g['delta'])}; per-trial target {_fmt(g['per_trial_epsilon'])}; PLD "
-                f"{_fmt(g['total_epsilon_pld_if_nonadaptive'])} if the trials had been fixed in advance). "
-                f"{g['guarantee']}")
-    if not summary.non_private:
-        from dptune.statement import COVERAGE
-
-        c.print(COVERAGE)
+                f"{_fmt(g['total_epsilon_pld_if_nonadaptive'])} if the trials had been fixed in advance)")
     b = summary.best
     if b is None:
         c.print("no completed trial yet")

@@ -69,7 +69,7 @@ class Statement:
                 f"T = {m.steps:,} steps.")
         if self.search:
             lines.append(f"Search: {self.search}")
-        lines.append(f"Not covered: {self.validation}")
+        lines.append(f"Coverage: {self.validation}")
         lines.append(PUBLIC)
         seeds = ("a user-fixed private seed: the guarantee is only as strong as that seed is secret"
                  if self.seed_fixed else "256 bits from the operating system's random source")

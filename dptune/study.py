@@ -47,7 +47,7 @@ from dptune.errors import ConfigError, DptuneError, PrivacyError
 from dptune.randomness import SecretSeed
 from dptune.search_privacy import RenyiFilter, TrialCount
 from dptune.search_space import Infeasible, plan_trial, smallest_batch
-from dptune.statement import Mechanism, Statement
+from dptune.statement import COVERAGE, Mechanism, Statement
 from dptune.storage import MAX_RETRY, open_storage
 from dptune.train import PrivacyBudget, RunConfig, train_and_evaluate
 
@@ -599,8 +599,13 @@ def _spend(t: FrozenTrial) -> tuple[float, float, int] | None:
     return float(a["sampling_rate"]), float(a["noise_multiplier"]), int(steps)
 
 
-NOT_COVERED = ("The ε covers the training examples only: the validation and test examples used to select, prune "
-               "and report are not protected by it.")
+def coverage(study: optuna.Study) -> str:
+    """One plain sentence on which examples the study's ε protects."""
+    public = study.user_attrs.get(CONFIG_ATTR, {}).get("study", {}).get("validation_dataset")
+    if public:
+        return (f"The ε covers the training examples only: validation examples come from the separate dataset "
+                f"{public!r}, treated as public, and the test examples used to report are not protected by it.")
+    return COVERAGE
 
 
 def search_guarantee(study: optuna.Study) -> dict[str, Any]:
@@ -707,10 +712,7 @@ def privacy_statement(study: optuna.Study, summary: "StudySummary | None" = None
     mechanism = None
     if g["mode"] == "private_search":
         mechanism = Mechanism(g["sampling_rate"], g["noise_multiplier"], int(g["steps"]))
-    validation = NOT_COVERED
-    if cfg.get("validation_dataset"):
-        validation = (f"the test examples used to report are not protected by this ε; validation examples come "
-                      f"from the separate dataset {cfg['validation_dataset']!r}, treated as public.")
+    validation = coverage(study)
     assumptions = []
     if cfg.get("init_checkpoint"):
         assumptions.append("the initial checkpoint's recorded lineage is true (a checkpoint without dptune "

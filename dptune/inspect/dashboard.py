@@ -8,18 +8,22 @@ import optuna
 import optuna_dashboard
 
 from dptune import figures
-from dptune.study import CONFIG_ATTR, summarize
+from dptune.study import CONFIG_ATTR, coverage, summarize
 
 
 def study_note(study: optuna.Study) -> str:
     """Markdown shown on the study page: budget, the search's total ε, configuration."""
     s = summarize(study)
     g = s.search
-    lines = [
-        f"# {study.study_name}",
-        "",
+    lines = [f"# {study.study_name}", ""]
+    if s.private_search:
+        lines += ["**INTERNAL — do not publish this dashboard or its storage:** trial numbers and counts reveal the "
+                  "secret number of trials on which the private search's bound rests.", ""]
+    lines += [
         f"**Privacy budget:** {s.budget_text}.",
         f"**ε of releasing the best model after this search:** {g['total_epsilon']:.4g} — {g['guarantee']}",
+        "",
+        coverage(study),
         "",
         f"Trials: {s.n_trials} ({s.complete} complete, {s.pruned} pruned, {s.rejected} rejected before training, "
         f"{s.failed} failed); {s.trial_steps} trial-steps in all.",

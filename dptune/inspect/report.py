@@ -12,7 +12,7 @@ import plotly.graph_objects as go
 import plotly.offline
 
 from dptune import figures
-from dptune.study import CONFIG_ATTR, summarize, trial_record
+from dptune.study import CONFIG_ATTR, coverage, summarize, trial_record
 
 TOP = 10
 
@@ -45,9 +45,11 @@ def _study_section(study: optuna.Study, index: int) -> str:
     g = s.search
     parts = [
         f"<h2>{html.escape(study.study_name)}</h2>",
+        *(["<p><b>INTERNAL — do not publish:</b> trial numbers and counts reveal the secret number of trials on "
+           "which the private search's bound rests.</p>"] if s.private_search else []),
         f"<p><b>Budget:</b> {html.escape(s.budget_text)}. "
         f"<b>ε of releasing the best model after this search: {_fmt(g['total_epsilon'])}</b>. "
-        f"{html.escape(g['guarantee'])}</p>",
+        f"{html.escape(g['guarantee'])} {html.escape(coverage(study))}</p>",
         f"<p>{s.n_trials} trials: {s.complete} complete, {s.pruned} pruned, {s.rejected} rejected before training, "
         f"{s.failed} failed; {s.trial_steps} trial-steps. Accuracies: validation split unless marked test.</p>",
     ]
