@@ -258,6 +258,19 @@ class ResolvedStudy(_Strict):
     space: SearchSpace
 
     @model_validator(mode="after")
+    def _finite_clip_norm(self) -> "ResolvedStudy":
+        # C bounds each example's contribution; an infinite (or non-positive) C bounds nothing.
+        if self.study.non_private:
+            return self
+        spec = self.space.clip_norm
+        values = (spec.choices if isinstance(spec, Choice) else [spec.low, spec.high] if isinstance(spec, Range)
+                  else [spec])
+        for v in values:
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise ValueError(f"search_space.clip_norm: must be a finite number > 0 in private training, got {v}")
+        return self
+
+    @model_validator(mode="after")
     def _private_search_rules(self) -> "ResolvedStudy":
         sp = self.study.search_privacy
         if sp is None:

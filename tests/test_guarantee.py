@@ -426,3 +426,12 @@ def test_infinite_clip_norm_is_refused_in_private_mode(digits):
     with pytest.raises(ConfigError, match="clip_norm: must be a finite number > 0 in private training"):
         train_and_evaluate(digits, hp, 2, config=RunConfig(microbatch_size=64), budget=PrivacyBudget(8.0, 1e-5))
     hp.validate(len(digits.train), private=False)  # the non-private baseline ignores C
+
+
+@pytest.mark.parametrize("clip", [float("inf"), {"low": 0.5, "high": float("inf")}, 0.0])
+def test_infinite_clip_norm_is_refused_at_study_create(tmp_path, clip):
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump({**SPACE, "clip_norm": clip}))
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({
+        "name": "c", "dataset": "digits", "privacy": {"epsilon": 2.0}, "search_space": "space.yaml"}))
+    with pytest.raises(ConfigError, match="clip_norm: must be a finite number > 0"):
+        config.load_study(str(tmp_path / "c.yaml"))
