@@ -19,8 +19,10 @@ its recorded runs to the new run's ε.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
+import re
 from typing import Any, Iterable
 
 import numpy as np
@@ -43,7 +45,9 @@ def save(path: str, params: PyTree, meta: dict[str, Any]) -> None:
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     host = _to_numpy(params)
-    for target, data in ((path, serialization.msgpack_serialize({"params": host})),
+    # The metadata also travels inside the file: a copy without the .json keeps its lineage.
+    packed = serialization.msgpack_serialize({"params": host, "dptune_metadata": json.dumps(meta, default=str)})
+    for target, data in ((path, packed),
                          (path + ".json", json.dumps(meta, indent=1, default=str).encode())):
         tmp = f"{target}.tmp{os.getpid()}"
         with open(tmp, "wb") as f:
@@ -58,12 +62,50 @@ def _to_numpy(tree: PyTree) -> PyTree:
 
 
 def metadata(path: str) -> dict[str, Any]:
-    """The JSON dptune wrote beside a checkpoint ({} for checkpoints from elsewhere)."""
+    """The metadata dptune wrote with a checkpoint ({} for checkpoints from elsewhere).
+
+    Read from inside the msgpack file, or from the ``.json`` beside it.
+    """
+    if os.path.isfile(path):
+        from flax import serialization
+
+        try:
+            with open(path, "rb") as f:
+                tree = serialization.msgpack_restore(f.read())
+            if isinstance(tree, dict) and isinstance(tree.get("dptune_metadata"), str):
+                return json.loads(tree["dptune_metadata"])
+        except Exception:  # not msgpack: fall back to the sidecar
+            pass
     try:
         with open(path + ".json") as f:
             return json.load(f)
     except (OSError, ValueError):
         return {}
+
+
+def fingerprint(path: str) -> str:
+    """SHA-256 of a checkpoint's bytes (every file of a directory, by relative path) and its ``.json``."""
+    path = os.path.expanduser(path)
+    h = hashlib.sha256()
+    files = ([os.path.join(root, name) for root, _, names in os.walk(path) for name in names]
+             if os.path.isdir(path) else [path])
+    for f in sorted(files + ([path + ".json"] if os.path.isfile(path + ".json") else [])):
+        h.update(os.path.relpath(f, os.path.dirname(path)).encode())
+        try:
+            with open(f, "rb") as fh:
+                h.update(fh.read())
+        except OSError:
+            raise CheckpointError(f"{path}: cannot be read")
+    return h.hexdigest()
+
+
+def dataset_identity(name: str) -> str:
+    """A dataset's name without TFDS version or config (``tfds:mnist/c:3.0.1`` → ``tfds:mnist``).
+
+    Identity is by name: two differently named datasets that hold the same
+    individuals (``mnist5k`` and ``tfds:mnist``) are not recognised as one.
+    """
+    return re.split(r"[/:]", name.removeprefix("tfds:"), maxsplit=1)[0] if name else name
 
 
 def lineage(path: str | None) -> list[dict[str, Any]]:
@@ -105,7 +147,7 @@ def prior_spend(path: str, dataset: str, *, private: bool, unsafe_ignore: bool =
         return []
     events: list[tuple[float, float, int]] = []
     for entry in lineage(path):
-        if entry.get("dataset") != dataset:
+        if dataset_identity(str(entry.get("dataset", ""))) != dataset_identity(dataset):
             continue
         known = entry.get("private") and entry.get("events") is not None
         if unsafe_ignore and not known:

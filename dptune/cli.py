@@ -373,9 +373,10 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         task = progress.add_task(f"optimizing {args.study_name}", total=args.n_trials)
 
         def on_trial(_study: Any, trial: Any) -> None:
-            if "skipped_reason" in trial.user_attrs:
+            # A private search prints no line per trial: their count is the secret K.
+            if "skipped_reason" in trial.user_attrs or "private_search" in _study.user_attrs:
                 return
-            progress.console.print(_trial_line(trial, numbered="private_search" not in _study.user_attrs))
+            progress.console.print(_trial_line(trial))
             progress.advance(task)
 
         try:
@@ -444,6 +445,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     from dptune.inspect import export
 
     studies = _load_studies(args.study_name, args.storage)
+    for s in studies:
+        if "private_search" in s.user_attrs:
+            print(f"dptune: INTERNAL: {s.study_name!r} is a private search; its trial numbers and count reveal the "
+                  "secret K — do not publish this export", file=sys.stderr)
     if args.to:
         counts = export.to_sqlite(studies, args.to)
         print(f"wrote {counts['trials']} trials and {counts['intermediate_values']} intermediate values to {args.to}",
@@ -463,11 +468,12 @@ def _optimize_pool(args: argparse.Namespace, console: Any) -> int:
     check_workers(storage, args.workers)
     console.print(f"{args.workers} workers × {args.devices_per_trial} device(s) on {storage}")
     _, resolved = study.load(args.study_name, storage)
-    numbered = not resolved.study.private_search
+    private_search = resolved.study.private_search
 
     def on_trial(t: Any) -> None:
-        if "skipped_reason" not in t.user_attrs:
-            console.print(_trial_line(t, numbered=numbered))
+        # A private search prints no line per trial: their count is the secret K.
+        if "skipped_reason" not in t.user_attrs and not private_search:
+            console.print(_trial_line(t))
 
     code = workers.run_pool(args.study_name, storage, workers=args.workers, n_trials=args.n_trials,
                             timeout=args.timeout, devices_per_trial=args.devices_per_trial,
@@ -566,10 +572,15 @@ def cmd_study_best(args: argparse.Namespace) -> int:
     if summary.best is None:
         raise study.StudyError(f"study_name: {args.study_name!r} has no completed trial yet")
     numbered = args.internal or not summary.private_search
+    total = summary.search["total_epsilon"]
     if args.json:
-        print(_dump(summary.best if numbered else summary.release()["best"]))
+        best = summary.best if numbered else summary.release()["best"]
+        print(_dump({**best, "search_total_epsilon": total, "search_delta": summary.search["delta"]}))
     else:
         print(_trial_line(s.trials[summary.best["number"]], numbered=numbered))
+        if not summary.non_private:
+            print(f"ε of releasing it after this search: {_fmt(total)} (δ = {_fmt(summary.search['delta'])}); "
+                  f"the statement: dptune study show {args.study_name}")
     return 0
 
 

@@ -130,14 +130,16 @@ def search_epsilon(sampling_rate: float, noise_multiplier: float, steps: int, de
 
 
 def noise_for_search(sampling_rate: float, steps: int, total_epsilon: float, delta: float,
-                     count: TrialCount) -> float:
-    """The σ every trial needs so that the whole search spends ≤ ``total_epsilon``."""
+                     count: TrialCount, prior: Iterable[tuple[float, float, int]] = ()) -> float:
+    """The σ every trial needs so that the whole search (with ``prior`` runs composed) spends ≤ ``total_epsilon``."""
     privacy.validate(sampling_rate=sampling_rate, steps=steps, delta=delta, epsilon=total_epsilon)
-    return float(dp_accounting.calibrate_dp_mechanism(
-        RdpAccountant,
-        lambda s: repeat_and_select_event(privacy.dpsgd_event(sampling_rate, s, steps), count),
-        total_epsilon, delta, tol=1e-4,
-    ))
+    before = [privacy.dpsgd_event(q, s, int(t)) for q, s, t in prior]
+
+    def event(sigma: float) -> dp_event.DpEvent:
+        search = repeat_and_select_event(privacy.dpsgd_event(sampling_rate, sigma, steps), count)
+        return dp_event.ComposedDpEvent([search, *before]) if before else search
+
+    return float(dp_accounting.calibrate_dp_mechanism(RdpAccountant, event, total_epsilon, delta, tol=1e-4))
 
 
 def naive_epsilon(sampling_rate: float, noise_multiplier: float, steps: int, delta: float, trials: int,

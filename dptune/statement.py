@@ -16,9 +16,10 @@ from typing import Any
 COVERAGE = ("The ε covers the training examples only: the validation and test examples used to select, prune "
             "and report are not protected by it.")
 PUBLIC = ("Treated as public: the training-set size N and the split sizes, the sampling rate q, σ, the clipping "
-          "norm, the number of steps and every other hyperparameter, the model, its public initialisation seed and "
-          "wall-clock timings. Realised batch sizes are private and kept out of the results (examples counts are "
-          "expected counts, steps × B).")
+          "norm, the number of steps and every other hyperparameter, the model and its public initialisation seed. "
+          "Realised batch sizes are private and kept out of the results (example counts are expected counts, "
+          "steps × B). Wall-clock timings are not covered: step times grow with the realised batch sizes, so they "
+          "are for the operator and are not part of a release.")
 
 
 def _fmt(v: float) -> str:

@@ -108,7 +108,7 @@ def _dataset(cfg: StudyConfig) -> Dataset:
                         test_split=cfg.test_split)
     if cfg.validation_dataset is None:
         return data
-    if cfg.validation_dataset == cfg.dataset:
+    if checkpoint.dataset_identity(cfg.validation_dataset) == checkpoint.dataset_identity(cfg.dataset):
         raise ConfigError("validation_dataset", f"must be another, public dataset, not the private {cfg.dataset!r}")
     public = load_dataset(cfg.validation_dataset, data_dir=cfg.data_dir, seed=cfg.seed, image_size=cfg.image_size)
     if public.image_shape != data.image_shape or public.num_classes != data.num_classes:
@@ -137,8 +137,13 @@ def _trial_count(cfg: StudyConfig) -> TrialCount:
         raise ConfigError("search_privacy.trials", str(e)) from None
 
 
-def _plan_private_search(resolved: ResolvedStudy, dataset: Dataset, delta: float) -> dict[str, Any]:
-    """Draw the number of trials and calibrate the one mechanism every trial runs."""
+def _plan_private_search(resolved: ResolvedStudy, dataset: Dataset, delta: float,
+                         prior: Sequence[tuple[float, float, int]] = ()) -> dict[str, Any]:
+    """Draw the number of trials and calibrate the one mechanism every trial runs.
+
+    ``prior``: a private initial checkpoint's recorded runs on the same data,
+    composed in, so that the whole release meets ``total_epsilon``.
+    """
     cfg, space = resolved.study, resolved.space
     n = len(dataset.train)
     batch = int(space.batch_size)
@@ -150,7 +155,10 @@ def _plan_private_search(resolved: ResolvedStudy, dataset: Dataset, delta: float
         steps = min(steps, cfg.budget.max_steps)
     count = _trial_count(cfg)
     total = cfg.search_privacy.total_epsilon
-    sigma = search_privacy.noise_for_search(q, steps, total, delta, count)
+    if prior and search_privacy.composed_epsilon(prior, delta)["rdp"] >= total:
+        raise ConfigError("search_privacy.total_epsilon", f"{total:g} is already spent by the init_checkpoint's "
+                          f"recorded training on {dataset.name!r}")
+    sigma = search_privacy.noise_for_search(q, steps, total, delta, count, prior)
     # The bound holds over the randomness of K, so K is as secret as the noise:
     # drawn from the OS, or from private_seed (reproducible; keep it secret).
     secret = SecretSeed.resolve(cfg.private_seed).child("number of trials")
@@ -163,7 +171,7 @@ def _plan_private_search(resolved: ResolvedStudy, dataset: Dataset, delta: float
         "sampling_rate": q,
         "noise_multiplier": sigma,
         "steps": steps,
-        "total_epsilon": search_privacy.search_epsilon(q, sigma, steps, delta, count),
+        "total_epsilon": search_privacy.search_epsilon(q, sigma, steps, delta, count, prior),
         "total_epsilon_target": total,
         "per_trial_epsilon": privacy.epsilon(q, sigma, steps, delta, "rdp"),
     }
@@ -203,8 +211,10 @@ def create_study(resolved: ResolvedStudy, storage: str | None = None, *, skip_if
     stored = resolved.to_json()
     attrs: dict[str, Any] = {CONFIG_ATTR: stored, "dptune_version": __version__, "delta": delta,
                              "split": dataset.split.as_dict(), "prior_privacy_events": [list(e) for e in prior]}
+    if study_cfg.init_checkpoint:
+        attrs["init_checkpoint_sha256"] = checkpoint.fingerprint(study_cfg.init_checkpoint)
     if study_cfg.private_search:
-        plan = _plan_private_search(resolved, dataset, delta)
+        plan = _plan_private_search(resolved, dataset, delta, prior)
         attrs.update(private_search=plan, epsilon_target=plan["per_trial_epsilon"], accountant="rdp")
     elif study_cfg.non_private:
         attrs.update(non_private=True)
@@ -259,6 +269,10 @@ def load(study_name: str, storage: str | None = None, *, heartbeat: bool = False
     study = optuna.load_study(study_name=study_name, storage=storage_obj)
     if CONFIG_ATTR not in study.user_attrs:
         raise StudyError(f"study_name: {study_name!r} was not created by dptune (no stored configuration)")
+    if "private_search" in study.user_attrs and hasattr(storage_obj, "heartbeat_stale_trial_callback"):
+        # Stale trials still fail, but are not re-queued: a private search draws fresh
+        # hyperparameters for every trial, and the failed one counts as one of the K.
+        storage_obj.heartbeat_stale_trial_callback = storage_obj.failed_trial_callback = None
     return study, ResolvedStudy.from_json(study.user_attrs[CONFIG_ATTR])
 
 
@@ -279,6 +293,7 @@ class Objective:
         self.filter = (None if search_budget is None
                        else RenyiFilter(search_budget["epsilon"], delta, search_budget["order"]))
         self.prior = [(float(q), float(s), int(t)) for q, s, t in prior]
+        self.resolved_checkpoint: str | None = None
         if private_search is not None:
             # Every trial runs the calibrated mechanism; its own ε (RDP) is the trainer's cap.
             self.fixed = (private_search["noise_multiplier"], private_search["steps"])
@@ -302,6 +317,10 @@ class Objective:
         cfg = self.resolved.study
         n = len(self.dataset.train)
         trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
+        # False until the data is read (a re-queued retry also starts with its failed parent's attributes).
+        trial.set_user_attr("touched_data", False)
+        if trial.user_attrs.get("filter_admitted") is not None:
+            trial.set_user_attr("filter_admitted", None)
         if self.private_search is not None and trial.number >= self.private_search["n_trials"]:
             # K is enforced in the storage, not per process: Optuna numbers trials
             # atomically there, so however many workers or machines share the
@@ -348,9 +367,20 @@ class Objective:
             # In a private search every trial starts from the same public initialisation:
             # a seed that varied with the trial number would reveal the released trial's index.
             seed=cfg.seed if self.private_search is not None else cfg.seed + trial.number,
-            private_seed=None if cfg.private_seed is None else cfg.private_seed + trial.number,
+            # A fixed private seed gives each trial of each study its own stream (never seed + number,
+            # which another study or a `dptune train --private-seed` would reuse).
+            secret=None if cfg.private_seed is None else SecretSeed.from_int(cfg.private_seed).child(
+                f"study {trial.study.study_name} trial {trial.number}"),
             unsafe_ignore_checkpoint_provenance=cfg.unsafe_ignore_checkpoint_provenance,
         )
+        if cfg.init_checkpoint:
+            # The prior spend was read at create; a checkpoint replaced since would
+            # bring in training the search's total does not compose.
+            stored = self.resolved_checkpoint
+            now = checkpoint.fingerprint(cfg.init_checkpoint)
+            if stored is not None and now != stored:
+                raise StudyError(f"init_checkpoint: {cfg.init_checkpoint} changed since the study was created "
+                                 "(its recorded privacy spend may differ); create a new study for it")
         trial.set_user_attr("touched_data", True)
         result = train_and_evaluate(self.dataset, plan.hparams, plan.steps, config=config,
                                     budget=self.budget, callback=report)
@@ -401,7 +431,8 @@ class Objective:
         others = []
         for t in trial.study.get_trials(deepcopy=False):
             a = t.user_attrs
-            if t.number == trial.number or "filter_request" not in a or a.get("filter_admitted") is False:
+            if (t.number == trial.number or t.state == TrialState.WAITING or "filter_request" not in a
+                    or a.get("filter_admitted") is False):
                 continue
             if t.state == TrialState.RUNNING or a.get("filter_admitted") or a.get("touched_data"):
                 q, sigma, steps = a["filter_request"]
@@ -504,8 +535,14 @@ def optimize(
     if stop_at_finished is not None:
         # Several workers share one target: stop once the study holds that many finished trials.
         hooks.append(optuna.study.MaxTrialsCallback(stop_at_finished, states=FINISHED))
+    stored_split = study.user_attrs.get("split")
+    if stored_split is not None and stored_split != dataset.split.as_dict():
+        # q = B/N and the planned mechanism were fixed for the data as it was at create.
+        raise StudyError(f"dataset: {cfg.dataset!r} is not what it was when the study was created "
+                         f"({stored_split} then, {dataset.split.as_dict()} now); create a new study")
     objective = Objective(resolved, dataset, delta, private, study.user_attrs.get("search_budget"),
                           study.user_attrs.get("prior_privacy_events", ()))
+    objective.resolved_checkpoint = study.user_attrs.get("init_checkpoint_sha256")
     study.optimize(objective, n_trials=n_trials, timeout=timeout, callbacks=hooks, catch=())
     return study
 
@@ -557,8 +594,10 @@ class StudySummary:
         """
         if not self.private_search:
             return self.as_dict()
+        # Timings too: only a worker's first trial compiles, and step times follow the realised batch sizes.
         internal = {"number", "trial_id", "retry_of", "retries", "worker", "datetime_start", "datetime_complete",
-                    "intermediate_values", "seed", "skipped_reason"}
+                    "intermediate_values", "seed", "skipped_reason", "compile_seconds", "startup_seconds",
+                    "wall_seconds", "examples_per_second"}
         best = None if self.best is None else {k: v for k, v in self.best.items() if k not in internal}
         search = {k: v for k, v in self.search.items() if k not in PRIVATE_SEARCH_INTERNAL}
         return {"name": self.name, "epsilon_target": self.epsilon_target, "delta": self.delta,
@@ -583,6 +622,8 @@ def trial_record(t: FrozenTrial) -> dict[str, Any]:
 
 def touched_data(t: FrozenTrial) -> bool:
     """Whether the trial reached the training data (and so counts in the search's privacy)."""
+    if t.state == TrialState.WAITING:
+        return False  # a queued retry carries its parent's attributes but has run nothing
     a = t.user_attrs
     if "touched_data" in a:
         return bool(a["touched_data"])
@@ -714,9 +755,13 @@ def privacy_statement(study: optuna.Study, summary: "StudySummary | None" = None
         mechanism = Mechanism(g["sampling_rate"], g["noise_multiplier"], int(g["steps"]))
     validation = coverage(study)
     assumptions = []
+    if cfg.get("validation_dataset"):
+        assumptions.append(f"the validation dataset {cfg['validation_dataset']!r} holds none of the individuals of "
+                           "the training data")
     if cfg.get("init_checkpoint"):
-        assumptions.append("the initial checkpoint's recorded lineage is true (a checkpoint without dptune "
-                           "metadata is treated as trained on public data)")
+        assumptions.append("the initial checkpoint's recorded lineage is true and names its data as this study "
+                           "does (a checkpoint without dptune metadata, or trained on differently named data that "
+                           "holds the same individuals, is treated as trained on public data)")
         if cfg.get("unsafe_ignore_checkpoint_provenance"):
             assumptions.append("UNSAFE: the initial checkpoint's provenance was ignored on request, so what it "
                                "learnt from this data is not covered")
@@ -760,11 +805,13 @@ def list_studies(storage: str) -> list[dict[str, Any]]:
     """One row per study in ``storage``."""
     rows = []
     for s in optuna.get_all_study_summaries(open_storage(storage), include_best_trial=True):
+        private = s.user_attrs.get("private_search")
         rows.append({
             "name": s.study_name,
-            "trials": s.n_trials,
+            # A private search's trial count is its secret K; its ε is the search total.
+            "trials": None if private else s.n_trials,
             "best_value": s.best_trial.value if s.best_trial else None,
-            "epsilon_target": s.user_attrs.get("epsilon_target"),
+            "epsilon_target": private["total_epsilon"] if private else s.user_attrs.get("epsilon_target"),
             "dataset": s.user_attrs.get(CONFIG_ATTR, {}).get("study", {}).get("dataset"),
             "dptune": CONFIG_ATTR in s.user_attrs,
         })

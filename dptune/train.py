@@ -87,7 +87,8 @@ class RunConfig:
     (:mod:`dptune.randomness`): the guarantee assumes an adversary cannot
     predict them, so by default 256 bits are drawn from the OS; fix it only for
     reproducible experiments, and keep it as secret as the data.
-    ``unsafe_ignore_checkpoint_provenance`` accepts an ``init_checkpoint``
+    ``secret`` (rather than ``private_seed``) hands in a secret derived by the
+    caller, e.g. one per trial of a study. ``unsafe_ignore_checkpoint_provenance`` accepts an ``init_checkpoint``
     whose metadata says it was trained without privacy on the dataset being
     protected (or whose spend on it was not recorded): the printed ε then does
     not cover what that checkpoint learnt.
@@ -102,6 +103,7 @@ class RunConfig:
     eval_batch_size: int = 500
     seed: int = 0
     private_seed: int | None = None
+    secret: SecretSeed | None = None
     num_devices: int | None = None
     init_checkpoint: str | None = None
     reinitialize: tuple[str, ...] = ()
@@ -179,8 +181,9 @@ class TrainResult:
             notes.append(f"This run alone: ε = {p.epsilon:.4g} ({p.accountant}); the guarantee above composes it "
                          f"with the initial checkpoint's {len(self.prior_events)} recorded run(s) on {dataset!r} (RDP).")
         if config.init_checkpoint:
-            assumptions.append("the initial checkpoint's recorded lineage is true (a checkpoint without dptune "
-                               "metadata is treated as trained on public data)")
+            assumptions.append("the initial checkpoint's recorded lineage is true and names its data as this run "
+                               "does (a checkpoint without dptune metadata, or trained on differently named data "
+                               "that holds the same individuals, is treated as trained on public data)")
             if config.unsafe_ignore_checkpoint_provenance:
                 assumptions.append("UNSAFE: the initial checkpoint's provenance was ignored on request, so what it "
                                    "learnt from this data is not covered")
@@ -362,7 +365,7 @@ def train_and_evaluate(
     trainable_modules = freezing.trainable_modules(params, hparams.trainable)
     trainable = jax.device_put(freezing.trainable_mask(params, hparams.trainable), fns.replicated)
     state = fns.init_state(jax.device_put(params, fns.replicated))
-    secret = SecretSeed.resolve(config.private_seed)
+    secret = config.secret or SecretSeed.resolve(config.private_seed)
     rng = secret.sampler()
     augment = augmenter(config.augmentation, secret) if config.augmentation.active else None
     noise_key = jax.device_put(secret.noise_key(), fns.replicated)
@@ -454,7 +457,7 @@ def train_and_evaluate(
         devices=len(devices),
         microbatch_size=config.microbatch_size,
         clipping=str(fns.clipping_used) if config.private else "none (non-private)",
-        private_seed_fixed=config.private_seed is not None,
+        private_seed_fixed=secret.fixed,
         split=dataset.split.as_dict(),
         history=history,
         selected=selected,

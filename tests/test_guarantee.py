@@ -294,7 +294,10 @@ def test_private_search_release_shows_neither_k_nor_trial_numbers(tmp_path, caps
         printed.append(run(*args, "--storage", storage))
         keys = set(_walk_keys(json.loads(run(*args, "--storage", storage, "--json"))))
         assert not keys & {"number", "n_trials", "trials_drawn", "trials_run", "trials_touching_data",
-                           "retry_of"}, keys
+                           "retry_of", "compile_seconds", "wall_seconds", "examples_per_second"}, keys
+    assert "trial COMPLETE" not in printed[1]  # no line per trial: their count is K
+    listed = json.loads(run("study", "list", "--storage", storage, "--json"))
+    assert listed[0]["trials"] is None and listed[0]["epsilon_target"] == 8.0
     for out in printed:
         for pattern in forbidden:
             assert not pattern.search(out), (pattern.pattern, out)
@@ -433,3 +436,87 @@ def test_infinite_clip_norm_is_refused_at_study_create(tmp_path, clip):
         "name": "c", "dataset": "digits", "privacy": {"epsilon": 2.0}, "search_space": "space.yaml"}))
     with pytest.raises(ConfigError, match="clip_norm: must be a finite number > 0"):
         config.load_study(str(tmp_path / "c.yaml"))
+
+
+# -- from the independent review ---------------------------------------------------------
+
+def test_a_checkpoint_replaced_after_create_is_refused_before_touching_data(tmp_path, digits):
+    ck = _fake_checkpoint(tmp_path / "pub.msgpack", digits, [{"dataset": "mnist5k", "private": False, "events": []}])
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(SPACE))
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({
+        "name": "c", "dataset": "digits", "privacy": {"epsilon": 2.0, "delta": 1e-5}, "init_checkpoint": ck,
+        "budget": {"max_epochs": 1, "min_steps": 1}, "microbatch_size": 128, "search_space": "space.yaml"}))
+    storage = f"sqlite:///{tmp_path / 'c.db'}"
+    study.create_study(config.load_study(str(tmp_path / "c.yaml")), storage)
+    # Re-written with more (private) training on the same data after the study recorded its spend.
+    _fake_checkpoint(tmp_path / "pub.msgpack", digits, [{"dataset": "digits", "private": True,
+                                                          "events": [[0.1, 1.0, 500]]}])
+    with pytest.raises(study.StudyError, match="changed since the study was created"):
+        study.optimize("c", storage, n_trials=1)
+    t = optuna.load_study(study_name="c", storage=storage).trials[0]
+    assert t.state == optuna.trial.TrialState.FAIL and not study.touched_data(t)
+
+
+def test_a_queued_retry_is_not_counted_before_it_runs_and_private_search_does_not_retry(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'r.db'}"
+    s = study.create_study(config.load_study(_private_study(tmp_path, 1)), storage)
+    plan = s.user_attrs["private_search"]
+    attrs = {"touched_data": True, "sampling_rate": plan["sampling_rate"], "noise_multiplier": plan["noise_multiplier"],
+             "steps": plan["steps"]}
+    s.add_trial(optuna.trial.create_trial(params={"clip_norm": 1.0}, value=0.5, user_attrs=attrs,
+                                          distributions={"clip_norm": optuna.distributions.FloatDistribution(0.5, 2)}))
+    # What Optuna's retry callback does: a WAITING copy with every attribute of its parent.
+    s.enqueue_trial({"clip_norm": 1.0}, user_attrs=attrs)
+    assert study.search_guarantee(s)["valid"]
+    loaded, resolved = study.load("private", storage, heartbeat=True)
+    assert loaded._storage._backend.heartbeat_stale_trial_callback is None  # stale trials fail, never re-queued
+    objective = study.Objective(resolved, study._dataset(resolved.study), 1e-5, plan)
+    loaded.optimize(objective, n_trials=1)  # the copy is number 1 ≥ K: skipped, and it touched nothing
+    copy = loaded.trials[1]
+    assert "skipped_reason" in copy.user_attrs and copy.user_attrs["touched_data"] is False
+    assert study.search_guarantee(loaded)["valid"]
+    ordinary, _ = study.load("o", _ordinary(tmp_path), heartbeat=True)
+    assert ordinary._storage._backend.heartbeat_stale_trial_callback is not None
+
+
+def _ordinary(tmp_path):
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(SPACE))
+    (tmp_path / "o.yaml").write_text(yaml.safe_dump({
+        "name": "o", "dataset": "digits", "privacy": {"epsilon": 2.0, "delta": 1e-5}, "search_space": "space.yaml"}))
+    storage = f"sqlite:///{tmp_path / 'o.db'}"
+    study.create_study(config.load_study(str(tmp_path / "o.yaml")), storage)
+    return storage
+
+
+def test_private_search_calibrates_with_a_private_checkpoints_spend(tmp_path, digits):
+    prior = [[0.1, 2.0, 100]]
+    ck = _fake_checkpoint(tmp_path / "priv.msgpack", digits, [{"dataset": "digits", "private": True, "events": prior}])
+    path = _private_study(tmp_path, 2)
+    data = yaml.safe_load(Path(path).read_text())
+    without = study.create_study(config.load_study(path), f"sqlite:///{tmp_path / 'a.db'}")
+    Path(path).write_text(yaml.safe_dump({**data, "init_checkpoint": ck}))
+    with_prior = study.create_study(config.load_study(path), f"sqlite:///{tmp_path / 'b.db'}")
+    a, b = without.user_attrs["private_search"], with_prior.user_attrs["private_search"]
+    assert b["noise_multiplier"] > a["noise_multiplier"] and b["total_epsilon"] <= 8.0
+    direct = search_privacy.search_epsilon(b["sampling_rate"], b["noise_multiplier"], b["steps"], 1e-5,
+                                           TrialCount("geometric", 3), [(0.1, 2.0, 100)])
+    assert b["total_epsilon"] == pytest.approx(direct) and study.search_guarantee(with_prior)["total_epsilon"] == \
+        pytest.approx(direct)
+
+
+def test_lineage_survives_losing_the_sidecar_and_tfds_versions(tmp_path, digits):
+    ck = _fake_checkpoint(tmp_path / "pre.msgpack", digits, [{"dataset": "tfds:mnist:3.0.1", "private": False,
+                                                               "events": []}])
+    os.remove(ck + ".json")
+    with pytest.raises(checkpoint.CheckpointError, match="trained without privacy"):
+        checkpoint.prior_spend(ck, "tfds:mnist", private=True)
+    assert checkpoint.dataset_identity("tfds:cifar10/plain:3.0.2") == checkpoint.dataset_identity("tfds:cifar10")
+
+
+def test_optimize_refuses_data_that_changed_since_create(tmp_path):
+    storage = _ordinary(tmp_path)
+    s = optuna.load_study(study_name="o", storage=storage)
+    s.set_user_attr("split", {**s.user_attrs["split"], "train": 999})
+    with pytest.raises(study.StudyError, match="is not what it was when the study was created"):
+        study.optimize("o", storage, n_trials=1)
+    assert not optuna.load_study(study_name="o", storage=storage).trials
