@@ -297,7 +297,7 @@ def test_private_search_release_shows_neither_k_nor_trial_numbers(tmp_path, caps
                            "retry_of", "compile_seconds", "wall_seconds", "examples_per_second"}, keys
     assert "trial COMPLETE" not in printed[1]  # no line per trial: their count is K
     listed = json.loads(run("study", "list", "--storage", storage, "--json"))
-    assert listed[0]["trials"] is None and listed[0]["epsilon_target"] == 8.0
+    assert listed[0]["trials"] is None and 7.9 < listed[0]["epsilon_target"] <= 8.0  # the search total
     for out in printed:
         for pattern in forbidden:
             assert not pattern.search(out), (pattern.pattern, out)
