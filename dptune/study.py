@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import os
-import socket
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -31,14 +29,15 @@ import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from dptune import __version__, microbatch, privacy, search_privacy
+from dptune import __version__, microbatch, orphans, privacy, search_privacy
 from dptune.augment import Augmentation
 from dptune.config import ResolvedStudy, SearchSpace, StudyConfig, default_storage
 from dptune.data import Dataset, load_dataset
 from dptune.errors import ConfigError, DptuneError, PrivacyError
+from dptune.orphans import reap_dead_workers
 from dptune.search_privacy import TrialCount
 from dptune.search_space import Infeasible, plan_trial, smallest_batch
-from dptune.storage import MAX_RETRY, open_storage
+from dptune.storage import open_storage
 from dptune.train import PrivacyBudget, RunConfig, train_and_evaluate
 
 CONFIG_ATTR = "dptune_config"
@@ -259,7 +258,7 @@ class Objective:
     def __call__(self, trial: optuna.Trial) -> float:
         cfg = self.resolved.study
         n = len(self.dataset.train)
-        trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
+        trial.set_user_attr(orphans.WORKER_ATTR, orphans.worker_identity())
         if self.budget is not None:
             trial.set_user_attr("epsilon_target", self.budget.epsilon)
             trial.set_user_attr("delta", self.budget.delta)
@@ -295,6 +294,7 @@ class Objective:
             seed=cfg.seed + trial.number,
             private_seed=None if cfg.private_seed is None else cfg.private_seed + trial.number,
         )
+        orphans.abort_if_test_requests(trial.number)
         result = train_and_evaluate(self.dataset, plan.hparams, plan.steps, config=config,
                                     budget=self.budget, callback=report)
         attrs = {
@@ -331,42 +331,6 @@ class Objective:
 
 TrialCallback = Callable[[optuna.Study, FrozenTrial], None]
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def reap_dead_workers(study: optuna.Study) -> list[int]:
-    """Fail RUNNING trials whose worker process on this host has died, and re-queue them.
-
-    This is the stale-trial check for storages without heartbeats (the journal
-    file); RDB storages also get Optuna's heartbeats. A re-queued trial runs
-    again with the same parameters, at most ``MAX_RETRY`` times per original.
-    Returns the numbers of the trials it failed.
-    """
-    host = socket.gethostname()
-    failed = []
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        worker = t.user_attrs.get("worker") or {}
-        if worker.get("host") != host or _alive(int(worker.get("pid", -1))):
-            continue
-        study._storage.set_trial_user_attr(t._trial_id, "failed_reason",
-                                           f"worker process {worker.get('pid')} died")
-        study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
-        failed.append(t.number)
-        origin = t.user_attrs.get("retry_of", t.number)
-        retries = int(t.user_attrs.get("retries", 0))
-        if retries < MAX_RETRY:
-            study.enqueue_trial(dict(t.params), user_attrs={"retry_of": origin, "retries": retries + 1},
-                                skip_if_exists=False)
-    return failed
 
 
 def optimize(
