@@ -1,49 +1,46 @@
-"""How far the host loop may run ahead of the devices: a bound that keeps multi-device CPU runs from deadlocking.
+"""How far the host loop may run ahead of the devices: the bound that keeps multi-device CPU runs alive.
 
-Root cause of issue #15 (XLA rendezvous timeout, SIGABRT, on a CPU host with
-several JAX devices), found in jaxlib 0.10.2's PjRt CPU client and confirmed
-with gdb on a stuck process:
+Issue #15 (SIGABRT from XLA's rendezvous timeout on a CPU host with several
+JAX devices), as found in jaxlib 0.10.2's PjRt CPU client and confirmed with
+gdb on a stuck process:
 
-* The client launches each device's share of a multi-device program as a task
-  on one thread pool of ``max(cores, devices)`` threads, so 2 threads on a
-  2-core host with dptune's one device per core. Every multi-device program
-  counts as a "collective launch": the client runs them one at a time, and all
-  of a program's device tasks must run at once, because an all-reduce (the
-  ``psum`` of the private step, the gradient sum XLA inserts in the non-private
-  one) waits in a rendezvous until every device has arrived.
-* Before it enqueues a device's task, the launch takes a slot of that device's
-  in-flight semaphore (``max_inflight_computations_per_device``, 32 by
-  default, not settable through JAX) and it does so *on a pool thread*. Once
-  the host has dispatched 32 programs that have not finished, the launch of
-  the next one blocks a pool thread; the other thread is running device 0's
-  half of the oldest program and waits in its rendezvous for device 1's half,
-  which has no thread left to run on. Nothing moves until XLA's 40 s
-  termination timeout aborts the process.
+* The client launches each device's share of a multi-device program as a
+  task on one thread pool of max(cores, devices) threads: 2 on a 2-core host
+  with dptune's one device per core. Multi-device programs run one at a time,
+  and all shares of one must run at once: an all-reduce (the ``psum`` of the
+  private step, the gradient sum XLA inserts in the non-private one) waits in
+  a rendezvous until every device has arrived.
+* The launch first takes a slot of the device's in-flight semaphore
+  (``max_inflight_computations_per_device``: 32, not settable through JAX),
+  and takes it on a pool thread. With 32 programs pending, the next launch
+  blocks one of the two threads while the other runs device 0's share of the
+  oldest program and waits for device 1's share, which has no thread left.
+  Nothing moves until the rendezvous times out after 40 s and aborts.
 
-The stack of a stuck process shows exactly that: one pool thread in
+The stuck process showed exactly that: one pool thread in
 ``Semaphore::ScopedAcquire`` under ``CpuPjRtRawLoadedExecutable::Execute``,
-the other in ``InProcessCommunicator::AllReduce`` waiting for its peer, and
-the Python thread waiting for the launch. A loop of ``shard_map`` + ``psum``
-programs aborts every time when it lets 32 or more of them be pending, and
-never at 31 or fewer. The training loop dispatches 2 + ⌈B/microbatch⌉
-programs a step and only blocks at evaluations, so with evaluation off it
-reached 32 within a few steps; the abort needs the pool to pick the blocking
-launch before the waiting device task, hence "at random".
+the other in ``InProcessCommunicator::AllReduce``, Python waiting for the
+launch. A loop of ``shard_map`` + ``psum`` programs aborted every time when
+it let 32 or more be pending and never with 31 or fewer. The training loop
+dispatches about 2 + B/microbatch programs a step and blocked only to
+evaluate, so with evaluation off it reached 32 within a few steps; whether a
+blocked launch or the waiting share gets the free thread first is down to
+the scheduler, hence "at random".
 
-Neither ``jax_cpu_enable_async_dispatch=False`` (the client dispatches
-multi-device programs asynchronously regardless) nor fewer microbatches
-removes the hazard. A thread pool of twice the device count (``NPROC``)
-does, but it also doubles XLA's intra-op pool on the same cores (slower
-here) and is a process-wide setting outside dptune. So the host loop keeps
-at most :data:`MAX_IN_FLIGHT` programs pending: the slot is then always free
-when a launch asks for it, no pool thread ever blocks outside a rendezvous,
-and every rendezvous can complete. The host still runs that many programs
-ahead, so the devices never wait for Python.
+``jax_cpu_enable_async_dispatch=False`` does not help (the client still
+dispatches multi-device programs asynchronously: the loop above aborted the
+same). ``NPROC=4`` (a pool of twice the devices) did, but it doubles XLA's
+intra-op pool on the same cores too (1.6× slower in that loop) and is a
+process-wide setting outside dptune. So the host keeps at most
+:data:`MAX_IN_FLIGHT` programs pending: a launch then always finds its slot,
+no pool thread blocks outside a rendezvous whose peers can all run, and the
+host still runs far enough ahead that the devices never wait for Python.
 
-GPUs: the stream-executor client launches each device's share on that
-device's own execute thread and runs collectives on device streams, so a
-launch blocked on one device's semaphore cannot take another device's turn;
-this mechanism does not arise there, and the bound costs nothing there either.
+GPUs: by the same jaxlib's source, the stream-executor GPU client launches
+each device's share on that device's own execute thread and runs collectives
+on device streams (NCCL), so one device's full semaphore cannot take another
+device's turn; this deadlock does not arise there (not tested: no multi-GPU
+machine here). The bound applies on every backend and costs nothing there.
 """
 
 from __future__ import annotations
@@ -56,10 +53,9 @@ import jax
 
 from dptune.errors import ConfigError
 
-# jaxlib's per-device in-flight limit is 32 (CpuClientOptions). The bound must
-# stay well below it, leaving room for single-device programs dispatched
-# between ours; 8 pending programs already keep the devices busy (throughput
-# at 8 equals the unbounded loop's on the small CNN, tests/test_dispatch.py).
+# Well below jaxlib's 32, leaving room for single-device programs dispatched
+# between ours, and enough to keep the devices busy: on 2 host devices the
+# training loop ran as fast at 8 as unbounded (measured for issue #15).
 MAX_IN_FLIGHT = 8
 
 
