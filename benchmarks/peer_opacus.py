@@ -115,7 +115,7 @@ def worker_dptune(mode: str, b: int, steps: int, threads: int, microbatch_size: 
     import jax
     import numpy as np
 
-    from dptune import microbatch
+    from dptune import dispatch, microbatch
     from dptune.dp_step import step_functions
     from dptune.models import build_model, count_params, init_params
 
@@ -140,10 +140,11 @@ def worker_dptune(mode: str, b: int, steps: int, threads: int, microbatch_size: 
     def step() -> None:
         # One logical batch: the clipped sums of its microbatches, then noise once and the update.
         state["t"] += 1
-        acc = fns.zeros_like(state["s"].params)
+        # Bounded run-ahead as in dptune.train (many microbatches would otherwise deadlock XLA:CPU; dptune.dispatch).
+        acc = dispatch.track(fns.zeros_like(state["s"].params))
         for x, y, mask in chunks:
-            acc = accumulate(state["s"].params, acc, x, y, mask, clip)
-        state["s"] = fns.apply(state["s"], acc, key, state["t"], sigma, clip, float(b), 0.1, 0.9, 0.0)
+            acc = dispatch.track(accumulate(state["s"].params, acc, x, y, mask, clip))
+        state["s"] = dispatch.track(fns.apply(state["s"], acc, key, state["t"], sigma, clip, float(b), 0.1, 0.9, 0.0))
         jax.block_until_ready(state["s"].params)
 
     step()  # compile outside the memory baseline, like torch's lazy init above

@@ -557,9 +557,12 @@ def cmd_study_list(args: argparse.Namespace) -> int:
 
 
 def cmd_study_show(args: argparse.Namespace) -> int:
-    from dptune import study
+    from dptune import orphans, study
 
     s, _ = study.load(args.study_name, args.storage)
+    # A worker that died natively (an in-process optimize killed by SIGABRT) left its trial
+    # RUNNING; the first look at the study fails and re-queues it rather than showing it as running.
+    orphans.reap_dead_workers(s)
     _emit_summary(s, args.json, internal=args.internal)
     return 0
 

@@ -11,9 +11,10 @@
 
 RDB storages (SQLite, PostgreSQL, MySQL) get Optuna's heartbeats when a
 worker runs trials: a trial whose worker stops beating for ``GRACE_SECONDS``
-is failed and re-queued with the same parameters (up to ``MAX_RETRY`` times).
-The journal storage has no heartbeats; :mod:`dptune.workers` fails trials
-whose worker process has died instead.
+is failed and re-queued with the same parameters (up to ``MAX_RETRY`` times;
+never in a private search). Whatever the storage, :mod:`dptune.orphans` fails
+and re-queues the trials whose worker process on this host has died, without
+waiting for a grace period.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import warnings
 from typing import Any
 
 import optuna
-from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages import JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend
 
 from dptune.errors import DptuneError
@@ -83,8 +84,10 @@ def open_storage(url: str, *, heartbeat: bool = False) -> optuna.storages.BaseSt
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             beat: dict[str, Any] = {}
             if heartbeat:
+                from dptune.orphans import StaleTrialRetry  # imports this module
+
                 beat = {"heartbeat_interval": HEARTBEAT_SECONDS, "grace_period": GRACE_SECONDS,
-                        "heartbeat_stale_trial_callback": RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)}
+                        "heartbeat_stale_trial_callback": StaleTrialRetry(max_retry=MAX_RETRY)}
             return RDBStorage(url, engine_kwargs=engine, **beat)
     except Exception as e:  # SQLAlchemy's OperationalError and friends
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -28,9 +28,6 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import math
-import os
-import secrets
-import socket
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -39,16 +36,17 @@ import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from dptune import __version__, checkpoint, microbatch, privacy, search_privacy
+from dptune import __version__, checkpoint, microbatch, orphans, privacy, search_privacy
 from dptune.augment import Augmentation
 from dptune.config import ResolvedStudy, SearchSpace, StudyConfig, default_storage
 from dptune.data import Dataset, load_dataset
 from dptune.errors import ConfigError, DptuneError, PrivacyError
+from dptune.orphans import reap_dead_workers
 from dptune.randomness import SecretSeed
 from dptune.search_privacy import RenyiFilter, TrialCount
 from dptune.search_space import Infeasible, plan_trial, smallest_batch
 from dptune.statement import COVERAGE, Mechanism, Statement
-from dptune.storage import MAX_RETRY, open_storage
+from dptune.storage import open_storage
 from dptune.train import PrivacyBudget, RunConfig, train_and_evaluate
 
 CONFIG_ATTR = "dptune_config"
@@ -269,10 +267,6 @@ def load(study_name: str, storage: str | None = None, *, heartbeat: bool = False
     study = optuna.load_study(study_name=study_name, storage=storage_obj)
     if CONFIG_ATTR not in study.user_attrs:
         raise StudyError(f"study_name: {study_name!r} was not created by dptune (no stored configuration)")
-    if "private_search" in study.user_attrs and hasattr(storage_obj, "heartbeat_stale_trial_callback"):
-        # Stale trials still fail, but are not re-queued: a private search draws fresh
-        # hyperparameters for every trial, and the failed one counts as one of the K.
-        storage_obj.heartbeat_stale_trial_callback = storage_obj.failed_trial_callback = None
     return study, ResolvedStudy.from_json(study.user_attrs[CONFIG_ATTR])
 
 
@@ -316,7 +310,7 @@ class Objective:
     def __call__(self, trial: optuna.Trial) -> float:
         cfg = self.resolved.study
         n = len(self.dataset.train)
-        trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
+        trial.set_user_attr(orphans.WORKER_ATTR, orphans.worker_identity())
         # False until the data is read (a re-queued retry also starts with its failed parent's attributes).
         trial.set_user_attr("touched_data", False)
         if trial.user_attrs.get("filter_admitted") is not None:
@@ -381,6 +375,7 @@ class Objective:
             if stored is not None and now != stored:
                 raise StudyError(f"init_checkpoint: {cfg.init_checkpoint} changed since the study was created "
                                  "(its recorded privacy spend may differ); create a new study for it")
+        orphans.abort_if_test_requests(trial.number)
         trial.set_user_attr("touched_data", True)
         result = train_and_evaluate(self.dataset, plan.hparams, plan.steps, config=config,
                                     budget=self.budget, callback=report)
@@ -452,44 +447,6 @@ class Objective:
 
 TrialCallback = Callable[[optuna.Study, FrozenTrial], None]
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def reap_dead_workers(study: optuna.Study) -> list[int]:
-    """Fail RUNNING trials whose worker process on this host has died, and re-queue them.
-
-    This is the stale-trial check for storages without heartbeats (the journal
-    file); RDB storages also get Optuna's heartbeats. A re-queued trial runs
-    again with the same parameters, at most ``MAX_RETRY`` times per original.
-    Returns the numbers of the trials it failed.
-    """
-    host = socket.gethostname()
-    failed = []
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        worker = t.user_attrs.get("worker") or {}
-        if worker.get("host") != host or _alive(int(worker.get("pid", -1))):
-            continue
-        study._storage.set_trial_user_attr(t._trial_id, "failed_reason",
-                                           f"worker process {worker.get('pid')} died")
-        study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
-        failed.append(t.number)
-        origin = t.user_attrs.get("retry_of", t.number)
-        retries = int(t.user_attrs.get("retries", 0))
-        # A private search draws fresh hyperparameters for every trial; a retry with the
-        # failed trial's draw would make two trials dependent. The failed one counts in K.
-        if retries < MAX_RETRY and "private_search" not in study.user_attrs:
-            study.enqueue_trial(dict(t.params), user_attrs={"retry_of": origin, "retries": retries + 1},
-                                skip_if_exists=False)
-    return failed
 
 
 def optimize(

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dptune import checkpoint, compile_stats, freezing, privacy, search_privacy
+from dptune import checkpoint, compile_stats, dispatch, freezing, privacy, search_privacy
 from dptune.augment import Augmentation
 from dptune.data import Dataset, batches
 from dptune.dp_step import OPTIMIZERS, StepFunctions, TrainState, step_functions
@@ -260,16 +260,18 @@ def train_step(fns: StepFunctions, state: TrainState, dataset: Dataset, indices:
     index and step; ``trainable`` is the 0/1 mask of :mod:`dptune.freezing`.
     """
     padded, mask = pad_to_multiple(indices, fns.microbatch_size)
-    acc = fns.zeros_like(state.params)
+    # Every dispatch goes through dispatch.track: unbounded run-ahead deadlocks
+    # multi-device CPU runs (issue #15; the why is in dptune/dispatch.py).
+    acc = dispatch.track(fns.zeros_like(state.params))
     accumulate = fns.accumulate if private else fns.accumulate_nonprivate
     for chunk, chunk_mask in microbatches(padded, mask, fns.microbatch_size):
         x, y = dataset.train.take(chunk)
         if augment is not None:
             x = augment(x, chunk, step)
         x, y, m = fns.shard_batch(x, y, chunk_mask)
-        acc = accumulate(state.params, acc, x, y, m, clip_norm, trainable)
-    return fns.apply(state, acc, key, step, noise_multiplier, clip_norm, denominator,
-                     lr, hp.momentum, _ema_decay_at(hp.ema_decay, step), trainable)
+        acc = dispatch.track(accumulate(state.params, acc, x, y, m, clip_norm, trainable))
+    return dispatch.track(fns.apply(state, acc, key, step, noise_multiplier, clip_norm, denominator,
+                                    lr, hp.momentum, _ema_decay_at(hp.ema_decay, step), trainable))
 
 
 def evaluate(fns: StepFunctions, params: Any, split: Any, batch_size: int) -> tuple[float, float]:

@@ -15,7 +15,9 @@ Workers stop when the study holds the requested number of finished trials
 (up to workers − 1 more may be finishing then). The launcher follows progress
 by reading the storage, forwards SIGINT/SIGTERM to the workers (their running
 trials are marked FAILED, nothing stays RUNNING) and exits non-zero if any
-worker did.
+worker did. A worker that dies without cleaning up (SIGKILL, a native abort)
+leaves its trial RUNNING: the launcher fails and re-queues it as soon as it
+sees the exit (:mod:`dptune.orphans`), and the other workers go on.
 """
 
 from __future__ import annotations
@@ -124,9 +126,16 @@ def run_pool(
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     seen: set[int] = set()
     storage_obj = open_storage(storage)
+    reaped: set[int] = set()
     try:
         while True:
             running = any(p.poll() is None for p in procs)
+            died = {p.pid for p in procs if p.returncode not in (None, 0)} - reaped
+            if died:
+                # A worker that died natively (SIGKILL, SIGABRT) left its trial RUNNING;
+                # fail and re-queue it now instead of when a surviving worker ends its trial.
+                study_lib.reap_dead_workers(study)
+                reaped |= died
             if on_trial is not None:
                 for t in storage_obj.get_all_trials(study._study_id, deepcopy=False):
                     if t.state.is_finished() and t.number not in seen:
@@ -139,7 +148,10 @@ def run_pool(
         for s, handler in previous.items():
             signal.signal(s, handler)
     codes = [p.wait() for p in procs]
-    return next((c for c in codes if c != 0), 0)
+    if any(codes):
+        study_lib.reap_dead_workers(study)
+    # A worker killed by signal N reports -N; exit like a shell would (128 + N).
+    return next((128 - c if c < 0 else c for c in codes if c != 0), 0)
 
 
 def _worker_main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,147 @@
+"""Trials left RUNNING by a worker process that died, and the test-only hook that makes one die.
+
+A process can die without running any Python cleanup: SIGKILL, the OOM
+killer, or a native abort (XLA's rendezvous timeout of issue #15 ended the
+process with SIGABRT). Its trial then stays RUNNING in the storage, and
+Optuna's heartbeats, which only RDB storages have, would notice only after
+their grace period, and only inside a later ``optimize``. So every trial
+records the process running it (host, pid and the pid's start time, so that
+a recycled pid is not mistaken for the dead worker), and
+:func:`reap_dead_workers` fails the trials whose process on this host is gone
+and re-queues their parameters. It runs where a death is seen first:
+``dptune optimize`` before and after each trial, the pool launcher as soon as
+a worker exits, and ``dptune study show``.
+
+Several processes may reap the same trial at once (two workers, or a worker
+and the launcher). Each reaper writes its own token before failing the trial;
+both storages accept writes to a trial only while it is unfinished, so one
+token stays, and only the reaper that reads back its own token re-queues.
+
+Private search: the K trials drawn for the study include every trial that
+ran, and a trial that died ran (it may have trained on the data up to then).
+A retry would be one trial more than K, so a private-search study gets no
+retry: the failed trial keeps its place among the K.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from typing import Any
+
+import optuna
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.storages import RetryHeartbeatStaleTrialCallback
+from optuna.trial import FrozenTrial, TrialState
+
+from dptune.storage import MAX_RETRY
+
+WORKER_ATTR = "worker"
+# Test-only: see abort_if_test_requests.
+TEST_ABORT_ENV = "DPTUNE_TEST_ONLY_ABORT_TRIAL"
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (None where there is no /proc entry)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            text = f.read()
+    except OSError:
+        return None
+    # The command name may hold spaces and parentheses; it ends at the last ')'.
+    return text.rsplit(")", 1)[1].split()
+
+
+def _start_time(pid: int) -> int | None:
+    fields = _proc_stat(pid)
+    return int(fields[19]) if fields else None  # field 22 of stat: start time in clock ticks
+
+
+def worker_identity() -> dict[str, Any]:
+    """What a trial records about the process that runs it."""
+    pid = os.getpid()
+    return {"host": socket.gethostname(), "pid": pid, "started": _start_time(pid)}
+
+
+def _alive(worker: dict[str, Any]) -> bool:
+    pid = int(worker.get("pid", -1))
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # someone else's process holds the pid: decided by its start time below
+    fields = _proc_stat(pid)
+    if fields is None:
+        return True  # no /proc here: the pid is all there is to go by
+    if fields[0] == "Z":
+        return False  # dead, not yet waited for by its parent
+    started = worker.get("started")
+    return started is None or int(fields[19]) == int(started)
+
+
+def _retry(study: optuna.Study, t: FrozenTrial) -> None:
+    if study.user_attrs.get("private_search") is not None:
+        return  # see the module docstring: a retry would exceed the K drawn trials
+    origin = t.user_attrs.get("retry_of", t.number)
+    retries = int(t.user_attrs.get("retries", 0))
+    if retries < MAX_RETRY:
+        study.enqueue_trial(dict(t.params), user_attrs={"retry_of": origin, "retries": retries + 1},
+                            skip_if_exists=False)
+
+
+def reap_dead_workers(study: optuna.Study) -> list[int]:
+    """Fail the RUNNING trials whose worker process on this host has died, and re-queue them.
+
+    A re-queued trial runs again with the same parameters, at most
+    ``MAX_RETRY`` times per original (never in a private search). Trials run
+    by other hosts are left to Optuna's heartbeats (RDB storages). Returns the
+    numbers of the trials this call failed.
+    """
+    host = socket.gethostname()
+    storage = study._storage
+    failed = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker = t.user_attrs.get(WORKER_ATTR) or {}
+        if worker.get("host") != host or _alive(worker):
+            continue
+        token = uuid.uuid4().hex
+        try:
+            storage.set_trial_user_attr(t._trial_id, "failed_reason", f"worker process {worker.get('pid')} died")
+            storage.set_trial_user_attr(t._trial_id, "reaped_by", token)
+            storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
+        except UpdateFinishedTrialError:
+            pass  # another reaper finished it first; the token read back says which one re-queues
+        now = storage.get_trial(t._trial_id)
+        if now.state == TrialState.FAIL and now.user_attrs.get("reaped_by") == token:
+            failed.append(t.number)
+            _retry(study, t)
+    return failed
+
+
+class StaleTrialRetry:
+    """Optuna's heartbeat retry for RDB storages, except in a private search (no trial beyond K)."""
+
+    def __init__(self, max_retry: int = MAX_RETRY):
+        self._retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        if study.user_attrs.get("private_search") is None:
+            self._retry(study, trial)
+
+
+def abort_if_test_requests(trial_number: int) -> None:
+    """TEST ONLY: end this process with SIGABRT, as XLA's rendezvous timeout did, at trial ``trial_number``.
+
+    Inert unless ``DPTUNE_TEST_ONLY_ABORT_TRIAL`` holds this trial's number
+    *and* pytest is running the test that started the process (pytest sets
+    ``PYTEST_CURRENT_TEST``, and processes it starts inherit it): no
+    production run has both. Called only from the trial objective, just
+    before training, so the dying trial looks like one that died mid-training.
+    """
+    wanted = os.environ.get(TEST_ABORT_ENV)
+    if wanted is not None and "PYTEST_CURRENT_TEST" in os.environ and wanted.strip() == str(trial_number):
+        os.abort()
