@@ -123,6 +123,11 @@ def _print_privacy(args: argparse.Namespace, rows: list[dict], delta_default: bo
             table.add_row(*(cell(v) for v in r.values()))
     console = Console()
     console.print(table)
+    from dptune.privacy import PLD_LIMIT
+
+    if any(r.get("accountant") == "pld" and (r.get("epsilon") or 0) > PLD_LIMIT for r in rows):
+        console.print(f"Above ε = {PLD_LIMIT:g} the pld row shows the RDP bound (also valid): the PLD accountant's "
+                      "memory and time grow with ε.")
     if delta_default:
         console.print(f"δ = {rows[0]['delta']:g} by default (well below 1/N); set it with --delta.")
 
