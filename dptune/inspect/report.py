@@ -5,6 +5,8 @@ from __future__ import annotations
 import html
 import json
 import math
+import os
+import tempfile
 from typing import Sequence
 
 import optuna
@@ -12,6 +14,7 @@ import plotly.graph_objects as go
 import plotly.offline
 
 from dptune import figures
+from dptune.errors import ConfigError
 from dptune.study import CONFIG_ATTR, coverage, summarize, trial_record
 
 TOP = 10
@@ -92,6 +95,24 @@ def render(studies: Sequence[optuna.Study]) -> str:
 
 
 def write(studies: Sequence[optuna.Study], path: str) -> str:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(render(studies))
+    """Write the report to ``path`` whole or not at all (a temporary file beside it, then renamed)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ConfigError("output", f"{path!r} is a folder; name an HTML file, e.g. {os.path.join(path, 'report.html')}")
+    if not os.path.isdir(folder):
+        # Before rendering, which takes a while and logs Optuna's warnings about the study.
+        raise ConfigError("output", f"cannot write {path!r}: the folder {os.path.dirname(path) or '.'!r} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise ConfigError("output", f"cannot write {path!r}: the folder {os.path.dirname(path) or '.'!r} is read-only")
+    text = render(studies)
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".report-", suffix=".html", dir=os.path.dirname(os.path.abspath(path)))
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+        raise ConfigError("output", f"cannot write {path!r}: {e.strerror or e}") from None
     return path
