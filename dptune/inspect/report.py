@@ -33,9 +33,10 @@ def _fmt(v: object) -> str:
 def _top_table(study: optuna.Study) -> str:
     trials = sorted((t for t in study.get_trials(deepcopy=False) if t.value is not None),
                     key=lambda t: t.value, reverse=True)[:TOP]
-    cols = ["number", "value", "test_accuracy", "epsilon_spent", "epsilon_target", "delta", "batch_size",
+    # A pruned trial's value is its accuracy when it was stopped, not a finished run's: the state says which.
+    cols = ["number", "state", "value", "test_accuracy", "epsilon_spent", "epsilon_target", "delta", "batch_size",
             "learning_rate", "clip_norm", "noise_multiplier", "steps", "epochs", "examples_per_second"]
-    head = "".join(f"<th>{c}</th>" for c in ["trial", "val acc"] + cols[2:])
+    head = "".join(f"<th>{c}</th>" for c in ["trial", "state", "val acc"] + cols[3:])
     body = []
     for t in trials:
         r = trial_record(t)
