@@ -17,6 +17,15 @@ from dptune.errors import DptuneError, PrivacyError
 EXIT_USAGE = 2
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with dptune's error contract: one line on stderr, exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        hint = "" if "--help" in message else f" (see '{self.prog} --help')"
+        sys.stderr.write(f"dptune: error: {message}{hint}\n")
+        sys.exit(EXIT_USAGE)
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -24,6 +33,13 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}")
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number in [1, 65535], got {value}")
     return value
 
 
@@ -36,6 +52,13 @@ def _float(text: str) -> float:
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
+
+
+def _seconds(text: str) -> float:
+    value = _float(text)
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds > 0, got {text}")
+    return value
 
 
 def _dump(obj: Any) -> str:
@@ -123,6 +146,11 @@ def _print_privacy(args: argparse.Namespace, rows: list[dict], delta_default: bo
             table.add_row(*(cell(v) for v in r.values()))
     console = Console()
     console.print(table)
+    from dptune.privacy import PLD_LIMIT
+
+    if any(r.get("accountant") == "pld" and (r.get("epsilon") or 0) > PLD_LIMIT for r in rows):
+        console.print(f"Above ε = {PLD_LIMIT:g} the pld row shows the RDP bound (also valid): the PLD accountant's "
+                      "memory and time grow with ε.")
     if delta_default:
         console.print(f"δ = {rows[0]['delta']:g} by default (well below 1/N); set it with --delta.")
 
@@ -312,7 +340,8 @@ def _trial_line(t: Any, numbered: bool = True) -> str:
     params = "  ".join(f"{k}={_fmt(v, 3)}" for k, v in t.params.items())
     acc = a.get("val_accuracy")
     eps = a.get("epsilon_spent")
-    tail = f"  ({a['rejected_reason']})" if "rejected_reason" in a else ""
+    reason = a.get("rejected_reason") or (a.get("failed_reason") if state == "FAIL" else None)
+    tail = f"  ({reason})" if reason else ""
     head = f"trial {t.number:3d} {state:9s}" if numbered else f"trial {state:9s}"
     return (f"{head} val_acc {_fmt(acc)}  ε {_fmt(eps)}/{_fmt(a.get('epsilon_target'))}  "
             f"steps {a.get('steps', '-')}  σ {_fmt(a.get('noise_multiplier'), 3)}  {params}{tail}")
@@ -323,7 +352,7 @@ def cmd_study_create(args: argparse.Namespace) -> int:
 
     resolved = config.load_study(args.config)
     storage = args.storage or resolved.study.storage or config.default_storage(resolved.study.name)
-    created = study.create_study(resolved, storage, skip_if_exists=args.skip_if_exists)
+    created = study.create_study(resolved, storage, skip_if_exists=args.skip_if_exists, source=args.config)
     private = created.user_attrs.get("private_search")
     out = {"study_name": created.study_name, "storage": storage,
            "epsilon": created.user_attrs.get("epsilon_target"), "delta": created.user_attrs["delta"],
@@ -349,7 +378,24 @@ def cmd_study_create(args: argparse.Namespace) -> int:
     return 0
 
 
+INTERRUPTED = ("dptune: interrupted by {signal}: running trials were marked FAIL, finished trials are kept, "
+               "nothing is left RUNNING. Re-run to continue the study.")
+
+
 def cmd_optimize(args: argparse.Namespace) -> int:
+    from dptune import interrupt
+
+    # SIGTERM (a scheduler, kill) stops a study as cleanly as Ctrl-C does.
+    try:
+        with interrupt.handled():
+            return _optimize(args)
+    except KeyboardInterrupt as e:
+        # One line, not Rich's console: it must not be wrapped or styled.
+        print(INTERRUPTED.format(signal=interrupt.signal_name(e)), file=sys.stderr, flush=True)
+        return interrupt.exit_code(e)
+
+
+def _optimize(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -364,7 +410,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         _, resolved = study.load(args.study_name, storage)
         args.workers, per_trial, why = workers.auto_layout(resolved.study.model, storage)
         args.devices_per_trial = args.devices_per_trial or per_trial or 1
-        console.print(f"workers: {why}")
+        if why:
+            console.print(f"workers: {why}")
     args.devices_per_trial = args.devices_per_trial or 1
     if args.workers > 1:
         return _optimize_pool(args, console)
@@ -379,14 +426,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
             progress.console.print(_trial_line(trial))
             progress.advance(task)
 
-        try:
-            result = study.optimize(args.study_name, args.storage, n_trials=args.n_trials,
-                                    timeout=args.timeout, callbacks=[on_trial])
-        except KeyboardInterrupt:
-            progress.stop()
-            console.print("dptune: interrupted: the running trial was marked FAIL; finished trials are kept. "
-                          "Re-run to continue the study.")
-            return 130
+        result = study.optimize(args.study_name, args.storage, n_trials=args.n_trials,
+                                timeout=args.timeout, callbacks=[on_trial])
     from dptune.inspect import dashboard
 
     dashboard.publish(result)  # refresh the note and figures optuna-dashboard shows
@@ -425,9 +466,10 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
     storage = args.storage or config.default_storage(args.study_name)
     s = _load_studies([args.study_name], storage)[0]
+    dashboard.check_address(args.host, args.port)
     dashboard.publish(s)
-    print(f"optuna-dashboard for {args.study_name!r}: http://{args.host}:{args.port}/dashboard  (Ctrl-C stops it)",
-          flush=True)
+    print(f"optuna-dashboard for {args.study_name!r}: http://{args.host}:{args.port}/dashboard  (Ctrl-C stops it)\n"
+          f"privacy statement (the study's note): {dashboard.note_url(s, args.host, args.port)}", flush=True)
     dashboard.serve(storage, args.host, args.port)
     return 0
 
@@ -466,8 +508,8 @@ def _optimize_pool(args: argparse.Namespace, console: Any) -> int:
     from dptune.storage import check_workers
 
     check_workers(storage, args.workers)
-    console.print(f"{args.workers} workers × {args.devices_per_trial} device(s) on {storage}")
     _, resolved = study.load(args.study_name, storage)
+    console.print(f"{args.workers} workers × {args.devices_per_trial} device(s) on {storage}")
     private_search = resolved.study.private_search
 
     def on_trial(t: Any) -> None:
@@ -638,7 +680,7 @@ def _add_training_args(t: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dptune", description="Tune differentially private training.")
+    parser = _Parser(prog="dptune", description="Tune differentially private training.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train one model with DP-SGD and print its accuracy and ε")
@@ -673,7 +715,7 @@ def build_parser() -> argparse.ArgumentParser:
     o = sub.add_parser("optimize", help="run trials of a study")
     _study_args(o)
     o.add_argument("--n-trials", type=_positive_int)
-    o.add_argument("--timeout", type=_float, help="seconds")
+    o.add_argument("--timeout", type=_seconds, help="stop starting trials after this many seconds")
     o.add_argument("--cache-dir", help="JAX persistent compilation cache")
     o.add_argument("--workers", type=_int_or_auto, default="auto",
                    help="parallel worker processes, or 'auto' (default: one per GPU for small models, "
@@ -682,22 +724,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="devices each worker's trials shard over (GPUs, or forced host devices on CPU)")
     o.set_defaults(func=cmd_optimize)
 
-    d = sub.add_parser("dashboard", help="serve optuna-dashboard on a study's storage")
-    d.add_argument("--study-name", required=True)
-    d.add_argument("--storage")
-    d.add_argument("--host", default="127.0.0.1")
-    d.add_argument("--port", type=_positive_int, default=8080)
+    storage_help = "Optuna storage URL (default: sqlite:///studies/<study-name>.db)"
+    d = sub.add_parser("dashboard", help="serve optuna-dashboard on a study's storage",
+                       description="Save dptune's note and figures into the study, then serve optuna-dashboard "
+                                   "on its storage until Ctrl-C.")
+    d.add_argument("--study-name", required=True, help="the study to show")
+    d.add_argument("--storage", help=storage_help)
+    d.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine "
+                                                       "only; 0.0.0.0 exposes the storage's contents to the network)")
+    d.add_argument("--port", type=_port, default=8080, help="port to listen on (default: 8080)")
     d.set_defaults(func=cmd_dashboard)
     r = sub.add_parser("report", help="write a self-contained HTML report")
     r.add_argument("--study-name", action="append", required=True, help="repeat for a privacy–utility curve")
-    r.add_argument("--storage")
-    r.add_argument("-o", "--output", default="report.html")
+    r.add_argument("--storage", help=storage_help)
+    r.add_argument("-o", "--output", default="report.html", help="HTML file to write (default: report.html)")
     r.set_defaults(func=cmd_report)
-    x = sub.add_parser("export", help="export trials to SQLite (sqlite-utils), CSV or JSON")
-    x.add_argument("--study-name", action="append", required=True)
-    x.add_argument("--storage")
-    x.add_argument("--to", help="SQLite file to upsert into")
-    x.add_argument("--format", choices=("csv", "json"), help="also print to stdout")
+    x = sub.add_parser("export", help="export trials to SQLite (sqlite-utils), CSV or JSON",
+                       description="One row per trial (state, value, parameters, user attributes) and one per "
+                                   "intermediate value. Without --to, CSV goes to stdout.")
+    x.add_argument("--study-name", action="append", required=True, help="the study to export (repeat for several)")
+    x.add_argument("--storage", help=storage_help)
+    x.add_argument("--to", help="SQLite file to upsert the tables 'trials' and 'intermediate_values' into "
+                                "(created if missing; re-exporting updates rows)")
+    x.add_argument("--format", choices=("csv", "json"),
+                   help="print the trials to stdout in this format (default: csv when --to is not given)")
     x.set_defaults(func=cmd_export)
 
     p = sub.add_parser("privacy", help="privacy accounting questions")
@@ -738,17 +788,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "name", None) and not getattr(args, "study_name", None):
         args.study_name = args.name
     if args.command == "study" and args.study_command in ("show", "best") and not args.study_name:
-        parser.error("study name required (positional or --study-name)")
+        parser.error(f"study name required (positional or --study-name); see 'dptune study {args.study_command} "
+                     "--help'")
     if args.command == "optimize" and args.n_trials is None and args.timeout is None:
-        parser.error("give --n-trials or --timeout")
+        parser.error("give --n-trials or --timeout; see 'dptune optimize --help'")
     try:
         return args.func(args)
     except DptuneError as e:
         print(f"dptune: error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("dptune: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        from dptune import interrupt
+
+        print(f"dptune: interrupted by {interrupt.signal_name(e)}", file=sys.stderr)
+        return interrupt.exit_code(e)
 
 
 if __name__ == "__main__":

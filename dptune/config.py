@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import reprlib
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
@@ -18,9 +19,25 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dptune.errors import ConfigError
+from dptune.privacy import EPSILON_TOO_LARGE, MAX_EPSILON
 
 SAMPLERS = ("tpe", "random", "gp", "cmaes", "grid")
 PRUNERS = ("median", "successive_halving", "asha", "hyperband", "none")
+
+
+MAX_NAME_LENGTH = 100
+NAME_RULE = (f"1 to {MAX_NAME_LENGTH} characters, each a letter, a digit, '_', '.' or '-' "
+             "(the name becomes a file name: studies/<name>.db)")
+
+
+def check_name(name: str) -> str | None:
+    """Why ``name`` cannot name a study, or None if it can."""
+    if not 1 <= len(name) <= MAX_NAME_LENGTH:
+        return f"must be {NAME_RULE}; got {len(name)} characters"
+    bad = sorted({c for c in name if not (c.isascii() and (c.isalnum() or c in "_.-"))})
+    if bad:
+        return f"must be {NAME_RULE}; {name!r} contains {', '.join(repr(c) for c in bad)}"
+    return None
 
 
 class _Strict(BaseModel):
@@ -100,17 +117,20 @@ class SearchSpace(_Strict):
         return {k: getattr(self, k) for k in type(self).model_fields if getattr(self, k) is not None}
 
 
+def _budget_epsilon(v: float) -> float:
+    if not math.isfinite(v):
+        raise ValueError("must be a finite number")
+    if v > MAX_EPSILON:
+        raise ValueError(f"{v:g} is above the maximum {MAX_EPSILON:g}: {EPSILON_TOO_LARGE}")
+    return v
+
+
 class PrivacyConfig(_Strict):
     epsilon: float = Field(gt=0)
     delta: float | None = Field(default=None, gt=0, lt=1)
     accountant: Literal["pld", "rdp"] = "pld"
 
-    @field_validator("epsilon")
-    @classmethod
-    def _finite(cls, v: float) -> float:
-        if not math.isfinite(v):
-            raise ValueError("must be finite")
-        return v
+    _epsilon = field_validator("epsilon")(_budget_epsilon)
 
 
 class TrialsConfig(_Strict):
@@ -136,6 +156,8 @@ class SearchPrivacyConfig(_Strict):
     trials: TrialsConfig
     validation_public: bool = False
 
+    _epsilon = field_validator("total_epsilon")(_budget_epsilon)
+
 
 class SearchBudgetConfig(_Strict):
     """A cap on the whole search, enforced before each trial (a Rényi privacy filter).
@@ -147,12 +169,7 @@ class SearchBudgetConfig(_Strict):
     epsilon: float = Field(gt=0)
     order: float | None = Field(default=None, gt=1)
 
-    @field_validator("epsilon")
-    @classmethod
-    def _finite(cls, v: float) -> float:
-        if not math.isfinite(v):
-            raise ValueError("must be a finite number")
-        return v
+    _epsilon = field_validator("epsilon")(_budget_epsilon)
 
 
 class SamplerConfig(_Strict):
@@ -198,7 +215,7 @@ class AugmentationConfig(_Strict):
 class StudyConfig(_Strict):
     """A study file. ``search_space`` names a file in ``search_spaces/`` or a path."""
 
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+    name: str
     dataset: str = "mnist5k"
     data_dir: str | None = None
     image_size: int | None = Field(default=None, ge=8)
@@ -225,6 +242,14 @@ class StudyConfig(_Strict):
     clipping: Literal["auto", "bookkeeping", "vmap"] = "auto"
     storage: str | None = None
     search_space: str = "dpsgd.yaml"
+
+    @field_validator("name")
+    @classmethod
+    def _name_rule(cls, v: str) -> str:
+        problem = check_name(v)
+        if problem:
+            raise ValueError(problem)
+        return v
 
     @field_validator("microbatch_size")
     @classmethod
@@ -316,8 +341,70 @@ def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str] | None:
     return None
 
 
+PARAM_FORMS = "a number, a name, {low: …, high: …} (optionally log: true) or {choices: [...]}"
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxstring, _REPR.maxother = 1, 4, 4, 30, 30
+
+
+def _short(value: Any) -> str:
+    """A bounded repr: YAML aliases can make a small file hold a structure of billions of leaves."""
+    return _REPR.repr(value)
+
+
+def _param_member(loc: tuple) -> str | None:
+    """Which form of a search-space parameter (``Param``) an error is about, if any."""
+    if len(loc) < 2 or not isinstance(loc[1], str):
+        return None
+    tag = loc[1]
+    return "Range" if "Range" in tag else tag if tag in ("Choice", "float", "str") else None
+
+
+def _explain_param(path: str, errors: list[dict]) -> ConfigError:
+    """A search-space parameter matches none of its forms: say what is wrong with the form the user meant.
+
+    Pydantic reports every form's complaint, starting with the range's, which
+    misleads when the user wrote choices or a plain value.
+    """
+    name = errors[0]["loc"][0]
+    field = f"{path}: {name}"
+    value = next((e["input"] for e in errors if tuple(e["loc"]) == (name, "float")), None)
+    if value is None:
+        return ConfigError(field, f"is empty; give {PARAM_FORMS}")
+    if isinstance(value, list):
+        return ConfigError(field, f"is a list; to sample from values write {{choices: {_short(value)}}}")
+    if not isinstance(value, dict):
+        return ConfigError(field, f"{_short(value)} is not allowed; give {PARAM_FORMS}")
+    meant = "Choice" if "choices" in value else "Range" if {"low", "high"} & set(value) else None
+    if meant is None:
+        return ConfigError(field, f"has keys {', '.join(map(str, value))}; give {PARAM_FORMS}")
+    e = next(e for e in errors if _param_member(tuple(e["loc"])) == meant)
+    rest = tuple(e["loc"][2:])
+    if e["type"] == "extra_forbidden":
+        allowed = "choices" if meant == "Choice" else "low, high, log, grid"
+        return ConfigError(field, f"unknown key {rest[-1]!r}; allowed: {allowed}")
+    if e["type"] == "missing":
+        return ConfigError(field, f"a range needs both low and high; {rest[-1]} is missing")
+    if meant == "Choice" and rest[:1] == ("choices",) and len(rest) > 1 and isinstance(rest[1], int):
+        bad = e["input"]
+        return ConfigError(f"{field}.choices", f"choice {rest[1] + 1} is a {type(bad).__name__}, {_short(bad)}; each "
+                                               "choice must be a single number or name")
+    where = ".".join(str(p) for p in rest if not isinstance(p, int))
+    msg = e["msg"].removeprefix("Value error, ")
+    return ConfigError(f"{field}.{where}" if where else field, msg)
+
+
+def _constraint(ctx: dict) -> str:
+    words = {"gt": ">", "ge": "≥", "lt": "<", "le": "≤"}
+    return " and ".join(f"{words[k]} {v}" for k, v in ctx.items() if k in words)
+
+
 def _explain(path: str, model: type[BaseModel], err: ValidationError) -> ConfigError:
-    e = err.errors()[0]
+    errors = err.errors()
+    e = errors[0]
+    if _param_member(tuple(e["loc"])) is not None:
+        return _explain_param(path, [x for x in errors if x["loc"][:1] == e["loc"][:1]])
     loc = tuple(p for p in e["loc"] if not isinstance(p, int))
     # Union members add their type names to the location; keep only field names.
     fields = tuple(p for p in loc if p[:1].islower() and not p.startswith(("literal", "function", "union")))
@@ -328,6 +415,10 @@ def _explain(path: str, model: type[BaseModel], err: ValidationError) -> ConfigE
     msg = e["msg"].removeprefix("Value error, ")
     if e["type"] == "literal_error":
         msg = "must be one of " + str(e.get("ctx", {}).get("expected", ""))
+    value = e.get("input")
+    if isinstance(value, float) and math.isnan(value):
+        bound = _constraint(e.get("ctx") or {})
+        msg = f"is .nan, not a number; it must be a number{' ' + bound if bound else ''}"
     return ConfigError(f"{path}: {field}", msg)
 
 
@@ -367,7 +458,8 @@ def search_space_path(name: str, study_file: str | None = None) -> str:
     for base in bases:
         candidate = base / name
         if candidate.is_file():
-            return str(candidate)
+            # Relative to the working folder where possible: it appears in messages.
+            return str(candidate.relative_to(Path.cwd())) if candidate.is_relative_to(Path.cwd()) else str(candidate)
     raise ConfigError("search_space", f"{name!r} not found (looked in {', '.join(str(b) for b in bases)})")
 
 
@@ -388,7 +480,12 @@ def load_study(path: str) -> ResolvedStudy:
     try:
         return ResolvedStudy(study=study, space=space)
     except ValidationError as e:
-        raise ConfigError(path, e.errors()[0]["msg"].removeprefix("Value error, ")) from None
+        msg = e.errors()[0]["msg"].removeprefix("Value error, ")
+        if msg.startswith("search_space."):
+            # A rule on a search-space value: the search-space file is the one to edit.
+            name, _, rest = msg.removeprefix("search_space.").partition(": ")
+            raise ConfigError(f"{space_file}: {name}", rest) from None
+        raise ConfigError(path, msg) from None
 
 
 def default_storage(name: str) -> str:

@@ -27,6 +27,7 @@ import dp_accounting
 from dp_accounting import dp_event
 from dp_accounting.mechanism_calibration import ExplicitBracketInterval
 from dp_accounting.pld.pld_privacy_accountant import PLDAccountant
+from dp_accounting.privacy_accountant import NeighboringRelation, PrivacyAccountant
 from dp_accounting.rdp.rdp_privacy_accountant import RdpAccountant
 
 from dptune.errors import PrivacyError
@@ -61,13 +62,62 @@ class PrivacySpend:
 # checked with the default accountant, which is the one that reports ε.
 _COARSE_PLD_INTERVAL = 1e-3
 
+# The largest target ε dptune accepts. At ε = 100 an adversary's odds may
+# change by a factor e^100 ≈ 10^43: the guarantee no longer protects anything,
+# while the accounting of ever larger ε costs memory and time without bound.
+MAX_EPSILON = 100.0
+EPSILON_TOO_LARGE = "beyond it the guarantee protects nothing (e^100 ≈ 10^43) and accounting costs grow without bound"
 
-def _accountant(name: str, coarse: bool = False):
+# Above this ε the PLD accountant is not run. Its grid spans the privacy-loss
+# range in steps of its discretisation interval, so its memory and time grow
+# with ε (ε = 1e5 asks for hundreds of GiB). There the RDP bound, cheap at any
+# ε and also a valid upper bound, is reported instead. At twice MAX_EPSILON no
+# budget dptune accepts depends on the difference.
+PLD_LIMIT = 2 * MAX_EPSILON
+# A few Rényi orders give a quick upper bound that decides how PLD runs.
+_SCREEN_ORDERS = (1.25, 1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64, 128, 256)
+# Up to this ε (where tight accounting matters) PLD runs at its own interval;
+# above, the interval grows in proportion to ε, which keeps the grid's size,
+# and the relative over-estimate of the pessimistic discretisation, about constant.
+_FULL_RESOLUTION_EPSILON = 10.0
+
+
+class BoundedPLDAccountant(PrivacyAccountant):
+    """The PLD accountant with its cost bounded at any ε.
+
+    Events are only recorded by ``compose``; ``get_epsilon`` first bounds ε
+    with a cheap RDP computation, then runs PLD at a discretisation interval
+    scaled to that bound, or, above :data:`PLD_LIMIT`, returns the RDP bound.
+    Every answer is a valid upper bound on ε (the discretisation is pessimistic).
+    """
+
+    def __init__(self, value_discretization_interval: float = 1e-4):
+        super().__init__(NeighboringRelation.ADD_OR_REMOVE_ONE)
+        self._interval = value_discretization_interval
+
+    def _maybe_compose(self, event: dp_event.DpEvent, count: int, do_compose: bool):
+        # What PLD supports, checked without composing; the ledger keeps the events.
+        return PLDAccountant()._maybe_compose(event, count, False)
+
+    def get_epsilon(self, target_delta: float) -> float:
+        event = self.ledger
+        screen = RdpAccountant(orders=_SCREEN_ORDERS).compose(event).get_epsilon(target_delta)
+        if screen > PLD_LIMIT:
+            return min(screen, RdpAccountant().compose(event).get_epsilon(target_delta))
+        interval = self._interval * max(1.0, screen / _FULL_RESOLUTION_EPSILON)
+        return PLDAccountant(value_discretization_interval=interval).compose(event).get_epsilon(target_delta)
+
+
+def make_accountant(name: str, coarse: bool = False) -> PrivacyAccountant:
+    """A fresh accountant by name; ``pld`` is bounded in cost (:class:`BoundedPLDAccountant`)."""
     if name == "pld":
-        return PLDAccountant(value_discretization_interval=_COARSE_PLD_INTERVAL) if coarse else PLDAccountant()
+        return BoundedPLDAccountant(_COARSE_PLD_INTERVAL) if coarse else BoundedPLDAccountant()
     if name == "rdp":
         return RdpAccountant()
     raise PrivacyError(f"accountant: unknown {name!r}; allowed: {', '.join(ACCOUNTANTS)}")
+
+
+_accountant = make_accountant  # inside functions whose argument ``accountant`` hides a module-level name
 
 
 @functools.lru_cache(maxsize=4096)
@@ -109,6 +159,8 @@ def validate(
         raise PrivacyError(f"delta: must be in (0, 1), got {delta}")
     if epsilon is not None and not (epsilon > 0.0 and math.isfinite(epsilon)):
         raise PrivacyError(f"epsilon: must be a finite number > 0, got {epsilon}")
+    if epsilon is not None and epsilon > MAX_EPSILON:
+        raise PrivacyError(f"epsilon: {epsilon:g} is above the maximum {MAX_EPSILON:g}: {EPSILON_TOO_LARGE}")
     if accountant is not None and accountant not in ACCOUNTANTS:
         raise PrivacyError(f"accountant: unknown {accountant!r}; allowed: {', '.join(ACCOUNTANTS)}")
 

@@ -36,7 +36,6 @@ from typing import Iterable, Literal
 import dp_accounting
 import numpy as np
 from dp_accounting import dp_event
-from dp_accounting.pld.pld_privacy_accountant import PLDAccountant
 from dp_accounting.rdp.rdp_privacy_accountant import RdpAccountant
 from scipy import optimize, special
 
@@ -146,7 +145,7 @@ def naive_epsilon(sampling_rate: float, noise_multiplier: float, steps: int, del
                   accountant: str = "rdp") -> float:
     """ε of composing ``trials`` identical trials (what releasing all of them costs)."""
     event = dp_event.SelfComposedDpEvent(privacy.dpsgd_event(sampling_rate, noise_multiplier, steps), trials)
-    acc = RdpAccountant() if accountant == "rdp" else PLDAccountant()
+    acc = RdpAccountant() if accountant == "rdp" else privacy.make_accountant("pld")
     return float(acc.compose(event).get_epsilon(delta))
 
 
@@ -174,7 +173,7 @@ def _compose(trials: tuple[tuple[float, float, int], ...], delta: float) -> dict
     composed = dp_event.ComposedDpEvent(events)
     return {
         "rdp": float(RdpAccountant().compose(composed).get_epsilon(delta)),
-        "pld": float(PLDAccountant().compose(composed).get_epsilon(delta)),
+        "pld": float(privacy.make_accountant("pld").compose(composed).get_epsilon(delta)),
     }
 
 

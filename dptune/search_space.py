@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 from dptune import privacy
 from dptune.config import Choice, Range, SearchSpace, TrainingBudget
 from dptune.errors import ConfigError, DptuneError
+from dptune.dp_step import OPTIMIZERS
 from dptune.train import Hyperparams, PrivacyBudget
 
 INT_PARAMS = ("batch_size",)
@@ -80,6 +81,76 @@ def _suggest(trial: SuggestsParams, name: str, spec: Any, num_examples: int) -> 
     if isinstance(spec, Choice):
         return trial.suggest_categorical(name, list(spec.choices))
     return spec  # a fixed value
+
+
+def _interval(low: float, low_open: bool, high: float | None, high_open: bool) -> tuple[str, Callable[[float], bool]]:
+    text = ("(" if low_open else "[") + f"{low:g}, " + ("∞)" if high is None else f"{high:g}" + (")" if high_open else "]"))
+
+    def inside(v: float) -> bool:
+        return (v > low if low_open else v >= low) and (high is None or (v < high if high_open else v <= high))
+
+    return text, inside
+
+
+def check_space(space: SearchSpace, num_examples: int, private: bool) -> None:
+    """Refuse any value a trial could sample that cannot train, before the study is created.
+
+    Every fixed value, choice, grid value and range end is checked against what
+    the trainer accepts and against the training-set size N, so that a bad
+    space fails once at ``study create`` instead of in every trial. Ranges are
+    intervals, so checking their ends covers every value inside.
+    """
+    n = num_examples
+    # name: (allowed interval, why it matters if it is not obvious)
+    rules: dict[str, tuple[tuple[str, Callable[[float], bool]], str]] = {
+        "learning_rate": (_interval(0, True, None, False), ""),
+        "effective_learning_rate": (_interval(0, True, None, False), ""),
+        "epochs": (_interval(0, True, None, False), ""),
+        "momentum": (_interval(0, False, 1, True), ""),
+        "ema_decay": (_interval(0, False, 1, True), " (0 = off)"),
+        "clip_norm": (_interval(0, True, None, False), ""),
+        "noise_multiplier": (_interval(0, private, None, False),
+                             " (σ = 0 adds no noise: ε would be infinite)" if private else ""),
+    }
+    for name, spec in space.params().items():
+        field = f"search_space.{name}"
+        if name == "trainable":
+            continue  # checked when the file is read
+        if name == "optimizer":
+            if isinstance(spec, Range):
+                raise ConfigError(field, f"is a name, not a range; give one of {', '.join(OPTIMIZERS)} or "
+                                         "{choices: [...]}")
+            for v in spec.choices if isinstance(spec, Choice) else [spec]:
+                if v not in OPTIMIZERS:
+                    raise ConfigError(field, f"unknown {v!r}; allowed: {', '.join(OPTIMIZERS)}")
+            continue
+        if isinstance(spec, Range):
+            if spec.high == "full" and name != "batch_size":
+                raise ConfigError(field, "high: 'full' is only allowed for batch_size")
+            ends = [("low", spec.low), ("high", spec.high)] + [("grid", g) for g in spec.grid or []]
+        elif isinstance(spec, Choice):
+            ends = [("choices", c) for c in spec.choices]
+        else:
+            ends = [("", spec)]
+        for where, v in ends:
+            label = f"{where} = " if where else ""
+            if name == "batch_size" and where == "high" and v == "full":
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ConfigError(field, f"{label}{v!r} is not a number")
+            if math.isnan(v):
+                raise ConfigError(field, f"{label}.nan is not a number")
+            if name == "batch_size":
+                if not (math.isfinite(v) and v == int(v)) or not 1 <= v <= n:
+                    hint = "; use high: full for batches up to the whole set" if where == "high" and v > n else ""
+                    raise ConfigError(field, f"{label}{v:g} is not a batch size: each must be a whole number in "
+                                             f"[1, {n}] (N, the training-set size){hint}")
+                continue
+            (text, inside), why = rules[name]
+            finite = name != "clip_norm" or private or "effective_learning_rate" in space.params()
+            if not inside(v) or (finite and not math.isfinite(v)):
+                raise ConfigError(field, f"{label}{v:g} is out of range: must be a {'finite ' if finite else ''}"
+                                         f"number in {text}{why}")
 
 
 def smallest_batch(space: SearchSpace, num_examples: int) -> int:

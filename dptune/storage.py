@@ -19,11 +19,13 @@ waiting for a grace period.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
-from typing import Any
+from typing import Any, Iterator
 
 import optuna
+import sqlalchemy
 from optuna.storages import JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend
 
@@ -55,25 +57,76 @@ def _journal_path(url: str) -> str:
     return path
 
 
-def open_storage(url: str, *, heartbeat: bool = False) -> optuna.storages.BaseStorage:
+def _sqlite_path(url: str) -> str:
+    try:
+        database = sqlalchemy.engine.make_url(url).database
+    except sqlalchemy.exc.ArgumentError:
+        raise StorageError(f"storage: cannot parse {url!r}; use sqlite:///relative/path.db or "
+                           "sqlite:////absolute/path.db") from None
+    if not database or database == ":memory:" or database.startswith("file::memory:"):
+        raise StorageError(f"storage: {url!r} is an in-memory database, which keeps nothing once dptune exits; "
+                           "use sqlite:///FILE.db")
+    return database
+
+
+def check_url(url: str) -> None:
+    """Refuse, before any work, a storage URL that dptune cannot use."""
+    if kind(url) not in ("journal", "sqlite", "postgresql", "mysql"):
+        raise StorageError(f"storage: unsupported {url!r}; allowed: sqlite:///FILE, journal:///FILE, "
+                           "postgresql://USER@HOST/DB, mysql://USER@HOST/DB")
+    file_of(url)
+
+
+def file_of(url: str) -> str | None:
+    """The file a SQLite or journal storage lives in (None for database servers)."""
+    k = kind(url)
+    if k == "journal":
+        return _journal_path(url)
+    if k == "sqlite":
+        return _sqlite_path(url)
+    return None
+
+
+def exists(url: str) -> bool:
+    """Whether the storage is there to be read: its file exists (database servers: assumed)."""
+    check_url(url)
+    path = file_of(url)
+    return path is None or os.path.exists(path)
+
+
+def open_storage(url: str, *, heartbeat: bool = False, create: bool = True) -> optuna.storages.BaseStorage:
     """An Optuna storage for ``url``; with ``heartbeat``, RDB storages detect dead workers.
 
     Unreachable databases fail within ``CONNECT_TIMEOUT_SECONDS`` with a
-    :class:`StorageError` rather than hanging.
+    :class:`StorageError` rather than hanging. Without ``create`` a missing
+    storage file is an error and nothing is created: commands that only read
+    must leave the disk as it was after a typo.
     """
+    check_url(url)
     k = kind(url)
+    path = file_of(url)
+    if path is not None:
+        if os.path.isdir(path):
+            raise StorageError(f"storage: {url!r} names the folder {path!r}; name a file in it, e.g. "
+                               f"{url.rstrip('/')}/study.{'journal' if k == 'journal' else 'db'}")
+        if not create and not os.path.exists(path):
+            raise StorageError(f"storage: {url!r}: no such file {path!r}")
+        if create:
+            try:
+                os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            except OSError as e:
+                raise StorageError(f"storage: cannot create the folder of {path!r}: {e.strerror}") from None
     if k == "journal":
-        path = _journal_path(url)
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        return JournalStorage(JournalFileBackend(path))
-    if k not in ("sqlite", "postgresql", "mysql"):
-        raise StorageError(f"storage: unsupported {url!r}; allowed: sqlite:///FILE, journal:///FILE, "
-                           "postgresql://USER@HOST/DB, mysql://USER@HOST/DB")
+        try:
+            return JournalStorage(JournalFileBackend(path))
+        except OSError as e:
+            raise StorageError(f"storage: cannot open {url!r}: {e.strerror}") from None
+        # Optuna replays the whole file on opening; what it cannot replay surfaces as one of these
+        # (UnicodeDecodeError and JSONDecodeError are ValueErrors, an unknown operation an AssertionError).
+        except (ValueError, KeyError, TypeError, IndexError, AssertionError) as e:
+            raise StorageError(f"storage: {path!r} is not an Optuna journal file ({type(e).__name__}); "
+                               "was it written by something else?") from None
     engine: dict[str, Any] = {"pool_pre_ping": True}
-    if k == "sqlite":
-        path = url.split("sqlite:///", 1)[-1]
-        if path and os.path.dirname(path):
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     if k == "postgresql":
         engine["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_SECONDS}
     if k == "mysql":
@@ -92,6 +145,32 @@ def open_storage(url: str, *, heartbeat: bool = False) -> optuna.storages.BaseSt
     except Exception as e:  # SQLAlchemy's OperationalError and friends
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise StorageError(f"storage: cannot open {url!r}: {first}") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+@contextlib.contextmanager
+def writing(url: str) -> Iterator[None]:
+    """Turn a failed write to the storage (read-only file or folder, full disk) into a :class:`StorageError`.
+
+    Optuna reports RDB failures as ``StorageInternalError`` with the database's
+    reason as its cause; the journal raises the ``OSError`` of its file or lock.
+    """
+    try:
+        yield
+    except optuna.exceptions.StorageInternalError as e:
+        reason = _first_line(e.__cause__ or e)
+        raise StorageError(f"storage: cannot write to {url!r}: {reason}") from None
+    except OSError as e:
+        path = file_of(url) if kind(url) == "journal" else None
+        mine = path is not None and e.filename is not None and os.path.abspath(str(e.filename)).startswith(
+            os.path.abspath(path))
+        if not mine:
+            raise
+        raise StorageError(f"storage: cannot write to {url!r}: {e.strerror}") from None
 
 
 def check_workers(url: str, workers: int) -> None:

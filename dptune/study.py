@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -36,16 +37,17 @@ import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from dptune import __version__, checkpoint, microbatch, orphans, privacy, search_privacy
+from dptune import __version__, checkpoint, interrupt, microbatch, orphans, privacy, search_privacy
 from dptune.augment import Augmentation
-from dptune.config import ResolvedStudy, SearchSpace, StudyConfig, default_storage
+from dptune.config import ResolvedStudy, SearchSpace, StudyConfig, check_name, default_storage
 from dptune.data import Dataset, load_dataset
-from dptune.errors import ConfigError, DptuneError, PrivacyError
+from dptune.errors import ConfigError, DataError, DptuneError, PrivacyError
 from dptune.orphans import reap_dead_workers
 from dptune.randomness import SecretSeed
 from dptune.search_privacy import RenyiFilter, TrialCount
-from dptune.search_space import Infeasible, plan_trial, smallest_batch
+from dptune.search_space import Infeasible, check_space, plan_trial, smallest_batch
 from dptune.statement import COVERAGE, Mechanism, Statement
+from dptune import storage as storage_lib
 from dptune.storage import open_storage
 from dptune.train import PrivacyBudget, RunConfig, train_and_evaluate
 
@@ -108,7 +110,10 @@ def _dataset(cfg: StudyConfig) -> Dataset:
         return data
     if checkpoint.dataset_identity(cfg.validation_dataset) == checkpoint.dataset_identity(cfg.dataset):
         raise ConfigError("validation_dataset", f"must be another, public dataset, not the private {cfg.dataset!r}")
-    public = load_dataset(cfg.validation_dataset, data_dir=cfg.data_dir, seed=cfg.seed, image_size=cfg.image_size)
+    try:
+        public = load_dataset(cfg.validation_dataset, data_dir=cfg.data_dir, seed=cfg.seed, image_size=cfg.image_size)
+    except DataError as e:
+        raise ConfigError("validation_dataset", str(e).removeprefix("dataset: ")) from None
     if public.image_shape != data.image_shape or public.num_classes != data.num_classes:
         raise ConfigError("validation_dataset", f"{cfg.validation_dataset!r} has images {public.image_shape} and "
                           f"{public.num_classes} classes, the training data {data.image_shape} and "
@@ -121,9 +126,13 @@ def _resolve_delta(resolved: ResolvedStudy, dataset: Dataset) -> float | None:
     cfg = resolved.study
     if cfg.non_private:
         return None
-    given = cfg.privacy.delta if cfg.privacy is not None else cfg.search_privacy.delta
+    section = "privacy" if cfg.privacy is not None else "search_privacy"
+    given = getattr(cfg, section).delta
     delta = given if given is not None else privacy.default_delta(n)
-    privacy.check_delta(delta, n)
+    try:
+        privacy.check_delta(delta, n)
+    except PrivacyError as e:
+        raise ConfigError(f"{section}.delta", str(e).removeprefix("delta: ")) from None
     return delta
 
 
@@ -175,16 +184,9 @@ def _plan_private_search(resolved: ResolvedStudy, dataset: Dataset, delta: float
     }
 
 
-def create_study(resolved: ResolvedStudy, storage: str | None = None, *, skip_if_exists: bool = False) -> optuna.Study:
-    """Create a study holding its full configuration.
-
-    Everything is validated first (the dataset is opened, δ checked against
-    1/N, the sampler built), so a bad configuration writes nothing. An
-    existing study of the same name is an error unless ``skip_if_exists`` and
-    its stored configuration is identical.
-    """
+def _prepare(resolved: ResolvedStudy) -> dict[str, Any]:
+    """Validate everything and compute the study's user attributes, writing nothing."""
     study_cfg = resolved.study
-    storage = storage or study_cfg.storage or default_storage(study_cfg.name)
     sp = study_cfg.search_privacy
     if sp is not None and study_cfg.validation_dataset is None:
         raise ConfigError("validation_dataset", "a private search chooses the best trial by validation accuracy, "
@@ -192,6 +194,7 @@ def create_study(resolved: ResolvedStudy, storage: str | None = None, *, skip_if
                           "not a split of the private one")
     dataset = _dataset(study_cfg)
     delta = _resolve_delta(resolved, dataset)
+    check_space(resolved.space, len(dataset.train), private=not study_cfg.non_private)
     make_sampler(study_cfg, resolved.space, study_cfg.seed)
     from dptune.models import build_model
 
@@ -206,8 +209,7 @@ def create_study(resolved: ResolvedStudy, storage: str | None = None, *, skip_if
                                        unsafe_ignore=study_cfg.unsafe_ignore_checkpoint_provenance)
         checkpoint.fit(init_params(model, dataset.image_shape, jax.random.key(0)),
                        checkpoint.load(study_cfg.init_checkpoint), study_cfg.reinitialize)
-    stored = resolved.to_json()
-    attrs: dict[str, Any] = {CONFIG_ATTR: stored, "dptune_version": __version__, "delta": delta,
+    attrs: dict[str, Any] = {CONFIG_ATTR: resolved.to_json(), "dptune_version": __version__, "delta": delta,
                              "split": dataset.split.as_dict(), "prior_privacy_events": [list(e) for e in prior]}
     if study_cfg.init_checkpoint:
         attrs["init_checkpoint_sha256"] = checkpoint.fingerprint(study_cfg.init_checkpoint)
@@ -226,25 +228,70 @@ def create_study(resolved: ResolvedStudy, storage: str | None = None, *, skip_if
                 raise ConfigError("search_budget.epsilon", f"{cap.epsilon:g} is already spent by the init_checkpoint's "
                                   f"recorded training on {dataset.name!r} ({filt.spent(prior):.4g} at order {order:.3g})")
             attrs.update(search_budget={"epsilon": cap.epsilon, "order": order})
+    return attrs
+
+
+def _in_file(e: DptuneError, source: str, space_file: str | None) -> DptuneError:
+    """``e`` naming the file the user must edit: the study file, or the search-space file for its fields."""
+    if isinstance(e, ConfigError):
+        message = str(e)[len(e.field) + 2:]
+        if space_file is not None and e.field.startswith("search_space."):
+            return ConfigError(f"{space_file}: {e.field.removeprefix('search_space.')}", message)
+        return ConfigError(f"{source}: {e.field}", message)
+    return type(e)(f"{source}: {e}")
+
+
+def create_study(resolved: ResolvedStudy, storage: str | None = None, *, skip_if_exists: bool = False,
+                 source: str | None = None) -> optuna.Study:
+    """Create a study holding its full configuration.
+
+    Everything is validated first (the dataset is opened, δ checked against
+    1/N, every search-space value against N, the sampler built), so a bad
+    configuration writes nothing; ``source``, the study file, is named in such
+    errors. An existing study of the same name is an error unless
+    ``skip_if_exists`` and its stored configuration is identical.
+    """
+    study_cfg = resolved.study
+    storage = storage or study_cfg.storage or default_storage(study_cfg.name)
+    storage_lib.check_url(storage)
+    try:
+        attrs = _prepare(resolved)
+    except DptuneError as e:
+        if source is None:
+            raise
+        from dptune.config import search_space_path
+
+        try:
+            space_file = search_space_path(study_cfg.search_space, source)
+        except ConfigError:
+            space_file = None
+        raise _in_file(e, source, space_file) from None
+    stored = attrs[CONFIG_ATTR]
 
     storage_obj = open_storage(storage)
-    existing = _find(study_cfg.name, storage_obj)
-    if existing is not None:
-        if existing.user_attrs.get(CONFIG_ATTR) != stored:
-            raise StudyError(f"study_name: a study {study_cfg.name!r} with a different configuration exists "
-                             f"in {storage}; choose another name or delete it")
-        if not skip_if_exists:
-            raise StudyError(f"study_name: {study_cfg.name!r} already exists in {storage} (use --skip-if-exists)")
-        return optuna.load_study(study_name=study_cfg.name, storage=storage_obj)
+    with storage_lib.writing(storage):
+        existing = _find(study_cfg.name, storage_obj)
+        if existing is not None:
+            if existing.user_attrs.get(CONFIG_ATTR) != stored:
+                raise StudyError(f"study_name: a study {study_cfg.name!r} with a different configuration exists "
+                                 f"in {storage}; choose another name or delete it")
+            if not skip_if_exists:
+                raise StudyError(f"study_name: {study_cfg.name!r} already exists in {storage} (use --skip-if-exists)")
+            return optuna.load_study(study_name=study_cfg.name, storage=storage_obj)
 
-    study = optuna.create_study(study_name=study_cfg.name, storage=storage_obj,
-                                direction=study_cfg.objective.direction)
-    try:
-        for key, value in attrs.items():
-            study.set_user_attr(key, value)
-    except BaseException:
-        optuna.delete_study(study_name=study_cfg.name, storage=storage_obj)
-        raise
+        study = optuna.create_study(study_name=study_cfg.name, storage=storage_obj,
+                                    direction=study_cfg.objective.direction)
+        try:
+            # A Ctrl-C here would leave a study without its configuration: finish or undo.
+            with interrupt.deferred(), warnings.catch_warnings():
+                # Metric names are "experimental" in Optuna; the dashboard shows the name instead of "Objective 0".
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                study.set_metric_names([study_cfg.objective.metric])
+                for key, value in attrs.items():
+                    study.set_user_attr(key, value)
+        except BaseException:
+            optuna.delete_study(study_name=study_cfg.name, storage=storage_obj)
+            raise
     return study
 
 
@@ -258,8 +305,14 @@ def _find(name: str, storage: Any) -> optuna.study.StudySummary | None:
 def load(study_name: str, storage: str | None = None, *, heartbeat: bool = False
          ) -> tuple[optuna.Study, ResolvedStudy]:
     """Load a dptune study and its stored configuration (``heartbeat``: for a worker running trials)."""
+    problem = check_name(study_name)
+    if problem:
+        raise StudyError(f"study_name: {problem}")
     url = storage or default_storage(study_name)
-    storage_obj = open_storage(url, heartbeat=heartbeat)
+    if not storage_lib.exists(url):
+        raise StudyError(f"study_name: no study {study_name!r}: {url} does not exist (dptune study create "
+                         "--config FILE creates a study)")
+    storage_obj = open_storage(url, heartbeat=heartbeat, create=False)
     if _find(study_name, storage_obj) is None:
         names = [s.study_name for s in optuna.get_all_study_summaries(storage_obj, include_best_trial=False)]
         raise StudyError(f"study_name: no study {study_name!r} in {url}; "
@@ -308,6 +361,14 @@ class Objective:
         return self._microbatch
 
     def __call__(self, trial: optuna.Trial) -> float:
+        try:
+            return self._run(trial)
+        except KeyboardInterrupt as e:
+            # Optuna marks the trial FAIL; the reason says it was stopped, not broken.
+            trial.set_user_attr("failed_reason", f"interrupted by {interrupt.signal_name(e)}")
+            raise
+
+    def _run(self, trial: optuna.Trial) -> float:
         cfg = self.resolved.study
         n = len(self.dataset.train)
         trial.set_user_attr(orphans.WORKER_ATTR, orphans.worker_identity())
@@ -376,6 +437,7 @@ class Objective:
                 raise StudyError(f"init_checkpoint: {cfg.init_checkpoint} changed since the study was created "
                                  "(its recorded privacy spend may differ); create a new study for it")
         orphans.abort_if_test_requests(trial.number)
+        interrupt.raise_if_pending()  # before the trial is marked as having touched the data
         trial.set_user_attr("touched_data", True)
         result = train_and_evaluate(self.dataset, plan.hparams, plan.steps, config=config,
                                     budget=self.budget, callback=report)
@@ -463,11 +525,15 @@ def optimize(
     ``stop_at_finished`` stops this worker once the study holds that many
     COMPLETE or PRUNED trials (the shared target of several workers). Dead
     workers' trials are failed and re-queued before and after each trial. A
-    KeyboardInterrupt marks the running trial FAILED (Optuna's own handling)
-    and propagates; finished trials are already in the storage.
+    KeyboardInterrupt marks the running trial FAILED with a ``failed_reason``
+    and propagates; finished trials are already in the storage. Under
+    :func:`dptune.interrupt.handled`, SIGINT and SIGTERM never cut a storage
+    write short, so no trial is left RUNNING.
     """
-    study, resolved = load(study_name, storage, heartbeat=True)
-    reap_dead_workers(study)
+    url = storage or default_storage(study_name)
+    study, resolved = load(study_name, url, heartbeat=True)
+    with interrupt.deferred(), storage_lib.writing(url):
+        reap_dead_workers(study)
     cfg = resolved.study
     dataset = _dataset(cfg)
     delta = study.user_attrs.get("delta") or _resolve_delta(resolved, dataset)
@@ -497,10 +563,15 @@ def optimize(
         # q = B/N and the planned mechanism were fixed for the data as it was at create.
         raise StudyError(f"dataset: {cfg.dataset!r} is not what it was when the study was created "
                          f"({stored_split} then, {dataset.split.as_dict()} now); create a new study")
+    # The finished trial is in the storage by now: the place to stop for a signal that came meanwhile.
+    hooks.append(lambda _st, _t: interrupt.raise_if_pending())
     objective = Objective(resolved, dataset, delta, private, study.user_attrs.get("search_budget"),
                           study.user_attrs.get("prior_privacy_events", ()))
     objective.resolved_checkpoint = study.user_attrs.get("init_checkpoint_sha256")
-    study.optimize(objective, n_trials=n_trials, timeout=timeout, callbacks=hooks, catch=())
+    # A signal waits for the next check point (a training step, a finished trial), so that it
+    # never cuts a storage write short.
+    with interrupt.deferred(), storage_lib.writing(url):
+        study.optimize(objective, n_trials=n_trials, timeout=timeout, callbacks=hooks, catch=())
     return study
 
 
@@ -761,7 +832,7 @@ def summarize(study: optuna.Study) -> StudySummary:
 def list_studies(storage: str) -> list[dict[str, Any]]:
     """One row per study in ``storage``."""
     rows = []
-    for s in optuna.get_all_study_summaries(open_storage(storage), include_best_trial=True):
+    for s in optuna.get_all_study_summaries(open_storage(storage, create=False), include_best_trial=True):
         private = s.user_attrs.get("private_search")
         rows.append({
             "name": s.study_name,

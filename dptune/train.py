@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dptune import checkpoint, compile_stats, dispatch, freezing, privacy, search_privacy
+from dptune import checkpoint, compile_stats, dispatch, freezing, interrupt, privacy, search_privacy
 from dptune.augment import Augmentation
 from dptune.data import Dataset, batches
 from dptune.dp_step import OPTIMIZERS, StepFunctions, TrainState, step_functions
@@ -380,6 +380,7 @@ def train_and_evaluate(
     stopped = False
     taken = 0
     for t in range(allowed):
+        interrupt.raise_if_pending()  # SIGINT/SIGTERM in a study stop here, between steps
         tick, compiled = time.perf_counter(), compile_stats.seconds()
         indices = poisson_batch(rng, n, q)
         # Throughput counts the expected batch (public); realised Poisson sizes are private.

@@ -17,7 +17,9 @@ by reading the storage, forwards SIGINT/SIGTERM to the workers (their running
 trials are marked FAILED, nothing stays RUNNING) and exits non-zero if any
 worker did. A worker that dies without cleaning up (SIGKILL, a native abort)
 leaves its trial RUNNING: the launcher fails and re-queues it as soon as it
-sees the exit (:mod:`dptune.orphans`), and the other workers go on.
+sees the exit (:mod:`dptune.orphans`), and the other workers go on. After a
+signal the launcher raises :class:`dptune.interrupt.Interrupted` for that
+signal once every worker has stopped.
 """
 
 from __future__ import annotations
@@ -29,14 +31,13 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from optuna.trial import FrozenTrial, TrialState
+if TYPE_CHECKING:
+    from optuna.trial import FrozenTrial
 
-from dptune import study as study_lib
-from dptune.storage import check_workers, open_storage
-
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+# Optuna, JAX and the study driver are imported where they are used: a worker
+# process must install its signal handling before those slow imports.
 
 
 def local_gpus() -> list[str]:
@@ -58,13 +59,14 @@ def auto_layout(model: str, storage: str) -> tuple[int, int | None, str]:
 
     Small models gain nothing from sharding one trial: one worker per GPU. Large
     models use every device for one trial. SQLite allows one writer, so there it
-    is always one in-process worker over all local devices.
+    is always one in-process worker over all local devices. ``why`` is empty
+    when there was nothing to choose (at most one GPU).
     """
     from dptune.storage import kind
 
     gpus = local_gpus()
     if len(gpus) <= 1:
-        return 1, None, "one worker on all local devices (at most one GPU here)"
+        return 1, None, ""
     if model in SMALL_MODELS and kind(storage) != "sqlite":
         return len(gpus), 1, f"small model: one worker per GPU ({len(gpus)} GPUs)"
     if model in SMALL_MODELS:
@@ -79,8 +81,10 @@ def worker_env(index: int, devices_per_trial: int, gpus: list[str]) -> dict[str,
     if gpus:
         mine = gpus[index * devices_per_trial:(index + 1) * devices_per_trial]
         if len(mine) < devices_per_trial:
-            raise study_lib.StudyError(f"devices_per_trial: {len(gpus)} GPUs cannot give each of the workers "
-                                       f"{devices_per_trial}; lower --workers or --devices-per-trial")
+            from dptune.study import StudyError
+
+            raise StudyError(f"devices_per_trial: {len(gpus)} GPUs cannot give each of the workers "
+                             f"{devices_per_trial}; lower --workers or --devices-per-trial")
         env["CUDA_VISIBLE_DEVICES"] = ",".join(mine)
     else:
         # JAX_NUM_CPU_DEVICES (set by the CLI for itself) would override the worker's own count.
@@ -104,9 +108,12 @@ def run_pool(
     poll_seconds: float = 1.0,
 ) -> int:
     """Run ``workers`` worker processes until ``n_trials`` more trials finish; returns an exit code."""
+    from dptune import study as study_lib
+    from dptune.storage import check_workers, open_storage
+
     check_workers(storage, workers)
     study, _ = study_lib.load(study_name, storage)
-    done_before = len(study.get_trials(deepcopy=False, states=FINISHED))
+    done_before = len(study.get_trials(deepcopy=False, states=study_lib.FINISHED))
     target = None if n_trials is None else done_before + n_trials
     gpus = local_gpus()
     cmd = [sys.executable, "-m", "dptune.workers", "--study-name", study_name, "--storage", storage]
@@ -116,18 +123,27 @@ def run_pool(
         cmd += ["--timeout", str(timeout)]
     if cache_dir:
         cmd += ["--cache-dir", cache_dir]
-    procs = [subprocess.Popen(cmd, env=worker_env(i, devices_per_trial, gpus)) for i in range(workers)]
+    envs = [worker_env(i, devices_per_trial, gpus) for i in range(workers)]
+    procs: list[subprocess.Popen] = []
+    received: list[int] = []
 
     def forward(signum: int, _frame: object) -> None:
+        # The same signal, so that each worker stops as the user asked; its trial is failed, not lost.
+        received.append(signum)
         for p in procs:
             if p.poll() is None:
-                p.send_signal(signal.SIGINT)
+                p.send_signal(signum)
 
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)
+                if signal.getsignal(s) is not signal.SIG_IGN}
     seen: set[int] = set()
     storage_obj = open_storage(storage)
     reaped: set[int] = set()
     try:
+        for env in envs:
+            if received:
+                break
+            procs.append(subprocess.Popen(cmd, env=env))
         while True:
             running = any(p.poll() is None for p in procs)
             died = {p.pid for p in procs if p.returncode not in (None, 0)} - reaped
@@ -150,6 +166,10 @@ def run_pool(
     codes = [p.wait() for p in procs]
     if any(codes):
         study_lib.reap_dead_workers(study)
+    if received:
+        from dptune.interrupt import Interrupted
+
+        raise Interrupted(received[0])
     # A worker killed by signal N reports -N; exit like a shell would (128 + N).
     return next((128 - c if c < 0 else c for c in codes if c != 0), 0)
 
@@ -162,20 +182,19 @@ def _worker_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float)
     ap.add_argument("--cache-dir")
     args = ap.parse_args(argv)
-
-    def terminate(signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, terminate)
-    from dptune import compile_stats
+    from dptune import interrupt
     from dptune.errors import DptuneError
 
-    compile_stats.enable_persistent_cache(args.cache_dir)
     try:
-        study_lib.optimize(args.study_name, args.storage, timeout=args.timeout,
-                           stop_at_finished=args.stop_at_finished)
-    except KeyboardInterrupt:
-        return 130
+        with interrupt.handled():
+            from dptune import compile_stats, study as study_lib
+
+            compile_stats.enable_persistent_cache(args.cache_dir)
+            study_lib.optimize(args.study_name, args.storage, timeout=args.timeout,
+                               stop_at_finished=args.stop_at_finished)
+    except KeyboardInterrupt as e:
+        # The launcher says it once for all workers.
+        return interrupt.exit_code(e)
     except DptuneError as e:
         print(f"dptune worker {os.getpid()}: error: {e}", file=sys.stderr)
         return 2

@@ -1,5 +1,6 @@
 """Inspection reads the storage only: export compared with Optuna, report and dashboard in a real browser."""
 
+import json
 import os
 import socket
 import sqlite3
@@ -44,8 +45,8 @@ def make_study(tmp_path, name="insp", epsilon=3.0, n=8):
         s.add_trial(optuna.trial.create_trial(
             params={"batch_size": b, "learning_rate": lr, "noise_multiplier": sigma}, distributions=dist,
             user_attrs=attrs, intermediate_values=curve,
-            state=optuna.trial.TrialState.PRUNED if pruned else optuna.trial.TrialState.COMPLETE,
-            value=None if pruned else acc))
+            # Optuna gives a pruned trial its last reported value, as in a real run.
+            state=optuna.trial.TrialState.PRUNED if pruned else optuna.trial.TrialState.COMPLETE, value=acc))
     return s, storage
 
 
@@ -78,6 +79,8 @@ def test_report_renders_every_figure_in_a_browser(tmp_path):
     path = report.write([a, b], str(tmp_path / "report.html"))
     text = open(path).read()
     assert "<script src=" not in text  # self-contained: no network needed
+    # A pruned trial's value is a partial accuracy: the top-trials table says which trials were pruned.
+    assert "<th>state</th>" in text and "<td>PRUNED</td>" in text and "<td>COMPLETE</td>" in text
     driver = chromium()
     try:
         driver.get("file://" + path)
@@ -131,6 +134,9 @@ def test_dashboard_shows_the_study_and_its_trials(tmp_path):
             driver.get(f"{url}/dashboard/studies/{study_id}")
             wait_for(driver, lambda d: "validation accuracy vs ε spent" in d.page_source,
                      what="dptune's saved figures on the study page")
+            # The guarantee in one line on the study page itself, and the objective by its name.
+            assert "ε of releasing the best model:" in driver.page_source
+            assert "val_accuracy" in driver.page_source
             screenshot(driver, "dashboard_study.png")
             driver.get(f"{url}/dashboard/studies/{study_id}/note")
             wait_for(driver, lambda d: "releasing the best model after this search" in d.page_source,
@@ -153,3 +159,12 @@ def test_publish_refreshes_rather_than_duplicates(tmp_path):
     second = dashboard.publish(s)
     assert first == second and len(first) == 4
     assert "ε of releasing the best model after this search" in dashboard.study_note(s)
+    assert s.metric_names == ["val_accuracy"]
+    headline = dashboard.headline(s)
+    assert headline.startswith("ε of releasing the best model: ") and "Note" in headline
+    from optuna_dashboard._custom_plot_data import get_plotly_graph_objects
+
+    saved = get_plotly_graph_objects(s._storage.get_study_system_attrs(s._study_id))
+    titles = [json.loads(v)["layout"]["title"]["text"] for v in saved.values()]
+    assert len(titles) == 4 and all(t.startswith(headline) for t in titles)
+    assert dashboard.note_url(s, "127.0.0.1", 8080) == f"http://127.0.0.1:8080/dashboard/studies/{s._study_id}/note"

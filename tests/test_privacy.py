@@ -111,3 +111,20 @@ def test_delta_must_be_below_one_over_n():
         privacy.check_delta(1e-3, 5000)
     assert privacy.default_delta(5000) < 1 / 5000
     assert privacy.default_delta(60000) == pytest.approx(1e-6)
+
+
+def test_pld_work_is_bounded_at_any_epsilon():
+    # σ = 0.01 asked the PLD accountant for a grid of ~10^9 points; beyond PLD_LIMIT the RDP bound is reported.
+    huge = privacy.epsilon(256 / 3500, 0.01, 137, 1e-5, "pld")
+    assert privacy.PLD_LIMIT < huge <= privacy.epsilon(256 / 3500, 0.01, 137, 1e-5, "rdp")
+    # Above ε = 10 the grid coarsens in proportion to ε: pessimistic, and within 1e-4 of the full-resolution PLD.
+    exact = direct_epsilon("pld", 0.2, 0.5, 50, 1e-5)
+    assert exact > 10 and exact <= privacy.epsilon(0.2, 0.5, 50, 1e-5, "pld") <= exact * (1 + 1e-4)
+
+
+@pytest.mark.parametrize("ask", [lambda: privacy.noise_for_epsilon(0.01, 100, 1e5, 1e-5),
+                                 lambda: privacy.max_steps(0.01, 1.0, 1e9, 1e-5),
+                                 lambda: privacy.validate(epsilon=100.5)])
+def test_target_epsilon_above_the_maximum_is_refused(ask):
+    with pytest.raises(PrivacyError, match="epsilon: .* is above the maximum 100"):
+        ask()

@@ -115,26 +115,6 @@ def test_killed_worker_trial_is_failed_and_retried(tmp_path):
     assert not [t for t in trials.values() if t.state == TrialState.RUNNING]
 
 
-@pytest.mark.slow
-def test_sigint_to_the_pool_leaves_nothing_running(tmp_path):
-    storage = f"journal:///{tmp_path / 'study.journal'}"
-    assert cli("study", "create", "--config", make_config(tmp_path, max_epochs=25), "--storage",
-               storage).returncode == 0
-    pool = spawn("dptune.cli", "optimize", "--study-name", "pool", "--storage", storage, "--workers", "2",
-                 "--n-trials", "6")
-    wait_for_running("pool", storage)
-    time.sleep(3)
-    pool.send_signal(signal.SIGINT)
-    _, err = pool.communicate(timeout=180)
-    assert pool.returncode != 0
-    trials = trials_of("pool", storage)
-    assert trials and not [t for t in trials if t.state == TrialState.RUNNING]
-    # Re-running continues the same study.
-    p = cli("optimize", "--study-name", "pool", "--storage", storage, "--n-trials", "1")
-    assert p.returncode == 0, p.stderr[-2000:]
-    assert len(trials_of("pool", storage)) > len(trials)
-
-
 # -- PostgreSQL: several "machines" sharing one study ---------------------------------------
 
 def _pg_bin() -> Path | None:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import socket
+import warnings
 
 import optuna
 import optuna_dashboard
 
 from dptune import figures
+from dptune.errors import ConfigError
 from dptune.study import CONFIG_ATTR, coverage, summarize
 
 
@@ -40,15 +44,73 @@ def study_note(study: optuna.Study) -> str:
     return "\n".join(lines)
 
 
+def headline(study: optuna.Study) -> str:
+    """The guarantee in one line, for places that show no more than a title."""
+    s = summarize(study)
+    g = s.search
+    if s.non_private:
+        return "No privacy guarantee: a non-private baseline"
+    state = "" if g.get("valid", True) else " — EXCEEDED, INVALID"
+    if s.private_search and not g.get("complete", True):
+        state = " — incomplete search"
+    return (f"ε of releasing the best model: {g['total_epsilon']:.4g} (δ = {g['delta']:g}){state}; "
+            "what it covers: the study's Note")
+
+
 def publish(study: optuna.Study) -> list[str]:
-    """Save (or refresh) dptune's note and plotly figures into the study; returns the figure ids."""
+    """Save (or refresh) dptune's note and plotly figures into the study; returns the figure ids.
+
+    The study page shows the figures but keeps the note behind an icon, so
+    every figure's title carries the guarantee in one line, and the objective
+    is named by its metric instead of "Objective 0".
+    """
     optuna_dashboard.save_note(study, study_note(study))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names([study.user_attrs.get(CONFIG_ATTR, {}).get("study", {}).get("objective", {}).get(
+            "metric", "val_accuracy")])
+    line = headline(study)
     ids = []
     for graph_id, fig in figures.dashboard_figures(study).items():
+        fig.update_layout(title=f"{line}<br><sup>{fig.layout.title.text}</sup>")
         ids.append(optuna_dashboard.save_plotly_graph_object(study, fig, graph_object_id=graph_id))
     return ids
 
 
+def note_url(study: optuna.Study, host: str, port: int) -> str:
+    """Where optuna-dashboard shows the study's note (the full privacy statement)."""
+    study_id = study._storage.get_study_id_from_name(study.study_name)
+    return f"http://{host}:{port}/dashboard/studies/{study_id}/note"
+
+
+def _port_error(host: str, port: int, e: OSError) -> ConfigError:
+    if e.errno == errno.EADDRINUSE:
+        with socket.socket() as free:
+            free.bind((host, 0))
+            other = free.getsockname()[1]
+        return ConfigError("port", f"{port} on {host} is already in use (another dashboard?); choose another "
+                                   f"with --port, e.g. --port {other}")
+    if e.errno == errno.EACCES:
+        return ConfigError("port", f"{port} needs administrator rights; use a port above 1023, e.g. --port 8080")
+    return ConfigError("host", f"cannot listen on {host}:{port}: {e.strerror}")
+
+
+def check_address(host: str, port: int) -> None:
+    """Refuse a port that is taken (or a host that is not this machine's) before anything is written."""
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            # As the server will: a port in TIME_WAIT is free, one with a listener is not.
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((host, port))
+    except socket.gaierror as e:
+        raise ConfigError("host", f"unknown host {host!r} ({e.strerror})") from None
+    except OSError as e:
+        raise _port_error(host, port, e) from None
+
+
 def serve(storage: str, host: str = "127.0.0.1", port: int = 8080) -> None:
     """Serve optuna-dashboard on ``storage`` (blocks until interrupted)."""
-    optuna_dashboard.run_server(storage, host=host, port=port)
+    try:
+        optuna_dashboard.run_server(storage, host=host, port=port)
+    except OSError as e:
+        raise _port_error(host, port, e) from None

@@ -5,10 +5,14 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import sqlite3
 from typing import Any, Iterable
 
 import optuna
 import sqlite_utils
+
+from dptune.errors import ConfigError
 
 BASE_COLUMNS = ("study", "number", "state", "value", "datetime_start", "datetime_complete", "duration_seconds")
 
@@ -46,7 +50,32 @@ def intermediate_rows(study: optuna.Study) -> list[dict[str, Any]]:
 
 
 def to_sqlite(studies: Iterable[optuna.Study], path: str) -> dict[str, int]:
-    """Upsert the studies' trials into ``path``: re-exporting updates rows, never duplicates them."""
+    """Upsert the studies' trials into ``path``: re-exporting updates rows, never duplicates them.
+
+    A file that cannot be written (missing or read-only folder, not a SQLite
+    database) is a :class:`ConfigError` naming ``--to``; a file this call
+    created is removed again if the export fails.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ConfigError("to", f"cannot write {path!r}: the folder {os.path.dirname(path) or '.'!r} does not exist")
+    if os.path.isdir(path):
+        raise ConfigError("to", f"{path!r} is a folder; name a SQLite file, e.g. {os.path.join(path, 'trials.db')}")
+    if not os.access(folder, os.W_OK):
+        raise ConfigError("to", f"cannot write {path!r}: the folder {os.path.dirname(path) or '.'!r} is read-only")
+    new = not os.path.exists(path)
+    try:
+        return _upsert(studies, path)
+    except (sqlite3.Error, OSError) as e:
+        if new:
+            for leftover in (path, path + "-journal"):
+                if os.path.exists(leftover):
+                    os.unlink(leftover)
+        reason = "not a SQLite database" if "not a database" in str(e) else str(e)
+        raise ConfigError("to", f"cannot write {path!r}: {reason}") from None
+
+
+def _upsert(studies: Iterable[optuna.Study], path: str) -> dict[str, int]:
     db = sqlite_utils.Database(path)
     counts = {"trials": 0, "intermediate_values": 0}
     for study in studies:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import html
 import json
 import math
+import os
+import tempfile
 from typing import Sequence
 
 import optuna
@@ -12,6 +14,7 @@ import plotly.graph_objects as go
 import plotly.offline
 
 from dptune import figures
+from dptune.errors import ConfigError
 from dptune.study import CONFIG_ATTR, coverage, summarize, trial_record
 
 TOP = 10
@@ -30,9 +33,10 @@ def _fmt(v: object) -> str:
 def _top_table(study: optuna.Study) -> str:
     trials = sorted((t for t in study.get_trials(deepcopy=False) if t.value is not None),
                     key=lambda t: t.value, reverse=True)[:TOP]
-    cols = ["number", "value", "test_accuracy", "epsilon_spent", "epsilon_target", "delta", "batch_size",
+    # A pruned trial's value is its accuracy when it was stopped, not a finished run's: the state says which.
+    cols = ["number", "state", "value", "test_accuracy", "epsilon_spent", "epsilon_target", "delta", "batch_size",
             "learning_rate", "clip_norm", "noise_multiplier", "steps", "epochs", "examples_per_second"]
-    head = "".join(f"<th>{c}</th>" for c in ["trial", "val acc"] + cols[2:])
+    head = "".join(f"<th>{c}</th>" for c in ["trial", "state", "val acc"] + cols[3:])
     body = []
     for t in trials:
         r = trial_record(t)
@@ -92,6 +96,24 @@ def render(studies: Sequence[optuna.Study]) -> str:
 
 
 def write(studies: Sequence[optuna.Study], path: str) -> str:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(render(studies))
+    """Write the report to ``path`` whole or not at all (a temporary file beside it, then renamed)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ConfigError("output", f"{path!r} is a folder; name an HTML file, e.g. {os.path.join(path, 'report.html')}")
+    if not os.path.isdir(folder):
+        # Before rendering, which takes a while and logs Optuna's warnings about the study.
+        raise ConfigError("output", f"cannot write {path!r}: the folder {os.path.dirname(path) or '.'!r} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise ConfigError("output", f"cannot write {path!r}: the folder {os.path.dirname(path) or '.'!r} is read-only")
+    text = render(studies)
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".report-", suffix=".html", dir=os.path.dirname(os.path.abspath(path)))
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+        raise ConfigError("output", f"cannot write {path!r}: {e.strerror or e}") from None
     return path
