@@ -25,11 +25,7 @@ RUNS = 2
 
 
 def test_training_on_two_host_devices_never_aborts():
-    # The short XLA timeouts only make a regression fail in seconds rather than 40 s; a healthy
-    # rendezvous waits milliseconds.
-    flags = ("--xla_force_host_platform_device_count=2 --xla_cpu_collective_call_warn_stuck_timeout_seconds=5 "
-             "--xla_cpu_collective_call_terminate_timeout_seconds=10")
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
     env.pop("JAX_NUM_CPU_DEVICES", None)
     proc = subprocess.run([sys.executable, str(HELPER), str(RUNS)], env=env, capture_output=True, text=True,
                           timeout=900)
