@@ -24,6 +24,7 @@ from dptune import checkpoint, compile_stats, dispatch, freezing, interrupt, pri
 from dptune.augment import Augmentation
 from dptune.data import Dataset, batches
 from dptune.dp_step import OPTIMIZERS, StepFunctions, TrainState, step_functions
+from dptune import feed as feeds
 from dptune.errors import ConfigError, PrivacyError
 from dptune.models import build_model, init_params
 from dptune.randomness import SecretSeed
@@ -110,6 +111,8 @@ class RunConfig:
     augmentation: Augmentation = Augmentation()
     save_checkpoint: str | None = None
     unsafe_ignore_checkpoint_provenance: bool = False
+    feed: str = "auto"
+    device_data_fraction: float = feeds.DEVICE_DATA_FRACTION
 
 
 @dataclass
@@ -149,6 +152,7 @@ class TrainResult:
     augmentation: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)
     prior_events: list[tuple[float, float, int]] = field(default_factory=list)
+    feed: str = "loop"
 
     @property
     def epsilon(self) -> float | None:
@@ -368,8 +372,11 @@ def train_and_evaluate(
     trainable = jax.device_put(freezing.trainable_mask(params, hparams.trainable), fns.replicated)
     state = fns.init_state(jax.device_put(params, fns.replicated))
     secret = config.secret or SecretSeed.resolve(config.private_seed)
-    rng = secret.sampler()
     augment = augmenter(config.augmentation, secret) if config.augmentation.active else None
+    feed_used = feeds.choose(config.feed, dataset.train, fns, augmenting=augment is not None,
+                            batch_size=hparams.batch_size, fraction=config.device_data_fraction)
+    feeder = (feeds.ResidentFeed(fns, dataset.train) if feed_used == "resident"
+              else feeds.StreamedFeed(fns, dataset.train, augment) if feed_used == "streamed" else None)
     noise_key = jax.device_put(secret.noise_key(), fns.replicated)
     eval_every = config.eval_every or max(1, round(1 / q))
     denominator = float(hparams.batch_size)
@@ -382,15 +389,20 @@ def train_and_evaluate(
     for t in range(allowed):
         interrupt.raise_if_pending()  # SIGINT/SIGTERM in a study stop here, between steps
         tick, compiled = time.perf_counter(), compile_stats.seconds()
-        indices = poisson_batch(rng, n, q)
+        indices = poisson_batch(secret.batch_sampler(t), n, q)
         # Throughput counts the expected batch (public); realised Poisson sizes are private.
         examples += hparams.batch_size if config.private else len(indices)
         if not config.private:
             # Non-private baselines may normalise by the realised batch size.
             denominator = float(max(1, len(indices)))
         lr = learning_rate_at(hparams, t, allowed)
-        state = train_step(fns, state, dataset, indices, noise_key, t, hparams, denominator,
-                           clip_norm, sigma, lr, config.private, augment=augment, trainable=trainable)
+        if feeder is None:
+            state = train_step(fns, state, dataset, indices, noise_key, t, hparams, denominator,
+                               clip_norm, sigma, lr, config.private, augment=augment, trainable=trainable)
+        else:
+            state = feeder.step(state, indices, config.private, (
+                noise_key, t, sigma, clip_norm, denominator, lr, hparams.momentum,
+                _ema_decay_at(hparams.ema_decay, t)), trainable)
         taken = t + 1
         if taken == 1:
             jax.block_until_ready(state.params)
@@ -468,4 +480,5 @@ def train_and_evaluate(
         init_checkpoint=config.init_checkpoint,
         augmentation=asdict(config.augmentation),
         prior_events=prior_events,
+        feed=feed_used,
     )
