@@ -104,6 +104,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="tiny shapes and few steps: checks the script runs")
     ap.add_argument("--json", help="also write the results as JSON to this file")
+    ap.add_argument("--compare-feeds", action="store_true",
+                    help="also run the DP loop with feed=loop (one dispatch per microbatch: the old path)")
+    ap.add_argument("--skip-pipeline", action="store_true")
     args = ap.parse_args()
     accel = jax.devices()[0].platform != "cpu"
     print(f"devices: {jax.devices()}  jax {jax.__version__}", flush=True)
@@ -125,12 +128,16 @@ def main() -> None:
         plain = loop_rate(ds, model, batch, mb, steps, False, feed)
         row = {"model": model, "shape": shape, "batch": batch, "microbatch": mb, "dp": dp, "plain": plain,
                "ratio": dp["examples_per_s"] / plain["examples_per_s"]}
+        if args.compare_feeds:
+            row["dp_loop"] = loop_rate(ds, model, batch, mb, steps, True, "loop")
+            print(f"  {model}: DP with feed=loop {row['dp_loop']['examples_per_s']:.0f} ex/s; "
+                  f"{dp['feed']} ÷ loop = {dp['examples_per_s'] / row['dp_loop']['examples_per_s']:.2f}", flush=True)
         results["workloads"].append(row)
         print(f"{model:<10} {'x'.join(map(str, shape)):<13} {batch:>6} {mb:>5} {dp['feed']:<9} "
               f"{dp['examples_per_s']:>9.0f} {plain['examples_per_s']:>10.0f} {row['ratio']:>8.2f} "
               f"{dp['peak_gib']:>8.2f} {dp['compile_s']:>9.1f}", flush=True)
     print(f"\n{'pipeline':<14} {'workers':>7} {'images/s':>9}", flush=True)
-    for kind, n, worker_counts in pipes:
+    for kind, n, worker_counts in ([] if args.skip_pipeline else pipes):
         with tempfile.TemporaryDirectory() as directory:
             write_images(directory, kind, n)
             for workers in worker_counts:
