@@ -48,7 +48,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from dptune import bookkeeping, xla_options
+from dptune import bookkeeping, multihost, xla_options
 from dptune.errors import ConfigError
 from dptune.freezing import apply_mask
 
@@ -373,7 +373,7 @@ class StepFunctions:
         return self._zeros(params)
 
     def shard_batch(self, *arrays: np.ndarray) -> tuple[jax.Array, ...]:
-        return tuple(jax.device_put(a, self.batch_sharding) for a in arrays)
+        return tuple(multihost.put(a, self.batch_sharding) for a in arrays)
 
 
 def step_functions(model: nn.Module, optimizer: str, microbatch_size: int,

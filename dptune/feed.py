@@ -30,7 +30,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from dptune import dispatch
+from dptune import dispatch, multihost
 from dptune.dp_step import StepFunctions, TrainState
 from dptune.errors import ConfigError
 
@@ -77,7 +77,7 @@ def choose(feed: str, split: Any, fns: StepFunctions, *, augmenting: bool, batch
 
 def _global(fns: StepFunctions, array: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
     # Works with one process and with several (each process fills its own devices' shards).
-    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+    return multihost.put(array, sharding)
 
 
 class ResidentFeed:

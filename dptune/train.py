@@ -22,7 +22,7 @@ import numpy as np
 
 from dptune import checkpoint, compile_stats, dispatch, freezing, interrupt, privacy, search_privacy
 from dptune.augment import Augmentation
-from dptune import pipeline
+from dptune import multihost, pipeline
 from dptune.data import Dataset, RecordSplit, batches
 from dptune.dp_step import OPTIMIZERS, StepFunctions, TrainState, step_functions
 from dptune import feed as feeds
@@ -292,14 +292,17 @@ def evaluate(fns: StepFunctions, params: Any, split: Any, batch_size: int) -> tu
             y = np.concatenate([y, np.zeros(pad, y.dtype)])
         mask = (np.arange(batch_size) < n).astype(np.float32)
         c, l = fns.evaluate(params, *fns.shard_batch(x, y, mask))
-        correct += float(c)
-        loss += float(l)
+        correct += float(multihost.fetch(c))
+        loss += float(multihost.fetch(l))
     return correct / len(split), loss / len(split)
 
 
 def _devices(config: RunConfig) -> tuple[jax.Device, ...]:
-    """``num_devices`` local devices; by default the most that evenly share a microbatch."""
-    local = jax.local_devices()
+    """``num_devices`` devices; by default the most that evenly share a microbatch.
+
+    With several processes (dptune.multihost) the devices are all processes' devices.
+    """
+    local = jax.devices() if jax.process_count() > 1 else jax.local_devices()
     if config.num_devices:
         return tuple(local[: config.num_devices])
     count = max(d for d in range(1, len(local) + 1) if config.microbatch_size % d == 0)
@@ -371,9 +374,10 @@ def train_and_evaluate(
     if config.init_checkpoint:
         params = checkpoint.fit(params, checkpoint.load(config.init_checkpoint), config.reinitialize)
     trainable_modules = freezing.trainable_modules(params, hparams.trainable)
-    trainable = jax.device_put(freezing.trainable_mask(params, hparams.trainable), fns.replicated)
-    state = fns.init_state(jax.device_put(params, fns.replicated))
-    secret = config.secret or SecretSeed.resolve(config.private_seed)
+    trainable = multihost.put(freezing.trainable_mask(params, hparams.trainable), fns.replicated)
+    state = fns.init_state(multihost.put(params, fns.replicated))
+    # With several processes (dptune.multihost) every one of them uses process 0's secret.
+    secret = multihost.shared_secret(config.secret or SecretSeed.resolve(config.private_seed))
     augment = augmenter(config.augmentation, secret) if config.augmentation.active else None
     feed_used = feeds.choose(config.feed, dataset.train, fns, augmenting=augment is not None,
                             batch_size=hparams.batch_size, fraction=config.device_data_fraction)
@@ -386,7 +390,7 @@ def train_and_evaluate(
     feeder = (feeds.ResidentFeed(fns, dataset.train) if feed_used == "resident"
               else feeds.StreamedFeed(fns, dataset.train, augment, batch_source) if feed_used == "streamed"
               else None)
-    noise_key = jax.device_put(secret.noise_key(), fns.replicated)
+    noise_key = multihost.put(secret.noise_key(), fns.replicated)
     eval_every = config.eval_every or max(1, round(1 / q))
     denominator = float(hparams.batch_size)
 
@@ -444,14 +448,14 @@ def train_and_evaluate(
     spent = None
     if config.private:
         spent = privacy.spend(q, sigma, taken, budget.delta, budget.accountant)
-    if config.save_checkpoint:
+    if config.save_checkpoint and jax.process_index() == 0:
         # The lineage says which datasets these parameters have seen and at what privacy,
         # so that continuing from them on the same data composes instead of resetting.
         lineage = checkpoint.lineage(config.init_checkpoint) + [{
             "dataset": dataset.name, "private": config.private,
             "events": [[q, sigma, taken]] if config.private else [],
         }]
-        checkpoint.save(config.save_checkpoint, jax.device_get(selected_params), {
+        checkpoint.save(config.save_checkpoint, multihost.fetch(selected_params), {
             "model": config.model, "weight_standardization": config.weight_standardization,
             "dataset": dataset.name, "image_shape": list(dataset.image_shape),
             "num_classes": dataset.num_classes, "private": config.private, "steps": taken,

@@ -1,0 +1,83 @@
+"""One trial across hosts: JAX's multi-process runtime, with one mechanism for the accountant.
+
+Every process runs the same training loop over a mesh of *all* processes'
+devices (``jax.devices()``). What keeps it one DP-SGD mechanism:
+
+* **One secret.** Process 0 draws the 256-bit secret (or takes the fixed one)
+  and :func:`shared_secret` sends it to the others, so every process derives
+  the same per-step Poisson batch and the same noise key.
+* **Each process reads its share.** Arrays are assembled with
+  ``jax.make_array_from_callback`` (:func:`put`): a process fills only the
+  shards of its own devices, so it gathers (or decodes) only its rows of
+  each microbatch.
+* **One sum, one noise draw.** The clipped sums of all devices of all
+  processes meet in one ``psum``; the noise is drawn inside the compiled step
+  from the one replicated key, identical on every device, after that sum.
+
+The secret crosses the network between processes through JAX's coordination
+service (``jax.distributed``), which is not encrypted: run the processes on a
+network you trust as you trust the data.
+
+Launch (one command per host; see README "Several hosts")::
+
+    dptune train ... --coordinator HOST0:PORT --num-processes N --process-id I
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+
+from dptune.randomness import SecretSeed
+
+
+def initialize(coordinator_address: str, num_processes: int, process_id: int) -> None:
+    """Join the multi-process runtime (CPU collectives via gloo, so it also runs on CPU-only hosts).
+
+    Raises:
+      ValueError: ``process_id`` outside ``[0, num_processes)``.
+    """
+    if not 0 <= process_id < num_processes:
+        raise ValueError(f"process_id: must be in [0, {num_processes}), got {process_id}")
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                               process_id=process_id)
+
+
+def put(tree: Any, sharding: jax.sharding.Sharding) -> Any:
+    """Host values (the same on every process) → global arrays with ``sharding``.
+
+    ``jax.device_put`` refuses shardings over other processes' devices; each
+    process here builds only its own devices' shards.
+    """
+    def one(leaf: Any) -> jax.Array:
+        if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            data = put(np.asarray(jax.random.key_data(leaf)), sharding)
+            return jax.jit(jax.random.wrap_key_data, out_shardings=sharding)(data)
+        host = np.asarray(leaf)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree_util.tree_map(one, tree)
+
+
+def fetch(tree: Any) -> Any:
+    """Host (NumPy) values of replicated arrays, read from this process's first shard of each."""
+    def one(leaf: Any) -> Any:
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            return np.asarray(leaf.addressable_shards[0].data)
+        return np.asarray(leaf)
+
+    return jax.tree_util.tree_map(one, tree)
+
+
+def shared_secret(secret: SecretSeed) -> SecretSeed:
+    """Process 0's secret on every process (itself where there is one process)."""
+    if jax.process_count() == 1:
+        return secret
+    from jax.experimental import multihost_utils
+
+    bits = np.frombuffer(secret.bits, np.uint8)
+    shared = multihost_utils.broadcast_one_to_all(bits)
+    return SecretSeed(bytes(np.asarray(shared, np.uint8)), fixed=secret.fixed)
