@@ -36,6 +36,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def _port(text: str) -> int:
     value = _positive_int(text)
     if value > 65535:
@@ -240,9 +250,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     import jax
     from rich.console import Console
 
-    from dptune import compile_stats, microbatch, privacy
+    from dptune import compile_stats, microbatch, multihost, privacy
     from dptune.data import load_dataset
     from dptune.augment import Augmentation
+
+    if getattr(args, "coordinator", None):
+        # Before any computation: every process must join the runtime first (dptune.multihost).
+        multihost.initialize(args.coordinator, args.num_processes, args.process_id)
     from dptune.train import Hyperparams, PrivacyBudget, RunConfig, train_and_evaluate
 
     console = Console(stderr=args.json)
@@ -290,7 +304,9 @@ def cmd_train(args: argparse.Namespace) -> int:
                        num_devices=args.devices, init_checkpoint=args.init_checkpoint,
                        reinitialize=tuple(args.reinitialize), save_checkpoint=args.save_checkpoint,
                        augmentation=Augmentation(args.augment_multiplicity, args.augment_shift, args.augment_flip),
-                       unsafe_ignore_checkpoint_provenance=args.unsafe_ignore_checkpoint_provenance)
+                       unsafe_ignore_checkpoint_provenance=args.unsafe_ignore_checkpoint_provenance,
+                       feed=args.feed, loader_workers=args.loader_workers,
+                       device_data_fraction=args.device_data_fraction)
 
     def progress(step: int, metrics: dict) -> None:
         console.print(f"step {step:5d}  epoch {metrics['epoch']:6.2f}  val_acc {metrics['val_accuracy']:.4f}  "
@@ -657,6 +673,16 @@ def _add_training_args(t: argparse.ArgumentParser) -> None:
                    help="per-example clipping path: bookkeeping (fast), vmap (reference), auto")
     t.add_argument("--eval-every", type=_positive_int)
     t.add_argument("--devices", type=_positive_int, help="number of local devices (default: all)")
+    t.add_argument("--feed", choices=("auto", "resident", "streamed", "loop"), default="auto",
+                   help="how batches reach the devices: data kept on the device, one transfer per step, "
+                        "or one per microbatch (default: auto)")
+    t.add_argument("--loader-workers", type=_nonnegative_int, default=2,
+                   help="processes decoding record datasets ahead of the step (0: on this thread)")
+    t.add_argument("--device-data-fraction", type=_float, default=0.25,
+                   help="keep the training split on the device when it fits in this share of its memory")
+    t.add_argument("--coordinator", help="HOST:PORT of process 0, to run one trial across processes/hosts")
+    t.add_argument("--num-processes", type=_positive_int, default=1)
+    t.add_argument("--process-id", type=_nonnegative_int, default=0)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--private-seed", type=int, help="fix sampling and noise (reproducible; keep it secret)")
     t.add_argument("--non-private", action="store_true", help="no clipping, no noise (a baseline)")

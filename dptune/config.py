@@ -240,6 +240,10 @@ class StudyConfig(_Strict):
     augmentation: AugmentationConfig = AugmentationConfig()
     microbatch_size: Union[int, Literal["auto"]] = 256
     clipping: Literal["auto", "bookkeeping", "vmap"] = "auto"
+    # How batches reach the devices (dptune.feed) and how many processes decode record datasets (dptune.pipeline).
+    feed: Literal["auto", "resident", "streamed", "loop"] = "auto"
+    loader_workers: int = Field(2, ge=0)
+    device_data_fraction: float = Field(0.25, gt=0, le=1)
     storage: str | None = None
     search_space: str = "dpsgd.yaml"
 

@@ -427,6 +427,7 @@ class Objective:
             secret=None if cfg.private_seed is None else SecretSeed.from_int(cfg.private_seed).child(
                 f"study {trial.study.study_name} trial {trial.number}"),
             unsafe_ignore_checkpoint_provenance=cfg.unsafe_ignore_checkpoint_provenance,
+            feed=cfg.feed, loader_workers=cfg.loader_workers, device_data_fraction=cfg.device_data_fraction,
         )
         if cfg.init_checkpoint:
             # The prior spend was read at create; a checkpoint replaced since would
