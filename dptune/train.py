@@ -110,6 +110,8 @@ class RunConfig:
     augmentation: Augmentation = Augmentation()
     save_checkpoint: str | None = None
     unsafe_ignore_checkpoint_provenance: bool = False
+    # Issue #18: a dptune.resume.Checkpointer — in-trial checkpoints, and resuming from the last one.
+    resume: Any = None
 
 
 @dataclass
@@ -369,17 +371,24 @@ def train_and_evaluate(
     state = fns.init_state(jax.device_put(params, fns.replicated))
     secret = config.secret or SecretSeed.resolve(config.private_seed)
     rng = secret.sampler()
+    # -- resume hook (issue #18, dptune/resume.py): state, secret, sampler and history of the last checkpoint.
+    start, point = 0, None
+    if config.resume is not None and (point := config.resume.latest()) is not None:
+        secret, rng = config.resume.resume_secret(point)
+        state = jax.device_put(point.state(jax.device_get(state)), fns.replicated)
+        start = point.step
+    # -- end of resume hook
     augment = augmenter(config.augmentation, secret) if config.augmentation.active else None
     noise_key = jax.device_put(secret.noise_key(), fns.replicated)
     eval_every = config.eval_every or max(1, round(1 / q))
     denominator = float(hparams.batch_size)
 
-    history: list[dict[str, float]] = []
-    examples = 0
+    history: list[dict[str, float]] = [] if point is None else list(point.history)
+    examples = 0 if point is None else point.examples
     train_seconds = 0.0
     stopped = False
-    taken = 0
-    for t in range(allowed):
+    taken = start
+    for t in range(start, allowed):
         interrupt.raise_if_pending()  # SIGINT/SIGTERM in a study stop here, between steps
         tick, compiled = time.perf_counter(), compile_stats.seconds()
         indices = poisson_batch(rng, n, q)
@@ -392,7 +401,9 @@ def train_and_evaluate(
         state = train_step(fns, state, dataset, indices, noise_key, t, hparams, denominator,
                            clip_norm, sigma, lr, config.private, augment=augment, trainable=trainable)
         taken = t + 1
-        if taken == 1:
+        if config.resume is not None:
+            config.resume.verify(taken, state.params)  # issue #18: a replay must match what was reported
+        if t == start:
             jax.block_until_ready(state.params)
             startup_seconds = time.perf_counter() - started
         if taken % eval_every == 0 or taken == allowed:
@@ -404,11 +415,17 @@ def train_and_evaluate(
                 metrics["ema_val_accuracy"], _ = evaluate(fns, state.ema_params, dataset.validation, eval_bs)
             metrics["best_val_accuracy"] = max(acc, metrics.get("ema_val_accuracy", 0.0))
             history.append(metrics)
+            if config.resume is not None:
+                config.resume.note(taken, state.params)  # issue #18: the digest of what this report reflects
             if callback is not None and callback(taken, dict(metrics)) and taken < allowed:
                 stopped = True
                 break
         else:
             train_seconds += _compute_seconds(tick, compiled)
+        if config.resume is not None and taken < allowed and config.resume.due(taken):
+            # issue #18: the accountant's inputs travel with the state they produced.
+            config.resume.save(taken, state, secret, rng, history, examples,
+                               {"sampling_rate": q, "noise_multiplier": sigma, "steps": taken})
 
     val_acc, val_loss = history[-1]["val_accuracy"], history[-1]["val_loss"]
     test_acc, _ = evaluate(fns, state.params, dataset.test, eval_bs)
