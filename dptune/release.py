@@ -46,7 +46,6 @@ import math
 import os
 import shutil
 import tempfile
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,7 +87,8 @@ def study_folder(storage_url: str, study_name: str, configured: str | None = Non
                 else os.path.join(os.path.expanduser("~"), ".local", "share", "dptune"))
         private_dir(base)
         folder = os.path.join(base, study_name)
-    return private_dir(folder)
+    # realpath: "journal:////abs" names "//abs", which os.path keeps and Optuna's store then refuses.
+    return private_dir(os.path.realpath(folder))
 
 
 def _folder_of(study: optuna.Study, storage_url: str) -> str:
@@ -217,13 +217,10 @@ def keep_best(study: optuna.Study, trial: FrozenTrial, storage_url: str) -> str 
     folder = _folder_of(study, storage_url)
     pending = os.path.join(folder, "pending", f"trial-{trial.number}.msgpack")
     uploaded = None
-    try:
-        if trial.state == TrialState.COMPLETE and os.path.exists(pending):
-            keep = _keep(study)
-            top = [t.number for t in _ranking(study)[:keep]]
-            if trial.number in top:
-                uploaded = _upload(study, trial, pending, storage_url)
-    finally:
+    if os.path.exists(pending):
+        if trial.state == TrialState.COMPLETE and trial.number in [t.number for t in _ranking(study)[:_keep(study)]]:
+            # A failure here leaves the pending file for sweep_pending to try again.
+            uploaded = _upload(study, trial, pending, storage_url)
         for path in (pending, pending + ".json"):
             if os.path.exists(path):
                 os.unlink(path)
@@ -238,14 +235,16 @@ def _upload(study: optuna.Study, trial: FrozenTrial, pending: str, storage_url: 
     meta = model_metadata(study, trial, checkpoint.metadata(pending))
     data = model_bytes(params, meta)
     name = "best-model.msgpack" if meta["private_search"] else f"best-model-trial-{trial.number}.msgpack"
-    staging = os.path.join(os.path.dirname(pending), f".{uuid.uuid4().hex}-{name}")
-    write_private(staging, data)
+    # Optuna names the artifact after the uploaded file: stage it under its final name, in a folder of its own.
+    staging_dir = tempfile.mkdtemp(prefix=".upload-", dir=os.path.dirname(pending))
+    staging = os.path.join(staging_dir, name)
     try:
+        write_private(staging, data)
         store = artifact_store(study, storage_url)
         artifact_id = optuna.artifacts.upload_artifact(artifact_store=store, file_path=staging, study_or_trial=study,
                                                        mimetype="application/x-msgpack")
     finally:
-        os.unlink(staging)
+        shutil.rmtree(staging_dir, ignore_errors=True)
     # FileSystemArtifactStore copies with the process umask: the model is as secret as the data.
     os.chmod(os.path.join(store._base_path, artifact_id), 0o600)
     entry = {"trial": trial.number, "value": trial.value, "filename": name,

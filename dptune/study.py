@@ -432,7 +432,9 @@ class Objective:
             eval_every=max(1, round(cfg.eval_every_epochs / plan.sampling_rate)),
             # In a private search every trial starts from the same public initialisation:
             # a seed that varied with the trial number would reveal the released trial's index.
-            seed=cfg.seed if self.private_search is not None else cfg.seed + trial.number,
+            # A retry keeps its first attempt's (public) initialisation: it resumes that run (dptune/resume.py).
+            seed=cfg.seed if self.private_search is not None else cfg.seed + int(trial.user_attrs.get(
+                "retry_of", trial.number)),
             # A fixed private seed gives each trial of each study its own stream (never seed + number,
             # which another study or a `dptune train --private-seed` would reuse).
             secret=None if cfg.private_seed is None else SecretSeed.from_int(cfg.private_seed).child(

@@ -242,6 +242,10 @@ def test_killed_worker_resumes_from_its_checkpoint_and_the_search_counts_its_ste
     assert retry.user_attrs["retry_of"] == 0
     assert retry.user_attrs["resumed_from"] == {"trial": 0, "step": 4, "randomness": "replayed"}
     assert retry.user_attrs["ran_steps"] == [4, 8]  # it resumed at the checkpointed step and finished
+    # Its parameters at the steps the dead attempt reported after the checkpoint are those, bit for bit
+    # (checked before it reported them; "replayed" above says the check passed): one run, not two.
+    assert {k: retry.user_attrs["replay_digests"][k] for k in ("5", "6")} == {
+        k: dead.user_attrs["replay_digests"][k] for k in ("5", "6")}
     assert retry.user_attrs["steps"] == 8
     # The curve is whole: the restored evaluations and the replayed ones are the dead attempt's outputs.
     assert len(retry.intermediate_values) == 8
@@ -261,11 +265,6 @@ def test_killed_worker_resumes_from_its_checkpoint_and_the_search_counts_its_ste
     twice = RdpAccountant().compose(event).compose(event).get_epsilon(delta)
     assert total < twice  # not the failed attempt's planned steps plus the retry's
 
-    # And the resumed model is the one an uninterrupted run would have given (same secret, same batches).
-    ref_storage = f"journal:///{tmp_path / 'ref.journal'}"
-    study.create_study(config.load_study(make_config(tmp_path, "kill", **extra)), ref_storage)
-    ref = study.optimize("kill", ref_storage, n_trials=1).trials[0]
-    assert ref.value == retry.value and ref.user_attrs["replay_digests"] == retry.user_attrs["replay_digests"]
 
 
 def test_search_total_counts_a_diverged_replay_apart():
@@ -293,6 +292,7 @@ def test_search_total_counts_a_diverged_replay_apart():
 
 # -- the dashboard shows and serves the best model ------------------------------------------------
 
+@pytest.mark.slow
 def test_dashboard_lists_and_serves_the_best_model(tmp_path):
     from tests.browser import chromium, screenshot, wait_for
     from tests.test_inspect import _free_port
@@ -301,6 +301,8 @@ def test_dashboard_lists_and_serves_the_best_model(tmp_path):
     study.create_study(config.load_study(make_config(tmp_path, "dash")), storage)
     s = study.optimize("dash", storage, n_trials=1)
     entry = release.best_models(s)[0]
+    # Optuna's own listing names the model as dptune does.
+    assert [m.filename for m in optuna.artifacts.get_all_artifact_meta(s)] == ["best-model-trial-0.msgpack"]
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "dptune.cli", "dashboard", "--study-name", "dash",
                              "--storage", storage, "--port", str(port)], env=dict(os.environ, JAX_PLATFORMS="cpu"),
@@ -324,8 +326,12 @@ def test_dashboard_lists_and_serves_the_best_model(tmp_path):
         try:
             driver.get(f"{url}/dashboard/studies/{s._study_id}")
             wait_for(driver, lambda d: entry["filename"] in d.page_source, what="the best model among the artifacts")
-            driver.execute_script("Array.from(document.querySelectorAll('*')).find(e => e.textContent === "
-                                  f"'{entry['filename']}')?.scrollIntoView({{block: 'center'}});")
+            from selenium.webdriver.common.by import By
+
+            shown = driver.find_element(By.XPATH, f"//*[contains(text(), '{entry['filename']}')]")
+            driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", shown)
+            time.sleep(1)  # the scroll and the card's image render asynchronously
+            assert shown.is_displayed()
             screenshot(driver, "dashboard_artifact.png")
         finally:
             driver.quit()
