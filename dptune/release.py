@@ -70,8 +70,8 @@ class ReleaseError(DptuneError):
 
 # -- where -----------------------------------------------------------------------------
 
-def study_folder(storage_url: str, study_name: str, configured: str | None = None) -> str:
-    """The study's private folder (created 0700): artifacts, pending models, checkpoints.
+def study_folder(storage_url: str, study_name: str, configured: str | None = None, *, create: bool = True) -> str:
+    """The study's private folder (created 0700 unless ``create`` is False): artifacts, pending models, checkpoints.
 
     ``configured`` (the study file's ``artifacts.path``) wins; otherwise beside
     the storage file (``<storage file>.dptune/<study>``), or, for database
@@ -85,15 +85,17 @@ def study_folder(storage_url: str, study_name: str, configured: str | None = Non
         path = storage_lib.file_of(storage_url)
         base = (path + ".dptune" if path is not None
                 else os.path.join(os.path.expanduser("~"), ".local", "share", "dptune"))
-        private_dir(base)
+        if create:
+            private_dir(base)
         folder = os.path.join(base, study_name)
     # realpath: "journal:////abs" names "//abs", which os.path keeps and Optuna's store then refuses.
-    return private_dir(os.path.realpath(folder))
+    folder = os.path.realpath(folder)
+    return private_dir(folder) if create else folder
 
 
-def _folder_of(study: optuna.Study, storage_url: str) -> str:
+def _folder_of(study: optuna.Study, storage_url: str, create: bool = True) -> str:
     cfg = study.user_attrs.get("dptune_config", {}).get("study", {})
-    return study_folder(storage_url, study.study_name, (cfg.get("artifacts") or {}).get("path"))
+    return study_folder(storage_url, study.study_name, (cfg.get("artifacts") or {}).get("path"), create=create)
 
 
 def artifact_store(study: optuna.Study, storage_url: str) -> optuna.artifacts.FileSystemArtifactStore:
@@ -275,8 +277,8 @@ def prune(study: optuna.Study, storage_url: str) -> list[str]:
 
 def sweep_pending(study: optuna.Study, storage_url: str) -> None:
     """Finish what a worker that died between its trial's end and :func:`keep_best` left pending."""
-    folder = os.path.join(_folder_of(study, storage_url), "pending")
-    if not os.path.isdir(folder):
+    folder = os.path.join(_folder_of(study, storage_url, create=False), "pending")
+    if not os.path.isdir(folder):  # nothing to do, and nothing is created (a read-only storage stays untouched)
         return
     for name in os.listdir(folder):
         if not (name.startswith("trial-") and name.endswith(".msgpack")):

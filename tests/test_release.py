@@ -338,3 +338,48 @@ def test_dashboard_lists_and_serves_the_best_model(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+@pytest.mark.parametrize("section,message", [({"artifacts": {"keep": 2}}, "artifacts.keep"),
+                                             ({"checkpoints": {"every_steps": 10}}, "checkpoints")])
+def test_private_search_keeps_one_model_and_takes_no_checkpoints(tmp_path, section, message):
+    base = yaml.safe_load(open(os.path.join(os.path.dirname(__file__), "..", "studies",
+                                            "mnist5k_private_eps8.yaml")))
+    base["search_space"] = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "search_spaces",
+                                                        base["search_space"]))
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({**base, **section}))
+    with pytest.raises(config.ConfigError, match=message):
+        config.load_study(str(path))
+
+
+def test_time_based_checkpoints_are_due_after_their_interval(tmp_path):
+    c = resume.Checkpointer(str(tmp_path / "c"), {}, every_seconds=3600.0)
+    assert c.active and not c.due(1)
+    c._last_save -= 3600.0
+    assert c.due(1)
+    off = resume.Checkpointer(str(tmp_path / "o"), {})
+    assert not off.active and not off.due(1000)
+
+
+def test_a_replay_that_differs_stops_before_it_reports_and_restarts_with_fresh_randomness(tmp_path):
+    data = load_dataset("digits", seed=0)
+    folder = str(tmp_path / "ck")
+    _run(data, resume.Checkpointer(folder, {"run": "x"}, every_steps=2))
+    seen = []
+
+    def callback(step, metrics):
+        seen.append(step)
+
+    hp = Hyperparams(batch_size=300, learning_rate=2.0, noise_multiplier=2.0)
+    c = resume.Checkpointer(folder, {"run": "x"}, every_steps=1000, expected_digests={5: "0" * 64})
+    cfg = RunConfig(microbatch_size=128, secret=SecretSeed.from_int(7), resume=c, eval_every=1)
+    with pytest.raises(resume.ReplayDiverged):
+        train_and_evaluate(data, hp, 6, config=cfg, budget=PrivacyBudget(8.0, 1e-5), callback=callback)
+    assert seen == []  # step 5 was checked before its evaluation was reported: nothing of the replay got out
+    replayed = _run(data, resume.Checkpointer(folder, {"run": "x"}, every_steps=1000))
+    c.fresh_randomness = "test"
+    c._latest = False
+    fresh = train_and_evaluate(data, hp, 6, config=cfg, budget=PrivacyBudget(8.0, 1e-5))
+    assert fresh.history[:4] == replayed.history[:4]  # restored
+    assert fresh.history[4:] != replayed.history[4:]  # new batches and noise from the checkpoint on
