@@ -70,6 +70,10 @@ class ArraySplit:
     def take(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return normalize(self.images[positions]), self.labels[positions]
 
+    def take_raw(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 images and labels (normalised later, e.g. on the device)."""
+        return self.images[positions], self.labels[positions]
+
 
 class RecordSplit:
     """A split read record by record from a random-access source (TFDS)."""
@@ -83,12 +87,17 @@ class RecordSplit:
         return len(self.indices)
 
     def take(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        images, labels = self.take_raw(positions)
+        return normalize(images), labels
+
+    def take_raw(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 images and labels of ``positions``, decoded on this thread (see dptune.pipeline for workers)."""
         pairs = [self.decode(self.source[int(i)]) for i in self.indices[positions]]
         if not pairs:
             raise DataError("take: no positions requested")
         images = np.stack([p[0] for p in pairs])
         labels = np.asarray([p[1] for p in pairs], dtype=np.int32)
-        return normalize(images), labels
+        return images, labels
 
 
 @dataclass

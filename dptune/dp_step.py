@@ -140,6 +140,13 @@ def make_optimizer(name: str) -> optax.GradientTransformation:
     raise ConfigError("optimizer", f"unknown {name!r}; allowed: {', '.join(OPTIMIZERS)}")
 
 
+def _normalized(images: jax.Array) -> jax.Array:
+    """uint8 pixels → [-1, 1] on the device, as :func:`dptune.data.normalize` does on the host."""
+    if images.dtype == jnp.uint8:
+        return images.astype(jnp.float32) / 127.5 - 1.0
+    return images
+
+
 class TrainState(NamedTuple):
     params: PyTree
     opt_state: PyTree
@@ -185,6 +192,9 @@ class StepFunctions:
         self.accumulate = jit(self._accumulate)
         self.accumulate_nonprivate = jit(self._accumulate_nonprivate)
         self.apply = jit(self._apply)
+        # One dispatch per logical batch (dptune.feed); ``private`` picks clipped or plain sums.
+        self.step_resident = jit(self._step_resident, static_argnums=0)
+        self.step_streamed = jit(self._step_streamed, static_argnums=0)
         self.evaluate = jit(self._evaluate)
         self.init_state = jit(self._init_state)
         self._zeros = jit(functools.partial(jax.tree_util.tree_map, jnp.zeros_like))
@@ -196,7 +206,8 @@ class StepFunctions:
         return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, jnp.full(x.shape[0], y)))
 
     def _local_clipped_sum(self, params: PyTree, x: jax.Array, y: jax.Array,
-                           mask: jax.Array, clip_norm: jax.Array, trainable: PyTree | None) -> PyTree:
+                           mask: jax.Array, clip_norm: jax.Array, trainable: PyTree | None,
+                           reduce: bool = True) -> PyTree:
         # Inside shard_map the replicated params are device-invariant, and the
         # gradient with respect to an invariant value is psum-ed over devices:
         # each "per-example" gradient would then be a sum of one example from
@@ -214,7 +225,7 @@ class StepFunctions:
             copies = x.reshape(y.shape[0], -1, *x.shape[1:])
             per_example = jax.vmap(jax.grad(self._example_loss), in_axes=(None, 0, 0))(params, copies, y)
             local = clipped_sum(apply_mask(per_example, trainable), mask, clip_norm)
-        return jax.lax.psum(local, "data")
+        return jax.lax.psum(local, "data") if reduce else local
 
     def _accumulate(self, params: PyTree, acc: PyTree, x: jax.Array, y: jax.Array,
                     mask: jax.Array, clip_norm: jax.Array, trainable: PyTree | None = None) -> PyTree:
@@ -243,6 +254,87 @@ class StepFunctions:
             return jnp.sum(losses.reshape(-1, k).mean(axis=1) * mask)
 
         return jax.tree_util.tree_map(jnp.add, acc, apply_mask(jax.grad(summed_loss)(params), trainable))
+
+    def _local_plain_sum(self, params: PyTree, x: jax.Array, y: jax.Array, mask: jax.Array,
+                         trainable: PyTree | None) -> PyTree:
+        """This device's plain summed gradient (non-private baselines), before the cross-device sum."""
+        params = jax.lax.pcast(params, "data", to="varying")
+        k = x.shape[0] // y.shape[0]
+
+        def summed_loss(p: PyTree) -> jax.Array:
+            logits = self.model.apply({"params": p}, x)
+            losses = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.repeat(y, k))
+            return jnp.sum(losses.reshape(-1, k).mean(axis=1) * mask)
+
+        return apply_mask(jax.grad(summed_loss)(params), trainable)
+
+    def _logical_batch_sum(self, private: bool, params: PyTree, fetch: Any, n_chunks: jax.Array,
+                           clip_norm: jax.Array, trainable: PyTree | None) -> PyTree:
+        """Inside shard_map: Σ over this device's share of ``n_chunks`` microbatches, then one psum.
+
+        The loop's trip count is traced, so every realised Poisson batch size
+        runs the same executable; microbatches beyond ``n_chunks`` (padding of
+        the fixed-shape index array) are never computed. Summing locally and
+        reducing once moves one gradient across devices per step instead of
+        one per microbatch; the sum is the same (up to float reassociation).
+        """
+        def body(i: jax.Array, acc: PyTree) -> PyTree:
+            x, y, m = fetch(i)
+            if private:
+                part = self._local_clipped_sum(params, x, y, m, clip_norm, trainable, reduce=False)
+            else:
+                part = self._local_plain_sum(params, x, y, m, trainable)
+            return jax.tree_util.tree_map(jnp.add, acc, part)
+
+        zeros = jax.lax.pcast(jax.tree_util.tree_map(jnp.zeros_like, params), "data", to="varying")
+        return jax.lax.psum(jax.lax.fori_loop(0, n_chunks, body, zeros), "data")
+
+    def _step_resident(self, private: bool, state: TrainState, images: jax.Array, labels: jax.Array,
+                       index: jax.Array, mask: jax.Array, n_chunks: jax.Array, key: jax.Array, step: jax.Array,
+                       noise_multiplier: jax.Array, clip_norm: jax.Array, denominator: jax.Array,
+                       learning_rate: jax.Array, momentum: jax.Array, ema_decay: jax.Array,
+                       trainable: PyTree | None = None) -> TrainState:
+        """One whole logical batch in one call, gathering its examples from device-resident data.
+
+        ``images`` (uint8, [N, ...]) and ``labels`` stay on every device;
+        ``index``/``mask`` ([capacity, microbatch]) hold the padded Poisson batch,
+        sharded over devices along the microbatch axis exactly as the host loop
+        shards each microbatch, so each device clips the same examples.
+        """
+        self.traces["step_resident"] += 1
+
+        def local(params: PyTree, images: jax.Array, labels: jax.Array, index: jax.Array, mask: jax.Array,
+                  n_chunks: jax.Array, clip_norm: jax.Array, trainable: PyTree | None) -> PyTree:
+            def fetch(i: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+                rows = index[i]
+                return _normalized(jnp.take(images, rows, axis=0)), jnp.take(labels, rows, axis=0), mask[i]
+            return self._logical_batch_sum(private, params, fetch, n_chunks, clip_norm, trainable)
+
+        rep, rows = PartitionSpec(), PartitionSpec(None, "data")
+        grad_sum = jax.shard_map(local, mesh=self.mesh, in_specs=(rep, rep, rep, rows, rows, rep, rep, rep),
+                                 out_specs=rep)(state.params, images, labels, index, mask, n_chunks, clip_norm,
+                                                trainable)
+        return self._apply(state, grad_sum, key, step, noise_multiplier, clip_norm, denominator,
+                           learning_rate, momentum, ema_decay, trainable)
+
+    def _step_streamed(self, private: bool, state: TrainState, xs: jax.Array, ys: jax.Array, mask: jax.Array,
+                       n_chunks: jax.Array, key: jax.Array, step: jax.Array, noise_multiplier: jax.Array,
+                       clip_norm: jax.Array, denominator: jax.Array, learning_rate: jax.Array,
+                       momentum: jax.Array, ema_decay: jax.Array, trainable: PyTree | None = None) -> TrainState:
+        """One whole logical batch in one call from host-prepared microbatches ``xs`` [capacity, microbatch·k, ...]."""
+        self.traces["step_streamed"] += 1
+
+        def local(params: PyTree, xs: jax.Array, ys: jax.Array, mask: jax.Array, n_chunks: jax.Array,
+                  clip_norm: jax.Array, trainable: PyTree | None) -> PyTree:
+            def fetch(i: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+                return _normalized(xs[i]), ys[i], mask[i]
+            return self._logical_batch_sum(private, params, fetch, n_chunks, clip_norm, trainable)
+
+        rep, rows = PartitionSpec(), PartitionSpec(None, "data")
+        grad_sum = jax.shard_map(local, mesh=self.mesh, in_specs=(rep, rows, rows, rows, rep, rep, rep),
+                                 out_specs=rep)(state.params, xs, ys, mask, n_chunks, clip_norm, trainable)
+        return self._apply(state, grad_sum, key, step, noise_multiplier, clip_norm, denominator,
+                           learning_rate, momentum, ema_decay, trainable)
 
     def _apply(self, state: TrainState, grad_sum: PyTree, key: jax.Array, step: jax.Array,
                noise_multiplier: jax.Array, clip_norm: jax.Array, denominator: jax.Array,

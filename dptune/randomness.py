@@ -109,6 +109,19 @@ class SecretSeed:
         """The generator that draws Poisson batches (128-bit seed)."""
         return np.random.default_rng(int.from_bytes(self._stream(b"sampling")[:16], "big"))
 
+    def batch_sampler(self, step: int) -> np.random.Generator:
+        """The generator that draws step ``step``'s Poisson batch (128-bit seed, independent per step).
+
+        One stream per step, rather than one sequential stream, makes any
+        step's batch computable on its own: a loader's worker can prepare step t
+        without the draws of steps < t, and a resumed run replays exactly the
+        batches of the steps it repeats.
+        """
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        label = b"sampling/step/" + str(int(step)).encode()
+        return np.random.default_rng(int.from_bytes(self._stream(label)[:16], "big"))
+
     def noise_key(self) -> Any:
         """A JAX key for the Gaussian noise whose whole key data comes from the secret."""
         import jax

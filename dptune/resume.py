@@ -4,16 +4,17 @@ What a checkpoint holds (one file, ``step-<T>.ckpt``):
 
 * the training state (parameters, optimizer state, EMA parameters) after T steps;
 * the step count T and the accountant's inputs (q, σ, T);
-* the run's secret (:class:`dptune.randomness.SecretSeed`, 256 bits) and the
-  Poisson sampler's generator state after T draws: what a resumed run needs to
-  draw the very batches and noise the original run would have drawn next (the
-  noise key is folded with the step number in the DP step, the augmentation is
-  keyed by step, so both follow from the secret alone);
+* the run's secret (:class:`dptune.randomness.SecretSeed`, 256 bits): what a
+  resumed run needs to draw the very batches and noise the original run would
+  have drawn next. Each step's Poisson batch comes from its own stream
+  (``SecretSeed.batch_sampler(step)``), the noise key is folded with the step
+  number in the DP step and the augmentation is keyed by step, so all three
+  follow from the secret and the step alone;
 * the evaluations so far (the history) and what identifies the run
   (hyperparameters, planned steps, model, data split): a checkpoint of another
   configuration is never resumed.
 
-**Secrecy.** The secret and the sampler state decide which examples were used
+**Secrecy.** The secret decides which examples were used
 and what noise was added: whoever holds them can subtract the noise from the
 released model. A checkpoint is therefore as secret as the data. Checkpoints
 live in a folder created with mode 0700, each file written with mode 0600
@@ -163,17 +164,10 @@ class ResumePoint:
     step: int
     state_bytes: bytes
     secret: SecretSeed
-    sampler_state: dict[str, Any]
     history: list[dict[str, float]]
     examples: int
     path: str
     header: dict[str, Any] = field(repr=False, default_factory=dict)
-
-    def sampler(self) -> np.random.Generator:
-        """The Poisson sampler exactly as it was after ``step`` draws."""
-        rng = np.random.Generator(np.random.PCG64())
-        rng.bit_generator.state = self.sampler_state
-        return rng
 
     def state(self, template: Any) -> Any:
         """The saved training state, shaped like ``template`` (a fresh ``TrainState``), as numpy arrays."""
@@ -244,17 +238,16 @@ class Checkpointer:
                 continue
             secret = SecretSeed(bytes.fromhex(header["secret"]), fixed=bool(header["secret_fixed"]))
             self._latest = ResumePoint(step=int(header["step"]), state_bytes=payload, secret=secret,
-                                       sampler_state=header["sampler_state"], history=header["history"],
+                                       history=header["history"],
                                        examples=int(header["examples"]), path=path, header=header)
             break
         return self._latest  # type: ignore[return-value]
 
-    def resume_secret(self, point: ResumePoint) -> tuple[SecretSeed, np.random.Generator]:
-        """The secret and sampler to continue with: the saved ones, or fresh ones after a divergence."""
+    def resume_secret(self, point: ResumePoint) -> SecretSeed:
+        """The secret to continue with: the saved one, or a fresh one derived from it after a divergence."""
         if self.fresh_randomness is None:
-            return point.secret, point.sampler()
-        fresh = point.secret.child(f"resume after step {point.step}: {self.fresh_randomness}")
-        return fresh, fresh.sampler()
+            return point.secret
+        return point.secret.child(f"resume after step {point.step}: {self.fresh_randomness}")
 
     def due(self, step: int) -> bool:
         """Whether a checkpoint should be written after ``step`` steps."""
@@ -273,8 +266,8 @@ class Checkpointer:
         if self.active:
             self.last_digest = (int(step), params_digest(params))
 
-    def save(self, step: int, state: Any, secret: SecretSeed, sampler: np.random.Generator,
-             history: list[dict[str, float]], examples: int, accountant: dict[str, Any]) -> str:
+    def save(self, step: int, state: Any, secret: SecretSeed, history: list[dict[str, float]], examples: int,
+             accountant: dict[str, Any]) -> str:
         """Write the checkpoint after ``step`` steps (atomically, 0600) and drop all but the newest ``KEEP``."""
         import jax
         from flax import serialization
@@ -284,7 +277,7 @@ class Checkpointer:
         header = {
             "step": int(step), "identity": self.identity, "accountant": accountant,
             "secret": secret.bits.hex(), "secret_fixed": secret.fixed,
-            "sampler_state": sampler.bit_generator.state, "history": history, "examples": int(examples),
+            "history": history, "examples": int(examples),
             "params_digest": params_digest(state.params), "written": time.time(), "trial": self.writer,
         }
         path = os.path.join(self.directory, f"step-{step:09d}.ckpt")

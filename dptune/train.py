@@ -24,6 +24,7 @@ from dptune import checkpoint, compile_stats, dispatch, freezing, interrupt, pri
 from dptune.augment import Augmentation
 from dptune.data import Dataset, batches
 from dptune.dp_step import OPTIMIZERS, StepFunctions, TrainState, step_functions
+from dptune import feed as feeds
 from dptune.errors import ConfigError, PrivacyError
 from dptune.models import build_model, init_params
 from dptune.randomness import SecretSeed
@@ -110,6 +111,8 @@ class RunConfig:
     augmentation: Augmentation = Augmentation()
     save_checkpoint: str | None = None
     unsafe_ignore_checkpoint_provenance: bool = False
+    feed: str = "auto"
+    device_data_fraction: float = feeds.DEVICE_DATA_FRACTION
     # Issue #18: a dptune.resume.Checkpointer — in-trial checkpoints, and resuming from the last one.
     resume: Any = None
 
@@ -151,6 +154,7 @@ class TrainResult:
     augmentation: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)
     prior_events: list[tuple[float, float, int]] = field(default_factory=list)
+    feed: str = "loop"
 
     @property
     def epsilon(self) -> float | None:
@@ -370,15 +374,18 @@ def train_and_evaluate(
     trainable = jax.device_put(freezing.trainable_mask(params, hparams.trainable), fns.replicated)
     state = fns.init_state(jax.device_put(params, fns.replicated))
     secret = config.secret or SecretSeed.resolve(config.private_seed)
-    rng = secret.sampler()
-    # -- resume hook (issue #18, dptune/resume.py): state, secret, sampler and history of the last checkpoint.
+    # -- resume hook (issue #18, dptune/resume.py): state, secret and history of the last checkpoint.
     start, point = 0, None
     if config.resume is not None and (point := config.resume.latest()) is not None:
-        secret, rng = config.resume.resume_secret(point)
+        secret = config.resume.resume_secret(point)
         state = jax.device_put(point.state(jax.device_get(state)), fns.replicated)
         start = point.step
     # -- end of resume hook
     augment = augmenter(config.augmentation, secret) if config.augmentation.active else None
+    feed_used = feeds.choose(config.feed, dataset.train, fns, augmenting=augment is not None,
+                            batch_size=hparams.batch_size, fraction=config.device_data_fraction)
+    feeder = (feeds.ResidentFeed(fns, dataset.train) if feed_used == "resident"
+              else feeds.StreamedFeed(fns, dataset.train, augment) if feed_used == "streamed" else None)
     noise_key = jax.device_put(secret.noise_key(), fns.replicated)
     eval_every = config.eval_every or max(1, round(1 / q))
     denominator = float(hparams.batch_size)
@@ -391,15 +398,20 @@ def train_and_evaluate(
     for t in range(start, allowed):
         interrupt.raise_if_pending()  # SIGINT/SIGTERM in a study stop here, between steps
         tick, compiled = time.perf_counter(), compile_stats.seconds()
-        indices = poisson_batch(rng, n, q)
+        indices = poisson_batch(secret.batch_sampler(t), n, q)
         # Throughput counts the expected batch (public); realised Poisson sizes are private.
         examples += hparams.batch_size if config.private else len(indices)
         if not config.private:
             # Non-private baselines may normalise by the realised batch size.
             denominator = float(max(1, len(indices)))
         lr = learning_rate_at(hparams, t, allowed)
-        state = train_step(fns, state, dataset, indices, noise_key, t, hparams, denominator,
-                           clip_norm, sigma, lr, config.private, augment=augment, trainable=trainable)
+        if feeder is None:
+            state = train_step(fns, state, dataset, indices, noise_key, t, hparams, denominator,
+                               clip_norm, sigma, lr, config.private, augment=augment, trainable=trainable)
+        else:
+            state = feeder.step(state, indices, config.private, (
+                noise_key, t, sigma, clip_norm, denominator, lr, hparams.momentum,
+                _ema_decay_at(hparams.ema_decay, t)), trainable)
         taken = t + 1
         if config.resume is not None:
             config.resume.verify(taken, state.params)  # issue #18: a replay must match what was reported
@@ -424,7 +436,7 @@ def train_and_evaluate(
             train_seconds += _compute_seconds(tick, compiled)
         if config.resume is not None and taken < allowed and config.resume.due(taken):
             # issue #18: the accountant's inputs travel with the state they produced.
-            config.resume.save(taken, state, secret, rng, history, examples,
+            config.resume.save(taken, state, secret, history, examples,
                                {"sampling_rate": q, "noise_multiplier": sigma, "steps": taken})
 
     val_acc, val_loss = history[-1]["val_accuracy"], history[-1]["val_loss"]
@@ -485,4 +497,5 @@ def train_and_evaluate(
         init_checkpoint=config.init_checkpoint,
         augmentation=asdict(config.augmentation),
         prior_events=prior_events,
+        feed=feed_used,
     )
