@@ -153,6 +153,7 @@ def _run(data, ckpt, steps=6):
     return train_and_evaluate(data, hp, steps, config=cfg, budget=PrivacyBudget(8.0, 1e-5))
 
 
+@pytest.mark.slow
 def test_truncated_checkpoint_is_ignored_with_a_warning_and_the_previous_one_resumed(tmp_path):
     data = load_dataset("digits", seed=0)
     identity = {"run": "x"}
@@ -362,6 +363,7 @@ def test_time_based_checkpoints_are_due_after_their_interval(tmp_path):
     assert not off.active and not off.due(1000)
 
 
+@pytest.mark.slow
 def test_a_replay_that_differs_stops_before_it_reports_and_restarts_with_fresh_randomness(tmp_path):
     data = load_dataset("digits", seed=0)
     folder = str(tmp_path / "ck")
