@@ -327,6 +327,22 @@ def load(study_name: str, storage: str | None = None, *, heartbeat: bool = False
 
 # -- trials ---------------------------------------------------------------------
 
+RESUME_ATTRS = ("resumed_from", "replay_digests", "progress_steps", "checkpoint_step", "ran_steps")
+
+
+def attempt_origin(trial: optuna.Trial | FrozenTrial) -> int:
+    """The number of a trial's first attempt: its own, or that of the trial it retries.
+
+    dptune's reaper marks a retry with the user attribute ``retry_of``; Optuna's
+    heartbeat retry with the system attribute ``failed_trial``.
+    """
+    system = (trial.system_attrs if isinstance(trial, FrozenTrial)
+              else trial.storage.get_trial_system_attrs(trial._trial_id))
+    if system.get("failed_trial") is not None:
+        return int(system["failed_trial"])
+    return int(trial.user_attrs.get("retry_of", trial.number))
+
+
 class Objective:
     """The per-trial function handed to ``study.optimize``."""
 
@@ -379,6 +395,9 @@ class Objective:
         trial.set_user_attr("touched_data", False)
         if trial.user_attrs.get("filter_admitted") is not None:
             trial.set_user_attr("filter_admitted", None)
+        for key in RESUME_ATTRS:  # a heartbeat retry inherits its parent's; this attempt has done nothing yet
+            if trial.user_attrs.get(key) is not None:
+                trial.set_user_attr(key, None)
         if self.private_search is not None and trial.number >= self.private_search["n_trials"]:
             # K is enforced in the storage, not per process: Optuna numbers trials
             # atomically there, so however many workers or machines share the
@@ -433,8 +452,7 @@ class Objective:
             # In a private search every trial starts from the same public initialisation:
             # a seed that varied with the trial number would reveal the released trial's index.
             # A retry keeps its first attempt's (public) initialisation: it resumes that run (dptune/resume.py).
-            seed=cfg.seed if self.private_search is not None else cfg.seed + int(trial.user_attrs.get(
-                "retry_of", trial.number)),
+            seed=cfg.seed if self.private_search is not None else cfg.seed + attempt_origin(trial),
             # A fixed private seed gives each trial of each study its own stream (never seed + number,
             # which another study or a `dptune train --private-seed` would reuse).
             secret=None if cfg.private_seed is None else SecretSeed.from_int(cfg.private_seed).child(
@@ -533,7 +551,7 @@ class Objective:
         ck = self.resolved.study.checkpoints
         if not ck.active or self.private_search is not None:
             return None
-        origin = int(trial.user_attrs.get("retry_of", trial.number))
+        origin = attempt_origin(trial)
         identity = {"hparams": dataclasses.asdict(plan.hparams), "steps": plan.steps, "q": plan.sampling_rate,
                     "model": config.model, "weight_standardization": config.weight_standardization,
                     "microbatch_size": config.microbatch_size, "clipping": config.clipping,
@@ -548,7 +566,7 @@ class Objective:
             # What earlier attempts released after the checkpoint must be what the replay computes.
             writer = point.header.get("trial")
             for t in sorted(trial.study.get_trials(deepcopy=False), key=lambda t: t.number):
-                if (t.number != trial.number and int(t.user_attrs.get("retry_of", t.number)) == origin
+                if (t.number != trial.number and attempt_origin(t) == origin
                         and (writer is None or t.number >= int(writer))):
                     for k, v in (t.user_attrs.get("replay_digests") or {}).items():
                         if int(k) > point.step:

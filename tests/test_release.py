@@ -385,3 +385,25 @@ def test_a_replay_that_differs_stops_before_it_reports_and_restarts_with_fresh_r
     fresh = train_and_evaluate(data, hp, 6, config=cfg, budget=PrivacyBudget(8.0, 1e-5))
     assert fresh.history[:4] == replayed.history[:4]  # restored
     assert fresh.history[4:] != replayed.history[4:]  # new batches and noise from the checkpoint on
+
+
+@pytest.mark.slow
+def test_a_heartbeat_retry_forgets_its_parents_resume_record_and_counts_apart(tmp_path):
+    """Optuna's heartbeat retry copies the dead trial's user attributes: none of the resume record may carry over."""
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+    storage = f"sqlite:///{tmp_path / 'h.db'}"
+    study.create_study(config.load_study(make_config(tmp_path, "hb", checkpoints={"every_steps": 2})), storage)
+    s = optuna.load_study(study_name="hb", storage=storage)
+    dead = s.ask({"effective_learning_rate": optuna.distributions.FloatDistribution(0.01, 6.0)})
+    for k, v in {"sampling_rate": 300 / 1258, "noise_multiplier": 2.0, "planned_steps": 6, "touched_data": True,
+                 "resumed_from": {"trial": 99, "step": 4, "randomness": "replayed"}, "progress_steps": 5}.items():
+        dead.set_user_attr(k, v)
+    s._storage.set_trial_state_values(dead._trial_id, TrialState.FAIL)
+    RetryHeartbeatStaleTrialCallback(max_retry=2)(s, s.get_trials()[0])
+    s = study.optimize("hb", storage, n_trials=1)
+    retry = s.trials[1]
+    assert retry.state == TrialState.COMPLETE and study.attempt_origin(retry) == 0
+    assert retry.user_attrs["resumed_from"] is None and retry.user_attrs["ran_steps"] == [0, 6]
+    # No checkpoint of trial 0 existed: a fresh run, so the dead attempt counts apart, at its planned steps.
+    assert study.resumed_spends(s.trials, s.trials) == [(300 / 1258, 2.0, 6), (300 / 1258, 2.0, 6)]
