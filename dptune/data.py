@@ -22,6 +22,7 @@ private training data (those would leak outside the privacy accounting).
 from __future__ import annotations
 
 import gzip
+import json
 import importlib.util
 import os
 from dataclasses import asdict, dataclass
@@ -34,6 +35,7 @@ from dptune.errors import DataError
 BUILTIN: tuple[str, ...] = ("mnist5k", "digits")
 DEFAULT_DATASET = "mnist5k"
 TFDS_PREFIX = "tfds:"
+ARRAYRECORD_PREFIX = "arrayrecord:"
 
 
 class _ExampleSource(Protocol):
@@ -92,7 +94,9 @@ class RecordSplit:
 
     def take_raw(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """uint8 images and labels of ``positions``, decoded on this thread (see dptune.pipeline for workers)."""
-        pairs = [self.decode(self.source[int(i)]) for i in self.indices[positions]]
+        from dptune.pipeline import read_records
+
+        pairs = [self.decode(r) for r in read_records(self.source, self.indices[positions])]
         if not pairs:
             raise DataError("take: no positions requested")
         images = np.stack([p[0] for p in pairs])
@@ -120,7 +124,7 @@ def normalize(images: np.ndarray) -> np.ndarray:
 
 def available() -> list[str]:
     """Names accepted by :func:`load_dataset` (TFDS names take the ``tfds:`` prefix)."""
-    return list(BUILTIN) + [TFDS_PREFIX + "<name>"]
+    return list(BUILTIN) + [TFDS_PREFIX + "<name>", ARRAYRECORD_PREFIX + "<dir>"]
 
 
 def _mnist5k() -> tuple[np.ndarray, np.ndarray]:
@@ -195,22 +199,24 @@ def resize_center_crop(image: np.ndarray, size: int) -> np.ndarray:
     return out[..., None] if squeeze else out
 
 
-def _tfds_decoder(name: str, image_shape: tuple[int, ...], image_size: int | None
-                  ) -> Callable[[dict], tuple[np.ndarray, int]]:
-    def decode(record: dict) -> tuple[np.ndarray, int]:
+class _TfdsDecoder:
+    """Record → (uint8 image, label); a class so that loader worker processes can receive it."""
+
+    def __init__(self, name: str, image_shape: tuple[int, ...], image_size: int | None):
+        self.name, self.image_shape, self.image_size = name, tuple(image_shape), image_size
+
+    def __call__(self, record: dict) -> tuple[np.ndarray, int]:
         image = np.asarray(record["image"])
         if image.ndim == 2:
             image = image[..., None]
-        if image_size is not None:
-            image = resize_center_crop(image, image_size)
-        if tuple(image.shape) != tuple(image_shape):
+        if self.image_size is not None:
+            image = resize_center_crop(image, self.image_size)
+        if tuple(image.shape) != self.image_shape:
             raise DataError(
-                f"dataset {name!r}: image of shape {tuple(image.shape)}, expected {tuple(image_shape)}; "
+                f"dataset {self.name!r}: image of shape {tuple(image.shape)}, expected {self.image_shape}; "
                 "datasets of variable image size must be resized when prepared"
             )
         return image, int(record["label"])
-
-    return decode
 
 
 def _load_tfds(
@@ -256,7 +262,7 @@ def _load_tfds(
     n = len(train_src)
     n_train, n_val, _ = _split_sizes(n, validation_fraction, 0.0)
     perm = np.random.default_rng(seed).permutation(n)
-    decode = _tfds_decoder(full_name, image_shape, image_size)
+    decode = _TfdsDecoder(full_name, image_shape, image_size)
     n_test = len(test_src)
     return Dataset(
         name=full_name,
@@ -267,6 +273,43 @@ def _load_tfds(
         num_classes=num_classes,
         split=SplitInfo(full_name, seed, n_train, n_val, n_test,
                         source=f"tfds:{name} {train_split}/{test_split} at {data_dir}"),
+    )
+
+
+def _load_arrayrecord(full_name: str, seed: int, validation_fraction: float, train_split: str, test_split: str,
+                      image_size: int | None = None) -> Dataset:
+    """A dataset written by :func:`dptune.pipeline.write_arrayrecord` (msgpack records of encoded images)."""
+    from array_record.python.array_record_data_source import ArrayRecordDataSource
+
+    from dptune.pipeline import MANIFEST, DecodeRecord
+
+    directory = os.path.expanduser(full_name[len(ARRAYRECORD_PREFIX):])
+    manifest_path = os.path.join(directory, MANIFEST)
+    if not os.path.exists(manifest_path):
+        raise DataError(f"dataset: {full_name!r} has no {MANIFEST} (write it with dptune.pipeline.write_arrayrecord)")
+    with open(manifest_path) as f:
+        manifest = json.load(f)
+    shape = tuple(manifest["image_shape"])
+    if image_size is not None:
+        shape = (image_size, image_size, shape[-1])
+    sources = {}
+    for split in (train_split, test_split):
+        if split not in manifest["splits"]:
+            raise DataError(f"split: {full_name!r} has no split {split!r}; available: "
+                            f"{', '.join(sorted(manifest['splits']))}")
+        sources[split] = ArrayRecordDataSource([os.path.join(directory, p) for p in manifest["splits"][split]])
+    n = len(sources[train_split])
+    n_train, n_val, _ = _split_sizes(n, validation_fraction, 0.0)
+    perm = np.random.default_rng(seed).permutation(n)
+    decode = DecodeRecord(shape)
+    n_test = len(sources[test_split])
+    return Dataset(
+        name=full_name, train=RecordSplit(sources[train_split], perm[:n_train], decode),
+        validation=RecordSplit(sources[train_split], perm[n_train:], decode),
+        test=RecordSplit(sources[test_split], np.arange(n_test), decode),
+        image_shape=shape, num_classes=int(manifest["num_classes"]),
+        split=SplitInfo(full_name, seed, n_train, n_val, n_test,
+                        source=f"arrayrecord {train_split}/{test_split} at {directory}"),
     )
 
 
@@ -293,6 +336,8 @@ def load_dataset(
     """
     if name in _BUILTIN_LOADERS:
         return _load_builtin(name, seed, validation_fraction, test_fraction, image_size)
+    if name.startswith(ARRAYRECORD_PREFIX):
+        return _load_arrayrecord(name, seed, validation_fraction, train_split, test_split, image_size)
     if name.startswith(TFDS_PREFIX):
         return _load_tfds(name, data_dir, seed, validation_fraction, train_split, test_split, image_size)
     raise DataError(f"dataset: unknown {name!r}; available: {', '.join(available())}")

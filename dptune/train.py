@@ -22,7 +22,8 @@ import numpy as np
 
 from dptune import checkpoint, compile_stats, dispatch, freezing, interrupt, privacy, search_privacy
 from dptune.augment import Augmentation
-from dptune.data import Dataset, batches
+from dptune import pipeline
+from dptune.data import Dataset, RecordSplit, batches
 from dptune.dp_step import OPTIMIZERS, StepFunctions, TrainState, step_functions
 from dptune import feed as feeds
 from dptune.errors import ConfigError, PrivacyError
@@ -113,6 +114,7 @@ class RunConfig:
     unsafe_ignore_checkpoint_provenance: bool = False
     feed: str = "auto"
     device_data_fraction: float = feeds.DEVICE_DATA_FRACTION
+    loader_workers: int = 2
     # Issue #18: a dptune.resume.Checkpointer — in-trial checkpoints, and resuming from the last one.
     resume: Any = None
 
@@ -384,8 +386,15 @@ def train_and_evaluate(
     augment = augmenter(config.augmentation, secret) if config.augmentation.active else None
     feed_used = feeds.choose(config.feed, dataset.train, fns, augmenting=augment is not None,
                             batch_size=hparams.batch_size, fraction=config.device_data_fraction)
+    batch_source = None
+    if feed_used == "streamed" and isinstance(dataset.train, RecordSplit) and config.loader_workers > 0:
+        # Records decoded in worker processes, ahead of the step that needs them (dptune.pipeline).
+        reader = pipeline.PoissonBatches(dataset.train.source, dataset.train.indices, dataset.train.decode,
+                                         secret, q, fns.microbatch_size)
+        batch_source = pipeline.Loader(reader, allowed, num_workers=config.loader_workers, start=start).batch
     feeder = (feeds.ResidentFeed(fns, dataset.train) if feed_used == "resident"
-              else feeds.StreamedFeed(fns, dataset.train, augment) if feed_used == "streamed" else None)
+              else feeds.StreamedFeed(fns, dataset.train, augment, batch_source) if feed_used == "streamed"
+              else None)
     noise_key = jax.device_put(secret.noise_key(), fns.replicated)
     eval_every = config.eval_every or max(1, round(1 / q))
     denominator = float(hparams.batch_size)
