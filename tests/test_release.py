@@ -407,3 +407,29 @@ def test_a_heartbeat_retry_forgets_its_parents_resume_record_and_counts_apart(tm
     assert retry.user_attrs["resumed_from"] is None and retry.user_attrs["ran_steps"] == [0, 6]
     # No checkpoint of trial 0 existed: a fresh run, so the dead attempt counts apart, at its planned steps.
     assert study.resumed_spends(s.trials, s.trials) == [(300 / 1258, 2.0, 6), (300 / 1258, 2.0, 6)]
+
+
+@pytest.mark.slow
+def test_resume_through_the_streamed_input_pipeline_replays_the_same_run(tmp_path):
+    """With records decoded by grain workers ahead of the loop, the resumed loader starts at the checkpoint."""
+    from dptune import pipeline
+
+    rng = np.random.default_rng(0)
+    images = np.kron(rng.integers(0, 256, (200, 2, 2, 1)), np.ones((1, 4, 4, 1))).astype(np.uint8)
+    pipeline.write_arrayrecord(str(tmp_path / "r"), "train", images[:160], np.arange(160) % 10, num_classes=10,
+                               image_format="png")
+    pipeline.write_arrayrecord(str(tmp_path / "r"), "test", images[160:], np.arange(40) % 10, num_classes=10,
+                               image_format="png")
+    data = load_dataset("arrayrecord:" + str(tmp_path / "r"), validation_fraction=0.25)
+    hp = Hyperparams(batch_size=40, learning_rate=1.0, noise_multiplier=2.0)
+
+    def run(ckpt):
+        cfg = RunConfig(microbatch_size=16, secret=SecretSeed.from_int(3), resume=ckpt, eval_every=1,
+                        feed="streamed", loader_workers=2)
+        return train_and_evaluate(data, hp, 6, config=cfg, budget=PrivacyBudget(8.0, 1e-5))
+
+    full = run(None)
+    assert full.feed == "streamed"
+    run(resume.Checkpointer(str(tmp_path / "ck"), {"run": "p"}, every_steps=3))
+    resumed = run(resume.Checkpointer(str(tmp_path / "ck"), {"run": "p"}, every_steps=1000))
+    assert resumed.history == full.history and resumed.steps == 6
