@@ -486,7 +486,10 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     dashboard.publish(s)
     print(f"optuna-dashboard for {args.study_name!r}: http://{args.host}:{args.port}/dashboard  (Ctrl-C stops it)\n"
           f"privacy statement (the study's note): {dashboard.note_url(s, args.host, args.port)}", flush=True)
-    dashboard.serve(storage, args.host, args.port)
+    from dptune import release
+
+    # The study's best models are Optuna artifacts: the dashboard lists and serves them from this store.
+    dashboard.serve(storage, args.host, args.port, artifact_store=release.artifact_store(s, storage))
     return 0
 
 
@@ -632,6 +635,19 @@ def cmd_study_best(args: argparse.Namespace) -> int:
     summary = study.summarize(s)
     if summary.best is None:
         raise study.StudyError(f"study_name: {args.study_name!r} has no completed trial yet")
+    if args.export_model:
+        from dptune import config, release
+
+        storage = args.storage or config.default_storage(args.study_name)
+        meta = release.export_model(s, storage, args.export_model)
+        if args.json:
+            print(_dump({"exported": args.export_model, "metadata": meta}))
+        else:
+            print(f"wrote the released model to {args.export_model}/ ({release.MODEL_FILE}, {release.METADATA_FILE}, "
+                  f"{release.STATEMENT_FILE}; owner-only): {meta['model']} on {meta['dataset']!r}, validation "
+                  f"accuracy {_fmt(meta['val_accuracy'])}; ε of releasing it after this search: "
+                  f"{_fmt(meta['search'].get('total_epsilon'))} (δ = {_fmt(meta['search'].get('delta'))})")
+        return 0
     numbered = args.internal or not summary.private_search
     total = summary.search["total_epsilon"]
     if args.json:
@@ -642,6 +658,37 @@ def cmd_study_best(args: argparse.Namespace) -> int:
         if not summary.non_private:
             print(f"ε of releasing it after this search: {_fmt(total)} (δ = {_fmt(summary.search['delta'])}); "
                   f"the statement: dptune study show {args.study_name}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from dptune import release
+
+    model = release.load_model(args.model)
+    meta = model.metadata
+    data = release.dataset_for(meta, args.dataset, args.data_dir)
+    split = getattr(data, args.split)
+    accuracy = model.accuracy(split)
+    x, y = split.take(np.arange(min(args.show, len(split))))
+    shown = model.predict(x)
+    recorded = meta.get("val_accuracy") if args.split == "validation" else meta.get("test_accuracy")
+    out = {"model": args.model, "dataset": data.name, "split": args.split, "examples": len(split),
+           "accuracy": accuracy, "recorded_accuracy": recorded,
+           "predictions": [int(p) for p in shown], "labels": [int(v) for v in y]}
+    if args.json:
+        print(_dump(out))
+        return 0
+    print(f"{meta['model']} ({meta['parameters']} parameters) on {data.name!r} {args.split} split: accuracy "
+          f"{accuracy:.4f} on {len(split)} examples (recorded at training: {_fmt(recorded)})")
+    if len(shown):
+        print("first predictions: " + " ".join(f"{p}{'' if p == t else '✗'}" for p, t in zip(shown, y))
+              + "   (✗ = wrong)")
+    total = (meta.get("search") or {}).get("total_epsilon")
+    if total is not None:
+        print(f"privacy: ε = {_fmt(total)} (δ = {_fmt(meta['search'].get('delta'))}) for releasing this model after "
+              f"its search; see {args.model}/{release.STATEMENT_FILE}")
     return 0
 
 
@@ -736,6 +783,10 @@ def build_parser() -> argparse.ArgumentParser:
         _study_args(sp, name_required=False)
         sp.add_argument("--internal", action="store_true",
                         help="private search: also show K, trial numbers and counts (never publish these)")
+        if name == "best":
+            sp.add_argument("--export-model", metavar="DIR",
+                            help="write the best trial's saved model, its metadata and the search's privacy "
+                                 "statement to DIR (a new folder)")
         sp.set_defaults(func=func)
 
     o = sub.add_parser("optimize", help="run trials of a study")
@@ -760,6 +811,17 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "only; 0.0.0.0 exposes the storage's contents to the network)")
     d.add_argument("--port", type=_port, default=8080, help="port to listen on (default: 8080)")
     d.set_defaults(func=cmd_dashboard)
+    pr = sub.add_parser("predict", help="predict with an exported model and report its accuracy",
+                        description="Load a model written by 'dptune study best NAME --export-model DIR' (its "
+                                    "metadata is checked against the model it builds) and predict a dataset split.")
+    pr.add_argument("--model", required=True, help="the exported model's folder")
+    pr.add_argument("--dataset", help="dataset name (default: the one the model was trained on, split as then)")
+    pr.add_argument("--data-dir", help="TFDS data directory")
+    pr.add_argument("--split", choices=("validation", "test"), default="validation",
+                    help="which split to predict (default: validation, the one the model was selected on)")
+    pr.add_argument("--show", type=int, default=20, help="how many predictions to print (default: 20)")
+    pr.add_argument("--json", action="store_true")
+    pr.set_defaults(func=cmd_predict)
     r = sub.add_parser("report", help="write a self-contained HTML report")
     r.add_argument("--study-name", action="append", required=True, help="repeat for a privacy–utility curve")
     r.add_argument("--storage", help=storage_help)

@@ -199,6 +199,29 @@ class TrainingBudget(_Strict):
         return self
 
 
+class CheckpointConfig(_Strict):
+    """In-trial checkpoints (issue #18): off by default; a trial whose worker dies resumes from the last one."""
+
+    every_steps: int | None = Field(default=None, ge=1)
+    every_minutes: float | None = Field(default=None, gt=0)
+
+    @property
+    def active(self) -> bool:
+        return self.every_steps is not None or self.every_minutes is not None
+
+
+class ArtifactConfig(_Strict):
+    """Where a study keeps its private files (best models, checkpoints), and how many best models.
+
+    ``path``: the study's private folder (created 0700); default: beside the
+    storage file (``<storage>.dptune/<study>``), or ``~/.local/share/dptune/<study>``
+    for database servers. ``keep``: the best models kept (1: the best only).
+    """
+
+    path: str | None = None
+    keep: int = Field(default=1, ge=1)
+
+
 class ObjectiveConfig(_Strict):
     metric: Literal["val_accuracy"] = "val_accuracy"
     direction: Literal["maximize"] = "maximize"
@@ -246,6 +269,8 @@ class StudyConfig(_Strict):
     device_data_fraction: float = Field(0.25, gt=0, le=1)
     storage: str | None = None
     search_space: str = "dpsgd.yaml"
+    checkpoints: CheckpointConfig = CheckpointConfig()
+    artifacts: ArtifactConfig = ArtifactConfig()
 
     @field_validator("name")
     @classmethod
@@ -273,6 +298,12 @@ class StudyConfig(_Strict):
                              "(a budget for the whole search)")
         if self.search_budget is not None and self.search_privacy is not None:
             raise ValueError("search_budget: a private search has its own total (search_privacy.total_epsilon)")
+        if self.search_privacy is not None and self.artifacts.keep != 1:
+            raise ValueError("artifacts.keep: a private search releases only its best model (the one its "
+                             f"guarantee covers); allowed: 1, got {self.artifacts.keep}")
+        if self.search_privacy is not None and self.checkpoints.active:
+            raise ValueError("checkpoints: a private search retries no trial (a retry would exceed the secret "
+                             "number of trials), so its checkpoints could never be resumed; remove the section")
         return self
 
     @property

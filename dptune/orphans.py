@@ -26,6 +26,7 @@ retry: the failed trial keeps its place among the K.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import uuid
 from typing import Any
@@ -38,8 +39,9 @@ from optuna.trial import FrozenTrial, TrialState
 from dptune.storage import MAX_RETRY
 
 WORKER_ATTR = "worker"
-# Test-only: see abort_if_test_requests.
+# Test-only: see abort_if_test_requests and kill_if_test_requests.
 TEST_ABORT_ENV = "DPTUNE_TEST_ONLY_ABORT_TRIAL"
+TEST_KILL_ENV = "DPTUNE_TEST_ONLY_KILL_TRIAL_AT_STEP"
 
 
 def _proc_stat(pid: int) -> list[str] | None:
@@ -145,3 +147,16 @@ def abort_if_test_requests(trial_number: int) -> None:
     wanted = os.environ.get(TEST_ABORT_ENV)
     if wanted is not None and "PYTEST_CURRENT_TEST" in os.environ and wanted.strip() == str(trial_number):
         os.abort()
+
+
+def kill_if_test_requests(trial_number: int, step: int) -> None:
+    """TEST ONLY: SIGKILL this process right after trial ``trial_number`` reported its evaluation at ``step``.
+
+    Inert unless ``DPTUNE_TEST_ONLY_KILL_TRIAL_AT_STEP`` holds ``"<trial>:<step>"``
+    *and* pytest runs the test that started the process (as for
+    :func:`abort_if_test_requests`). A SIGKILL runs no cleanup at all: the
+    trial stays RUNNING with its checkpoints and reports as the crash left them.
+    """
+    wanted = os.environ.get(TEST_KILL_ENV)
+    if wanted is not None and "PYTEST_CURRENT_TEST" in os.environ and wanted.strip() == f"{trial_number}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import math
+import os
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -37,13 +38,14 @@ import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from dptune import __version__, checkpoint, interrupt, microbatch, orphans, privacy, search_privacy
+from dptune import __version__, checkpoint, interrupt, microbatch, orphans, privacy, release, search_privacy
 from dptune.augment import Augmentation
 from dptune.config import ResolvedStudy, SearchSpace, StudyConfig, check_name, default_storage
 from dptune.data import Dataset, load_dataset
 from dptune.errors import ConfigError, DataError, DptuneError, PrivacyError
 from dptune.orphans import reap_dead_workers
 from dptune.randomness import SecretSeed
+from dptune.resume import Checkpointer, ReplayDiverged
 from dptune.search_privacy import RenyiFilter, TrialCount
 from dptune.search_space import Infeasible, check_space, plan_trial, smallest_batch
 from dptune.statement import COVERAGE, Mechanism, Statement
@@ -325,6 +327,22 @@ def load(study_name: str, storage: str | None = None, *, heartbeat: bool = False
 
 # -- trials ---------------------------------------------------------------------
 
+RESUME_ATTRS = ("resumed_from", "replay_digests", "progress_steps", "checkpoint_step", "ran_steps")
+
+
+def attempt_origin(trial: optuna.Trial | FrozenTrial) -> int:
+    """The number of a trial's first attempt: its own, or that of the trial it retries.
+
+    dptune's reaper marks a retry with the user attribute ``retry_of``; Optuna's
+    heartbeat retry with the system attribute ``failed_trial``.
+    """
+    system = (trial.system_attrs if isinstance(trial, FrozenTrial)
+              else trial.storage.get_trial_system_attrs(trial._trial_id))
+    if system.get("failed_trial") is not None:
+        return int(system["failed_trial"])
+    return int(trial.user_attrs.get("retry_of", trial.number))
+
+
 class Objective:
     """The per-trial function handed to ``study.optimize``."""
 
@@ -341,6 +359,7 @@ class Objective:
                        else RenyiFilter(search_budget["epsilon"], delta, search_budget["order"]))
         self.prior = [(float(q), float(s), int(t)) for q, s, t in prior]
         self.resolved_checkpoint: str | None = None
+        self.storage_url: str | None = None  # set by optimize: where the study's private folder is
         if private_search is not None:
             # Every trial runs the calibrated mechanism; its own ε (RDP) is the trainer's cap.
             self.fixed = (private_search["noise_multiplier"], private_search["steps"])
@@ -376,6 +395,9 @@ class Objective:
         trial.set_user_attr("touched_data", False)
         if trial.user_attrs.get("filter_admitted") is not None:
             trial.set_user_attr("filter_admitted", None)
+        for key in RESUME_ATTRS:  # a heartbeat retry inherits its parent's; this attempt has done nothing yet
+            if trial.user_attrs.get(key) is not None:
+                trial.set_user_attr(key, None)
         if self.private_search is not None and trial.number >= self.private_search["n_trials"]:
             # K is enforced in the storage, not per process: Optuna numbers trials
             # atomically there, so however many workers or machines share the
@@ -402,11 +424,19 @@ class Objective:
             raise optuna.TrialPruned(refusal)
 
         reports = []
+        digests: dict[str, str] = {}
+        checkpointer: Checkpointer | None = None
 
         def report(step: int, metrics: dict[str, float]) -> bool:
+            if checkpointer is not None and checkpointer.last_digest is not None:
+                # Written before the report: a resumed attempt checks its replay against what was released.
+                digests[str(step)] = checkpointer.last_digest[1]
+                trial.set_user_attr("replay_digests", dict(digests))
+                trial.set_user_attr("progress_steps", step)
             # With averaging on, the better of raw and EMA parameters is what the trial would release.
             reports.append(metrics["best_val_accuracy"])
             trial.report(metrics["best_val_accuracy"], len(reports))
+            orphans.kill_if_test_requests(trial.number, step)
             return trial.should_prune()
 
         config = RunConfig(
@@ -421,7 +451,8 @@ class Objective:
             eval_every=max(1, round(cfg.eval_every_epochs / plan.sampling_rate)),
             # In a private search every trial starts from the same public initialisation:
             # a seed that varied with the trial number would reveal the released trial's index.
-            seed=cfg.seed if self.private_search is not None else cfg.seed + trial.number,
+            # A retry keeps its first attempt's (public) initialisation: it resumes that run (dptune/resume.py).
+            seed=cfg.seed if self.private_search is not None else cfg.seed + attempt_origin(trial),
             # A fixed private seed gives each trial of each study its own stream (never seed + number,
             # which another study or a `dptune train --private-seed` would reuse).
             secret=None if cfg.private_seed is None else SecretSeed.from_int(cfg.private_seed).child(
@@ -437,11 +468,49 @@ class Objective:
             if stored is not None and now != stored:
                 raise StudyError(f"init_checkpoint: {cfg.init_checkpoint} changed since the study was created "
                                  "(its recorded privacy spend may differ); create a new study for it")
+        folder = release.study_folder(self.storage_url or default_storage(trial.study.study_name),
+                                      trial.study.study_name, cfg.artifacts.path)
+        # The selected parameters wait, owner-only, until the trial's value is stored (release.keep_best).
+        pending = release.pending_path(folder, trial.number)
+        config = dataclasses.replace(config, save_checkpoint=pending)
+        checkpointer = self._checkpointer(trial, plan, config, folder)
+        point = None
+        if checkpointer is not None:
+            config = dataclasses.replace(config, resume=checkpointer)
+            point = checkpointer.latest()
+            if point is not None:
+                trial.set_user_attr("resumed_from", {"trial": point.header.get("trial"), "step": point.step,
+                                                     "randomness": "replayed"})
+                for m in point.history:  # the same outputs of the same run: the trial's curve stays whole
+                    reports.append(m["best_val_accuracy"])
+                    trial.report(m["best_val_accuracy"], len(reports))
         orphans.abort_if_test_requests(trial.number)
         interrupt.raise_if_pending()  # before the trial is marked as having touched the data
         trial.set_user_attr("touched_data", True)
-        result = train_and_evaluate(self.dataset, plan.hparams, plan.steps, config=config,
-                                    budget=self.budget, callback=report)
+        try:
+            try:
+                result = train_and_evaluate(self.dataset, plan.hparams, plan.steps, config=config,
+                                            budget=self.budget, callback=report)
+            except ReplayDiverged as e:
+                # The replay computed other parameters from the same noise: nothing of it was released. Start
+                # again from the checkpoint with fresh randomness; the dead attempt's steps then count apart.
+                assert checkpointer is not None and point is not None
+                checkpointer.discard_after(point.step)
+                checkpointer.fresh_randomness = str(e)
+                trial.set_user_attr("resumed_from", {"trial": point.header.get("trial"), "step": point.step,
+                                                     "randomness": "fresh", "diverged_at": e.step})
+                del reports[len(point.history):]
+                digests.clear()
+                result = train_and_evaluate(self.dataset, plan.hparams, plan.steps, config=config,
+                                            budget=self.budget, callback=report)
+        finally:
+            if checkpointer is not None:
+                checkpointer.clear()  # finished (or stopped for good): the secret state is of no more use
+        for path in (pending, pending + ".json"):
+            if os.path.exists(path):
+                os.chmod(path, 0o600)
+        # The steps this attempt ran itself: [the checkpoint it resumed from (0: none), the last step].
+        trial.set_user_attr("ran_steps", [0 if point is None else point.step, result.steps])
         attrs = {
             "epsilon_spent": result.epsilon,
             "steps": result.steps,
@@ -472,6 +541,43 @@ class Objective:
         if result.stopped_early:
             raise optuna.TrialPruned(f"pruned after {result.steps} steps")
         return result.selected_val_accuracy
+
+    def _checkpointer(self, trial: optuna.Trial, plan: Any, config: RunConfig, folder: str) -> Checkpointer | None:
+        """The trial's in-trial checkpoints (None unless the study file sets ``checkpoints``).
+
+        All attempts of one trial (the first and its retries) share one folder, so
+        that a retry finds the checkpoint of the attempt that died; a checkpoint
+        is resumed only by a run of the same configuration (``identity``).
+        """
+        ck = self.resolved.study.checkpoints
+        if not ck.active or self.private_search is not None:
+            return None
+        origin = attempt_origin(trial)
+        identity = {"hparams": dataclasses.asdict(plan.hparams), "steps": plan.steps, "q": plan.sampling_rate,
+                    "model": config.model, "weight_standardization": config.weight_standardization,
+                    "microbatch_size": config.microbatch_size, "clipping": config.clipping,
+                    "private": config.private, "seed": config.seed, "dataset": self.dataset.name,
+                    "split": self.dataset.split.as_dict(), "init_checkpoint": config.init_checkpoint,
+                    "augmentation": dataclasses.asdict(config.augmentation), "eval_every": config.eval_every}
+        c = Checkpointer(release.checkpoint_folder(folder, origin), identity, every_steps=ck.every_steps,
+                         every_seconds=None if ck.every_minutes is None else 60.0 * ck.every_minutes)
+        c.writer = trial.number
+        point = c.latest()
+        if point is not None:
+            # What earlier attempts released after the checkpoint must be what the replay computes.
+            writer = point.header.get("trial")
+            for t in sorted(trial.study.get_trials(deepcopy=False), key=lambda t: t.number):
+                if (t.number != trial.number and attempt_origin(t) == origin
+                        and (writer is None or t.number >= int(writer))):
+                    for k, v in (t.user_attrs.get("replay_digests") or {}).items():
+                        if int(k) > point.step:
+                            c.expected_digests[int(k)] = v
+
+        def saved(step: int) -> None:
+            trial.set_user_attr("checkpoint_step", step)
+
+        c.on_save = saved
+        return c
 
     def _admit(self, trial: optuna.Trial, plan: Any) -> str | None:
         """The privacy filter: None if this trial may start within ``search_budget``, else why not.
@@ -555,7 +661,10 @@ def optimize(
     else:
         study.sampler = make_sampler(cfg, resolved.space, seed)
         study.pruner = make_pruner(cfg)
-    hooks = list(callbacks) + [lambda st, _t: reap_dead_workers(st)]
+    # The best model is decided once the trial's value is in the storage (release.keep_best), before user callbacks.
+    hooks = [lambda st, t: release.keep_best(st, t, url)] + list(callbacks) + [lambda st, _t: reap_dead_workers(st)]
+    with interrupt.deferred(), storage_lib.writing(url):
+        release.sweep_pending(study, url)
     if stop_at_finished is not None:
         # Several workers share one target: stop once the study holds that many finished trials.
         hooks.append(optuna.study.MaxTrialsCallback(stop_at_finished, states=FINISHED))
@@ -569,6 +678,7 @@ def optimize(
     objective = Objective(resolved, dataset, delta, private, study.user_attrs.get("search_budget"),
                           study.user_attrs.get("prior_privacy_events", ()))
     objective.resolved_checkpoint = study.user_attrs.get("init_checkpoint_sha256")
+    objective.storage_url = url
     # A signal waits for the next check point (a training step, a finished trial), so that it
     # never cuts a storage write short.
     with interrupt.deferred(), storage_lib.writing(url):
@@ -669,6 +779,58 @@ def _spend(t: FrozenTrial) -> tuple[float, float, int] | None:
     return float(a["sampling_rate"]), float(a["noise_multiplier"]), int(steps)
 
 
+def _extent(t: FrozenTrial) -> int:
+    """The last step whose outputs an attempt that died wrote anywhere (its reports; see resumed_spends)."""
+    a = t.user_attrs
+    resumed = (a.get("resumed_from") or {}).get("step", 0)
+    return max(int(a.get("progress_steps") or 0), int(a.get("checkpoint_step") or 0), int(resumed or 0))
+
+
+def resumed_spends(trials: Sequence[FrozenTrial], touched: Sequence[FrozenTrial]) -> list[tuple[float, float, int]]:
+    """The DP-SGD runs (q, σ, T) the trials that touched the data add up to, a resumed trial's attempts once.
+
+    A trial without in-trial checkpoints counts alone: the steps it took, or,
+    if it failed or is running, its planned steps (an upper bound). A retry
+    that resumed from a dead attempt's checkpoint (``resumed_from``) with the
+    *replayed* randomness continues that attempt's very run: same batches,
+    same noise, and, checked by parameter digests at every step the dead
+    attempt reported, the same parameters. Everything either attempt wrote is
+    then an output of one DP-SGD run as long as the longer of them went: the
+    pair counts once, at max(the retry's steps — taken, or planned while it
+    runs —, the last step the dead attempt reported or checkpointed). If the
+    replay diverged, the retry restarted from the checkpoint with fresh
+    randomness, and the dead attempt's steps after the checkpoint are a run of
+    their own: they count apart. A dead attempt whose retry has not resumed
+    (yet) counts at its planned steps.
+    """
+    by_number = {t.number: t for t in trials}
+    continued = {int(r["trial"]) for t in touched
+                 if (r := t.user_attrs.get("resumed_from")) and r.get("trial") is not None}
+    events: list[tuple[float, float, int]] = []
+    for t in touched:
+        if t.state == TrialState.FAIL and t.number in continued:
+            continue  # counted with the attempt that resumed it
+        sp = _spend(t)
+        if sp is None:
+            continue
+        q, sigma, steps = sp
+        apart = []
+        link, seen = t.user_attrs.get("resumed_from"), {t.number}
+        while link and link.get("trial") is not None and int(link["trial"]) in by_number:
+            dead = by_number[int(link["trial"])]
+            if dead.number in seen:
+                break
+            seen.add(dead.number)
+            if link.get("randomness") == "replayed":
+                steps = max(steps, _extent(dead))
+            else:
+                apart.append((q, sigma, max(0, _extent(dead) - int(link.get("step", 0)))))
+            link = dead.user_attrs.get("resumed_from")
+        events.append((q, sigma, steps))
+        events.extend(e for e in apart if e[2] > 0)
+    return events
+
+
 def coverage(study: optuna.Study) -> str:
     """One plain sentence on which examples the study's ε protects."""
     public = study.user_attrs.get(CONFIG_ATTR, {}).get("study", {}).get("validation_dataset")
@@ -701,7 +863,7 @@ def search_guarantee(study: optuna.Study) -> dict[str, Any]:
                 "guarantee": "None: a non-private baseline (no clipping, no noise); its models must not be released "
                              "as private."}
     touched = [t for t in trials if touched_data(t)]
-    spends = [sp for t in touched if (sp := _spend(t)) is not None]
+    spends = resumed_spends(trials, touched)
     totals = (search_privacy.composed_epsilon(prior + spends, delta) if delta
               else {"rdp": math.nan, "pld": math.nan})
     if private is not None:

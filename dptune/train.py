@@ -115,6 +115,8 @@ class RunConfig:
     feed: str = "auto"
     device_data_fraction: float = feeds.DEVICE_DATA_FRACTION
     loader_workers: int = 2
+    # Issue #18: a dptune.resume.Checkpointer — in-trial checkpoints, and resuming from the last one.
+    resume: Any = None
 
 
 @dataclass
@@ -378,6 +380,13 @@ def train_and_evaluate(
     state = fns.init_state(multihost.put(params, fns.replicated))
     # With several processes (dptune.multihost) every one of them uses process 0's secret.
     secret = multihost.shared_secret(config.secret or SecretSeed.resolve(config.private_seed))
+    # -- resume hook (issue #18, dptune/resume.py): state, secret and history of the last checkpoint.
+    start, point = 0, None
+    if config.resume is not None and (point := config.resume.latest()) is not None:
+        secret = config.resume.resume_secret(point)
+        state = multihost.put(point.state(multihost.fetch(state)), fns.replicated)
+        start = point.step
+    # -- end of resume hook
     augment = augmenter(config.augmentation, secret) if config.augmentation.active else None
     feed_used = feeds.choose(config.feed, dataset.train, fns, augmenting=augment is not None,
                             batch_size=hparams.batch_size, fraction=config.device_data_fraction)
@@ -386,7 +395,7 @@ def train_and_evaluate(
         # Records decoded in worker processes, ahead of the step that needs them (dptune.pipeline).
         reader = pipeline.PoissonBatches(dataset.train.source, dataset.train.indices, dataset.train.decode,
                                          secret, q, fns.microbatch_size)
-        batch_source = pipeline.Loader(reader, allowed, num_workers=config.loader_workers).batch
+        batch_source = pipeline.Loader(reader, allowed, num_workers=config.loader_workers, start=start).batch
     feeder = (feeds.ResidentFeed(fns, dataset.train) if feed_used == "resident"
               else feeds.StreamedFeed(fns, dataset.train, augment, batch_source) if feed_used == "streamed"
               else None)
@@ -394,12 +403,12 @@ def train_and_evaluate(
     eval_every = config.eval_every or max(1, round(1 / q))
     denominator = float(hparams.batch_size)
 
-    history: list[dict[str, float]] = []
-    examples = 0
+    history: list[dict[str, float]] = [] if point is None else list(point.history)
+    examples = 0 if point is None else point.examples
     train_seconds = 0.0
     stopped = False
-    taken = 0
-    for t in range(allowed):
+    taken = start
+    for t in range(start, allowed):
         interrupt.raise_if_pending()  # SIGINT/SIGTERM in a study stop here, between steps
         tick, compiled = time.perf_counter(), compile_stats.seconds()
         indices = poisson_batch(secret.batch_sampler(t), n, q)
@@ -417,7 +426,9 @@ def train_and_evaluate(
                 noise_key, t, sigma, clip_norm, denominator, lr, hparams.momentum,
                 _ema_decay_at(hparams.ema_decay, t)), trainable)
         taken = t + 1
-        if taken == 1:
+        if config.resume is not None:
+            config.resume.verify(taken, state.params)  # issue #18: a replay must match what was reported
+        if t == start:
             jax.block_until_ready(state.params)
             startup_seconds = time.perf_counter() - started
         if taken % eval_every == 0 or taken == allowed:
@@ -429,11 +440,17 @@ def train_and_evaluate(
                 metrics["ema_val_accuracy"], _ = evaluate(fns, state.ema_params, dataset.validation, eval_bs)
             metrics["best_val_accuracy"] = max(acc, metrics.get("ema_val_accuracy", 0.0))
             history.append(metrics)
+            if config.resume is not None:
+                config.resume.note(taken, state.params)  # issue #18: the digest of what this report reflects
             if callback is not None and callback(taken, dict(metrics)) and taken < allowed:
                 stopped = True
                 break
         else:
             train_seconds += _compute_seconds(tick, compiled)
+        if config.resume is not None and taken < allowed and config.resume.due(taken):
+            # issue #18: the accountant's inputs travel with the state they produced.
+            config.resume.save(taken, state, secret, history, examples,
+                               {"sampling_rate": q, "noise_multiplier": sigma, "steps": taken})
 
     val_acc, val_loss = history[-1]["val_accuracy"], history[-1]["val_loss"]
     test_acc, _ = evaluate(fns, state.params, dataset.test, eval_bs)

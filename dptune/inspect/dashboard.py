@@ -6,6 +6,7 @@ import errno
 import json
 import socket
 import warnings
+from typing import Any
 
 import optuna
 import optuna_dashboard
@@ -108,9 +109,9 @@ def check_address(host: str, port: int) -> None:
         raise _port_error(host, port, e) from None
 
 
-def serve(storage: str, host: str = "127.0.0.1", port: int = 8080) -> None:
-    """Serve optuna-dashboard on ``storage`` (blocks until interrupted)."""
+def serve(storage: str, host: str = "127.0.0.1", port: int = 8080, artifact_store: Any = None) -> None:
+    """Serve optuna-dashboard on ``storage`` (blocks until interrupted); ``artifact_store``: the study's best models."""
     try:
-        optuna_dashboard.run_server(storage, host=host, port=port)
+        optuna_dashboard.run_server(storage, host=host, port=port, artifact_store=artifact_store)
     except OSError as e:
         raise _port_error(host, port, e) from None

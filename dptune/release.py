@@ -1,0 +1,472 @@
+"""The released model: the best trial's parameters as an Optuna artifact, exported, loaded, used.
+
+**Keeping the best model.** A trial's selected parameters (raw or EMA) are
+written to an owner-only *pending* file when its training ends
+(:func:`pending_path`). Once the trial's value is in the storage (an
+``optimize`` callback, after Optuna's ``tell``), :func:`keep_best` decides from
+the storage, not from anything held in the process, whether the trial is among
+the ``keep`` best COMPLETE trials; if so its parameters and metadata are
+uploaded as an Optuna artifact of the study (``optuna.artifacts.upload_artifact``
+to a :class:`optuna.artifacts.FileSystemArtifactStore`), and every stored model
+no longer among the best is removed (file and listing).
+
+Why this is safe with several workers: a trial's own value is in the storage
+before it decides, and the set of COMPLETE trials only grows. So a trial that
+ends among the final best was among the best of every subset it saw and
+uploads; and of a trial A that uploads and a trial B that beats it, whichever
+removes second sees both (A's upload precedes A's removal pass; B's tell
+precedes B's pass): a superseded model is always removed by one of them.
+
+Why the study and not the trial: Optuna refuses writes to a finished trial,
+and a trial is known to be the best only once it has finished; the artifact's
+listing could then never be removed from a superseded trial. Study artifacts
+are listed on the study's page in optuna-dashboard, named after their trial
+(``best-model-trial-7.msgpack``; in a private search, whose trial numbers are
+internal, ``best-model.msgpack``), and downloadable there.
+
+**Sensitivity.** A model trained on private data is as sensitive as the
+guarantee allows it to be public: artifacts, pending files and checkpoints live
+in the study's private folder (0700, files 0600), by default beside the storage
+file (:func:`study_folder`), never under a public path.
+
+**Export.** :func:`export_model` writes the released model (Flax msgpack with
+the metadata inside, ``metadata.json`` beside it) and the written privacy
+statement of the search: the honest search total at the time of export
+(``privacy_statement.txt``). In a private search only the best model is kept
+and exported, and only once the search is complete (what its guarantee covers);
+its exported metadata leaves out what would reveal the secret number of trials.
+:func:`load_model` rebuilds the model and checks the metadata against it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from dptune.errors import ConfigError, DptuneError
+from dptune.resume import private_dir, write_private
+
+MODEL_FILE = "model.msgpack"
+METADATA_FILE = "metadata.json"
+STATEMENT_FILE = "privacy_statement.txt"
+INDEX_PREFIX = "dptune:best_model:"
+ARTIFACTS_ATTR_PREFIX = "artifacts:"  # optuna.artifacts' listing of a study's artifacts
+FORMAT = "dptune-model-1"
+
+
+class ReleaseError(DptuneError):
+    """A model cannot be saved, exported or loaded."""
+
+
+# -- where -----------------------------------------------------------------------------
+
+def study_folder(storage_url: str, study_name: str, configured: str | None = None, *, create: bool = True) -> str:
+    """The study's private folder (created 0700 unless ``create`` is False): artifacts, pending models, checkpoints.
+
+    ``configured`` (the study file's ``artifacts.path``) wins; otherwise beside
+    the storage file (``<storage file>.dptune/<study>``), or, for database
+    servers, ``~/.local/share/dptune/<study>``.
+    """
+    from dptune import storage as storage_lib
+
+    if configured:
+        folder = os.path.expanduser(configured)
+    else:
+        path = storage_lib.file_of(storage_url)
+        base = (path + ".dptune" if path is not None
+                else os.path.join(os.path.expanduser("~"), ".local", "share", "dptune"))
+        if create:
+            private_dir(base)
+        folder = os.path.join(base, study_name)
+    # realpath: "journal:////abs" names "//abs", which os.path keeps and Optuna's store then refuses.
+    folder = os.path.realpath(folder)
+    return private_dir(folder) if create else folder
+
+
+def _folder_of(study: optuna.Study, storage_url: str, create: bool = True) -> str:
+    cfg = study.user_attrs.get("dptune_config", {}).get("study", {})
+    return study_folder(storage_url, study.study_name, (cfg.get("artifacts") or {}).get("path"), create=create)
+
+
+def artifact_store(study: optuna.Study, storage_url: str) -> optuna.artifacts.FileSystemArtifactStore:
+    """The study's artifact store: a :class:`FileSystemArtifactStore` in its private folder."""
+    return optuna.artifacts.FileSystemArtifactStore(private_dir(os.path.join(_folder_of(study, storage_url),
+                                                                             "artifacts")))
+
+
+def pending_path(folder: str, trial_number: int) -> str:
+    """Where a finished trial's parameters wait until its value is in the storage."""
+    return os.path.join(private_dir(os.path.join(folder, "pending")), f"trial-{trial_number}.msgpack")
+
+
+def checkpoint_folder(folder: str, origin: int) -> str:
+    """The in-trial checkpoints of a trial and its retries (``origin``: the first attempt's number)."""
+    return os.path.join(private_dir(os.path.join(folder, "checkpoints")), f"trial-{origin}")
+
+
+# -- the file ---------------------------------------------------------------------------
+
+def model_bytes(params: Any, meta: dict[str, Any]) -> bytes:
+    """A Flax msgpack file of ``{"params", "dptune_metadata"}`` (the metadata travels inside)."""
+    from flax import serialization
+
+    from dptune.checkpoint import _to_numpy
+
+    return serialization.msgpack_serialize({"params": _to_numpy(params),
+                                            "dptune_metadata": json.dumps(meta, default=str)})
+
+
+def read_model_bytes(data: bytes) -> tuple[Any, dict[str, Any]]:
+    """(params, metadata) of :func:`model_bytes`' output."""
+    from flax import serialization
+
+    try:
+        tree = serialization.msgpack_restore(data)
+        return tree["params"], json.loads(tree["dptune_metadata"])
+    except Exception as e:  # msgpack raises several kinds on garbage
+        raise ReleaseError(f"model: not a dptune model file ({type(e).__name__})") from None
+
+
+# -- keeping the best -------------------------------------------------------------------------
+
+def _stored(study: optuna.Study) -> dict[str, dict[str, Any]]:
+    """{artifact_id: entry} of the best models stored now (removed ones are listed as null)."""
+    out = {}
+    for key, value in study._storage.get_study_system_attrs(study._study_id).items():
+        if key.startswith(INDEX_PREFIX) and value:
+            entry = json.loads(value) if isinstance(value, str) else value
+            if entry:
+                out[key[len(INDEX_PREFIX):]] = entry
+    return out
+
+
+def best_models(study: optuna.Study) -> list[dict[str, Any]]:
+    """The stored best models, best first: each ``artifact_id``, ``trial``, ``value``, ``filename``, ``sha256``."""
+    maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
+    entries = [dict(e, artifact_id=a) for a, e in _stored(study).items()]
+    return sorted(entries, key=lambda e: ((-e["value"] if maximize else e["value"]), e["trial"]))
+
+
+def _ranking(study: optuna.Study) -> list[FrozenTrial]:
+    """COMPLETE trials, best first (ties: the earlier trial first), as the storage holds them now."""
+    maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
+    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if t.value is not None and math.isfinite(t.value)]
+    return sorted(done, key=lambda t: ((-t.value if maximize else t.value), t.number))
+
+
+def _keep(study: optuna.Study) -> int:
+    return int((study.user_attrs.get("dptune_config", {}).get("study", {}).get("artifacts") or {}).get("keep", 1))
+
+
+def model_metadata(study: optuna.Study, trial: FrozenTrial, checkpoint_meta: dict[str, Any]) -> dict[str, Any]:
+    """What a best model says about itself: model, data, hyperparameters, privacy of the trial and the search."""
+    from dptune.study import search_guarantee
+
+    cfg = study.user_attrs.get("dptune_config", {}).get("study", {})
+    a = trial.user_attrs
+    guarantee = search_guarantee(study)
+    private_search = "private_search" in study.user_attrs
+    meta = {
+        "format": FORMAT,
+        "model": checkpoint_meta["model"],
+        "model_args": {"weight_standardization": bool(checkpoint_meta.get("weight_standardization"))},
+        "input_shape": list(checkpoint_meta["image_shape"]),
+        "num_classes": int(checkpoint_meta["num_classes"]),
+        "parameters": checkpoint_meta.get("parameters", "raw"),
+        "dataset": cfg.get("dataset"),
+        "data_dir": cfg.get("data_dir"),
+        "image_size": cfg.get("image_size"),
+        "test_split": cfg.get("test_split", "test"),
+        "validation_dataset": cfg.get("validation_dataset"),
+        "split": study.user_attrs.get("split") or checkpoint_meta.get("split"),
+        "hyperparameters": {**dict(trial.params), **{k: a.get(k) for k in (
+            "batch_size", "learning_rate", "clip_norm", "noise_multiplier", "sampling_rate", "optimizer",
+            "momentum", "schedule", "warmup_steps", "ema_decay", "trainable", "planned_steps") if k in a}},
+        "steps": a.get("steps"),
+        "val_accuracy": trial.value,
+        "test_accuracy": a.get("test_accuracy"),
+        "study": study.study_name,
+        "trial_privacy": None if cfg.get("non_private") else {
+            "epsilon": a.get("epsilon_spent"), "delta": a.get("delta"), "accountant": a.get("accountant"),
+            "sampling_rate": a.get("sampling_rate"), "noise_multiplier": a.get("noise_multiplier"),
+            "steps": a.get("steps")},
+        "search_guarantee_at_save": {k: guarantee.get(k) for k in ("mode", "total_epsilon", "delta", "guarantee")},
+        "private_search": private_search,
+        "lineage": checkpoint_meta.get("lineage"),
+    }
+    if not private_search:
+        meta["trial"] = trial.number
+    return meta
+
+
+def keep_best(study: optuna.Study, trial: FrozenTrial, storage_url: str) -> str | None:
+    """After ``trial`` is told: store its model if it is among the best, drop superseded ones.
+
+    Reads the pending file the trial's training wrote (and deletes it). Returns
+    the artifact id uploaded, or None. Safe under concurrent workers (module docstring).
+    """
+    folder = _folder_of(study, storage_url)
+    pending = os.path.join(folder, "pending", f"trial-{trial.number}.msgpack")
+    uploaded = None
+    if os.path.exists(pending):
+        if trial.state == TrialState.COMPLETE and trial.number in [t.number for t in _ranking(study)[:_keep(study)]]:
+            # A failure here leaves the pending file for sweep_pending to try again.
+            uploaded = _upload(study, trial, pending, storage_url)
+        for path in (pending, pending + ".json"):
+            if os.path.exists(path):
+                os.unlink(path)
+    prune(study, storage_url)
+    return uploaded
+
+
+def _upload(study: optuna.Study, trial: FrozenTrial, pending: str, storage_url: str) -> str:
+    from dptune import checkpoint
+
+    params = checkpoint.load(pending)
+    meta = model_metadata(study, trial, checkpoint.metadata(pending))
+    data = model_bytes(params, meta)
+    name = "best-model.msgpack" if meta["private_search"] else f"best-model-trial-{trial.number}.msgpack"
+    # Optuna names the artifact after the uploaded file: stage it under its final name, in a folder of its own.
+    staging_dir = tempfile.mkdtemp(prefix=".upload-", dir=os.path.dirname(pending))
+    staging = os.path.join(staging_dir, name)
+    try:
+        write_private(staging, data)
+        store = artifact_store(study, storage_url)
+        artifact_id = optuna.artifacts.upload_artifact(artifact_store=store, file_path=staging, study_or_trial=study,
+                                                       mimetype="application/x-msgpack")
+    finally:
+        shutil.rmtree(staging_dir, ignore_errors=True)
+    # FileSystemArtifactStore copies with the process umask: the model is as secret as the data.
+    os.chmod(os.path.join(store._base_path, artifact_id), 0o600)
+    entry = {"trial": trial.number, "value": trial.value, "filename": name,
+             "sha256": hashlib.sha256(data).hexdigest()}
+    study._storage.set_study_system_attr(study._study_id, INDEX_PREFIX + artifact_id, json.dumps(entry))
+    return artifact_id
+
+
+def prune(study: optuna.Study, storage_url: str) -> list[str]:
+    """Remove the stored models whose trial is no longer among the ``keep`` best; returns their ids."""
+    keep = set(t.number for t in _ranking(study)[:_keep(study)])
+    store = None
+    removed = []
+    for artifact_id, entry in _stored(study).items():
+        if entry["trial"] in keep:
+            continue
+        store = store or artifact_store(study, storage_url)
+        try:
+            store.remove(artifact_id)
+        except optuna.artifacts.exceptions.ArtifactNotFound:
+            pass  # another worker removed it first
+        # As optuna-dashboard's own delete does: the listing becomes null (study attributes cannot be deleted).
+        study._storage.set_study_system_attr(study._study_id, ARTIFACTS_ATTR_PREFIX + artifact_id, json.dumps(None))
+        study._storage.set_study_system_attr(study._study_id, INDEX_PREFIX + artifact_id, json.dumps(None))
+        removed.append(artifact_id)
+    return removed
+
+
+def sweep_pending(study: optuna.Study, storage_url: str) -> None:
+    """Finish what a worker that died between its trial's end and :func:`keep_best` left pending."""
+    folder = os.path.join(_folder_of(study, storage_url, create=False), "pending")
+    if not os.path.isdir(folder):  # nothing to do, and nothing is created (a read-only storage stays untouched)
+        return
+    for name in os.listdir(folder):
+        if not (name.startswith("trial-") and name.endswith(".msgpack")):
+            continue
+        try:
+            number = int(name[len("trial-"):-len(".msgpack")])
+            trial = study._storage.get_trial(study._storage.get_trial_id_from_study_id_trial_number(
+                study._study_id, number))
+        except (ValueError, KeyError):
+            continue
+        if trial.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL):
+            keep_best(study, trial, storage_url)
+
+
+# -- export and load -------------------------------------------------------------------------
+
+def export_model(study: optuna.Study, storage_url: str, directory: str) -> dict[str, Any]:
+    """Write the study's released model to ``directory``: model, metadata and privacy statement.
+
+    Guarantee: the statement written is the search's (:func:`dptune.study.privacy_statement`),
+    computed at export time over every trial that trained on the data; it is what
+    releasing this model costs, not the trial's own ε.
+
+    Returns:
+      The metadata written.
+
+    Raises:
+      ReleaseError: no completed trial, no stored model for the best trial, a
+        private search not yet complete, or ``directory`` exists and is not empty.
+    """
+    from dptune.study import privacy_statement, summarize
+
+    summary = summarize(study)
+    if summary.best is None:
+        raise ReleaseError(f"study_name: {study.study_name!r} has no completed trial yet")
+    if summary.private_search and not summary.search.get("complete"):
+        raise ReleaseError("export_model: the private search is not complete; its guarantee holds only once every "
+                           "drawn trial has run (run dptune optimize until it is)")
+    number = summary.best["number"]
+    stored = [e for e in best_models(study) if e["trial"] == number]
+    if not stored:
+        raise ReleaseError(f"export_model: no saved model for the best trial{'' if summary.private_search else ' ' + str(number)} "
+                           "(a study run before dptune kept best models, or its worker died before saving it)")
+    entry = stored[0]
+    if os.path.exists(directory) and (not os.path.isdir(directory) or os.listdir(directory)):
+        raise ReleaseError(f"export_model: {directory} exists and is not an empty folder; choose a new one")
+    store = artifact_store(study, storage_url)
+    with store.open_reader(entry["artifact_id"]) as f:
+        data = f.read()
+    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise ReleaseError(f"export_model: the stored model of the best trial fails its checksum ({entry['artifact_id']})")
+    params, meta = read_model_bytes(data)
+    statement = privacy_statement(study, summary)
+    release = summary.release()
+    meta = dict(meta, search=release["search"], statement=None if statement is None else statement.text())
+    if summary.private_search:
+        meta.pop("trial", None)
+    out = model_bytes(params, meta)
+    meta["sha256"] = hashlib.sha256(out).hexdigest()
+    parent = os.path.dirname(os.path.abspath(directory))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".export-", dir=parent)  # 0700, like the destination
+    try:
+        write_private(os.path.join(staging, MODEL_FILE), out)
+        write_private(os.path.join(staging, METADATA_FILE), json.dumps(meta, indent=1, default=str).encode())
+        write_private(os.path.join(staging, STATEMENT_FILE),
+                      ((statement.text() if statement else "No privacy guarantee: a non-private baseline.") + "\n")
+                      .encode())
+        if os.path.isdir(directory):
+            os.rmdir(directory)
+        os.replace(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    os.chmod(directory, 0o700)
+    return meta
+
+
+@dataclass
+class LoadedModel:
+    """A released model: call it on images to get logits.
+
+    ``model(x)``: x is an array of images (N, H, W, C) — uint8 pixels (normalised
+    as in training) or float32 already in [-1, 1]; returns logits (N, classes).
+    ``predict(x)`` returns class indices.
+    """
+
+    metadata: dict[str, Any]
+    params: Any
+    module: Any
+
+    def __post_init__(self) -> None:
+        import jax
+
+        self._apply = jax.jit(lambda p, x: self.module.apply({"params": p}, x))
+
+    def __call__(self, x: np.ndarray, batch_size: int = 500) -> np.ndarray:
+        from dptune.data import normalize
+
+        x = np.asarray(x)
+        if x.ndim == 3:
+            x = x[None]
+        if tuple(x.shape[1:]) != tuple(self.metadata["input_shape"]):
+            raise ReleaseError(f"x: images of shape {tuple(x.shape[1:])}, the model takes "
+                               f"{tuple(self.metadata['input_shape'])}")
+        if x.dtype == np.uint8:
+            x = normalize(x)
+        out = []
+        for start in range(0, len(x), batch_size):
+            chunk = x[start:start + batch_size].astype(np.float32)
+            n = len(chunk)
+            if n < batch_size:  # one shape: one compilation
+                chunk = np.concatenate([chunk, np.zeros((batch_size - n, *chunk.shape[1:]), np.float32)])
+            out.append(np.asarray(self._apply(self.params, chunk))[:n])
+        return np.concatenate(out) if out else np.zeros((0, self.metadata["num_classes"]), np.float32)
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return np.argmax(self(x), axis=-1)
+
+    def accuracy(self, split: Any, batch_size: int = 500) -> float:
+        """Accuracy on a dataset split (an object with ``take(positions)`` and ``len``)."""
+        correct = 0
+        for start in range(0, len(split), batch_size):
+            x, y = split.take(np.arange(start, min(len(split), start + batch_size)))
+            correct += int(np.sum(self.predict(x) == y))
+        return correct / len(split)
+
+
+def load_model(directory: str) -> LoadedModel:
+    """Load an exported model, checking its files and metadata against the model they build.
+
+    Raises:
+      ReleaseError: a file is missing, the model file fails its checksum or
+        carries other metadata than ``metadata.json``, or the parameters do not
+        fit the model the metadata names (a CheckpointError says which leaves).
+    """
+    from dptune import checkpoint
+    from dptune.models import build_model, init_params
+
+    try:
+        with open(os.path.join(directory, METADATA_FILE)) as f:
+            meta = json.load(f)
+        with open(os.path.join(directory, MODEL_FILE), "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ReleaseError(f"model: {directory}: {e.strerror} ({e.filename})") from None
+    except ValueError:
+        raise ReleaseError(f"model: {directory}/{METADATA_FILE} is not JSON") from None
+    if meta.get("format") != FORMAT:
+        raise ReleaseError(f"model: {directory} is not a dptune model export (format {meta.get('format')!r})")
+    if hashlib.sha256(data).hexdigest() != meta.get("sha256"):
+        raise ReleaseError(f"model: {directory}/{MODEL_FILE} does not match the checksum in {METADATA_FILE}")
+    params, inner = read_model_bytes(data)
+    sidecar = {k: v for k, v in meta.items() if k != "sha256"}
+    if json.loads(json.dumps(inner, default=str)) != json.loads(json.dumps(sidecar, default=str)):
+        raise ReleaseError(f"model: the metadata inside {MODEL_FILE} differs from {METADATA_FILE}")
+    import jax
+
+    try:
+        module = build_model(meta["model"], int(meta["num_classes"]),
+                             weight_standardization=bool(meta["model_args"].get("weight_standardization")))
+    except ConfigError as e:
+        raise ReleaseError(f"model: {METADATA_FILE} names a model dptune cannot build: {e}") from None
+    fresh = init_params(module, tuple(meta["input_shape"]), jax.random.key(0))
+    # Every leaf present with the shape the named model has, nothing extra: else the metadata lies.
+    fitted = checkpoint.fit(fresh, params)
+    return LoadedModel(metadata=meta, params=jax.device_put(fitted), module=module)
+
+
+def dataset_for(meta: dict[str, Any], dataset: str | None = None, data_dir: str | None = None) -> Any:
+    """The dataset a model's metadata records (its split rebuilt from the recorded seed), checked against it.
+
+    With ``validation_dataset`` recorded, the validation split is that (public) dataset's, as in the study.
+    """
+    import dataclasses
+
+    from dptune.data import load_dataset
+
+    split = meta.get("split") or {}
+    name = dataset or meta["dataset"]
+    data = load_dataset(name, data_dir=data_dir or meta.get("data_dir"), seed=int(split.get("seed", 0)),
+                        image_size=meta.get("image_size"), test_split=meta.get("test_split") or "test")
+    if dataset is None or dataset == meta["dataset"]:
+        if split and data.split.as_dict() != split:
+            raise ReleaseError(f"dataset: {name!r} is not split as when the model was trained ({split} then, "
+                               f"{data.split.as_dict()} now)")
+    if meta.get("validation_dataset"):
+        public = load_dataset(meta["validation_dataset"], data_dir=data_dir or meta.get("data_dir"),
+                              seed=int(split.get("seed", 0)), image_size=meta.get("image_size"))
+        data = dataclasses.replace(data, validation=public.validation)
+    return data
