@@ -19,7 +19,7 @@ Two threat models, both through the real training path
 :mod:`dptune.dp_step`):
 
 * **white-box** — Dirac gradient canaries. Canary i is a per-example gradient
-  along one parameter coordinate c_i of raw norm ``DIRAC_SCALE``·C; dptune's
+  along one parameter coordinate c_i of raw norm ``DIRAC_SCALE``·C (100·C); dptune's
   clipping function (:func:`dptune.dp_step.clipped_sum`, sharded over the same
   devices and summed across them with the same ``psum``) brings it to norm C and
   the term joins the real clipped sum of the step *before* the noise. The real
@@ -86,8 +86,9 @@ THREAT_MODELS: tuple[str, ...] = ("white-box", "black-box")
 DEFAULT_CANARIES = 1000
 DEFAULT_CONFIDENCE = 0.95
 LOW_FPR = 0.01
-# Raw Dirac canaries are this many times C: clipping brings them to C, a path that skipped clipping would not.
-DIRAC_SCALE = 10.0
+# Raw Dirac canaries are this many times C: clipping brings them to C (so the correct mechanism sees the same
+# canary whatever the scale), while a path that skipped clipping would let them stand out of the data's gradients.
+DIRAC_SCALE = 100.0
 _CHUNK = 64  # canary gradients per compiled call (fixed shape)
 
 Progress = Callable[[str], None]
@@ -214,6 +215,10 @@ def statistics(scores: np.ndarray, included: np.ndarray, delta: float,
     from jax_privacy.auditing import CanaryScoreAuditor
 
     scores = np.asarray(scores, dtype=np.float64)
+    if not np.isfinite(scores).all():
+        # A diverged run gives no evidence for the canaries it lost: they rank lowest.
+        finite = scores[np.isfinite(scores)]
+        scores = np.where(np.isfinite(scores), scores, (finite.min() - 1.0) if finite.size else 0.0)
     included = np.asarray(included, dtype=bool)
     if included.all() or not included.any():
         raise ConfigError("canaries", f"need at least one included and one excluded canary "
@@ -669,14 +674,14 @@ def audit_study(
         model=cfg.model, weight_standardization=cfg.weight_standardization,
         microbatch_size=int(a.get("microbatch_size") or 128), clipping=cfg.clipping, private=True,
         init_checkpoint=cfg.init_checkpoint, reinitialize=tuple(cfg.reinitialize),
-        augmentation=Augmentation(**cfg.augmentation.model_dump()), eval_every=max(1, steps),
+        augmentation=Augmentation(**cfg.augmentation.model_dump()), eval_every=max(1, steps // 5),
         seed=int(a.get("seed", cfg.seed)),
         secret=None if cfg.private_seed is None else SecretSeed.from_int(cfg.private_seed).child(
             f"study {study_name} audit {record.number}"),
         unsafe_ignore_checkpoint_provenance=cfg.unsafe_ignore_checkpoint_provenance,
     )
     for key, value in (("sampling_rate", q), ("noise_multiplier", hp.noise_multiplier), ("planned_steps", steps),
-                       ("clip_norm", hp.clip_norm), ("batch_size", hp.batch_size), ("delta", delta)):
+                       ("clip_norm", hp.clip_norm), ("batch_size", hp.batch_size)):
         record.set_user_attr(key, value)
     record.set_user_attr("touched_data", True)
     try:

@@ -387,7 +387,7 @@ def _audit_explicit(args: argparse.Namespace, common: dict) -> Any:
                      clip_norm=args.clip_norm if args.clip_norm is not None else 1.0, noise_multiplier=sigma,
                      optimizer=args.optimizer, momentum=args.momentum)
     config = RunConfig(model=args.model, microbatch_size=args.microbatch_size, clipping=args.clipping,
-                       eval_every=steps, seed=args.seed, private_seed=args.private_seed, num_devices=args.devices)
+                       eval_every=max(1, steps // 5), seed=args.seed, private_seed=args.private_seed, num_devices=args.devices)
     return audit.run_audit(dataset, hp, steps, config=config, budget=PrivacyBudget(epsilon, delta, args.accountant),
                            **common)
 

@@ -302,3 +302,18 @@ def test_cli_bad_input_is_one_line_exit_2(args, field, capfd):
     err = capfd.readouterr().err.strip().splitlines()
     assert code == 2
     assert len(err) == 1 and field in err[0], err
+
+
+def test_cli_audit_prints_the_claim_and_the_bound_as_json(capsys):
+    code = cli.main(["audit", "--dataset", "digits", "--batch-size", "300", "--steps", "3", "--noise-multiplier", "8",
+                     "--optimizer", "sgd", "--microbatch-size", "100", "--clipping", "bookkeeping",
+                     "--canaries", "50", "--private-seed", "0", "--delta", "1e-5", "--json"])
+    out = capsys.readouterr()
+    assert code == 0
+    import json
+
+    r = json.loads(out.out)
+    assert r["threat_model"] == "white-box" and r["canaries"] == 50 and r["steps"] == 3
+    assert r["claimed_epsilon"] == pytest.approx(privacy.epsilon(r["sampling_rate"], 8.0, 3, 1e-5))
+    assert r["epsilon_lower_bound"] <= r["claimed_epsilon"] and r["max_lower_bound"] > 0
+    assert "auditing (white-box)" in out.err  # progress goes to stderr with --json
