@@ -337,6 +337,125 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- dptune audit ---------------------------------------------------------------
+
+_EXPLICIT = ("batch_size", "learning_rate", "clip_norm", "noise_multiplier", "epsilon", "steps", "epochs")
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from dptune import audit, compile_stats
+
+    console = Console(stderr=args.json, highlight=False)
+    compile_stats.enable_persistent_cache(args.cache_dir)
+
+    def progress(line: str) -> None:
+        console.print(line)
+
+    common = dict(threat_model=args.threat_model, canaries=args.canaries, canary_seed=args.canary_seed,
+                  confidence=args.confidence, progress=progress)
+    if args.study_name:
+        given = [f"--{k.replace('_', '-')}" for k in _EXPLICIT if getattr(args, k) is not None]
+        if given:
+            raise PrivacyError(f"{given[0].lstrip('-')}: explicit hyperparameters and --study-name exclude each "
+                               "other (the audit re-runs the trial's own configuration)")
+        result = audit.audit_study(args.study_name, args.storage, args.trial, **common)
+    else:
+        if args.trial is not None:
+            raise PrivacyError("trial: --trial needs --study-name")
+        result = _audit_explicit(args, common)
+    if args.json:
+        print(_dump(result.as_dict()))
+    else:
+        console.print(result.text())
+    return 0
+
+
+def _audit_explicit(args: argparse.Namespace, common: dict) -> Any:
+    from dptune import audit, privacy
+    from dptune.data import load_dataset
+    from dptune.train import Hyperparams, PrivacyBudget, RunConfig
+
+    dataset = load_dataset(args.dataset, data_dir=args.data_dir, seed=args.seed)
+    n = len(dataset.train)
+    batch = args.batch_size if args.batch_size is not None else min(256, n)
+    if not 1 <= batch <= n:
+        raise PrivacyError(f"batch_size: must be in [1, {n}] (the training-set size), got {batch}")
+    q = batch / n
+    if args.steps is not None and args.epochs is not None:
+        raise PrivacyError("steps: give --steps or --epochs, not both")
+    if args.steps is not None:
+        steps = args.steps
+    else:
+        epochs = args.epochs if args.epochs is not None else 1.0
+        if not (epochs > 0 and math.isfinite(epochs)):
+            raise PrivacyError(f"epochs: must be a finite number > 0, got {epochs}")
+        steps = math.ceil(epochs / q)
+    epsilon = args.epsilon if args.epsilon is not None else 3.0
+    privacy.validate(epsilon=epsilon, accountant=args.accountant)
+    delta = args.delta if args.delta is not None else privacy.default_delta(n)
+    privacy.check_delta(delta, n)
+    sigma = args.noise_multiplier
+    if sigma is None:
+        sigma = privacy.noise_for_epsilon(q, steps, epsilon, delta, args.accountant)
+    hp = Hyperparams(batch_size=batch, learning_rate=args.learning_rate if args.learning_rate is not None else 2.0,
+                     clip_norm=args.clip_norm if args.clip_norm is not None else 1.0, noise_multiplier=sigma,
+                     optimizer=args.optimizer, momentum=args.momentum)
+    config = RunConfig(model=args.model, microbatch_size=args.microbatch_size, clipping=args.clipping,
+                       eval_every=max(1, steps // 5), seed=args.seed, private_seed=args.private_seed, num_devices=args.devices)
+    return audit.run_audit(dataset, hp, steps, config=config, budget=PrivacyBudget(epsilon, delta, args.accountant),
+                           **common)
+
+
+def _confidence(text: str) -> float:
+    value = _float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text}")
+    return value
+
+
+def _add_audit_args(a: argparse.ArgumentParser) -> None:
+    g = a.add_argument_group("a study's trial")
+    g.add_argument("--study-name", help="audit a trial of this study (the run is recorded in it and counted)")
+    g.add_argument("--storage", help="Optuna storage URL (default sqlite:///studies/<study-name>.db)")
+    g.add_argument("--trial", type=int, help="trial number (default: the best completed trial)")
+    e = a.add_argument_group("explicit hyperparameters (instead of --study-name)")
+    e.add_argument("--dataset", default="mnist5k", help="mnist5k (default), digits, or tfds:<name>")
+    e.add_argument("--data-dir", help="TFDS data directory (for tfds:<name>)")
+    e.add_argument("--model", default="cnn", help="cnn, wrn16_4, resnet18, resnet50")
+    e.add_argument("--batch-size", type=_positive_int, help="expected batch size B (default min(256, N))")
+    e.add_argument("--learning-rate", type=_float, help="default 2.0")
+    e.add_argument("--clip-norm", type=_float, help="C (default 1.0)")
+    e.add_argument("--noise-multiplier", type=_float, help="σ; if omitted, calibrated to --epsilon")
+    e.add_argument("--epsilon", type=_float, help="ε budget at δ (default 3; caps the steps like dptune train)")
+    e.add_argument("--delta", type=_float, help="δ (default: a power of ten below 1/(10N))")
+    e.add_argument("--accountant", default="pld", help="pld or rdp")
+    e.add_argument("--steps", type=_positive_int, help="T")
+    e.add_argument("--epochs", type=_float, help="E; steps = ceil(E/q) (default 1)")
+    e.add_argument("--optimizer", default="momentum", help="sgd, momentum, adam")
+    e.add_argument("--momentum", type=_float, default=0.9)
+    e.add_argument("--microbatch-size", type=_positive_int, default=256)
+    e.add_argument("--clipping", choices=("auto", "bookkeeping", "vmap"), default="auto")
+    e.add_argument("--devices", type=_positive_int, help="number of local devices (default: all)")
+    e.add_argument("--seed", type=int, default=0, help="public seed (initialisation, data split)")
+    e.add_argument("--private-seed", type=int, help="fix sampling, noise and canary inclusion (keep it secret)")
+    c = a.add_argument_group("the audit")
+    c.add_argument("--threat-model", choices=audit_threat_models(), default="white-box",
+                   help="white-box: Dirac gradient canaries, every update observed; black-box: noise-image "
+                        "canaries, the released model's loss")
+    c.add_argument("--canaries", type=_positive_int, default=1000, help="m (default 1000)")
+    c.add_argument("--canary-seed", type=int, default=0, help="public seed of the canaries' content")
+    c.add_argument("--confidence", type=_confidence, default=0.95, help="of the lower bound (default 0.95)")
+    a.add_argument("--cache-dir", help="JAX persistent compilation cache")
+    a.add_argument("--json", action="store_true")
+    a.set_defaults(func=cmd_audit)
+
+
+def audit_threat_models() -> tuple[str, ...]:
+    return ("white-box", "black-box")
+
+
 # -- dptune study / optimize -----------------------------------------------------
 
 def _fmt(v: Any, digits: int = 4) -> str:
@@ -837,6 +956,13 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--format", choices=("csv", "json"),
                    help="print the trials to stdout in this format (default: csv when --to is not given)")
     x.set_defaults(func=cmd_export)
+
+    au = sub.add_parser("audit", help="empirical lower bound on ε: re-run a trial with canaries (one-run audit)",
+                        description="Re-run a study's trial (default: the best) or explicit hyperparameters "
+                                    "through the real training path with m canaries, each included with "
+                                    "probability 1/2, and print the claimed ε beside a 95% lower bound "
+                                    "(Steinke et al. 2023).")
+    _add_audit_args(au)
 
     p = sub.add_parser("privacy", help="privacy accounting questions")
     psub = p.add_subparsers(dest="question", required=True)

@@ -580,38 +580,45 @@ class Objective:
         return c
 
     def _admit(self, trial: optuna.Trial, plan: Any) -> str | None:
-        """The privacy filter: None if this trial may start within ``search_budget``, else why not.
-
-        Each trial writes its request before reading the others', so of two
-        trials deciding at the same time at least the later reader counts the
-        other: concurrent workers cannot both squeeze under the cap. Requests of
-        trials still running are counted whether or not they were admitted yet
-        (conservative); every admitted trial counts at its planned steps, which
-        also covers pruning.
-        """
+        """The privacy filter: None if this trial may start within ``search_budget``, else why not."""
         assert self.filter is not None
         request = (plan.sampling_rate, plan.hparams.noise_multiplier, int(plan.steps))
-        trial.set_user_attr("filter_request", list(request))
-        others = []
-        for t in trial.study.get_trials(deepcopy=False):
-            a = t.user_attrs
-            if (t.number == trial.number or t.state == TrialState.WAITING or "filter_request" not in a
-                    or a.get("filter_admitted") is False):
-                continue
-            if t.state == TrialState.RUNNING or a.get("filter_admitted") or a.get("touched_data"):
-                q, sigma, steps = a["filter_request"]
-                others.append((float(q), float(sigma), int(steps)))
-        trials = self.prior + others + [request]
-        if not self.filter.admits(trials):
-            reason = (f"search_budget: starting this trial would take the search to ε = "
-                      f"{self.filter.spent(trials):.4g} > {self.filter.epsilon:g} (privacy filter at Rényi order "
-                      f"{self.filter.order:.3g}); the search stops here")
-            for key, value in (("filter_admitted", False), ("rejected_reason", reason), ("epsilon_spent", 0.0),
-                               ("steps", 0)):
-                trial.set_user_attr(key, value)
-            return reason
-        trial.set_user_attr("filter_admitted", True)
-        return None
+        return admit(trial, request, self.filter, self.prior)
+
+
+def admit(trial: optuna.Trial, request: tuple[float, float, int], filt: RenyiFilter,
+          prior: Sequence[tuple[float, float, int]] = ()) -> str | None:
+    """The privacy filter: None if a run of ``request`` = (q, σ, steps) may start within the cap, else why not.
+
+    Each trial writes its request before reading the others', so of two
+    trials deciding at the same time at least the later reader counts the
+    other: concurrent workers cannot both squeeze under the cap. Requests of
+    trials still running are counted whether or not they were admitted yet
+    (conservative); every admitted trial counts at its planned steps, which
+    also covers pruning. Used for the search's trials and for audit runs
+    (:mod:`dptune.audit`), which train on the same data.
+    """
+    trial.set_user_attr("filter_request", list(request))
+    others = []
+    for t in trial.study.get_trials(deepcopy=False):
+        a = t.user_attrs
+        if (t.number == trial.number or t.state == TrialState.WAITING or "filter_request" not in a
+                or a.get("filter_admitted") is False):
+            continue
+        if t.state == TrialState.RUNNING or a.get("filter_admitted") or a.get("touched_data"):
+            q, sigma, steps = a["filter_request"]
+            others.append((float(q), float(sigma), int(steps)))
+    trials = list(prior) + others + [request]
+    if not filt.admits(trials):
+        reason = (f"search_budget: starting this trial would take the search to ε = "
+                  f"{filt.spent(trials):.4g} > {filt.epsilon:g} (privacy filter at Rényi order "
+                  f"{filt.order:.3g}); the search stops here")
+        for key, value in (("filter_admitted", False), ("rejected_reason", reason), ("epsilon_spent", 0.0),
+                           ("steps", 0)):
+            trial.set_user_attr(key, value)
+        return reason
+    trial.set_user_attr("filter_admitted", True)
+    return None
 
 
 TrialCallback = Callable[[optuna.Study, FrozenTrial], None]

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dptune import checkpoint, compile_stats, dispatch, freezing, interrupt, privacy, search_privacy
+from dptune import checkpoint, compile_stats, dispatch, faults, freezing, interrupt, privacy, search_privacy
 from dptune.augment import Augmentation
 from dptune import multihost, pipeline
 from dptune.data import Dataset, RecordSplit, batches
@@ -259,27 +259,37 @@ def train_step(fns: StepFunctions, state: TrainState, dataset: Dataset, indices:
                key: jax.Array, step: int, hp: Hyperparams, denominator: float,
                clip_norm: float, noise_multiplier: float, lr: float, private: bool = True, *,
                augment: Callable[[np.ndarray, np.ndarray, int], np.ndarray] | None = None,
-               trainable: Any = None) -> TrainState:
+               trainable: Any = None, audit: Any = None) -> TrainState:
     """One logical batch: accumulate clipped sums over microbatches, then one noisy update.
 
     ``private=False`` sums plain gradients instead (a non-private baseline; σ must be 0).
     ``augment(x, indices, step)`` expands each microbatch's images into k copies
     per example (averaged before clipping), with randomness keyed by example
     index and step; ``trainable`` is the 0/1 mask of :mod:`dptune.freezing`.
+    ``audit`` (white-box audits, :mod:`dptune.audit`) adds this step's canary
+    terms to the clipped sum before the noise and observes the update.
     """
     padded, mask = pad_to_multiple(indices, fns.microbatch_size)
+    sum_clip = faults.clip_for_sum(clip_norm)  # TEST ONLY hooks (dptune.faults): identity in production
+    count = len(padded) // fns.microbatch_size
     # Every dispatch goes through dispatch.track: unbounded run-ahead deadlocks
     # multi-device CPU runs (issue #15; the why is in dptune/dispatch.py).
     acc = dispatch.track(fns.zeros_like(state.params))
     accumulate = fns.accumulate if private else fns.accumulate_nonprivate
-    for chunk, chunk_mask in microbatches(padded, mask, fns.microbatch_size):
+    for j, (chunk, chunk_mask) in enumerate(microbatches(padded, mask, fns.microbatch_size)):
         x, y = dataset.train.take(chunk)
         if augment is not None:
             x = augment(x, chunk, step)
         x, y, m = fns.shard_batch(x, y, chunk_mask)
-        acc = dispatch.track(accumulate(state.params, acc, x, y, m, clip_norm, trainable))
-    return dispatch.track(fns.apply(state, acc, key, step, noise_multiplier, clip_norm, denominator,
-                                    lr, hp.momentum, _ema_decay_at(hp.ema_decay, step), trainable))
+        acc = dispatch.track(accumulate(state.params, acc, x, y, m, sum_clip, trainable))
+        acc = faults.after_microbatch(acc, key, step, j, count, noise_multiplier, clip_norm)
+    if audit is not None:
+        acc = dispatch.track(audit.add(fns, state, acc, step, sum_clip))
+    state = dispatch.track(fns.apply(state, acc, key, step, faults.noise_multiplier(noise_multiplier), clip_norm,
+                                     denominator, lr, hp.momentum, _ema_decay_at(hp.ema_decay, step), trainable))
+    if audit is not None:
+        audit.observe(state.params)
+    return state
 
 
 def evaluate(fns: StepFunctions, params: Any, split: Any, batch_size: int) -> tuple[float, float]:
@@ -319,6 +329,7 @@ def train_and_evaluate(
     config: RunConfig = RunConfig(),
     budget: PrivacyBudget | None = None,
     callback: Callback | None = None,
+    audit: Any = None,
 ) -> TrainResult:
     """Train with DP-SGD (or non-privately) for at most ``steps`` steps and evaluate.
 
@@ -331,6 +342,10 @@ def train_and_evaluate(
     (:mod:`dptune.randomness`). A private ``init_checkpoint`` trained on the
     same dataset adds its recorded spend (``total_epsilon``). The validation and
     test splits are not protected.
+
+    ``audit`` (:mod:`dptune.audit`, white-box audits only) adds ``audit.members``
+    canaries to the sampled population: each joins each step with the same
+    Poisson rate q as a training example, from the same secret sampler.
 
     Raises:
       PrivacyError: not even one step fits the budget, or no budget in private mode.
@@ -390,6 +405,10 @@ def train_and_evaluate(
     augment = augmenter(config.augmentation, secret) if config.augmentation.active else None
     feed_used = feeds.choose(config.feed, dataset.train, fns, augmenting=augment is not None,
                             batch_size=hparams.batch_size, fraction=config.device_data_fraction)
+    if audit is not None or faults.active():
+        # Canaries and test-only faults hook into the microbatch loop; the compiled feeds equal it
+        # to float tolerance (tests/test_feed.py), so what an audit finds holds for them too.
+        feed_used = "loop"
     batch_source = None
     if feed_used == "streamed" and isinstance(dataset.train, RecordSplit) and config.loader_workers > 0:
         # Records decoded in worker processes, ahead of the step that needs them (dptune.pipeline).
@@ -411,7 +430,9 @@ def train_and_evaluate(
     for t in range(start, allowed):
         interrupt.raise_if_pending()  # SIGINT/SIGTERM in a study stop here, between steps
         tick, compiled = time.perf_counter(), compile_stats.seconds()
-        indices = poisson_batch(secret.batch_sampler(t), n, q)
+        indices = poisson_batch(secret.batch_sampler(t), n + (audit.members if audit is not None else 0), q)
+        if audit is not None:
+            indices = audit.split(indices, n, t)  # keeps the sampled canaries, returns the training examples
         # Throughput counts the expected batch (public); realised Poisson sizes are private.
         examples += hparams.batch_size if config.private else len(indices)
         if not config.private:
@@ -420,7 +441,8 @@ def train_and_evaluate(
         lr = learning_rate_at(hparams, t, allowed)
         if feeder is None:
             state = train_step(fns, state, dataset, indices, noise_key, t, hparams, denominator,
-                               clip_norm, sigma, lr, config.private, augment=augment, trainable=trainable)
+                               clip_norm, sigma, lr, config.private, augment=augment, trainable=trainable,
+                               audit=audit)
         else:
             state = feeder.step(state, indices, config.private, (
                 noise_key, t, sigma, clip_norm, denominator, lr, hparams.momentum,

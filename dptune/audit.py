@@ -1,0 +1,725 @@
+"""Privacy auditing in one training run: an empirical lower bound on ε beside the claimed ε.
+
+Steinke, Nasr & Jagielski (2023), "Privacy Auditing with One (1) Training
+Run": put m canaries next to the training data, include each independently
+with probability ½, train once, and let an attack guess which canaries were
+included. If the mechanism is (ε, δ)-DP, the number of correct guesses among r
+guesses is stochastically dominated by Binomial(r, e^ε/(1+e^ε)) (plus a δ
+term), so many correct guesses reject small ε; the largest ε rejected at 95%
+confidence is a *lower bound* on the true ε of what ran. It must never exceed
+the claim; when it does, the implementation is not as private as it says.
+The statistics come from ``jax_privacy.auditing.CanaryScoreAuditor`` (the
+one-run bound with a Bonferroni correction over thresholds, the f-DP variant of
+Mahloujifar et al. 2024, TPR at low FPR, AUROC); :func:`one_run_bound` and
+:func:`max_lower_bound` are written here because the library has no "best any
+attack could show with m canaries" figure.
+
+Two threat models, both through the real training path
+(:func:`dptune.train.train_and_evaluate` → :func:`dptune.train.train_step` →
+:mod:`dptune.dp_step`):
+
+* **white-box** — Dirac gradient canaries. Canary i is a per-example gradient
+  along one parameter coordinate c_i of raw norm ``DIRAC_SCALE``·C (100·C); dptune's
+  clipping function (:func:`dptune.dp_step.clipped_sum`, sharded over the same
+  devices and summed across them with the same ``psum``) brings it to norm C and
+  the term joins the real clipped sum of the step *before* the noise. The real
+  examples of the batch go through the configured clipping path (book-keeping
+  or vmap). The adversary observes every noisy update; it scores canary i by
+  the sum over steps of the update's component along −c_i (the sum telescopes
+  to θ₀[c_i] − θ_T[c_i]).
+  What it cannot see: a bug confined to the book-keeping path's own
+  per-example norms (the canaries use the vmap path's clipping function; the
+  book-keeping path is checked against it in tests/test_bookkeeping.py), and
+  fixed-size batches accounted as Poisson (the two differ only in δ-scale
+  tails and worst-case datasets that a sum attack with m ≤ 1000 canaries
+  cannot reach; :mod:`dptune.faults` can inject it, tests show it changes the
+  sampling, no audit here detects it).
+* **black-box** — input-space canaries: out-of-distribution images (uniform
+  noise from a public seed) with random labels, added to the training split; the
+  score is minus the released model's loss on each canary.
+
+Sampling — why the audit tests the accounted mechanism. The accountant
+describes each example joining each step independently with probability q
+(Poisson). An included canary must therefore join each step exactly like an
+example: in both threat models the included canaries are members of the sampled
+population, drawn by the same secret Poisson sampler in the same call
+(:func:`dptune.sampling.poisson_batch` over N + k members). A canary present in
+every step would audit a different (q = 1) mechanism, whose ε is far larger,
+and the comparison with the claim would be meaningless. White-box: the real
+examples keep q = B/N, the canaries get the same q, and the claim is ε(q, σ, T).
+Black-box: the canaries are training examples, so the training set has
+N' = N + k examples and q' = B/N'; the claim is the accountant's ε for what ran
+(q', σ, T), as :func:`dptune.train.train_and_evaluate` computes it from the
+real training-set size.
+
+Secrets. Which canaries are included is drawn from a secret stream
+(``SecretSeed.child("audit inclusion")`` of the run's full-entropy secret), the
+same kind of randomness that picks batches and noise; the canaries themselves
+(coordinates, images, labels) come from a public seed: the adversary may know
+them, only the inclusion bits are what it guesses.
+
+The audit trains on the private data with the trial's mechanism: for a study
+it is one more trial of the search (:func:`audit_study` records it in the study
+so every total counts it, and refuses it when a ``search_budget`` filter would
+be exceeded or in a private search, whose bound would break).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import resource
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import scipy.stats
+from jax.flatten_util import ravel_pytree
+from jax.sharding import PartitionSpec
+
+from dptune import checkpoint, dp_step, faults, freezing
+from dptune.data import Dataset
+from dptune.errors import ConfigError, PrivacyError
+from dptune.models import build_model
+from dptune.randomness import SecretSeed
+from dptune.train import Hyperparams, PrivacyBudget, RunConfig, train_and_evaluate
+
+THREAT_MODELS: tuple[str, ...] = ("white-box", "black-box")
+DEFAULT_CANARIES = 1000
+DEFAULT_CONFIDENCE = 0.95
+LOW_FPR = 0.01
+# Raw Dirac canaries are this many times C: clipping brings them to C (so the correct mechanism sees the same
+# canary whatever the scale), while a path that skipped clipping would let them stand out of the data's gradients.
+DIRAC_SCALE = 100.0
+_CHUNK = 64  # canary gradients per compiled call (fixed shape)
+
+Progress = Callable[[str], None]
+
+
+# -- statistics ------------------------------------------------------------------
+
+def one_run_p_value(m: int, guesses: int, correct: int, epsilon: float, delta: float) -> float:
+    """P[≥ ``correct`` right among ``guesses``] under (ε, δ)-DP with m canaries (Steinke et al. 2023, Thm. 5.2).
+
+    β = P[Binomial(r, p) ≥ v] with p = e^ε/(1+e^ε), plus the δ term
+    2mδ · max_{1≤i≤v} (P[Binomial(r, p) ≥ v − i] − β)/i.
+
+    Args:
+      m: canaries in the audit.
+      guesses: r, canaries guessed "in".
+      correct: v, of those truly included.
+      epsilon: the ε of the null hypothesis.
+      delta: its δ.
+
+    Returns:
+      The p-value (capped at 1).
+    """
+    if guesses <= 0 or correct <= 0:
+        return 1.0
+    p = 1.0 / (1.0 + math.exp(-epsilon))
+    beta = float(scipy.stats.binom.sf(correct - 1, guesses, p))
+    if delta == 0:
+        return beta
+    i = np.arange(1, correct + 1)
+    tail = scipy.stats.binom.sf(correct - i - 1, guesses, p) - beta
+    return min(1.0, beta + 2 * m * delta * float(np.max(tail / i)))
+
+
+def one_run_bound(m: int, guesses: int, correct: int, delta: float, significance: float) -> float:
+    """The largest ε whose (ε, δ) claim ``correct`` of ``guesses`` right guesses rejects at ``significance``.
+
+    Args:
+      m: canaries; guesses, correct: as in :func:`one_run_p_value`.
+      delta: δ of the claims tested.
+      significance: 1 − confidence.
+
+    Returns:
+      The lower bound on ε (0 when even ε = 0 is not rejected).
+    """
+    if one_run_p_value(m, guesses, correct, 0.0, delta) > significance:
+        return 0.0
+    lo, hi = 0.0, 1.0
+    while one_run_p_value(m, guesses, correct, hi, delta) <= significance:
+        lo, hi = hi, 2 * hi
+        if hi > 1e3:
+            return math.inf
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        if one_run_p_value(m, guesses, correct, mid, delta) <= significance:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo < 1e-7:
+            break
+    return lo
+
+
+def max_lower_bound(m: int, included: int, delta: float, confidence: float = DEFAULT_CONFIDENCE) -> float:
+    """The largest lower bound any attack on this audit could print: a perfect attack's.
+
+    A perfect attack guesses r ≤ ``included`` canaries, all rightly; the printed
+    bound also pays a Bonferroni correction over thresholds, so the figure here
+    (no correction, best r) is an upper limit on what an audit with m canaries
+    can show. A lower bound far below it means "no leak found"; a small maximum
+    means the audit had little power whatever the mechanism.
+
+    Args:
+      m: canaries; included: how many were included (the most right guesses).
+      delta: δ of the claim; confidence: e.g. 0.95.
+
+    Returns:
+      The largest ε lower bound reachable.
+    """
+    significance = 1.0 - confidence
+    best = 0.0
+    for r in range(included, 0, -1):
+        # With δ = 0 the p-value of r right out of r is p^r; its bound logit(α^{1/r}) caps the bound
+        # with δ > 0 and shrinks with r, so the search can stop once it falls below the best.
+        a = significance ** (1.0 / r)
+        if math.log(a / (1.0 - a)) <= best:
+            break
+        best = max(best, one_run_bound(m, r, r, delta, significance))
+    return best
+
+
+@dataclass(frozen=True)
+class AuditStatistics:
+    """What the attack's scores show (scores: higher means "more likely included")."""
+
+    epsilon_lower_bound: float
+    epsilon_lower_bound_fdp: float
+    tpr_at_low_fpr: float
+    low_fpr: float
+    auroc: float
+    max_lower_bound: float
+    canaries: int
+    included: int
+    confidence: float
+
+
+def statistics(scores: np.ndarray, included: np.ndarray, delta: float,
+               confidence: float = DEFAULT_CONFIDENCE, low_fpr: float = LOW_FPR) -> AuditStatistics:
+    """One-run ε lower bounds (Steinke et al.; f-DP variant), TPR at ``low_fpr``, AUROC, and the maximum.
+
+    Args:
+      scores: one score per canary; higher means the attack thinks it was included.
+      included: the secret inclusion bits.
+      delta: δ of the claim audited.
+      confidence: of the lower bounds (each separately).
+      low_fpr: the false-positive rate at which TPR is reported.
+
+    Returns:
+      :class:`AuditStatistics`.
+
+    Raises:
+      ConfigError: fewer than one included or one excluded canary.
+    """
+    from jax_privacy.auditing import CanaryScoreAuditor
+
+    scores = np.asarray(scores, dtype=np.float64)
+    if not np.isfinite(scores).all():
+        # A diverged run gives no evidence for the canaries it lost: they rank lowest.
+        finite = scores[np.isfinite(scores)]
+        scores = np.where(np.isfinite(scores), scores, (finite.min() - 1.0) if finite.size else 0.0)
+    included = np.asarray(included, dtype=bool)
+    if included.all() or not included.any():
+        raise ConfigError("canaries", f"need at least one included and one excluded canary "
+                          f"({int(included.sum())} of {len(included)} included); use more canaries")
+    auditor = CanaryScoreAuditor(scores[included], scores[~included])
+    significance = 1.0 - confidence
+    return AuditStatistics(
+        epsilon_lower_bound=float(auditor.epsilon_one_run(significance, delta)),
+        epsilon_lower_bound_fdp=float(auditor.epsilon_one_run_fdp(significance, delta)),
+        tpr_at_low_fpr=float(auditor.tpr_at_given_fpr(low_fpr)),
+        low_fpr=low_fpr,
+        auroc=float(auditor.attack_auroc()),
+        max_lower_bound=max_lower_bound(len(scores), int(included.sum()), delta, confidence),
+        canaries=len(scores),
+        included=int(included.sum()),
+        confidence=confidence,
+    )
+
+
+# -- canaries ----------------------------------------------------------------------
+
+def inclusion(secret: SecretSeed, m: int) -> np.ndarray:
+    """The m secret inclusion bits, each 1 with probability ½, from the run's secret."""
+    return secret.child("audit inclusion").sampler().random(m) < 0.5
+
+
+class DiracCanaries:
+    """White-box canaries as :func:`dptune.train.train_and_evaluate`'s ``audit`` hook.
+
+    ``members`` included canaries join the sampled population (indices N … N+k−1
+    of each Poisson draw); :meth:`add` puts the sampled ones' clipped Dirac
+    gradients into the step's clipped sum before the noise; :meth:`observe`
+    records the parameters along every canary's coordinate after each update.
+    """
+
+    def __init__(self, coords: np.ndarray, included: np.ndarray, clip_norm: float):
+        self.coords = np.asarray(coords, dtype=np.int32)
+        self.included = np.asarray(included, dtype=bool)
+        self.member_coords = self.coords[self.included]
+        self.members = int(self.included.sum())
+        self.raw_norm = DIRAC_SCALE * clip_norm
+        self.first: np.ndarray | None = None
+        self.last: Any = None
+        self.updates = 0
+        self._sampled = np.zeros(0, dtype=np.int64)
+        self._gather: Any = None
+
+    def split(self, indices: np.ndarray, n: int, step: int) -> np.ndarray:
+        """Keep the canaries of this step's Poisson draw; return the training examples' indices."""
+        self._sampled = indices[indices >= n] - n
+        return indices[indices < n]
+
+    def add(self, fns: dp_step.StepFunctions, state: Any, acc: Any, step: int, clip_norm: float) -> Any:
+        """``acc`` plus the clipped gradients of this step's sampled canaries (dptune's clipping, all devices)."""
+        add, gather, chunk = _dirac_functions(fns, state.params)
+        self._gather = gather
+        if self.first is None:
+            self.first = np.asarray(gather(state.params, self.coords), dtype=np.float64)
+        sampled = self._sampled
+        for start in range(0, len(sampled), chunk):
+            part = sampled[start:start + chunk]
+            coords = np.zeros(chunk, np.int32)
+            coords[:len(part)] = self.member_coords[part]
+            values = np.zeros(chunk, np.float32)
+            values[:len(part)] = self.raw_norm
+            mask = (np.arange(chunk) < len(part)).astype(np.float32)
+            acc = add(acc, *fns.shard_batch(coords, values, mask), jnp.float32(clip_norm))
+        return acc
+
+    def observe(self, params: Any) -> None:
+        """The adversary's view of one update: the parameters along every canary's coordinate."""
+        self.last = self._gather(params, self.coords)
+        self.updates += 1
+
+    def scores(self) -> np.ndarray:
+        """Σ_t −Δθ_t[c_i] for every canary (included or not): a Dirac gradient +C·e_c pushes θ[c] down."""
+        if self.first is None or self.last is None:
+            raise RuntimeError("no update was observed")
+        return self.first - np.asarray(self.last, dtype=np.float64)
+
+
+_DIRAC: dict[tuple[int, Any], tuple[Any, Any, int]] = {}
+
+
+def _dirac_functions(fns: dp_step.StepFunctions, params: Any) -> tuple[Any, Any, int]:
+    """(add, gather, chunk) compiled once per step functions and parameter layout, shared by every audit."""
+    flat, unravel = ravel_pytree(params)
+    layout = (jax.tree_util.tree_structure(params), tuple(p.shape for p in jax.tree_util.tree_leaves(params)))
+    key = (id(fns), layout)
+    if key not in _DIRAC:
+        size = flat.size
+        chunk = -(-_CHUNK // len(fns.devices)) * len(fns.devices)
+
+        def local(coords: jax.Array, values: jax.Array, mask: jax.Array, clip: jax.Array) -> Any:
+            rows = jnp.zeros((coords.shape[0], size), flat.dtype).at[jnp.arange(coords.shape[0]), coords].set(values)
+            per_example = jax.vmap(unravel)(rows)
+            return jax.lax.psum(dp_step.clipped_sum(per_example, mask, clip), "data")
+
+        rep, batch = PartitionSpec(), PartitionSpec("data")
+        summed = jax.shard_map(local, mesh=fns.mesh, in_specs=(batch, batch, batch, rep), out_specs=rep)
+
+        def add(acc: Any, coords: jax.Array, values: jax.Array, mask: jax.Array, clip: jax.Array) -> Any:
+            return jax.tree_util.tree_map(jnp.add, acc, summed(coords, values, mask, clip))
+
+        gather = jax.jit(lambda p, coords: ravel_pytree(p)[0][coords])
+        _DIRAC[key] = (jax.jit(add, out_shardings=fns.replicated), gather, chunk)
+    return _DIRAC[key]
+
+
+def dirac_coordinates(params: Any, trainable: str, m: int, seed: int) -> np.ndarray:
+    """m distinct trainable parameter coordinates (flat indices), from a public seed."""
+    leaf_mask = freezing.trainable_mask(params, trainable)
+    mask, _ = ravel_pytree(jax.tree_util.tree_map(lambda p, k: jnp.full(p.shape, k), params, leaf_mask))
+    candidates = np.flatnonzero(np.asarray(mask) > 0)
+    if m > len(candidates):
+        raise ConfigError("canaries", f"{m} white-box canaries need {m} trainable coordinates; the model has "
+                          f"{len(candidates)}")
+    return np.sort(np.random.default_rng([seed, 0xD1AC]).choice(candidates, size=m, replace=False))
+
+
+def ood_canaries(image_shape: tuple[int, ...], num_classes: int, m: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """m black-box canaries: uniform-noise images in [-1, 1] with random labels, from a public seed."""
+    rng = np.random.default_rng([seed, 0x0C0D])
+    return (rng.uniform(-1.0, 1.0, size=(m, *image_shape)).astype(np.float32),
+            rng.integers(0, num_classes, size=m).astype(np.int32))
+
+
+class _WithCanaries:
+    """The training split followed by the included canaries (already normalised images)."""
+
+    def __init__(self, base: Any, images: np.ndarray, labels: np.ndarray):
+        self.base, self.images, self.labels = base, images, labels
+
+    def __len__(self) -> int:
+        return len(self.base) + len(self.labels)
+
+    def take(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        positions = np.asarray(positions)
+        n = len(self.base)
+        real = positions < n
+        x = np.empty((len(positions), *self.images.shape[1:]), np.float32)
+        y = np.empty(len(positions), np.int32)
+        if real.any():
+            x[real], y[real] = self.base.take(positions[real])
+        x[~real], y[~real] = self.images[positions[~real] - n], self.labels[positions[~real] - n]
+        return x, y
+
+
+_LOSSES: dict[tuple[str, bool, int], Any] = {}
+
+
+def _canary_losses(model_name: str, ws: bool, num_classes: int, params: Any,
+                   images: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    key = (model_name, ws, num_classes)
+    if key not in _LOSSES:
+        model = build_model(model_name, num_classes, weight_standardization=ws)
+        _LOSSES[key] = jax.jit(lambda p, x, y: optax.softmax_cross_entropy_with_integer_labels(
+            model.apply({"params": p}, x), y))
+    losses = _LOSSES[key]
+    # Fixed-size chunks (the last one padded) so that one compilation serves every audit.
+    out = []
+    for i in range(0, len(labels), 256):
+        x, y = images[i:i + 256], labels[i:i + 256]
+        pad = 256 - len(y)
+        x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)]) if pad else x
+        y = np.concatenate([y, np.zeros(pad, y.dtype)]) if pad else y
+        out.append(np.asarray(losses(params, x, y))[:256 - pad])
+    return np.concatenate(out).astype(np.float64)
+
+
+# -- the audit run -------------------------------------------------------------------
+
+@dataclass
+class AuditResult:
+    """One audit: the claim, what the attack showed, and what ran."""
+
+    threat_model: str
+    claimed_epsilon: float
+    delta: float
+    accountant: str
+    epsilon_lower_bound: float
+    epsilon_lower_bound_fdp: float
+    confidence: float
+    canaries: int
+    included: int
+    tpr_at_low_fpr: float
+    low_fpr: float
+    auroc: float
+    max_lower_bound: float
+    steps: int
+    sampling_rate: float
+    noise_multiplier: float
+    clip_norm: float
+    batch_size: int
+    training_examples: int
+    clipping: str
+    devices: int
+    wall_seconds: float
+    cpu_seconds: float
+    fault: str | None = None
+    study: dict[str, Any] | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def exceeds_claim(self) -> bool:
+        """The (ε, δ) lower bound is above the claim: the mechanism that ran is not as private as claimed.
+
+        The f-DP figure is not used here: it tests the claim that the trade-off
+        curve is a Gaussian mechanism's with this (ε, δ), which DP-SGD with
+        Poisson sampling (a mixture, not a Gaussian) need not satisfy even when
+        its (ε, δ) claim holds.
+        """
+        return self.epsilon_lower_bound > self.claimed_epsilon
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "exceeds_claim": self.exceeds_claim}
+
+    def text(self) -> str:
+        """A few lines for a person."""
+        lines = [
+            f"{self.threat_model} audit, {self.canaries} canaries ({self.included} included), "
+            f"{self.steps} steps, q = {self.sampling_rate:.4g}, σ = {self.noise_multiplier:.4g}, "
+            f"C = {self.clip_norm:g}, N = {self.training_examples}"
+            + (f"  [TEST-ONLY FAULT: {self.fault}]" if self.fault else ""),
+            f"claimed ε = {self.claimed_epsilon:.4g} at δ = {self.delta:g} ({self.accountant})",
+            f"empirical lower bound ({self.confidence:.0%} confidence): ε ≥ {self.epsilon_lower_bound:.4g} "
+            f"(Steinke et al. 2023), ε ≥ {self.epsilon_lower_bound_fdp:.4g} (f-DP, Mahloujifar et al. 2024)",
+            f"attack: TPR {self.tpr_at_low_fpr:.3f} at FPR {self.low_fpr:g}, AUROC {self.auroc:.3f}",
+            f"largest lower bound {self.canaries} canaries could show (a perfect attack): {self.max_lower_bound:.4g}",
+        ]
+        if self.exceeds_claim:
+            lines.append("VIOLATION: the lower bound exceeds the claimed ε — what ran is not as private as claimed.")
+        elif self.claimed_epsilon >= self.max_lower_bound:
+            lines.append(f"No violation found, but this audit could not have shown one: {self.canaries} canaries "
+                         f"show at most ε ≈ {self.max_lower_bound:.3g} < the claim; use more canaries.")
+        else:
+            lines.append("No violation found: the lower bound stays at or below the claimed ε.")
+        lines += self.notes
+        return "\n".join(lines)
+
+
+def run_audit(
+    dataset: Dataset,
+    hparams: Hyperparams,
+    steps: int,
+    *,
+    config: RunConfig,
+    budget: PrivacyBudget,
+    threat_model: str = "white-box",
+    canaries: int = DEFAULT_CANARIES,
+    canary_seed: int = 0,
+    confidence: float = DEFAULT_CONFIDENCE,
+    progress: Progress | None = None,
+) -> AuditResult:
+    """Train once with m canaries through the real training path and audit the claim.
+
+    Guarantee: the run is itself a DP-SGD run on ``dataset.train`` with the
+    given mechanism (ε reported as ``claimed_epsilon``, computed for the
+    training-set size and rate that really ran), so it costs that much privacy
+    on the data; the canary inclusion bits are drawn from the run's secret.
+    The returned lower bound holds with probability ≥ ``confidence`` over that
+    secret inclusion, whatever the data: it is evidence, not a guarantee, and
+    a bound above the claim means the implementation that ran is broken.
+
+    Args:
+      dataset: the data (its training split is the private data).
+      hparams: the configuration audited.
+      steps: steps to run (capped by ``budget`` like any run).
+      config: as for :func:`dptune.train.train_and_evaluate` (must be private).
+      budget: the (ε, δ) cap; δ is also the δ of the audited claim.
+      threat_model: "white-box" (Dirac gradient canaries) or "black-box" (input canaries).
+      canaries: m.
+      canary_seed: public seed of the canaries' content (not of their inclusion).
+      confidence: of the lower bound.
+      progress: called with a line of text now and then.
+
+    Returns:
+      :class:`AuditResult`.
+
+    Raises:
+      ConfigError: unknown threat model, m < 2, confidence outside (0, 1), non-private config.
+      PrivacyError: as :func:`dptune.train.train_and_evaluate`.
+    """
+    if threat_model not in THREAT_MODELS:
+        raise ConfigError("threat_model", f"unknown {threat_model!r}; allowed: {', '.join(THREAT_MODELS)}")
+    if canaries < 2:
+        raise ConfigError("canaries", f"must be >= 2, got {canaries}")
+    if not 0 < confidence < 1:
+        raise ConfigError("confidence", f"must be in (0, 1), got {confidence}")
+    if not config.private:
+        raise ConfigError("private", "a non-private run claims no ε; there is nothing to audit")
+    say = progress or (lambda _line: None)
+    secret = config.secret or SecretSeed.resolve(config.private_seed)
+    config = replace(config, secret=secret, save_checkpoint=None)
+    included = inclusion(secret, canaries)
+    if included.all() or not included.any():
+        raise ConfigError("canaries", f"all {canaries} canaries fell on one side; use more canaries")
+    from dptune.models import init_params
+
+    model = build_model(config.model, dataset.num_classes, weight_standardization=config.weight_standardization)
+    params0 = init_params(model, dataset.image_shape, jax.random.key(config.seed))
+    hook: DiracCanaries | None = None
+    data = dataset
+    images = labels = None
+    if threat_model == "white-box":
+        coords = dirac_coordinates(params0, hparams.trainable, canaries, canary_seed)
+        hook = DiracCanaries(coords, included, hparams.clip_norm)
+    else:
+        images, labels = ood_canaries(dataset.image_shape, dataset.num_classes, canaries, canary_seed)
+        data = replace(dataset, train=_WithCanaries(dataset.train, images[included], labels[included]))
+    n = len(data.train)
+    say(f"auditing ({threat_model}): {canaries} canaries, each included with probability ½ (secret); "
+        f"training {steps} steps on N = {n} examples")
+
+    def report(step: int, metrics: dict[str, float]) -> None:
+        say(f"  step {step}/{steps}  val_acc {metrics['val_accuracy']:.4f}")
+
+    cpu0, wall0 = _cpu_seconds(), time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="dptune-audit-") as tmp:
+        if threat_model == "black-box":
+            config = replace(config, save_checkpoint=os.path.join(tmp, "released.msgpack"))
+        result = train_and_evaluate(data, hparams, steps, config=config, budget=budget, callback=report, audit=hook)
+        if hook is not None:
+            scores = hook.scores()
+        else:
+            released = checkpoint.load(config.save_checkpoint)
+            scores = -_canary_losses(config.model, config.weight_standardization, dataset.num_classes,
+                                     released, images, labels)
+    say("computing the lower bound")
+    stats = statistics(scores, included, budget.delta, confidence)
+    assert result.privacy is not None
+    notes = [f"This audit trained on {dataset.name}'s training split: it spent ε = {result.privacy.epsilon:.4g} "
+             f"(δ = {budget.delta:g}) on that data, which any total over it must count."]
+    if hook is not None:
+        notes.append("White-box canaries enter through dptune's clipping function and cross-device sum; the "
+                     f"training examples through the {result.clipping} path.")
+    return AuditResult(
+        threat_model=threat_model, claimed_epsilon=float(result.privacy.epsilon), delta=budget.delta,
+        accountant=result.privacy.accountant,
+        epsilon_lower_bound=stats.epsilon_lower_bound, epsilon_lower_bound_fdp=stats.epsilon_lower_bound_fdp,
+        confidence=confidence, canaries=canaries, included=stats.included,
+        tpr_at_low_fpr=stats.tpr_at_low_fpr, low_fpr=stats.low_fpr, auroc=stats.auroc,
+        max_lower_bound=stats.max_lower_bound, steps=result.steps, sampling_rate=result.privacy.sampling_rate,
+        noise_multiplier=result.privacy.noise_multiplier, clip_norm=hparams.clip_norm,
+        batch_size=hparams.batch_size, training_examples=n, clipping=result.clipping, devices=result.devices,
+        wall_seconds=time.perf_counter() - wall0, cpu_seconds=_cpu_seconds() - cpu0, fault=faults.active(),
+        notes=notes,
+    )
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+# -- auditing a study's trial ----------------------------------------------------------
+
+def _pick_trial(study: Any, number: int | None) -> Any:
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    if number is None:
+        done = [t for t in trials if t.state == TrialState.COMPLETE and "audit_of" not in t.user_attrs]
+        if not done:
+            raise ConfigError("trial", f"study {study.study_name!r} has no completed trial to audit")
+        return max(done, key=lambda t: t.value)
+    match = [t for t in trials if t.number == number]
+    if not match:
+        raise ConfigError("trial", f"study {study.study_name!r} has no trial {number} "
+                          f"(trials 0 … {len(trials) - 1})")
+    t = match[0]
+    if "audit_of" in t.user_attrs:
+        raise ConfigError("trial", f"trial {number} is itself an audit (of trial {t.user_attrs['audit_of']})")
+    if not t.user_attrs.get("steps") or "sampling_rate" not in t.user_attrs:
+        raise ConfigError("trial", f"trial {number} did not train (state {t.state.name}); pick one that ran")
+    return t
+
+
+def audit_study(
+    study_name: str,
+    storage: str | None = None,
+    trial_number: int | None = None,
+    *,
+    threat_model: str = "white-box",
+    canaries: int = DEFAULT_CANARIES,
+    canary_seed: int = 0,
+    confidence: float = DEFAULT_CONFIDENCE,
+    progress: Progress | None = None,
+) -> AuditResult:
+    """Audit a study's trial (default: the best) by re-running its configuration with canaries.
+
+    The audit run trains on the study's private data with the trial's
+    mechanism, so it is recorded in the study as one more trial (state PRUNED,
+    attribute ``audit_of``; it never becomes the best trial): every search
+    total (:func:`dptune.study.search_guarantee`) composes it like any trial
+    that touched the data. With a ``search_budget`` the privacy filter must
+    admit it first, exactly as a trial; a private search (repeat-and-select
+    over a secret number of trials) is refused, because one more run on the
+    data voids its bound.
+
+    Args:
+      study_name, storage: the study.
+      trial_number: the trial to audit; None for the best completed one.
+      threat_model, canaries, canary_seed, confidence, progress: as :func:`run_audit`.
+
+    Returns:
+      :class:`AuditResult` with ``study`` filled in (the search's ε before and after).
+
+    Raises:
+      StudyError: no such study.
+      ConfigError: no such trial, or one that did not train; a non-private study.
+      PrivacyError: a private search, or the filter refuses the run.
+    """
+    import optuna
+    from optuna.trial import TrialState
+
+    from dptune import orphans, study as study_lib
+    from dptune.augment import Augmentation
+    from dptune.search_privacy import RenyiFilter
+
+    s, resolved = study_lib.load(study_name, storage)
+    cfg = resolved.study
+    if s.user_attrs.get("non_private"):
+        raise ConfigError("study_name", f"{study_name!r} is a non-private baseline: it claims no ε to audit")
+    if s.user_attrs.get("private_search") is not None:
+        raise PrivacyError(f"study_name: {study_name!r} is a private search (a secret number of trials, only the "
+                           "best released); an audit run is one more run on the data and would void that bound. "
+                           "Audit the same hyperparameters with explicit flags on data you do not protect.")
+    if faults.active():
+        raise PrivacyError(f"fault: the test-only fault {faults.active()!r} is active; it is never run on a study")
+    orphans.reap_dead_workers(s)
+    target = _pick_trial(s, trial_number)
+    a = target.user_attrs
+    fields = {f for f in Hyperparams.__dataclass_fields__}
+    hp = Hyperparams(**{k: a[k] for k in fields if k in a})
+    steps = int(a["steps"])
+    dataset = study_lib._dataset(cfg)
+    delta = float(s.user_attrs["delta"])
+    before = study_lib.search_guarantee(s)
+    budget = PrivacyBudget(float(a.get("epsilon_target", 100.0)), delta, str(a.get("accountant", "rdp")))
+
+    record = s.ask()  # numbered atomically in the storage, like any trial
+    record.set_user_attr("audit_of", target.number)
+    record.set_user_attr("audit_threat_model", threat_model)
+    record.set_user_attr("touched_data", False)
+    q = hp.batch_size / len(dataset.train)
+    # Black-box canaries enlarge N, so the run's q is at most this: a conservative request.
+    request = (q, hp.noise_multiplier, steps)
+    cap = s.user_attrs.get("search_budget")
+    if cap is not None:
+        prior = [(float(x), float(y), int(z)) for x, y, z in s.user_attrs.get("prior_privacy_events", [])]
+        refusal = study_lib.admit(record, request, RenyiFilter(cap["epsilon"], delta, cap["order"]), prior)
+        if refusal is not None:
+            s.tell(record, state=TrialState.PRUNED)
+            raise PrivacyError(f"{refusal.replace('the search stops here', 'the audit is refused')}")
+    config = RunConfig(
+        model=cfg.model, weight_standardization=cfg.weight_standardization,
+        microbatch_size=int(a.get("microbatch_size") or 128), clipping=cfg.clipping, private=True,
+        init_checkpoint=cfg.init_checkpoint, reinitialize=tuple(cfg.reinitialize),
+        augmentation=Augmentation(**cfg.augmentation.model_dump()), eval_every=max(1, steps // 5),
+        seed=int(a.get("seed", cfg.seed)),
+        secret=None if cfg.private_seed is None else SecretSeed.from_int(cfg.private_seed).child(
+            f"study {study_name} audit {record.number}"),
+        unsafe_ignore_checkpoint_provenance=cfg.unsafe_ignore_checkpoint_provenance,
+    )
+    for key, value in (("sampling_rate", q), ("noise_multiplier", hp.noise_multiplier), ("planned_steps", steps),
+                       ("clip_norm", hp.clip_norm), ("batch_size", hp.batch_size)):
+        record.set_user_attr(key, value)
+    record.set_user_attr("touched_data", True)
+    try:
+        result = run_audit(dataset, hp, steps, config=config, budget=budget, threat_model=threat_model,
+                           canaries=canaries, canary_seed=canary_seed, confidence=confidence, progress=progress)
+    except BaseException:
+        # It may have trained: it stays counted at its planned steps.
+        s.tell(record, state=TrialState.FAIL)
+        raise
+    for key, value in (("steps", result.steps), ("sampling_rate", result.sampling_rate),
+                       ("epsilon_spent", result.claimed_epsilon), ("training_examples", result.training_examples),
+                       ("audit_epsilon_lower_bound", result.epsilon_lower_bound),
+                       ("audit_epsilon_lower_bound_fdp", result.epsilon_lower_bound_fdp),
+                       ("audit_max_lower_bound", result.max_lower_bound), ("audit_canaries", result.canaries),
+                       ("audit_exceeds_claim", result.exceeds_claim)):
+        record.set_user_attr(key, value)
+    s.tell(record, state=TrialState.PRUNED)
+    after = study_lib.search_guarantee(optuna.load_study(study_name=study_name, storage=s._storage))
+    result.study = {"name": study_name, "trial_audited": target.number, "audit_trial": record.number,
+                    "mode": after["mode"], "search_epsilon_before": before["total_epsilon"],
+                    "search_epsilon_after": after["total_epsilon"]}
+    if after["mode"] == "filter":
+        counted = (f"the study's privacy filter admitted it; the search stays within its cap "
+                   f"ε = {after['total_epsilon']:g} (accounted ε now {after['accounted_epsilon']:.4g})")
+    else:
+        counted = (f"the search's total ε went from {before['total_epsilon']:.4g} to {after['total_epsilon']:.4g}")
+    result.notes.append(f"This audit trained on the study's private data: it is recorded as trial {record.number} "
+                        f"of {study_name!r} (audit of trial {target.number}) and counts in the search total; "
+                        f"{counted}.")
+    return result
