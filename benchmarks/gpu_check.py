@@ -107,6 +107,7 @@ def main() -> None:
     ap.add_argument("--compare-feeds", action="store_true",
                     help="also run the DP loop with feed=loop (one dispatch per microbatch: the old path)")
     ap.add_argument("--skip-pipeline", action="store_true")
+    ap.add_argument("--pipeline-only", action="store_true", help="only the input pipeline's images/s")
     args = ap.parse_args()
     accel = jax.devices()[0].platform != "cpu"
     print(f"devices: {jax.devices()}  jax {jax.__version__}", flush=True)
@@ -122,7 +123,7 @@ def main() -> None:
     results: dict = {"device": str(jax.devices()[0].device_kind), "workloads": [], "pipeline": []}
     print(f"{'model':<10} {'input':<13} {'B':>6} {'mb':>5} {'feed':<9} {'DP ex/s':>9} {'plain ex/s':>10} "
           f"{'DP/plain':>8} {'peak GiB':>8} {'compile s':>9}", flush=True)
-    for model, shape, classes, n, batch, mb, steps, feed in workloads:
+    for model, shape, classes, n, batch, mb, steps, feed in ([] if args.pipeline_only else workloads):
         ds = synthetic(model, n, shape, classes)
         dp = loop_rate(ds, model, batch, mb, steps, True, feed)
         plain = loop_rate(ds, model, batch, mb, steps, False, feed)
