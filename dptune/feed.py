@@ -31,6 +31,7 @@ import jax
 import numpy as np
 
 from dptune import dispatch, multihost
+from dptune.data import ArraySplit
 from dptune.dp_step import StepFunctions, TrainState
 from dptune.errors import ConfigError
 
@@ -59,13 +60,16 @@ def choose(feed: str, split: Any, fns: StepFunctions, *, augmenting: bool, batch
     """
     if feed not in FEEDS:
         raise ConfigError("feed", f"unknown {feed!r}; allowed: {', '.join(FEEDS)}")
-    resident_ok = hasattr(split, "images") and not augmenting
+    # Only a plain in-memory split is copied whole; wrappers (e.g. an audit's canaries) decide nothing here.
+    resident_ok = isinstance(split, ArraySplit) and not augmenting
     if feed == "resident" and not resident_ok:
         why = "augmentation runs on the host" if augmenting else "the split is not held in memory"
         raise ConfigError("feed", f"'resident' needs an in-memory split without augmentation ({why}); "
                                   "use 'auto', 'streamed' or 'loop'")
     if feed != "auto":
         return feed
+    if not hasattr(split, "take_raw"):
+        return "loop"
     if resident_ok:
         limit = device_memory(fns.devices[0])
         # CPU "devices" share host memory, where the split already lives.

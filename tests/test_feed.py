@@ -54,3 +54,15 @@ def test_per_step_batches_are_independent_secret_streams():
     np.testing.assert_array_equal(a.batch_sampler(2).random(4), draws[2])
     assert not np.array_equal(b.batch_sampler(0).random(4), draws[0])
     assert not np.array_equal(a.sampler().random(4), draws[0])
+
+
+def test_wrapped_splits_are_never_copied_to_the_device():
+    """An audit's canary wrapper has `.images` (the canaries only): it must not be taken for the whole split."""
+    from dptune.audit import _WithCanaries
+    from dptune.data import ArraySplit
+
+    base = ArraySplit(np.zeros((10, 4, 4, 1), np.uint8), np.zeros(10))
+    wrapped = _WithCanaries(base, np.zeros((2, 4, 4, 1), np.float32), np.zeros(2, np.int32))
+    assert feed.choose("auto", wrapped, None, augmenting=False, batch_size=4) == "loop"
+    with pytest.raises(ConfigError, match="resident"):
+        feed.choose("resident", wrapped, None, augmenting=False, batch_size=4)
