@@ -126,30 +126,40 @@ class StreamedFeed:
     """
 
     def __init__(self, fns: StepFunctions, split: Any, augment: Augment | None,
-                 batch_source: Callable[[int, np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None):
+                 batch_source: Callable[[int, np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None, *,
+                 copies: int = 1, sampling_rate: float = 1.0):
         self.fns = fns
         self.split = split
         self.augment = augment
         self.batch_source = batch_source
+        self.copies = copies
         self.limit = max(1, -(-len(split) // fns.microbatch_size))
+        # The capacity starts at a public bound: the Binomial(N, q) size exceeded with probability
+        # 1e-9, so the compiled shape (and its compile time) does not follow the realised batch sizes.
+        from scipy import stats
+
+        upper = int(stats.binom.isf(1e-9, len(split), sampling_rate)) + 1 if sampling_rate < 1 else len(split)
+        self.floor = bucket(-(-upper // fns.microbatch_size), self.limit)
         self.rows = jax.sharding.NamedSharding(fns.mesh, jax.sharding.PartitionSpec(None, "data"))
 
     def arrays(self, indices: np.ndarray, step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
         mb = self.fns.microbatch_size
         used = -(-len(indices) // mb)
-        cap = bucket(used, self.limit)
+        cap = max(self.floor, bucket(used, self.limit))
         padded = np.zeros(cap * mb, np.int64)
         padded[:len(indices)] = indices
         mask = np.zeros(cap * mb, np.float32)
         mask[:len(indices)] = 1.0
         real = padded[:used * mb]
         if self.batch_source is not None:
-            x, y = self.batch_source(step, real)
+            x, y = self.batch_source(step, real)  # also for an empty batch: the loader stays in step
         else:
-            x, y = self.split.take_raw(real) if len(real) else self._empty()
+            x, y = self.split.take_raw(real) if len(real) else (None, None)
+        if not len(real):
+            x, y = self._empty()
         if self.augment is not None and len(real):
             x = self.augment(x, real, step)
-        k = x.shape[0] // max(1, len(real)) if len(real) else 1
+        k = self.copies
         xs = np.zeros((cap * mb * k, *x.shape[1:]), x.dtype)
         xs[:len(x)] = x
         ys = np.zeros(cap * mb, np.int32)

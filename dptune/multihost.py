@@ -73,11 +73,40 @@ def fetch(tree: Any) -> Any:
 
 
 def shared_secret(secret: SecretSeed) -> SecretSeed:
-    """Process 0's secret on every process (itself where there is one process)."""
+    """Process 0's secret (and whether it was fixed) on every process (itself where there is one process)."""
     if jax.process_count() == 1:
         return secret
     from jax.experimental import multihost_utils
 
-    bits = np.frombuffer(secret.bits, np.uint8)
-    shared = multihost_utils.broadcast_one_to_all(bits)
-    return SecretSeed(bytes(np.asarray(shared, np.uint8)), fixed=secret.fixed)
+    payload = np.frombuffer(secret.bits + bytes([int(secret.fixed)]), np.uint8)
+    shared = bytes(np.asarray(multihost_utils.broadcast_one_to_all(payload), np.uint8))
+    return SecretSeed(shared[:-1], fixed=bool(shared[-1]))
+
+
+def assert_same(settings: Any, what: str) -> None:
+    """Refuse to go on unless every process was given the same ``settings`` (a JSON-able value).
+
+    One mechanism needs one configuration: a process with another C, σ, data
+    split or seed would add its rows to the shared sum under settings the
+    printed ε does not describe. Only a SHA-256 digest crosses the network.
+
+    Raises:
+      ConfigError: the processes disagree.
+    """
+    if jax.process_count() == 1:
+        return
+    import hashlib
+    import json
+
+    from jax.experimental import multihost_utils
+
+    from dptune.errors import ConfigError
+
+    digest = np.frombuffer(hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).digest(),
+                           np.uint8)
+    agreed = np.asarray(multihost_utils.broadcast_one_to_all(digest), np.uint8)
+    mismatch = np.asarray(multihost_utils.process_allgather(np.asarray([int(not np.array_equal(agreed, digest))])))
+    if mismatch.any():
+        bad = [int(i) for i in np.flatnonzero(mismatch.reshape(-1))]
+        raise ConfigError(what, f"processes {bad} were given settings that differ from process 0's; "
+                                "every process of one run needs the same command line and data")

@@ -115,6 +115,8 @@ def read_records(source: Any, ids: np.ndarray) -> list[Any]:
     mocked sources did) are read one record at a time.
     """
     ids = [int(i) for i in ids]
+    if not ids:
+        return []  # ArrayRecord's batched read refuses an empty request
     getitems = getattr(source, "__getitems__", None)
     if getitems is not None:
         try:
@@ -163,8 +165,9 @@ class PoissonBatches:
         if decoded:
             images = np.stack([d[0] for d in decoded])[inverse]
             labels = np.asarray([d[1] for d in decoded], np.int32)[inverse]
-        else:
-            images, labels = np.zeros((0,), np.uint8), np.zeros(0, np.int32)
+        else:  # an empty Poisson batch: right rank, so the step's shape does not change
+            shape = tuple(getattr(self.decode, "image_shape", ()))
+            images, labels = np.zeros((0, *shape), np.uint8), np.zeros(0, np.int32)
         return {"step": step, "positions": padded, "images": images, "labels": labels}
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Callable
 
 import jax
@@ -321,6 +321,27 @@ def _devices(config: RunConfig) -> tuple[jax.Device, ...]:
     return tuple(local[:count])
 
 
+def _public_settings(dataset: Dataset, hparams: Hyperparams, steps: int, config: RunConfig,
+                     budget: PrivacyBudget | None, devices: tuple[jax.Device, ...]) -> dict[str, Any]:
+    """Everything that shapes the mechanism and the data, without the secret (compared across processes)."""
+    import hashlib
+
+    public = {f.name: repr(getattr(config, f.name)) for f in fields(config)
+              if f.name not in ("secret", "private_seed", "resume")}
+    train = dataset.train
+    rows = getattr(train, "indices", None)
+    labels = getattr(train, "labels", None)
+    data = hashlib.sha256()
+    for part in (rows, labels):
+        if part is not None:
+            data.update(np.ascontiguousarray(part).tobytes())
+    return {"hparams": asdict(hparams), "steps": steps, "config": public,
+            "budget": None if budget is None else asdict(budget), "devices": [d.id for d in devices],
+            "dataset": dataset.name, "split": dataset.split.as_dict(), "image_shape": list(dataset.image_shape),
+            "classes": dataset.num_classes, "data": data.hexdigest(),
+            "private_seed_fixed": config.private_seed is not None}
+
+
 def train_and_evaluate(
     dataset: Dataset,
     hparams: Hyperparams,
@@ -381,6 +402,9 @@ def train_and_evaluate(
                                               unsafe_ignore=config.unsafe_ignore_checkpoint_provenance)
 
     devices = _devices(config)
+    if jax.process_count() > 1:
+        # One mechanism across processes needs one configuration and the same data (dptune.multihost).
+        multihost.assert_same(_public_settings(dataset, hparams, steps, config, budget, devices), "settings")
     eval_bs = -(-config.eval_batch_size // len(devices)) * len(devices)
     model = build_model(config.model, dataset.num_classes, weight_standardization=config.weight_standardization)
     fns = step_functions(model, hparams.optimizer, config.microbatch_size, devices, config.clipping)
@@ -416,7 +440,9 @@ def train_and_evaluate(
                                          secret, q, fns.microbatch_size)
         batch_source = pipeline.Loader(reader, allowed, num_workers=config.loader_workers, start=start).batch
     feeder = (feeds.ResidentFeed(fns, dataset.train) if feed_used == "resident"
-              else feeds.StreamedFeed(fns, dataset.train, augment, batch_source) if feed_used == "streamed"
+              else feeds.StreamedFeed(fns, dataset.train, augment, batch_source,
+                                      copies=config.augmentation.multiplicity if augment is not None else 1,
+                                      sampling_rate=q) if feed_used == "streamed"
               else None)
     noise_key = multihost.put(secret.noise_key(), fns.replicated)
     eval_every = config.eval_every or max(1, round(1 / q))

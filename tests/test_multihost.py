@@ -19,13 +19,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(processes: int, devices_each: int, out: Path, feed: str) -> dict:
+def _start(processes: int, devices_each: int, out: Path, feed: str, clip=lambda i: 1.0) -> list:
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_each}", JAX_PLATFORMS="cpu")
     port = _free_port()
     procs = [subprocess.Popen([sys.executable, str(SCRIPT), "--process-id", str(i), "--num-processes", str(processes),
-                               "--port", str(port), "--out", str(out), "--feed", feed],
+                               "--port", str(port), "--out", str(out), "--feed", feed, "--clip-norm", str(clip(i))],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i in range(processes)]
+    return procs
+
+
+def _run(processes: int, devices_each: int, out: Path, feed: str) -> dict:
+    procs = _start(processes, devices_each, out, feed)
     for p in procs:
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-3000:]
@@ -47,3 +52,13 @@ def test_two_processes_equal_one_with_the_same_devices(tmp_path):
     a, b = np.asarray(many["params"]), np.asarray(one["params"])
     assert np.max(np.abs(a - b)) <= 1e-5 * max(1.0, np.max(np.abs(b)))
     assert many["val_accuracy"] == pytest.approx(one["val_accuracy"], abs=1e-6)
+
+
+def test_processes_given_different_settings_refuse_to_train(tmp_path):
+    """Process 1 with another clipping norm: its rows would join the sum under settings the ε does not describe."""
+    procs = _start(2, 1, tmp_path / "bad.json", "resident", clip=lambda i: 1.0 if i == 0 else 1e-6)
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode != 0
+        assert "settings" in err and "differ from process 0" in err, err[-2000:]
+    assert not (tmp_path / "bad.json").exists()

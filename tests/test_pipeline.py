@@ -81,3 +81,14 @@ def test_bad_records_input_is_named():
         pipeline.write_arrayrecord("/tmp/unused", "train", np.zeros((2, 4, 4, 1), np.uint8), np.zeros(2), num_classes=2)
     with pytest.raises(DataError, match="allowed: png, jpeg"):
         pipeline.encode_image(np.zeros((4, 4, 1), np.uint8), "gif")
+
+
+def test_an_empty_poisson_batch_keeps_its_shape(records):
+    """An empty batch (probability (1-q)^N) must neither crash the loader nor change the step's shape."""
+    directory, _ = records
+    ds = load_dataset("arrayrecord:" + directory, validation_fraction=0.25)
+    reader = pipeline.PoissonBatches(ds.train.source, ds.train.indices, ds.train.decode, SecretSeed.from_int(1),
+                                     1e-12, 16)
+    item = reader(0)
+    assert len(item["positions"]) == 0 and item["images"].shape == (0, 16, 16, 3)
+    assert pipeline.read_records(ds.train.source, np.zeros(0, np.int64)) == []

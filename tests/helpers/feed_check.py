@@ -33,7 +33,8 @@ def run(ds, devices, clipping, private, aug, which):
                      noise_multiplier=1.3 if private else 0.0)
     n = len(ds.train)
     feeder = {"resident": lambda: feed.ResidentFeed(fns, ds.train),
-              "streamed": lambda: feed.StreamedFeed(fns, ds.train, augment),
+              "streamed": lambda: feed.StreamedFeed(fns, ds.train, augment, copies=aug.multiplicity,
+                                                    sampling_rate=hp.batch_size / n),
               "loop": lambda: None}[which]()
     for t in range(2):
         # Step 1 is empty: the noise-only update must match too.

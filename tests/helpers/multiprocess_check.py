@@ -20,6 +20,7 @@ def main():
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--feed", default="resident")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--clip-norm", type=float, default=1.0)
     args = ap.parse_args()
     import jax
 
@@ -40,7 +41,7 @@ def main():
     ds = load_dataset("digits")
     cfg = RunConfig(model="cnn", microbatch_size=64, private_seed=123, eval_every=2, feed=args.feed,
                     save_checkpoint=args.out + ".msgpack")
-    r = train_and_evaluate(ds, Hyperparams(batch_size=150, learning_rate=0.5, clip_norm=1.0, noise_multiplier=1.1),
+    r = train_and_evaluate(ds, Hyperparams(batch_size=150, learning_rate=0.5, clip_norm=args.clip_norm, noise_multiplier=1.1),
                            3, config=cfg, budget=PrivacyBudget(8.0, 1e-5))
     if jax.process_index() == 0:
         from dptune import checkpoint
