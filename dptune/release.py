@@ -44,6 +44,8 @@ import hashlib
 import json
 import math
 import os
+import re
+import secrets
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -70,32 +72,70 @@ class ReleaseError(DptuneError):
 
 # -- where -----------------------------------------------------------------------------
 
-def study_folder(storage_url: str, study_name: str, configured: str | None = None, *, create: bool = True) -> str:
+STUDY_ID_ATTR = "dptune:study_id"  # a study system attribute: random, set at creation
+
+
+def new_study_id() -> str:
+    """A fresh random study id (128 bits from the OS), stored at creation under :data:`STUDY_ID_ATTR`."""
+    return secrets.token_hex(16)
+
+
+def study_id(study: optuna.Study) -> str:
+    """What tells this study apart from every other one of its name, anywhere.
+
+    The random id stored at creation; for a study created before dptune stored
+    one, a digest of the storage's own id of the study, its name and the start
+    time of its trial 0, which a study deleted and created again under the same
+    name (even with the same storage id) does not share. Nothing is written, so
+    concurrent workers cannot disagree.
+    """
+    stored = study._storage.get_study_system_attrs(study._study_id).get(STUDY_ID_ATTR)
+    if stored:
+        return str(stored)
+    try:
+        first = study._storage.get_trial(study._storage.get_trial_id_from_study_id_trial_number(study._study_id, 0))
+        started = "" if first.datetime_start is None else first.datetime_start.isoformat()
+    except KeyError:
+        started = ""
+    return hashlib.sha256(f"{study._study_id}\n{study.study_name}\n{started}".encode()).hexdigest()[:32]
+
+
+def study_folder(storage_url: str, study_name: str, study_id: str, configured: str | None = None, *,
+                 create: bool = True) -> str:
     """The study's private folder (created 0700 unless ``create`` is False): artifacts, pending models, checkpoints.
 
-    ``configured`` (the study file's ``artifacts.path``) wins; otherwise beside
-    the storage file (``<storage file>.dptune/<study>``), or, for database
-    servers, ``~/.local/share/dptune/<study>``.
+    ``<base>/<study name>/<study id>``, where the base is the study file's
+    ``artifacts.path`` if set, otherwise beside the storage file
+    (``<storage file>.dptune``), or, for database servers,
+    ``~/.local/share/dptune``. The study's random id keeps apart what two
+    studies of one name left (a study deleted and created again, same-named
+    studies on two database servers, studies sharing one ``artifacts.path``):
+    a checkpoint or pending model of another study is never found.
     """
     from dptune import storage as storage_lib
 
     if configured:
-        folder = os.path.expanduser(configured)
+        base = os.path.expanduser(configured)
     else:
         path = storage_lib.file_of(storage_url)
         base = (path + ".dptune" if path is not None
                 else os.path.join(os.path.expanduser("~"), ".local", "share", "dptune"))
-        if create:
-            private_dir(base)
-        folder = os.path.join(base, study_name)
+    if not re.fullmatch(r"[0-9a-f]{8,64}", study_id):
+        raise ReleaseError(f"study id: {study_id!r} is not a hexadecimal id")
     # realpath: "journal:////abs" names "//abs", which os.path keeps and Optuna's store then refuses.
-    folder = os.path.realpath(folder)
+    folder = os.path.realpath(os.path.join(base, study_name, study_id))
     return private_dir(folder) if create else folder
 
 
 def _folder_of(study: optuna.Study, storage_url: str, create: bool = True) -> str:
     cfg = study.user_attrs.get("dptune_config", {}).get("study", {})
-    return study_folder(storage_url, study.study_name, (cfg.get("artifacts") or {}).get("path"), create=create)
+    return study_folder(storage_url, study.study_name, study_id(study), (cfg.get("artifacts") or {}).get("path"),
+                        create=create)
+
+
+def folder_of(study: optuna.Study, storage_url: str, create: bool = True) -> str:
+    """The private folder of a loaded study (see :func:`study_folder`)."""
+    return _folder_of(study, storage_url, create)
 
 
 def artifact_store(study: optuna.Study, storage_url: str) -> optuna.artifacts.FileSystemArtifactStore:
@@ -175,8 +215,8 @@ def model_metadata(study: optuna.Study, trial: FrozenTrial, checkpoint_meta: dic
 
     cfg = study.user_attrs.get("dptune_config", {}).get("study", {})
     a = trial.user_attrs
-    guarantee = search_guarantee(study)
     private_search = "private_search" in study.user_attrs
+    guarantee = {"mode": "private_search"} if private_search else search_guarantee(study)
     meta = {
         "format": FORMAT,
         "model": checkpoint_meta["model"],
@@ -197,17 +237,40 @@ def model_metadata(study: optuna.Study, trial: FrozenTrial, checkpoint_meta: dic
         "val_accuracy": trial.value,
         "test_accuracy": a.get("test_accuracy"),
         "study": study.study_name,
-        "trial_privacy": None if cfg.get("non_private") else {
-            "epsilon": a.get("epsilon_spent"), "delta": a.get("delta"), "accountant": a.get("accountant"),
-            "sampling_rate": a.get("sampling_rate"), "noise_multiplier": a.get("noise_multiplier"),
-            "steps": a.get("steps")},
-        "search_guarantee_at_save": {k: guarantee.get(k) for k in ("mode", "total_epsilon", "delta", "guarantee")},
+        "trial_privacy": None if cfg.get("non_private") else _trial_privacy(study, trial),
+        # In a private search whatever the guarantee said at save time (complete or not, how many trials had
+        # run) depends on the secret K: only the mode is kept. Exports replace it with the total at export.
+        "search_guarantee_at_save": ({"mode": guarantee.get("mode")} if private_search else
+                                     {k: guarantee.get(k) for k in ("mode", "total_epsilon", "delta", "guarantee")}),
         "private_search": private_search,
         "lineage": checkpoint_meta.get("lineage"),
     }
     if not private_search:
         meta["trial"] = trial.number
     return meta
+
+
+def _trial_privacy(study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:
+    """The trial's own ε, over all its attempts.
+
+    A trial whose retry resumed a dead attempt's run by replaying it is one run;
+    one whose replay diverged released the dead attempt's outputs too, as a run
+    of its own (:func:`dptune.study.resumed_spends`): then the trial's ε is the
+    composition of those runs (RDP), not its last attempt's alone.
+    """
+    from dptune.search_privacy import composed_epsilon
+    from dptune.study import resumed_spends
+
+    a = trial.user_attrs
+    out = {"epsilon": a.get("epsilon_spent"), "delta": a.get("delta"), "accountant": a.get("accountant"),
+           "sampling_rate": a.get("sampling_rate"), "noise_multiplier": a.get("noise_multiplier"),
+           "steps": a.get("steps")}
+    events = resumed_spends(study.get_trials(deepcopy=False), [trial])
+    own = [(float(a.get("sampling_rate", 0.0)), float(a.get("noise_multiplier", 0.0)), int(a.get("steps") or 0))]
+    if events and events != own and a.get("delta"):
+        out.update(epsilon=composed_epsilon(events, float(a["delta"]))["rdp"], accountant="rdp",
+                   attempts=[list(e) for e in events])
+    return out
 
 
 def keep_best(study: optuna.Study, trial: FrozenTrial, storage_url: str) -> str | None:
@@ -334,6 +397,9 @@ def export_model(study: optuna.Study, storage_url: str, directory: str) -> dict[
     statement = privacy_statement(study, summary)
     release = summary.release()
     meta = dict(meta, search=release["search"], statement=None if statement is None else statement.text())
+    # What the guarantee said when the model was saved is stale (and, in a private search, would depend on K):
+    # the export carries only the total computed now, over every trial that trained on the data.
+    meta.pop("search_guarantee_at_save", None)
     if summary.private_search:
         meta.pop("trial", None)
     out = model_bytes(params, meta)

@@ -43,6 +43,16 @@ steps *before* it reports or checkpoints anything. On a mismatch
 (:class:`ReplayDiverged`) the replay is abandoned unreleased, and the run is
 restarted from the checkpoint with *fresh* randomness; the dead attempt's
 steps after the checkpoint then count separately (composition).
+
+**The replayed checkpoint stays until the replay is verified.** The point a
+run resumed from is held in memory (:attr:`Checkpointer.started_from`), and
+while some reported step after it is still to be checked, the cleanup that
+keeps the newest ``KEEP`` checkpoints never deletes its file. A diverged replay
+restarts from that in-memory point (:meth:`Checkpointer.restart_fresh`), never
+from whatever happens to be left on disk, so the step recorded as the restart
+point is the step the fresh run really started from. The fresh randomness is
+drawn from the OS (:meth:`SecretSeed.from_os`), not derived from the saved
+secret: two attempts diverging from one checkpoint never share their noise.
 """
 
 from __future__ import annotations
@@ -80,10 +90,16 @@ class ReplayDiverged(RuntimeError):
 
 # -- owner-only files ----------------------------------------------------------------
 
-def private_dir(path: str) -> str:
-    """Create ``path`` (and missing parents) and make it owner-only (0700); returns it.
+class OpenFolderWarning(UserWarning):
+    """An existing folder that will hold secret files can be read or entered by other users."""
 
-    An existing folder is tightened to 0700 too: what is put in it is secret.
+
+def private_dir(path: str) -> str:
+    """Create ``path`` (and missing parents) owner-only (0700); returns it.
+
+    An existing folder is left as it is (it may be the user's own, shared on
+    purpose); if other users can read or enter it, an :class:`OpenFolderWarning`
+    says so. The files written in it are 0600 and the folders created 0700 whatever it is.
     """
     missing = []
     head = os.path.abspath(path)
@@ -96,7 +112,12 @@ def private_dir(path: str) -> str:
         except FileExistsError:
             pass
         os.chmod(folder, 0o700)
-    os.chmod(path, 0o700)
+    if not missing:
+        mode = os.stat(path).st_mode & 0o777
+        if mode & 0o077:
+            warnings.warn(f"{path} is readable or searchable by other users (mode {mode:o}); the secret files "
+                          "dptune writes in it are owner-only, but consider chmod 700", OpenFolderWarning,
+                          stacklevel=2)
     return path
 
 
@@ -190,7 +211,7 @@ class Checkpointer:
       expected_digests: {step: parameter digest} that a dead attempt reported;
         a resumed run must reproduce them (see the module docstring).
       fresh_randomness: resume from the checkpoint's state but with a new secret
-        derived from the saved one (after a diverged replay).
+        from the OS (after a diverged replay; see :meth:`restart_fresh`).
     """
 
     def __init__(self, directory: str, identity: dict[str, Any], *, every_steps: int | None = None,
@@ -202,8 +223,12 @@ class Checkpointer:
         self.every_seconds = every_seconds
         self.expected_digests = {int(k): v for k, v in (expected_digests or {}).items()}
         self.fresh_randomness = fresh_randomness
-        self._last_save = time.monotonic()
+        # The interval starts after the first step (compilation included), not at construction:
+        # else a retry whose compilation outlasted the interval would checkpoint at once.
+        self._last_save: float | None = None
         self._latest: ResumePoint | None | bool = False
+        self._fresh_secret: SecretSeed | None = None
+        self.started_from: ResumePoint | None = None  # the point the last run resumed from (None: from step 0)
         self.saved_steps: list[int] = []
         self.on_save = None  # optional callback(step): e.g. record progress in the study storage
         self.writer: int | None = None  # the trial number that writes (recorded in each checkpoint)
@@ -245,16 +270,54 @@ class Checkpointer:
         return self._latest  # type: ignore[return-value]
 
     def resume_secret(self, point: ResumePoint) -> SecretSeed:
-        """The secret to continue with: the saved one, or a fresh one derived from it after a divergence."""
+        """The secret to continue from ``point`` with (the trainer calls this when it resumes from it).
+
+        The saved one, or after a divergence (:meth:`restart_fresh`) a fresh
+        one from the OS, the same on every process of a multi-host run.
+        """
+        self.started_from = point
         if self.fresh_randomness is None:
             return point.secret
-        return point.secret.child(f"resume after step {point.step}: {self.fresh_randomness}")
+        if self._fresh_secret is None:
+            self._fresh_secret = multihost.shared_secret(SecretSeed.from_os())
+        return self._fresh_secret
+
+    def restart_fresh(self, reason: str) -> ResumePoint | None:
+        """After :class:`ReplayDiverged`: the next run restarts from the same point with fresh randomness.
+
+        Deletes the abandoned replay's checkpoints (those after the point) and
+        keeps the point itself in memory, so the restart never depends on its
+        file. Returns the point the next run will start from (None: step 0).
+        """
+        point = self.started_from
+        for s, path in self.files():
+            if point is None or s > point.step:
+                os.unlink(path)
+        self.fresh_randomness = reason
+        self._fresh_secret = None
+        self._latest = point
+        self.started_from = None
+        self.saved_steps = [s for s in self.saved_steps if point is not None and s <= point.step]
+        return point
 
     def due(self, step: int) -> bool:
         """Whether a checkpoint should be written after ``step`` steps."""
         if self.every_steps and step % self.every_steps == 0:
             return True
-        return bool(self.every_seconds) and time.monotonic() - self._last_save >= float(self.every_seconds)
+        if not self.every_seconds:
+            return False
+        now = time.monotonic()
+        if self._last_save is None:
+            self._last_save = now  # the first step is done: the interval counts from here
+            return False
+        return now - self._last_save >= float(self.every_seconds)
+
+    def _unverified(self, step: int) -> str | None:
+        """The file of the point being replayed while a reported step after ``step`` is still to be checked."""
+        point = self.started_from
+        if point is None or self.fresh_randomness is not None:
+            return None
+        return point.path if any(k > step for k in self.expected_digests) else None
 
     def verify(self, step: int, params: Any) -> None:
         """Raise :class:`ReplayDiverged` if a dead attempt reported different parameters at ``step``."""
@@ -285,18 +348,13 @@ class Checkpointer:
         write_private(path, encode(header, payload))
         self._last_save = time.monotonic()
         self.saved_steps.append(int(step))
-        for _, old in self.files()[KEEP:]:
+        pinned = self._unverified(step)
+        # Never the replayed point while its replay is unverified: a divergence restarts from it.
+        for _, old in [f for f in self.files() if f[1] != pinned][KEEP:]:
             os.unlink(old)
         if self.on_save is not None:
             self.on_save(int(step))
         return path
-
-    def discard_after(self, step: int) -> None:
-        """Delete the checkpoints written after ``step`` (those of an abandoned replay)."""
-        for s, path in self.files():
-            if s > step:
-                os.unlink(path)
-        self._latest = False
 
     def clear(self) -> None:
         """Delete every checkpoint and the folder (the trial finished: the secret is of no more use)."""

@@ -289,6 +289,8 @@ def create_study(resolved: ResolvedStudy, storage: str | None = None, *, skip_if
                 # Metric names are "experimental" in Optuna; the dashboard shows the name instead of "Objective 0".
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 study.set_metric_names([study_cfg.objective.metric])
+                # Set before any worker can see the configuration: every worker reads the same id.
+                study._storage.set_study_system_attr(study._study_id, release.STUDY_ID_ATTR, release.new_study_id())
                 for key, value in attrs.items():
                     study.set_user_attr(key, value)
         except BaseException:
@@ -341,6 +343,62 @@ def attempt_origin(trial: optuna.Trial | FrozenTrial) -> int:
     if system.get("failed_trial") is not None:
         return int(system["failed_trial"])
     return int(trial.user_attrs.get("retry_of", trial.number))
+
+
+def _linked(trial: FrozenTrial, by_number: dict[int, FrozenTrial]) -> tuple[FrozenTrial, dict[str, Any]] | None:
+    """The earlier attempt ``trial`` resumed from and the link, or None.
+
+    A link counts only to a smaller-numbered trial with the same first attempt:
+    a ``resumed_from`` naming anything else (a leftover of another study) never
+    makes an unrelated trial's spend disappear.
+    """
+    link = trial.user_attrs.get("resumed_from")
+    if not link or link.get("trial") is None:
+        return None
+    dead = by_number.get(int(link["trial"]))
+    if dead is None or dead.number >= trial.number or attempt_origin(dead) != attempt_origin(trial):
+        return None
+    return dead, link
+
+
+def replay_expectations(trials: Sequence[FrozenTrial], number: int, origin: int, writer: int | None,
+                        step: int) -> dict[int, str]:
+    """{step: parameter digest} that a retry resuming a checkpoint must reproduce before it reports anything.
+
+    The checkpoint (after ``step`` steps, written by attempt ``writer``) holds
+    one run's state and secret. Outputs of that run after ``step`` were
+    released by the writer, by every later attempt of the same trial, and by
+    every attempt the writer itself continued by replaying (its ``resumed_from``
+    links marked "replayed", followed back to the first "fresh" link or the
+    first attempt): all their reported digests after ``step`` are expected.
+
+    Args:
+      trials: the study's trials.
+      number: the resuming trial's number (left out).
+      origin: its first attempt's number.
+      writer: the trial that wrote the checkpoint (None: unknown, every attempt of the trial).
+      step: the checkpoint's step.
+
+    Returns:
+      The expected digests; a conflict between two attempts keeps one of them,
+      which can only make the replay diverge (and count apart), never hide a release.
+    """
+    by_number = {t.number: t for t in trials}
+    sources = {t.number for t in trials if t.number != number and attempt_origin(t) == origin
+               and (writer is None or t.number >= int(writer))}
+    current = by_number.get(int(writer)) if writer is not None else None
+    while current is not None and (hop := _linked(current, by_number)) is not None:
+        dead, link = hop
+        if link.get("randomness") != "replayed" or dead.number in sources:
+            break  # a fresh restart began another run: what came before it is not this run's output
+        sources.add(dead.number)
+        current = dead
+    expected: dict[int, str] = {}
+    for n in sorted(sources):
+        for k, v in (by_number[n].user_attrs.get("replay_digests") or {}).items():
+            if int(k) > step:
+                expected[int(k)] = v
+    return expected
 
 
 class Objective:
@@ -468,8 +526,7 @@ class Objective:
             if stored is not None and now != stored:
                 raise StudyError(f"init_checkpoint: {cfg.init_checkpoint} changed since the study was created "
                                  "(its recorded privacy spend may differ); create a new study for it")
-        folder = release.study_folder(self.storage_url or default_storage(trial.study.study_name),
-                                      trial.study.study_name, cfg.artifacts.path)
+        folder = release.folder_of(trial.study, self.storage_url or default_storage(trial.study.study_name))
         # The selected parameters wait, owner-only, until the trial's value is stored (release.keep_best).
         pending = release.pending_path(folder, trial.number)
         config = dataclasses.replace(config, save_checkpoint=pending)
@@ -494,12 +551,14 @@ class Objective:
             except ReplayDiverged as e:
                 # The replay computed other parameters from the same noise: nothing of it was released. Start
                 # again from the checkpoint with fresh randomness; the dead attempt's steps then count apart.
-                assert checkpointer is not None and point is not None
-                checkpointer.discard_after(point.step)
-                checkpointer.fresh_randomness = str(e)
-                trial.set_user_attr("resumed_from", {"trial": point.header.get("trial"), "step": point.step,
+                assert checkpointer is not None
+                replayed = checkpointer.started_from
+                point = checkpointer.restart_fresh(str(e))  # the very point replayed, held in memory
+                dead = None if replayed is None else replayed.header.get("trial")
+                # Without a start point the fresh run starts at step 0 and the dead attempt counts whole.
+                trial.set_user_attr("resumed_from", {"trial": dead, "step": 0 if point is None else point.step,
                                                      "randomness": "fresh", "diverged_at": e.step})
-                del reports[len(point.history):]
+                del reports[0 if point is None else len(point.history):]
                 digests.clear()
                 result = train_and_evaluate(self.dataset, plan.hparams, plan.steps, config=config,
                                             budget=self.budget, callback=report)
@@ -509,8 +568,9 @@ class Objective:
         for path in (pending, pending + ".json"):
             if os.path.exists(path):
                 os.chmod(path, 0o600)
-        # The steps this attempt ran itself: [the checkpoint it resumed from (0: none), the last step].
-        trial.set_user_attr("ran_steps", [0 if point is None else point.step, result.steps])
+        # The steps this attempt ran itself: [the step it really started from (0: none), the last step].
+        started = None if checkpointer is None else checkpointer.started_from
+        trial.set_user_attr("ran_steps", [0 if started is None else started.step, result.steps])
         attrs = {
             "epsilon_spent": result.epsilon,
             "steps": result.steps,
@@ -558,20 +618,18 @@ class Objective:
                     "microbatch_size": config.microbatch_size, "clipping": config.clipping,
                     "private": config.private, "seed": config.seed, "dataset": self.dataset.name,
                     "split": self.dataset.split.as_dict(), "init_checkpoint": config.init_checkpoint,
-                    "augmentation": dataclasses.asdict(config.augmentation), "eval_every": config.eval_every}
+                    "augmentation": dataclasses.asdict(config.augmentation), "eval_every": config.eval_every,
+                    # A checkpoint left by another study of this name (deleted and created again, or on
+                    # another server sharing the folder) is never resumed.
+                    "study": release.study_id(trial.study)}
         c = Checkpointer(release.checkpoint_folder(folder, origin), identity, every_steps=ck.every_steps,
                          every_seconds=None if ck.every_minutes is None else 60.0 * ck.every_minutes)
         c.writer = trial.number
         point = c.latest()
         if point is not None:
             # What earlier attempts released after the checkpoint must be what the replay computes.
-            writer = point.header.get("trial")
-            for t in sorted(trial.study.get_trials(deepcopy=False), key=lambda t: t.number):
-                if (t.number != trial.number and attempt_origin(t) == origin
-                        and (writer is None or t.number >= int(writer))):
-                    for k, v in (t.user_attrs.get("replay_digests") or {}).items():
-                        if int(k) > point.step:
-                            c.expected_digests[int(k)] = v
+            c.expected_digests.update(replay_expectations(trial.study.get_trials(deepcopy=False), trial.number,
+                                                          origin, point.header.get("trial"), point.step))
 
         def saved(step: int) -> None:
             trial.set_user_attr("checkpoint_step", step)
@@ -808,11 +866,12 @@ def resumed_spends(trials: Sequence[FrozenTrial], touched: Sequence[FrozenTrial]
     replay diverged, the retry restarted from the checkpoint with fresh
     randomness, and the dead attempt's steps after the checkpoint are a run of
     their own: they count apart. A dead attempt whose retry has not resumed
-    (yet) counts at its planned steps.
+    (yet) counts at its planned steps. A link is followed only to a
+    smaller-numbered attempt of the same trial (:func:`_linked`): a record
+    naming any other trial leaves that trial counted on its own.
     """
     by_number = {t.number: t for t in trials}
-    continued = {int(r["trial"]) for t in touched
-                 if (r := t.user_attrs.get("resumed_from")) and r.get("trial") is not None}
+    continued = {hop[0].number for t in touched if (hop := _linked(t, by_number)) is not None}
     events: list[tuple[float, float, int]] = []
     for t in touched:
         if t.state == TrialState.FAIL and t.number in continued:
@@ -822,17 +881,14 @@ def resumed_spends(trials: Sequence[FrozenTrial], touched: Sequence[FrozenTrial]
             continue
         q, sigma, steps = sp
         apart = []
-        link, seen = t.user_attrs.get("resumed_from"), {t.number}
-        while link and link.get("trial") is not None and int(link["trial"]) in by_number:
-            dead = by_number[int(link["trial"])]
-            if dead.number in seen:
-                break
-            seen.add(dead.number)
+        current = t
+        while (hop := _linked(current, by_number)) is not None:  # numbers fall along the chain: it ends
+            dead, link = hop
             if link.get("randomness") == "replayed":
                 steps = max(steps, _extent(dead))
             else:
                 apart.append((q, sigma, max(0, _extent(dead) - int(link.get("step", 0)))))
-            link = dead.user_attrs.get("resumed_from")
+            current = dead
         events.append((q, sigma, steps))
         events.extend(e for e in apart if e[2] > 0)
     return events

@@ -74,7 +74,7 @@ def test_best_model_artifact_is_kept_replaced_exported_and_predicts_its_recorded
     assert not os.path.exists(first_file)  # the superseded model is deleted, not just unlisted
     assert len(os.listdir(store._base_path)) == 1
     # Owner-only: the folder beside the storage, the artifact store, the model.
-    folder = release.study_folder(storage, "best")
+    folder = release.folder_of(s, storage)
     assert folder.startswith(str(tmp_path)) and mode(folder) == 0o700 and mode(store._base_path) == 0o700
     assert mode(os.path.join(store._base_path, kept[0]["artifact_id"])) == 0o600
     assert not os.listdir(os.path.join(folder, "pending"))
@@ -120,7 +120,7 @@ def test_best_model_under_racing_workers_ends_as_the_storage_says(tmp_path):
     storage = f"sqlite:///{tmp_path / 'r.db'}"
     study.create_study(config.load_study(make_config(tmp_path, "race")), storage)
     s = optuna.load_study(study_name="race", storage=storage)
-    folder = release.study_folder(storage, "race")
+    folder = release.folder_of(s, storage)
     params = {"w": np.ones(3, np.float32)}
     meta = {"model": "cnn", "image_shape": [8, 8, 1], "num_classes": 10}
     asked = [s.ask(), s.ask()]
@@ -227,7 +227,7 @@ def test_killed_worker_resumes_from_its_checkpoint_and_the_search_counts_its_ste
     assert dead.user_attrs["progress_steps"] == 6 and sorted(map(int, dead.user_attrs["replay_digests"])) == list(
         range(1, 7))
     # The secret state needed to resume: owner-only, beside the storage, holding the run's secret.
-    ck_folder = release.checkpoint_folder(release.study_folder(storage, "kill"), 0)
+    ck_folder = release.checkpoint_folder(release.folder_of(s, storage), 0)
     files = sorted(os.listdir(ck_folder))
     assert files == ["step-000000002.ckpt", "step-000000004.ckpt"]
     assert mode(ck_folder) == 0o700 and mode(os.path.dirname(ck_folder)) == 0o700
@@ -356,9 +356,9 @@ def test_private_search_keeps_one_model_and_takes_no_checkpoints(tmp_path, secti
 
 def test_time_based_checkpoints_are_due_after_their_interval(tmp_path):
     c = resume.Checkpointer(str(tmp_path / "c"), {}, every_seconds=3600.0)
-    assert c.active and not c.due(1)
+    assert c.active and not c.due(1) and not c.due(2)
     c._last_save -= 3600.0
-    assert c.due(1)
+    assert c.due(3)
     off = resume.Checkpointer(str(tmp_path / "o"), {})
     assert not off.active and not off.due(1000)
 
@@ -433,3 +433,186 @@ def test_resume_through_the_streamed_input_pipeline_replays_the_same_run(tmp_pat
     run(resume.Checkpointer(str(tmp_path / "ck"), {"run": "p"}, every_steps=3))
     resumed = run(resume.Checkpointer(str(tmp_path / "ck"), {"run": "p"}, every_steps=1000))
     assert resumed.history == full.history and resumed.steps == 6
+
+
+# -- review of #18: replay start point, retry chains, foreign checkpoints, save-time metadata ----------
+
+@pytest.mark.slow
+def test_a_diverged_replay_restarts_from_the_very_checkpoint_it_replayed(tmp_path):
+    """The cleanup may not delete the point being replayed, and a divergence restarts from it, in memory."""
+    data = load_dataset("digits", seed=0)
+    folder = str(tmp_path / "ck")
+    full = _run(data, resume.Checkpointer(folder, {"run": "x"}, every_steps=3), steps=5)  # dead attempt: file at 3
+    assert [s for s, _ in resume.Checkpointer(folder, {"run": "x"}).files()] == [3]
+    # The retry checkpoints at every step (a slower machine, every_minutes); the dead attempt's digest at 5 differs.
+    c = resume.Checkpointer(folder, {"run": "x"}, every_steps=1, expected_digests={7: "0" * 64})
+    hp = Hyperparams(batch_size=300, learning_rate=2.0, noise_multiplier=2.0)
+    cfg = RunConfig(microbatch_size=128, secret=SecretSeed.from_int(8), resume=c, eval_every=1)
+    with pytest.raises(resume.ReplayDiverged) as diverged:
+        train_and_evaluate(data, hp, 7, config=cfg, budget=PrivacyBudget(8.0, 1e-5))
+    # Saved at 4, 5, 6 before the check at 7 failed: KEEP=2, yet the replayed file stays while unverified.
+    assert diverged.value.step == 7 and [s for s, _ in c.files()] == [6, 5, 3]
+    assert c.started_from.step == 3
+    os.unlink(c.started_from.path)  # even if the file were gone, the restart would not depend on it
+    point = c.restart_fresh(str(diverged.value))
+    assert point is not None and point.step == 3 and [s for s, _ in c.files()] == []
+    fresh = train_and_evaluate(data, hp, 7, config=cfg, budget=PrivacyBudget(8.0, 1e-5))
+    assert c.started_from is point  # where the study records the restart (resumed_from.step, ran_steps)
+    assert fresh.history[:3] == full.history[:3]  # restored from step 3, not trained again from step 0
+    assert fresh.history[3:5] != full.history[3:5]
+    # Fresh randomness comes from the OS: two restarts from one checkpoint never share their noise.
+    other = resume.Checkpointer(folder, {"run": "x"})
+    other.started_from = point
+    other.restart_fresh("again")
+    assert other.resume_secret(point).bits != c.resume_secret(point).bits != point.secret.bits
+
+
+def test_the_checkpoint_interval_starts_after_the_first_step_not_before_compilation(tmp_path, monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr(resume.time, "monotonic", lambda: clock[0])
+    c = resume.Checkpointer(str(tmp_path / "c"), {}, every_seconds=60.0)
+    clock[0] += 600.0  # compilation took longer than the interval
+    assert not c.due(1)  # the first step: the interval starts here, no checkpoint at once
+    clock[0] += 59.0
+    assert not c.due(2)
+    clock[0] += 1.0
+    assert c.due(3)
+
+
+def _checkpointing_objective(tmp_path, name):
+    storage = f"sqlite:///{tmp_path / (name + '.db')}"
+    study.create_study(config.load_study(make_config(tmp_path, name, checkpoints={"every_steps": 10})), storage)
+    s, resolved = study.load(name, storage)
+    objective = study.Objective(resolved, study._dataset(resolved.study), 1e-5)
+    return s, storage, objective
+
+
+def test_a_retry_of_a_retry_checks_the_digests_of_every_attempt_its_run_continued(tmp_path):
+    """A reports to 300 and dies; B replays A from 100, checkpoints at 140, dies; C resumes B's 140."""
+    from types import SimpleNamespace
+
+    s, storage, objective = _checkpointing_objective(tmp_path, "chain")
+    a = s.ask()
+    a.set_user_attr("replay_digests", {str(k): f"A{k}" for k in range(110, 301, 10)})
+    b = s.ask()
+    b.set_user_attr("retry_of", 0)
+    b.set_user_attr("resumed_from", {"trial": 0, "step": 100, "randomness": "replayed"})
+    b.set_user_attr("replay_digests", {str(k): f"A{k}" for k in range(110, 151, 10)})
+    c_trial = s.ask()
+    c_trial.set_user_attr("retry_of", 0)
+    plan = SimpleNamespace(hparams=Hyperparams(batch_size=10, learning_rate=1.0), steps=400, sampling_rate=0.1)
+    folder = str(tmp_path / "private")
+    identity = objective._checkpointer(c_trial, plan, RunConfig(), folder).identity
+    ck = release.checkpoint_folder(folder, 0)
+    resume.private_dir(ck)
+    header = {"step": 140, "identity": identity, "secret": "00" * 32, "secret_fixed": False, "history": [],
+              "examples": 0, "trial": 1}
+    resume.write_private(os.path.join(ck, "step-000000140.ckpt"), resume.encode(header, b""))
+    c = objective._checkpointer(c_trial, plan, RunConfig(), folder)
+    assert c.latest().step == 140
+    # Every output A released after 140 is an output of the run C continues: all are checked.
+    assert sorted(c.expected_digests) == list(range(150, 301, 10))
+    # A "fresh" link cuts the chain: B's run after 100 was not A's.
+    b.set_user_attr("resumed_from", {"trial": 0, "step": 100, "randomness": "fresh"})
+    c = objective._checkpointer(c_trial, plan, RunConfig(), folder)
+    assert sorted(c.expected_digests) == [150]
+
+
+def test_a_leftover_of_another_study_is_never_resumed_nor_drops_a_trial_from_the_total(tmp_path):
+    from optuna.trial import create_trial
+
+    # Links to a larger-numbered trial, or to another trial's attempt, are not followed.
+    base = {"sampling_rate": 0.1, "noise_multiplier": 2.0, "planned_steps": 100, "touched_data": True}
+    unrelated = create_trial(state=TrialState.FAIL, params={}, distributions={},
+                             user_attrs={**base, "sampling_rate": 0.5, "noise_multiplier": 0.8, "planned_steps": 1000})
+    for number, link in ((5, 5), (2, 2)):
+        unrelated.number = number
+        t3 = create_trial(state=TrialState.COMPLETE, value=0.5, params={}, distributions={}, user_attrs={
+            **base, "steps": 100, "resumed_from": {"trial": link, "step": 40, "randomness": "replayed"}})
+        t3.number = 3
+        assert sorted(study.resumed_spends([t3, unrelated], [t3, unrelated])) == [(0.1, 2.0, 100), (0.5, 0.8, 1000)]
+
+    # A study deleted and created again under its name gets another folder and another identity.
+    s, storage, objective = _checkpointing_objective(tmp_path, "again")
+    first_id, first_folder = release.study_id(s), release.folder_of(s, storage)
+    from types import SimpleNamespace
+
+    plan = SimpleNamespace(hparams=Hyperparams(batch_size=10, learning_rate=1.0), steps=400, sampling_rate=0.1)
+    trial = s.ask()
+    assert objective._checkpointer(trial, plan, RunConfig(), first_folder).identity["study"] == first_id
+    optuna.delete_study(study_name="again", storage=storage)
+    s2, _, _ = _checkpointing_objective(tmp_path, "again")
+    assert release.study_id(s2) != first_id and release.folder_of(s2, storage) != first_folder
+    # Studies sharing an artifacts.path each get their own folder under it, named after them.
+    shared = str(tmp_path / "shared")
+    folders = [release.study_folder(f"sqlite:///{tmp_path / db}", "X", i, shared, create=False)
+               for db, i in (("a.db", "aa" * 8), ("b.db", "bb" * 8))]
+    assert folders[0] != folders[1] and all(f.startswith(os.path.join(shared, "X") + os.sep) for f in folders)
+    # A study created before ids were stored derives a stable one from the storage's id and its trial 0.
+    legacy = optuna.create_study(storage=f"sqlite:///{tmp_path / 'l.db'}", study_name="old")
+    legacy.ask()
+    assert release.study_id(legacy) == release.study_id(legacy) and len(release.study_id(legacy)) == 32
+
+
+def test_a_private_searchs_stored_metadata_does_not_depend_on_when_the_best_was_saved(tmp_path):
+    """What the guarantee said at save time (complete or not) would reveal the secret K: not stored, not exported."""
+    from optuna.trial import create_trial
+
+    from dptune import checkpoint
+
+    ps = {"n_trials": 3, "distribution": "poisson", "mean_trials": 3, "eta": None, "sampling_rate": 0.01,
+          "noise_multiplier": 1.5, "steps": 100, "per_trial_epsilon": 1.0, "total_epsilon": 4.0}
+    attrs = {"private_search": ps, "delta": 1e-5, "dptune_config": {
+        "study": {"validation_dataset": "digits", "dataset": "mnist", "artifacts": {"keep": 1}}}}
+    trial_attrs = {"sampling_rate": 0.01, "noise_multiplier": 1.5, "planned_steps": 100, "touched_data": True,
+                   "steps": 100, "delta": 1e-5, "epsilon_spent": 1.0, "accountant": "rdp"}
+    ck = {"model": "cnn", "image_shape": [8, 8, 1], "num_classes": 10}
+
+    def at(n_done, storage=None):
+        st = optuna.create_study(direction="maximize", storage=storage, study_name="ps")
+        for k, v in attrs.items():
+            st.set_user_attr(k, v)
+        for i in range(n_done):
+            st.add_trial(create_trial(state=TrialState.COMPLETE, value=0.9 if i == 0 else 0.1, params={},
+                                      distributions={}, user_attrs=trial_attrs))
+        return st, release.model_metadata(st, st.trials[0], ck)
+
+    assert at(1)[1] == at(3)[1]
+    assert at(1)[1]["search_guarantee_at_save"] == {"mode": "private_search"}
+    storage = f"sqlite:///{tmp_path / 'p.db'}"
+    st, _ = at(3, storage)
+    checkpoint.save(release.pending_path(release.folder_of(st, storage), 0), {"w": np.ones(3, np.float32)}, ck)
+    assert release.keep_best(st, st.trials[0], storage) is not None
+    meta = release.export_model(st, storage, str(tmp_path / "out"))
+    assert "search_guarantee_at_save" not in meta and meta["search"]["mode"] == "private_search"
+    assert "search_guarantee_at_save" not in json.load(open(tmp_path / "out" / release.METADATA_FILE))
+
+
+def test_a_trials_epsilon_covers_a_diverged_dead_attempt():
+    from optuna.trial import create_trial
+
+    base = {"sampling_rate": 0.25, "noise_multiplier": 2.0, "planned_steps": 8, "touched_data": True,
+            "delta": 1e-5, "accountant": "rdp"}
+    s = optuna.create_study(direction="maximize")
+    s.add_trial(create_trial(state=TrialState.FAIL, params={}, distributions={},
+                             user_attrs={**base, "progress_steps": 6, "checkpoint_step": 4}))
+    from dptune import privacy
+
+    own = privacy.epsilon(0.25, 2.0, 8, 1e-5, "rdp")
+    for randomness, more in (("replayed", False), ("fresh", True)):
+        s.add_trial(create_trial(state=TrialState.COMPLETE, value=0.5, params={}, distributions={}, user_attrs={
+            **base, "steps": 8, "epsilon_spent": own, "retry_of": 0,
+            "resumed_from": {"trial": 0, "step": 4, "randomness": randomness}}))
+        got = release._trial_privacy(s, s.trials[-1])
+        assert (got["epsilon"] > own) is more and (got.get("attempts") is not None) is more
+
+
+def test_an_existing_open_folder_is_not_chmodded_but_warned_about(tmp_path):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    os.chmod(folder, 0o755)
+    with pytest.warns(resume.OpenFolderWarning, match="other users"):
+        resume.private_dir(str(folder))
+    assert mode(folder) == 0o755
+    inner = resume.private_dir(str(folder / "a" / "b"))
+    assert mode(inner) == 0o700 and mode(folder / "a") == 0o700
