@@ -48,3 +48,19 @@ def wait_for(driver, predicate, timeout: float = 60.0, what: str = "condition"):
             return value
         time.sleep(0.5)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def wait_for_dashboard(url: str, proc) -> None:
+    """Wait up to a minute for optuna-dashboard at ``url`` to answer; fail with its output if it exits."""
+    import time
+    import urllib.request
+
+    for _ in range(120):
+        try:
+            urllib.request.urlopen(url + "/dashboard", timeout=2)
+            return
+        except OSError:
+            if proc.poll() is not None:
+                break
+            time.sleep(0.5)
+    pytest.fail("dashboard did not start: " + (proc.stdout.read(2000) if proc.poll() is not None else "timeout"))

@@ -6,7 +6,6 @@ import socket
 import sqlite3
 import subprocess
 import sys
-import time
 import urllib.request
 
 import optuna
@@ -15,7 +14,7 @@ import yaml
 
 from dptune import config, study
 from dptune.inspect import dashboard, export, report
-from tests.browser import chromium, screenshot, wait_for
+from tests.browser import chromium, screenshot, wait_for, wait_for_dashboard
 
 SPACE = {"batch_size": {"low": 100, "high": 1000, "log": True}, "learning_rate": {"low": 0.1, "high": 5.0},
          "clip_norm": 1.0, "noise_multiplier": {"low": 0.5, "high": 3.0}}
@@ -114,14 +113,7 @@ def test_dashboard_shows_the_study_and_its_trials(tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
-        for _ in range(120):
-            try:
-                urllib.request.urlopen(url + "/dashboard", timeout=2)
-                break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            pytest.fail("dashboard did not start: " + proc.stdout.read(2000) if proc.poll() is not None else "timeout")
+        wait_for_dashboard(url, proc)
         # What dptune saved into the study is there for the dashboard to show.
         loaded = optuna.load_study(study_name="dashboard_study", storage=storage)
         assert "dptune-accuracy-vs-epsilon" in str(loaded._storage.get_study_system_attrs(loaded._study_id))

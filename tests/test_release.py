@@ -295,7 +295,7 @@ def test_search_total_counts_a_diverged_replay_apart():
 
 @pytest.mark.slow
 def test_dashboard_lists_and_serves_the_best_model(tmp_path):
-    from tests.browser import chromium, screenshot, wait_for
+    from tests.browser import chromium, screenshot, wait_for, wait_for_dashboard
     from tests.test_inspect import _free_port
 
     storage = f"sqlite:///{tmp_path / 'd.db'}"
@@ -310,14 +310,7 @@ def test_dashboard_lists_and_serves_the_best_model(tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(120):
-            try:
-                urllib.request.urlopen(url + "/dashboard", timeout=2)
-                break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            pytest.fail("dashboard did not start: " + (proc.stdout.read(2000) if proc.poll() is not None else "timeout"))
+        wait_for_dashboard(url, proc)
         # The download the dashboard offers is the stored model, byte for byte.
         body = urllib.request.urlopen(f"{url}/artifacts/{s._study_id}/{entry['artifact_id']}", timeout=10).read()
         assert hashlib.sha256(body).hexdigest() == entry["sha256"]
