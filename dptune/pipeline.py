@@ -192,9 +192,13 @@ class Loader:
             dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
                                                                        per_worker_buffer_size=buffer))
         self.reader = reader
-        self._iterator: Iterator[dict[str, Any]] = iter(dataset)
+        self._dataset = dataset
+        # Workers start on the first batch asked for: a loader never used starts (and leaves) nothing.
+        self._iterator: Iterator[dict[str, Any]] | None = None
 
     def batch(self, step: int, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self._iterator is None:
+            self._iterator = iter(self._dataset)
         item = next(self._iterator)
         if item["step"] != step or not np.array_equal(item["positions"], positions):
             raise DataError(f"pipeline: loader out of step (got step {item['step']}, expected {step})")
