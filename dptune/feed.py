@@ -85,11 +85,6 @@ def choose(feed: str, split: Any, fns: StepFunctions, *, augmenting: bool, batch
     return "streamed" if batch_size * per_example * 1.5 <= STREAM_BYTES else "loop"
 
 
-def _global(fns: StepFunctions, array: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
-    # Works with one process and with several (each process fills its own devices' shards).
-    return multihost.put(array, sharding)
-
-
 class ResidentFeed:
     """The training split on every device; each step sends its padded index array (``[capacity, microbatch]``)."""
 
@@ -98,8 +93,8 @@ class ResidentFeed:
         self.n = len(split)
         self.capacity = max(1, -(-self.n // fns.microbatch_size))
         self.rows = jax.sharding.NamedSharding(fns.mesh, jax.sharding.PartitionSpec(None, "data"))
-        self.images = _global(fns, np.ascontiguousarray(split.images), fns.replicated)
-        self.labels = _global(fns, np.asarray(split.labels, np.int32), fns.replicated)
+        self.images = multihost.put(np.ascontiguousarray(split.images), fns.replicated)
+        self.labels = multihost.put(np.asarray(split.labels, np.int32), fns.replicated)
 
     def layout(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
         """(index [capacity, mb] int32, mask [capacity, mb] float32, microbatches used)."""
@@ -114,8 +109,8 @@ class ResidentFeed:
     def step(self, state: TrainState, indices: np.ndarray, private: bool, args: tuple, trainable: Any) -> TrainState:
         index, mask, used = self.layout(indices)
         return dispatch.track(self.fns.step_resident(
-            private, state, self.images, self.labels, _global(self.fns, index, self.rows),
-            _global(self.fns, mask, self.rows), np.int32(used), *args, trainable))
+            private, state, self.images, self.labels, multihost.put(index, self.rows),
+            multihost.put(mask, self.rows), np.int32(used), *args, trainable))
 
 
 def bucket(used: int, limit: int) -> int:
@@ -159,10 +154,10 @@ class StreamedFeed:
         real = padded[:used * mb]
         if self.batch_source is not None:
             x, y = self.batch_source(step, real)  # also for an empty batch: the loader stays in step
-        else:
-            x, y = self.split.take_raw(real) if len(real) else (None, None)
         if not len(real):
             x, y = self._empty()
+        elif self.batch_source is None:
+            x, y = self.split.take_raw(real)
         if self.augment is not None and len(real):
             x = self.augment(x, real, step)
         k = self.copies
@@ -179,5 +174,5 @@ class StreamedFeed:
     def step(self, state: TrainState, indices: np.ndarray, private: bool, args: tuple, trainable: Any) -> TrainState:
         xs, ys, mask, used = self.arrays(indices, int(args[1]))
         return dispatch.track(self.fns.step_streamed(
-            private, state, _global(self.fns, xs, self.rows), _global(self.fns, ys, self.rows),
-            _global(self.fns, mask, self.rows), np.int32(used), *args, trainable))
+            private, state, multihost.put(xs, self.rows), multihost.put(ys, self.rows),
+            multihost.put(mask, self.rows), np.int32(used), *args, trainable))
