@@ -331,8 +331,9 @@ def _public_settings(dataset: Dataset, hparams: Hyperparams, steps: int, config:
     train = dataset.train
     rows = getattr(train, "indices", None)
     labels = getattr(train, "labels", None)
+    images = getattr(train, "images", None)  # in-memory pixels; record splits: their source is in `split`
     data = hashlib.sha256()
-    for part in (rows, labels):
+    for part in (rows, labels, images):
         if part is not None:
             data.update(np.ascontiguousarray(part).tobytes())
     return {"hparams": asdict(hparams), "steps": steps, "config": public,
