@@ -4,7 +4,7 @@
 
 For ε = 1, 3, 8 (δ = 1e-5, PLD accounting) it calibrates σ so that ``--steps``
 Poisson steps at the expected batch ``--batch-size`` spend exactly that ε on
-mnist5k's training split, then runs ``dptune.audit.run_audit`` twice (white-box
+mnist5k's training split, then runs ``dptune.search.audit.run_audit`` twice (white-box
 Dirac canaries, black-box noise-image canaries), each with ``--canaries``
 canaries through the real training path (cnn, book-keeping clipping, all local
 devices). It then repeats the audits with two test-only faults
@@ -42,9 +42,11 @@ def main() -> int:
 
     import contextlib
 
-    from dptune import audit, faults, privacy
-    from dptune.data import load_dataset
-    from dptune.train import Hyperparams, PrivacyBudget, RunConfig
+    from dptune.search import audit
+    from dptune import faults
+    from dptune.privacy import accounting as privacy
+    from dptune.data.datasets import load_dataset
+    from dptune.trainer.train import Hyperparams, PrivacyBudget, RunConfig
 
     ds = load_dataset("mnist5k")
     n = len(ds.train)

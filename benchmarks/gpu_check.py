@@ -12,7 +12,7 @@ Two workloads of the seed paper's scale, on synthetic data of the real shapes:
 For each: the whole ``train_and_evaluate`` loop (what ``dptune train`` runs),
 private (book-keeping clipping, σ = 1) and non-private, examples/s with
 compilation excluded, their ratio, the feed used and the device's peak memory.
-Then the input pipeline (:mod:`dptune.pipeline`) reading locally written
+Then the input pipeline (:mod:`dptune.data.pipeline`) reading locally written
 ArrayRecord files of ImageNet-shaped JPEGs (decoded and resized to 224²) and
 CIFAR-shaped PNGs with 1, 2 and (on an accelerator) 8 worker processes, beside
 the DP step's consumption. ``--smoke`` runs tiny shapes on any backend (the
@@ -30,10 +30,10 @@ import time
 import jax
 import numpy as np
 
-from dptune import pipeline
-from dptune.data import ArraySplit, Dataset, SplitInfo, load_dataset
+from dptune.data import pipeline
+from dptune.data.datasets import ArraySplit, Dataset, SplitInfo, load_dataset
 from dptune.randomness import SecretSeed
-from dptune.train import Hyperparams, PrivacyBudget, RunConfig, train_and_evaluate
+from dptune.trainer.train import Hyperparams, PrivacyBudget, RunConfig, train_and_evaluate
 
 
 def synthetic(name: str, n: int, shape: tuple[int, int, int], classes: int) -> Dataset:

@@ -8,7 +8,7 @@ unpinned torch would pull a several-GB CUDA build). dptune runs in the Python
 that runs this script. Every (framework, mode, B) is its own process, so each
 peak RSS is that configuration's alone; both frameworks get the same number of
 threads (dptune as its CLI runs on a CPU host: one JAX device per thread,
-:func:`dptune.xla_options.use_host_cores`).
+:func:`dptune.trainer.xla_options.use_host_cores`).
 
 Timed: one whole DP-SGD step on one logical batch of B examples held in memory
 (forward, per-example clipping, noise, optimizer update), median of
@@ -19,7 +19,7 @@ Timed: one whole DP-SGD step on one logical batch of B examples held in memory
 * dptune ``bookkeeping`` (its default), ``vmap`` (the reference), and its
   non-private step. As in training, the logical batch is split into
   microbatches of the size dptune measures as fastest for the device set
-  (:mod:`dptune.microbatch`; the non-private step uses book-keeping's), their
+  (:mod:`dptune.trainer.microbatch`; the non-private step uses book-keeping's), their
   clipped sums accumulated, then noise added once and the update applied.
 
 This machine is shared and noisy: ``--rounds R`` repeats every cell R times
@@ -108,22 +108,22 @@ def worker_opacus(mode: str, b: int, steps: int, threads: int) -> dict:
 
 
 def worker_dptune(mode: str, b: int, steps: int, threads: int, microbatch_size: int = 0) -> dict:
-    from dptune import xla_options
+    from dptune.trainer import xla_options
 
     # As the dptune CLI does before JAX starts: one host device per thread it may use.
     xla_options.use_host_cores(limit=threads)
     import jax
     import numpy as np
 
-    from dptune import dispatch, microbatch
-    from dptune.dp_step import step_functions
-    from dptune.models import build_model, count_params, init_params
+    from dptune.trainer import dispatch, microbatch
+    from dptune.trainer.dp_step import step_functions
+    from dptune.models.builtin import build_model, count_params, init_params
 
     devices = tuple(jax.local_devices())
     model = build_model("cnn", CLASSES)
     params = init_params(model, IMAGE, jax.random.key(0))
     private = mode != "nonprivate"
-    if not microbatch_size:  # the product's default: measured per device set (dptune.microbatch)
+    if not microbatch_size:  # the product's default: measured per device set (dptune.trainer.microbatch)
         microbatch_size = microbatch.choose("cnn", IMAGE, CLASSES, devices, clipping=mode, upper=b,
                                             use_cache=False).microbatch_size
     fns = step_functions(model, "momentum", microbatch_size, devices, mode if private else "vmap")
@@ -140,7 +140,7 @@ def worker_dptune(mode: str, b: int, steps: int, threads: int, microbatch_size: 
     def step() -> None:
         # One logical batch: the clipped sums of its microbatches, then noise once and the update.
         state["t"] += 1
-        # Bounded run-ahead as in dptune.train (many microbatches would otherwise deadlock XLA:CPU; dptune.dispatch).
+        # Bounded run-ahead as in dptune.trainer.train (many microbatches would otherwise deadlock XLA:CPU; dptune.trainer.dispatch).
         acc = dispatch.track(fns.zeros_like(state["s"].params))
         for x, y, mask in chunks:
             acc = dispatch.track(accumulate(state["s"].params, acc, x, y, mask, clip))

@@ -17,7 +17,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from dptune import compile_stats, config, study
+from dptune.trainer import compile_stats
+from dptune.config import schema as config
+from dptune.search import study
 
 
 def run(resolved: config.ResolvedStudy, storage: str, n_trials: int) -> dict:

@@ -10,7 +10,7 @@ alike. The table reports median examples/s, the DP ÷ non-private time ratio,
 compile seconds and XLA's temporary-buffer size of each compiled accumulate
 (the step's working memory beyond inputs and parameters). ``--xla-options
 both`` times every path also with XLA's default compiler options, to show what
-:mod:`dptune.xla_options` buys on this backend. ``--smoke``: tiny.
+:mod:`dptune.trainer.xla_options` buys on this backend. ``--smoke``: tiny.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ import time
 import jax
 import numpy as np
 
-from dptune import compile_stats, xla_options
-from dptune.dp_step import StepFunctions
-from dptune.models import build_model, count_params, init_params
+from dptune.trainer import compile_stats, xla_options
+from dptune.trainer.dp_step import StepFunctions
+from dptune.models.builtin import build_model, count_params, init_params
 
 
 def make_step(fns, x, y, mask, private: bool):
@@ -55,7 +55,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--devices", type=int, default=1, help="local devices to shard each microbatch over")
     ap.add_argument("--xla-options", choices=("dptune", "xla", "both"), default="dptune",
-                    help="compile with dptune's backend options (dptune.xla_options), XLA's defaults, or both")
+                    help="compile with dptune's backend options (dptune.trainer.xla_options), XLA's defaults, or both")
     ap.add_argument("--smoke", action="store_true", help="B = 16, 3 steps: checks the script runs")
     args = ap.parse_args()
     if args.smoke:

@@ -7,7 +7,7 @@ CNN, ε = 8, microbatch chosen by measurement and cached, evaluation only at the
 end): ``--feed loop`` is the loop before issue #21 (a host gather, a transfer
 and a dispatch per microbatch, then one for the update); ``--feed auto`` keeps
 the training split on the device and runs each logical batch as one compiled
-call (:mod:`dptune.feed`). Examples/s are those the run reports (expected batch
+call (:mod:`dptune.trainer.feed`). Examples/s are those the run reports (expected batch
 × steps over compute time, compilation excluded). Opacus 1.6's faster mode
 (hooks or ghost, whichever is faster in that round) is timed by
 ``benchmarks/peer_opacus.py``'s worker on the same CNN and threads: a pure

@@ -21,8 +21,9 @@ from pathlib import Path
 
 import yaml
 
-from dptune import config, study, workers
-from dptune.storage import open_storage
+from dptune.config import schema as config
+from dptune.search import study, workers
+from dptune.search.storage import open_storage
 
 
 def run(n_workers: int, n_trials: int, max_epochs: float, base: Path) -> dict:

@@ -20,11 +20,15 @@ import pytest
 import yaml
 from jax_privacy.auditing import CanaryScoreAuditor, Explicit
 
-from dptune import audit, cli, config, faults, privacy, study
-from dptune.data import ArraySplit, load_dataset
+from dptune.search import audit, study
+from dptune.cli import commands as cli
+from dptune.config import schema as config
+from dptune import faults
+from dptune.privacy import accounting as privacy
+from dptune.data.datasets import ArraySplit, load_dataset
 from dptune.errors import ConfigError, PrivacyError
-from dptune.sampling import poisson_batch
-from dptune.train import Hyperparams, PrivacyBudget, RunConfig
+from dptune.data.sampling import poisson_batch
+from dptune.trainer.train import Hyperparams, PrivacyBudget, RunConfig
 
 DELTA = 1e-5
 CAP = PrivacyBudget(100.0, DELTA)  # the audits below set σ and T; the cap never binds

@@ -4,7 +4,7 @@ The contract for every row: exit code 2, exactly one line on stderr
 (``dptune: error: …`` naming the field, and the file where there is one), no
 traceback, and the working folder — storages included, byte for byte — as it
 was: nothing half-written, no stray files. Rows run in-process through
-``dptune.cli.main`` in a fresh copy of a folder holding a study with trials in
+``dptune.cli.commands.main`` in a fresh copy of a folder holding a study with trials in
 SQLite and in a journal file.
 """
 
@@ -18,7 +18,9 @@ from pathlib import Path
 import optuna
 import pytest
 
-from dptune import cli, config, study
+from dptune.cli import commands as cli
+from dptune.config import schema as config
+from dptune.search import study
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,11 +9,11 @@ import numpy as np
 import optax
 import pytest
 
-from dptune import bookkeeping, xla_options
-from dptune.dp_step import clipped_sum, step_functions
+from dptune.trainer import bookkeeping, xla_options
+from dptune.trainer.dp_step import clipped_sum, step_functions
 from dptune.errors import ConfigError
-from dptune.layers import Dense
-from dptune.models import ResNet, WideResNet, _BasicBlock, build_model, init_params
+from dptune.models.layers import Dense
+from dptune.models.builtin import ResNet, WideResNet, _BasicBlock, build_model, init_params
 
 
 @functools.lru_cache
@@ -168,7 +168,7 @@ class _SharedDense(nn.Module):
         return Dense(10)(layer(layer(flat)))
 
 
-@pytest.mark.parametrize("module,reason", [(_FlaxDenseNet(), "outside dptune.layers"), (_SharedDense(), "shared weights")])
+@pytest.mark.parametrize("module,reason", [(_FlaxDenseNet(), "outside dptune.models.layers"), (_SharedDense(), "shared weights")])
 def test_unsupported_models_fall_back_to_vmap(module, reason):
     x = jnp.ones((4, 3, 3, 1))
     y = jnp.zeros(4, jnp.int32)

@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dptune.data import load_dataset
+from dptune.data.datasets import load_dataset
 from dptune.errors import ConfigError, DataError
-from dptune.models import MODELS, build_model, count_params, init_params
+from dptune.models.builtin import MODELS, build_model, count_params, init_params
 
 
 def test_mnist5k_is_real_mnist_split_deterministically():
@@ -95,7 +95,7 @@ def test_unknown_model():
 def test_fast_average_pooling_equals_flax(size):
     import flax.linen as nn
 
-    from dptune.models import _avg_pool_2x2
+    from dptune.models.builtin import _avg_pool_2x2
 
     x = jax.random.normal(jax.random.key(0), (3, size, size, 5))
     np.testing.assert_allclose(_avg_pool_2x2(x), nn.avg_pool(x, (2, 2), (2, 2), padding="SAME"), rtol=1e-6, atol=1e-6)
@@ -103,7 +103,7 @@ def test_fast_average_pooling_equals_flax(size):
 
 @pytest.mark.parametrize("size,k,stride", [(28, 3, 1), (9, 3, 2), (12, 7, 2), (10, 1, 2)])
 def test_single_channel_convolution_equals_xla(size, k, stride):
-    from dptune.layers import conv_same
+    from dptune.models.layers import conv_same
 
     x = jax.random.normal(jax.random.key(1), (2, size, size, 1))
     kernel = jax.random.normal(jax.random.key(2), (k, k, 1, 5))

@@ -10,11 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dptune import dispatch
-from dptune.data import load_dataset
-from dptune.dp_step import TrainState
+from dptune.trainer import dispatch
+from dptune.data.datasets import load_dataset
+from dptune.trainer.dp_step import TrainState
 from dptune.errors import ConfigError
-from dptune.train import Hyperparams, train_step
+from dptune.trainer.train import Hyperparams, train_step
 
 HELPER = Path(__file__).parent / "helpers" / "dispatch_loop.py"
 # Two runs of the helper: one non-private, one private, each 12 steps of B = 1024 in microbatches of 32

@@ -10,10 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from dptune.data import load_dataset
-from dptune.dp_step import clipped_sum, privatize, step_functions
-from dptune.models import build_model, init_params
-from dptune.train import Hyperparams, train_step
+from dptune.data.datasets import load_dataset
+from dptune.trainer.dp_step import clipped_sum, privatize, step_functions
+from dptune.models.builtin import build_model, init_params
+from dptune.trainer.train import Hyperparams, train_step
 
 B = 6
 SHAPES = [(3,), (2, 2)]

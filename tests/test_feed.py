@@ -1,4 +1,4 @@
-"""One dispatch per logical batch (dptune.feed): resident and streamed feeds equal the host loop."""
+"""One dispatch per logical batch (dptune.trainer.feed): resident and streamed feeds equal the host loop."""
 
 import json
 import os
@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dptune import feed
+from dptune.trainer import feed
 from dptune.errors import ConfigError
 from dptune.randomness import SecretSeed
 
@@ -58,8 +58,8 @@ def test_per_step_batches_are_independent_secret_streams():
 
 def test_wrapped_splits_are_never_copied_to_the_device():
     """An audit's canary wrapper has `.images` (the canaries only): it must not be taken for the whole split."""
-    from dptune.audit import _WithCanaries
-    from dptune.data import ArraySplit
+    from dptune.search.audit import _WithCanaries
+    from dptune.data.datasets import ArraySplit
 
     base = ArraySplit(np.zeros((10, 4, 4, 1), np.uint8), np.zeros(10))
     wrapped = _WithCanaries(base, np.zeros((2, 4, 4, 1), np.float32), np.zeros(2, np.int32))

@@ -22,15 +22,18 @@ from dp_accounting.rdp.rdp_privacy_accountant import RdpAccountant
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dptune import checkpoint, config, search_privacy, study
-from dptune.augment import Augmentation
-from dptune.data import load_dataset
+from dptune.models import checkpoint
+from dptune.config import schema as config
+from dptune.privacy import search_totals as search_privacy
+from dptune.search import study
+from dptune.data.augment import Augmentation
+from dptune.data.datasets import load_dataset
 from dptune.errors import ConfigError
-from dptune.models import build_model, init_params
+from dptune.models.builtin import build_model, init_params
 from dptune.randomness import SecretSeed
-from dptune.search_privacy import RenyiFilter, TrialCount
-from dptune.dp_step import step_functions
-from dptune.train import Hyperparams, PrivacyBudget, RunConfig, augmenter, train_and_evaluate
+from dptune.privacy.search_totals import RenyiFilter, TrialCount
+from dptune.trainer.dp_step import step_functions
+from dptune.trainer.train import Hyperparams, PrivacyBudget, RunConfig, augmenter, train_and_evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -270,7 +273,7 @@ def _walk_keys(obj):
 
 @pytest.mark.slow
 def test_private_search_release_shows_neither_k_nor_trial_numbers(tmp_path, capsys):
-    from dptune import cli
+    from dptune.cli import commands as cli
 
     def run(*args):
         code = cli.main(list(args))
@@ -371,7 +374,7 @@ def test_filter_counts_requests_of_running_trials_before_they_are_admitted(tmp_p
     assert cap["order"] == pytest.approx(search_privacy.default_filter_order(3.0, 1e-5))
     resolved = study.load("f", storage)[1]
     objective = study.Objective(resolved, study._dataset(resolved.study), 1e-5, None, cap)
-    from dptune.search_space import plan_trial
+    from dptune.search.space import plan_trial
 
     first, second = s.ask(), s.ask()
     plans = [plan_trial(t, resolved.space, 1258, objective.budget, resolved.study.budget) for t in (first, second)]

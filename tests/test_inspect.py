@@ -12,7 +12,8 @@ import optuna
 import pytest
 import yaml
 
-from dptune import config, study
+from dptune.config import schema as config
+from dptune.search import study
 from dptune.inspect import dashboard, export, report
 from tests.browser import chromium, screenshot, wait_for, wait_for_dashboard
 

@@ -4,7 +4,7 @@ import json
 
 import jax
 
-from dptune import microbatch, xla_options
+from dptune.trainer import microbatch, xla_options
 
 
 def test_choice_is_measured_then_cached_per_setting(tmp_path, monkeypatch):

@@ -1,4 +1,4 @@
-"""One trial across processes (dptune.multihost): 2 processes × 2 CPU devices equal 1 process × 4 devices."""
+"""One trial across processes (dptune.trainer.multihost): 2 processes × 2 CPU devices equal 1 process × 4 devices."""
 
 import json
 import os

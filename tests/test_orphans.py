@@ -17,9 +17,10 @@ import pytest
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
-from dptune import config, orphans
-from dptune.storage import open_storage
-from dptune.study import create_study
+from dptune.config import schema as config
+from dptune.search import orphans
+from dptune.search.storage import open_storage
+from dptune.search.study import create_study
 from tests.test_workers import make_config, trials_of
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)

@@ -1,14 +1,14 @@
-"""The input pipeline (dptune.pipeline): real ArrayRecord files, Poisson batches decoded by grain workers."""
+"""The input pipeline (dptune.data.pipeline): real ArrayRecord files, Poisson batches decoded by grain workers."""
 
 import numpy as np
 import pytest
 from scipy import stats
 
-from dptune import pipeline
-from dptune.data import load_dataset
+from dptune.data import pipeline
+from dptune.data.datasets import load_dataset
 from dptune.errors import DataError
 from dptune.randomness import SecretSeed
-from dptune.sampling import poisson_batch
+from dptune.data.sampling import poisson_batch
 
 
 @pytest.fixture(scope="module")

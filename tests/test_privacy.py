@@ -1,4 +1,4 @@
-"""Contract tests of dptune.privacy against direct dp_accounting calls."""
+"""Contract tests of dptune.privacy.accounting against direct dp_accounting calls."""
 
 import math
 
@@ -7,7 +7,7 @@ from dp_accounting import dp_event
 from dp_accounting.pld.pld_privacy_accountant import PLDAccountant
 from dp_accounting.rdp.rdp_privacy_accountant import RdpAccountant
 
-from dptune import privacy
+from dptune.privacy import accounting as privacy
 from dptune.errors import PrivacyError
 
 DIRECT = {"pld": PLDAccountant, "rdp": RdpAccountant}

@@ -20,10 +20,12 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from dptune import config, orphans, release, resume, study
-from dptune.data import load_dataset
+from dptune.config import schema as config
+from dptune.search import orphans, release, study
+from dptune.trainer import resume
+from dptune.data.datasets import load_dataset
 from dptune.randomness import SecretSeed
-from dptune.train import Hyperparams, PrivacyBudget, RunConfig, train_and_evaluate
+from dptune.trainer.train import Hyperparams, PrivacyBudget, RunConfig, train_and_evaluate
 
 SPACE = {"batch_size": 300, "effective_learning_rate": {"low": 0.01, "high": 6.0}, "clip_norm": 1.0,
          "noise_multiplier": 2.0}
@@ -115,7 +117,7 @@ def test_best_model_artifact_is_kept_replaced_exported_and_predicts_its_recorded
 
 def test_best_model_under_racing_workers_ends_as_the_storage_says(tmp_path):
     """Two workers finish at once: however their keep/prune passes interleave, the best is kept, alone."""
-    from dptune import checkpoint
+    from dptune.models import checkpoint
 
     storage = f"sqlite:///{tmp_path / 'r.db'}"
     study.create_study(config.load_study(make_config(tmp_path, "race")), storage)
@@ -254,7 +256,7 @@ def test_killed_worker_resumes_from_its_checkpoint_and_the_search_counts_its_ste
     assert not os.path.exists(ck_folder)  # deleted once the trial finished
 
     q, sigma, delta = retry.user_attrs["sampling_rate"], retry.user_attrs["noise_multiplier"], 1e-5
-    from dptune import privacy
+    from dptune.privacy import accounting as privacy
 
     assert retry.user_attrs["epsilon_spent"] == pytest.approx(privacy.epsilon(q, sigma, 8, delta, "pld"))
     # What ran: one DP-SGD run of 8 steps (the dead attempt's 6 replayed exactly), composed once.
@@ -273,7 +275,7 @@ def test_search_total_counts_a_diverged_replay_apart():
     from optuna.distributions import FloatDistribution
     from optuna.trial import create_trial
 
-    from dptune.search_privacy import composed_epsilon
+    from dptune.privacy.search_totals import composed_epsilon
 
     base = {"sampling_rate": 0.25, "noise_multiplier": 2.0, "planned_steps": 8, "touched_data": True}
     dead = create_trial(state=TrialState.FAIL, params={}, distributions={},
@@ -405,7 +407,7 @@ def test_a_heartbeat_retry_forgets_its_parents_resume_record_and_counts_apart(tm
 @pytest.mark.slow
 def test_resume_through_the_streamed_input_pipeline_replays_the_same_run(tmp_path):
     """With records decoded by grain workers ahead of the loop, the resumed loader starts at the checkpoint."""
-    from dptune import pipeline
+    from dptune.data import pipeline
 
     rng = np.random.default_rng(0)
     images = np.kron(rng.integers(0, 256, (200, 2, 2, 1)), np.ones((1, 4, 4, 1))).astype(np.uint8)
@@ -551,7 +553,7 @@ def test_a_private_searchs_stored_metadata_does_not_depend_on_when_the_best_was_
     """What the guarantee said at save time (complete or not) would reveal the secret K: not stored, not exported."""
     from optuna.trial import create_trial
 
-    from dptune import checkpoint
+    from dptune.models import checkpoint
 
     ps = {"n_trials": 3, "distribution": "poisson", "mean_trials": 3, "eta": None, "sampling_rate": 0.01,
           "noise_multiplier": 1.5, "steps": 100, "per_trial_epsilon": 1.0, "total_epsilon": 4.0}
@@ -589,7 +591,7 @@ def test_a_trials_epsilon_covers_a_diverged_dead_attempt():
     s = optuna.create_study(direction="maximize")
     s.add_trial(create_trial(state=TrialState.FAIL, params={}, distributions={},
                              user_attrs={**base, "progress_steps": 6, "checkpoint_step": 4}))
-    from dptune import privacy
+    from dptune.privacy import accounting as privacy
 
     own = privacy.epsilon(0.25, 2.0, 8, 1e-5, "rdp")
     for randomness, more in (("replayed", False), ("fresh", True)):

@@ -3,7 +3,7 @@
 import numpy as np
 from scipy import stats
 
-from dptune.sampling import microbatches, pad_to_multiple, poisson_batch
+from dptune.data.sampling import microbatches, pad_to_multiple, poisson_batch
 
 
 def test_batch_sizes_follow_binomial():

@@ -9,9 +9,9 @@ from dp_accounting.pld.pld_privacy_accountant import PLDAccountant
 from dp_accounting.rdp.rdp_privacy_accountant import RdpAccountant
 from scipy import stats
 
-from dptune import privacy
+from dptune.privacy import accounting as privacy
 from dptune.errors import PrivacyError
-from dptune.search_privacy import (TrialCount, composed_epsilon, naive_epsilon, noise_for_search,
+from dptune.privacy.search_totals import (TrialCount, composed_epsilon, naive_epsilon, noise_for_search,
                                    search_epsilon)
 
 # The reference example.

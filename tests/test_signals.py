@@ -18,9 +18,10 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from dptune import config, study
-from dptune.cli import INTERRUPTED
-from dptune.storage import open_storage
+from dptune.config import schema as config
+from dptune.search import study
+from dptune.cli.commands import INTERRUPTED
+from dptune.search.storage import open_storage
 
 SPACE = {"batch_size": {"low": 200, "high": 600, "log": True}, "effective_learning_rate": {"low": 1.0, "high": 6.0},
          "clip_norm": 1.0, "noise_multiplier": {"low": 1.5, "high": 3.0}}

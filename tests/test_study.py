@@ -10,7 +10,8 @@ import optuna
 import pytest
 import yaml
 
-from dptune import config, study
+from dptune.config import schema as config
+from dptune.search import study
 from dptune.errors import ConfigError, DptuneError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -257,7 +258,7 @@ def test_private_search_runs_the_drawn_number_of_identical_trials(tmp_path):
 
 
 def test_ordinary_study_total_composes_every_trial_that_touched_data(tmp_path):
-    from dptune.search_privacy import composed_epsilon
+    from dptune.privacy.search_totals import composed_epsilon
 
     storage = storage_of(tmp_path)
     s = study.create_study(config.load_study(write(tmp_path, {**STUDY, "dataset": "digits"})), storage)
@@ -274,7 +275,7 @@ def test_ordinary_study_total_composes_every_trial_that_touched_data(tmp_path):
     expected = composed_epsilon([(0.2, 1.5, 10), (0.3, 2.0, 4)], 1e-5)
     assert g["mode"] == "composition" and g["trials_touching_data"] == 2
     assert g["total_epsilon"] == pytest.approx(expected["rdp"])
-    from dptune import privacy
+    from dptune.privacy import accounting as privacy
 
     assert g["total_epsilon"] > privacy.epsilon(0.2, 1.5, 10, 1e-5, "rdp")
     assert g["total_epsilon"] > privacy.epsilon(0.3, 2.0, 4, 1e-5, "rdp")

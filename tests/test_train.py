@@ -5,12 +5,13 @@ import math
 import jax
 import pytest
 
-from dptune import compile_stats, privacy
-from dptune.data import load_dataset
-from dptune.dp_step import step_functions
+from dptune.trainer import compile_stats
+from dptune.privacy import accounting as privacy
+from dptune.data.datasets import load_dataset
+from dptune.trainer.dp_step import step_functions
 from dptune.errors import ConfigError, PrivacyError
-from dptune.models import build_model
-from dptune.train import Hyperparams, PrivacyBudget, RunConfig, train_and_evaluate
+from dptune.models.builtin import build_model
+from dptune.trainer.train import Hyperparams, PrivacyBudget, RunConfig, train_and_evaluate
 
 BUDGET = PrivacyBudget(epsilon=8.0, delta=1e-5)
 

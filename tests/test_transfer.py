@@ -16,13 +16,13 @@ import numpy as np
 import optax
 import pytest
 
-from dptune import checkpoint, freezing
-from dptune.augment import Augmentation
+from dptune.models import checkpoint, freezing
+from dptune.data.augment import Augmentation
 from dptune.randomness import SecretSeed
-from dptune.data import load_dataset
-from dptune.dp_step import clipped_sum, step_functions
-from dptune.models import build_model, init_params
-from dptune.train import Hyperparams, PrivacyBudget, RunConfig, train_and_evaluate, train_step
+from dptune.data.datasets import load_dataset
+from dptune.trainer.dp_step import clipped_sum, step_functions
+from dptune.models.builtin import build_model, init_params
+from dptune.trainer.train import Hyperparams, PrivacyBudget, RunConfig, train_and_evaluate, train_step
 
 
 @pytest.fixture(scope="module")

@@ -43,7 +43,7 @@ def spawn(*args, **kw):
 
 
 def trials_of(name, storage):
-    from dptune.storage import open_storage
+    from dptune.search.storage import open_storage
 
     return optuna.load_study(study_name=name, storage=open_storage(storage)).get_trials()
 
@@ -96,7 +96,7 @@ def test_killed_worker_trial_is_failed_and_retried(tmp_path):
     storage = f"journal:///{tmp_path / 'study.journal'}"
     assert cli("study", "create", "--config", make_config(tmp_path, max_epochs=25), "--storage",
                storage).returncode == 0
-    common = ["dptune.workers", "--study-name", "pool", "--storage", storage, "--stop-at-finished", "2"]
+    common = ["dptune.search.workers", "--study-name", "pool", "--storage", storage, "--stop-at-finished", "2"]
     victim = spawn(*common)
     running = wait_for_running("pool", storage, pid=victim.pid)
     survivor = spawn(*common)
@@ -185,7 +185,7 @@ def test_unreachable_database_fails_fast_with_a_clear_error():
 
 
 def test_auto_layout(monkeypatch):
-    from dptune import workers
+    from dptune.search import workers
 
     monkeypatch.setattr(workers, "local_gpus", lambda: [])
     assert workers.auto_layout("cnn", "journal:///x")[:2] == (1, None)

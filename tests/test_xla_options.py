@@ -7,9 +7,9 @@ import sys
 import jax
 import numpy as np
 
-from dptune import bookkeeping, xla_options
-from dptune.dp_step import StepFunctions
-from dptune.models import build_model, init_params
+from dptune.trainer import bookkeeping, xla_options
+from dptune.trainer.dp_step import StepFunctions
+from dptune.models.builtin import build_model, init_params
 
 
 def test_cpu_options_are_accepted_by_this_jaxlib():

@@ -11,9 +11,9 @@ from typing import Any
 import optuna
 import optuna_dashboard
 
-from dptune import figures
+from dptune.inspect import figures
 from dptune.errors import ConfigError
-from dptune.study import CONFIG_ATTR, coverage, summarize
+from dptune.search.study import CONFIG_ATTR, coverage, summarize
 
 
 def study_note(study: optuna.Study) -> str:

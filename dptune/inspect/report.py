@@ -13,9 +13,9 @@ import optuna
 import plotly.graph_objects as go
 import plotly.offline
 
-from dptune import figures
+from dptune.inspect import figures
 from dptune.errors import ConfigError
-from dptune.study import CONFIG_ATTR, coverage, summarize, trial_record
+from dptune.search.study import CONFIG_ATTR, coverage, summarize, trial_record
 
 TOP = 10
 

@@ -8,9 +8,9 @@ import json
 
 import jax
 
-from dptune import audit
-from dptune.data import ArraySplit, load_dataset
-from dptune.train import Hyperparams, PrivacyBudget, RunConfig
+from dptune.search import audit
+from dptune.data.datasets import ArraySplit, load_dataset
+from dptune.trainer.train import Hyperparams, PrivacyBudget, RunConfig
 
 assert jax.local_device_count() == 2, jax.devices()
 ds = load_dataset("digits")

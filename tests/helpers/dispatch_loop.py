@@ -12,8 +12,8 @@ import sys
 
 import jax
 
-from dptune.data import load_dataset
-from dptune.train import Hyperparams, PrivacyBudget, RunConfig, train_and_evaluate
+from dptune.data.datasets import load_dataset
+from dptune.trainer.train import Hyperparams, PrivacyBudget, RunConfig, train_and_evaluate
 
 assert jax.local_device_count() == 2, jax.devices()
 runs = int(sys.argv[1])

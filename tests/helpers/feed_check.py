@@ -11,14 +11,14 @@ import sys
 import jax
 import numpy as np
 
-from dptune import feed
-from dptune.augment import Augmentation
-from dptune.data import load_dataset
-from dptune.dp_step import step_functions
-from dptune.models import build_model, init_params
+from dptune.trainer import feed
+from dptune.data.augment import Augmentation
+from dptune.data.datasets import load_dataset
+from dptune.trainer.dp_step import step_functions
+from dptune.models.builtin import build_model, init_params
 from dptune.randomness import SecretSeed
-from dptune.sampling import poisson_batch
-from dptune.train import Hyperparams, augmenter, train_step
+from dptune.data.sampling import poisson_batch
+from dptune.trainer.train import Hyperparams, augmenter, train_step
 
 
 def run(ds, devices, clipping, private, aug, which):

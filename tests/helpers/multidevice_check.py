@@ -8,10 +8,10 @@ import json
 import jax
 import numpy as np
 
-from dptune.data import load_dataset
-from dptune.dp_step import step_functions
-from dptune.models import build_model, init_params
-from dptune.train import Hyperparams, PrivacyBudget, RunConfig, evaluate, train_and_evaluate, train_step
+from dptune.data.datasets import load_dataset
+from dptune.trainer.dp_step import step_functions
+from dptune.models.builtin import build_model, init_params
+from dptune.trainer.train import Hyperparams, PrivacyBudget, RunConfig, evaluate, train_and_evaluate, train_step
 
 assert jax.local_device_count() == 4, jax.devices()
 ds = load_dataset("digits")
@@ -48,8 +48,8 @@ for n_dev in (1, 4):
     grads[n_dev] = [np.asarray(g) for g in jax.tree_util.tree_leaves(acc)]
 # Book-keeping with 2 augmented copies per example and a frozen first block: the
 # copies of one example must stay on one device (they are consecutive rows).
-from dptune.augment import Augmentation
-from dptune.freezing import trainable_mask
+from dptune.data.augment import Augmentation
+from dptune.models.freezing import trainable_mask
 
 from dptune.randomness import SecretSeed
 
@@ -69,8 +69,8 @@ r = train_and_evaluate(ds, hp, 4, config=RunConfig(private_seed=0, microbatch_si
                        budget=PrivacyBudget(8.0, 1e-5))
 # A ResNet whose deep layers take Gram-matrix (ghost) norms and one batch kernel
 # gradient for the weighted sum: that sum must stay local to each device until the psum.
-from dptune import bookkeeping  # noqa: E402
-from dptune.models import ResNet, _BasicBlock  # noqa: E402
+from dptune.trainer import bookkeeping  # noqa: E402
+from dptune.models.builtin import ResNet, _BasicBlock  # noqa: E402
 
 resnet = ResNet(10, (1, 1), _BasicBlock)
 rparams = init_params(resnet, (12, 12, 3), jax.random.key(0))
@@ -87,7 +87,7 @@ ghost_diff = max(float(np.max(np.abs(a - b))) for a, b in zip(rsum[1], rsum[4]))
 ghost_scale = max(float(np.max(np.abs(g))) for g in rsum[1])
 
 # Without num_devices: the most devices that evenly share the microbatch.
-from dptune.train import _devices  # noqa: E402
+from dptune.trainer.train import _devices  # noqa: E402
 
 default_devices = [len(_devices(RunConfig(microbatch_size=m))) for m in (64, 6, 5)]
 print(json.dumps({"ghost_diff": ghost_diff, "ghost_scale": ghost_scale, "default_devices": default_devices, "max_abs_diff": diff, "augmented_diff": augmented_diff, "bookkeeping_diff": bk_diff, "param_scale": scale, "nonprivate_diff": nonprivate_diff,

@@ -24,11 +24,11 @@ def main():
     args = ap.parse_args()
     import jax
 
-    from dptune import multihost
+    from dptune.trainer import multihost
     if args.num_processes > 1:
         multihost.initialize(f"127.0.0.1:{args.port}", args.num_processes, args.process_id)
-    from dptune.data import load_dataset
-    from dptune.train import Hyperparams, PrivacyBudget, RunConfig, train_and_evaluate
+    from dptune.data.datasets import load_dataset
+    from dptune.trainer.train import Hyperparams, PrivacyBudget, RunConfig, train_and_evaluate
 
     import hashlib
 
@@ -44,7 +44,7 @@ def main():
     r = train_and_evaluate(ds, Hyperparams(batch_size=150, learning_rate=0.5, clip_norm=args.clip_norm, noise_multiplier=1.1),
                            3, config=cfg, budget=PrivacyBudget(8.0, 1e-5))
     if jax.process_index() == 0:
-        from dptune import checkpoint
+        from dptune.models import checkpoint
         params = checkpoint.load(args.out + ".msgpack")
         leaves = [np.asarray(x, np.float64).ravel() for x in jax.tree_util.tree_leaves(params)]
         with open(args.out, "w") as f:

@@ -17,7 +17,7 @@ by reading the storage, forwards SIGINT/SIGTERM to the workers (their running
 trials are marked FAILED, nothing stays RUNNING) and exits non-zero if any
 worker did. A worker that dies without cleaning up (SIGKILL, a native abort)
 leaves its trial RUNNING: the launcher fails and re-queues it as soon as it
-sees the exit (:mod:`dptune.orphans`), and the other workers go on. After a
+sees the exit (:mod:`dptune.search.orphans`), and the other workers go on. After a
 signal the launcher raises :class:`dptune.interrupt.Interrupted` for that
 signal once every worker has stopped.
 """
@@ -62,7 +62,7 @@ def auto_layout(model: str, storage: str) -> tuple[int, int | None, str]:
     is always one in-process worker over all local devices. ``why`` is empty
     when there was nothing to choose (at most one GPU).
     """
-    from dptune.storage import kind
+    from dptune.search.storage import kind
 
     gpus = local_gpus()
     if len(gpus) <= 1:
@@ -81,7 +81,7 @@ def worker_env(index: int, devices_per_trial: int, gpus: list[str]) -> dict[str,
     if gpus:
         mine = gpus[index * devices_per_trial:(index + 1) * devices_per_trial]
         if len(mine) < devices_per_trial:
-            from dptune.study import StudyError
+            from dptune.search.study import StudyError
 
             raise StudyError(f"devices_per_trial: {len(gpus)} GPUs cannot give each of the workers "
                              f"{devices_per_trial}; lower --workers or --devices-per-trial")
@@ -108,15 +108,15 @@ def run_pool(
     poll_seconds: float = 1.0,
 ) -> int:
     """Run ``workers`` worker processes until ``n_trials`` more trials finish; returns an exit code."""
-    from dptune import study as study_lib
-    from dptune.storage import check_workers, open_storage
+    from dptune.search import study as study_lib
+    from dptune.search.storage import check_workers, open_storage
 
     check_workers(storage, workers)
     study, _ = study_lib.load(study_name, storage)
     done_before = len(study.get_trials(deepcopy=False, states=study_lib.FINISHED))
     target = None if n_trials is None else done_before + n_trials
     gpus = local_gpus()
-    cmd = [sys.executable, "-m", "dptune.workers", "--study-name", study_name, "--storage", storage]
+    cmd = [sys.executable, "-m", "dptune.search.workers", "--study-name", study_name, "--storage", storage]
     if target is not None:
         cmd += ["--stop-at-finished", str(target)]
     if timeout is not None:
@@ -175,7 +175,7 @@ def run_pool(
 
 
 def _worker_main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m dptune.workers", description="one dptune worker process")
+    ap = argparse.ArgumentParser(prog="python -m dptune.search.workers", description="one dptune worker process")
     ap.add_argument("--study-name", required=True)
     ap.add_argument("--storage", required=True)
     ap.add_argument("--stop-at-finished", type=int)
@@ -187,7 +187,8 @@ def _worker_main(argv: list[str] | None = None) -> int:
 
     try:
         with interrupt.handled():
-            from dptune import compile_stats, study as study_lib
+            from dptune.trainer import compile_stats
+            from dptune.search import study as study_lib
 
             compile_stats.enable_persistent_cache(args.cache_dir)
             study_lib.optimize(args.study_name, args.storage, timeout=args.timeout,

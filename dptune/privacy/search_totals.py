@@ -39,7 +39,7 @@ from dp_accounting import dp_event
 from dp_accounting.rdp.rdp_privacy_accountant import RdpAccountant
 from scipy import optimize, special
 
-from dptune import privacy
+from dptune.privacy import accounting as privacy
 from dptune.errors import PrivacyError
 
 Distribution = Literal["poisson", "truncated_negative_binomial", "geometric", "logarithmic"]

@@ -27,12 +27,12 @@ Invariants (each is tested in ``tests/test_dp_step.py``):
 
 Two ways compute the clipped sum, with the same contract: ``vmap`` forms every
 example's full gradient (:func:`clipped_sum`; the reference) and
-``bookkeeping`` (:mod:`dptune.bookkeeping`, the default where the model allows)
+``bookkeeping`` (:mod:`dptune.trainer.bookkeeping`, the default where the model allows)
 gets the same sum from per-layer activations and output gradients at about the
 cost of a non-private step. Every test of the invariants runs on both.
 With augmentation multiplicity, ``x`` holds k consecutive copies of each
 example and an example's gradient is the mean over its copies, clipped once.
-Frozen layers (:mod:`dptune.freezing`) are left out of the norm and the update.
+Frozen layers (:mod:`dptune.models.freezing`) are left out of the norm and the update.
 """
 
 from __future__ import annotations
@@ -48,13 +48,13 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from dptune import bookkeeping, multihost, xla_options
+from dptune.trainer import bookkeeping, multihost, xla_options
 from dptune.errors import ConfigError
-from dptune.freezing import apply_mask
+from dptune.models.freezing import apply_mask
 
 PyTree = Any
 OPTIMIZERS: tuple[str, ...] = ("sgd", "momentum", "adam")
-# How the clipped sum is computed: "bookkeeping" (fast, dptune.bookkeeping),
+# How the clipped sum is computed: "bookkeeping" (fast, dptune.trainer.bookkeeping),
 # "vmap" (per-example gradients of the whole model: the reference), or
 # "auto" (book-keeping where the model supports it, else vmap).
 CLIPPING: tuple[str, ...] = ("auto", "bookkeeping", "vmap")
@@ -141,7 +141,7 @@ def make_optimizer(name: str) -> optax.GradientTransformation:
 
 
 def _normalized(images: jax.Array) -> jax.Array:
-    """uint8 pixels → [-1, 1] on the device, as :func:`dptune.data.normalize` does on the host."""
+    """uint8 pixels → [-1, 1] on the device, as :func:`dptune.data.datasets.normalize` does on the host."""
     if images.dtype == jnp.uint8:
         return images.astype(jnp.float32) / 127.5 - 1.0
     return images
@@ -186,13 +186,13 @@ class StepFunctions:
         self.batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
         self.replicated = NamedSharding(mesh, PartitionSpec())
         self.traces: Counter[str] = Counter()
-        # Backend options measured to be faster (dptune.xla_options); per compilation only.
+        # Backend options measured to be faster (dptune.trainer.xla_options); per compilation only.
         self.compiler_options = xla_options.for_devices(self.devices)
         jit = functools.partial(jax.jit, out_shardings=self.replicated, compiler_options=self.compiler_options or None)
         self.accumulate = jit(self._accumulate)
         self.accumulate_nonprivate = jit(self._accumulate_nonprivate)
         self.apply = jit(self._apply)
-        # One dispatch per logical batch (dptune.feed); ``private`` picks clipped or plain sums.
+        # One dispatch per logical batch (dptune.trainer.feed); ``private`` picks clipped or plain sums.
         self.step_resident = jit(self._step_resident, static_argnums=0)
         self.step_streamed = jit(self._step_streamed, static_argnums=0)
         self.evaluate = jit(self._evaluate)

@@ -101,7 +101,7 @@ def _add_privacy_common(p: argparse.ArgumentParser, *, noise: bool, duration: bo
 
 
 def _privacy_setup(args: argparse.Namespace) -> tuple[float, float, bool, list[str]]:
-    from dptune import privacy
+    from dptune.privacy import accounting as privacy
 
     if args.batch_size > args.dataset_size:
         raise PrivacyError(f"batch_size: {args.batch_size} exceeds dataset_size {args.dataset_size}")
@@ -156,7 +156,7 @@ def _print_privacy(args: argparse.Namespace, rows: list[dict], delta_default: bo
             table.add_row(*(cell(v) for v in r.values()))
     console = Console()
     console.print(table)
-    from dptune.privacy import PLD_LIMIT
+    from dptune.privacy.accounting import PLD_LIMIT
 
     if any(r.get("accountant") == "pld" and (r.get("epsilon") or 0) > PLD_LIMIT for r in rows):
         console.print(f"Above ε = {PLD_LIMIT:g} the pld row shows the RDP bound (also valid): the PLD accountant's "
@@ -166,7 +166,7 @@ def _print_privacy(args: argparse.Namespace, rows: list[dict], delta_default: bo
 
 
 def cmd_privacy_epsilon(args: argparse.Namespace) -> int:
-    from dptune import privacy
+    from dptune.privacy import accounting as privacy
 
     q, delta, delta_default, accountants = _privacy_setup(args)
     steps = _steps_of(args, q)
@@ -174,7 +174,7 @@ def cmd_privacy_epsilon(args: argparse.Namespace) -> int:
                  sampling_rate=q, noise_multiplier=args.noise_multiplier, steps=steps, epochs=steps * q)
             for a in accountants]
     if args.statement:
-        from dptune.statement import Mechanism, Statement
+        from dptune.privacy.statement import Mechanism, Statement
 
         first = rows[0]
         text = Statement(epsilon=first["epsilon"], delta=delta, accountant=first["accountant"],
@@ -191,7 +191,7 @@ def cmd_privacy_epsilon(args: argparse.Namespace) -> int:
 
 
 def cmd_privacy_noise(args: argparse.Namespace) -> int:
-    from dptune import privacy
+    from dptune.privacy import accounting as privacy
 
     q, delta, delta_default, accountants = _privacy_setup(args)
     steps = _steps_of(args, q)
@@ -205,7 +205,7 @@ def cmd_privacy_noise(args: argparse.Namespace) -> int:
 
 
 def cmd_privacy_steps(args: argparse.Namespace) -> int:
-    from dptune import privacy
+    from dptune.privacy import accounting as privacy
 
     q, delta, delta_default, accountants = _privacy_setup(args)
     rows = []
@@ -220,8 +220,8 @@ def cmd_privacy_steps(args: argparse.Namespace) -> int:
 
 
 def cmd_privacy_search(args: argparse.Namespace) -> int:
-    from dptune import privacy
-    from dptune.search_privacy import TrialCount, naive_epsilon, noise_for_search, search_epsilon
+    from dptune.privacy import accounting as privacy
+    from dptune.privacy.search_totals import TrialCount, naive_epsilon, noise_for_search, search_epsilon
 
     q, delta, delta_default, _ = _privacy_setup(args)
     steps = _steps_of(args, q)
@@ -250,14 +250,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     import jax
     from rich.console import Console
 
-    from dptune import compile_stats, microbatch, multihost, privacy
-    from dptune.data import load_dataset
-    from dptune.augment import Augmentation
+    from dptune.trainer import compile_stats, microbatch, multihost
+    from dptune.privacy import accounting as privacy
+    from dptune.data.datasets import load_dataset
+    from dptune.data.augment import Augmentation
 
     if getattr(args, "coordinator", None):
-        # Before any computation: every process must join the runtime first (dptune.multihost).
+        # Before any computation: every process must join the runtime first (dptune.trainer.multihost).
         multihost.initialize(args.coordinator, args.num_processes, args.process_id)
-    from dptune.train import Hyperparams, PrivacyBudget, RunConfig, train_and_evaluate
+    from dptune.trainer.train import Hyperparams, PrivacyBudget, RunConfig, train_and_evaluate
 
     console = Console(stderr=args.json)
     compile_stats.enable_persistent_cache(args.cache_dir)
@@ -345,7 +346,8 @@ _EXPLICIT = ("batch_size", "learning_rate", "clip_norm", "noise_multiplier", "ep
 def cmd_audit(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from dptune import audit, compile_stats
+    from dptune.search import audit
+    from dptune.trainer import compile_stats
 
     console = Console(stderr=args.json, highlight=False)
     compile_stats.enable_persistent_cache(args.cache_dir)
@@ -373,9 +375,10 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def _audit_explicit(args: argparse.Namespace, common: dict) -> Any:
-    from dptune import audit, privacy
-    from dptune.data import load_dataset
-    from dptune.train import Hyperparams, PrivacyBudget, RunConfig
+    from dptune.search import audit
+    from dptune.privacy import accounting as privacy
+    from dptune.data.datasets import load_dataset
+    from dptune.trainer.train import Hyperparams, PrivacyBudget, RunConfig
 
     dataset = load_dataset(args.dataset, data_dir=args.data_dir, seed=args.seed)
     n = len(dataset.train)
@@ -483,7 +486,8 @@ def _trial_line(t: Any, numbered: bool = True) -> str:
 
 
 def cmd_study_create(args: argparse.Namespace) -> int:
-    from dptune import config, study
+    from dptune.config import schema as config
+    from dptune.search import study
 
     resolved = config.load_study(args.config)
     storage = args.storage or resolved.study.storage or config.default_storage(resolved.study.name)
@@ -534,12 +538,14 @@ def _optimize(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from dptune import compile_stats, study
+    from dptune.trainer import compile_stats
+    from dptune.search import study
 
     compile_stats.enable_persistent_cache(args.cache_dir)
     console = Console(stderr=True)
     if args.workers == "auto":
-        from dptune import config, workers
+        from dptune.config import schema as config
+        from dptune.search import workers
 
         storage = args.storage or config.default_storage(args.study_name)
         _, resolved = study.load(args.study_name, storage)
@@ -573,7 +579,7 @@ def _optimize(args: argparse.Namespace) -> int:
 def _emit_summary(s: Any, as_json: bool, internal: bool = False) -> None:
     """The study's summary and written privacy statement; for a private search only what may be
     released, unless ``internal``."""
-    from dptune import study
+    from dptune.search import study
 
     summary = study.summarize(s)
     statement = study.privacy_statement(s, summary)
@@ -590,13 +596,13 @@ def _emit_summary(s: Any, as_json: bool, internal: bool = False) -> None:
 
 
 def _load_studies(names: Sequence[str], storage: str | None) -> list:
-    from dptune import study
+    from dptune.search import study
 
     return [study.load(name, storage)[0] for name in names]
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
-    from dptune import config
+    from dptune.config import schema as config
     from dptune.inspect import dashboard
 
     storage = args.storage or config.default_storage(args.study_name)
@@ -605,7 +611,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     dashboard.publish(s)
     print(f"optuna-dashboard for {args.study_name!r}: http://{args.host}:{args.port}/dashboard  (Ctrl-C stops it)\n"
           f"privacy statement (the study's note): {dashboard.note_url(s, args.host, args.port)}", flush=True)
-    from dptune import release
+    from dptune.search import release
 
     # The study's best models are Optuna artifacts: the dashboard lists and serves them from this store.
     dashboard.serve(storage, args.host, args.port, artifact_store=release.artifact_store(s, storage))
@@ -639,11 +645,12 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def _optimize_pool(args: argparse.Namespace, console: Any) -> int:
-    from dptune import config, study, workers
+    from dptune.config import schema as config
+    from dptune.search import study, workers
     from dptune.inspect import dashboard
 
     storage = args.storage or config.default_storage(args.study_name)
-    from dptune.storage import check_workers
+    from dptune.search.storage import check_workers
 
     check_workers(storage, args.workers)
     _, resolved = study.load(args.study_name, storage)
@@ -713,7 +720,7 @@ def _print_summary(summary: Any, internal: bool = False) -> None:
 
 
 def cmd_study_list(args: argparse.Namespace) -> int:
-    from dptune import study
+    from dptune.search import study
 
     import glob
 
@@ -737,7 +744,7 @@ def cmd_study_list(args: argparse.Namespace) -> int:
 
 
 def cmd_study_show(args: argparse.Namespace) -> int:
-    from dptune import orphans, study
+    from dptune.search import orphans, study
 
     s, _ = study.load(args.study_name, args.storage)
     # A worker that died natively (an in-process optimize killed by SIGABRT) left its trial
@@ -748,14 +755,15 @@ def cmd_study_show(args: argparse.Namespace) -> int:
 
 
 def cmd_study_best(args: argparse.Namespace) -> int:
-    from dptune import study
+    from dptune.search import study
 
     s, _ = study.load(args.study_name, args.storage)
     summary = study.summarize(s)
     if summary.best is None:
         raise study.StudyError(f"study_name: {args.study_name!r} has no completed trial yet")
     if args.export_model:
-        from dptune import config, release
+        from dptune.config import schema as config
+        from dptune.search import release
 
         storage = args.storage or config.default_storage(args.study_name)
         meta = release.export_model(s, storage, args.export_model)
@@ -783,7 +791,7 @@ def cmd_study_best(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from dptune import release
+    from dptune.search import release
 
     model = release.load_model(args.model)
     meta = model.metadata
@@ -993,7 +1001,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dptune`` console script."""
-    from dptune import xla_options
+    from dptune.trainer import xla_options
 
     # Before any command starts JAX: on a CPU-only host, one device per core.
     xla_options.use_host_cores()

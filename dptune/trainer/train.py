@@ -20,17 +20,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dptune import checkpoint, compile_stats, dispatch, faults, freezing, interrupt, privacy, search_privacy
-from dptune.augment import Augmentation
-from dptune import multihost, pipeline
-from dptune.data import Dataset, RecordSplit, batches
-from dptune.dp_step import OPTIMIZERS, StepFunctions, TrainState, step_functions
-from dptune import feed as feeds
+from dptune.models import checkpoint, freezing
+from dptune.trainer import compile_stats, dispatch
+from dptune import faults, interrupt
+from dptune.privacy import accounting as privacy, search_totals as search_privacy
+from dptune.data.augment import Augmentation
+from dptune.trainer import multihost
+from dptune.data import pipeline
+from dptune.data.datasets import Dataset, RecordSplit, batches
+from dptune.trainer.dp_step import OPTIMIZERS, StepFunctions, TrainState, step_functions
+from dptune.trainer import feed as feeds
 from dptune.errors import ConfigError, PrivacyError
-from dptune.models import build_model, init_params
+from dptune.models.builtin import build_model, init_params
 from dptune.randomness import SecretSeed
-from dptune.statement import Mechanism, Statement
-from dptune.sampling import microbatches, pad_to_multiple, poisson_batch
+from dptune.privacy.statement import Mechanism, Statement
+from dptune.data.sampling import microbatches, pad_to_multiple, poisson_batch
 
 Callback = Callable[[int, dict[str, float]], bool | None]
 SCHEDULES: tuple[str, ...] = ("constant", "cosine")
@@ -115,7 +119,7 @@ class RunConfig:
     feed: str = "auto"
     device_data_fraction: float = feeds.DEVICE_DATA_FRACTION
     loader_workers: int = 2
-    # Issue #18: a dptune.resume.Checkpointer — in-trial checkpoints, and resuming from the last one.
+    # Issue #18: a dptune.trainer.resume.Checkpointer — in-trial checkpoints, and resuming from the last one.
     resume: Any = None
 
 
@@ -265,8 +269,8 @@ def train_step(fns: StepFunctions, state: TrainState, dataset: Dataset, indices:
     ``private=False`` sums plain gradients instead (a non-private baseline; σ must be 0).
     ``augment(x, indices, step)`` expands each microbatch's images into k copies
     per example (averaged before clipping), with randomness keyed by example
-    index and step; ``trainable`` is the 0/1 mask of :mod:`dptune.freezing`.
-    ``audit`` (white-box audits, :mod:`dptune.audit`) adds this step's canary
+    index and step; ``trainable`` is the 0/1 mask of :mod:`dptune.models.freezing`.
+    ``audit`` (white-box audits, :mod:`dptune.search.audit`) adds this step's canary
     terms to the clipped sum before the noise and observes the update.
     """
     padded, mask = pad_to_multiple(indices, fns.microbatch_size)
@@ -312,7 +316,7 @@ def evaluate(fns: StepFunctions, params: Any, split: Any, batch_size: int) -> tu
 def _devices(config: RunConfig) -> tuple[jax.Device, ...]:
     """``num_devices`` devices; by default the most that evenly share a microbatch.
 
-    With several processes (dptune.multihost) the devices are all processes' devices.
+    With several processes (dptune.trainer.multihost) the devices are all processes' devices.
     """
     local = jax.devices() if jax.process_count() > 1 else jax.local_devices()
     if config.num_devices:
@@ -365,7 +369,7 @@ def train_and_evaluate(
     same dataset adds its recorded spend (``total_epsilon``). The validation and
     test splits are not protected.
 
-    ``audit`` (:mod:`dptune.audit`, white-box audits only) adds ``audit.members``
+    ``audit`` (:mod:`dptune.search.audit`, white-box audits only) adds ``audit.members``
     canaries to the sampled population: each joins each step with the same
     Poisson rate q as a training example, from the same secret sampler.
 
@@ -404,7 +408,7 @@ def train_and_evaluate(
 
     devices = _devices(config)
     if jax.process_count() > 1:
-        # One mechanism across processes needs one configuration and the same data (dptune.multihost).
+        # One mechanism across processes needs one configuration and the same data (dptune.trainer.multihost).
         multihost.assert_same(_public_settings(dataset, hparams, steps, config, budget, devices), "settings")
     eval_bs = -(-config.eval_batch_size // len(devices)) * len(devices)
     model = build_model(config.model, dataset.num_classes, weight_standardization=config.weight_standardization)
@@ -418,7 +422,7 @@ def train_and_evaluate(
     trainable_modules = freezing.trainable_modules(params, hparams.trainable)
     trainable = multihost.put(freezing.trainable_mask(params, hparams.trainable), fns.replicated)
     state = fns.init_state(multihost.put(params, fns.replicated))
-    # With several processes (dptune.multihost) every one of them uses process 0's secret.
+    # With several processes (dptune.trainer.multihost) every one of them uses process 0's secret.
     secret = multihost.shared_secret(config.secret or SecretSeed.resolve(config.private_seed))
     # -- resume hook (issue #18, dptune/resume.py): state, secret and history of the last checkpoint.
     start, point = 0, None
@@ -436,7 +440,7 @@ def train_and_evaluate(
         feed_used = "loop"
     batch_source = None
     if feed_used == "streamed" and isinstance(dataset.train, RecordSplit) and config.loader_workers > 0:
-        # Records decoded in worker processes, ahead of the step that needs them (dptune.pipeline).
+        # Records decoded in worker processes, ahead of the step that needs them (dptune.data.pipeline).
         reader = pipeline.PoissonBatches(dataset.train.source, dataset.train.indices, dataset.train.decode,
                                          secret, q, fns.microbatch_size)
         batch_source = pipeline.Loader(reader, allowed, num_workers=config.loader_workers, start=start).batch

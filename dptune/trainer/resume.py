@@ -19,7 +19,7 @@ and what noise was added: whoever holds them can subtract the noise from the
 released model. A checkpoint is therefore as secret as the data. Checkpoints
 live in a folder created with mode 0700, each file written with mode 0600
 (:func:`private_dir`, :func:`write_private`), by default under the study's
-private folder beside the storage (:func:`dptune.release.study_folder`), never
+private folder beside the storage (:func:`dptune.search.release.study_folder`), never
 under a public path; they are deleted when the trial finishes.
 
 **Atomicity.** A checkpoint is written to a temporary file in the same folder,
@@ -29,7 +29,7 @@ checkpoint under a final name. Each file ends with a SHA-256 of everything
 before it; a file that fails the check (truncated, corrupted) is skipped with a
 warning and the previous checkpoint is used (the newest ``KEEP`` are kept).
 
-**Privacy of a resumed run** (the argument :func:`dptune.study.search_guarantee`
+**Privacy of a resumed run** (the argument :func:`dptune.search.study.search_guarantee`
 relies on). The resumed run starts from the state after T steps and draws the
 same batches and the same noise the dead attempt drew for steps T+1, T+2, …
 If its computation is bitwise the same (XLA on CPU is deterministic for one
@@ -68,7 +68,7 @@ from typing import Any
 
 import numpy as np
 
-from dptune import multihost
+from dptune.trainer import multihost
 from dptune.randomness import SecretSeed
 
 MAGIC = b"DPTUNE-CKPT-1\n"

@@ -36,7 +36,7 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
-from dptune.storage import MAX_RETRY
+from dptune.search.storage import MAX_RETRY
 
 WORKER_ATTR = "worker"
 # Test-only: see abort_if_test_requests and kill_if_test_requests.

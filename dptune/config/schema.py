@@ -19,7 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dptune.errors import ConfigError
-from dptune.privacy import EPSILON_TOO_LARGE, MAX_EPSILON
+from dptune.privacy.accounting import EPSILON_TOO_LARGE, MAX_EPSILON
 
 SAMPLERS = ("tpe", "random", "gp", "cmaes", "grid")
 PRUNERS = ("median", "successive_halving", "asha", "hyperband", "none")
@@ -263,7 +263,7 @@ class StudyConfig(_Strict):
     augmentation: AugmentationConfig = AugmentationConfig()
     microbatch_size: Union[int, Literal["auto"]] = 256
     clipping: Literal["auto", "bookkeeping", "vmap"] = "auto"
-    # How batches reach the devices (dptune.feed) and how many processes decode record datasets (dptune.pipeline).
+    # How batches reach the devices (dptune.trainer.feed) and how many processes decode record datasets (dptune.data.pipeline).
     feed: Literal["auto", "resident", "streamed", "loop"] = "auto"
     loader_workers: int = Field(2, ge=0)
     device_data_fraction: float = Field(0.25, gt=0, le=1)

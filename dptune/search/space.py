@@ -18,11 +18,11 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Protocol
 
-from dptune import privacy
-from dptune.config import Choice, Range, SearchSpace, TrainingBudget
+from dptune.privacy import accounting as privacy
+from dptune.config.schema import Choice, Range, SearchSpace, TrainingBudget
 from dptune.errors import ConfigError, DptuneError
-from dptune.dp_step import OPTIMIZERS
-from dptune.train import Hyperparams, PrivacyBudget
+from dptune.trainer.dp_step import OPTIMIZERS
+from dptune.trainer.train import Hyperparams, PrivacyBudget
 
 INT_PARAMS = ("batch_size",)
 

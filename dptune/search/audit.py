@@ -15,12 +15,12 @@ Mahloujifar et al. 2024, TPR at low FPR, AUROC); :func:`one_run_bound` and
 attack could show with m canaries" figure.
 
 Two threat models, both through the real training path
-(:func:`dptune.train.train_and_evaluate` → :func:`dptune.train.train_step` →
-:mod:`dptune.dp_step`):
+(:func:`dptune.trainer.train.train_and_evaluate` → :func:`dptune.trainer.train.train_step` →
+:mod:`dptune.trainer.dp_step`):
 
 * **white-box** — Dirac gradient canaries. Canary i is a per-example gradient
   along one parameter coordinate c_i of raw norm ``DIRAC_SCALE``·C (100·C); dptune's
-  clipping function (:func:`dptune.dp_step.clipped_sum`, sharded over the same
+  clipping function (:func:`dptune.trainer.dp_step.clipped_sum`, sharded over the same
   devices and summed across them with the same ``psum``) brings it to norm C and
   the term joins the real clipped sum of the step *before* the noise. The real
   examples of the batch go through the configured clipping path (book-keeping
@@ -43,13 +43,13 @@ describes each example joining each step independently with probability q
 (Poisson). An included canary must therefore join each step exactly like an
 example: in both threat models the included canaries are members of the sampled
 population, drawn by the same secret Poisson sampler in the same call
-(:func:`dptune.sampling.poisson_batch` over N + k members). A canary present in
+(:func:`dptune.data.sampling.poisson_batch` over N + k members). A canary present in
 every step would audit a different (q = 1) mechanism, whose ε is far larger,
 and the comparison with the claim would be meaningless. White-box: the real
 examples keep q = B/N, the canaries get the same q, and the claim is ε(q, σ, T).
 Black-box: the canaries are training examples, so the training set has
 N' = N + k examples and q' = B/N'; the claim is the accountant's ε for what ran
-(q', σ, T), as :func:`dptune.train.train_and_evaluate` computes it from the
+(q', σ, T), as :func:`dptune.trainer.train.train_and_evaluate` computes it from the
 real training-set size.
 
 Secrets. Which canaries are included is drawn from a secret stream
@@ -82,12 +82,14 @@ import scipy.stats
 from jax.flatten_util import ravel_pytree
 from jax.sharding import PartitionSpec
 
-from dptune import checkpoint, dp_step, faults, freezing
-from dptune.data import Dataset
+from dptune.models import checkpoint, freezing
+from dptune.trainer import dp_step
+from dptune import faults
+from dptune.data.datasets import Dataset
 from dptune.errors import ConfigError, PrivacyError
-from dptune.models import build_model
+from dptune.models.builtin import build_model
 from dptune.randomness import SecretSeed
-from dptune.train import Hyperparams, PrivacyBudget, RunConfig, train_and_evaluate
+from dptune.trainer.train import Hyperparams, PrivacyBudget, RunConfig, train_and_evaluate
 
 THREAT_MODELS: tuple[str, ...] = ("white-box", "black-box")
 DEFAULT_CANARIES = 1000
@@ -253,7 +255,7 @@ def inclusion(secret: SecretSeed, m: int) -> np.ndarray:
 
 
 class DiracCanaries:
-    """White-box canaries as :func:`dptune.train.train_and_evaluate`'s ``audit`` hook.
+    """White-box canaries as :func:`dptune.trainer.train.train_and_evaluate`'s ``audit`` hook.
 
     ``members`` included canaries join the sampled population (indices N … N+k−1
     of each Poisson draw); :meth:`add` puts the sampled ones' clipped Dirac
@@ -494,7 +496,7 @@ def run_audit(
       dataset: the data (its training split is the private data).
       hparams: the configuration audited.
       steps: steps to run (capped by ``budget`` like any run).
-      config: as for :func:`dptune.train.train_and_evaluate` (must be private).
+      config: as for :func:`dptune.trainer.train.train_and_evaluate` (must be private).
       budget: the (ε, δ) cap; δ is also the δ of the audited claim.
       threat_model: "white-box" (Dirac gradient canaries) or "black-box" (input canaries).
       canaries: m.
@@ -507,7 +509,7 @@ def run_audit(
 
     Raises:
       ConfigError: unknown threat model, m < 2, confidence outside (0, 1), non-private config.
-      PrivacyError: as :func:`dptune.train.train_and_evaluate`.
+      PrivacyError: as :func:`dptune.trainer.train.train_and_evaluate`.
     """
     if threat_model not in THREAT_MODELS:
         raise ConfigError("threat_model", f"unknown {threat_model!r}; allowed: {', '.join(THREAT_MODELS)}")
@@ -519,14 +521,14 @@ def run_audit(
         raise ConfigError("private", "a non-private run claims no ε; there is nothing to audit")
     say = progress or (lambda _line: None)
     secret = config.secret or SecretSeed.resolve(config.private_seed)
-    # Canaries and faults hook into the microbatch loop (dptune.train.train_step); the compiled feeds
+    # Canaries and faults hook into the microbatch loop (dptune.trainer.train.train_step); the compiled feeds
     # equal it to float tolerance (tests/test_feed.py). Forced here for both threat models: the
     # black-box canary wrapper is not an in-memory split a feed could copy.
     config = replace(config, secret=secret, save_checkpoint=None, feed="loop")
     included = inclusion(secret, canaries)
     if included.all() or not included.any():
         raise ConfigError("canaries", f"all {canaries} canaries fell on one side; use more canaries")
-    from dptune.models import init_params
+    from dptune.models.builtin import init_params
 
     model = build_model(config.model, dataset.num_classes, weight_standardization=config.weight_standardization)
     params0 = init_params(model, dataset.image_shape, jax.random.key(config.seed))
@@ -625,7 +627,7 @@ def audit_study(
     The audit run trains on the study's private data with the trial's
     mechanism, so it is recorded in the study as one more trial (state PRUNED,
     attribute ``audit_of``; it never becomes the best trial): every search
-    total (:func:`dptune.study.search_guarantee`) composes it like any trial
+    total (:func:`dptune.search.study.search_guarantee`) composes it like any trial
     that touched the data. With a ``search_budget`` the privacy filter must
     admit it first, exactly as a trial; a private search (repeat-and-select
     over a secret number of trials) is refused, because one more run on the
@@ -647,9 +649,9 @@ def audit_study(
     import optuna
     from optuna.trial import TrialState
 
-    from dptune import orphans, study as study_lib
-    from dptune.augment import Augmentation
-    from dptune.search_privacy import RenyiFilter
+    from dptune.search import orphans, study as study_lib
+    from dptune.data.augment import Augmentation
+    from dptune.privacy.search_totals import RenyiFilter
 
     s, resolved = study_lib.load(study_name, storage)
     cfg = resolved.study

@@ -7,7 +7,7 @@ For a layer ``y = f(a; θ)`` the gradient of example *i* with respect to θ is a
 function of that example's layer input ``aᵢ`` and output gradient
 ``gᵢ = ∂ℓᵢ/∂yᵢ`` alone. One forward pass that records every ``a`` and one
 backward pass to the layer outputs (never to the parameters) give all of them
-(:mod:`dptune.layers` records them). Per layer, a *rule* turns (a, g) into
+(:mod:`dptune.models.layers` records them). Per layer, a *rule* turns (a, g) into
 
 * each example's gradient norm for each parameter — for a dense kernel
   ‖aᵢ‖·‖gᵢ‖, without forming aᵢᵀgᵢ; for a convolution kernel, per layer
@@ -24,7 +24,7 @@ The clip weights ``wᵢ = min(1, C/‖∇ℓᵢ‖)`` come from the global norms
 weighted sum per parameter gives the clipped sum: no second backward pass.
 
 Contract (tested against the ``vmap`` reference in ``tests/test_bookkeeping.py``):
-the result equals :func:`dptune.dp_step.clipped_sum` of the per-example
+the result equals :func:`dptune.trainer.dp_step.clipped_sum` of the per-example
 gradients within float tolerance, so every invariant of that function holds
 here too: each kept example contributes norm ≤ C; padding (mask 0) and
 examples with a non-finite gradient contribute exactly zero; norms are
@@ -32,7 +32,7 @@ computed with per-example rescaling, so huge finite gradients are clipped
 rather than overflowing.
 
 A model is supported when every parameterised module is one of
-:mod:`dptune.layers` called once per forward pass; otherwise
+:mod:`dptune.models.layers` called once per forward pass; otherwise
 :func:`plan` says why and the caller uses the ``vmap`` path.
 """
 
@@ -47,8 +47,8 @@ import jax.numpy as jnp
 import optax
 
 from dptune.errors import ConfigError
-from dptune.freezing import apply_mask
-from dptune.layers import TAPS, same_padding, standardize
+from dptune.models.freezing import apply_mask
+from dptune.models.layers import TAPS, same_padding, standardize
 
 PyTree = Any
 
@@ -254,7 +254,7 @@ def _pieces(params: PyTree, taps: dict, grads: dict, k: int, rules: dict, path: 
         raise Unsupported(f"{path}: a module with both parameters and submodules")
     recorded = [(rule, inputs) for rule, inputs in taps.items() if not isinstance(inputs, dict)]
     if len(recorded) != 1 or "out" not in grads:
-        raise Unsupported(f"{path}: parameters {sorted(params)} come from a layer outside dptune.layers")
+        raise Unsupported(f"{path}: parameters {sorted(params)} come from a layer outside dptune.models.layers")
     rule, inputs = recorded[0]
     if len(inputs) != 1:
         raise Unsupported(f"{path}: layer called {len(inputs)} times (shared weights)")
@@ -314,9 +314,9 @@ def global_norms(pieces: PyTree) -> jax.Array:
 def clipped_sum(model: nn.Module, params: PyTree, x: jax.Array, y: jax.Array, mask: jax.Array,
                 clip_norm: jax.Array | float, varying_axis: str | None = None,
                 trainable: PyTree | None = None, conv_norms: str = "auto") -> PyTree:
-    """Σᵢ maskᵢ · min(1, C/‖∇ℓᵢ‖) · ∇ℓᵢ by book-keeping; same contract as :func:`dptune.dp_step.clipped_sum`.
+    """Σᵢ maskᵢ · min(1, C/‖∇ℓᵢ‖) · ∇ℓᵢ by book-keeping; same contract as :func:`dptune.trainer.dp_step.clipped_sum`.
 
-    ``trainable`` (0/1 per leaf, :mod:`dptune.freezing`): frozen leaves are left
+    ``trainable`` (0/1 per leaf, :mod:`dptune.models.freezing`): frozen leaves are left
     out of the norms and the sum. ``conv_norms`` (:data:`CONV_NORMS`): how
     convolution layers get their per-example norms; every choice gives the same sum.
     """

@@ -13,7 +13,7 @@ The workers receive the secret (pickled into their memory on this machine);
 they hold it exactly as long and as privately as the training process does.
 
 Datasets written by :func:`write_arrayrecord` (``arrayrecord:<dir>`` in
-:func:`dptune.data.load_dataset`) hold one msgpack record per example: the
+:func:`dptune.data.datasets.load_dataset`) hold one msgpack record per example: the
 encoded image (PNG or JPEG) and its label. TFDS ArrayRecord datasets are read
 through the same loader.
 """
@@ -29,7 +29,7 @@ import numpy as np
 
 from dptune.errors import DataError
 from dptune.randomness import SecretSeed
-from dptune.sampling import poisson_batch
+from dptune.data.sampling import poisson_batch
 
 MANIFEST = "dptune_dataset.json"
 IMAGE_FORMATS: tuple[str, ...] = ("png", "jpeg")
@@ -175,7 +175,7 @@ class Loader:
     """Iterates decoded logical batches for steps ``start, start+1, …`` with ``num_workers`` processes.
 
     ``num_workers=0`` decodes on the calling thread (still through grain).
-    :meth:`batch` hands step t's batch to :class:`dptune.feed.StreamedFeed`
+    :meth:`batch` hands step t's batch to :class:`dptune.trainer.feed.StreamedFeed`
     and checks it is the batch the loop drew.
     """
 

@@ -4,7 +4,7 @@ DP-SGD needs each example's gradient on its own, so no model here mixes
 examples in its forward pass: normalisation is GroupNorm (optionally with
 weight-standardised convolutions, as in De et al. 2022), never BatchNorm.
 Input shape and class count come from the dataset. Every parameterised layer
-comes from :mod:`dptune.layers`, so book-keeping clipping covers every model.
+comes from :mod:`dptune.models.layers`, so book-keeping clipping covers every model.
 
 * ``cnn`` — two 3×3 conv layers with GroupNorm and a small dense head, for
   28×28 or 8×8 inputs (≈106k parameters on MNIST).
@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from dptune.errors import ConfigError
-from dptune.layers import Conv, Dense, GroupNorm
+from dptune.models.layers import Conv, Dense, GroupNorm
 
 
 def _groups(channels: int, preferred: int) -> int:

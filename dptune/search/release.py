@@ -56,7 +56,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from dptune.errors import ConfigError, DptuneError
-from dptune.resume import private_dir, write_private
+from dptune.trainer.resume import private_dir, write_private
 
 MODEL_FILE = "model.msgpack"
 METADATA_FILE = "metadata.json"
@@ -112,7 +112,7 @@ def study_folder(storage_url: str, study_name: str, study_id: str, configured: s
     studies on two database servers, studies sharing one ``artifacts.path``):
     a checkpoint or pending model of another study is never found.
     """
-    from dptune import storage as storage_lib
+    from dptune.search import storage as storage_lib
 
     if configured:
         base = os.path.expanduser(configured)
@@ -160,7 +160,7 @@ def model_bytes(params: Any, meta: dict[str, Any]) -> bytes:
     """A Flax msgpack file of ``{"params", "dptune_metadata"}`` (the metadata travels inside)."""
     from flax import serialization
 
-    from dptune.checkpoint import _to_numpy
+    from dptune.models.checkpoint import _to_numpy
 
     return serialization.msgpack_serialize({"params": _to_numpy(params),
                                             "dptune_metadata": json.dumps(meta, default=str)})
@@ -211,7 +211,7 @@ def _keep(study: optuna.Study) -> int:
 
 def model_metadata(study: optuna.Study, trial: FrozenTrial, checkpoint_meta: dict[str, Any]) -> dict[str, Any]:
     """What a best model says about itself: model, data, hyperparameters, privacy of the trial and the search."""
-    from dptune.study import search_guarantee
+    from dptune.search.study import search_guarantee
 
     cfg = study.user_attrs.get("dptune_config", {}).get("study", {})
     a = trial.user_attrs
@@ -255,11 +255,11 @@ def _trial_privacy(study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:
 
     A trial whose retry resumed a dead attempt's run by replaying it is one run;
     one whose replay diverged released the dead attempt's outputs too, as a run
-    of its own (:func:`dptune.study.resumed_spends`): then the trial's ε is the
+    of its own (:func:`dptune.search.study.resumed_spends`): then the trial's ε is the
     composition of those runs (RDP), not its last attempt's alone.
     """
-    from dptune.search_privacy import composed_epsilon
-    from dptune.study import resumed_spends
+    from dptune.privacy.search_totals import composed_epsilon
+    from dptune.search.study import resumed_spends
 
     a = trial.user_attrs
     out = {"epsilon": a.get("epsilon_spent"), "delta": a.get("delta"), "accountant": a.get("accountant"),
@@ -294,7 +294,7 @@ def keep_best(study: optuna.Study, trial: FrozenTrial, storage_url: str) -> str 
 
 
 def _upload(study: optuna.Study, trial: FrozenTrial, pending: str, storage_url: str) -> str:
-    from dptune import checkpoint
+    from dptune.models import checkpoint
 
     params = checkpoint.load(pending)
     meta = model_metadata(study, trial, checkpoint.metadata(pending))
@@ -361,7 +361,7 @@ def sweep_pending(study: optuna.Study, storage_url: str) -> None:
 def export_model(study: optuna.Study, storage_url: str, directory: str) -> dict[str, Any]:
     """Write the study's released model to ``directory``: model, metadata and privacy statement.
 
-    Guarantee: the statement written is the search's (:func:`dptune.study.privacy_statement`),
+    Guarantee: the statement written is the search's (:func:`dptune.search.study.privacy_statement`),
     computed at export time over every trial that trained on the data; it is what
     releasing this model costs, not the trial's own ε.
 
@@ -372,7 +372,7 @@ def export_model(study: optuna.Study, storage_url: str, directory: str) -> dict[
       ReleaseError: no completed trial, no stored model for the best trial, a
         private search not yet complete, or ``directory`` exists and is not empty.
     """
-    from dptune.study import privacy_statement, summarize
+    from dptune.search.study import privacy_statement, summarize
 
     summary = summarize(study)
     if summary.best is None:
@@ -442,7 +442,7 @@ class LoadedModel:
         self._apply = jax.jit(lambda p, x: self.module.apply({"params": p}, x))
 
     def __call__(self, x: np.ndarray, batch_size: int = 500) -> np.ndarray:
-        from dptune.data import normalize
+        from dptune.data.datasets import normalize
 
         x = np.asarray(x)
         if x.ndim == 3:
@@ -481,8 +481,8 @@ def load_model(directory: str) -> LoadedModel:
         carries other metadata than ``metadata.json``, or the parameters do not
         fit the model the metadata names (a CheckpointError says which leaves).
     """
-    from dptune import checkpoint
-    from dptune.models import build_model, init_params
+    from dptune.models import checkpoint
+    from dptune.models.builtin import build_model, init_params
 
     try:
         with open(os.path.join(directory, METADATA_FILE)) as f:
@@ -521,7 +521,7 @@ def dataset_for(meta: dict[str, Any], dataset: str | None = None, data_dir: str 
     """
     import dataclasses
 
-    from dptune.data import load_dataset
+    from dptune.data.datasets import load_dataset
 
     split = meta.get("split") or {}
     name = dataset or meta["dataset"]

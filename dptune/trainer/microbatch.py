@@ -24,9 +24,9 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from dptune import compile_stats, xla_options
-from dptune.dp_step import step_functions
-from dptune.models import build_model, init_params
+from dptune.trainer import compile_stats, xla_options
+from dptune.trainer.dp_step import step_functions
+from dptune.models.builtin import build_model, init_params
 
 SMALLEST = 16
 MEMORY_FRACTION = 0.5

@@ -12,7 +12,7 @@
 RDB storages (SQLite, PostgreSQL, MySQL) get Optuna's heartbeats when a
 worker runs trials: a trial whose worker stops beating for ``GRACE_SECONDS``
 is failed and re-queued with the same parameters (up to ``MAX_RETRY`` times;
-never in a private search). Whatever the storage, :mod:`dptune.orphans` fails
+never in a private search). Whatever the storage, :mod:`dptune.search.orphans` fails
 and re-queues the trials whose worker process on this host has died, without
 waiting for a grace period.
 """
@@ -137,7 +137,7 @@ def open_storage(url: str, *, heartbeat: bool = False, create: bool = True) -> o
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             beat: dict[str, Any] = {}
             if heartbeat:
-                from dptune.orphans import StaleTrialRetry  # imports this module
+                from dptune.search.orphans import StaleTrialRetry  # imports this module
 
                 beat = {"heartbeat_interval": HEARTBEAT_SECONDS, "grace_period": GRACE_SECONDS,
                         "heartbeat_stale_trial_callback": StaleTrialRetry(max_retry=MAX_RETRY)}

@@ -1,6 +1,6 @@
 """How a logical batch reaches the devices: one dispatch per step where shapes allow.
 
-Three feeds run the same DP-SGD step (:mod:`dptune.dp_step`) and give the same
+Three feeds run the same DP-SGD step (:mod:`dptune.trainer.dp_step`) and give the same
 parameters for the same indices and key (``tests/test_feed.py``):
 
 * ``resident`` — the training split (uint8) is copied to every device once,
@@ -8,7 +8,7 @@ parameters for the same indices and key (``tests/test_feed.py``):
   150 MB). Each step sends only the padded index array; the devices gather,
   normalise, clip and sum every microbatch in one compiled loop, then add the
   noise. Nothing else crosses the host.
-* ``streamed`` — the host gathers (or the loader of :mod:`dptune.pipeline`
+* ``streamed`` — the host gathers (or the loader of :mod:`dptune.data.pipeline`
   decodes) the logical batch, applies augmentation, and sends it as one
   ``[capacity, microbatch, ...]`` array; one compiled loop does the rest. The
   capacity is the number of microbatches rounded up to a power of two, so a
@@ -30,9 +30,9 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from dptune import dispatch, multihost
-from dptune.data import ArraySplit
-from dptune.dp_step import StepFunctions, TrainState
+from dptune.trainer import dispatch, multihost
+from dptune.data.datasets import ArraySplit
+from dptune.trainer.dp_step import StepFunctions, TrainState
 from dptune.errors import ConfigError
 
 FEEDS: tuple[str, ...] = ("auto", "resident", "streamed", "loop")
@@ -122,7 +122,7 @@ class StreamedFeed:
     """The host prepares the logical batch; one transfer and one dispatch per step.
 
     ``batch_source(t, padded)``, when given, returns the uint8 images and labels of
-    the padded indices (e.g. decoded ahead of time by :mod:`dptune.pipeline`);
+    the padded indices (e.g. decoded ahead of time by :mod:`dptune.data.pipeline`);
     otherwise the split is read on this thread.
     """
 

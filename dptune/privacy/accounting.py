@@ -9,7 +9,7 @@ trainer runs it,
 i.e. T steps, each of which includes every example independently with
 probability q (Poisson sampling) and adds Gaussian noise of standard deviation
 σ·C to a sum of gradients clipped to L2 norm C (add-or-remove-one adjacency).
-The trainer's sampler (``dptune.sampling``) implements exactly that sampling.
+The trainer's sampler (``dptune.data.sampling``) implements exactly that sampling.
 
 Answers are cached: a study asks the same questions many times, and a PLD
 calibration costs seconds. No JAX here.

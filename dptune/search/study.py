@@ -5,9 +5,9 @@ in the study's user attributes, so a worker anywhere needs only the storage URL
 and the study name. Each trial
 
 1. samples hyperparameters and derives steps or σ from the budget
-   (:func:`dptune.search_space.plan_trial`); an infeasible sample is recorded
+   (:func:`dptune.search.space.plan_trial`); an infeasible sample is recorded
    as PRUNED with ``rejected_reason`` and ε spent 0 — it never touched data;
-2. trains with :func:`dptune.train.train_and_evaluate`, reporting validation
+2. trains with :func:`dptune.trainer.train.train_and_evaluate`, reporting validation
    accuracy at each evaluation (``trial.report``) and stopping when the pruner
    says so;
 3. records what ran as user attributes: ε target and spent, δ, accountant,
@@ -38,20 +38,24 @@ import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from dptune import __version__, checkpoint, interrupt, microbatch, orphans, privacy, release, search_privacy
-from dptune.augment import Augmentation
-from dptune.config import ResolvedStudy, SearchSpace, StudyConfig, check_name, default_storage
-from dptune.data import Dataset, load_dataset
+from dptune import __version__, interrupt
+from dptune.models import checkpoint
+from dptune.trainer import microbatch
+from dptune.search import orphans, release
+from dptune.privacy import accounting as privacy, search_totals as search_privacy
+from dptune.data.augment import Augmentation
+from dptune.config.schema import ResolvedStudy, SearchSpace, StudyConfig, check_name, default_storage
+from dptune.data.datasets import Dataset, load_dataset
 from dptune.errors import ConfigError, DataError, DptuneError, PrivacyError
-from dptune.orphans import reap_dead_workers
+from dptune.search.orphans import reap_dead_workers
 from dptune.randomness import SecretSeed
-from dptune.resume import Checkpointer, ReplayDiverged
-from dptune.search_privacy import RenyiFilter, TrialCount
-from dptune.search_space import Infeasible, check_space, plan_trial, smallest_batch
-from dptune.statement import COVERAGE, Mechanism, Statement
-from dptune import storage as storage_lib
-from dptune.storage import open_storage
-from dptune.train import PrivacyBudget, RunConfig, train_and_evaluate
+from dptune.trainer.resume import Checkpointer, ReplayDiverged
+from dptune.privacy.search_totals import RenyiFilter, TrialCount
+from dptune.search.space import Infeasible, check_space, plan_trial, smallest_batch
+from dptune.privacy.statement import COVERAGE, Mechanism, Statement
+from dptune.search import storage as storage_lib
+from dptune.search.storage import open_storage
+from dptune.trainer.train import PrivacyBudget, RunConfig, train_and_evaluate
 
 CONFIG_ATTR = "dptune_config"
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -198,14 +202,14 @@ def _prepare(resolved: ResolvedStudy) -> dict[str, Any]:
     delta = _resolve_delta(resolved, dataset)
     check_space(resolved.space, len(dataset.train), private=not study_cfg.non_private)
     make_sampler(study_cfg, resolved.space, study_cfg.seed)
-    from dptune.models import build_model
+    from dptune.models.builtin import build_model
 
     model = build_model(study_cfg.model, dataset.num_classes, weight_standardization=study_cfg.weight_standardization)
     prior: list[tuple[float, float, int]] = []
     if study_cfg.init_checkpoint:
         # A checkpoint that does not fit, or that saw this data without privacy, is a
         # configuration error, found before anything is written.
-        from dptune.models import init_params
+        from dptune.models.builtin import init_params
 
         prior = checkpoint.prior_spend(study_cfg.init_checkpoint, dataset.name, private=not study_cfg.non_private,
                                        unsafe_ignore=study_cfg.unsafe_ignore_checkpoint_provenance)
@@ -261,7 +265,7 @@ def create_study(resolved: ResolvedStudy, storage: str | None = None, *, skip_if
     except DptuneError as e:
         if source is None:
             raise
-        from dptune.config import search_space_path
+        from dptune.config.schema import search_space_path
 
         try:
             space_file = search_space_path(study_cfg.search_space, source)
@@ -654,7 +658,7 @@ def admit(trial: optuna.Trial, request: tuple[float, float, int], filt: RenyiFil
     trials still running are counted whether or not they were admitted yet
     (conservative); every admitted trial counts at its planned steps, which
     also covers pruning. Used for the search's trials and for audit runs
-    (:mod:`dptune.audit`), which train on the same data.
+    (:mod:`dptune.search.audit`), which train on the same data.
     """
     trial.set_user_attr("filter_request", list(request))
     others = []

@@ -4,7 +4,7 @@ Each layer computes ``y = f(a; θ)`` and, only when asked, records two things:
 
 * its input ``a`` in the ``dp_taps`` collection, under the name of the rule
   that turns (a, ∂ℓ/∂y) into per-example parameter gradients
-  (see :mod:`dptune.bookkeeping`);
+  (see :mod:`dptune.trainer.bookkeeping`);
 * a zero *perturbation* added to ``y`` (Flax ``perturb``), whose gradient is
   ∂ℓ/∂y for every example at once.
 

@@ -1,6 +1,6 @@
 """Poisson sampling of logical batches, padded to a fixed microbatch shape.
 
-The accountant (``dptune.privacy``) assumes each training example joins each
+The accountant (``dptune.privacy.accounting``) assumes each training example joins each
 step independently with probability q. :func:`poisson_batch` draws exactly that
 distribution: the batch size is Binomial(N, q) and, given its size, the batch
 is a uniformly random subset — which is the same law as N independent

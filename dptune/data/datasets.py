@@ -93,8 +93,8 @@ class RecordSplit:
         return normalize(images), labels
 
     def take_raw(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """uint8 images and labels of ``positions``, decoded on this thread (see dptune.pipeline for workers)."""
-        from dptune.pipeline import read_records
+        """uint8 images and labels of ``positions``, decoded on this thread (see dptune.data.pipeline for workers)."""
+        from dptune.data.pipeline import read_records
 
         pairs = [self.decode(r) for r in read_records(self.source, self.indices[positions])]
         if not pairs:
@@ -278,15 +278,15 @@ def _load_tfds(
 
 def _load_arrayrecord(full_name: str, seed: int, validation_fraction: float, train_split: str, test_split: str,
                       image_size: int | None = None) -> Dataset:
-    """A dataset written by :func:`dptune.pipeline.write_arrayrecord` (msgpack records of encoded images)."""
+    """A dataset written by :func:`dptune.data.pipeline.write_arrayrecord` (msgpack records of encoded images)."""
     from array_record.python.array_record_data_source import ArrayRecordDataSource
 
-    from dptune.pipeline import MANIFEST, DecodeRecord
+    from dptune.data.pipeline import MANIFEST, DecodeRecord
 
     directory = os.path.expanduser(full_name[len(ARRAYRECORD_PREFIX):])
     manifest_path = os.path.join(directory, MANIFEST)
     if not os.path.exists(manifest_path):
-        raise DataError(f"dataset: {full_name!r} has no {MANIFEST} (write it with dptune.pipeline.write_arrayrecord)")
+        raise DataError(f"dataset: {full_name!r} has no {MANIFEST} (write it with dptune.data.pipeline.write_arrayrecord)")
     with open(manifest_path) as f:
         manifest = json.load(f)
     shape = tuple(manifest["image_shape"])

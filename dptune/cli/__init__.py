@@ -1,0 +1,3 @@
+"""The ``dptune`` command line: parse, call the library, render."""
+
+from dptune.cli.commands import main  # noqa: F401

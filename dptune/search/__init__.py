@@ -1,0 +1,6 @@
+"""The search: study creation and loading, trial planning, the objective, workers, released models, audits.
+
+Optuna over the trainer. Modules that only read a storage (:mod:`dptune.search.results`,
+:mod:`dptune.search.storage`, :mod:`dptune.search.registry`) import no JAX, so that
+:mod:`dptune.inspect` can use them; this ``__init__`` imports nothing for the same reason.
+"""
