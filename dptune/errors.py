@@ -25,3 +25,7 @@ class DataError(DptuneError):
 
 class PrivacyError(DptuneError, ValueError):
     """A privacy parameter is out of range or a budget cannot be met."""
+
+
+class StudyError(DptuneError):
+    """A study cannot be created, found or continued."""

@@ -21,6 +21,7 @@ import yaml
 from jax_privacy.auditing import CanaryScoreAuditor, Explicit
 
 from dptune.search import audit, study
+from dptune.search import results
 from dptune.cli import commands as cli
 from dptune.config import schema as config
 from dptune import faults
@@ -256,17 +257,17 @@ def _study(tmp_path, extra=None, admitted_steps=12):
 
 def test_auditing_a_study_trial_counts_in_the_search_total(tmp_path):
     s, storage = _study(tmp_path)
-    before = study.search_guarantee(s)["total_epsilon"]
+    before = results.search_guarantee(s)["total_epsilon"]
     lines = []
     r = audit.audit_study("aud", storage, threat_model="white-box", canaries=50, progress=lines.append)
     assert lines and r.study["trial_audited"] == 0 and r.study["audit_trial"] == 1
     s = optuna.load_study(study_name="aud", storage=storage)
-    g = study.search_guarantee(s)
+    g = results.search_guarantee(s)
     assert g["trials_touching_data"] == 2 and g["total_epsilon"] > before
     assert r.study["search_epsilon_after"] == pytest.approx(g["total_epsilon"])
     rec = s.trials[1]
     assert rec.user_attrs["audit_of"] == 0 and rec.state == optuna.trial.TrialState.PRUNED
-    assert study.summarize(s).best["number"] == 0  # an audit never becomes the best trial
+    assert results.summarize(s).best["number"] == 0  # an audit never becomes the best trial
     assert "counts in the search total" in r.text()
     assert r.epsilon_lower_bound <= r.claimed_epsilon
 
@@ -283,7 +284,7 @@ def test_filter_refuses_an_audit_beyond_the_search_budget(tmp_path):
     s = optuna.load_study(study_name="aud", storage=storage)
     rec = s.trials[1]
     assert rec.user_attrs["filter_admitted"] is False and rec.user_attrs["touched_data"] is False
-    assert study.search_guarantee(s)["trials_touching_data"] == 1
+    assert results.search_guarantee(s)["trials_touching_data"] == 1
 
 
 # -- the command line ---------------------------------------------------------------------

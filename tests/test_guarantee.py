@@ -26,6 +26,9 @@ from dptune.models import checkpoint
 from dptune.config import schema as config
 from dptune.privacy import search_totals as search_privacy
 from dptune.search import study
+from dptune.trainer.run import dataset_of
+from dptune.search import objective
+from dptune.search import results
 from dptune.data.augment import Augmentation
 from dptune.data.datasets import load_dataset
 from dptune.errors import ConfigError
@@ -238,9 +241,9 @@ def test_two_pools_on_one_journal_study_run_exactly_k_trials(tmp_path):
     outs = [p.communicate(timeout=600) for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
     s = optuna.load_study(study_name="private", storage=study.open_storage(storage))
-    touched = [t for t in s.trials if study.touched_data(t)]
+    touched = [t for t in s.trials if results.touched_data(t)]
     assert len(touched) == 4 and sorted(t.number for t in touched) == [0, 1, 2, 3]
-    g = study.search_guarantee(s)
+    g = results.search_guarantee(s)
     assert g["complete"] and g["valid"]
 
 
@@ -254,7 +257,7 @@ def test_more_than_k_trials_on_the_data_voids_the_bound(tmp_path):
             params={"clip_norm": 1.0}, distributions=dist, value=0.5,
             user_attrs={"touched_data": True, "sampling_rate": plan["sampling_rate"],
                         "noise_multiplier": plan["noise_multiplier"], "steps": plan["steps"]}))
-    g = study.search_guarantee(s)
+    g = results.search_guarantee(s)
     assert not g["valid"] and "EXCEEDED, INVALID" in g["guarantee"]
     direct = search_privacy.composed_epsilon([(plan["sampling_rate"], plan["noise_multiplier"], plan["steps"])] * 3,
                                              1e-5)["rdp"]
@@ -289,7 +292,7 @@ def test_private_search_release_shows_neither_k_nor_trial_numbers(tmp_path, caps
     assert len(s.trials) == 3  # K really was 3: the checks below are about a known value
     # One public initialisation for every trial: a seed that varied with the trial number would reveal it.
     assert {t.user_attrs["seed"] for t in s.trials} == {0}
-    best_number = study.summarize(s).best["number"]
+    best_number = results.summarize(s).best["number"]
     forbidden = [re.compile(r"\bK[ \t]*=[ \t]*\d"), re.compile(r"\btrials?[ \t]+\d"),
                  re.compile(r"\b\d+[ \t]+trials?\b"), re.compile(r"\bof[ \t]+\d+\b"),
                  re.compile(r"best trial[ \t]+\d")]
@@ -330,7 +333,7 @@ def test_private_search_requires_a_separate_validation_dataset(tmp_path):
     assert not (tmp_path / "v.db").exists()
     Path(path).write_text(yaml.safe_dump(data))
     s = study.create_study(config.load_study(path), f"sqlite:///{tmp_path / 'v.db'}")
-    statement = study.privacy_statement(s).text()
+    statement = results.privacy_statement(s).text()
     assert "'mnist5k', treated as public" in statement
 
 
@@ -373,15 +376,15 @@ def test_filter_counts_requests_of_running_trials_before_they_are_admitted(tmp_p
     cap = s.user_attrs["search_budget"]
     assert cap["order"] == pytest.approx(search_privacy.default_filter_order(3.0, 1e-5))
     resolved = study.load("f", storage)[1]
-    objective = study.Objective(resolved, study._dataset(resolved.study), 1e-5, None, cap)
+    obj = objective.Objective(resolved, dataset_of(resolved.study), 1e-5, None, cap)
     from dptune.search.space import plan_trial
 
     first, second = s.ask(), s.ask()
-    plans = [plan_trial(t, resolved.space, 1258, objective.budget, resolved.study.budget) for t in (first, second)]
+    plans = [plan_trial(t, resolved.space, 1258, obj.budget, resolved.study.budget) for t in (first, second)]
     # The first writes its request but has not decided yet; the second must count it.
     first.set_user_attr("filter_request", [plans[0].sampling_rate, plans[0].hparams.noise_multiplier, plans[0].steps])
     assert RenyiFilter(3.0, 1e-5, cap["order"]).admits([tuple(first.user_attrs["filter_request"])] * 1)
-    assert "search_budget" in objective._admit(second, plans[1])
+    assert "search_budget" in obj._admit(second, plans[1])
     assert s.trials[second.number].user_attrs["filter_admitted"] is False
 
 
@@ -408,9 +411,9 @@ def test_search_budget_stops_the_search_before_the_cap(tmp_path):
     acc.compose(dp_event.ComposedDpEvent([dp_event.SelfComposedDpEvent(
         dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(sg)), t) for q, sg, t in requests]))
     assert filt.spent(requests) == pytest.approx(acc.get_epsilon(1e-5))
-    g = study.search_guarantee(s)
+    g = results.search_guarantee(s)
     assert g["mode"] == "filter" and g["total_epsilon"] == 2.5 and "Pre-committed" in g["guarantee"]
-    assert refused[0].user_attrs["epsilon_spent"] == 0.0 and not study.touched_data(refused[0])
+    assert refused[0].user_attrs["epsilon_spent"] == 0.0 and not results.touched_data(refused[0])
 
 
 def test_ordinary_total_says_it_is_an_accounting_not_a_precommitment(tmp_path):
@@ -418,7 +421,7 @@ def test_ordinary_total_says_it_is_an_accounting_not_a_precommitment(tmp_path):
     (tmp_path / "o.yaml").write_text(yaml.safe_dump({
         "name": "o", "dataset": "digits", "privacy": {"epsilon": 2.0, "delta": 1e-5}, "search_space": "space.yaml"}))
     s = study.create_study(config.load_study(str(tmp_path / "o.yaml")), f"sqlite:///{tmp_path / 'o.db'}")
-    text = study.privacy_statement(s).text()
+    text = results.privacy_statement(s).text()
     assert "an accounting of what ran, not a guarantee fixed in advance" in text
     assert "training examples only" in text
 
@@ -457,7 +460,7 @@ def test_a_checkpoint_replaced_after_create_is_refused_before_touching_data(tmp_
     with pytest.raises(study.StudyError, match="changed since the study was created"):
         study.optimize("c", storage, n_trials=1)
     t = optuna.load_study(study_name="c", storage=storage).trials[0]
-    assert t.state == optuna.trial.TrialState.FAIL and not study.touched_data(t)
+    assert t.state == optuna.trial.TrialState.FAIL and not results.touched_data(t)
 
 
 def test_a_queued_retry_is_not_counted_before_it_runs_and_private_search_does_not_retry(tmp_path):
@@ -470,16 +473,16 @@ def test_a_queued_retry_is_not_counted_before_it_runs_and_private_search_does_no
                                           distributions={"clip_norm": optuna.distributions.FloatDistribution(0.5, 2)}))
     # What Optuna's retry callback does: a WAITING copy with every attribute of its parent.
     s.enqueue_trial({"clip_norm": 1.0}, user_attrs=attrs)
-    assert study.search_guarantee(s)["valid"]
+    assert results.search_guarantee(s)["valid"]
     loaded, resolved = study.load("private", storage, heartbeat=True)
     # A stale trial fails but is never re-queued in a private search.
     loaded._storage._backend.heartbeat_stale_trial_callback(loaded, loaded.trials[0])
     assert len(loaded.trials) == 2
-    objective = study.Objective(resolved, study._dataset(resolved.study), 1e-5, plan)
-    loaded.optimize(objective, n_trials=1)  # the copy is number 1 ≥ K: skipped, and it touched nothing
+    obj = objective.Objective(resolved, dataset_of(resolved.study), 1e-5, plan)
+    loaded.optimize(obj, n_trials=1)  # the copy is number 1 ≥ K: skipped, and it touched nothing
     copy = loaded.trials[1]
     assert "skipped_reason" in copy.user_attrs and copy.user_attrs["touched_data"] is False
-    assert study.search_guarantee(loaded)["valid"]
+    assert results.search_guarantee(loaded)["valid"]
 
 
 def _ordinary(tmp_path):
@@ -503,7 +506,7 @@ def test_private_search_calibrates_with_a_private_checkpoints_spend(tmp_path, di
     assert b["noise_multiplier"] > a["noise_multiplier"] and b["total_epsilon"] <= 8.0
     direct = search_privacy.search_epsilon(b["sampling_rate"], b["noise_multiplier"], b["steps"], 1e-5,
                                            TrialCount("geometric", 3), [(0.1, 2.0, 100)])
-    assert b["total_epsilon"] == pytest.approx(direct) and study.search_guarantee(with_prior)["total_epsilon"] == \
+    assert b["total_epsilon"] == pytest.approx(direct) and results.search_guarantee(with_prior)["total_epsilon"] == \
         pytest.approx(direct)
 
 

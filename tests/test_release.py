@@ -22,6 +22,9 @@ from optuna.trial import TrialState
 
 from dptune.config import schema as config
 from dptune.search import orphans, release, study
+from dptune.trainer.run import dataset_of
+from dptune.search import objective
+from dptune.search import results
 from dptune.trainer import resume
 from dptune.data.datasets import load_dataset
 from dptune.randomness import SecretSeed
@@ -87,12 +90,12 @@ def test_best_model_artifact_is_kept_replaced_exported_and_predicts_its_recorded
     assert "wrote the released model" in p.stdout
     assert mode(out) == 0o700 and all(mode(out / f) == 0o600 for f in os.listdir(out))
     meta = json.loads((out / release.METADATA_FILE).read_text())
-    summary = study.summarize(s)
+    summary = results.summarize(s)
     assert meta["trial"] == 1 and meta["search"]["total_epsilon"] == summary.search["total_epsilon"]
     assert meta["trial_privacy"]["epsilon"] == s.trials[1].user_attrs["epsilon_spent"]
     assert meta["hyperparameters"]["effective_learning_rate"] == 2.0 and meta["input_shape"] == [8, 8, 1]
     # The honest search total, in words: the study's own statement, not the trial's ε.
-    assert (out / release.STATEMENT_FILE).read_text() == study.privacy_statement(s).text() + "\n"
+    assert (out / release.STATEMENT_FILE).read_text() == results.privacy_statement(s).text() + "\n"
 
     model = release.load_model(str(out))
     data = release.dataset_for(model.metadata)
@@ -263,7 +266,7 @@ def test_killed_worker_resumes_from_its_checkpoint_and_the_search_counts_its_ste
     event = dp_accounting.SelfComposedDpEvent(
         dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), 8)
     truth = RdpAccountant().compose(event).get_epsilon(delta)
-    total = study.search_guarantee(s)["total_epsilon"]
+    total = results.search_guarantee(s)["total_epsilon"]
     assert total == pytest.approx(truth, rel=1e-9)
     twice = RdpAccountant().compose(event).compose(event).get_epsilon(delta)
     assert total < twice  # not the failed attempt's planned steps plus the retry's
@@ -285,12 +288,12 @@ def test_search_total_counts_a_diverged_replay_apart():
         retry = create_trial(state=TrialState.COMPLETE, value=0.5, params={}, distributions={}, user_attrs={
             **base, "steps": 8, "retry_of": 0, "resumed_from": {"trial": 0, "step": 4, "randomness": randomness}})
         retry.number = 1
-        assert study.resumed_spends([dead, retry], [dead, retry]) == expected
+        assert results.resumed_spends([dead, retry], [dead, retry]) == expected
     # Not resumed (yet): the dead attempt counts at its planned steps.
     waiting = create_trial(state=TrialState.COMPLETE, value=0.5, params={}, distributions={},
                            user_attrs={**base, "steps": 8, "retry_of": 0})
     waiting.number = 1
-    assert study.resumed_spends([dead, waiting], [dead, waiting]) == [(0.25, 2.0, 8), (0.25, 2.0, 8)]
+    assert results.resumed_spends([dead, waiting], [dead, waiting]) == [(0.25, 2.0, 8), (0.25, 2.0, 8)]
 
 
 # -- the dashboard shows and serves the best model ------------------------------------------------
@@ -398,10 +401,10 @@ def test_a_heartbeat_retry_forgets_its_parents_resume_record_and_counts_apart(tm
     RetryHeartbeatStaleTrialCallback(max_retry=2)(s, s.get_trials()[0])
     s = study.optimize("hb", storage, n_trials=1)
     retry = s.trials[1]
-    assert retry.state == TrialState.COMPLETE and study.attempt_origin(retry) == 0
+    assert retry.state == TrialState.COMPLETE and results.attempt_origin(retry) == 0
     assert retry.user_attrs["resumed_from"] is None and retry.user_attrs["ran_steps"] == [0, 6]
     # No checkpoint of trial 0 existed: a fresh run, so the dead attempt counts apart, at its planned steps.
-    assert study.resumed_spends(s.trials, s.trials) == [(300 / 1258, 2.0, 6), (300 / 1258, 2.0, 6)]
+    assert results.resumed_spends(s.trials, s.trials) == [(300 / 1258, 2.0, 6), (300 / 1258, 2.0, 6)]
 
 
 @pytest.mark.slow
@@ -478,15 +481,15 @@ def _checkpointing_objective(tmp_path, name):
     storage = f"sqlite:///{tmp_path / (name + '.db')}"
     study.create_study(config.load_study(make_config(tmp_path, name, checkpoints={"every_steps": 10})), storage)
     s, resolved = study.load(name, storage)
-    objective = study.Objective(resolved, study._dataset(resolved.study), 1e-5)
-    return s, storage, objective
+    obj = objective.Objective(resolved, dataset_of(resolved.study), 1e-5)
+    return s, storage, obj
 
 
 def test_a_retry_of_a_retry_checks_the_digests_of_every_attempt_its_run_continued(tmp_path):
     """A reports to 300 and dies; B replays A from 100, checkpoints at 140, dies; C resumes B's 140."""
     from types import SimpleNamespace
 
-    s, storage, objective = _checkpointing_objective(tmp_path, "chain")
+    s, storage, obj = _checkpointing_objective(tmp_path, "chain")
     a = s.ask()
     a.set_user_attr("replay_digests", {str(k): f"A{k}" for k in range(110, 301, 10)})
     b = s.ask()
@@ -497,19 +500,19 @@ def test_a_retry_of_a_retry_checks_the_digests_of_every_attempt_its_run_continue
     c_trial.set_user_attr("retry_of", 0)
     plan = SimpleNamespace(hparams=Hyperparams(batch_size=10, learning_rate=1.0), steps=400, sampling_rate=0.1)
     folder = str(tmp_path / "private")
-    identity = objective._checkpointer(c_trial, plan, RunConfig(), folder).identity
+    identity = obj._checkpointer(c_trial, plan, RunConfig(), folder).identity
     ck = release.checkpoint_folder(folder, 0)
     resume.private_dir(ck)
     header = {"step": 140, "identity": identity, "secret": "00" * 32, "secret_fixed": False, "history": [],
               "examples": 0, "trial": 1}
     resume.write_private(os.path.join(ck, "step-000000140.ckpt"), resume.encode(header, b""))
-    c = objective._checkpointer(c_trial, plan, RunConfig(), folder)
+    c = obj._checkpointer(c_trial, plan, RunConfig(), folder)
     assert c.latest().step == 140
     # Every output A released after 140 is an output of the run C continues: all are checked.
     assert sorted(c.expected_digests) == list(range(150, 301, 10))
     # A "fresh" link cuts the chain: B's run after 100 was not A's.
     b.set_user_attr("resumed_from", {"trial": 0, "step": 100, "randomness": "fresh"})
-    c = objective._checkpointer(c_trial, plan, RunConfig(), folder)
+    c = obj._checkpointer(c_trial, plan, RunConfig(), folder)
     assert sorted(c.expected_digests) == [150]
 
 
@@ -525,16 +528,16 @@ def test_a_leftover_of_another_study_is_never_resumed_nor_drops_a_trial_from_the
         t3 = create_trial(state=TrialState.COMPLETE, value=0.5, params={}, distributions={}, user_attrs={
             **base, "steps": 100, "resumed_from": {"trial": link, "step": 40, "randomness": "replayed"}})
         t3.number = 3
-        assert sorted(study.resumed_spends([t3, unrelated], [t3, unrelated])) == [(0.1, 2.0, 100), (0.5, 0.8, 1000)]
+        assert sorted(results.resumed_spends([t3, unrelated], [t3, unrelated])) == [(0.1, 2.0, 100), (0.5, 0.8, 1000)]
 
     # A study deleted and created again under its name gets another folder and another identity.
-    s, storage, objective = _checkpointing_objective(tmp_path, "again")
+    s, storage, obj = _checkpointing_objective(tmp_path, "again")
     first_id, first_folder = release.study_id(s), release.folder_of(s, storage)
     from types import SimpleNamespace
 
     plan = SimpleNamespace(hparams=Hyperparams(batch_size=10, learning_rate=1.0), steps=400, sampling_rate=0.1)
     trial = s.ask()
-    assert objective._checkpointer(trial, plan, RunConfig(), first_folder).identity["study"] == first_id
+    assert obj._checkpointer(trial, plan, RunConfig(), first_folder).identity["study"] == first_id
     optuna.delete_study(study_name="again", storage=storage)
     s2, _, _ = _checkpointing_objective(tmp_path, "again")
     assert release.study_id(s2) != first_id and release.folder_of(s2, storage) != first_folder

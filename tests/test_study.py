@@ -12,6 +12,7 @@ import yaml
 
 from dptune.config import schema as config
 from dptune.search import study
+from dptune.search import results
 from dptune.errors import ConfigError, DptuneError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,7 +80,7 @@ def test_end_to_end_with_pruning(tmp_path, monkeypatch):
     pruned_mid_training = [t for t in trials if t.state == optuna.trial.TrialState.PRUNED
                            and "rejected_reason" not in t.user_attrs]
     assert pruned_mid_training, "the median pruner stopped no trial"
-    summary = study.summarize(s)
+    summary = results.summarize(s)
     assert summary.best is not None and summary.best["value"] > 0.3
     assert summary.trial_steps == sum(t.user_attrs.get("steps", 0) for t in trials)
 
@@ -251,7 +252,7 @@ def test_private_search_runs_the_drawn_number_of_identical_trials(tmp_path):
         assert t.user_attrs["noise_multiplier"] == plan["noise_multiplier"]
         assert t.user_attrs["steps"] == plan["steps"]
         assert t.user_attrs["derived"] == "private_search"
-    g = study.summarize(s).search
+    g = results.summarize(s).search
     assert g["mode"] == "private_search" and g["complete"] and g["total_epsilon"] <= 8.0
     study.optimize("private", storage, n_trials=5)
     assert len(optuna.load_study(study_name="private", storage=storage).trials) == k
@@ -271,7 +272,7 @@ def test_ordinary_study_total_composes_every_trial_that_touched_data(tmp_path):
         s.add_trial(optuna.trial.create_trial(
             params={"batch_size": 300}, distributions=dist, user_attrs=attrs,
             state=getattr(optuna.trial.TrialState, state), value=0.5 if state == "COMPLETE" else None))
-    g = study.summarize(s).search
+    g = results.summarize(s).search
     expected = composed_epsilon([(0.2, 1.5, 10), (0.3, 2.0, 4)], 1e-5)
     assert g["mode"] == "composition" and g["trials_touching_data"] == 2
     assert g["total_epsilon"] == pytest.approx(expected["rdp"])

@@ -100,242 +100,163 @@ def _add_privacy_common(p: argparse.ArgumentParser, *, noise: bool, duration: bo
     p.add_argument("--json", action="store_true", help="print JSON")
 
 
-def _privacy_setup(args: argparse.Namespace) -> tuple[float, float, bool, list[str]]:
-    from dptune.privacy import accounting as privacy
-
-    if args.batch_size > args.dataset_size:
-        raise PrivacyError(f"batch_size: {args.batch_size} exceeds dataset_size {args.dataset_size}")
-    q = args.batch_size / args.dataset_size
-    delta_default = args.delta is None
-    delta = privacy.default_delta(args.dataset_size) if delta_default else args.delta
-    privacy.check_delta(delta, args.dataset_size)
-    if args.accountant == "all":
-        accountants = list(privacy.ACCOUNTANTS)
-    else:
-        privacy.validate(accountant=args.accountant)
-        accountants = [args.accountant]
-    if getattr(args, "noise_multiplier", None) is not None:
-        privacy.validate(noise_multiplier=args.noise_multiplier)
-    if getattr(args, "epsilon", None) is not None:
-        privacy.validate(epsilon=args.epsilon)
-    return q, delta, delta_default, accountants
-
-
-def _steps_of(args: argparse.Namespace, q: float) -> int:
-    if args.steps is not None:
-        return args.steps
-    if not (args.epochs > 0 and math.isfinite(args.epochs)):
-        raise PrivacyError(f"epochs: must be a finite number > 0, got {args.epochs}")
-    return math.ceil(args.epochs / q)
-
-
 _HEADERS = {"epsilon": "ε", "target_epsilon": "target ε", "delta": "δ", "sampling_rate": "q",
             "noise_multiplier": "σ", "steps": "T", "single_trial_epsilon": "ε one trial",
             "search_epsilon": "ε search", "naive_composition_epsilon": "ε naive", "naive_trials": "naive K",
             "mean_trials": "mean K", "distribution": "K law"}
 
 
-def _print_privacy(args: argparse.Namespace, rows: list[dict], delta_default: bool, what: str) -> None:
+def _print_privacy(args: argparse.Namespace, table: Any, what: str) -> None:
     if args.json:
-        print(_dump({"results": rows, "delta_is_default": delta_default}))
+        print(_dump(table.as_dict()))
         return
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=what)
+    rows = table.rows
+    out = Table(title=what)
     cell = lambda v: "-" if v is None else (f"{v:.6g}" if isinstance(v, float) else str(v))  # noqa: E731
     if len(rows) == 1:
-        table.add_column("quantity")
-        table.add_column("value", justify="right")
+        out.add_column("quantity")
+        out.add_column("value", justify="right")
         for key, value in rows[0].items():
-            table.add_row(_HEADERS.get(key, key), cell(value))
+            out.add_row(_HEADERS.get(key, key), cell(value))
     else:
         for col in rows[0]:
-            table.add_column(_HEADERS.get(col, col))
+            out.add_column(_HEADERS.get(col, col))
         for r in rows:
-            table.add_row(*(cell(v) for v in r.values()))
+            out.add_row(*(cell(v) for v in r.values()))
     console = Console()
-    console.print(table)
-    from dptune.privacy.accounting import PLD_LIMIT
+    console.print(out)
+    for note in table.notes:
+        console.print(note)
+    if table.delta_is_default:
+        console.print(f"δ = {table.delta:g} by default (well below 1/N); set it with --delta.")
+    if table.statement is not None:
+        print("\n" + table.statement)
 
-    if any(r.get("accountant") == "pld" and (r.get("epsilon") or 0) > PLD_LIMIT for r in rows):
-        console.print(f"Above ε = {PLD_LIMIT:g} the pld row shows the RDP bound (also valid): the PLD accountant's "
-                      "memory and time grow with ε.")
-    if delta_default:
-        console.print(f"δ = {rows[0]['delta']:g} by default (well below 1/N); set it with --delta.")
+
+def _duration(args: argparse.Namespace) -> dict[str, Any]:
+    return {"steps": args.steps, "epochs": args.epochs}
 
 
 def cmd_privacy_epsilon(args: argparse.Namespace) -> int:
-    from dptune.privacy import accounting as privacy
+    from dptune.privacy import calculator
 
-    q, delta, delta_default, accountants = _privacy_setup(args)
-    steps = _steps_of(args, q)
-    rows = [dict(accountant=a, epsilon=privacy.epsilon(q, args.noise_multiplier, steps, delta, a), delta=delta,
-                 sampling_rate=q, noise_multiplier=args.noise_multiplier, steps=steps, epochs=steps * q)
-            for a in accountants]
-    if args.statement:
-        from dptune.privacy.statement import Mechanism, Statement
-
-        first = rows[0]
-        text = Statement(epsilon=first["epsilon"], delta=delta, accountant=first["accountant"],
-                         dataset_size=args.dataset_size,
-                         mechanism=Mechanism(q, args.noise_multiplier, steps)).text()
-        if args.json:
-            print(_dump({"results": rows, "delta_is_default": delta_default, "statement": text}))
-        else:
-            _print_privacy(args, rows, delta_default, "ε of DP-SGD (Poisson sampling)")
-            print("\n" + text)
-        return 0
-    _print_privacy(args, rows, delta_default, "ε of DP-SGD (Poisson sampling)")
+    table = calculator.epsilon_table(args.dataset_size, args.batch_size, args.noise_multiplier, delta=args.delta,
+                                     accountant=args.accountant, statement=args.statement, **_duration(args))
+    _print_privacy(args, table, "ε of DP-SGD (Poisson sampling)")
     return 0
 
 
 def cmd_privacy_noise(args: argparse.Namespace) -> int:
-    from dptune.privacy import accounting as privacy
+    from dptune.privacy import calculator
 
-    q, delta, delta_default, accountants = _privacy_setup(args)
-    steps = _steps_of(args, q)
-    rows = []
-    for a in accountants:
-        sigma = privacy.noise_for_epsilon(q, steps, args.epsilon, delta, a)
-        rows.append(dict(accountant=a, noise_multiplier=sigma, epsilon=privacy.epsilon(q, sigma, steps, delta, a),
-                         target_epsilon=args.epsilon, delta=delta, sampling_rate=q, steps=steps, epochs=steps * q))
-    _print_privacy(args, rows, delta_default, "Smallest σ that meets the budget")
+    table = calculator.noise_table(args.dataset_size, args.batch_size, args.epsilon, delta=args.delta,
+                                   accountant=args.accountant, **_duration(args))
+    _print_privacy(args, table, "Smallest σ that meets the budget")
     return 0
 
 
 def cmd_privacy_steps(args: argparse.Namespace) -> int:
-    from dptune.privacy import accounting as privacy
+    from dptune.privacy import calculator
 
-    q, delta, delta_default, accountants = _privacy_setup(args)
-    rows = []
-    for a in accountants:
-        t = privacy.max_steps(q, args.noise_multiplier, args.epsilon, delta, a)
-        rows.append(dict(accountant=a, steps=t, epochs=t * q,
-                         epsilon=privacy.epsilon(q, args.noise_multiplier, t, delta, a),
-                         target_epsilon=args.epsilon, delta=delta, sampling_rate=q,
-                         noise_multiplier=args.noise_multiplier))
-    _print_privacy(args, rows, delta_default, "Most steps within the budget")
+    table = calculator.steps_table(args.dataset_size, args.batch_size, args.noise_multiplier, args.epsilon,
+                                   delta=args.delta, accountant=args.accountant)
+    _print_privacy(args, table, "Most steps within the budget")
     return 0
 
 
 def cmd_privacy_search(args: argparse.Namespace) -> int:
-    from dptune.privacy import accounting as privacy
-    from dptune.privacy.search_totals import TrialCount, naive_epsilon, noise_for_search, search_epsilon
+    from dptune.privacy import calculator
+    from dptune.privacy.search_totals import TrialCount
 
-    q, delta, delta_default, _ = _privacy_setup(args)
-    steps = _steps_of(args, q)
-    count = TrialCount(args.distribution, args.mean_trials, args.eta)
-    if (args.noise_multiplier is None) == (args.total_epsilon is None):
-        raise PrivacyError("noise_multiplier: give exactly one of --noise-multiplier and --total-epsilon")
-    if args.total_epsilon is not None:
-        privacy.validate(epsilon=args.total_epsilon)
-        sigma = noise_for_search(q, steps, args.total_epsilon, delta, count)
-    else:
-        sigma = args.noise_multiplier
-    expected = math.ceil(args.mean_trials)
-    row = dict(distribution=args.distribution, mean_trials=args.mean_trials, eta=args.eta, noise_multiplier=sigma,
-               single_trial_epsilon=privacy.epsilon(q, sigma, steps, delta, "rdp"),
-               search_epsilon=search_epsilon(q, sigma, steps, delta, count),
-               naive_composition_epsilon=naive_epsilon(q, sigma, steps, delta, expected),
-               naive_trials=expected, delta=delta, sampling_rate=q, steps=steps, accountant="rdp")
-    _print_privacy(args, [row], delta_default,
-                   "Private hyperparameter search (Papernot & Steinke 2022) vs naive composition")
+    table = calculator.search_table(args.dataset_size, args.batch_size,
+                                    TrialCount(args.distribution, args.mean_trials, args.eta),
+                                    noise_multiplier=args.noise_multiplier, total_epsilon=args.total_epsilon,
+                                    delta=args.delta, **_duration(args))
+    _print_privacy(args, table, "Private hyperparameter search (Papernot & Steinke 2022) vs naive composition")
     return 0
 
 
 # -- dptune train -------------------------------------------------------------
 
+# Flags of `dptune train`/`pretrain` that set a study setting: flag name -> dotted key of the study schema.
+SETTING_FLAGS = {
+    "dataset": "dataset", "data_dir": "data_dir", "model": "model", "image_size": "image_size",
+    "epsilon": "privacy.epsilon", "delta": "privacy.delta", "accountant": "privacy.accountant",
+    "microbatch_size": "microbatch_size", "clipping": "clipping", "feed": "feed",
+    "loader_workers": "loader_workers", "device_data_fraction": "device_data_fraction", "seed": "seed",
+    "private_seed": "private_seed", "non_private": "non_private", "weight_standardization": "weight_standardization",
+    "init_checkpoint": "init_checkpoint", "reinitialize": "reinitialize",
+    "augment_multiplicity": "augmentation.multiplicity", "augment_shift": "augmentation.shift",
+    "augment_flip": "augmentation.flip", "unsafe_ignore_checkpoint_provenance": "unsafe_ignore_checkpoint_provenance",
+}
+HYPERPARAMETER_FLAGS = ("batch_size", "learning_rate", "clip_norm", "noise_multiplier", "epochs", "optimizer",
+                        "momentum", "ema_decay", "trainable")
+
+
+def _given(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:
+    """The flags the user gave (argparse defaults are None or False: defaults live in the schema)."""
+    return {n: getattr(args, n) for n in names if getattr(args, n, None) not in (None, False)}
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    import jax
     from rich.console import Console
 
-    from dptune.trainer import compile_stats, microbatch, multihost
-    from dptune.privacy import accounting as privacy
-    from dptune.data.datasets import load_dataset
-    from dptune.data.augment import Augmentation
+    from dptune.trainer import compile_stats, multihost
+    from dptune.config.schema import run_settings
+    from dptune.trainer.run import pretrain, train
 
     if getattr(args, "coordinator", None):
         # Before any computation: every process must join the runtime first (dptune.trainer.multihost).
         multihost.initialize(args.coordinator, args.num_processes, args.process_id)
-    from dptune.trainer.train import Hyperparams, PrivacyBudget, RunConfig, train_and_evaluate
-
     console = Console(stderr=args.json)
     compile_stats.enable_persistent_cache(args.cache_dir)
-    if args.command == "pretrain":
-        if not args.declare_public:
-            raise PrivacyError(f"dataset: pretraining is not private; pass --declare-public to confirm that "
-                               f"{args.dataset!r} is public data (not the data you protect)")
-        args.non_private, args.save_checkpoint = True, args.output
-    dataset = load_dataset(args.dataset, data_dir=args.data_dir, seed=args.seed, image_size=args.image_size)
-    n = len(dataset.train)
-    if not 1 <= args.batch_size <= n:
-        raise PrivacyError(f"batch_size: must be in [1, {n}] (the training-set size), got {args.batch_size}")
-    q = args.batch_size / n
-    if not (args.epochs > 0 and math.isfinite(args.epochs)):
-        raise PrivacyError(f"epochs: must be a finite number > 0, got {args.epochs}")
-    steps = math.ceil(args.epochs / q)
-    budget = None
-    sigma = args.noise_multiplier if args.noise_multiplier is not None else 0.0
-    if not args.non_private:
-        privacy.validate(epsilon=args.epsilon, accountant=args.accountant)
-        delta = args.delta if args.delta is not None else privacy.default_delta(n)
-        privacy.check_delta(delta, n)
-        if args.delta is None:
-            console.print(f"δ = {delta:g} by default (well below 1/N = {1 / n:.3g}); set it with --delta.")
-        budget = PrivacyBudget(args.epsilon, delta, args.accountant)
-        if args.noise_multiplier is None:
-            sigma = privacy.noise_for_epsilon(q, steps, args.epsilon, delta, args.accountant)
-            console.print(f"σ = {sigma:.4f} calibrated so that {steps} steps ({args.epochs:g} epochs) "
-                          f"spend ε ≤ {args.epsilon:g} at δ = {delta:g} ({args.accountant})")
-    hp = Hyperparams(batch_size=args.batch_size, learning_rate=args.learning_rate, clip_norm=args.clip_norm,
-                     noise_multiplier=sigma, optimizer=args.optimizer, momentum=args.momentum,
-                     ema_decay=args.ema_decay, trainable=args.trainable)
-    microbatch_size = args.microbatch_size
-    if microbatch_size == "auto":
-        choice = microbatch.choose(args.model, dataset.image_shape, dataset.num_classes,
-                                   jax.local_devices()[: args.devices or None], clipping=args.clipping,
-                                   upper=args.batch_size, weight_standardization=args.weight_standardization)
-        microbatch_size = choice.microbatch_size
-        measured = ", ".join(f"{m}: {r:,.0f} ex/s" for m, (r, _) in sorted(choice.measured.items()))
-        console.print(f"microbatch {microbatch_size} ({'cached' if choice.cached else 'measured'}: {measured})")
-    config = RunConfig(model=args.model, weight_standardization=args.weight_standardization,
-                       private=not args.non_private, microbatch_size=microbatch_size,
-                       clipping=args.clipping, eval_every=args.eval_every, seed=args.seed, private_seed=args.private_seed,
-                       num_devices=args.devices, init_checkpoint=args.init_checkpoint,
-                       reinitialize=tuple(args.reinitialize), save_checkpoint=args.save_checkpoint,
-                       augmentation=Augmentation(args.augment_multiplicity, args.augment_shift, args.augment_flip),
-                       unsafe_ignore_checkpoint_provenance=args.unsafe_ignore_checkpoint_provenance,
-                       feed=args.feed, loader_workers=args.loader_workers,
-                       device_data_fraction=args.device_data_fraction)
+    # Precedence: the schema's defaults < --config FILE < --set KEY=VALUE < the flags given.
+    flags = [(SETTING_FLAGS[k], v) for k, v in _given(args, list(SETTING_FLAGS)).items()]
+    settings = run_settings(args.config, [*(args.set or []), *flags])  # validated once, by the schema
 
     def progress(step: int, metrics: dict) -> None:
         console.print(f"step {step:5d}  epoch {metrics['epoch']:6.2f}  val_acc {metrics['val_accuracy']:.4f}  "
                       f"val_loss {metrics['val_loss']:.4f}")
 
-    result = train_and_evaluate(dataset, hp, steps, config=config, budget=budget, callback=progress)
-    statement = result.statement(dataset.name, config)
+    common = dict(hyperparameters=_given(args, HYPERPARAMETER_FLAGS), eval_every=args.eval_every,
+                  devices=args.devices, callback=progress, log=console.print)
+    if args.command == "pretrain":
+        run = pretrain(settings, output=args.output, declare_public=args.declare_public, **common)
+    else:
+        run = train(settings, save_checkpoint=args.save_checkpoint, **common)
+    _render_train(run, args, console)
+    return 0
+
+
+def _render_train(run: Any, args: argparse.Namespace, console: Any) -> None:
+    result, statement = run.result, run.statement
     if args.json:
-        print(_dump({**result.as_dict(), "statement": None if statement is None else statement.text()}))
-        return 0
-    eps = "∞ (non-private)" if result.epsilon is None else f"{result.epsilon:.4f} (δ = {budget.delta:g}, {budget.accountant})"
+        print(_dump(run.as_dict()))
+        return
+    if result.epsilon is None:
+        eps = "∞ (non-private)"
+    else:
+        eps = f"{result.epsilon:.4f} (δ = {run.delta:g}, {run.settings.privacy.accountant})"
     if result.prior_events:
         eps += (f" for this run; {result.total_epsilon:.4f} in all with the initial checkpoint's recorded training "
                 "on this data (RDP composition)")
-    console.print(f"[bold]{dataset.name}[/] {args.model}: validation accuracy {result.val_accuracy:.4f}, "
+    console.print(f"[bold]{run.dataset}[/] {run.settings.model}: validation accuracy {result.val_accuracy:.4f}, "
                   f"test accuracy {result.test_accuracy:.4f}, ε spent {eps}")
     if result.ema_val_accuracy is not None:
         console.print(f"EMA parameters: validation accuracy {result.ema_val_accuracy:.4f}, test accuracy "
                       f"{result.ema_test_accuracy:.4f} — selected by validation: {result.selected}")
-    if args.save_checkpoint:
-        console.print(f"saved the {result.selected} parameters to {args.save_checkpoint} (+ .json)")
+    saved = args.output if args.command == "pretrain" else args.save_checkpoint
+    if saved:
+        console.print(f"saved the {result.selected} parameters to {saved} (+ .json)")
     console.print(f"{result.steps} steps ({result.epochs:.2f} epochs) of {result.steps_requested} requested"
                   f"{' — stopped at the privacy budget' if result.budget_limited else ''}; "
                   f"{result.examples_per_second:,.0f} examples/s on {result.devices} device(s), "
                   f"compile {result.compile_seconds:.1f} s, wall {result.wall_seconds:.1f} s")
     if statement is not None:
         console.print("\n[bold]Privacy statement[/]\n" + statement.text(), highlight=False)
-    return 0
 
 
 # -- dptune audit ---------------------------------------------------------------
@@ -487,7 +408,7 @@ def _trial_line(t: Any, numbered: bool = True) -> str:
 
 def cmd_study_create(args: argparse.Namespace) -> int:
     from dptune.config import schema as config
-    from dptune.search import study
+    from dptune.search import results, study
 
     resolved = config.load_study(args.config)
     storage = args.storage or resolved.study.storage or config.default_storage(resolved.study.name)
@@ -539,7 +460,7 @@ def _optimize(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from dptune.trainer import compile_stats
-    from dptune.search import study
+    from dptune.search import results, study
 
     compile_stats.enable_persistent_cache(args.cache_dir)
     console = Console(stderr=True)
@@ -579,10 +500,10 @@ def _optimize(args: argparse.Namespace) -> int:
 def _emit_summary(s: Any, as_json: bool, internal: bool = False) -> None:
     """The study's summary and written privacy statement; for a private search only what may be
     released, unless ``internal``."""
-    from dptune.search import study
+    from dptune.search import results, study
 
-    summary = study.summarize(s)
-    statement = study.privacy_statement(s, summary)
+    summary = results.summarize(s)
+    statement = results.privacy_statement(s, summary)
     text = None if statement is None else statement.text()
     if as_json:
         body = summary.as_dict() if internal else summary.release()
@@ -596,7 +517,7 @@ def _emit_summary(s: Any, as_json: bool, internal: bool = False) -> None:
 
 
 def _load_studies(names: Sequence[str], storage: str | None) -> list:
-    from dptune.search import study
+    from dptune.search import results, study
 
     return [study.load(name, storage)[0] for name in names]
 
@@ -720,13 +641,13 @@ def _print_summary(summary: Any, internal: bool = False) -> None:
 
 
 def cmd_study_list(args: argparse.Namespace) -> int:
-    from dptune.search import study
+    from dptune.search import results, study
 
     import glob
 
     # Without --storage: every default SQLite storage (studies/*.db under the current directory).
     storages = [args.storage] if args.storage else [f"sqlite:///{p}" for p in sorted(glob.glob("studies/*.db"))]
-    rows = [dict(r, storage=url) for url in storages for r in study.list_studies(url)]
+    rows = [dict(r, storage=url) for url in storages for r in results.list_studies(url)]
     if args.json:
         print(_dump(rows))
         return 0
@@ -744,7 +665,7 @@ def cmd_study_list(args: argparse.Namespace) -> int:
 
 
 def cmd_study_show(args: argparse.Namespace) -> int:
-    from dptune.search import orphans, study
+    from dptune.search import orphans, results, study
 
     s, _ = study.load(args.study_name, args.storage)
     # A worker that died natively (an in-process optimize killed by SIGABRT) left its trial
@@ -755,10 +676,10 @@ def cmd_study_show(args: argparse.Namespace) -> int:
 
 
 def cmd_study_best(args: argparse.Namespace) -> int:
-    from dptune.search import study
+    from dptune.search import results, study
 
     s, _ = study.load(args.study_name, args.storage)
-    summary = study.summarize(s)
+    summary = results.summarize(s)
     if summary.best is None:
         raise study.StudyError(f"study_name: {args.study_name!r} has no completed trial yet")
     if args.export_model:
@@ -826,38 +747,51 @@ def _study_args(p: argparse.ArgumentParser, *, name_required: bool = True) -> No
 
 
 def _add_training_args(t: argparse.ArgumentParser) -> None:
-    t.add_argument("--dataset", default="mnist5k", help="mnist5k (default), digits, or tfds:<name>")
+    from dptune.config.schema import RUN_DEFAULTS, Hyperparameters, default
+
+    hp = Hyperparameters()
+
+    def d(name: str) -> str:
+        return f"(default: {default(name)})"
+
+    t.add_argument("--config", help="a study file: its settings (dataset, model, privacy, training) are this run's; "
+                                    "the flags below override them")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a setting by its dotted key, e.g. --set budget.max_epochs=20 (repeatable)")
+    t.add_argument("--dataset", help=f"mnist5k, digits, tfds:<name> or arrayrecord:<dir> {d('dataset')}")
     t.add_argument("--data-dir", help="TFDS data directory (for tfds:<name>)")
-    t.add_argument("--model", default="cnn", help="cnn, wrn16_4, resnet18, resnet50")
-    t.add_argument("--epsilon", type=_float, default=3.0)
-    t.add_argument("--delta", type=_float)
-    t.add_argument("--accountant", default="pld", help="pld or rdp")
-    t.add_argument("--batch-size", type=_positive_int, default=700)
-    t.add_argument("--epochs", type=_float, default=8.0)
+    t.add_argument("--model", help=f"cnn, wrn16_4, resnet18, resnet50 {d('model')}")
+    t.add_argument("--epsilon", type=_float, help=f"ε budget (default: {RUN_DEFAULTS['privacy']['epsilon']})")
+    t.add_argument("--delta", type=_float, help="δ (default: a power of ten below 1/(10N))")
+    t.add_argument("--accountant", help="pld or rdp (default: pld)")
+    t.add_argument("--batch-size", type=_positive_int, help=f"expected batch size B (default: {hp.batch_size})")
+    t.add_argument("--epochs", type=_float, help=f"(default: {hp.epochs})")
     t.add_argument("--noise-multiplier", type=_float,
                    help="σ; if omitted, calibrated so that --epochs fit the budget")
-    t.add_argument("--learning-rate", type=_float, default=4.0)
-    t.add_argument("--clip-norm", type=_float, default=1.0)
-    t.add_argument("--optimizer", default="momentum", help="sgd, momentum, adam")
-    t.add_argument("--momentum", type=_float, default=0.9)
-    t.add_argument("--ema-decay", type=_float, default=0.0)
-    t.add_argument("--microbatch-size", type=_int_or_auto, default=256,
-                   help="examples per accumulation call, or 'auto' (measured once, cached)")
-    t.add_argument("--clipping", choices=("auto", "bookkeeping", "vmap"), default="auto",
-                   help="per-example clipping path: bookkeeping (fast), vmap (reference), auto")
+    t.add_argument("--learning-rate", type=_float, help=f"(default: {hp.learning_rate})")
+    t.add_argument("--clip-norm", type=_float, help=f"(default: {hp.clip_norm})")
+    t.add_argument("--optimizer", help=f"sgd, momentum, adam (default: {hp.optimizer})")
+    t.add_argument("--momentum", type=_float, help=f"(default: {hp.momentum})")
+    t.add_argument("--ema-decay", type=_float, help=f"(default: {hp.ema_decay}: off)")
+    t.add_argument("--microbatch-size", type=_int_or_auto,
+                   help=f"examples per accumulation call, or 'auto' (measured once, cached) {d('microbatch_size')}")
+    t.add_argument("--clipping", choices=("auto", "bookkeeping", "vmap"),
+                   help=f"per-example clipping path: bookkeeping (fast), vmap (reference), auto {d('clipping')}")
     t.add_argument("--eval-every", type=_positive_int)
     t.add_argument("--devices", type=_positive_int, help="number of local devices (default: all)")
-    t.add_argument("--feed", choices=("auto", "resident", "streamed", "loop"), default="auto",
+    t.add_argument("--feed", choices=("auto", "resident", "streamed", "loop"),
                    help="how batches reach the devices: data kept on the device, one transfer per step, "
-                        "or one per microbatch (default: auto)")
-    t.add_argument("--loader-workers", type=_nonnegative_int, default=2,
-                   help="processes decoding record datasets ahead of the step (0: on this thread)")
-    t.add_argument("--device-data-fraction", type=_float, default=0.25,
-                   help="keep the training split on the device when it fits in this share of its memory")
+                        f"or one per microbatch {d('feed')}")
+    t.add_argument("--loader-workers", type=_nonnegative_int,
+                   help=f"processes decoding record datasets ahead of the step (0: on this thread) "
+                        f"{d('loader_workers')}")
+    t.add_argument("--device-data-fraction", type=_float,
+                   help=f"keep the training split on the device when it fits in this share of its memory "
+                        f"{d('device_data_fraction')}")
     t.add_argument("--coordinator", help="HOST:PORT of process 0, to run one trial across processes/hosts")
     t.add_argument("--num-processes", type=_positive_int, default=1)
     t.add_argument("--process-id", type=_nonnegative_int, default=0)
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=int, help=f"public seed (initialisation, data split) {d('seed')}")
     t.add_argument("--private-seed", type=int, help="fix sampling and noise (reproducible; keep it secret)")
     t.add_argument("--non-private", action="store_true", help="no clipping, no noise (a baseline)")
     t.add_argument("--cache-dir", help="JAX persistent compilation cache (default ~/.cache/dptune/jax)")
@@ -865,12 +799,12 @@ def _add_training_args(t: argparse.ArgumentParser) -> None:
     t.add_argument("--image-size", type=_positive_int, help="resize and centre-crop images to this size")
     t.add_argument("--weight-standardization", action="store_true", help="weight-standardised convolutions")
     t.add_argument("--init-checkpoint", help="start from this checkpoint (Flax msgpack file or Orbax directory)")
-    t.add_argument("--reinitialize", nargs="*", default=[], metavar="MODULE",
+    t.add_argument("--reinitialize", nargs="*", metavar="MODULE",
                    help="top-level modules to start fresh instead of from the checkpoint (e.g. Dense_1)")
-    t.add_argument("--trainable", default="all", help="all, head, or last_<k> blocks; the rest stay frozen")
-    t.add_argument("--augment-multiplicity", type=_positive_int, default=1,
-                   help="K augmented copies per example, averaged before clipping")
-    t.add_argument("--augment-shift", type=int, default=0, help="random shift of up to this many pixels")
+    t.add_argument("--trainable", help="all, head, or last_<k> blocks; the rest stay frozen (default: all)")
+    t.add_argument("--augment-multiplicity", type=_positive_int,
+                   help="K augmented copies per example, averaged before clipping (default: 1)")
+    t.add_argument("--augment-shift", type=int, help="random shift of up to this many pixels (default: 0)")
     t.add_argument("--augment-flip", action="store_true", help="random horizontal flips")
     t.add_argument("--save-checkpoint", help="write the final (raw or EMA, by validation) parameters here")
     t.add_argument("--unsafe-ignore-checkpoint-provenance", action="store_true",
@@ -999,9 +933,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _configure_logging() -> None:
+    """Logging is the application's to set, so it is set here and never on import of a library module."""
+    import logging
+
+    import optuna
+
+    # The RDP accountant logs a warning for every order whose series does not converge (it then
+    # excludes that order, which is sound); users cannot act on those lines.
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    # dptune prints its own progress; Optuna's per-trial INFO lines would repeat it.
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dptune`` console script."""
     from dptune.trainer import xla_options
+
+    _configure_logging()
 
     # Before any command starts JAX: on a CPU-only host, one device per core.
     xla_options.use_host_cores()

@@ -13,7 +13,7 @@ import os
 import re
 import reprlib
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any, Literal, Sequence, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -526,3 +526,178 @@ def load_study(path: str) -> ResolvedStudy:
 def default_storage(name: str) -> str:
     """``sqlite:///studies/<name>.db`` relative to the current directory."""
     return f"sqlite:///{os.path.join('studies', name + '.db')}"
+
+
+# -- one run, the Python API and the command line ---------------------------------------------------------------
+
+def default(field: str) -> Any:
+    """The schema's default for a top-level study setting: the one place each default is written.
+
+    Raises:
+      KeyError: ``field`` is not a setting of :class:`StudyConfig`.
+    """
+    return StudyConfig.model_fields[field].get_default(call_default_factory=True)
+
+
+class Hyperparameters(_Strict):
+    """The hyperparameters of one run (``dptune train``, :func:`dptune.train`), with their defaults.
+
+    A study samples these from its search space; a single run fixes them.
+    ``noise_multiplier`` None: σ is calibrated so that ``epochs`` fit the privacy budget.
+    """
+
+    batch_size: int = Field(700, ge=1)
+    learning_rate: float = Field(4.0, gt=0)
+    clip_norm: float = Field(1.0, gt=0)
+    noise_multiplier: float | None = Field(None, ge=0)
+    epochs: float = Field(8.0, gt=0)
+    optimizer: Literal["sgd", "momentum", "adam"] = "momentum"
+    momentum: float = Field(0.9, ge=0, lt=1)
+    ema_decay: float = Field(0.0, ge=0, lt=1)
+    trainable: str = "all"
+
+    @field_validator("learning_rate", "clip_norm", "epochs", "noise_multiplier")
+    @classmethod
+    def _finite(cls, v: float | None) -> float | None:
+        if v is not None and not math.isfinite(v):
+            raise ValueError("must be a finite number")
+        return v
+
+    _trainable = field_validator("trainable")(SearchSpace._trainable_values.__func__)  # type: ignore[attr-defined]
+
+
+# What a single run uses where a study file would be required to say it.
+RUN_DEFAULTS: dict[str, Any] = {"name": "train", "privacy": {"epsilon": 3.0}}
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+Overrides = Union[dict[str, Any], Sequence[Union[str, tuple[str, Any]]]]
+
+
+def apply_overrides(data: dict[str, Any], overrides: Overrides) -> dict[str, Any]:
+    """``data`` with dotted-key overrides applied, in order.
+
+    Args:
+      data: a study file's keys.
+      overrides: ``{"budget.max_epochs": 20}``, or a sequence of ``"budget.max_epochs=20"`` texts
+        (values read as YAML: ``20`` is a number, ``[a, b]`` a list) and ``(key, value)`` pairs.
+
+    Returns:
+      A new dict; nothing is validated here: the result goes through the schema once, like a file.
+
+    Raises:
+      ConfigError: an override text that is not ``KEY=VALUE``.
+    """
+    items: list[tuple[str, Any]] = []
+    if isinstance(overrides, dict):
+        items = list(overrides.items())
+    else:
+        for text in overrides:
+            if isinstance(text, tuple):
+                items.append(text)
+                continue
+            key, sep, value = text.partition("=")
+            if not sep or not key.strip():
+                raise ConfigError("--set", f"expected KEY=VALUE with a dotted KEY (e.g. budget.max_epochs=20), "
+                                           f"got {text!r}")
+            items.append((key.strip(), _parse_value(value)))
+    out: dict[str, Any] = dict(data)
+    for key, value in items:
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            node[part] = dict(child) if isinstance(child, dict) else {}
+            node = node[part]
+        node[parts[-1]] = value
+    return out
+
+
+ConfigLike = Union[str, "os.PathLike[str]", dict, StudyConfig, ResolvedStudy]
+
+
+def resolve(config: ConfigLike, overrides: Overrides | None = None) -> ResolvedStudy:
+    """A validated study (settings and search space) from a file, a dict, a :class:`StudyConfig` or a resolved study.
+
+    Args:
+      config: a study file's path; a dict with the file's keys (``search_space`` may be a dict of the
+        search space itself, or the name of a search-space file); a :class:`StudyConfig`; a :class:`ResolvedStudy`.
+      overrides: dotted-key overrides applied before validation (``{"budget.max_epochs": 20}``).
+
+    Returns:
+      The study with its search space, validated once by the schema.
+
+    Raises:
+      ConfigError: a value the schema refuses, naming the file (or "config") and the field.
+    """
+    if isinstance(config, ResolvedStudy) and not overrides:
+        return config
+    if isinstance(config, ResolvedStudy):
+        data: dict[str, Any] = config.study.model_dump(mode="json", exclude_unset=True)
+        data["search_space"] = config.space.model_dump(mode="json", exclude_none=True)
+        source = "config"
+    elif isinstance(config, StudyConfig):
+        data, source = config.model_dump(mode="json", exclude_unset=True), "config"
+    elif isinstance(config, dict):
+        data, source = dict(config), "config"
+    else:
+        source = os.fspath(config)
+        data = _read_yaml(source)
+    if overrides:
+        data = apply_overrides(data, overrides)
+    inline = data.get("search_space")
+    if isinstance(inline, dict):
+        data = {**data, "search_space": "(inline)"}
+    study = parse(source, StudyConfig, data)
+    if study.private_search:
+        defaults = {"sampler": SamplerConfig(name="random"), "pruner": PrunerConfig(name="none")}
+        study = study.model_copy(update={k: v for k, v in defaults.items() if k not in study.model_fields_set})
+    if isinstance(inline, dict):
+        space_file, space = f"{source}: search_space", parse(f"{source}: search_space", SearchSpace, inline)
+    else:
+        space_file = search_space_path(study.search_space, source if source != "config" else None)
+        space = load_search_space(space_file)
+    try:
+        return ResolvedStudy(study=study, space=space)
+    except ValidationError as e:
+        msg = e.errors()[0]["msg"].removeprefix("Value error, ")
+        if msg.startswith("search_space."):
+            name, _, rest = msg.removeprefix("search_space.").partition(": ")
+            raise ConfigError(f"{space_file}: {name}", rest) from None
+        raise ConfigError(source, msg) from None
+
+
+def run_settings(config: ConfigLike | None = None, overrides: Overrides | None = None
+                 ) -> StudyConfig:
+    """The settings of a single run: a study file or dict (its search space is not needed), defaults for the rest.
+
+    Raises:
+      ConfigError: a value the schema refuses.
+    """
+    if isinstance(config, ResolvedStudy):
+        config = config.study
+    if config is None:
+        data: dict[str, Any] = {}
+        source = "config"
+    elif isinstance(config, StudyConfig):
+        data, source = config.model_dump(mode="json", exclude_unset=True), "config"
+    elif isinstance(config, dict):
+        data, source = dict(config), "config"
+    else:
+        source = os.fspath(config)
+        data = _read_yaml(source)
+    if overrides:
+        data = apply_overrides(data, overrides)
+    if data.get("search_privacy") is not None:
+        raise ConfigError(f"{source}: search_privacy", "a single run takes privacy: {epsilon: …} (its own budget), "
+                                                       "not the budget of a whole private search")
+    defaults = dict(RUN_DEFAULTS)
+    if data.get("non_private"):
+        defaults.pop("privacy")  # a non-private baseline takes no budget
+    return parse(source, StudyConfig, {**{k: v for k, v in defaults.items() if k not in data}, **data})

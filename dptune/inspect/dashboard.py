@@ -13,7 +13,7 @@ import optuna_dashboard
 
 from dptune.inspect import figures
 from dptune.errors import ConfigError
-from dptune.search.study import CONFIG_ATTR, coverage, summarize
+from dptune.search.results import CONFIG_ATTR, coverage, summarize
 
 
 def study_note(study: optuna.Study) -> str:

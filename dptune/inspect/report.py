@@ -15,7 +15,7 @@ import plotly.offline
 
 from dptune.inspect import figures
 from dptune.errors import ConfigError
-from dptune.search.study import CONFIG_ATTR, coverage, summarize, trial_record
+from dptune.search.results import CONFIG_ATTR, coverage, summarize, trial_record
 
 TOP = 10
 

@@ -17,8 +17,9 @@ calibration costs seconds. No JAX here.
 
 from __future__ import annotations
 
-import functools
 import logging
+
+import functools
 import math
 from dataclasses import asdict, dataclass
 from typing import Literal
@@ -32,15 +33,23 @@ from dp_accounting.rdp.rdp_privacy_accountant import RdpAccountant
 
 from dptune.errors import PrivacyError
 
+class _ExcludedOrders(logging.Filter):
+    """Drops dp-accounting's "failed to converge … Excluding this order" lines, and only those.
+
+    The RDP accountant logs one for every Rényi order whose series does not converge; it then
+    leaves that order out, which is sound, and nobody can act on the line. Logging is otherwise
+    left as the application configured it.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Excluding this order" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_ExcludedOrders())
+
 Accountant = Literal["pld", "rdp"]
 ACCOUNTANTS: tuple[str, ...] = ("pld", "rdp")
 DEFAULT_ACCOUNTANT: Accountant = "pld"
-
-# The RDP accountant logs a warning for every order whose series does not
-# converge (it then excludes that order, which is sound). Users cannot act on
-# those lines, so they are kept out of dptune's output.
-logging.getLogger("absl").setLevel(logging.ERROR)
-
 
 @dataclass(frozen=True)
 class PrivacySpend:

@@ -627,7 +627,7 @@ def audit_study(
     The audit run trains on the study's private data with the trial's
     mechanism, so it is recorded in the study as one more trial (state PRUNED,
     attribute ``audit_of``; it never becomes the best trial): every search
-    total (:func:`dptune.search.study.search_guarantee`) composes it like any trial
+    total (:func:`dptune.search.results.search_guarantee`) composes it like any trial
     that touched the data. With a ``search_budget`` the privacy filter must
     admit it first, exactly as a trial; a private search (repeat-and-select
     over a secret number of trials) is refused, because one more run on the
@@ -650,6 +650,9 @@ def audit_study(
     from optuna.trial import TrialState
 
     from dptune.search import orphans, study as study_lib
+    from dptune.trainer.run import dataset_of
+    from dptune.search import objective
+    from dptune.search import results
     from dptune.data.augment import Augmentation
     from dptune.privacy.search_totals import RenyiFilter
 
@@ -669,9 +672,9 @@ def audit_study(
     fields = {f for f in Hyperparams.__dataclass_fields__}
     hp = Hyperparams(**{k: a[k] for k in fields if k in a})
     steps = int(a["steps"])
-    dataset = study_lib._dataset(cfg)
+    dataset = dataset_of(cfg)
     delta = float(s.user_attrs["delta"])
-    before = study_lib.search_guarantee(s)
+    before = results.search_guarantee(s)
     budget = PrivacyBudget(float(a.get("epsilon_target", 100.0)), delta, str(a.get("accountant", "rdp")))
 
     record = s.ask()  # numbered atomically in the storage, like any trial
@@ -684,7 +687,7 @@ def audit_study(
     cap = s.user_attrs.get("search_budget")
     if cap is not None:
         prior = [(float(x), float(y), int(z)) for x, y, z in s.user_attrs.get("prior_privacy_events", [])]
-        refusal = study_lib.admit(record, request, RenyiFilter(cap["epsilon"], delta, cap["order"]), prior)
+        refusal = objective.admit(record, request, RenyiFilter(cap["epsilon"], delta, cap["order"]), prior)
         if refusal is not None:
             s.tell(record, state=TrialState.PRUNED)
             raise PrivacyError(f"{refusal.replace('the search stops here', 'the audit is refused')}")
@@ -717,7 +720,7 @@ def audit_study(
                        ("audit_exceeds_claim", result.exceeds_claim)):
         record.set_user_attr(key, value)
     s.tell(record, state=TrialState.PRUNED)
-    after = study_lib.search_guarantee(optuna.load_study(study_name=study_name, storage=s._storage))
+    after = results.search_guarantee(optuna.load_study(study_name=study_name, storage=s._storage))
     result.study = {"name": study_name, "trial_audited": target.number, "audit_trial": record.number,
                     "mode": after["mode"], "search_epsilon_before": before["total_epsilon"],
                     "search_epsilon_after": after["total_epsilon"]}

@@ -211,7 +211,7 @@ def _keep(study: optuna.Study) -> int:
 
 def model_metadata(study: optuna.Study, trial: FrozenTrial, checkpoint_meta: dict[str, Any]) -> dict[str, Any]:
     """What a best model says about itself: model, data, hyperparameters, privacy of the trial and the search."""
-    from dptune.search.study import search_guarantee
+    from dptune.search.results import search_guarantee
 
     cfg = study.user_attrs.get("dptune_config", {}).get("study", {})
     a = trial.user_attrs
@@ -255,11 +255,11 @@ def _trial_privacy(study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:
 
     A trial whose retry resumed a dead attempt's run by replaying it is one run;
     one whose replay diverged released the dead attempt's outputs too, as a run
-    of its own (:func:`dptune.search.study.resumed_spends`): then the trial's ε is the
+    of its own (:func:`dptune.search.results.resumed_spends`): then the trial's ε is the
     composition of those runs (RDP), not its last attempt's alone.
     """
     from dptune.privacy.search_totals import composed_epsilon
-    from dptune.search.study import resumed_spends
+    from dptune.search.results import resumed_spends
 
     a = trial.user_attrs
     out = {"epsilon": a.get("epsilon_spent"), "delta": a.get("delta"), "accountant": a.get("accountant"),
@@ -361,7 +361,7 @@ def sweep_pending(study: optuna.Study, storage_url: str) -> None:
 def export_model(study: optuna.Study, storage_url: str, directory: str) -> dict[str, Any]:
     """Write the study's released model to ``directory``: model, metadata and privacy statement.
 
-    Guarantee: the statement written is the search's (:func:`dptune.search.study.privacy_statement`),
+    Guarantee: the statement written is the search's (:func:`dptune.search.results.privacy_statement`),
     computed at export time over every trial that trained on the data; it is what
     releasing this model costs, not the trial's own ε.
 
@@ -372,7 +372,7 @@ def export_model(study: optuna.Study, storage_url: str, directory: str) -> dict[
       ReleaseError: no completed trial, no stored model for the best trial, a
         private search not yet complete, or ``directory`` exists and is not empty.
     """
-    from dptune.search.study import privacy_statement, summarize
+    from dptune.search.results import privacy_statement, summarize
 
     summary = summarize(study)
     if summary.best is None:

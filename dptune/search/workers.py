@@ -81,7 +81,7 @@ def worker_env(index: int, devices_per_trial: int, gpus: list[str]) -> dict[str,
     if gpus:
         mine = gpus[index * devices_per_trial:(index + 1) * devices_per_trial]
         if len(mine) < devices_per_trial:
-            from dptune.search.study import StudyError
+            from dptune.errors import StudyError
 
             raise StudyError(f"devices_per_trial: {len(gpus)} GPUs cannot give each of the workers "
                              f"{devices_per_trial}; lower --workers or --devices-per-trial")
@@ -109,11 +109,12 @@ def run_pool(
 ) -> int:
     """Run ``workers`` worker processes until ``n_trials`` more trials finish; returns an exit code."""
     from dptune.search import study as study_lib
+    from dptune.search import results
     from dptune.search.storage import check_workers, open_storage
 
     check_workers(storage, workers)
     study, _ = study_lib.load(study_name, storage)
-    done_before = len(study.get_trials(deepcopy=False, states=study_lib.FINISHED))
+    done_before = len(study.get_trials(deepcopy=False, states=results.FINISHED))
     target = None if n_trials is None else done_before + n_trials
     gpus = local_gpus()
     cmd = [sys.executable, "-m", "dptune.search.workers", "--study-name", study_name, "--storage", storage]

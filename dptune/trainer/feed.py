@@ -30,13 +30,14 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
+from dptune.config.schema import default as setting
 from dptune.trainer import dispatch, multihost
 from dptune.data.datasets import ArraySplit
 from dptune.trainer.dp_step import StepFunctions, TrainState
 from dptune.errors import ConfigError
 
 FEEDS: tuple[str, ...] = ("auto", "resident", "streamed", "loop")
-DEVICE_DATA_FRACTION = 0.25
+DEVICE_DATA_FRACTION: float = setting("device_data_fraction")  # the study schema's default
 # A streamed step sends at most this many bytes of examples at once; larger logical batches use the loop.
 STREAM_BYTES = 1 << 30
 

@@ -29,7 +29,7 @@ checkpoint under a final name. Each file ends with a SHA-256 of everything
 before it; a file that fails the check (truncated, corrupted) is skipped with a
 warning and the previous checkpoint is used (the newest ``KEEP`` are kept).
 
-**Privacy of a resumed run** (the argument :func:`dptune.search.study.search_guarantee`
+**Privacy of a resumed run** (the argument :func:`dptune.search.results.search_guarantee`
 relies on). The resumed run starts from the state after T steps and draws the
 same batches and the same noise the dead attempt drew for steps T+1, T+2, …
 If its computation is bitwise the same (XLA on CPU is deterministic for one

@@ -30,6 +30,7 @@ from dptune.data import pipeline
 from dptune.data.datasets import Dataset, RecordSplit, batches
 from dptune.trainer.dp_step import OPTIMIZERS, StepFunctions, TrainState, step_functions
 from dptune.trainer import feed as feeds
+from dptune.config.schema import default as setting
 from dptune.errors import ConfigError, PrivacyError
 from dptune.models.builtin import build_model, init_params
 from dptune.randomness import SecretSeed
@@ -100,14 +101,15 @@ class RunConfig:
     not cover what that checkpoint learnt.
     """
 
-    model: str = "cnn"
-    weight_standardization: bool = False
+    # Defaults are the study schema's (dptune.config.schema): one place for each.
+    model: str = setting("model")
+    weight_standardization: bool = setting("weight_standardization")
     private: bool = True
-    microbatch_size: int = 128
-    clipping: str = "auto"
+    microbatch_size: int = setting("microbatch_size")
+    clipping: str = setting("clipping")
     eval_every: int | None = None
     eval_batch_size: int = 500
-    seed: int = 0
+    seed: int = setting("seed")
     private_seed: int | None = None
     secret: SecretSeed | None = None
     num_devices: int | None = None
@@ -116,9 +118,9 @@ class RunConfig:
     augmentation: Augmentation = Augmentation()
     save_checkpoint: str | None = None
     unsafe_ignore_checkpoint_provenance: bool = False
-    feed: str = "auto"
-    device_data_fraction: float = feeds.DEVICE_DATA_FRACTION
-    loader_workers: int = 2
+    feed: str = setting("feed")
+    device_data_fraction: float = setting("device_data_fraction")
+    loader_workers: int = setting("loader_workers")
     # Issue #18: a dptune.trainer.resume.Checkpointer — in-trial checkpoints, and resuming from the last one.
     resume: Any = None
 

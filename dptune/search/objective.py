@@ -1,0 +1,349 @@
+"""The objective: one trial, from sampled hyperparameters to a trained, recorded, released run.
+
+Each trial samples hyperparameters and derives steps or σ from the budget
+(:func:`dptune.search.space.plan_trial`; an infeasible sample is PRUNED with
+``rejected_reason`` and ε spent 0 — it never touched data), sets
+``touched_data`` just before it reads the training data (the search's privacy
+counts exactly those trials), trains with
+:func:`dptune.trainer.train.train_and_evaluate` reporting validation accuracy
+at each evaluation, and records what ran as user attributes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Sequence
+
+import jax
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from dptune import interrupt
+from dptune.data.datasets import Dataset
+from dptune.config.schema import ResolvedStudy, default_storage
+from dptune.errors import StudyError
+from dptune.models import checkpoint
+from dptune.privacy.search_totals import RenyiFilter
+from dptune.randomness import SecretSeed
+from dptune.search import orphans, release
+from dptune.search.results import attempt_origin, _linked
+from dptune.search.space import Infeasible, plan_trial, smallest_batch
+from dptune.trainer import microbatch
+from dptune.trainer.resume import Checkpointer, ReplayDiverged
+from dptune.trainer.run import run_config
+from dptune.trainer.train import PrivacyBudget, RunConfig, train_and_evaluate
+
+
+RESUME_ATTRS = ("resumed_from", "replay_digests", "progress_steps", "checkpoint_step", "ran_steps")
+
+
+def replay_expectations(trials: Sequence[FrozenTrial], number: int, origin: int, writer: int | None,
+                        step: int) -> dict[int, str]:
+    """{step: parameter digest} that a retry resuming a checkpoint must reproduce before it reports anything.
+
+    The checkpoint (after ``step`` steps, written by attempt ``writer``) holds
+    one run's state and secret. Outputs of that run after ``step`` were
+    released by the writer, by every later attempt of the same trial, and by
+    every attempt the writer itself continued by replaying (its ``resumed_from``
+    links marked "replayed", followed back to the first "fresh" link or the
+    first attempt): all their reported digests after ``step`` are expected.
+
+    Args:
+      trials: the study's trials.
+      number: the resuming trial's number (left out).
+      origin: its first attempt's number.
+      writer: the trial that wrote the checkpoint (None: unknown, every attempt of the trial).
+      step: the checkpoint's step.
+
+    Returns:
+      The expected digests; a conflict between two attempts keeps one of them,
+      which can only make the replay diverge (and count apart), never hide a release.
+    """
+    by_number = {t.number: t for t in trials}
+    sources = {t.number for t in trials if t.number != number and attempt_origin(t) == origin
+               and (writer is None or t.number >= int(writer))}
+    current = by_number.get(int(writer)) if writer is not None else None
+    while current is not None and (hop := _linked(current, by_number)) is not None:
+        dead, link = hop
+        if link.get("randomness") != "replayed" or dead.number in sources:
+            break  # a fresh restart began another run: what came before it is not this run's output
+        sources.add(dead.number)
+        current = dead
+    expected: dict[int, str] = {}
+    for n in sorted(sources):
+        for k, v in (by_number[n].user_attrs.get("replay_digests") or {}).items():
+            if int(k) > step:
+                expected[int(k)] = v
+    return expected
+
+
+class Objective:
+    """The per-trial function handed to ``study.optimize``."""
+
+    def __init__(self, resolved: ResolvedStudy, dataset: Dataset, delta: float,
+                 private_search: dict[str, Any] | None = None, search_budget: dict[str, float] | None = None,
+                 prior: Sequence[Sequence[float]] = ()):
+        self.resolved = resolved
+        self.dataset = dataset
+        cfg = resolved.study
+        self.fixed = None
+        self.budget: PrivacyBudget | None = None
+        self.private_search = private_search
+        self.filter = (None if search_budget is None
+                       else RenyiFilter(search_budget["epsilon"], delta, search_budget["order"]))
+        self.prior = [(float(q), float(s), int(t)) for q, s, t in prior]
+        self.resolved_checkpoint: str | None = None
+        self.storage_url: str | None = None  # set by optimize: where the study's private folder is
+        if private_search is not None:
+            # Every trial runs the calibrated mechanism; its own ε (RDP) is the trainer's cap.
+            self.fixed = (private_search["noise_multiplier"], private_search["steps"])
+            self.budget = PrivacyBudget(private_search["per_trial_epsilon"], delta, "rdp")
+        elif not cfg.non_private:
+            self.budget = PrivacyBudget(cfg.privacy.epsilon, delta, cfg.privacy.accountant)
+        self._microbatch: int | None = None if cfg.microbatch_size == "auto" else cfg.microbatch_size
+
+    def microbatch_size(self) -> int:
+        """The study's microbatch, measured once per worker (and cached on disk) when set to ``auto``."""
+        if self._microbatch is None:
+            cfg = self.resolved.study
+            upper = smallest_batch(self.resolved.space, len(self.dataset.train))
+            self._microbatch = microbatch.choose(
+                cfg.model, self.dataset.image_shape, self.dataset.num_classes, jax.local_devices(),
+                weight_standardization=cfg.weight_standardization, clipping=cfg.clipping, upper=upper,
+            ).microbatch_size
+        return self._microbatch
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        try:
+            return self._run(trial)
+        except KeyboardInterrupt as e:
+            # Optuna marks the trial FAIL; the reason says it was stopped, not broken.
+            trial.set_user_attr("failed_reason", f"interrupted by {interrupt.signal_name(e)}")
+            raise
+
+    def _run(self, trial: optuna.Trial) -> float:
+        cfg = self.resolved.study
+        n = len(self.dataset.train)
+        trial.set_user_attr(orphans.WORKER_ATTR, orphans.worker_identity())
+        # False until the data is read (a re-queued retry also starts with its failed parent's attributes).
+        trial.set_user_attr("touched_data", False)
+        if trial.user_attrs.get("filter_admitted") is not None:
+            trial.set_user_attr("filter_admitted", None)
+        for key in RESUME_ATTRS:  # a heartbeat retry inherits its parent's; this attempt has done nothing yet
+            if trial.user_attrs.get(key) is not None:
+                trial.set_user_attr(key, None)
+        if self.private_search is not None and trial.number >= self.private_search["n_trials"]:
+            # K is enforced in the storage, not per process: Optuna numbers trials
+            # atomically there, so however many workers or machines share the
+            # study, only trials 0 … K−1 ever reach the data.
+            trial.set_user_attr("skipped_reason", "every trial of the private search has started")
+            trial.study.stop()
+            raise optuna.TrialPruned("private search: no trials left")
+        if self.budget is not None:
+            trial.set_user_attr("epsilon_target", self.budget.epsilon)
+            trial.set_user_attr("delta", self.budget.delta)
+            trial.set_user_attr("accountant", self.budget.accountant)
+        try:
+            plan = plan_trial(trial, self.resolved.space, n, self.budget, cfg.budget, self.fixed)
+        except Infeasible as e:
+            trial.set_user_attr("rejected_reason", str(e))
+            trial.set_user_attr("epsilon_spent", 0.0)
+            trial.set_user_attr("steps", 0)
+            raise optuna.TrialPruned(str(e))
+        for k, v in plan.as_attrs().items():
+            trial.set_user_attr(k, v)
+        plan.hparams.validate(n, not cfg.non_private)
+        if self.filter is not None and (refusal := self._admit(trial, plan)) is not None:
+            trial.study.stop()
+            raise optuna.TrialPruned(refusal)
+
+        reports = []
+        digests: dict[str, str] = {}
+        checkpointer: Checkpointer | None = None
+
+        def report(step: int, metrics: dict[str, float]) -> bool:
+            if checkpointer is not None and checkpointer.last_digest is not None:
+                # Written before the report: a resumed attempt checks its replay against what was released.
+                digests[str(step)] = checkpointer.last_digest[1]
+                trial.set_user_attr("replay_digests", dict(digests))
+                trial.set_user_attr("progress_steps", step)
+            # With averaging on, the better of raw and EMA parameters is what the trial would release.
+            reports.append(metrics["best_val_accuracy"])
+            trial.report(metrics["best_val_accuracy"], len(reports))
+            orphans.kill_if_test_requests(trial.number, step)
+            return trial.should_prune()
+
+        config = run_config(
+            cfg,
+            microbatch_size=self.microbatch_size(),
+            eval_every=max(1, round(cfg.eval_every_epochs / plan.sampling_rate)),
+            # In a private search every trial starts from the same public initialisation:
+            # a seed that varied with the trial number would reveal the released trial's index.
+            # A retry keeps its first attempt's (public) initialisation: it resumes that run (dptune/trainer/resume.py).
+            seed=cfg.seed if self.private_search is not None else cfg.seed + attempt_origin(trial),
+            # A fixed private seed gives each trial of each study its own stream (never seed + number,
+            # which another study or a `dptune train --private-seed` would reuse).
+            private_seed=None,
+            secret=None if cfg.private_seed is None else SecretSeed.from_int(cfg.private_seed).child(
+                f"study {trial.study.study_name} trial {trial.number}"),
+        )
+        if cfg.init_checkpoint:
+            # The prior spend was read at create; a checkpoint replaced since would
+            # bring in training the search's total does not compose.
+            stored = self.resolved_checkpoint
+            now = checkpoint.fingerprint(cfg.init_checkpoint)
+            if stored is not None and now != stored:
+                raise StudyError(f"init_checkpoint: {cfg.init_checkpoint} changed since the study was created "
+                                 "(its recorded privacy spend may differ); create a new study for it")
+        folder = release.folder_of(trial.study, self.storage_url or default_storage(trial.study.study_name))
+        # The selected parameters wait, owner-only, until the trial's value is stored (release.keep_best).
+        pending = release.pending_path(folder, trial.number)
+        config = dataclasses.replace(config, save_checkpoint=pending)
+        checkpointer = self._checkpointer(trial, plan, config, folder)
+        point = None
+        if checkpointer is not None:
+            config = dataclasses.replace(config, resume=checkpointer)
+            point = checkpointer.latest()
+            if point is not None:
+                trial.set_user_attr("resumed_from", {"trial": point.header.get("trial"), "step": point.step,
+                                                     "randomness": "replayed"})
+                for m in point.history:  # the same outputs of the same run: the trial's curve stays whole
+                    reports.append(m["best_val_accuracy"])
+                    trial.report(m["best_val_accuracy"], len(reports))
+        orphans.abort_if_test_requests(trial.number)
+        interrupt.raise_if_pending()  # before the trial is marked as having touched the data
+        trial.set_user_attr("touched_data", True)
+        try:
+            try:
+                result = train_and_evaluate(self.dataset, plan.hparams, plan.steps, config=config,
+                                            budget=self.budget, callback=report)
+            except ReplayDiverged as e:
+                # The replay computed other parameters from the same noise: nothing of it was released. Start
+                # again from the checkpoint with fresh randomness; the dead attempt's steps then count apart.
+                assert checkpointer is not None
+                replayed = checkpointer.started_from
+                point = checkpointer.restart_fresh(str(e))  # the very point replayed, held in memory
+                dead = None if replayed is None else replayed.header.get("trial")
+                # Without a start point the fresh run starts at step 0 and the dead attempt counts whole.
+                trial.set_user_attr("resumed_from", {"trial": dead, "step": 0 if point is None else point.step,
+                                                     "randomness": "fresh", "diverged_at": e.step})
+                del reports[0 if point is None else len(point.history):]
+                digests.clear()
+                result = train_and_evaluate(self.dataset, plan.hparams, plan.steps, config=config,
+                                            budget=self.budget, callback=report)
+        finally:
+            if checkpointer is not None:
+                checkpointer.clear()  # finished (or stopped for good): the secret state is of no more use
+        for path in (pending, pending + ".json"):
+            if os.path.exists(path):
+                os.chmod(path, 0o600)
+        # The steps this attempt ran itself: [the step it really started from (0: none), the last step].
+        started = None if checkpointer is None else checkpointer.started_from
+        trial.set_user_attr("ran_steps", [0 if started is None else started.step, result.steps])
+        attrs = {
+            "epsilon_spent": result.epsilon,
+            "steps": result.steps,
+            "epochs": result.epochs,
+            "val_accuracy": result.selected_val_accuracy,
+            "test_accuracy": result.selected_test_accuracy,
+            "ema_val_accuracy": result.ema_val_accuracy,
+            "ema_test_accuracy": result.ema_test_accuracy,
+            "examples_per_second": result.examples_per_second,
+            "compile_seconds": result.compile_seconds,
+            "startup_seconds": result.startup_seconds,
+            "wall_seconds": result.wall_seconds,
+            "examples_processed": result.examples_processed,
+            "devices": result.devices,
+            "microbatch_size": result.microbatch_size,
+            "clipping": result.clipping,
+            "seed": config.seed,
+            "private_seed_fixed": result.private_seed_fixed,
+            "budget_limited": result.budget_limited,
+            "selected_parameters": result.selected,
+            "raw_val_accuracy": result.val_accuracy,
+            "raw_test_accuracy": result.test_accuracy,
+            "trainable_modules": result.trainable_modules,
+            "augmentation_multiplicity": cfg.augmentation.multiplicity,
+        }
+        for k, v in attrs.items():
+            trial.set_user_attr(k, v)
+        if result.stopped_early:
+            raise optuna.TrialPruned(f"pruned after {result.steps} steps")
+        return result.selected_val_accuracy
+
+    def _checkpointer(self, trial: optuna.Trial, plan: Any, config: RunConfig, folder: str) -> Checkpointer | None:
+        """The trial's in-trial checkpoints (None unless the study file sets ``checkpoints``).
+
+        All attempts of one trial (the first and its retries) share one folder, so
+        that a retry finds the checkpoint of the attempt that died; a checkpoint
+        is resumed only by a run of the same configuration (``identity``).
+        """
+        ck = self.resolved.study.checkpoints
+        if not ck.active or self.private_search is not None:
+            return None
+        origin = attempt_origin(trial)
+        identity = {"hparams": dataclasses.asdict(plan.hparams), "steps": plan.steps, "q": plan.sampling_rate,
+                    "model": config.model, "weight_standardization": config.weight_standardization,
+                    "microbatch_size": config.microbatch_size, "clipping": config.clipping,
+                    "private": config.private, "seed": config.seed, "dataset": self.dataset.name,
+                    "split": self.dataset.split.as_dict(), "init_checkpoint": config.init_checkpoint,
+                    "augmentation": dataclasses.asdict(config.augmentation), "eval_every": config.eval_every,
+                    # A checkpoint left by another study of this name (deleted and created again, or on
+                    # another server sharing the folder) is never resumed.
+                    "study": release.study_id(trial.study)}
+        c = Checkpointer(release.checkpoint_folder(folder, origin), identity, every_steps=ck.every_steps,
+                         every_seconds=None if ck.every_minutes is None else 60.0 * ck.every_minutes)
+        c.writer = trial.number
+        point = c.latest()
+        if point is not None:
+            # What earlier attempts released after the checkpoint must be what the replay computes.
+            c.expected_digests.update(replay_expectations(trial.study.get_trials(deepcopy=False), trial.number,
+                                                          origin, point.header.get("trial"), point.step))
+
+        def saved(step: int) -> None:
+            trial.set_user_attr("checkpoint_step", step)
+
+        c.on_save = saved
+        return c
+
+    def _admit(self, trial: optuna.Trial, plan: Any) -> str | None:
+        """The privacy filter: None if this trial may start within ``search_budget``, else why not."""
+        assert self.filter is not None
+        request = (plan.sampling_rate, plan.hparams.noise_multiplier, int(plan.steps))
+        return admit(trial, request, self.filter, self.prior)
+
+
+def admit(trial: optuna.Trial, request: tuple[float, float, int], filt: RenyiFilter,
+          prior: Sequence[tuple[float, float, int]] = ()) -> str | None:
+    """The privacy filter: None if a run of ``request`` = (q, σ, steps) may start within the cap, else why not.
+
+    Each trial writes its request before reading the others', so of two
+    trials deciding at the same time at least the later reader counts the
+    other: concurrent workers cannot both squeeze under the cap. Requests of
+    trials still running are counted whether or not they were admitted yet
+    (conservative); every admitted trial counts at its planned steps, which
+    also covers pruning. Used for the search's trials and for audit runs
+    (:mod:`dptune.search.audit`), which train on the same data.
+    """
+    trial.set_user_attr("filter_request", list(request))
+    others = []
+    for t in trial.study.get_trials(deepcopy=False):
+        a = t.user_attrs
+        if (t.number == trial.number or t.state == TrialState.WAITING or "filter_request" not in a
+                or a.get("filter_admitted") is False):
+            continue
+        if t.state == TrialState.RUNNING or a.get("filter_admitted") or a.get("touched_data"):
+            q, sigma, steps = a["filter_request"]
+            others.append((float(q), float(sigma), int(steps)))
+    trials = list(prior) + others + [request]
+    if not filt.admits(trials):
+        reason = (f"search_budget: starting this trial would take the search to ε = "
+                  f"{filt.spent(trials):.4g} > {filt.epsilon:g} (privacy filter at Rényi order "
+                  f"{filt.order:.3g}); the search stops here")
+        for key, value in (("filter_admitted", False), ("rejected_reason", reason), ("epsilon_spent", 0.0),
+                           ("steps", 0)):
+            trial.set_user_attr(key, value)
+        return reason
+    trial.set_user_attr("filter_admitted", True)
+    return None
