@@ -101,20 +101,31 @@ def main() -> None:
                 print(f"done {name} ({time.perf_counter() - tick:.0f} s in this run)", flush=True)
 
     print()
-    print("| dataset | privacy (per trial) | techniques | best val | its test | selected params | trials (complete/pruned) | examples processed | trial wall s | ε of releasing the best after the search |")
+    print(
+        "| dataset | privacy (per trial) | techniques | best val | its test | selected params "
+        "| trials (complete/pruned) | examples processed | trial wall s | ε of releasing the best after the search |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for dataset, setting, tech, show, seconds in rows:
         best = show.get("best") or {}
         search = show.get("search") or {}
         total = search.get("total_epsilon")
         privacy = "non-private" if setting == "nonprivate" else f"ε = {setting[3:]}"
-        eps_total = "∞" if setting == "nonprivate" else (f"{total:.2f}" if isinstance(total, (int, float)) and math.isfinite(total) else "?")
+        eps_total = (
+            "∞"
+            if setting == "nonprivate"
+            else (f"{total:.2f}" if isinstance(total, (int, float)) and math.isfinite(total) else "?")
+        )
         val, test = best.get("value"), best.get("test_accuracy")
-        print(f"| {dataset} | {privacy} | {'yes' if tech == 'techniques' else 'no'} | "
-              f"{val:.3f} | {test:.3f} | {best.get('selected_parameters', 'raw')}"
-              f"{' (' + str(best.get('trainable')) + ')' if tech == 'techniques' else ''} | "
-              f"{show['n_trials']} ({show['complete']}/{show['pruned']}) | {show['examples_processed']:,} | "
-              f"{seconds:.0f} | {eps_total} |" if best else f"| {dataset} | {privacy} | {tech} | no complete trial |")
+        print(
+            f"| {dataset} | {privacy} | {'yes' if tech == 'techniques' else 'no'} | "
+            f"{val:.3f} | {test:.3f} | {best.get('selected_parameters', 'raw')}"
+            f"{' (' + str(best.get('trainable')) + ')' if tech == 'techniques' else ''} | "
+            f"{show['n_trials']} ({show['complete']}/{show['pruned']}) | {show['examples_processed']:,} | "
+            f"{seconds:.0f} | {eps_total} |"
+            if best
+            else f"| {dataset} | {privacy} | {tech} | no complete trial |"
+        )
 
 
 if __name__ == "__main__":

@@ -42,10 +42,10 @@ def main() -> int:
 
     import contextlib
 
-    from dptune.search import audit
     from dptune import faults
-    from dptune.privacy import accounting as privacy
     from dptune.data.datasets import load_dataset
+    from dptune.privacy import accounting as privacy
+    from dptune.search import audit
     from dptune.trainer.train import Hyperparams, PrivacyBudget, RunConfig
 
     ds = load_dataset("mnist5k")

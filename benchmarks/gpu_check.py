@@ -119,26 +119,45 @@ def main() -> None:
     else:
         workloads = [("resnet18", (224, 224, 3), 1000, 4096, 1024, 128, 8, "streamed"),
                      ("wrn16_4", (32, 32, 3), 10, 50000, 4096, 512, 12, "resident")]
-        pipes = [("imagenet-jpeg", 1024, (1, 2, 8) if accel else (1, 2)), ("cifar-png", 8192, (1, 2, 8) if accel else (1, 2))]
+        pipes = [
+            ("imagenet-jpeg", 1024, (1, 2, 8) if accel else (1, 2)),
+            ("cifar-png", 8192, (1, 2, 8) if accel else (1, 2)),
+        ]
     results: dict = {"device": str(jax.devices()[0].device_kind), "workloads": [], "pipeline": []}
-    print(f"{'model':<10} {'input':<13} {'B':>6} {'mb':>5} {'feed':<9} {'DP ex/s':>9} {'plain ex/s':>10} "
-          f"{'DP/plain':>8} {'peak GiB':>8} {'compile s':>9}", flush=True)
-    for model, shape, classes, n, batch, mb, steps, feed in ([] if args.pipeline_only else workloads):
+    print(
+        f"{'model':<10} {'input':<13} {'B':>6} {'mb':>5} {'feed':<9} {'DP ex/s':>9} {'plain ex/s':>10} "
+        f"{'DP/plain':>8} {'peak GiB':>8} {'compile s':>9}",
+        flush=True,
+    )
+    for model, shape, classes, n, batch, mb, steps, feed in [] if args.pipeline_only else workloads:
         ds = synthetic(model, n, shape, classes)
         dp = loop_rate(ds, model, batch, mb, steps, True, feed)
         plain = loop_rate(ds, model, batch, mb, steps, False, feed)
-        row = {"model": model, "shape": shape, "batch": batch, "microbatch": mb, "dp": dp, "plain": plain,
-               "ratio": dp["examples_per_s"] / plain["examples_per_s"]}
+        row = {
+            "model": model,
+            "shape": shape,
+            "batch": batch,
+            "microbatch": mb,
+            "dp": dp,
+            "plain": plain,
+            "ratio": dp["examples_per_s"] / plain["examples_per_s"],
+        }
         if args.compare_feeds:
             row["dp_loop"] = loop_rate(ds, model, batch, mb, steps, True, "loop")
-            print(f"  {model}: DP with feed=loop {row['dp_loop']['examples_per_s']:.0f} ex/s; "
-                  f"{dp['feed']} ÷ loop = {dp['examples_per_s'] / row['dp_loop']['examples_per_s']:.2f}", flush=True)
+            print(
+                f"  {model}: DP with feed=loop {row['dp_loop']['examples_per_s']:.0f} ex/s; "
+                f"{dp['feed']} ÷ loop = {dp['examples_per_s'] / row['dp_loop']['examples_per_s']:.2f}",
+                flush=True,
+            )
         results["workloads"].append(row)
-        print(f"{model:<10} {'x'.join(map(str, shape)):<13} {batch:>6} {mb:>5} {dp['feed']:<9} "
-              f"{dp['examples_per_s']:>9.0f} {plain['examples_per_s']:>10.0f} {row['ratio']:>8.2f} "
-              f"{dp['peak_gib']:>8.2f} {dp['compile_s']:>9.1f}", flush=True)
+        print(
+            f"{model:<10} {'x'.join(map(str, shape)):<13} {batch:>6} {mb:>5} {dp['feed']:<9} "
+            f"{dp['examples_per_s']:>9.0f} {plain['examples_per_s']:>10.0f} {row['ratio']:>8.2f} "
+            f"{dp['peak_gib']:>8.2f} {dp['compile_s']:>9.1f}",
+            flush=True,
+        )
     print(f"\n{'pipeline':<14} {'workers':>7} {'images/s':>9}", flush=True)
-    for kind, n, worker_counts in ([] if args.skip_pipeline else pipes):
+    for kind, n, worker_counts in [] if args.skip_pipeline else pipes:
         with tempfile.TemporaryDirectory() as directory:
             write_images(directory, kind, n)
             for workers in worker_counts:

@@ -115,9 +115,9 @@ def worker_dptune(mode: str, b: int, steps: int, threads: int, microbatch_size: 
     import jax
     import numpy as np
 
+    from dptune.models.builtin import build_model, count_params, init_params
     from dptune.trainer import dispatch, microbatch
     from dptune.trainer.dp_step import step_functions
-    from dptune.models.builtin import build_model, count_params, init_params
 
     devices = tuple(jax.local_devices())
     model = build_model("cnn", CLASSES)
@@ -140,7 +140,8 @@ def worker_dptune(mode: str, b: int, steps: int, threads: int, microbatch_size: 
     def step() -> None:
         # One logical batch: the clipped sums of its microbatches, then noise once and the update.
         state["t"] += 1
-        # Bounded run-ahead as in dptune.trainer.train (many microbatches would otherwise deadlock XLA:CPU; dptune.trainer.dispatch).
+        # Bounded run-ahead as in dptune.trainer.train (many microbatches would otherwise deadlock XLA:CPU;
+        # dptune.trainer.dispatch).
         acc = dispatch.track(fns.zeros_like(state["s"].params))
         for x, y, mask in chunks:
             acc = dispatch.track(accumulate(state["s"].params, acc, x, y, mask, clip))
@@ -150,8 +151,14 @@ def worker_dptune(mode: str, b: int, steps: int, threads: int, microbatch_size: 
     step()  # compile outside the memory baseline, like torch's lazy init above
     before = _rss_mib()
     times = _timed(step, steps)
-    return {"params": count_params(params), "rate": b / statistics.median(times), "peak": _peak_mib(),
-            "step_mem": _peak_mib() - before, "microbatch": microbatch_size, "devices": len(devices)}
+    return {
+        "params": count_params(params),
+        "rate": b / statistics.median(times),
+        "peak": _peak_mib(),
+        "step_mem": _peak_mib() - before,
+        "microbatch": microbatch_size,
+        "devices": len(devices),
+    }
 
 
 def ensure_venv(venv: Path) -> Path:
@@ -167,9 +174,12 @@ def ensure_venv(venv: Path) -> Path:
 
 def run(python: Path, framework: str, mode: str, b: int, steps: int, threads: int, microbatch_size: int = 0) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    out = subprocess.run([str(python), __file__, "--worker", framework, mode, str(b), str(steps), str(threads),
-                          str(microbatch_size)],
-                         capture_output=True, text=True, env=env)
+    out = subprocess.run(
+        [str(python), __file__, "--worker", framework, mode, str(b), str(steps), str(threads), str(microbatch_size)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     if out.returncode != 0:
         return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"}
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -188,21 +198,47 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--venv", type=Path, default=HERE.parent / ".bench" / "opacus-venv")
-    ap.add_argument("--rounds", type=int, default=1,
-                    help="repeat every cell this many times (rounds interleaved); report medians and the ratio's range")
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="repeat every cell this many times (rounds interleaved); report medians and the ratio's range",
+    )
     args = ap.parse_args()
     torch_python = ensure_venv(args.venv)
-    versions = subprocess.run([str(torch_python), "-c", "import opacus, torch; print(opacus.__version__, torch.__version__)"],
-                              capture_output=True, text=True).stdout.split()
+    versions = subprocess.run(
+        [str(torch_python), "-c", "import opacus, torch; print(opacus.__version__, torch.__version__)"],
+        capture_output=True,
+        text=True,
+    ).stdout.split()
     import jax
 
-    print(f"small CNN on 28×28×1, {args.threads} threads, median of {args.steps} steps, one process per cell, "
-          f"{args.rounds} round(s); opacus {versions[0]} / torch {versions[1]}, "
-          f"jax {jax.__version__} ({jax.devices()[0].device_kind})")
-    modes = [("opacus", "hooks"), ("opacus", "ghost"), ("opacus", "nonprivate"),
-             ("dptune", "bookkeeping"), ("dptune", "vmap"), ("dptune", "nonprivate")]
-    header = ("B", "framework", "mode", "params", "ex/s", "vs best Opacus DP", "range over rounds",
-              "DP ÷ own non-private time", "peak RSS MiB", "step Δ MiB", "dptune microbatch × devices")
+    print(
+        f"small CNN on 28×28×1, {args.threads} threads, median of {args.steps} steps, one process per cell, "
+        f"{args.rounds} round(s); opacus {versions[0]} / torch {versions[1]}, "
+        f"jax {jax.__version__} ({jax.devices()[0].device_kind})"
+    )
+    modes = [
+        ("opacus", "hooks"),
+        ("opacus", "ghost"),
+        ("opacus", "nonprivate"),
+        ("dptune", "bookkeeping"),
+        ("dptune", "vmap"),
+        ("dptune", "nonprivate"),
+    ]
+    header = (
+        "B",
+        "framework",
+        "mode",
+        "params",
+        "ex/s",
+        "vs best Opacus DP",
+        "range over rounds",
+        "DP ÷ own non-private time",
+        "peak RSS MiB",
+        "step Δ MiB",
+        "dptune microbatch × devices",
+    )
     print(" | ".join(header))
     print(" | ".join("-" * len(h) for h in header))
     for b in args.batch_sizes:
@@ -211,15 +247,18 @@ def main() -> None:
             rows: dict = {}
             for m in modes:
                 # dptune's non-private step runs on the microbatch its book-keeping step chose.
-                micro = rows.get(("dptune", "bookkeeping"), {}).get("microbatch", 0) if m == ("dptune", "nonprivate") else 0
-                rows[m] = run(torch_python if m[0] == "opacus" else Path(sys.executable), *m, b, args.steps,
-                              args.threads, micro)
+                micro = (
+                    rows.get(("dptune", "bookkeeping"), {}).get("microbatch", 0) if m == ("dptune", "nonprivate") else 0
+                )
+                rows[m] = run(
+                    torch_python if m[0] == "opacus" else Path(sys.executable), *m, b, args.steps, args.threads, micro
+                )
             rounds.append(rows)
         _print_rows(b, modes, rounds)
 
 
 def _print_rows(b: int, modes: list, rounds: list[dict]) -> None:
-    """One line per mode: median ex/s over rounds; the ratio to the best Opacus DP mode per round, its median and range."""
+    """One line per mode: median ex/s over rounds; the ratio to the best Opacus DP mode per round (median, range)."""
     for m in modes:
         framework, mode = m
         ok = [rows for rows in rounds if "error" not in rows[m]]
@@ -235,12 +274,14 @@ def _print_rows(b: int, modes: list, rounds: list[dict]) -> None:
             spread = f"{min(per_round):.2f}–{max(per_round):.2f}" if len(per_round) > 1 else ""
             own = [rows[(framework, "nonprivate")].get("rate") for rows in ok]
             if all(own):
-                ratio = f"{statistics.median(o / rows[m]['rate'] for o, rows in zip(own, ok)):.2f}"
+                ratio = f"{statistics.median(o / rows[m]['rate'] for o, rows in zip(own, ok, strict=False)):.2f}"
         layout = f"{r['microbatch']} × {r['devices']}" if "microbatch" in r else ""
         peak = statistics.median(rows[m]["peak"] for rows in ok)
         step_mem = statistics.median(rows[m]["step_mem"] for rows in ok)
-        print(f"{b} | {framework} | {mode} | {r['params']:,} | {rate:,.0f} | {vs} | {spread} | {ratio} | "
-              f"{peak:,.0f} | {step_mem:,.0f} | {layout}")
+        print(
+            f"{b} | {framework} | {mode} | {r['params']:,} | {rate:,.0f} | {vs} | {spread} | {ratio} | "
+            f"{peak:,.0f} | {step_mem:,.0f} | {layout}"
+        )
 
 
 if __name__ == "__main__":

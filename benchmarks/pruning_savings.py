@@ -17,9 +17,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from dptune.trainer import compile_stats
 from dptune.config import schema as config
-from dptune.search import study
+from dptune.search import results, study
+from dptune.trainer import compile_stats
 
 
 def run(resolved: config.ResolvedStudy, storage: str, n_trials: int) -> dict:
@@ -27,7 +27,7 @@ def run(resolved: config.ResolvedStudy, storage: str, n_trials: int) -> dict:
     tick = time.perf_counter()
     s = study.optimize(resolved.study.name, storage, n_trials=n_trials)
     wall = time.perf_counter() - tick
-    summary = study.summarize(s)
+    summary = results.summarize(s)
     best = summary.best or {}
     return {
         "pruner": resolved.study.pruner.name,
@@ -68,12 +68,17 @@ def main() -> None:
     print("-" * len(header))
     for r in rows:
         fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
-        print(f"{r['pruner']:>10} | {fmt(r['best_val']):>8} | {fmt(r['best_test']):>8} | {r['trials']:>6} | "
-              f"{r['pruned']:>6} | {r['rejected']:>8} | {r['trial_steps']:>11} | {r['examples']:>9,} | {r['wall_s']:>7.1f}")
+        print(
+            f"{r['pruner']:>10} | {fmt(r['best_val']):>8} | {fmt(r['best_test']):>8} | {r['trials']:>6} | "
+            f"{r['pruned']:>6} | {r['rejected']:>8} | {r['trial_steps']:>11} | {r['examples']:>9,} | "
+            f"{r['wall_s']:>7.1f}"
+        )
     if rows[1]["examples"]:
-        print(f"pruning processed {rows[0]['examples'] / rows[1]['examples']:.2f}× the training examples, "
-              f"{rows[0]['trial_steps'] / rows[1]['trial_steps']:.2f}× the trial-steps and took "
-              f"{rows[0]['wall_s'] / rows[1]['wall_s']:.2f}× the wall time of no pruning")
+        print(
+            f"pruning processed {rows[0]['examples'] / rows[1]['examples']:.2f}× the training examples, "
+            f"{rows[0]['trial_steps'] / rows[1]['trial_steps']:.2f}× the trial-steps and took "
+            f"{rows[0]['wall_s'] / rows[1]['wall_s']:.2f}× the wall time of no pruning"
+        )
 
 
 if __name__ == "__main__":

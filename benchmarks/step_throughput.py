@@ -23,9 +23,9 @@ import time
 import jax
 import numpy as np
 
+from dptune.models.builtin import build_model, count_params, init_params
 from dptune.trainer import compile_stats, xla_options
 from dptune.trainer.dp_step import StepFunctions
-from dptune.models.builtin import build_model, count_params, init_params
 
 
 def make_step(fns, x, y, mask, private: bool):

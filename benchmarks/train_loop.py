@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -64,21 +63,25 @@ def main() -> None:
         for _ in range(args.rounds):
             cell = {"loop": dptune_rate("loop", b, args.steps), "auto": dptune_rate("auto", b, args.steps)}
             if python is not None:
-                modes = [peer_opacus.run(python, "opacus", m, b, min(args.steps, 20), threads) for m in ("hooks", "ghost")]
+                modes = [
+                    peer_opacus.run(python, "opacus", m, b, min(args.steps, 20), threads) for m in ("hooks", "ghost")
+                ]
                 cell["opacus"] = max(m["rate"] for m in modes if "rate" in m)
             rounds.append(cell)
 
-        def med(key: str) -> float:
+        def med(key: str, rounds: list = rounds) -> float:
             return statistics.median(r[key] for r in rounds)
 
-        def ratio(a: str, c: str) -> str:
+        def ratio(a: str, c: str, rounds: list = rounds) -> str:
             values = [r[a] / r[c] for r in rounds]
             return f"{statistics.median(values):.2f} ({min(values):.2f}–{max(values):.2f})"
 
         opacus = f"{med('opacus'):>12,.0f}" if python else f"{'—':>12}"
-        print(f"{b:>5} {med('loop'):>10,.0f} {med('auto'):>10,.0f} {ratio('auto', 'loop'):>16} {opacus} "
-              f"{ratio('loop', 'opacus') if python else '—':>18} {ratio('auto', 'opacus') if python else '—':>18}",
-              flush=True)
+        print(
+            f"{b:>5} {med('loop'):>10,.0f} {med('auto'):>10,.0f} {ratio('auto', 'loop'):>16} {opacus} "
+            f"{ratio('loop', 'opacus') if python else '—':>18} {ratio('auto', 'opacus') if python else '—':>18}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

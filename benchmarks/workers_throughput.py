@@ -19,8 +19,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
-
 from dptune.config import schema as config
 from dptune.search import study, workers
 from dptune.search.storage import open_storage

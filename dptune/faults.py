@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
@@ -91,7 +92,7 @@ def after_microbatch(acc: Any, key: Any, step: int, index: int, count: int, sigm
     leaves, treedef = jax.tree_util.tree_flatten(acc)
     keys = jax.random.split(jax.random.fold_in(jax.random.fold_in(key, step), 1_000_003 + index), len(leaves))
     return jax.tree_util.tree_unflatten(
-        treedef, [g + std * jax.random.normal(k, g.shape, g.dtype) for g, k in zip(leaves, keys)])
+        treedef, [g + std * jax.random.normal(k, g.shape, g.dtype) for g, k in zip(leaves, keys, strict=True)])
 
 
 def sampled_batch(rng: np.random.Generator, num_examples: int, sampling_rate: float) -> np.ndarray | None:

@@ -20,7 +20,7 @@ import contextlib
 import gc
 import logging
 import signal
-from typing import Iterator
+from collections.abc import Iterator
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 

@@ -83,22 +83,22 @@ class SecretSeed:
             raise ValueError(f"a secret seed has {SECRET_BYTES} bytes, got {len(self.bits)}")
 
     @classmethod
-    def from_os(cls) -> "SecretSeed":
+    def from_os(cls) -> SecretSeed:
         """Full-entropy bits from the operating system's CSPRNG."""
         return cls(secrets.token_bytes(SECRET_BYTES))
 
     @classmethod
-    def from_int(cls, seed: int) -> "SecretSeed":
+    def from_int(cls, seed: int) -> SecretSeed:
         """Bits derived from a user-fixed integer of any size (every bit of it counts)."""
         width = max(1, (int(seed).bit_length() + 8) // 8)
         return cls(_digest(b"dptune-private-seed", int(seed).to_bytes(width, "big", signed=True)), fixed=True)
 
     @classmethod
-    def resolve(cls, seed: int | None) -> "SecretSeed":
+    def resolve(cls, seed: int | None) -> SecretSeed:
         """``from_int(seed)`` if a seed is given, else ``from_os()``."""
         return cls.from_os() if seed is None else cls.from_int(seed)
 
-    def child(self, label: str) -> "SecretSeed":
+    def child(self, label: str) -> SecretSeed:
         """An independent secret for a sub-task (e.g. one trial of a study)."""
         return SecretSeed(_digest(b"child", self.bits, label.encode()), fixed=self.fixed)
 

@@ -20,15 +20,14 @@ import pytest
 import yaml
 from jax_privacy.auditing import CanaryScoreAuditor, Explicit
 
-from dptune.search import audit, study
-from dptune.search import results
+from dptune import faults
 from dptune.cli import commands as cli
 from dptune.config import schema as config
-from dptune import faults
-from dptune.privacy import accounting as privacy
 from dptune.data.datasets import ArraySplit, load_dataset
-from dptune.errors import ConfigError, PrivacyError
 from dptune.data.sampling import poisson_batch
+from dptune.errors import ConfigError, PrivacyError
+from dptune.privacy import accounting as privacy
+from dptune.search import audit, results, study
 from dptune.trainer.train import Hyperparams, PrivacyBudget, RunConfig
 
 DELTA = 1e-5

@@ -9,11 +9,11 @@ import numpy as np
 import optax
 import pytest
 
+from dptune.errors import ConfigError
+from dptune.models.builtin import ResNet, WideResNet, _BasicBlock, build_model, init_params
+from dptune.models.layers import Dense
 from dptune.trainer import bookkeeping, xla_options
 from dptune.trainer.dp_step import clipped_sum, step_functions
-from dptune.errors import ConfigError
-from dptune.models.layers import Dense
-from dptune.models.builtin import ResNet, WideResNet, _BasicBlock, build_model, init_params
 
 
 @functools.lru_cache
@@ -41,7 +41,7 @@ def _bookkeeping(model, params, x, y, mask, clip, conv_norms="auto"):
 
 
 def _assert_close(a, b, rtol):
-    for (path, u), v in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves(b)):
+    for (path, u), v in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves(b), strict=False):
         scale = float(jnp.max(jnp.abs(u))) + 1e-12
         assert float(jnp.max(jnp.abs(u - v))) <= rtol * scale, jax.tree_util.keystr(path)
 
@@ -95,11 +95,13 @@ def test_adversarial_examples_keep_the_bound_and_match_the_reference(conv_norms)
 
 
 # (input size, c_in, c_out, kernel, output size): stride 1 and 2, 1×1, 7×7 stride 2, odd sizes.
-@pytest.mark.parametrize("h,c,o,k,ho", [(8, 4, 5, 3, 8), (9, 3, 4, 3, 5), (10, 2, 3, 1, 5), (12, 3, 4, 7, 6), (7, 2, 2, 3, 7)])
+@pytest.mark.parametrize(
+    "h,c,o,k,ho", [(8, 4, 5, 3, 8), (9, 3, 4, 3, 5), (10, 2, 3, 1, 5), (12, 3, 4, 7, 6), (7, 2, 2, 3, 7)]
+)
 def test_ghost_conv_norms_and_sums_equal_the_per_example_gradients(h, c, o, k, ho):
     rng = np.random.default_rng(3)
     a = rng.standard_normal((5, h, h, c)).astype(np.float32)
-    a[1] *= 1e20          # huge but finite
+    a[1] *= 1e20  # huge but finite
     a[2, 0, 0, 0] = np.nan
     a[3, 0, 0, 0] = np.inf
     g = jnp.asarray(rng.standard_normal((5, ho, ho, o)), jnp.float32)
@@ -112,7 +114,9 @@ def test_ghost_conv_norms_and_sums_equal_the_per_example_gradients(h, c, o, k, h
     assert np.all(np.isnan(ghost[~finite]))
     w = jnp.asarray([0.5, 1e-20, 0.3, 0.7, 0.2], jnp.float32)
     keep = jnp.asarray(finite)
-    expected = jnp.tensordot(jnp.where(keep, w, 0.0), jnp.where(keep[:, None, None, None, None], per_example, 0.0), axes=1)
+    expected = jnp.tensordot(
+        jnp.where(keep, w, 0.0), jnp.where(keep[:, None, None, None, None], per_example, 0.0), axes=1
+    )
     got = bookkeeping.conv_weighted_sum(a, g, (k, k, c, o), w, keep)
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(expected))))
 
@@ -134,7 +138,7 @@ def test_mixed_rule_picks_ghost_norms_for_deep_narrow_layers_only():
 def test_ghost_norms_on_every_layer_equal_the_vmap_reference():
     # (Under "auto" this ResNet mixes both rules: test_equals_the_vmap_reference.)
     conv_norms = "ghost"
-    model = ResNet(10, (1, 1), _BasicBlock)   # 7×7 stride 2, strided 3×3 and 1×1 projections
+    model = ResNet(10, (1, 1), _BasicBlock)  # 7×7 stride 2, strided 3×3 and 1×1 projections
     shape = (12, 12, 3)
     params = init_params(model, shape, jax.random.key(0))
     rng = np.random.default_rng(4)
@@ -142,8 +146,9 @@ def test_ghost_norms_on_every_layer_equal_the_vmap_reference():
     y = jnp.asarray(rng.integers(0, 10, 6))
     mask = jnp.asarray([1, 0, 1, 1, 1, 1], jnp.float32)
     for clip in (0.5, float("inf")):
-        _assert_close(_reference(model, params, x, y, mask, clip),
-                      _bookkeeping(model, params, x, y, mask, clip, conv_norms), 2e-5)
+        _assert_close(
+            _reference(model, params, x, y, mask, clip), _bookkeeping(model, params, x, y, mask, clip, conv_norms), 2e-5
+        )
 
 
 def test_robust_norm_does_not_overflow():
@@ -168,15 +173,21 @@ class _SharedDense(nn.Module):
         return Dense(10)(layer(layer(flat)))
 
 
-@pytest.mark.parametrize("module,reason", [(_FlaxDenseNet(), "outside dptune.models.layers"), (_SharedDense(), "shared weights")])
+@pytest.mark.parametrize(
+    "module,reason", [(_FlaxDenseNet(), "outside dptune.models.layers"), (_SharedDense(), "shared weights")]
+)
 def test_unsupported_models_fall_back_to_vmap(module, reason):
     x = jnp.ones((4, 3, 3, 1))
     y = jnp.zeros(4, jnp.int32)
     params = module.init(jax.random.key(0), x)["params"]
     assert reason in bookkeeping.plan(module, params, x, y)
     fns = step_functions(module, "sgd", 4, tuple(jax.local_devices()[:1]), "auto")
-    acc = fns.accumulate(params, fns.zeros_like(params), *fns.shard_batch(np.ones((4, 3, 3, 1), np.float32),
-                         np.zeros(4, np.int32), np.ones(4, np.float32)), 1.0)
+    acc = fns.accumulate(
+        params,
+        fns.zeros_like(params),
+        *fns.shard_batch(np.ones((4, 3, 3, 1), np.float32), np.zeros(4, np.int32), np.ones(4, np.float32)),
+        1.0,
+    )
     assert fns.clipping_used == "vmap" and reason in fns.fallback_reason
     _assert_close(_reference(module, params, x, y, jnp.ones(4), 1.0), acc, 1e-5)
 
@@ -185,6 +196,10 @@ def test_auto_uses_bookkeeping_for_the_shipped_models():
     model = build_model("cnn", 10)
     params = init_params(model, (8, 8, 1), jax.random.key(0))
     fns = step_functions(model, "sgd", 4, tuple(jax.local_devices()[:1]), "auto")
-    fns.accumulate(params, fns.zeros_like(params), *fns.shard_batch(np.ones((4, 8, 8, 1), np.float32),
-                   np.zeros(4, np.int32), np.ones(4, np.float32)), 1.0)
+    fns.accumulate(
+        params,
+        fns.zeros_like(params),
+        *fns.shard_batch(np.ones((4, 8, 8, 1), np.float32), np.zeros(4, np.int32), np.ones(4, np.float32)),
+        1.0,
+    )
     assert fns.clipping_used == "bookkeeping" and fns.fallback_reason is None

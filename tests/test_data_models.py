@@ -1,13 +1,12 @@
 """Datasets (built-in and the TFDS path under mock data) and the model registry."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from dptune.data.datasets import load_dataset
 from dptune.errors import ConfigError, DataError
-from dptune.models.builtin import MODELS, build_model, count_params, init_params
+from dptune.models.builtin import build_model, count_params, init_params
 
 
 def test_mnist5k_is_real_mnist_split_deterministically():

@@ -5,15 +5,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dptune.trainer import dispatch
 from dptune.data.datasets import load_dataset
-from dptune.trainer.dp_step import TrainState
 from dptune.errors import ConfigError
+from dptune.trainer import dispatch
+from dptune.trainer.dp_step import TrainState
 from dptune.trainer.train import Hyperparams, train_step
 
 HELPER = Path(__file__).parent / "helpers" / "dispatch_loop.py"

@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from dptune.data.datasets import load_dataset
-from dptune.trainer.dp_step import clipped_sum, privatize, step_functions
 from dptune.models.builtin import build_model, init_params
+from dptune.trainer.dp_step import clipped_sum, privatize, step_functions
 from dptune.trainer.train import Hyperparams, train_step
 
 B = 6
@@ -115,7 +115,7 @@ def test_unclipped_noiseless_update_is_the_mean_gradient(digits, clipping):
     hp = Hyperparams(batch_size=64, learning_rate=1.0, clip_norm=math.inf, noise_multiplier=0.0, optimizer="sgd")
     baseline = train_step(fns, fns.init_state(params), digits, idx, jax.random.key(0), 0, hp, denom,
                           math.inf, 0.0, 1.0, private=False).params
-    for a, b in zip(jax.tree_util.tree_leaves(new), jax.tree_util.tree_leaves(baseline)):
+    for a, b in zip(jax.tree_util.tree_leaves(new), jax.tree_util.tree_leaves(baseline), strict=False):
         np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6)
 
     def total_loss(p):
@@ -124,7 +124,7 @@ def test_unclipped_noiseless_update_is_the_mean_gradient(digits, clipping):
 
     g = jax.grad(total_loss)(params)
     expected = jax.tree_util.tree_map(lambda p, gi: p - gi / denom, params, g)
-    for a, b in zip(jax.tree_util.tree_leaves(new), jax.tree_util.tree_leaves(expected)):
+    for a, b in zip(jax.tree_util.tree_leaves(new), jax.tree_util.tree_leaves(expected), strict=False):
         np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6)
 
 
@@ -135,7 +135,7 @@ def test_update_does_not_depend_on_microbatch_size(digits, clipping):
         _, fns, params = _setup(digits, microbatch=m, clipping=clipping)
         results.append(_step(fns, params, digits, idx, sigma=1.0, clip=0.5, key=7))
     for other in results[1:]:
-        for a, b in zip(jax.tree_util.tree_leaves(results[0]), jax.tree_util.tree_leaves(other)):
+        for a, b in zip(jax.tree_util.tree_leaves(results[0]), jax.tree_util.tree_leaves(other), strict=False):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
@@ -147,7 +147,8 @@ def test_noise_added_once_per_logical_batch(digits, clipping):
     sigma, clip, denom = 2.0, 0.5, 64.0
     noisy = _step(fns, params, digits, idx, sigma=sigma, clip=clip, denom=denom, key=3)
     clean = _step(fns, params, digits, idx, sigma=0.0, clip=clip, denom=denom, key=3)
-    diff = np.concatenate([np.ravel(a - b) for a, b in zip(jax.tree_util.tree_leaves(noisy), jax.tree_util.tree_leaves(clean))])
+    pairs = zip(jax.tree_util.tree_leaves(noisy), jax.tree_util.tree_leaves(clean), strict=True)
+    diff = np.concatenate([np.ravel(a - b) for a, b in pairs])
     expected = sigma * clip / denom
     assert abs(diff.std() - expected) < 5 * expected / math.sqrt(2 * diff.size)
 
@@ -156,15 +157,28 @@ def test_padding_rows_have_no_effect_even_with_garbage(digits, clipping):
     _, fns, params = _setup(digits, microbatch=32, clipping=clipping)
     x, y = digits.train.take(np.arange(20))
     acc0 = fns.zeros_like(params)
-    real = fns.accumulate(params, acc0, *fns.shard_batch(
-        np.concatenate([x, np.zeros((12, *x.shape[1:]), np.float32)]),
-        np.concatenate([y, np.zeros(12, np.int32)]),
-        (np.arange(32) < 20).astype(np.float32)), 1.0)
+    real = fns.accumulate(
+        params,
+        acc0,
+        *fns.shard_batch(
+            np.concatenate([x, np.zeros((12, *x.shape[1:]), np.float32)]),
+            np.concatenate([y, np.zeros(12, np.int32)]),
+            (np.arange(32) < 20).astype(np.float32),
+        ),
+        1.0,
+    )
     garbage = np.full((12, *x.shape[1:]), np.nan, np.float32)
-    padded = fns.accumulate(params, acc0, *fns.shard_batch(
-        np.concatenate([x, garbage]), np.concatenate([y, np.full(12, 3, np.int32)]),
-        (np.arange(32) < 20).astype(np.float32)), 1.0)
-    for a, b in zip(jax.tree_util.tree_leaves(real), jax.tree_util.tree_leaves(padded)):
+    padded = fns.accumulate(
+        params,
+        acc0,
+        *fns.shard_batch(
+            np.concatenate([x, garbage]),
+            np.concatenate([y, np.full(12, 3, np.int32)]),
+            (np.arange(32) < 20).astype(np.float32),
+        ),
+        1.0,
+    )
+    for a, b in zip(jax.tree_util.tree_leaves(real), jax.tree_util.tree_leaves(padded), strict=False):
         np.testing.assert_array_equal(a, b)
 
 

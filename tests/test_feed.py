@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dptune.trainer import feed
 from dptune.errors import ConfigError
 from dptune.randomness import SecretSeed
+from dptune.trainer import feed
 
 
 def test_feeds_equal_the_loop_on_one_and_four_devices():
@@ -58,8 +58,8 @@ def test_per_step_batches_are_independent_secret_streams():
 
 def test_wrapped_splits_are_never_copied_to_the_device():
     """An audit's canary wrapper has `.images` (the canaries only): it must not be taken for the whole split."""
-    from dptune.search.audit import _WithCanaries
     from dptune.data.datasets import ArraySplit
+    from dptune.search.audit import _WithCanaries
 
     base = ArraySplit(np.zeros((10, 4, 4, 1), np.uint8), np.zeros(10))
     wrapped = _WithCanaries(base, np.zeros((2, 4, 4, 1), np.float32), np.zeros(2, np.int32))

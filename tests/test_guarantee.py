@@ -22,20 +22,18 @@ from dp_accounting.rdp.rdp_privacy_accountant import RdpAccountant
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dptune.models import checkpoint
 from dptune.config import schema as config
-from dptune.privacy import search_totals as search_privacy
-from dptune.search import study
-from dptune.trainer.run import dataset_of
-from dptune.search import objective
-from dptune.search import results
 from dptune.data.augment import Augmentation
 from dptune.data.datasets import load_dataset
 from dptune.errors import ConfigError
+from dptune.models import checkpoint
 from dptune.models.builtin import build_model, init_params
-from dptune.randomness import SecretSeed
+from dptune.privacy import search_totals as search_privacy
 from dptune.privacy.search_totals import RenyiFilter, TrialCount
+from dptune.randomness import SecretSeed
+from dptune.search import objective, results, study
 from dptune.trainer.dp_step import step_functions
+from dptune.trainer.run import dataset_of
 from dptune.trainer.train import Hyperparams, PrivacyBudget, RunConfig, augmenter, train_and_evaluate
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -6,15 +6,14 @@ import socket
 import sqlite3
 import subprocess
 import sys
-import urllib.request
 
 import optuna
 import pytest
 import yaml
 
 from dptune.config import schema as config
-from dptune.search import study
 from dptune.inspect import dashboard, export, report
+from dptune.search import study
 from tests.browser import chromium, screenshot, wait_for, wait_for_dashboard
 
 SPACE = {"batch_size": {"low": 100, "high": 1000, "log": True}, "learning_rate": {"low": 0.1, "high": 5.0},
@@ -59,7 +58,7 @@ def test_export_matches_the_storage_and_upserts(tmp_path):
     rows = con.execute("select number, state, value, epsilon_spent, param_batch_size, history from trials "
                        "order by number").fetchall()
     assert len(rows) == len(s.trials) == counts["trials"]
-    for row, t in zip(rows, s.trials):
+    for row, t in zip(rows, s.trials, strict=False):
         assert row[0] == t.number and row[1] == t.state.name and row[2] == t.value
         assert row[3] == pytest.approx(t.user_attrs["epsilon_spent"])
         assert row[4] == t.params["batch_size"] and row[5] == "[1, 2]"

@@ -1,4 +1,4 @@
-"""The automatic microbatch: measured among multiples of the device count, cached, and re-measured when settings change."""
+"""The automatic microbatch: measured among multiples of the device count, cached, re-measured when settings change."""
 
 import json
 

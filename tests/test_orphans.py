@@ -123,7 +123,7 @@ def test_reapers_racing_for_one_trial_requeue_it_once(tmp_path, kind):
     c.get_trials = lambda **_: seen_by_c
     assert orphans.reap_dead_workers(c) == []
     trials = optuna.load_study(study_name="r", storage=open_storage(url)).get_trials()
-    assert_failed_and_requeued(trials, number).state == TrialState.WAITING
+    assert assert_failed_and_requeued(trials, number).state == TrialState.WAITING
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "journal"])

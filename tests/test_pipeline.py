@@ -6,9 +6,9 @@ from scipy import stats
 
 from dptune.data import pipeline
 from dptune.data.datasets import load_dataset
+from dptune.data.sampling import poisson_batch
 from dptune.errors import DataError
 from dptune.randomness import SecretSeed
-from dptune.data.sampling import poisson_batch
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,8 @@ from dp_accounting import dp_event
 from dp_accounting.pld.pld_privacy_accountant import PLDAccountant
 from dp_accounting.rdp.rdp_privacy_accountant import RdpAccountant
 
-from dptune.privacy import accounting as privacy
 from dptune.errors import PrivacyError
+from dptune.privacy import accounting as privacy
 
 DIRECT = {"pld": PLDAccountant, "rdp": RdpAccountant}
 

@@ -21,13 +21,11 @@ import yaml
 from optuna.trial import TrialState
 
 from dptune.config import schema as config
-from dptune.search import orphans, release, study
-from dptune.trainer.run import dataset_of
-from dptune.search import objective
-from dptune.search import results
-from dptune.trainer import resume
 from dptune.data.datasets import load_dataset
 from dptune.randomness import SecretSeed
+from dptune.search import objective, orphans, release, results, study
+from dptune.trainer import resume
+from dptune.trainer.run import dataset_of
 from dptune.trainer.train import Hyperparams, PrivacyBudget, RunConfig, train_and_evaluate
 
 SPACE = {"batch_size": 300, "effective_learning_rate": {"low": 0.01, "high": 6.0}, "clip_norm": 1.0,
@@ -275,10 +273,8 @@ def test_killed_worker_resumes_from_its_checkpoint_and_the_search_counts_its_ste
 
 def test_search_total_counts_a_diverged_replay_apart():
     """If the replay had differed, the dead attempt's steps after the checkpoint count as a run of their own."""
-    from optuna.distributions import FloatDistribution
     from optuna.trial import create_trial
 
-    from dptune.privacy.search_totals import composed_epsilon
 
     base = {"sampling_rate": 0.25, "noise_multiplier": 2.0, "planned_steps": 8, "touched_data": True}
     dead = create_trial(state=TrialState.FAIL, params={}, distributions={},

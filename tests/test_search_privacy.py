@@ -9,10 +9,9 @@ from dp_accounting.pld.pld_privacy_accountant import PLDAccountant
 from dp_accounting.rdp.rdp_privacy_accountant import RdpAccountant
 from scipy import stats
 
-from dptune.privacy import accounting as privacy
 from dptune.errors import PrivacyError
-from dptune.privacy.search_totals import (TrialCount, composed_epsilon, naive_epsilon, noise_for_search,
-                                   search_epsilon)
+from dptune.privacy import accounting as privacy
+from dptune.privacy.search_totals import TrialCount, composed_epsilon, naive_epsilon, noise_for_search, search_epsilon
 
 # The reference example.
 N, B, SIGMA, T, DELTA = 50_000, 4_096, 3.0, 2_500, 1e-5
@@ -73,7 +72,10 @@ def test_drawn_trial_counts_follow_the_distribution(count):
     merged_obs = np.append(np.array(observed)[keep], np.array(observed)[~keep].sum())
     merged_exp = np.append(expected[keep], expected[~keep].sum())
     if merged_exp[-1] < 5:
-        merged_obs, merged_exp = merged_obs[:-2].tolist() + [merged_obs[-2:].sum()], merged_exp[:-2].tolist() + [merged_exp[-2:].sum()]
+        merged_obs, merged_exp = (
+            merged_obs[:-2].tolist() + [merged_obs[-2:].sum()],
+            merged_exp[:-2].tolist() + [merged_exp[-2:].sum()],
+        )
     _, p = stats.chisquare(merged_obs, merged_exp)
     assert p > 1e-3, (count, p)
 
@@ -89,8 +91,11 @@ def test_bad_distributions():
 
 def test_composed_epsilon_agrees_with_dp_accounting():
     trials = [(0.1, 1.0, 50), (0.2, 2.0, 30), (0.05, 1.5, 0)]
-    events = [dp_event.SelfComposedDpEvent(dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(s)), t)
-              for q, s, t in trials if t]
+    events = [
+        dp_event.SelfComposedDpEvent(dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(s)), t)
+        for q, s, t in trials
+        if t
+    ]
     composed = dp_event.ComposedDpEvent(events)
     got = composed_epsilon(trials, DELTA)
     assert got["rdp"] == pytest.approx(RdpAccountant().compose(composed).get_epsilon(DELTA), rel=1e-9)

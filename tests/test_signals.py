@@ -18,9 +18,9 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
+from dptune.cli.commands import INTERRUPTED
 from dptune.config import schema as config
 from dptune.search import study
-from dptune.cli.commands import INTERRUPTED
 from dptune.search.storage import open_storage
 
 SPACE = {"batch_size": {"low": 200, "high": 600, "log": True}, "effective_learning_rate": {"low": 1.0, "high": 6.0},

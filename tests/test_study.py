@@ -11,9 +11,8 @@ import pytest
 import yaml
 
 from dptune.config import schema as config
-from dptune.search import study
-from dptune.search import results
 from dptune.errors import ConfigError, DptuneError
+from dptune.search import results, study
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -5,12 +5,12 @@ import math
 import jax
 import pytest
 
-from dptune.trainer import compile_stats
-from dptune.privacy import accounting as privacy
 from dptune.data.datasets import load_dataset
-from dptune.trainer.dp_step import step_functions
 from dptune.errors import ConfigError, PrivacyError
 from dptune.models.builtin import build_model
+from dptune.privacy import accounting as privacy
+from dptune.trainer import compile_stats
+from dptune.trainer.dp_step import step_functions
 from dptune.trainer.train import Hyperparams, PrivacyBudget, RunConfig, train_and_evaluate
 
 BUDGET = PrivacyBudget(epsilon=8.0, delta=1e-5)

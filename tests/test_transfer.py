@@ -16,12 +16,12 @@ import numpy as np
 import optax
 import pytest
 
-from dptune.models import checkpoint, freezing
 from dptune.data.augment import Augmentation
-from dptune.randomness import SecretSeed
 from dptune.data.datasets import load_dataset
-from dptune.trainer.dp_step import clipped_sum, step_functions
+from dptune.models import checkpoint, freezing
 from dptune.models.builtin import build_model, init_params
+from dptune.randomness import SecretSeed
+from dptune.trainer.dp_step import clipped_sum, step_functions
 from dptune.trainer.train import Hyperparams, PrivacyBudget, RunConfig, train_and_evaluate, train_step
 
 
@@ -31,7 +31,9 @@ def digits():
 
 
 def _tree_equal(a, b):
-    return all(np.array_equal(x, y) for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+    return all(
+        np.array_equal(x, y) for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=False)
+    )
 
 
 def _norm(tree):
@@ -39,6 +41,7 @@ def _norm(tree):
 
 
 # -- checkpoints -------------------------------------------------------------------
+
 
 def test_checkpoint_round_trip_and_foreign_formats(tmp_path):
     from flax import serialization
@@ -80,6 +83,7 @@ def test_mismatched_checkpoint_names_the_layers(tmp_path):
 
 # -- frozen layers -----------------------------------------------------------------
 
+
 def test_blocks_and_trainable_specs():
     params = init_params(build_model("cnn", 10), (8, 8, 1), jax.random.key(0))
     assert freezing.blocks(params) == [["Conv_0", "GroupNorm_0"], ["Conv_1", "GroupNorm_1"], ["Dense_0"], ["Dense_1"]]
@@ -111,12 +115,24 @@ def test_frozen_layers_do_not_move_and_do_not_count_toward_the_clip(digits, clip
     trainable_only = {k: per_example[k] for k in ("Dense_0", "Dense_1")}
     expected = clipped_sum(trainable_only, jnp.ones(32), clip)
     for k in expected:
-        for a, b in zip(jax.tree_util.tree_leaves(expected[k]), jax.tree_util.tree_leaves(acc[k])):
+        for a, b in zip(jax.tree_util.tree_leaves(expected[k]), jax.tree_util.tree_leaves(acc[k]), strict=False):
             np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-7)
 
     hp = Hyperparams(batch_size=32, learning_rate=0.5, clip_norm=clip, noise_multiplier=3.0, trainable="last_2")
-    state = train_step(fns, fns.init_state(params), digits, np.arange(32), jax.random.key(0), 0, hp, 32.0,
-                       clip, 3.0, 0.5, trainable=mask)
+    state = train_step(
+        fns,
+        fns.init_state(params),
+        digits,
+        np.arange(32),
+        jax.random.key(0),
+        0,
+        hp,
+        32.0,
+        clip,
+        3.0,
+        0.5,
+        trainable=mask,
+    )
     for name in params:
         moved = not _tree_equal(state.params[name], params[name])
         assert moved == (name in ("Dense_0", "Dense_1")), name
@@ -136,17 +152,22 @@ def test_trials_freezing_other_layers_compile_nothing(digits):
 
 # -- augmentation multiplicity -----------------------------------------------------
 
+
 def test_augmentation_makes_consecutive_shifted_copies():
     images = np.arange(2 * 6 * 6, dtype=np.float32).reshape(2, 6, 6, 1)
     out = Augmentation(3, shift=1)(images, SecretSeed.from_int(0).augmentation_words(0, np.arange(2), 3))
     assert out.shape == (6, 6, 6, 1)
     for i in range(2):
-        for c in out[3 * i: 3 * i + 3]:
+        for c in out[3 * i : 3 * i + 3]:
             # Each copy is example i moved by at most one pixel (edge-padded).
-            assert any(np.array_equal(c[1:-1, 1:-1], images[i][1 + dy:5 + dy, 1 + dx:5 + dx])
-                       for dy in (-1, 0, 1) for dx in (-1, 0, 1))
-    assert np.array_equal(Augmentation(1)(images, SecretSeed.from_int(0).augmentation_words(0, np.arange(2), 1)),
-                          images)
+            assert any(
+                np.array_equal(c[1:-1, 1:-1], images[i][1 + dy : 5 + dy, 1 + dx : 5 + dx])
+                for dy in (-1, 0, 1)
+                for dx in (-1, 0, 1)
+            )
+    assert np.array_equal(
+        Augmentation(1)(images, SecretSeed.from_int(0).augmentation_words(0, np.arange(2), 1)), images
+    )
     with pytest.raises(freezing.ConfigError, match="multiplicity"):
         Augmentation(0)
 
@@ -161,14 +182,16 @@ def test_augmentation_multiplicity_keeps_the_sensitivity(digits):
     sums = {}
     for clipping in ("bookkeeping", "vmap"):
         fns = step_functions(model, "sgd", m, tuple(jax.local_devices()[:1]), clipping)
-        run = lambda mask: fns.accumulate(params, fns.zeros_like(params), *fns.shard_batch(xk, y, mask), clip)
+        run = lambda mask, fns=fns: fns.accumulate(params, fns.zeros_like(params), *fns.shard_batch(xk, y, mask), clip)
         full = run(np.ones(m, np.float32))
         sums[clipping] = full
         for i in range(m):
             mask = np.ones(m, np.float32)
             mask[i] = 0
             assert _norm(jax.tree_util.tree_map(jnp.subtract, full, run(mask))) <= clip * (1 + 1e-5)
-    for a, b in zip(jax.tree_util.tree_leaves(sums["vmap"]), jax.tree_util.tree_leaves(sums["bookkeeping"])):
+    for a, b in zip(
+        jax.tree_util.tree_leaves(sums["vmap"]), jax.tree_util.tree_leaves(sums["bookkeeping"]), strict=False
+    ):
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-7)
 
     # The clipped quantity is the mean of the copies' gradients (unclipped check, C = ∞).
@@ -179,16 +202,22 @@ def test_augmentation_multiplicity_keeps_the_sensitivity(digits):
     mean = jax.tree_util.tree_map(lambda g: g.reshape(m, k, *g.shape[1:]).mean(1).sum(0), grads)
     fns = step_functions(model, "sgd", m, tuple(jax.local_devices()[:1]), "bookkeeping")
     got = fns.accumulate(params, fns.zeros_like(params), *fns.shard_batch(xk, y, np.ones(m, np.float32)), np.inf)
-    for a, b in zip(jax.tree_util.tree_leaves(mean), jax.tree_util.tree_leaves(got)):
+    for a, b in zip(jax.tree_util.tree_leaves(mean), jax.tree_util.tree_leaves(got), strict=False):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
 # -- parameter averaging -----------------------------------------------------------
 
+
 def test_ema_is_evaluated_beside_raw_and_the_better_is_selected(digits):
     hp = Hyperparams(batch_size=200, learning_rate=1.0, clip_norm=1.0, noise_multiplier=1.0, ema_decay=0.9)
-    r = train_and_evaluate(digits, hp, 12, config=RunConfig(private_seed=0, microbatch_size=64, eval_every=4),
-                           budget=PrivacyBudget(8.0, 1e-5))
+    r = train_and_evaluate(
+        digits,
+        hp,
+        12,
+        config=RunConfig(private_seed=0, microbatch_size=64, eval_every=4),
+        budget=PrivacyBudget(8.0, 1e-5),
+    )
     assert r.ema_val_accuracy is not None and all("ema_val_accuracy" in h for h in r.history)
     assert r.selected == ("ema" if r.ema_val_accuracy > r.val_accuracy else "raw")
     assert r.selected_val_accuracy == max(r.val_accuracy, r.ema_val_accuracy)
@@ -197,10 +226,12 @@ def test_ema_is_evaluated_beside_raw_and_the_better_is_selected(digits):
 
 # -- the public-pretrain → private-fine-tune path, through the CLI -----------------
 
+
 def _cli(*args, cwd):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    return subprocess.run([sys.executable, "-m", "dptune.cli", *args], capture_output=True, text=True,
-                          timeout=600, env=env, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-m", "dptune.cli", *args], capture_output=True, text=True, timeout=600, env=env, cwd=cwd
+    )
 
 
 def test_pretrain_then_private_fine_tune_offline(tmp_path):
@@ -208,25 +239,57 @@ def test_pretrain_then_private_fine_tune_offline(tmp_path):
     assert p.returncode == 2 and "--declare-public" in p.stderr and len(p.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "pre.msgpack").exists()
     # Public data that is not the private data: mnist5k resized to digits' 8×8.
-    p = _cli("pretrain", "--dataset", "mnist5k", "--image-size", "8", "--declare-public", "--batch-size", "256",
-             "--epochs", "1", "--learning-rate", "0.1", "--microbatch-size", "128", "--output", "pre.msgpack",
-             cwd=tmp_path)
+    p = _cli(
+        "pretrain",
+        "--dataset",
+        "mnist5k",
+        "--image-size",
+        "8",
+        "--declare-public",
+        "--batch-size",
+        "256",
+        "--epochs",
+        "1",
+        "--learning-rate",
+        "0.1",
+        "--microbatch-size",
+        "128",
+        "--output",
+        "pre.msgpack",
+        cwd=tmp_path,
+    )
     assert p.returncode == 0, p.stderr
     meta = json.loads((tmp_path / "pre.msgpack.json").read_text())
     assert meta["dataset"] == "mnist5k" and meta["private"] is False
 
     study = tmp_path / "ft.yaml"
-    (tmp_path / "space.yaml").write_text("{batch_size: 400, learning_rate: 1.0, clip_norm: 1.0, epochs: 2, "
-                                         "ema_decay: 0.5, trainable: {choices: [head, all]}}\n")
-    base = ("dataset: digits\nmodel: cnn\nprivacy: {epsilon: 4, delta: 1.0e-5}\nbudget: {max_epochs: 2}\n"
-            f"microbatch_size: 128\naugmentation: {{multiplicity: 2, shift: 1}}\nsearch_space: {tmp_path}/space.yaml\n"
-            "storage: sqlite:///s.db\n")
+    (tmp_path / "space.yaml").write_text(
+        "{batch_size: 400, learning_rate: 1.0, clip_norm: 1.0, epochs: 2, "
+        "ema_decay: 0.5, trainable: {choices: [head, all]}}\n"
+    )
+    base = (
+        "dataset: digits\nmodel: cnn\nprivacy: {epsilon: 4, delta: 1.0e-5}\nbudget: {max_epochs: 2}\n"
+        f"microbatch_size: 128\naugmentation: {{multiplicity: 2, shift: 1}}\nsearch_space: {tmp_path}/space.yaml\n"
+        "storage: sqlite:///s.db\n"
+    )
     study.write_text(f"name: ft\ninit_checkpoint: pre.msgpack\n{base}")
     assert _cli("study", "create", "--config", str(study), cwd=tmp_path).returncode == 0
-    p = _cli("optimize", "--study-name", "ft", "--storage", "sqlite:///s.db", "--n-trials", "1", "--workers", "1",
-             cwd=tmp_path)
+    p = _cli(
+        "optimize",
+        "--study-name",
+        "ft",
+        "--storage",
+        "sqlite:///s.db",
+        "--n-trials",
+        "1",
+        "--workers",
+        "1",
+        cwd=tmp_path,
+    )
     assert p.returncode == 0, p.stderr
-    trial = json.loads(_cli("study", "show", "ft", "--storage", "sqlite:///s.db", "--json", cwd=tmp_path).stdout)["best"]
+    trial = json.loads(_cli("study", "show", "ft", "--storage", "sqlite:///s.db", "--json", cwd=tmp_path).stdout)[
+        "best"
+    ]
     assert trial["epsilon_spent"] <= 4 and trial["augmentation_multiplicity"] == 2
     assert trial["selected_parameters"] in ("raw", "ema") and trial["trainable_modules"]
 
@@ -245,10 +308,24 @@ def test_non_private_study_records_no_privacy(tmp_path):
     (tmp_path / "space.yaml").write_text("{batch_size: 256, learning_rate: 0.1, clip_norm: 1.0, epochs: 2}\n")
     (tmp_path / "np.yaml").write_text(
         "name: np\ndataset: digits\nnon_private: true\nbudget: {max_epochs: 2}\nmicrobatch_size: 128\n"
-        f"search_space: {tmp_path}/space.yaml\nstorage: sqlite:///np.db\n")
+        f"search_space: {tmp_path}/space.yaml\nstorage: sqlite:///np.db\n"
+    )
     assert _cli("study", "create", "--config", "np.yaml", cwd=tmp_path).returncode == 0
-    assert _cli("optimize", "--study-name", "np", "--storage", "sqlite:///np.db", "--n-trials", "1",
-                "--workers", "1", cwd=tmp_path).returncode == 0
+    assert (
+        _cli(
+            "optimize",
+            "--study-name",
+            "np",
+            "--storage",
+            "sqlite:///np.db",
+            "--n-trials",
+            "1",
+            "--workers",
+            "1",
+            cwd=tmp_path,
+        ).returncode
+        == 0
+    )
     show = json.loads(_cli("study", "show", "np", "--storage", "sqlite:///np.db", "--json", cwd=tmp_path).stdout)
     assert show["complete"] == 1 and show["best"]["epsilon_spent"] is None
     assert show["search"]["mode"] == "non_private"

@@ -13,7 +13,6 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
-
 from optuna.trial import TrialState
 
 SPACE = {"batch_size": {"low": 200, "high": 600, "log": True}, "effective_learning_rate": {"low": 1.0, "high": 6.0},
@@ -53,7 +52,11 @@ def wait_for_running(name, storage, timeout=120, pid=None):
     while time.time() < deadline:
         for t in trials_of(name, storage):
             w = t.user_attrs.get("worker", {})
-            if t.state == TrialState.RUNNING and "planned_steps" in t.user_attrs and (pid is None or w.get("pid") == pid):
+            if (
+                t.state == TrialState.RUNNING
+                and "planned_steps" in t.user_attrs
+                and (pid is None or w.get("pid") == pid)
+            ):
                 return t
         time.sleep(0.5)
     raise AssertionError("no trial started")
@@ -72,8 +75,21 @@ def test_sqlite_refused_for_parallel_workers(tmp_path):
 def test_two_journal_workers_on_forced_host_devices(tmp_path):
     storage = f"journal:///{tmp_path / 'study.journal'}"
     assert cli("study", "create", "--config", make_config(tmp_path), "--storage", storage).returncode == 0
-    p = cli("optimize", "--study-name", "pool", "--storage", storage, "--workers", "2", "--devices-per-trial", "2",
-            "--n-trials", "4", "--cache-dir", str(tmp_path / "cache"))
+    p = cli(
+        "optimize",
+        "--study-name",
+        "pool",
+        "--storage",
+        storage,
+        "--workers",
+        "2",
+        "--devices-per-trial",
+        "2",
+        "--n-trials",
+        "4",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     trials = trials_of("pool", storage)
     finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
@@ -94,8 +110,9 @@ def test_two_journal_workers_on_forced_host_devices(tmp_path):
 @pytest.mark.slow
 def test_killed_worker_trial_is_failed_and_retried(tmp_path):
     storage = f"journal:///{tmp_path / 'study.journal'}"
-    assert cli("study", "create", "--config", make_config(tmp_path, max_epochs=25), "--storage",
-               storage).returncode == 0
+    assert (
+        cli("study", "create", "--config", make_config(tmp_path, max_epochs=25), "--storage", storage).returncode == 0
+    )
     common = ["dptune.search.workers", "--study-name", "pool", "--storage", storage, "--stop-at-finished", "2"]
     victim = spawn(*common)
     running = wait_for_running("pool", storage, pid=victim.pid)
@@ -116,6 +133,7 @@ def test_killed_worker_trial_is_failed_and_retried(tmp_path):
 
 
 # -- PostgreSQL: several "machines" sharing one study ---------------------------------------
+
 
 def _pg_bin() -> Path | None:
     for d in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True):
@@ -146,26 +164,46 @@ def postgres():
         shutil.chown(sock, "postgres")
         as_user = ["runuser", "-u", "postgres", "--"]
     port = _free_port()
-    subprocess.run(as_user + [str(bin_dir / "initdb"), "-D", data, "-A", "trust", "-U", "postgres"],
-                   check=True, capture_output=True)
-    subprocess.run(as_user + [str(bin_dir / "pg_ctl"), "-D", data, "-w", "-l", os.path.join(root, "log"),
-                              "-o", f"-p {port} -k {sock} -c listen_addresses=127.0.0.1", "start"],
-                   check=True, capture_output=True)
+    subprocess.run(
+        as_user + [str(bin_dir / "initdb"), "-D", data, "-A", "trust", "-U", "postgres"],
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run(
+        as_user
+        + [
+            str(bin_dir / "pg_ctl"),
+            "-D",
+            data,
+            "-w",
+            "-l",
+            os.path.join(root, "log"),
+            "-o",
+            f"-p {port} -k {sock} -c listen_addresses=127.0.0.1",
+            "start",
+        ],
+        check=True,
+        capture_output=True,
+    )
     try:
-        subprocess.run(as_user + [str(bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres",
-                                  "dptune"], check=True, capture_output=True)
+        subprocess.run(
+            as_user + [str(bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "dptune"],
+            check=True,
+            capture_output=True,
+        )
         yield f"postgresql://postgres@127.0.0.1:{port}/dptune"
     finally:
-        subprocess.run(as_user + [str(bin_dir / "pg_ctl"), "-D", data, "-m", "immediate", "stop"],
-                       capture_output=True)
+        subprocess.run(as_user + [str(bin_dir / "pg_ctl"), "-D", data, "-m", "immediate", "stop"], capture_output=True)
         shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.mark.slow
 def test_two_processes_share_a_postgresql_study(tmp_path, postgres):
     assert cli("study", "create", "--config", make_config(tmp_path), "--storage", postgres).returncode == 0
-    procs = [spawn("dptune.cli", "optimize", "--study-name", "pool", "--storage", postgres, "--n-trials", "2")
-             for _ in range(2)]
+    procs = [
+        spawn("dptune.cli", "optimize", "--study-name", "pool", "--storage", postgres, "--n-trials", "2")
+        for _ in range(2)
+    ]
     for p in procs:
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-3000:]

@@ -1,4 +1,4 @@
-"""dptune's XLA settings: per-compilation options known to this jaxlib, one host device per core, both switchable off."""
+"""dptune's XLA settings: per-compilation options known to this jaxlib, one host device per core, both can be off."""
 
 import os
 import subprocess
@@ -7,9 +7,9 @@ import sys
 import jax
 import numpy as np
 
+from dptune.models.builtin import build_model, init_params
 from dptune.trainer import bookkeeping, xla_options
 from dptune.trainer.dp_step import StepFunctions
-from dptune.models.builtin import build_model, init_params
 
 
 def test_cpu_options_are_accepted_by_this_jaxlib():
@@ -39,7 +39,7 @@ def test_same_clipped_sum_with_and_without_the_options():
 
     ours = jax.jit(f, compiler_options=xla_options.CPU_OPTIONS)(params, x, y, mask)
     plain = jax.jit(f)(params, x, y, mask)
-    for a, b in zip(jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(plain)):
+    for a, b in zip(jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(plain), strict=False):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
@@ -58,8 +58,8 @@ def _run(code: str, env_changes: dict | None = None) -> str:
 def test_one_host_device_per_core_unless_told_otherwise():
     cores = min(len(os.sched_getaffinity(0)), 8)
     expected = str(cores if cores > 1 else 1)
-    assert _run(_BEFORE_JAX) == expected   # by environment, before JAX is imported
-    assert _run(_AFTER_JAX) == expected    # by JAX's config, before its backends start
+    assert _run(_BEFORE_JAX) == expected  # by environment, before JAX is imported
+    assert _run(_AFTER_JAX) == expected  # by JAX's config, before its backends start
     assert _run(_BEFORE_JAX, {"XLA_FLAGS": "--xla_force_host_platform_device_count=3"}) == "3"
     assert _run(_BEFORE_JAX, {xla_options.ENV: "0"}) == "1"
 

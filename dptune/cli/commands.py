@@ -10,7 +10,8 @@ import argparse
 import json
 import math
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from dptune.errors import DptuneError, PrivacyError
 
@@ -30,7 +31,7 @@ def _positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
     return value
@@ -40,7 +41,7 @@ def _nonnegative_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return value
@@ -61,7 +62,7 @@ def _float(text: str) -> float:
     try:
         return float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
 
 
 def _seconds(text: str) -> float:
@@ -204,8 +205,8 @@ def _given(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:
 def cmd_train(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from dptune.trainer import compile_stats, multihost
     from dptune.config.schema import run_settings
+    from dptune.trainer import compile_stats, multihost
     from dptune.trainer.run import pretrain, train
 
     if getattr(args, "coordinator", None):
@@ -296,9 +297,9 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def _audit_explicit(args: argparse.Namespace, common: dict) -> Any:
-    from dptune.search import audit
-    from dptune.privacy import accounting as privacy
     from dptune.data.datasets import load_dataset
+    from dptune.privacy import accounting as privacy
+    from dptune.search import audit
     from dptune.trainer.train import Hyperparams, PrivacyBudget, RunConfig
 
     dataset = load_dataset(args.dataset, data_dir=args.data_dir, seed=args.seed)
@@ -327,7 +328,8 @@ def _audit_explicit(args: argparse.Namespace, common: dict) -> Any:
                      clip_norm=args.clip_norm if args.clip_norm is not None else 1.0, noise_multiplier=sigma,
                      optimizer=args.optimizer, momentum=args.momentum)
     config = RunConfig(model=args.model, microbatch_size=args.microbatch_size, clipping=args.clipping,
-                       eval_every=max(1, steps // 5), seed=args.seed, private_seed=args.private_seed, num_devices=args.devices)
+                       eval_every=max(1, steps // 5), seed=args.seed, private_seed=args.private_seed,
+                       num_devices=args.devices)
     return audit.run_audit(dataset, hp, steps, config=config, budget=PrivacyBudget(epsilon, delta, args.accountant),
                            **common)
 
@@ -408,7 +410,7 @@ def _trial_line(t: Any, numbered: bool = True) -> str:
 
 def cmd_study_create(args: argparse.Namespace) -> int:
     from dptune.config import schema as config
-    from dptune.search import results, study
+    from dptune.search import study
 
     resolved = config.load_study(args.config)
     storage = args.storage or resolved.study.storage or config.default_storage(resolved.study.name)
@@ -459,8 +461,8 @@ def _optimize(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from dptune.search import study
     from dptune.trainer import compile_stats
-    from dptune.search import results, study
 
     compile_stats.enable_persistent_cache(args.cache_dir)
     console = Console(stderr=True)
@@ -500,7 +502,7 @@ def _optimize(args: argparse.Namespace) -> int:
 def _emit_summary(s: Any, as_json: bool, internal: bool = False) -> None:
     """The study's summary and written privacy statement; for a private search only what may be
     released, unless ``internal``."""
-    from dptune.search import results, study
+    from dptune.search import results
 
     summary = results.summarize(s)
     statement = results.privacy_statement(s, summary)
@@ -517,7 +519,7 @@ def _emit_summary(s: Any, as_json: bool, internal: bool = False) -> None:
 
 
 def _load_studies(names: Sequence[str], storage: str | None) -> list:
-    from dptune.search import results, study
+    from dptune.search import study
 
     return [study.load(name, storage)[0] for name in names]
 
@@ -567,8 +569,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def _optimize_pool(args: argparse.Namespace, console: Any) -> int:
     from dptune.config import schema as config
-    from dptune.search import study, workers
     from dptune.inspect import dashboard
+    from dptune.search import study, workers
 
     storage = args.storage or config.default_storage(args.study_name)
     from dptune.search.storage import check_workers
@@ -641,9 +643,9 @@ def _print_summary(summary: Any, internal: bool = False) -> None:
 
 
 def cmd_study_list(args: argparse.Namespace) -> int:
-    from dptune.search import results, study
-
     import glob
+
+    from dptune.search import results
 
     # Without --storage: every default SQLite storage (studies/*.db under the current directory).
     storages = [args.storage] if args.storage else [f"sqlite:///{p}" for p in sorted(glob.glob("studies/*.db"))]
@@ -665,7 +667,7 @@ def cmd_study_list(args: argparse.Namespace) -> int:
 
 
 def cmd_study_show(args: argparse.Namespace) -> int:
-    from dptune.search import orphans, results, study
+    from dptune.search import orphans, study
 
     s, _ = study.load(args.study_name, args.storage)
     # A worker that died natively (an in-process optimize killed by SIGABRT) left its trial
@@ -731,7 +733,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     print(f"{meta['model']} ({meta['parameters']} parameters) on {data.name!r} {args.split} split: accuracy "
           f"{accuracy:.4f} on {len(split)} examples (recorded at training: {_fmt(recorded)})")
     if len(shown):
-        print("first predictions: " + " ".join(f"{p}{'' if p == t else '✗'}" for p, t in zip(shown, y))
+        print("first predictions: " + " ".join(f"{p}{'' if p == t else '✗'}" for p, t in zip(shown, y, strict=False))
               + "   (✗ = wrong)")
     total = (meta.get("search") or {}).get("total_epsilon")
     if total is not None:

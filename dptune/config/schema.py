@@ -12,8 +12,9 @@ import math
 import os
 import re
 import reprlib
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, Sequence, Union, get_args, get_origin
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -48,12 +49,12 @@ class Range(_Strict):
     """A numeric range. ``high`` may be ``full`` (the training-set size) for batch_size."""
 
     low: float
-    high: Union[float, Literal["full"]]
+    high: float | Literal["full"]
     log: bool = False
     grid: list[float] | None = None
 
     @model_validator(mode="after")
-    def _ordered(self) -> "Range":
+    def _ordered(self) -> Range:
         if self.log and self.low <= 0:
             raise ValueError(f"low must be > 0 on a log scale, got {self.low}")
         if self.high != "full" and self.high < self.low:
@@ -64,10 +65,10 @@ class Range(_Strict):
 class Choice(_Strict):
     """A categorical parameter."""
 
-    choices: list[Union[str, float]] = Field(min_length=1)
+    choices: list[str | float] = Field(min_length=1)
 
 
-Param = Union[Range, Choice, float, str]
+Param = Range | Choice | float | str
 
 
 class SearchSpace(_Strict):
@@ -100,7 +101,7 @@ class SearchSpace(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _one_of_each(self) -> "SearchSpace":
+    def _one_of_each(self) -> SearchSpace:
         if (self.noise_multiplier is None) == (self.epochs is None):
             raise ValueError("give exactly one of noise_multiplier (steps derived from ε) "
                              "and epochs (σ calibrated to ε)")
@@ -193,7 +194,7 @@ class TrainingBudget(_Strict):
     min_steps: int = Field(default=5, ge=1)
 
     @model_validator(mode="after")
-    def _some_cap(self) -> "TrainingBudget":
+    def _some_cap(self) -> TrainingBudget:
         if self.max_epochs is None and self.max_steps is None:
             raise ValueError("give max_epochs or max_steps")
         return self
@@ -261,9 +262,10 @@ class StudyConfig(_Strict):
     unsafe_ignore_checkpoint_provenance: bool = False
     reinitialize: list[str] = []
     augmentation: AugmentationConfig = AugmentationConfig()
-    microbatch_size: Union[int, Literal["auto"]] = 256
+    microbatch_size: int | Literal["auto"] = 256
     clipping: Literal["auto", "bookkeeping", "vmap"] = "auto"
-    # How batches reach the devices (dptune.trainer.feed) and how many processes decode record datasets (dptune.data.pipeline).
+    # How batches reach the devices (dptune.trainer.feed) and how many processes decode record datasets
+    # (dptune.data.pipeline).
     feed: Literal["auto", "resident", "streamed", "loop"] = "auto"
     loader_workers: int = Field(2, ge=0)
     device_data_fraction: float = Field(0.25, gt=0, le=1)
@@ -288,7 +290,7 @@ class StudyConfig(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _one_budget(self) -> "StudyConfig":
+    def _one_budget(self) -> StudyConfig:
         if self.non_private:
             if self.privacy is not None or self.search_privacy is not None or self.search_budget is not None:
                 raise ValueError("non_private: true takes none of privacy, search_privacy, search_budget")
@@ -318,7 +320,7 @@ class ResolvedStudy(_Strict):
     space: SearchSpace
 
     @model_validator(mode="after")
-    def _finite_clip_norm(self) -> "ResolvedStudy":
+    def _finite_clip_norm(self) -> ResolvedStudy:
         # C bounds each example's contribution; an infinite (or non-positive) C bounds nothing.
         if self.study.non_private:
             return self
@@ -331,7 +333,7 @@ class ResolvedStudy(_Strict):
         return self
 
     @model_validator(mode="after")
-    def _private_search_rules(self) -> "ResolvedStudy":
+    def _private_search_rules(self) -> ResolvedStudy:
         sp = self.study.search_privacy
         if sp is None:
             return self
@@ -343,7 +345,7 @@ class ResolvedStudy(_Strict):
             raise ValueError(f"sampler.name: private search needs hyperparameters drawn independently; "
                              f"'{self.study.sampler.name}' is adaptive. Allowed: random")
         if "pruner" in self.study.model_fields_set and self.study.pruner.name != "none":
-            raise ValueError(f"pruner.name: pruning is not accounted for in private search; allowed: none")
+            raise ValueError("pruner.name: pruning is not accounted for in private search; allowed: none")
         for name in ("batch_size", "epochs"):
             value = getattr(self.space, name)
             if value is None or isinstance(value, (Range, Choice)):
@@ -355,7 +357,7 @@ class ResolvedStudy(_Strict):
         return self.model_dump(mode="json")
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "ResolvedStudy":
+    def from_json(cls, data: dict[str, Any]) -> ResolvedStudy:
         return cls.model_validate(data)
 
 
@@ -577,7 +579,7 @@ def _parse_value(text: str) -> Any:
         return text
 
 
-Overrides = Union[dict[str, Any], Sequence[Union[str, tuple[str, Any]]]]
+Overrides = dict[str, Any] | Sequence[str | tuple[str, Any]]
 
 
 def apply_overrides(data: dict[str, Any], overrides: Overrides) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""Augmentation multiplicity (De et al. 2022, "Unlocking High-Accuracy Differentially Private Image Classification through Scale").
+"""Augmentation multiplicity (De et al. 2022, "Unlocking High-Accuracy Differentially Private Image
+Classification through Scale").
 
 Each example of a logical batch is expanded into K randomly augmented copies;
 the DP step averages the K copies' gradients *before* clipping, so the example

@@ -22,11 +22,12 @@ private training data (those would leak outside the privacy accounting).
 from __future__ import annotations
 
 import gzip
-import json
 import importlib.util
+import json
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -286,7 +287,8 @@ def _load_arrayrecord(full_name: str, seed: int, validation_fraction: float, tra
     directory = os.path.expanduser(full_name[len(ARRAYRECORD_PREFIX):])
     manifest_path = os.path.join(directory, MANIFEST)
     if not os.path.exists(manifest_path):
-        raise DataError(f"dataset: {full_name!r} has no {MANIFEST} (write it with dptune.data.pipeline.write_arrayrecord)")
+        raise DataError(f"dataset: {full_name!r} has no {MANIFEST} "
+                        "(write it with dptune.data.pipeline.write_arrayrecord)")
     with open(manifest_path) as f:
         manifest = json.load(f)
     shape = tuple(manifest["image_shape"])

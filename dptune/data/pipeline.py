@@ -23,13 +23,14 @@ from __future__ import annotations
 import io
 import json
 import os
-from typing import Any, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
+from dptune.data.sampling import poisson_batch
 from dptune.errors import DataError
 from dptune.randomness import SecretSeed
-from dptune.data.sampling import poisson_batch
 
 MANIFEST = "dptune_dataset.json"
 IMAGE_FORMATS: tuple[str, ...] = ("png", "jpeg")

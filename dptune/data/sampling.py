@@ -13,7 +13,7 @@ DP step gives them exactly zero weight.
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 

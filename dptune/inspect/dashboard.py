@@ -11,9 +11,10 @@ from typing import Any
 import optuna
 import optuna_dashboard
 
-from dptune.inspect import figures
 from dptune.errors import ConfigError
+from dptune.inspect import figures
 from dptune.search.results import CONFIG_ATTR, coverage, summarize
+from dptune.search.storage import backend
 
 
 def study_note(study: optuna.Study) -> str:
@@ -80,7 +81,7 @@ def publish(study: optuna.Study) -> list[str]:
 
 def note_url(study: optuna.Study, host: str, port: int) -> str:
     """Where optuna-dashboard shows the study's note (the full privacy statement)."""
-    study_id = study._storage.get_study_id_from_name(study.study_name)
+    study_id = backend(study).study_id
     return f"http://{host}:{port}/dashboard/studies/{study_id}/note"
 
 

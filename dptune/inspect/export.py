@@ -7,7 +7,8 @@ import io
 import json
 import os
 import sqlite3
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import optuna
 import sqlite_utils

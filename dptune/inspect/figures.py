@@ -7,7 +7,8 @@ the target.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import optuna
 import plotly.graph_objects as go

@@ -7,14 +7,14 @@ import json
 import math
 import os
 import tempfile
-from typing import Sequence
+from collections.abc import Sequence
 
 import optuna
 import plotly.graph_objects as go
 import plotly.offline
 
-from dptune.inspect import figures
 from dptune.errors import ConfigError
+from dptune.inspect import figures
 from dptune.search.results import CONFIG_ATTR, coverage, summarize, trial_record
 
 TOP = 10
@@ -82,7 +82,8 @@ def render(studies: Sequence[optuna.Study]) -> str:
         for st in studies:
             s = summarize(st)
             if s.best and not s.non_private:
-                rows.append({"name": st.study_name, "epsilon": s.epsilon_target, "total_epsilon": s.search["total_epsilon"],
+                rows.append({"name": st.study_name, "epsilon": s.epsilon_target,
+                             "total_epsilon": s.search["total_epsilon"],
                              "val": s.best["value"], "test": s.best.get("test_accuracy")})
         if rows:
             sections.insert(0, "<h2>Privacy–utility across studies</h2>"
@@ -99,10 +100,12 @@ def write(studies: Sequence[optuna.Study], path: str) -> str:
     """Write the report to ``path`` whole or not at all (a temporary file beside it, then renamed)."""
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
-        raise ConfigError("output", f"{path!r} is a folder; name an HTML file, e.g. {os.path.join(path, 'report.html')}")
+        raise ConfigError("output", f"{path!r} is a folder; name an HTML file, "
+                                    f"e.g. {os.path.join(path, 'report.html')}")
     if not os.path.isdir(folder):
         # Before rendering, which takes a while and logs Optuna's warnings about the study.
-        raise ConfigError("output", f"cannot write {path!r}: the folder {os.path.dirname(path) or '.'!r} does not exist")
+        raise ConfigError("output", f"cannot write {path!r}: the folder {os.path.dirname(path) or '.'!r} "
+                                    "does not exist")
     if not os.access(folder, os.W_OK):
         raise ConfigError("output", f"cannot write {path!r}: the folder {os.path.dirname(path) or '.'!r} is read-only")
     text = render(studies)

@@ -14,7 +14,7 @@ comes from :mod:`dptune.models.layers`, so book-keeping clipping covers every mo
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax

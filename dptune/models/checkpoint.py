@@ -23,7 +23,8 @@ import hashlib
 import json
 import os
 import re
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 
@@ -95,7 +96,7 @@ def fingerprint(path: str) -> str:
             with open(f, "rb") as fh:
                 h.update(fh.read())
         except OSError:
-            raise CheckpointError(f"{path}: cannot be read")
+            raise CheckpointError(f"{path}: cannot be read") from None
     return h.hexdigest()
 
 
@@ -173,7 +174,7 @@ def load(path: str) -> PyTree:
     try:
         stamp = os.stat(path).st_mtime_ns
     except OSError:
-        raise CheckpointError(f"{path}: no such file or directory")
+        raise CheckpointError(f"{path}: no such file or directory") from None
     return _load(path, stamp)
 
 
@@ -183,11 +184,12 @@ def _load(path: str, stamp: int) -> PyTree:
         try:
             import orbax.checkpoint as ocp
         except ImportError:
-            raise CheckpointError(f"{path} is a directory (an Orbax checkpoint?) but orbax-checkpoint is not installed")
+            raise CheckpointError(f"{path} is a directory (an Orbax checkpoint?) but orbax-checkpoint "
+                                  "is not installed") from None
         try:
             tree = ocp.PyTreeCheckpointer().restore(os.path.abspath(path))
         except Exception as e:  # orbax raises many kinds
-            raise CheckpointError(f"{path}: not a readable Orbax checkpoint ({type(e).__name__}: {e})")
+            raise CheckpointError(f"{path}: not a readable Orbax checkpoint ({type(e).__name__}: {e})") from e
     else:
         from flax import serialization
 
@@ -195,7 +197,7 @@ def _load(path: str, stamp: int) -> PyTree:
             with open(path, "rb") as f:
                 tree = serialization.msgpack_restore(f.read())
         except Exception as e:  # msgpack raises several kinds on garbage
-            raise CheckpointError(f"{path}: not a Flax msgpack checkpoint ({type(e).__name__})")
+            raise CheckpointError(f"{path}: not a Flax msgpack checkpoint ({type(e).__name__})") from e
     if isinstance(tree, dict) and set(tree) >= {"params"} and isinstance(tree["params"], dict):
         tree = tree["params"]
     if not isinstance(tree, dict):

@@ -56,7 +56,11 @@ def trainable_modules(params: PyTree, spec: str) -> list[str]:
 def trainable_mask(params: PyTree, spec: str) -> PyTree:
     """A float32 scalar per parameter leaf: 1 trains, 0 is frozen."""
     keep = set(trainable_modules(params, spec))
-    return {name: jax.tree_util.tree_map(lambda _: jnp.float32(name in keep), sub) for name, sub in params.items()}
+    out = {}
+    for name, sub in params.items():
+        flag = jnp.float32(name in keep)
+        out[name] = jax.tree_util.tree_map(lambda _, flag=flag: flag, sub)
+    return out
 
 
 def apply_mask(tree: PyTree, mask: PyTree | None) -> PyTree:

@@ -34,7 +34,7 @@ def same_padding(sizes: tuple[int, int], outputs: tuple[int, int], k: int,
                  stride: int) -> list[tuple[int, int]]:
     """(low, high) padding of each spatial axis of a SAME convolution, as XLA pads it (extra cell high)."""
     pads = []
-    for size, out in zip(sizes, outputs):
+    for size, out in zip(sizes, outputs, strict=True):
         total = max((out - 1) * stride + k - size, 0)
         pads.append((total // 2, total - total // 2))
     return pads

@@ -6,5 +6,11 @@ quantities (q, σ, steps, δ, the trial-count law); nothing touches data.
 """
 
 from dptune.privacy.accounting import (  # noqa: F401
-    ACCOUNTANTS, DEFAULT_ACCOUNTANT, PrivacySpend, default_delta, epsilon, max_steps, noise_for_epsilon,
+    ACCOUNTANTS,
+    DEFAULT_ACCOUNTANT,
+    PrivacySpend,
+    default_delta,
+    epsilon,
+    max_steps,
+    noise_for_epsilon,
 )

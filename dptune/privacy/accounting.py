@@ -17,9 +17,8 @@ calibration costs seconds. No JAX here.
 
 from __future__ import annotations
 
-import logging
-
 import functools
+import logging
 import math
 from dataclasses import asdict, dataclass
 from typing import Literal
@@ -32,6 +31,7 @@ from dp_accounting.privacy_accountant import NeighboringRelation, PrivacyAccount
 from dp_accounting.rdp.rdp_privacy_accountant import RdpAccountant
 
 from dptune.errors import PrivacyError
+
 
 class _ExcludedOrders(logging.Filter):
     """Drops dp-accounting's "failed to converge … Excluding this order" lines, and only those.

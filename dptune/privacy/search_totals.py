@@ -30,8 +30,9 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable, Literal
+from typing import Literal
 
 import dp_accounting
 import numpy as np
@@ -39,8 +40,8 @@ from dp_accounting import dp_event
 from dp_accounting.rdp.rdp_privacy_accountant import RdpAccountant
 from scipy import optimize, special
 
-from dptune.privacy import accounting as privacy
 from dptune.errors import PrivacyError
+from dptune.privacy import accounting as privacy
 
 Distribution = Literal["poisson", "truncated_negative_binomial", "geometric", "logarithmic"]
 DISTRIBUTIONS: tuple[str, ...] = ("poisson", "truncated_negative_binomial", "geometric", "logarithmic")

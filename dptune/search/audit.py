@@ -71,8 +71,9 @@ import os
 import resource
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -82,13 +83,13 @@ import scipy.stats
 from jax.flatten_util import ravel_pytree
 from jax.sharding import PartitionSpec
 
-from dptune.models import checkpoint, freezing
-from dptune.trainer import dp_step
 from dptune import faults
 from dptune.data.datasets import Dataset
 from dptune.errors import ConfigError, PrivacyError
+from dptune.models import checkpoint, freezing
 from dptune.models.builtin import build_model
 from dptune.randomness import SecretSeed
+from dptune.trainer import dp_step
 from dptune.trainer.train import Hyperparams, PrivacyBudget, RunConfig, train_and_evaluate
 
 THREAT_MODELS: tuple[str, ...] = ("white-box", "black-box")
@@ -646,15 +647,13 @@ def audit_study(
       ConfigError: no such trial, or one that did not train; a non-private study.
       PrivacyError: a private search, or the filter refuses the run.
     """
-    import optuna
     from optuna.trial import TrialState
 
-    from dptune.search import orphans, study as study_lib
-    from dptune.trainer.run import dataset_of
-    from dptune.search import objective
-    from dptune.search import results
     from dptune.data.augment import Augmentation
     from dptune.privacy.search_totals import RenyiFilter
+    from dptune.search import objective, orphans, results
+    from dptune.search import study as study_lib
+    from dptune.trainer.run import dataset_of
 
     s, resolved = study_lib.load(study_name, storage)
     cfg = resolved.study
@@ -720,7 +719,7 @@ def audit_study(
                        ("audit_exceeds_claim", result.exceeds_claim)):
         record.set_user_attr(key, value)
     s.tell(record, state=TrialState.PRUNED)
-    after = results.search_guarantee(optuna.load_study(study_name=study_name, storage=s._storage))
+    after = results.search_guarantee(s)
     result.study = {"name": study_name, "trial_audited": target.number, "audit_trial": record.number,
                     "mode": after["mode"], "search_epsilon_before": before["total_epsilon"],
                     "search_epsilon_after": after["total_epsilon"]}

@@ -13,27 +13,27 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from dptune import interrupt
-from dptune.data.datasets import Dataset
 from dptune.config.schema import ResolvedStudy, default_storage
+from dptune.data.datasets import Dataset
 from dptune.errors import StudyError
 from dptune.models import checkpoint
 from dptune.privacy.search_totals import RenyiFilter
 from dptune.randomness import SecretSeed
 from dptune.search import orphans, release
-from dptune.search.results import attempt_origin, _linked
+from dptune.search.results import _linked, attempt_origin
 from dptune.search.space import Infeasible, plan_trial, smallest_batch
 from dptune.trainer import microbatch
 from dptune.trainer.resume import Checkpointer, ReplayDiverged
 from dptune.trainer.run import run_config
 from dptune.trainer.train import PrivacyBudget, RunConfig, train_and_evaluate
-
 
 RESUME_ATTRS = ("resumed_from", "replay_digests", "progress_steps", "checkpoint_step", "ran_steps")
 
@@ -150,7 +150,7 @@ class Objective:
             trial.set_user_attr("rejected_reason", str(e))
             trial.set_user_attr("epsilon_spent", 0.0)
             trial.set_user_attr("steps", 0)
-            raise optuna.TrialPruned(str(e))
+            raise optuna.TrialPruned(str(e)) from None
         for k, v in plan.as_attrs().items():
             trial.set_user_attr(k, v)
         plan.hparams.validate(n, not cfg.non_private)

@@ -36,7 +36,7 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
-from dptune.search.storage import MAX_RETRY
+from dptune.search.storage import MAX_RETRY, backend
 
 WORKER_ATTR = "worker"
 # Test-only: see abort_if_test_requests and kill_if_test_requests.
@@ -104,20 +104,22 @@ def reap_dead_workers(study: optuna.Study) -> list[int]:
     numbers of the trials this call failed.
     """
     host = socket.gethostname()
-    storage = study._storage
+    b = backend(study)
+    storage = b.storage
     failed = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = t.user_attrs.get(WORKER_ATTR) or {}
         if worker.get("host") != host or _alive(worker):
             continue
         token = uuid.uuid4().hex
+        trial_id = b.trial_id(t.number)
         try:
-            storage.set_trial_user_attr(t._trial_id, "failed_reason", f"worker process {worker.get('pid')} died")
-            storage.set_trial_user_attr(t._trial_id, "reaped_by", token)
-            storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
+            storage.set_trial_user_attr(trial_id, "failed_reason", f"worker process {worker.get('pid')} died")
+            storage.set_trial_user_attr(trial_id, "reaped_by", token)
+            storage.set_trial_state_values(trial_id, state=TrialState.FAIL)
         except UpdateFinishedTrialError:
             pass  # another reaper finished it first; the token read back says which one re-queues
-        now = storage.get_trial(t._trial_id)
+        now = storage.get_trial(trial_id)
         if now.state == TrialState.FAIL and now.user_attrs.get("reaped_by") == token:
             failed.append(t.number)
             _retry(study, t)

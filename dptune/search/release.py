@@ -56,6 +56,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from dptune.errors import ConfigError, DptuneError
+from dptune.search import storage as storage_lib
 from dptune.trainer.resume import private_dir, write_private
 
 MODEL_FILE = "model.msgpack"
@@ -89,15 +90,16 @@ def study_id(study: optuna.Study) -> str:
     name (even with the same storage id) does not share. Nothing is written, so
     concurrent workers cannot disagree.
     """
-    stored = study._storage.get_study_system_attrs(study._study_id).get(STUDY_ID_ATTR)
+    b = storage_lib.backend(study)
+    stored = b.system_attrs().get(STUDY_ID_ATTR)
     if stored:
         return str(stored)
     try:
-        first = study._storage.get_trial(study._storage.get_trial_id_from_study_id_trial_number(study._study_id, 0))
+        first = b.trial(0)
         started = "" if first.datetime_start is None else first.datetime_start.isoformat()
     except KeyError:
         started = ""
-    return hashlib.sha256(f"{study._study_id}\n{study.study_name}\n{started}".encode()).hexdigest()[:32]
+    return hashlib.sha256(f"{b.study_id}\n{study.study_name}\n{started}".encode()).hexdigest()[:32]
 
 
 def study_folder(storage_url: str, study_name: str, study_id: str, configured: str | None = None, *,
@@ -112,7 +114,6 @@ def study_folder(storage_url: str, study_name: str, study_id: str, configured: s
     studies on two database servers, studies sharing one ``artifacts.path``):
     a checkpoint or pending model of another study is never found.
     """
-    from dptune.search import storage as storage_lib
 
     if configured:
         base = os.path.expanduser(configured)
@@ -182,7 +183,7 @@ def read_model_bytes(data: bytes) -> tuple[Any, dict[str, Any]]:
 def _stored(study: optuna.Study) -> dict[str, dict[str, Any]]:
     """{artifact_id: entry} of the best models stored now (removed ones are listed as null)."""
     out = {}
-    for key, value in study._storage.get_study_system_attrs(study._study_id).items():
+    for key, value in storage_lib.backend(study).system_attrs().items():
         if key.startswith(INDEX_PREFIX) and value:
             entry = json.loads(value) if isinstance(value, str) else value
             if entry:
@@ -311,10 +312,10 @@ def _upload(study: optuna.Study, trial: FrozenTrial, pending: str, storage_url: 
     finally:
         shutil.rmtree(staging_dir, ignore_errors=True)
     # FileSystemArtifactStore copies with the process umask: the model is as secret as the data.
-    os.chmod(os.path.join(store._base_path, artifact_id), 0o600)
+    os.chmod(os.path.join(_folder_of(study, storage_url), "artifacts", artifact_id), 0o600)
     entry = {"trial": trial.number, "value": trial.value, "filename": name,
              "sha256": hashlib.sha256(data).hexdigest()}
-    study._storage.set_study_system_attr(study._study_id, INDEX_PREFIX + artifact_id, json.dumps(entry))
+    storage_lib.backend(study).set_system_attr(INDEX_PREFIX + artifact_id, json.dumps(entry))
     return artifact_id
 
 
@@ -332,8 +333,9 @@ def prune(study: optuna.Study, storage_url: str) -> list[str]:
         except optuna.artifacts.exceptions.ArtifactNotFound:
             pass  # another worker removed it first
         # As optuna-dashboard's own delete does: the listing becomes null (study attributes cannot be deleted).
-        study._storage.set_study_system_attr(study._study_id, ARTIFACTS_ATTR_PREFIX + artifact_id, json.dumps(None))
-        study._storage.set_study_system_attr(study._study_id, INDEX_PREFIX + artifact_id, json.dumps(None))
+        b = storage_lib.backend(study)
+        b.set_system_attr(ARTIFACTS_ATTR_PREFIX + artifact_id, json.dumps(None))
+        b.set_system_attr(INDEX_PREFIX + artifact_id, json.dumps(None))
         removed.append(artifact_id)
     return removed
 
@@ -348,8 +350,7 @@ def sweep_pending(study: optuna.Study, storage_url: str) -> None:
             continue
         try:
             number = int(name[len("trial-"):-len(".msgpack")])
-            trial = study._storage.get_trial(study._storage.get_trial_id_from_study_id_trial_number(
-                study._study_id, number))
+            trial = storage_lib.backend(study).trial(number)
         except (ValueError, KeyError):
             continue
         if trial.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL):
@@ -383,7 +384,8 @@ def export_model(study: optuna.Study, storage_url: str, directory: str) -> dict[
     number = summary.best["number"]
     stored = [e for e in best_models(study) if e["trial"] == number]
     if not stored:
-        raise ReleaseError(f"export_model: no saved model for the best trial{'' if summary.private_search else ' ' + str(number)} "
+        which = "" if summary.private_search else f" {number}"  # a private search keeps trial numbers secret
+        raise ReleaseError(f"export_model: no saved model for the best trial{which} "
                            "(a study run before dptune kept best models, or its worker died before saving it)")
     entry = stored[0]
     if os.path.exists(directory) and (not os.path.isdir(directory) or os.listdir(directory)):
@@ -392,7 +394,8 @@ def export_model(study: optuna.Study, storage_url: str, directory: str) -> dict[
     with store.open_reader(entry["artifact_id"]) as f:
         data = f.read()
     if hashlib.sha256(data).hexdigest() != entry["sha256"]:
-        raise ReleaseError(f"export_model: the stored model of the best trial fails its checksum ({entry['artifact_id']})")
+        raise ReleaseError(f"export_model: the stored model of the best trial fails its checksum "
+                           f"({entry['artifact_id']})")
     params, meta = read_model_bytes(data)
     statement = privacy_statement(study, summary)
     release = summary.release()

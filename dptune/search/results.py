@@ -9,8 +9,9 @@ defined once here.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -18,7 +19,7 @@ from optuna.trial import FrozenTrial, TrialState
 from dptune.privacy import search_totals as search_privacy
 from dptune.privacy.search_totals import RenyiFilter, TrialCount
 from dptune.privacy.statement import COVERAGE, Mechanism, Statement
-from dptune.search.storage import open_storage
+from dptune.search.storage import backend, open_storage
 
 CONFIG_ATTR = "dptune_config"
 # A trial that finished: its value (and its spend) are in the storage.
@@ -32,7 +33,7 @@ def attempt_origin(trial: optuna.Trial | FrozenTrial) -> int:
     heartbeat retry with the system attribute ``failed_trial``.
     """
     system = (trial.system_attrs if isinstance(trial, FrozenTrial)
-              else trial.storage.get_trial_system_attrs(trial._trial_id))
+              else backend(trial.study).trial_system_attrs(trial.number))
     if system.get("failed_trial") is not None:
         return int(system["failed_trial"])
     return int(trial.user_attrs.get("retry_of", trial.number))
@@ -297,7 +298,7 @@ def _trial_count_of(private: dict[str, Any]) -> TrialCount:
     return TrialCount(private["distribution"], private["mean_trials"], private.get("eta"))
 
 
-def privacy_statement(study: optuna.Study, summary: "StudySummary | None" = None) -> Statement | None:
+def privacy_statement(study: optuna.Study, summary: StudySummary | None = None) -> Statement | None:
     """The written statement of releasing the best model after this search (None for non-private studies)."""
     summary = summary or summarize(study)
     g = summary.search

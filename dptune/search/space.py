@@ -15,12 +15,13 @@ A sample that cannot train a useful number of steps within ε raises
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
-from dptune.privacy import accounting as privacy
 from dptune.config.schema import Choice, Range, SearchSpace, TrainingBudget
 from dptune.errors import ConfigError, DptuneError
+from dptune.privacy import accounting as privacy
 from dptune.trainer.dp_step import OPTIMIZERS
 from dptune.trainer.train import Hyperparams, PrivacyBudget
 
@@ -84,7 +85,8 @@ def _suggest(trial: SuggestsParams, name: str, spec: Any, num_examples: int) -> 
 
 
 def _interval(low: float, low_open: bool, high: float | None, high_open: bool) -> tuple[str, Callable[[float], bool]]:
-    text = ("(" if low_open else "[") + f"{low:g}, " + ("∞)" if high is None else f"{high:g}" + (")" if high_open else "]"))
+    upper = "∞)" if high is None else f"{high:g}" + (")" if high_open else "]")
+    text = ("(" if low_open else "[") + f"{low:g}, " + upper
 
     def inside(v: float) -> bool:
         return (v > low if low_open else v >= low) and (high is None or (v < high if high_open else v <= high))

@@ -22,7 +22,9 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
-from typing import Any, Iterator
+import weakref
+from collections.abc import Iterator
+from typing import Any
 
 import optuna
 import sqlalchemy
@@ -180,3 +182,56 @@ def check_workers(url: str, workers: int) -> None:
             f"storage: SQLite is not safe for {workers} parallel workers (Optuna's own advice: 'database is "
             "locked' errors); use journal:///PATH/study.journal on one machine, or postgresql://... across machines"
         )
+
+
+# -- a study's storage through Optuna's public storage interface ----------------------------------------------
+
+class Backend:
+    """A study's storage and id, for what ``optuna.Study`` does not offer (study system attributes, other
+    processes' trials), through the public :class:`optuna.storages.BaseStorage` interface only."""
+
+    def __init__(self, storage: optuna.storages.BaseStorage, study_name: str, url: str):
+        self.storage = storage
+        self.url = url
+        self.study_id = storage.get_study_id_from_name(study_name)
+
+    def trial_id(self, number: int) -> int:
+        """The storage's id of trial ``number`` (KeyError: none)."""
+        return self.storage.get_trial_id_from_study_id_trial_number(self.study_id, number)
+
+    def trial(self, number: int) -> optuna.trial.FrozenTrial:
+        return self.storage.get_trial(self.trial_id(number))
+
+    def trial_system_attrs(self, number: int) -> dict[str, Any]:
+        return self.storage.get_trial_system_attrs(self.trial_id(number))
+
+    def system_attrs(self) -> dict[str, Any]:
+        return self.storage.get_study_system_attrs(self.study_id)
+
+    def set_system_attr(self, key: str, value: Any) -> None:
+        self.storage.set_study_system_attr(self.study_id, key, value)
+
+
+_OPENED: weakref.WeakKeyDictionary[optuna.Study, Backend] = weakref.WeakKeyDictionary()
+
+
+def remember(study: optuna.Study, storage: optuna.storages.BaseStorage, url: str) -> optuna.Study:
+    """Record the storage a study was opened on (Optuna keeps it private); returns the study."""
+    _OPENED[study] = Backend(storage, study.study_name, url)
+    return study
+
+
+def backend(study: optuna.Study, url: str | None = None) -> Backend:
+    """The storage of a study dptune opened, or of ``url``.
+
+    Raises:
+      StorageError: the study was opened without dptune and no ``url`` was given.
+    """
+    found = _OPENED.get(study)
+    if found is not None and (url is None or url == found.url):
+        return found
+    if url is None:
+        raise StorageError(f"storage: give the storage URL of study {study.study_name!r} (it was not opened with "
+                           "dptune.create_study or dptune.load_study)")
+    remember(study, open_storage(url, create=False), url)
+    return _OPENED[study]

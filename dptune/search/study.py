@@ -16,12 +16,11 @@ requests every trial writes before it reads the others'.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import warnings
-import weakref
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import optuna
@@ -29,13 +28,15 @@ from optuna.trial import FrozenTrial
 
 from dptune import __version__, interrupt
 from dptune.config.schema import ConfigLike, Overrides, ResolvedStudy, StudyConfig, check_name, default_storage, resolve
-from dptune.data.datasets import Dataset, load_dataset
-from dptune.errors import ConfigError, DataError, DptuneError, PrivacyError, StudyError
+from dptune.data.datasets import Dataset
+from dptune.errors import ConfigError, DptuneError, PrivacyError, StudyError
 from dptune.models import checkpoint
-from dptune.privacy import accounting as privacy, search_totals as search_privacy
+from dptune.privacy import accounting as privacy
+from dptune.privacy import search_totals as search_privacy
 from dptune.privacy.search_totals import RenyiFilter, TrialCount
 from dptune.randomness import SecretSeed
-from dptune.search import release, storage as storage_lib
+from dptune.search import release
+from dptune.search import storage as storage_lib
 from dptune.search.objective import Objective
 from dptune.search.orphans import reap_dead_workers
 from dptune.search.registry import make_pruner, make_sampler
@@ -154,7 +155,8 @@ def _prepare(resolved: ResolvedStudy) -> dict[str, Any]:
             filt = RenyiFilter(cap.epsilon, delta, order)
             if not filt.admits(prior):
                 raise ConfigError("search_budget.epsilon", f"{cap.epsilon:g} is already spent by the init_checkpoint's "
-                                  f"recorded training on {dataset.name!r} ({filt.spent(prior):.4g} at order {order:.3g})")
+                                  f"recorded training on {dataset.name!r} ({filt.spent(prior):.4g} at order "
+                                  f"{order:.3g})")
             attrs.update(search_budget={"epsilon": cap.epsilon, "order": order})
     return attrs
 
@@ -167,11 +169,6 @@ def _in_file(e: DptuneError, source: str, space_file: str | None) -> DptuneError
             return ConfigError(f"{space_file}: {e.field.removeprefix('search_space.')}", message)
         return ConfigError(f"{source}: {e.field}", message)
     return type(e)(f"{source}: {e}")
-
-
-# The storage URL of each study this process opened through dptune: Optuna keeps it private, and a
-# study's private folder (best models, checkpoints) and its workers are found from it.
-_URLS: "weakref.WeakKeyDictionary[optuna.Study, str]" = weakref.WeakKeyDictionary()
 
 
 def create_study(config: ConfigLike, storage: str | None = None, *, skip_if_exists: bool = False,
@@ -230,9 +227,8 @@ def create_study(config: ConfigLike, storage: str | None = None, *, skip_if_exis
                                  f"in {storage}; choose another name or delete it")
             if not skip_if_exists:
                 raise StudyError(f"study_name: {study_cfg.name!r} already exists in {storage} (use --skip-if-exists)")
-            found = optuna.load_study(study_name=study_cfg.name, storage=storage_obj)
-            _URLS[found] = storage
-            return found
+            return storage_lib.remember(optuna.load_study(study_name=study_cfg.name, storage=storage_obj),
+                                        storage_obj, storage)
 
         study = optuna.create_study(study_name=study_cfg.name, storage=storage_obj,
                                     direction=study_cfg.objective.direction)
@@ -243,13 +239,13 @@ def create_study(config: ConfigLike, storage: str | None = None, *, skip_if_exis
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 study.set_metric_names([study_cfg.objective.metric])
                 # Set before any worker can see the configuration: every worker reads the same id.
-                study._storage.set_study_system_attr(study._study_id, release.STUDY_ID_ATTR, release.new_study_id())
+                storage_lib.remember(study, storage_obj, storage)
+                storage_lib.backend(study).set_system_attr(release.STUDY_ID_ATTR, release.new_study_id())
                 for key, value in attrs.items():
                     study.set_user_attr(key, value)
         except BaseException:
             optuna.delete_study(study_name=study_cfg.name, storage=storage_obj)
             raise
-    _URLS[study] = storage
     return study
 
 
@@ -278,7 +274,7 @@ def load(study_name: str, storage: str | None = None, *, heartbeat: bool = False
     study = optuna.load_study(study_name=study_name, storage=storage_obj)
     if CONFIG_ATTR not in study.user_attrs:
         raise StudyError(f"study_name: {study_name!r} was not created by dptune (no stored configuration)")
-    _URLS[study] = url
+    storage_lib.remember(study, storage_obj, url)
     return study, ResolvedStudy.from_json(study.user_attrs[CONFIG_ATTR])
 
 
@@ -295,15 +291,9 @@ def storage_url(study: optuna.Study, storage: str | None = None) -> str:
     """The storage URL of a study dptune opened (Optuna does not expose it), or ``storage`` when given.
 
     Raises:
-      StudyError: the study was opened without dptune and no ``storage`` was given.
+      StorageError: the study was opened without dptune and no ``storage`` was given.
     """
-    if storage is not None:
-        return storage
-    url = _URLS.get(study)
-    if url is None:
-        raise StudyError(f"storage: give the storage URL of study {study.study_name!r} (it was not opened with "
-                         "dptune.create_study or dptune.load_study)")
-    return url
+    return storage if storage is not None else storage_lib.backend(study).url
 
 
 TrialCallback = Callable[[optuna.Study, FrozenTrial], None]

@@ -31,7 +31,8 @@ import signal
 import subprocess
 import sys
 import time
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from optuna.trial import FrozenTrial
@@ -108,8 +109,8 @@ def run_pool(
     poll_seconds: float = 1.0,
 ) -> int:
     """Run ``workers`` worker processes until ``n_trials`` more trials finish; returns an exit code."""
-    from dptune.search import study as study_lib
     from dptune.search import results
+    from dptune.search import study as study_lib
     from dptune.search.storage import check_workers, open_storage
 
     check_workers(storage, workers)
@@ -154,7 +155,7 @@ def run_pool(
                 study_lib.reap_dead_workers(study)
                 reaped |= died
             if on_trial is not None:
-                for t in storage_obj.get_all_trials(study._study_id, deepcopy=False):
+                for t in storage_obj.get_all_trials(storage_obj.get_study_id_from_name(study_name), deepcopy=False):
                     if t.state.is_finished() and t.number not in seen:
                         seen.add(t.number)
                         on_trial(t)
@@ -188,8 +189,8 @@ def _worker_main(argv: list[str] | None = None) -> int:
 
     try:
         with interrupt.handled():
-            from dptune.trainer import compile_stats
             from dptune.search import study as study_lib
+            from dptune.trainer import compile_stats
 
             compile_stats.enable_persistent_cache(args.cache_dir)
             study_lib.optimize(args.study_name, args.storage, timeout=args.timeout,

@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import collections
 import threading
-from typing import Any, Deque
+from typing import Any
 
 import jax
 
@@ -66,7 +66,7 @@ class InFlight:
         if limit < 1:
             raise ConfigError("limit", f"must be >= 1, got {limit}")
         self.limit = limit
-        self._pending: Deque[jax.Array] = collections.deque()
+        self._pending: collections.deque[jax.Array] = collections.deque()
         self._lock = threading.Lock()
 
     def __len__(self) -> int:

@@ -39,7 +39,8 @@ from __future__ import annotations
 
 import functools
 from collections import Counter
-from typing import Any, NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -48,9 +49,9 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from dptune.trainer import bookkeeping, multihost, xla_options
 from dptune.errors import ConfigError
 from dptune.models.freezing import apply_mask
+from dptune.trainer import bookkeeping, multihost, xla_options
 
 PyTree = Any
 OPTIMIZERS: tuple[str, ...] = ("sgd", "momentum", "adam")
@@ -120,7 +121,7 @@ def privatize(
     leaves, treedef = jax.tree_util.tree_flatten(grad_sum)
     keys = jax.random.split(key, len(leaves))
     noisy = [
-        (g + std * jax.random.normal(k, g.shape, g.dtype)) / denominator for g, k in zip(leaves, keys)
+        (g + std * jax.random.normal(k, g.shape, g.dtype)) / denominator for g, k in zip(leaves, keys, strict=True)
     ]
     return jax.tree_util.tree_unflatten(treedef, noisy)
 

@@ -25,16 +25,17 @@ examples as in the loop (microbatch rows are sharded identically).
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
 
 from dptune.config.schema import default as setting
-from dptune.trainer import dispatch, multihost
 from dptune.data.datasets import ArraySplit
-from dptune.trainer.dp_step import StepFunctions, TrainState
 from dptune.errors import ConfigError
+from dptune.trainer import dispatch, multihost
+from dptune.trainer.dp_step import StepFunctions, TrainState
 
 FEEDS: tuple[str, ...] = ("auto", "resident", "streamed", "loop")
 DEVICE_DATA_FRACTION: float = setting("device_data_fraction")  # the study schema's default
@@ -82,7 +83,9 @@ def choose(feed: str, split: Any, fns: StepFunctions, *, augmenting: bool, batch
         # CPU "devices" share host memory, where the split already lives.
         if limit is None or split.images.nbytes <= fraction * limit:
             return "resident"
-    per_example = example_bytes if example_bytes is not None else 4 * int(np.prod(split.take_raw(np.arange(1))[0].shape))
+    if example_bytes is None:
+        example_bytes = 4 * int(np.prod(split.take_raw(np.arange(1))[0].shape))
+    per_example = example_bytes
     return "streamed" if batch_size * per_example * 1.5 <= STREAM_BYTES else "loop"
 
 

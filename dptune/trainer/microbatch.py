@@ -18,15 +18,15 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import jax
 import numpy as np
 
+from dptune.models.builtin import build_model, init_params
 from dptune.trainer import compile_stats, xla_options
 from dptune.trainer.dp_step import step_functions
-from dptune.models.builtin import build_model, init_params
 
 SMALLEST = 16
 MEMORY_FRACTION = 0.5

@@ -68,8 +68,8 @@ from typing import Any
 
 import numpy as np
 
-from dptune.trainer import multihost
 from dptune.randomness import SecretSeed
+from dptune.trainer import multihost
 
 MAGIC = b"DPTUNE-CKPT-1\n"
 KEEP = 2
@@ -252,15 +252,17 @@ class Checkpointer:
         if self._latest is not False:
             return self._latest  # type: ignore[return-value]
         self._latest = None
-        for step, path in self.files():
+        for _step, path in self.files():
             try:
                 with open(path, "rb") as f:
                     header, payload = decode(f.read())
             except (OSError, ValueError) as e:
-                warnings.warn(f"checkpoint {path} ignored: {e}; trying the previous one", CheckpointWarning)
+                warnings.warn(f"checkpoint {path} ignored: {e}; trying the previous one", CheckpointWarning,
+                              stacklevel=2)
                 continue
             if header.get("identity") != self.identity:
-                warnings.warn(f"checkpoint {path} ignored: it is of another run configuration", CheckpointWarning)
+                warnings.warn(f"checkpoint {path} ignored: it is of another run configuration", CheckpointWarning,
+                              stacklevel=2)
                 continue
             secret = SecretSeed(bytes.fromhex(header["secret"]), fixed=bool(header["secret_fixed"]))
             self._latest = ResumePoint(step=int(header["step"]), state_bytes=payload, secret=secret,
@@ -333,7 +335,6 @@ class Checkpointer:
     def save(self, step: int, state: Any, secret: SecretSeed, history: list[dict[str, float]], examples: int,
              accountant: dict[str, Any]) -> str:
         """Write the checkpoint after ``step`` steps (atomically, 0600) and drop all but the newest ``KEEP``."""
-        import jax
         from flax import serialization
 
         private_dir(self.directory)

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from dptune.config.schema import ConfigLike, Hyperparameters, Overrides, StudyConfig, parse, run_settings
 from dptune.data.augment import Augmentation

@@ -13,29 +13,29 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Callable
+from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from dptune.models import checkpoint, freezing
-from dptune.trainer import compile_stats, dispatch
 from dptune import faults, interrupt
-from dptune.privacy import accounting as privacy, search_totals as search_privacy
-from dptune.data.augment import Augmentation
-from dptune.trainer import multihost
-from dptune.data import pipeline
-from dptune.data.datasets import Dataset, RecordSplit, batches
-from dptune.trainer.dp_step import OPTIMIZERS, StepFunctions, TrainState, step_functions
-from dptune.trainer import feed as feeds
 from dptune.config.schema import default as setting
-from dptune.errors import ConfigError, PrivacyError
-from dptune.models.builtin import build_model, init_params
-from dptune.randomness import SecretSeed
-from dptune.privacy.statement import Mechanism, Statement
+from dptune.data import pipeline
+from dptune.data.augment import Augmentation
+from dptune.data.datasets import Dataset, RecordSplit, batches
 from dptune.data.sampling import microbatches, pad_to_multiple, poisson_batch
+from dptune.errors import ConfigError, PrivacyError
+from dptune.models import checkpoint, freezing
+from dptune.models.builtin import build_model, init_params
+from dptune.privacy import accounting as privacy
+from dptune.privacy import search_totals as search_privacy
+from dptune.privacy.statement import Mechanism, Statement
+from dptune.randomness import SecretSeed
+from dptune.trainer import compile_stats, dispatch, multihost
+from dptune.trainer import feed as feeds
+from dptune.trainer.dp_step import OPTIMIZERS, StepFunctions, TrainState, step_functions
 
 Callback = Callable[[int, dict[str, float]], bool | None]
 SCHEDULES: tuple[str, ...] = ("constant", "cosine")
@@ -58,7 +58,8 @@ class Hyperparams:
 
     def validate(self, num_examples: int, private: bool) -> None:
         if not 1 <= self.batch_size <= num_examples:
-            raise ConfigError("batch_size", f"must be in [1, {num_examples}] (the training-set size), got {self.batch_size}")
+            raise ConfigError("batch_size", f"must be in [1, {num_examples}] (the training-set size), "
+                                            f"got {self.batch_size}")
         if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
             raise ConfigError("learning_rate", f"must be a finite number > 0, got {self.learning_rate}")
         if private and not (self.clip_norm > 0 and math.isfinite(self.clip_norm)):
@@ -184,7 +185,7 @@ class TrainResult:
     def selected_test_accuracy(self) -> float:
         return self.ema_test_accuracy if self.selected == "ema" else self.test_accuracy
 
-    def statement(self, dataset: str, config: "RunConfig") -> Statement | None:
+    def statement(self, dataset: str, config: RunConfig) -> Statement | None:
         """The written privacy statement of this run (None when it was not private)."""
         if self.privacy is None:
             return None
@@ -193,7 +194,8 @@ class TrainResult:
         assumptions = []
         if self.prior_events:
             notes.append(f"This run alone: ε = {p.epsilon:.4g} ({p.accountant}); the guarantee above composes it "
-                         f"with the initial checkpoint's {len(self.prior_events)} recorded run(s) on {dataset!r} (RDP).")
+                         f"with the initial checkpoint's {len(self.prior_events)} recorded run(s) on {dataset!r} "
+                         "(RDP).")
         if config.init_checkpoint:
             assumptions.append("the initial checkpoint's recorded lineage is true and names its data as this run "
                                "does (a checkpoint without dptune metadata, or trained on differently named data "
@@ -309,9 +311,9 @@ def evaluate(fns: StepFunctions, params: Any, split: Any, batch_size: int) -> tu
             x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
             y = np.concatenate([y, np.zeros(pad, y.dtype)])
         mask = (np.arange(batch_size) < n).astype(np.float32)
-        c, l = fns.evaluate(params, *fns.shard_batch(x, y, mask))
+        c, batch_loss = fns.evaluate(params, *fns.shard_batch(x, y, mask))
         correct += float(multihost.fetch(c))
-        loss += float(multihost.fetch(l))
+        loss += float(multihost.fetch(batch_loss))
     return correct / len(split), loss / len(split)
 
 

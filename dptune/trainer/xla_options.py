@@ -24,7 +24,8 @@ from __future__ import annotations
 import functools
 import os
 import sys
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import jax
@@ -33,7 +34,7 @@ CPU_OPTIONS: dict[str, str] = {"xla_cpu_experimental_ynn_fusion_type": ""}
 ENV = "DPTUNE_XLA_DEFAULTS"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _accepted(platform: str, options: tuple[tuple[str, str], ...]) -> bool:
     """Whether this jaxlib compiles a trivial function for ``platform`` with ``options``."""
     import jax

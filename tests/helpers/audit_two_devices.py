@@ -8,8 +8,8 @@ import json
 
 import jax
 
-from dptune.search import audit
 from dptune.data.datasets import ArraySplit, load_dataset
+from dptune.search import audit
 from dptune.trainer.train import Hyperparams, PrivacyBudget, RunConfig
 
 assert jax.local_device_count() == 2, jax.devices()

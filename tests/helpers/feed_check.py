@@ -11,13 +11,13 @@ import sys
 import jax
 import numpy as np
 
-from dptune.trainer import feed
 from dptune.data.augment import Augmentation
 from dptune.data.datasets import load_dataset
-from dptune.trainer.dp_step import step_functions
+from dptune.data.sampling import poisson_batch
 from dptune.models.builtin import build_model, init_params
 from dptune.randomness import SecretSeed
-from dptune.data.sampling import poisson_batch
+from dptune.trainer import feed
+from dptune.trainer.dp_step import step_functions
 from dptune.trainer.train import Hyperparams, augmenter, train_step
 
 
@@ -62,17 +62,21 @@ def main():
     ]
     for devices, clipping, private, aug, which_feeds in cases:
         ref = run(ds, devices, clipping, private, aug, "loop")
-        out["scale"] = max(out["scale"], max(float(np.max(np.abs(l))) for l in jax.tree_util.tree_leaves(ref)))
+        out["scale"] = max(out["scale"], max(float(np.max(np.abs(leaf))) for leaf in jax.tree_util.tree_leaves(ref)))
         for which in which_feeds:
             got = run(ds, devices, clipping, private, aug, which)
             diff = max(float(np.max(np.abs(a - b))) for a, b in
-                       zip(jax.tree_util.tree_leaves(ref), jax.tree_util.tree_leaves(got)))
-            out["diffs"][f"{len(devices)}dev/{clipping}/{'dp' if private else 'plain'}/aug{aug.multiplicity}/{which}"] = diff
+                       zip(jax.tree_util.tree_leaves(ref), jax.tree_util.tree_leaves(got), strict=False))
+            out["diffs"][
+                f"{len(devices)}dev/{clipping}/{'dp' if private else 'plain'}/aug{aug.multiplicity}/{which}"
+            ] = diff
     # Across device counts: the 4-device resident step equals the 1-device loop.
     one = run(ds, tuple(jax.devices()[:1]), "bookkeeping", True, Augmentation(), "loop")
     many = run(ds, tuple(jax.devices()), "bookkeeping", True, Augmentation(), "resident")
     out["diffs"]["1dev-loop/vs/alldev-resident"] = max(
-        float(np.max(np.abs(a - b))) for a, b in zip(jax.tree_util.tree_leaves(one), jax.tree_util.tree_leaves(many)))
+        float(np.max(np.abs(a - b)))
+        for a, b in zip(jax.tree_util.tree_leaves(one), jax.tree_util.tree_leaves(many), strict=False)
+    )
     out["devices"] = len(jax.devices())
     print(json.dumps(out))
 

@@ -9,8 +9,8 @@ import jax
 import numpy as np
 
 from dptune.data.datasets import load_dataset
-from dptune.trainer.dp_step import step_functions
 from dptune.models.builtin import build_model, init_params
+from dptune.trainer.dp_step import step_functions
 from dptune.trainer.train import Hyperparams, PrivacyBudget, RunConfig, evaluate, train_and_evaluate, train_step
 
 assert jax.local_device_count() == 4, jax.devices()
@@ -35,8 +35,10 @@ for n_dev, clipping in ((1, "vmap"), (4, "vmap"), (4, "bookkeeping")):
 
 # Reference: one device, vmap. Both paths on 4 devices must match it.
 ref = out[1, "vmap"]
-diff = max(float(np.max(np.abs(a - b))) for a, b in zip(ref["params"], out[4, "vmap"]["params"]))
-bk_diff = max(float(np.max(np.abs(a - b))) for a, b in zip(ref["params"], out[4, "bookkeeping"]["params"]))
+diff = max(float(np.max(np.abs(a - b))) for a, b in zip(ref["params"], out[4, "vmap"]["params"], strict=False))
+bk_diff = max(
+    float(np.max(np.abs(a - b))) for a, b in zip(ref["params"], out[4, "bookkeeping"]["params"], strict=False)
+)
 
 # The non-private baseline's plain batched gradient, 1 vs 4 devices.
 x, y = ds.train.take(idx[:64])
@@ -48,10 +50,9 @@ for n_dev in (1, 4):
     grads[n_dev] = [np.asarray(g) for g in jax.tree_util.tree_leaves(acc)]
 # Book-keeping with 2 augmented copies per example and a frozen first block: the
 # copies of one example must stay on one device (they are consecutive rows).
-from dptune.data.augment import Augmentation
-from dptune.models.freezing import trainable_mask
-
-from dptune.randomness import SecretSeed
+from dptune.data.augment import Augmentation  # noqa: E402 (after the device count is set above)
+from dptune.models.freezing import trainable_mask  # noqa: E402
+from dptune.randomness import SecretSeed  # noqa: E402
 
 xk = Augmentation(2, shift=1)(x, SecretSeed.from_int(0).augmentation_words(0, np.arange(len(x)), 2))
 mask = trainable_mask(params0, "last_3")
@@ -61,16 +62,21 @@ for n_dev in (1, 4):
     p = jax.device_put(params0, fns.replicated)
     acc = fns.accumulate(p, fns.zeros_like(p), *fns.shard_batch(xk, y, np.ones(64, np.float32)), 0.5, mask)
     aug[n_dev] = [np.asarray(g) for g in jax.tree_util.tree_leaves(acc)]
-augmented_diff = max(float(np.max(np.abs(a - b))) for a, b in zip(aug[1], aug[4]))
-nonprivate_diff = max(float(np.max(np.abs(a - b))) for a, b in zip(grads[1], grads[4]))
+augmented_diff = max(float(np.max(np.abs(a - b))) for a, b in zip(aug[1], aug[4], strict=False))
+nonprivate_diff = max(float(np.max(np.abs(a - b))) for a, b in zip(grads[1], grads[4], strict=False))
 grad_scale = max(float(np.max(np.abs(g))) for g in grads[1])
 scale = max(float(np.max(np.abs(a))) for a in ref["params"])
-r = train_and_evaluate(ds, hp, 4, config=RunConfig(private_seed=0, microbatch_size=64, num_devices=4, eval_every=2),
-                       budget=PrivacyBudget(8.0, 1e-5))
+r = train_and_evaluate(
+    ds,
+    hp,
+    4,
+    config=RunConfig(private_seed=0, microbatch_size=64, num_devices=4, eval_every=2),
+    budget=PrivacyBudget(8.0, 1e-5),
+)
 # A ResNet whose deep layers take Gram-matrix (ghost) norms and one batch kernel
 # gradient for the weighted sum: that sum must stay local to each device until the psum.
-from dptune.trainer import bookkeeping  # noqa: E402
 from dptune.models.builtin import ResNet, _BasicBlock  # noqa: E402
+from dptune.trainer import bookkeeping  # noqa: E402
 
 resnet = ResNet(10, (1, 1), _BasicBlock)
 rparams = init_params(resnet, (12, 12, 3), jax.random.key(0))
@@ -83,13 +89,29 @@ for n_dev in (1, 4):
     p = jax.device_put(rparams, fns.replicated)
     acc = fns.accumulate(p, fns.zeros_like(p), *fns.shard_batch(rx, ry, np.ones(8, np.float32)), 0.5)
     rsum[n_dev] = [np.asarray(g) for g in jax.tree_util.tree_leaves(acc)]
-ghost_diff = max(float(np.max(np.abs(a - b))) for a, b in zip(rsum[1], rsum[4]))
+ghost_diff = max(float(np.max(np.abs(a - b))) for a, b in zip(rsum[1], rsum[4], strict=False))
 ghost_scale = max(float(np.max(np.abs(g))) for g in rsum[1])
 
 # Without num_devices: the most devices that evenly share the microbatch.
 from dptune.trainer.train import _devices  # noqa: E402
 
 default_devices = [len(_devices(RunConfig(microbatch_size=m))) for m in (64, 6, 5)]
-print(json.dumps({"ghost_diff": ghost_diff, "ghost_scale": ghost_scale, "default_devices": default_devices, "max_abs_diff": diff, "augmented_diff": augmented_diff, "bookkeeping_diff": bk_diff, "param_scale": scale, "nonprivate_diff": nonprivate_diff,
-                  "grad_scale": grad_scale, "acc1": ref["acc"], "acc4": out[4, "vmap"]["acc"],
-                  "devices_used": r.devices, "steps": r.steps}))
+print(
+    json.dumps(
+        {
+            "ghost_diff": ghost_diff,
+            "ghost_scale": ghost_scale,
+            "default_devices": default_devices,
+            "max_abs_diff": diff,
+            "augmented_diff": augmented_diff,
+            "bookkeeping_diff": bk_diff,
+            "param_scale": scale,
+            "nonprivate_diff": nonprivate_diff,
+            "grad_scale": grad_scale,
+            "acc1": ref["acc"],
+            "acc4": out[4, "vmap"]["acc"],
+            "devices_used": r.devices,
+            "steps": r.steps,
+        }
+    )
+)

@@ -27,12 +27,11 @@ def main():
     from dptune.trainer import multihost
     if args.num_processes > 1:
         multihost.initialize(f"127.0.0.1:{args.port}", args.num_processes, args.process_id)
-    from dptune.data.datasets import load_dataset
-    from dptune.trainer.train import Hyperparams, PrivacyBudget, RunConfig, train_and_evaluate
-
     import hashlib
 
+    from dptune.data.datasets import load_dataset
     from dptune.randomness import SecretSeed
+    from dptune.trainer.train import Hyperparams, PrivacyBudget, RunConfig, train_and_evaluate
     # Each process draws its own OS secret; after sharing, all must hold process 0's.
     shared = multihost.shared_secret(SecretSeed.from_os())
     with open(f"{args.out}.secret.{jax.process_index()}", "w") as f:
@@ -41,16 +40,31 @@ def main():
     ds = load_dataset("digits")
     cfg = RunConfig(model="cnn", microbatch_size=64, private_seed=123, eval_every=2, feed=args.feed,
                     save_checkpoint=args.out + ".msgpack")
-    r = train_and_evaluate(ds, Hyperparams(batch_size=150, learning_rate=0.5, clip_norm=args.clip_norm, noise_multiplier=1.1),
-                           3, config=cfg, budget=PrivacyBudget(8.0, 1e-5))
+    r = train_and_evaluate(
+        ds,
+        Hyperparams(batch_size=150, learning_rate=0.5, clip_norm=args.clip_norm, noise_multiplier=1.1),
+        3,
+        config=cfg,
+        budget=PrivacyBudget(8.0, 1e-5),
+    )
     if jax.process_index() == 0:
         from dptune.models import checkpoint
+
         params = checkpoint.load(args.out + ".msgpack")
         leaves = [np.asarray(x, np.float64).ravel() for x in jax.tree_util.tree_leaves(params)]
         with open(args.out, "w") as f:
-            json.dump({"params": np.concatenate(leaves).tolist(), "devices": r.devices, "steps": r.steps,
-                       "epsilon": r.epsilon, "val_accuracy": r.val_accuracy, "processes": jax.process_count(),
-                       "feed": r.feed}, f)
+            json.dump(
+                {
+                    "params": np.concatenate(leaves).tolist(),
+                    "devices": r.devices,
+                    "steps": r.steps,
+                    "epsilon": r.epsilon,
+                    "val_accuracy": r.val_accuracy,
+                    "processes": jax.process_count(),
+                    "feed": r.feed,
+                },
+                f,
+            )
 
 
 if __name__ == "__main__":
