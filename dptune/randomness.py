@@ -128,7 +128,7 @@ class SecretSeed:
 
         width = int(np.prod(jax.random.key_data(jax.random.key(0)).shape))
         words = np.frombuffer(self._stream(b"noise")[: 4 * width], dtype=">u4").astype(np.uint32)
-        return jax.random.wrap_key_data(words.reshape(jax.random.key_data(jax.random.key(0)).shape))
+        return jax.random.wrap_key_data(jax.numpy.asarray(words.reshape(jax.random.key_data(jax.random.key(0)).shape)))
 
     def augmentation_words(self, step: int, indices: np.ndarray, copies: int) -> np.ndarray:
         """Two random uint32 words per (example, copy) of one step: shape [len(indices), copies, 2].

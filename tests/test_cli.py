@@ -1,17 +1,14 @@
 """The CLI: real subprocesses, exit codes and one-line errors that name the field."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
+from tests.conftest import run_cli
+
 
 def run(*args, timeout=300):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    return subprocess.run([sys.executable, "-m", "dptune.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    return run_cli(*args, timeout=timeout)
 
 
 def test_privacy_epsilon_json_both_accountants():

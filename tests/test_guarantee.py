@@ -35,14 +35,13 @@ from dptune.search import objective, results, study
 from dptune.trainer.dp_step import step_functions
 from dptune.trainer.run import dataset_of
 from dptune.trainer.train import Hyperparams, PrivacyBudget, RunConfig, augmenter, train_and_evaluate
+from tests.conftest import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _cli(*args, cwd, timeout=600):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    return subprocess.run([sys.executable, "-m", "dptune.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env, cwd=cwd)
+    return run_cli(*args, cwd=cwd, timeout=timeout)
 
 
 def _norm(tree):

@@ -21,6 +21,7 @@ from dptune.config import schema as config
 from dptune.search import orphans
 from dptune.search.storage import open_storage
 from dptune.search.study import create_study
+from tests.conftest import run_cli
 from tests.test_workers import make_config, trials_of
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -31,8 +32,7 @@ def aborting(trial_number):
 
 
 def run(*args, env, timeout=600):
-    return subprocess.run([sys.executable, "-m", "dptune.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    return run_cli(*args, env=env, timeout=timeout)
 
 
 def assert_failed_and_requeued(trials, number):

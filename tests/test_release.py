@@ -27,6 +27,7 @@ from dptune.search import objective, orphans, release, results, study
 from dptune.trainer import resume
 from dptune.trainer.run import dataset_of
 from dptune.trainer.train import Hyperparams, PrivacyBudget, RunConfig, train_and_evaluate
+from tests.conftest import run_cli
 
 SPACE = {"batch_size": 300, "effective_learning_rate": {"low": 0.01, "high": 6.0}, "clip_norm": 1.0,
          "noise_multiplier": 2.0}
@@ -43,9 +44,7 @@ def make_config(tmp_path, name, **extra):
 
 
 def cli(*args, env=None, timeout=300):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", **(env or {}))
-    return subprocess.run([sys.executable, "-m", "dptune.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    return run_cli(*args, env=env, timeout=timeout)
 
 
 def mode(path):

@@ -1,9 +1,6 @@
 """The study driver end to end, on real SQLite storage, read back with plain Optuna."""
 
-import os
 import sqlite3
-import subprocess
-import sys
 from pathlib import Path
 
 import optuna
@@ -13,6 +10,7 @@ import yaml
 from dptune.config import schema as config
 from dptune.errors import ConfigError, DptuneError
 from dptune.search import results, study
+from tests.conftest import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -159,9 +157,7 @@ def test_not_yaml_and_not_a_mapping(tmp_path):
 
 
 def _run_cli(*args, cwd, timeout=300):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    return subprocess.run([sys.executable, "-m", "dptune.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env, cwd=cwd)
+    return run_cli(*args, cwd=cwd, timeout=timeout)
 
 
 def _studies_in(db: Path) -> list:

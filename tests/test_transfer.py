@@ -6,9 +6,6 @@ keep every example's contribution ≤ C; both clipping paths agree.
 """
 
 import json
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +20,7 @@ from dptune.models.builtin import build_model, init_params
 from dptune.randomness import SecretSeed
 from dptune.trainer.dp_step import clipped_sum, step_functions
 from dptune.trainer.train import Hyperparams, PrivacyBudget, RunConfig, train_and_evaluate, train_step
+from tests.conftest import run_cli
 
 
 @pytest.fixture(scope="module")
@@ -228,10 +226,7 @@ def test_ema_is_evaluated_beside_raw_and_the_better_is_selected(digits):
 
 
 def _cli(*args, cwd):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    return subprocess.run(
-        [sys.executable, "-m", "dptune.cli", *args], capture_output=True, text=True, timeout=600, env=env, cwd=cwd
-    )
+    return run_cli(*args, cwd=cwd)
 
 
 def test_pretrain_then_private_fine_tune_offline(tmp_path):

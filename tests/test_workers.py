@@ -15,6 +15,8 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
+from tests.conftest import run_cli
+
 SPACE = {"batch_size": {"low": 200, "high": 600, "log": True}, "effective_learning_rate": {"low": 1.0, "high": 6.0},
          "clip_norm": 1.0, "noise_multiplier": {"low": 1.5, "high": 3.0}}
 
@@ -30,9 +32,7 @@ def make_config(tmp_path, name="pool", max_epochs=2, pruner="none"):
 
 
 def cli(*args, cwd=None, timeout=600):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    return subprocess.run([sys.executable, "-m", "dptune.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env, cwd=cwd)
+    return run_cli(*args, cwd=cwd, timeout=timeout)
 
 
 def spawn(*args, **kw):

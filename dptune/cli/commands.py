@@ -385,11 +385,9 @@ def audit_threat_models() -> tuple[str, ...]:
 # -- dptune study / optimize -----------------------------------------------------
 
 def _fmt(v: Any, digits: int = 4) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.{digits}g}"
-    return str(v)
+    from dptune.search.results import fmt
+
+    return fmt(v, digits)
 
 
 def _trial_line(t: Any, numbered: bool = True) -> str:

@@ -22,10 +22,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from dptune.errors import ConfigError
 from dptune.privacy.accounting import EPSILON_TOO_LARGE, MAX_EPSILON
 
-SAMPLERS = ("tpe", "random", "gp", "cmaes", "grid")
-PRUNERS = ("median", "successive_halving", "asha", "hyperband", "none")
-
-
 MAX_NAME_LENGTH = 100
 NAME_RULE = (f"1 to {MAX_NAME_LENGTH} characters, each a letter, a digit, '_', '.' or '-' "
              "(the name becomes a file name: studies/<name>.db)")
@@ -285,7 +281,7 @@ class StudyConfig(_Strict):
     @field_validator("microbatch_size")
     @classmethod
     def _positive_microbatch(cls, v: int | str) -> int | str:
-        if v != "auto" and v < 1:
+        if isinstance(v, int) and v < 1:
             raise ValueError(f"must be 'auto' or an integer >= 1, got {v}")
         return v
 
@@ -398,7 +394,7 @@ def _param_member(loc: tuple) -> str | None:
     return "Range" if "Range" in tag else tag if tag in ("Choice", "float", "str") else None
 
 
-def _explain_param(path: str, errors: list[dict]) -> ConfigError:
+def _explain_param(path: str, errors: Sequence[Any]) -> ConfigError:
     """A search-space parameter matches none of its forms: say what is wrong with the form the user meant.
 
     Pydantic reports every form's complaint, starting with the range's, which

@@ -81,7 +81,7 @@ class ArraySplit:
 class RecordSplit:
     """A split read record by record from a random-access source (TFDS)."""
 
-    def __init__(self, source: Any, indices: np.ndarray, decode: Callable[[dict], tuple[np.ndarray, int]]):
+    def __init__(self, source: Any, indices: np.ndarray, decode: Callable[[Any], tuple[np.ndarray, int]]):
         self.source = source
         self.indices = indices
         self.decode = decode
@@ -193,7 +193,7 @@ def resize_center_crop(image: np.ndarray, size: int) -> np.ndarray:
     scale = size / min(h, w)
     nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
     squeeze = image.shape[-1] == 1
-    pil = Image.fromarray(image[..., 0] if squeeze else image).resize((nw, nh), Image.BILINEAR)
+    pil = Image.fromarray(image[..., 0] if squeeze else image).resize((nw, nh), Image.Resampling.BILINEAR)
     out = np.asarray(pil)
     top, left = (nh - size) // 2, (nw - size) // 2
     out = out[top:top + size, left:left + size]

@@ -99,11 +99,10 @@ class DecodeRecord:
         from PIL import Image
 
         item = msgpack.unpackb(record)
-        pil = Image.open(io.BytesIO(item["image"]))
         h, w, c = self.image_shape
-        pil = pil.convert("L" if c == 1 else "RGB")
+        pil: Image.Image = Image.open(io.BytesIO(item["image"])).convert("L" if c == 1 else "RGB")
         if pil.size != (w, h):
-            pil = pil.resize((w, h), Image.BILINEAR)
+            pil = pil.resize((w, h), Image.Resampling.BILINEAR)
         image = np.asarray(pil, np.uint8)
         return (image[..., None] if c == 1 else image), int(item["label"])
 
@@ -115,18 +114,18 @@ def read_records(source: Any, ids: np.ndarray) -> list[Any]:
     within the file); sources without it (or that fail on it, as TFDS's
     mocked sources did) are read one record at a time.
     """
-    ids = [int(i) for i in ids]
-    if not ids:
+    wanted = [int(i) for i in ids]
+    if not wanted:
         return []  # ArrayRecord's batched read refuses an empty request
     getitems = getattr(source, "__getitems__", None)
     if getitems is not None:
         try:
-            records = getitems(ids)
-            if len(records) == len(ids):
+            records = getitems(wanted)
+            if len(records) == len(wanted):
                 return list(records)
         except (TypeError, NotImplementedError, AttributeError):
             pass
-    return [source[i] for i in ids]
+    return [source[i] for i in wanted]
 
 
 class PoissonBatches:

@@ -82,17 +82,17 @@ def _upsert(studies: Iterable[optuna.Study], path: str) -> dict[str, int]:
     for study in studies:
         rows = trial_rows(study)
         if rows:
-            db["trials"].upsert_all(rows, pk=("study", "number"), alter=True)
+            db.table("trials").upsert_all(rows, pk=("study", "number"), alter=True)
         inter = intermediate_rows(study)
         if inter:
-            db["intermediate_values"].upsert_all(inter, pk=("study", "number", "step"), alter=True)
+            db.table("intermediate_values").upsert_all(inter, pk=("study", "number", "step"), alter=True)
         counts["trials"] += len(rows)
         counts["intermediate_values"] += len(inter)
     if "trials" in db.table_names():
-        db["trials"].create_index(["state"], if_not_exists=True)
-        db["trials"].create_index(["value"], if_not_exists=True)
+        db.table("trials").create_index(["state"], if_not_exists=True)
+        db.table("trials").create_index(["value"], if_not_exists=True)
     if "intermediate_values" in db.table_names():
-        db["intermediate_values"].create_index(["study", "number"], if_not_exists=True)
+        db.table("intermediate_values").create_index(["study", "number"], if_not_exists=True)
     return counts
 
 

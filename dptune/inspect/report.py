@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import html
 import json
-import math
 import os
 import tempfile
 from collections.abc import Sequence
+from typing import cast
 
 import optuna
 import plotly.graph_objects as go
@@ -15,7 +15,7 @@ import plotly.offline
 
 from dptune.errors import ConfigError
 from dptune.inspect import figures
-from dptune.search.results import CONFIG_ATTR, coverage, summarize, trial_record
+from dptune.search.results import CONFIG_ATTR, coverage, fmt, summarize, trial_record
 
 TOP = 10
 
@@ -25,14 +25,12 @@ def _fig_html(fig: go.Figure, div_id: str) -> str:
 
 
 def _fmt(v: object) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "–"
-    return f"{v:.4g}" if isinstance(v, float) else html.escape(str(v))
+    return html.escape(fmt(v, missing="–"))
 
 
 def _top_table(study: optuna.Study) -> str:
     trials = sorted((t for t in study.get_trials(deepcopy=False) if t.value is not None),
-                    key=lambda t: t.value, reverse=True)[:TOP]
+                    key=lambda t: cast(float, t.value), reverse=True)[:TOP]
     # A pruned trial's value is its accuracy when it was stopped, not a finished run's: the state says which.
     cols = ["number", "state", "value", "test_accuracy", "epsilon_spent", "epsilon_target", "delta", "batch_size",
             "learning_rate", "clip_norm", "noise_multiplier", "steps", "epochs", "examples_per_second"]

@@ -96,7 +96,8 @@ def epsilon_table(dataset_size: int, batch_size: int, noise_multiplier: float, *
     """
     q, d, d_default, accountants = _setup(dataset_size, batch_size, delta, accountant, noise_multiplier)
     t = _steps(q, steps, epochs)
-    rows = [dict(accountant=a, epsilon=accounting.epsilon(q, noise_multiplier, t, d, a), delta=d, sampling_rate=q,
+    rows: list[dict[str, Any]] = [
+        dict(accountant=a, epsilon=accounting.epsilon(q, noise_multiplier, t, d, a), delta=d, sampling_rate=q,
                  noise_multiplier=noise_multiplier, steps=t, epochs=t * q) for a in accountants]
     text = None
     if statement:

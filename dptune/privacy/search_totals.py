@@ -71,7 +71,9 @@ class TrialCount:
     @property
     def shape(self) -> float:
         """dp-accounting's ``shape`` parameter."""
-        return {"poisson": math.inf, "geometric": 1.0, "logarithmic": 0.0}.get(self.distribution, self.eta)
+        shape = {"poisson": math.inf, "geometric": 1.0, "logarithmic": 0.0}.get(self.distribution, self.eta)
+        assert shape is not None  # η is required of the truncated negative binomial (checked on construction)
+        return shape
 
     @functools.cached_property
     def gamma(self) -> float:

@@ -557,6 +557,7 @@ def run_audit(
         if hook is not None:
             scores = hook.scores()
         else:
+            assert config.save_checkpoint is not None and images is not None and labels is not None  # black-box
             released = checkpoint.load(config.save_checkpoint)
             scores = -_canary_losses(config.model, config.weight_standardization, dataset.num_classes,
                                      released, images, labels)
@@ -674,7 +675,8 @@ def audit_study(
     dataset = dataset_of(cfg)
     delta = float(s.user_attrs["delta"])
     before = results.search_guarantee(s)
-    budget = PrivacyBudget(float(a.get("epsilon_target", 100.0)), delta, str(a.get("accountant", "rdp")))
+    budget = PrivacyBudget(float(a.get("epsilon_target", 100.0)), delta,
+                           "pld" if a.get("accountant") == "pld" else "rdp")
 
     record = s.ask()  # numbered atomically in the storage, like any trial
     record.set_user_attr("audit_of", target.number)

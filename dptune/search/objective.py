@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import jax
 import optuna
@@ -81,7 +81,7 @@ def replay_expectations(trials: Sequence[FrozenTrial], number: int, origin: int,
 class Objective:
     """The per-trial function handed to ``study.optimize``."""
 
-    def __init__(self, resolved: ResolvedStudy, dataset: Dataset, delta: float,
+    def __init__(self, resolved: ResolvedStudy, dataset: Dataset, delta: float | None,
                  private_search: dict[str, Any] | None = None, search_budget: dict[str, float] | None = None,
                  prior: Sequence[Sequence[float]] = ()):
         self.resolved = resolved
@@ -91,15 +91,16 @@ class Objective:
         self.budget: PrivacyBudget | None = None
         self.private_search = private_search
         self.filter = (None if search_budget is None
-                       else RenyiFilter(search_budget["epsilon"], delta, search_budget["order"]))
+                       else RenyiFilter(search_budget["epsilon"], cast(float, delta), search_budget["order"]))
         self.prior = [(float(q), float(s), int(t)) for q, s, t in prior]
         self.resolved_checkpoint: str | None = None
         self.storage_url: str | None = None  # set by optimize: where the study's private folder is
         if private_search is not None:
             # Every trial runs the calibrated mechanism; its own ε (RDP) is the trainer's cap.
             self.fixed = (private_search["noise_multiplier"], private_search["steps"])
-            self.budget = PrivacyBudget(private_search["per_trial_epsilon"], delta, "rdp")
+            self.budget = PrivacyBudget(private_search["per_trial_epsilon"], cast(float, delta), "rdp")
         elif not cfg.non_private:
+            assert cfg.privacy is not None and delta is not None  # the schema requires a budget
             self.budget = PrivacyBudget(cfg.privacy.epsilon, delta, cfg.privacy.accountant)
         self._microbatch: int | None = None if cfg.microbatch_size == "auto" else cfg.microbatch_size
 

@@ -49,7 +49,7 @@ import secrets
 import shutil
 import tempfile
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import optuna
@@ -203,7 +203,7 @@ def _ranking(study: optuna.Study) -> list[FrozenTrial]:
     maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
     done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
             if t.value is not None and math.isfinite(t.value)]
-    return sorted(done, key=lambda t: ((-t.value if maximize else t.value), t.number))
+    return sorted(done, key=lambda t: ((-cast(float, t.value) if maximize else cast(float, t.value)), t.number))
 
 
 def _keep(study: optuna.Study) -> int:
@@ -231,7 +231,7 @@ def model_metadata(study: optuna.Study, trial: FrozenTrial, checkpoint_meta: dic
         "test_split": cfg.get("test_split", "test"),
         "validation_dataset": cfg.get("validation_dataset"),
         "split": study.user_attrs.get("split") or checkpoint_meta.get("split"),
-        "hyperparameters": {**dict(trial.params), **{k: a.get(k) for k in (
+        "hyperparameters": {**dict(trial.params), **{str(k): a.get(k) for k in (
             "batch_size", "learning_rate", "clip_norm", "noise_multiplier", "sampling_rate", "optimizer",
             "momentum", "schedule", "warmup_steps", "ema_decay", "trainable", "planned_steps") if k in a}},
         "steps": a.get("steps"),

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -22,6 +22,13 @@ from dptune.privacy.statement import COVERAGE, Mechanism, Statement
 from dptune.search.storage import backend, open_storage
 
 CONFIG_ATTR = "dptune_config"
+
+
+def fmt(v: Any, digits: int = 4, missing: str = "-") -> str:
+    """A recorded value for people: floats to ``digits`` significant digits, None and NaN as ``missing``."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return missing
+    return f"{v:.{digits}g}" if isinstance(v, float) else str(v)
 # A trial that finished: its value (and its spend) are in the storage.
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
@@ -250,7 +257,8 @@ def search_guarantee(study: optuna.Study) -> dict[str, Any]:
                 "so the repeat-and-select bound does not hold. The honest figure is the composition of every trial "
                 f"that trained on the data (RDP): ε = {totals['rdp']:.4g}.{prior_text}")}
         total = search_privacy.search_epsilon(private["sampling_rate"], private["noise_multiplier"],
-                                              int(private["steps"]), delta, _trial_count_of(private), prior)
+                                              int(private["steps"]), cast(float, delta), _trial_count_of(private),
+                                              prior)
         held_out = (f"selection on the public dataset {validation!r}" if validation else
                     "selection on a validation split of the private dataset declared public (a study of an earlier "
                     "dptune; that split is not covered)")
@@ -266,7 +274,7 @@ def search_guarantee(study: optuna.Study) -> dict[str, Any]:
                  f"(RDP): ε = {totals['rdp']:.4g}.{prior_text}")
     if cap is not None:
         admitted = [tuple(t.user_attrs["filter_request"]) for t in touched if "filter_request" in t.user_attrs]
-        filt = RenyiFilter(cap["epsilon"], delta, cap["order"])
+        filt = RenyiFilter(cap["epsilon"], cast(float, delta), cap["order"])
         return {
             "mode": "filter", "total_epsilon": cap["epsilon"], "accounted_epsilon": totals["rdp"],
             "filter_epsilon": filt.spent(prior + [(float(q), float(s), int(t)) for q, s, t in admitted]),
@@ -338,7 +346,7 @@ def summarize(study: optuna.Study) -> StudySummary:
     rejected = sum(1 for t in trials if t.state == TrialState.PRUNED and "rejected_reason" in t.user_attrs)
     skipped = sum(1 for t in trials if "skipped_reason" in t.user_attrs)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    best = trial_record(max(complete, key=lambda t: t.value)) if complete else None
+    best = trial_record(max(complete, key=lambda t: cast(float, t.value))) if complete else None
     return StudySummary(
         name=study.study_name,
         epsilon_target=study.user_attrs.get("epsilon_target", math.nan),

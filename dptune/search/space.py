@@ -129,7 +129,8 @@ def check_space(space: SearchSpace, num_examples: int, private: bool) -> None:
         if isinstance(spec, Range):
             if spec.high == "full" and name != "batch_size":
                 raise ConfigError(field, "high: 'full' is only allowed for batch_size")
-            ends = [("low", spec.low), ("high", spec.high)] + [("grid", g) for g in spec.grid or []]
+            ends: list[tuple[str, Any]] = [("low", spec.low), ("high", spec.high)]
+            ends += [("grid", g) for g in spec.grid or []]
         elif isinstance(spec, Choice):
             ends = [("choices", c) for c in spec.choices]
         else:

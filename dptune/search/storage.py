@@ -119,6 +119,7 @@ def open_storage(url: str, *, heartbeat: bool = False, create: bool = True) -> o
             except OSError as e:
                 raise StorageError(f"storage: cannot create the folder of {path!r}: {e.strerror}") from None
     if k == "journal":
+        assert path is not None  # a journal URL names a file
         try:
             return JournalStorage(JournalFileBackend(path))
         except OSError as e:

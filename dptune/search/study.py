@@ -66,6 +66,7 @@ def _resolve_delta(resolved: ResolvedStudy, dataset: Dataset) -> float | None:
 
 
 def _trial_count(cfg: StudyConfig) -> TrialCount:
+    assert cfg.search_privacy is not None
     t = cfg.search_privacy.trials
     try:
         return TrialCount(t.distribution, t.mean, t.eta)
@@ -82,6 +83,8 @@ def _plan_private_search(resolved: ResolvedStudy, dataset: Dataset, delta: float
     """
     cfg, space = resolved.study, resolved.space
     n = len(dataset.train)
+    assert cfg.search_privacy is not None and isinstance(space.batch_size, (int, float))  # fixed: checked on load
+    assert isinstance(space.epochs, (int, float))
     batch = int(space.batch_size)
     if not 1 <= batch <= n:
         raise ConfigError("search_space.batch_size", f"must be in [1, {n}], got {batch}")
@@ -143,11 +146,13 @@ def _prepare(resolved: ResolvedStudy) -> dict[str, Any]:
     if study_cfg.init_checkpoint:
         attrs["init_checkpoint_sha256"] = checkpoint.fingerprint(study_cfg.init_checkpoint)
     if study_cfg.private_search:
+        assert delta is not None  # private studies have one
         plan = _plan_private_search(resolved, dataset, delta, prior)
         attrs.update(private_search=plan, epsilon_target=plan["per_trial_epsilon"], accountant="rdp")
     elif study_cfg.non_private:
         attrs.update(non_private=True)
     else:
+        assert study_cfg.privacy is not None and delta is not None  # the schema requires a budget
         attrs.update(epsilon_target=study_cfg.privacy.epsilon, accountant=study_cfg.privacy.accountant)
         if study_cfg.search_budget is not None:
             cap = study_cfg.search_budget
@@ -384,7 +389,8 @@ def optimize(
         study.sampler = make_sampler(cfg, resolved.space, seed)
         study.pruner = make_pruner(cfg)
     # The best model is decided once the trial's value is in the storage (release.keep_best), before user callbacks.
-    hooks = [lambda st, t: release.keep_best(st, t, url)] + list(callbacks) + [lambda st, _t: reap_dead_workers(st)]
+    hooks: list[Callable[[optuna.Study, FrozenTrial], Any]] = [lambda st, t: release.keep_best(st, t, url)]
+    hooks += list(callbacks) + [lambda st, _t: reap_dead_workers(st)]
     with interrupt.deferred(), storage_lib.writing(url):
         release.sweep_pending(study, url)
     if stop_at_finished is not None:

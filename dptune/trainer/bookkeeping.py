@@ -307,9 +307,7 @@ def plan(model: nn.Module, params: PyTree, x: jax.Array, y: jax.Array) -> str | 
 def global_norms(pieces: PyTree) -> jax.Array:
     """Each example's gradient norm over all parameters, combined without overflow; NaN if non-finite."""
     norms = jnp.stack([p.norms for p in jax.tree_util.tree_leaves(pieces, is_leaf=lambda n: isinstance(n, Piece))])
-    m = jnp.max(norms, axis=0)
-    safe = jnp.where(m > 0, m, 1.0)
-    return m * jnp.sqrt(jnp.sum(jnp.square(norms / safe), axis=0))
+    return robust_norm(norms.T)  # [examples, parameters]: the norm of the per-parameter norms
 
 
 def clipped_sum(model: nn.Module, params: PyTree, x: jax.Array, y: jax.Array, mask: jax.Array,

@@ -17,10 +17,10 @@ _lock = threading.Lock()
 _total = {"seconds": 0.0, "events": 0}
 
 
-def _listener(event: str, duration: float, **_: object) -> None:
+def _listener(event: str, duration_secs: float, **_: str | int) -> None:
     if event.startswith(_PREFIX):
         with _lock:
-            _total["seconds"] += duration
+            _total["seconds"] += duration_secs
             if event.endswith("backend_compile_duration"):
                 _total["events"] += 1
 
@@ -35,7 +35,7 @@ def seconds() -> float:
 
 def backend_compiles() -> int:
     """Number of XLA backend compilations since the process started."""
-    return _total["events"]
+    return int(_total["events"])
 
 
 def default_cache_dir() -> str:

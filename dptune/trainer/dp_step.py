@@ -40,7 +40,7 @@ from __future__ import annotations
 import functools
 from collections import Counter
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import flax.linen as nn
 import jax
@@ -358,7 +358,7 @@ class StepFunctions:
 
     def _evaluate(self, params: PyTree, x: jax.Array, y: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
         self.traces["evaluate"] += 1
-        logits = self.model.apply({"params": params}, x)
+        logits = cast(jax.Array, self.model.apply({"params": params}, x))
         correct = jnp.sum((jnp.argmax(logits, -1) == y) * mask)
         loss = jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, y) * mask)
         return correct, loss

@@ -63,6 +63,7 @@ import os
 import re
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -226,11 +227,12 @@ class Checkpointer:
         # The interval starts after the first step (compilation included), not at construction:
         # else a retry whose compilation outlasted the interval would checkpoint at once.
         self._last_save: float | None = None
-        self._latest: ResumePoint | None | bool = False
+        self._latest: ResumePoint | None = None
+        self._looked = False  # latest() reads the folder once
         self._fresh_secret: SecretSeed | None = None
         self.started_from: ResumePoint | None = None  # the point the last run resumed from (None: from step 0)
         self.saved_steps: list[int] = []
-        self.on_save = None  # optional callback(step): e.g. record progress in the study storage
+        self.on_save: Callable[[int], None] | None = None  # e.g. record progress in the study storage
         self.writer: int | None = None  # the trial number that writes (recorded in each checkpoint)
         self.last_digest: tuple[int, str] | None = None
 
@@ -249,8 +251,9 @@ class Checkpointer:
 
     def latest(self) -> ResumePoint | None:
         """The newest valid checkpoint of this run, or None (each one skipped says why, as a warning)."""
-        if self._latest is not False:
-            return self._latest  # type: ignore[return-value]
+        if self._looked:
+            return self._latest
+        self._looked = True
         self._latest = None
         for _step, path in self.files():
             try:
@@ -269,7 +272,7 @@ class Checkpointer:
                                        history=header["history"],
                                        examples=int(header["examples"]), path=path, header=header)
             break
-        return self._latest  # type: ignore[return-value]
+        return self._latest
 
     def resume_secret(self, point: ResumePoint) -> SecretSeed:
         """The secret to continue from ``point`` with (the trainer calls this when it resumes from it).

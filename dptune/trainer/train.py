@@ -83,7 +83,7 @@ class PrivacyBudget:
 
     epsilon: float
     delta: float
-    accountant: str = privacy.DEFAULT_ACCOUNTANT
+    accountant: privacy.Accountant = privacy.DEFAULT_ACCOUNTANT
 
 
 @dataclass(frozen=True)
@@ -179,11 +179,17 @@ class TrainResult:
 
     @property
     def selected_val_accuracy(self) -> float:
-        return self.ema_val_accuracy if self.selected == "ema" else self.val_accuracy
+        if self.selected == "ema":
+            assert self.ema_val_accuracy is not None  # selected only when the EMA parameters were evaluated
+            return self.ema_val_accuracy
+        return self.val_accuracy
 
     @property
     def selected_test_accuracy(self) -> float:
-        return self.ema_test_accuracy if self.selected == "ema" else self.test_accuracy
+        if self.selected == "ema":
+            assert self.ema_test_accuracy is not None
+            return self.ema_test_accuracy
+        return self.test_accuracy
 
     def statement(self, dataset: str, config: RunConfig) -> Statement | None:
         """The written privacy statement of this run (None when it was not private)."""
@@ -203,8 +209,10 @@ class TrainResult:
             if config.unsafe_ignore_checkpoint_provenance:
                 assumptions.append("UNSAFE: the initial checkpoint's provenance was ignored on request, so what it "
                                    "learnt from this data is not covered")
+        total = self.total_epsilon
+        assert total is not None  # a private run's
         return Statement(
-            epsilon=self.total_epsilon, delta=p.delta, accountant="rdp" if self.prior_events else p.accountant,
+            epsilon=total, delta=p.delta, accountant="rdp" if self.prior_events else p.accountant,
             dataset=dataset, dataset_size=self.split.get("train"),
             mechanism=Mechanism(p.sampling_rate, p.noise_multiplier, p.steps),
             seed_fixed=self.private_seed_fixed, extra_assumptions=tuple(assumptions), notes=tuple(notes))
@@ -288,8 +296,8 @@ def train_step(fns: StepFunctions, state: TrainState, dataset: Dataset, indices:
         x, y = dataset.train.take(chunk)
         if augment is not None:
             x = augment(x, chunk, step)
-        x, y, m = fns.shard_batch(x, y, chunk_mask)
-        acc = dispatch.track(accumulate(state.params, acc, x, y, m, sum_clip, trainable))
+        xs, ys, m = fns.shard_batch(x, y, chunk_mask)
+        acc = dispatch.track(accumulate(state.params, acc, xs, ys, m, sum_clip, trainable))
         acc = faults.after_microbatch(acc, key, step, j, count, noise_multiplier, clip_norm)
     if audit is not None:
         acc = dispatch.track(audit.add(fns, state, acc, step, sum_clip))
@@ -521,6 +529,7 @@ def train_and_evaluate(
     sel_val, sel_test = (ema_val, ema_test) if selected == "ema" else (val_acc, test_acc)
     spent = None
     if config.private:
+        assert budget is not None  # a private run always has one (checked on entry)
         spent = privacy.spend(q, sigma, taken, budget.delta, budget.accountant)
     if config.save_checkpoint and jax.process_index() == 0:
         # The lineage says which datasets these parameters have seen and at what privacy,

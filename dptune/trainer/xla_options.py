@@ -72,7 +72,7 @@ def use_host_cores(limit: int = 8) -> int | None:
         return cores
     import jax
 
-    if jax.config.jax_num_cpu_devices != -1:
+    if jax.config.values["jax_num_cpu_devices"] != -1:  # -1: nobody set it
         return None
     try:
         jax.config.update("jax_num_cpu_devices", cores)
