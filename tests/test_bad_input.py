@@ -18,7 +18,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from dptune.cli import commands as cli
+import dptune.cli as cli
 from dptune.config import schema as config
 from dptune.search import study
 

@@ -273,7 +273,7 @@ def _walk_keys(obj):
 
 @pytest.mark.slow
 def test_private_search_release_shows_neither_k_nor_trial_numbers(tmp_path, capsys):
-    from dptune.cli import commands as cli
+    import dptune.cli as cli
 
     def run(*args):
         code = cli.main(list(args))

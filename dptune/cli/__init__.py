@@ -1,3 +1,5 @@
-"""The ``dptune`` command line: parse, call the library, render."""
+"""The ``dptune`` command line: parse (:mod:`.parser`), call the library and render (:mod:`.commands`)."""
 
-from dptune.cli.commands import main  # noqa: F401
+from dptune.cli.app import main
+
+__all__ = ["main"]

@@ -2,6 +2,6 @@
 
 import sys
 
-from dptune.cli.commands import main
+from dptune.cli.app import main
 
 sys.exit(main())

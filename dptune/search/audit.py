@@ -613,6 +613,80 @@ def _pick_trial(study: Any, number: int | None) -> Any:
     return t
 
 
+def audit_run(
+    dataset: str = "mnist5k",
+    *,
+    data_dir: str | None = None,
+    model: str = "cnn",
+    batch_size: int | None = None,
+    learning_rate: float = 2.0,
+    clip_norm: float = 1.0,
+    noise_multiplier: float | None = None,
+    epsilon: float = 3.0,
+    delta: float | None = None,
+    accountant: str = "pld",
+    steps: int | None = None,
+    epochs: float | None = None,
+    optimizer: str = "momentum",
+    momentum: float = 0.9,
+    microbatch_size: int = 256,
+    clipping: str = "auto",
+    devices: int | None = None,
+    seed: int = 0,
+    private_seed: int | None = None,
+    **audit: Any,
+) -> AuditResult:
+    """Audit one run of explicit hyperparameters (``dptune audit`` without ``--study-name``).
+
+    The run is planned as ``dptune train`` plans it: δ defaults below 1/N and is checked; σ,
+    when not given, is calibrated so that the steps (``steps``, or ``epochs`` at q = B/N; default
+    one epoch) spend ``epsilon``; the run stops at that budget. ``batch_size`` defaults to
+    min(256, N).
+
+    Args:
+      dataset, data_dir, model: what trains.
+      batch_size, learning_rate, clip_norm, noise_multiplier, steps, epochs, optimizer, momentum: the run.
+      epsilon, delta, accountant: the budget the run is claimed to meet.
+      microbatch_size, clipping, devices, seed, private_seed: as for a trial.
+      **audit: ``threat_model``, ``canaries``, ``canary_seed``, ``confidence``, ``progress`` (:func:`run_audit`).
+
+    Returns:
+      The audit: the claimed ε beside the lower bound measured on the run.
+
+    Raises:
+      PrivacyError: a value out of range, or both ``steps`` and ``epochs``.
+      DataError: the dataset cannot be read.
+    """
+    from dptune.data.datasets import load_dataset
+    from dptune.privacy import accounting
+
+    data = load_dataset(dataset, data_dir=data_dir, seed=seed)
+    n = len(data.train)
+    batch = batch_size if batch_size is not None else min(256, n)
+    if not 1 <= batch <= n:
+        raise PrivacyError(f"batch_size: must be in [1, {n}] (the training-set size), got {batch}")
+    q = batch / n
+    if steps is not None and epochs is not None:
+        raise PrivacyError("steps: give --steps or --epochs, not both")
+    if steps is None:
+        e = 1.0 if epochs is None else epochs
+        if not (e > 0 and math.isfinite(e)):
+            raise PrivacyError(f"epochs: must be a finite number > 0, got {e}")
+        steps = math.ceil(e / q)
+    accounting.validate(epsilon=epsilon, accountant=accountant)
+    d = accounting.default_delta(n) if delta is None else delta
+    accounting.check_delta(d, n)
+    sigma = noise_multiplier
+    if sigma is None:
+        sigma = accounting.noise_for_epsilon(q, steps, epsilon, d, accountant)
+    hp = Hyperparams(batch_size=batch, learning_rate=learning_rate, clip_norm=clip_norm, noise_multiplier=sigma,
+                     optimizer=optimizer, momentum=momentum)
+    config = RunConfig(model=model, microbatch_size=microbatch_size, clipping=clipping,
+                       eval_every=max(1, steps // 5), seed=seed, private_seed=private_seed, num_devices=devices)
+    return run_audit(data, hp, steps, config=config,
+                     budget=PrivacyBudget(epsilon, d, "pld" if accountant == "pld" else "rdp"), **audit)
+
+
 def audit_study(
     study_name: str,
     storage: str | None = None,

@@ -365,6 +365,15 @@ def summarize(study: optuna.Study) -> StudySummary:
     )
 
 
+def creation(study: optuna.Study, storage: str) -> dict[str, Any]:
+    """What ``dptune study create`` reports of a new study; a private search's drawn K is left out (it is secret)."""
+    private = study.user_attrs.get("private_search")
+    return {"study_name": study.study_name, "storage": storage,
+            "epsilon": study.user_attrs.get("epsilon_target"), "delta": study.user_attrs["delta"],
+            "trials": None if private else len(study.trials),
+            "private_search": None if private is None else {k: v for k, v in private.items() if k != "n_trials"}}
+
+
 def list_studies(storage: str) -> list[dict[str, Any]]:
     """One row per study in ``storage``."""
     rows = []
