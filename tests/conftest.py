@@ -17,7 +17,7 @@ import pytest
 def run_cli(*args: str, cwd: str | Path | None = None, env: dict[str, str] | None = None,
             timeout: float = 600) -> subprocess.CompletedProcess:
     """``dptune ARGS`` in a subprocess; returns its exit code, stdout and stderr."""
-    environment = dict(os.environ, JAX_PLATFORMS="cpu", **(env or {}))
+    environment = {**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})}
     return subprocess.run([sys.executable, "-m", "dptune.cli", *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, env=environment, cwd=cwd)
 

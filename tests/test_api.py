@@ -84,3 +84,42 @@ def test_run_config_defaults_are_the_schemas():
     config = RunConfig()
     for name in ("model", "microbatch_size", "clipping", "feed", "loader_workers", "device_data_fraction", "seed"):
         assert getattr(config, name) == default(name), name
+
+
+def _flags_to_settings(*argv):
+    from dptune.cli.commands import SETTING_FLAGS, _given
+    from dptune.cli.parser import build_parser
+    from dptune.config.schema import run_settings
+
+    args = build_parser().parse_args(["train", *argv])
+    return run_settings(args.config, [*(args.set or []), *((SETTING_FLAGS[k], v) for k, v in
+                                                           _given(args, list(SETTING_FLAGS)).items())])
+
+
+def test_train_flags_of_zero_are_given_values_and_one_privacy_flag_keeps_the_default_epsilon(tmp_path):
+    # Review of #16: 0 == False dropped --private-seed 0 (reusing a file's fixed seed) and --epsilon 0.
+    study_file = tmp_path / "s.yaml"
+    study_file.write_text("name: s\ndataset: digits\nprivacy: {epsilon: 8.0}\nprivate_seed: 7\nseed: 3\n")
+    s = _flags_to_settings("--config", str(study_file), "--private-seed", "0", "--seed", "0")
+    assert (s.private_seed, s.seed, s.privacy.epsilon) == (0, 0, 8.0)
+    with pytest.raises(dptune.ConfigError, match="privacy.epsilon"):
+        _flags_to_settings("--epsilon", "0")
+    s = _flags_to_settings("--delta", "1e-6", "--accountant", "rdp")
+    assert (s.privacy.epsilon, s.privacy.delta, s.privacy.accountant) == (3.0, 1e-6, "rdp")
+    assert _flags_to_settings("--non-private").privacy is None
+
+
+def test_a_single_run_refuses_a_search_budget_and_keeps_a_files_training_caps(tmp_path):
+    from dptune.config.schema import run_settings
+
+    with pytest.raises(dptune.ConfigError, match="search_budget"):
+        run_settings({"dataset": "digits", "privacy": {"epsilon": 1.0}, "search_budget": {"epsilon": 3.0}})
+    with pytest.raises(dptune.ConfigError, match="search_privacy"):
+        run_settings({"search_privacy": {"total_epsilon": 3.0, "trials": {"mean": 3}}})
+    lines = []
+    run = dptune.train({"dataset": "digits", "privacy": {"epsilon": 2.0}, "microbatch_size": 128,
+                        "budget": {"max_epochs": 0.5}},
+                       hyperparameters={"batch_size": 629, "epochs": 4}, log=lines.append)
+    assert run.steps == 1 and run.result.steps == 1  # ⌈0.5 / (629/1258)⌉ = 1, not 8
+    assert any("capped by budget" in line for line in lines)
+    assert run.result.epsilon <= 2.0 + 1e-9

@@ -19,7 +19,8 @@ from optuna.trial import TrialState
 
 from dptune.config import schema as config
 from dptune.search import orphans
-from dptune.search.storage import open_storage
+from dptune.search.storage import backend as backend_of
+from dptune.search.storage import open_storage, remember
 from dptune.search.study import create_study
 from tests.conftest import run_cli
 from tests.test_workers import make_config, trials_of
@@ -90,7 +91,8 @@ def storages(tmp_path):
 
 def orphan(storage, worker, *, private_search=False):
     """A study with one RUNNING trial that claims to run in ``worker``."""
-    study = optuna.create_study(study_name="r", storage=open_storage(storage))
+    backend = open_storage(storage)
+    study = remember(optuna.create_study(study_name="r", storage=backend), backend, storage)
     if private_search:
         study.set_user_attr("private_search", {"n_trials": 3})
     trial = study.ask({"x": FloatDistribution(0.0, 1.0)})
@@ -108,16 +110,18 @@ def dead_worker():
 def test_reapers_racing_for_one_trial_requeue_it_once(tmp_path, kind):
     url = storages(tmp_path)[kind]
     a, number = orphan(url, dead_worker())
-    b, c = (optuna.load_study(study_name="r", storage=open_storage(url)) for _ in range(2))
+    b, c = (remember(optuna.load_study(study_name="r", storage=s), s, url)
+            for s in (open_storage(url), open_storage(url)))
     seen_by_c = c.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     # B claims the trial between A's claim and A's FAIL: B's claim is the one that stays, so B re-queues.
-    fail = a._storage.set_trial_state_values
+    a_storage = backend_of(a).storage  # what A's reaper writes through
+    fail = a_storage.set_trial_state_values
 
     def b_first(*args, **kwargs):
         assert orphans.reap_dead_workers(b) == [number]
         return fail(*args, **kwargs)
 
-    a._storage.set_trial_state_values = b_first
+    a_storage.set_trial_state_values = b_first
     assert orphans.reap_dead_workers(a) == []
     # C still sees the trial RUNNING (read before either reaped): its writes are refused, it re-queues nothing.
     c.get_trials = lambda **_: seen_by_c

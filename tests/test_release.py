@@ -542,9 +542,11 @@ def test_a_leftover_of_another_study_is_never_resumed_nor_drops_a_trial_from_the
                for db, i in (("a.db", "aa" * 8), ("b.db", "bb" * 8))]
     assert folders[0] != folders[1] and all(f.startswith(os.path.join(shared, "X") + os.sep) for f in folders)
     # A study created before ids were stored derives a stable one from the storage's id and its trial 0.
-    legacy = optuna.create_study(storage=f"sqlite:///{tmp_path / 'l.db'}", study_name="old")
+    legacy_url = f"sqlite:///{tmp_path / 'l.db'}"
+    legacy = optuna.create_study(storage=legacy_url, study_name="old")
     legacy.ask()
-    assert release.study_id(legacy) == release.study_id(legacy) and len(release.study_id(legacy)) == 32
+    first = release.study_id(legacy, legacy_url)
+    assert release.study_id(legacy) == first and len(first) == 32
 
 
 def test_a_private_searchs_stored_metadata_does_not_depend_on_when_the_best_was_saved(tmp_path):

@@ -128,8 +128,16 @@ HYPERPARAMETER_FLAGS = ("batch_size", "learning_rate", "clip_norm", "noise_multi
 
 
 def _given(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:
-    """The flags the user gave (argparse defaults are None or False: defaults live in the schema)."""
-    return {n: getattr(args, n) for n in names if getattr(args, n, None) not in (None, False)}
+    """The flags the user gave (argparse defaults are None or False: defaults live in the schema).
+
+    ``0`` is a value given (``--private-seed 0``, ``--epsilon 0``), so the test is by identity, not ``in``.
+    """
+    out = {}
+    for n in names:
+        v = getattr(args, n, None)
+        if v is not None and v is not False:
+            out[n] = v
+    return out
 
 
 def cmd_train(args: argparse.Namespace) -> int:

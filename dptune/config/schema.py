@@ -695,7 +695,14 @@ def run_settings(config: ConfigLike | None = None, overrides: Overrides | None =
     if data.get("search_privacy") is not None:
         raise ConfigError(f"{source}: search_privacy", "a single run takes privacy: {epsilon: …} (its own budget), "
                                                        "not the budget of a whole private search")
-    defaults = dict(RUN_DEFAULTS)
-    if data.get("non_private"):
-        defaults.pop("privacy")  # a non-private baseline takes no budget
-    return parse(source, StudyConfig, {**{k: v for k, v in defaults.items() if k not in data}, **data})
+    merged: dict[str, Any] = {k: v for k, v in RUN_DEFAULTS.items() if k not in data}
+    if isinstance(data.get("privacy"), dict):
+        # --delta or --accountant alone keep the default ε: defaults merge key by key.
+        merged["privacy"] = {**RUN_DEFAULTS["privacy"], **data["privacy"]}
+    if data.get("non_private") and "privacy" not in data:
+        merged.pop("privacy", None)  # a non-private baseline takes no budget
+    if data.get("search_budget") is not None:
+        raise ConfigError(f"{source}: search_budget", "a single run is not admitted by a search's privacy filter "
+                                                      "and is not added to its total; remove search_budget for "
+                                                      "dptune train (the run states its own ε)")
+    return parse(source, StudyConfig, {**data, **merged})

@@ -95,7 +95,7 @@ def _retry(study: optuna.Study, t: FrozenTrial) -> None:
                             skip_if_exists=False)
 
 
-def reap_dead_workers(study: optuna.Study) -> list[int]:
+def reap_dead_workers(study: optuna.Study, storage_url: str | None = None) -> list[int]:
     """Fail the RUNNING trials whose worker process on this host has died, and re-queue them.
 
     A re-queued trial runs again with the same parameters, at most
@@ -104,7 +104,7 @@ def reap_dead_workers(study: optuna.Study) -> list[int]:
     numbers of the trials this call failed.
     """
     host = socket.gethostname()
-    b = backend(study)
+    b = backend(study, storage_url)
     storage = b.storage
     failed = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):

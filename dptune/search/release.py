@@ -81,7 +81,7 @@ def new_study_id() -> str:
     return secrets.token_hex(16)
 
 
-def study_id(study: optuna.Study) -> str:
+def study_id(study: optuna.Study, storage_url: str | None = None) -> str:
     """What tells this study apart from every other one of its name, anywhere.
 
     The random id stored at creation; for a study created before dptune stored
@@ -90,7 +90,7 @@ def study_id(study: optuna.Study) -> str:
     name (even with the same storage id) does not share. Nothing is written, so
     concurrent workers cannot disagree.
     """
-    b = storage_lib.backend(study)
+    b = storage_lib.backend(study, storage_url)
     stored = b.system_attrs().get(STUDY_ID_ATTR)
     if stored:
         return str(stored)
@@ -130,8 +130,8 @@ def study_folder(storage_url: str, study_name: str, study_id: str, configured: s
 
 def _folder_of(study: optuna.Study, storage_url: str, create: bool = True) -> str:
     cfg = study.user_attrs.get("dptune_config", {}).get("study", {})
-    return study_folder(storage_url, study.study_name, study_id(study), (cfg.get("artifacts") or {}).get("path"),
-                        create=create)
+    return study_folder(storage_url, study.study_name, study_id(study, storage_url),
+                        (cfg.get("artifacts") or {}).get("path"), create=create)
 
 
 def folder_of(study: optuna.Study, storage_url: str, create: bool = True) -> str:
@@ -280,6 +280,7 @@ def keep_best(study: optuna.Study, trial: FrozenTrial, storage_url: str) -> str 
     Reads the pending file the trial's training wrote (and deletes it). Returns
     the artifact id uploaded, or None. Safe under concurrent workers (module docstring).
     """
+    storage_lib.backend(study, storage_url)  # the study's storage, also for a study opened without dptune
     folder = _folder_of(study, storage_url)
     pending = os.path.join(folder, "pending", f"trial-{trial.number}.msgpack")
     uploaded = None
@@ -321,6 +322,7 @@ def _upload(study: optuna.Study, trial: FrozenTrial, pending: str, storage_url: 
 
 def prune(study: optuna.Study, storage_url: str) -> list[str]:
     """Remove the stored models whose trial is no longer among the ``keep`` best; returns their ids."""
+    storage_lib.backend(study, storage_url)  # the study's storage, also for a study opened without dptune
     keep = set(t.number for t in _ranking(study)[:_keep(study)])
     store = None
     removed = []
@@ -342,6 +344,7 @@ def prune(study: optuna.Study, storage_url: str) -> list[str]:
 
 def sweep_pending(study: optuna.Study, storage_url: str) -> None:
     """Finish what a worker that died between its trial's end and :func:`keep_best` left pending."""
+    storage_lib.backend(study, storage_url)  # the study's storage, also for a study opened without dptune
     folder = os.path.join(_folder_of(study, storage_url, create=False), "pending")
     if not os.path.isdir(folder):  # nothing to do, and nothing is created (a read-only storage stays untouched)
         return
@@ -373,6 +376,7 @@ def export_model(study: optuna.Study, storage_url: str, directory: str) -> dict[
       ReleaseError: no completed trial, no stored model for the best trial, a
         private search not yet complete, or ``directory`` exists and is not empty.
     """
+    storage_lib.backend(study, storage_url)  # the study's storage, also for a study opened without dptune
     from dptune.search.results import privacy_statement, summarize
 
     summary = summarize(study)

@@ -178,6 +178,19 @@ def train(
         raise ConfigError("batch_size", f"must be in [1, {n}] (the training-set size), got {hp.batch_size}")
     q = hp.batch_size / n
     steps = math.ceil(hp.epochs / q)
+    if "budget" in settings.model_fields_set:
+        # A study file's caps on one trial bind a single run of its settings too.
+        caps = [c for c in (settings.budget.max_steps,
+                            None if settings.budget.max_epochs is None else math.ceil(settings.budget.max_epochs / q))
+                if c is not None]
+        if caps and min(caps) < steps:
+            steps = min(caps)
+            log(f"{steps} steps: capped by budget (max_epochs {settings.budget.max_epochs}, "
+                f"max_steps {settings.budget.max_steps})")
+    if eval_every is None and "eval_every_epochs" in settings.model_fields_set:
+        eval_every = max(1, round(settings.eval_every_epochs / q))
+    if settings.checkpoints.active:
+        log("checkpoints: in-trial checkpoints are for a study's trials; this run writes only save_checkpoint")
     budget: PrivacyBudget | None = None
     sigma = hp.noise_multiplier if hp.noise_multiplier is not None else 0.0
     delta: float | None = None
