@@ -114,3 +114,20 @@ class BatchNormNet(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         return nn.Dense(3)(nn.BatchNorm(use_running_average=False)(nn.Dense(8)(x)))
+
+
+class MixedCNN(nn.Module):
+    """dptune's own layers beside Flax's conv/norm variants, a conv with no closed form, and a shared layer."""
+
+    num_classes: int = 5
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        from dptune import layers
+
+        x = layers.GroupNorm(num_groups=2)(layers.Conv(4, 3, weight_standardization=True)(x))
+        x = nn.GroupNorm(num_groups=2)(nn.Conv(6, (3, 3), strides=2, padding="SAME")(nn.relu(x)))
+        x = nn.RMSNorm()(nn.Conv(6, (3, 3), padding="CIRCULAR")(nn.relu(x)))  # circular padding: layer_vjp
+        x = layers.Dense(8)(x.reshape(x.shape[0], -1))
+        shared = layers.Dense(8)
+        return nn.Dense(self.num_classes)(shared(nn.tanh(shared(x))))  # one layer called twice: tied
