@@ -49,9 +49,10 @@ this module gets them from *any* Flax linen model, without changing it:
 4. The clip weights ``wᵢ = min(1, C/‖∇ℓᵢ‖)`` from the global norms, then one
    weighted sum per parameter: no second backward pass.
 
-Parameters that no intercepted call owns (e.g. used only inside lifted
-transforms such as ``nn.scan``) send the whole model to the ``vmap``
-reference path, with the reason in :attr:`FastClip.reason`.
+Parameters that no intercepted call owns, or module calls inside a lifted
+transform the model applies itself (``nn.scan``, ``nn.vmap``, ``nn.remat``:
+their values cannot leave that transform), send the whole model to the
+``vmap`` reference path, with the reason in :attr:`FastClip.reason`.
 
 DP contract (tested against the ``vmap`` reference in
 ``tests/test_fastclip.py``): the result equals
@@ -75,6 +76,7 @@ from typing import Any, Callable
 
 import flax.linen as nn
 import flax.struct
+from flax.core.tracers import current_trace
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -219,6 +221,13 @@ class _Recorder:
         k = self.count
         self.count += 1
         parent = self.stack[-1][1] if self.stack else None
+        # A call inside a JAX transform the model itself applies (nn.scan, nn.vmap, nn.remat, …) runs under
+        # another trace: values recorded there cannot leave it.
+        if k == 0:
+            self.trace = current_trace()
+        elif current_trace() != self.trace:
+            raise Unsupported(f"{'/'.join(path)}: called inside a lifted transform (nn.scan, nn.vmap, nn.remat, …), "
+                              "whose values cannot be recorded")
         if self.plan is None:
             owns = bool(_own_leaves(self.params, path))
             _, in_static, in_tree = _split((args, kwargs))

@@ -207,6 +207,28 @@ class _UnusedBranch(nn.Module):
         return nn.Dense(3)(x)
 
 
+class _Tanh(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.tanh(nn.Dense(x.shape[-1])(x))
+
+
+class _Rematerialised(nn.Module):
+    """A lifted transform inside the model: calls under nn.remat run in another trace."""
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(3)(nn.remat(_Tanh)()(x))
+
+
+def test_lifted_transforms_fall_back_to_vmap_with_the_reason():
+    model = _Rematerialised()
+    x = jnp.asarray(np.random.default_rng(9).standard_normal((4, 3)), jnp.float32)
+    params = model.init(jax.random.key(0), x)["params"]
+    rules, reason = fastclip.plan(model, params, x, jnp.asarray([0, 1, 2, 0]))
+    assert "lifted transform" in reason and set(rules.values()) == {"vmap"}
+
+
 def test_batch_dependence_is_detected():
     x = np.random.default_rng(7).standard_normal((4, 3)).astype(np.float32)
     model = _BatchSizeDependent()
