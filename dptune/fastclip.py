@@ -405,7 +405,9 @@ def _closed_form(call: _Call, own: Mapping, inputs: list, g: list, children_out:
     if len(inputs) != 1 or len(g) != 1:
         return None
     a, gy = inputs[0], g[0]
-    if call.method == "__call__" and not call.children:
+    # A custom dot_general (e.g. quantised) is not the plain matmul the dense rule differentiates.
+    plain = getattr(m, "dot_general", None) is None and getattr(m, "dot_general_cls", None) is None
+    if call.method == "__call__" and not call.children and plain:
         if kind in (nn.Dense, layers.Dense) and "kernel" in names <= {"kernel", "bias"} and own["kernel"].ndim == 2:
             return "dense", dense_pieces(own, a, gy)
         if kind is nn.DenseGeneral and not m.batch_dims and "kernel" in names <= {"kernel", "bias"}:
@@ -494,6 +496,24 @@ def layer_vjp(call: _Call, calls: list[_Call], node: Mapping, own: Mapping, inpu
 
 # ----------------------------------------------------------------------------- the clipped sum
 
+def _varying_axes(v: Any) -> frozenset:
+    kind = getattr(jax.typeof(v), "manual_axis_type", None)
+    return frozenset() if kind is None else frozenset(kind.varying)
+
+
+def device_varying(tree: PyTree, axes: frozenset | set) -> PyTree:
+    """Inside ``shard_map``: cast each leaf to varying over ``axes`` (those it is not varying over yet).
+
+    A gradient with respect to a device-invariant value is summed over the
+    devices; per-example quantities must stay on their example's device, or
+    one device's examples would enter another's norms.
+    """
+    def one(v: jax.Array) -> jax.Array:
+        missing = tuple(sorted(set(axes) - _varying_axes(v)))
+        return jax.lax.pcast(v, missing, to="varying") if missing else v
+    return jax.tree_util.tree_map(one, tree)
+
+
 def _keystr(path: tuple[str, ...]) -> str:
     return "/".join(path)
 
@@ -509,14 +529,15 @@ def _vmap_path(model: nn.Module, params: PyTree, x: jax.Array, y: jax.Array, mas
     return FastClip(reference_clipped_sum(per_example, mask, clip_norm), global_l2_norms(per_example), rules, reason)
 
 
-def _pieces(model: nn.Module, params: PyTree, x: jax.Array, y: jax.Array,
-            loss_fn: LossFn) -> tuple[dict[tuple[str, ...], Piece], dict[tuple[str, ...], str]]:
+def _pieces(model: nn.Module, params: PyTree, x: jax.Array, y: jax.Array, loss_fn: LossFn,
+            axes: frozenset) -> tuple[dict[tuple[str, ...], Piece], dict[tuple[str, ...], str]]:
     calls = _scan(model, params, x, y, loss_fn)
     _coverage(params, calls)
     owners = [c for c in calls if c.owns]
     stubbed = {k for c in owners for k in c.children}
     taps = {"out": {c.index: [jnp.zeros(s.shape, s.dtype) for s in c.out_shapes] for c in owners},
             "in": {k: [jnp.zeros(s.shape, s.dtype) for s in calls[k].in_shapes] for k in stubbed}}
+    taps = device_varying(taps, axes)
 
     def tapped(t: dict, xi: jax.Array, yi: jax.Array) -> tuple[jax.Array, tuple[dict, dict]]:
         recorder = _Recorder(params, calls, t)
@@ -582,7 +603,10 @@ def clipped_sum(model: nn.Module, params: PyTree, x: jax.Array, y: jax.Array, ma
 
     Returns:
         :class:`FastClip`: the clipped sum, each example's norm, the rule of
-        every parameter leaf and, on the ``vmap`` path, why.
+        every parameter leaf and, on the ``vmap`` path, why. Inside
+        ``shard_map`` with ``x`` split over a mesh axis, the sum is this
+        device's share (the caller sums it over the axis); parameters and taps
+        are made device-varying here, so no example's gradient leaves its device.
 
     Raises:
         ConfigError: ``path`` is not one of :data:`PATHS`.
@@ -590,10 +614,14 @@ def clipped_sum(model: nn.Module, params: PyTree, x: jax.Array, y: jax.Array, ma
     if path not in PATHS:
         raise ConfigError("clipping", f"unknown {path!r}; allowed: {', '.join(PATHS)}")
     loss_fn = loss_fn or cross_entropy
+    # Inside shard_map, parameters and taps vary over the mesh axes the batch varies over, so that
+    # no per-example quantity is summed across devices; the caller sums the returned grads.
+    axes = _varying_axes(x)
+    params = device_varying(params, axes)
     if path == "vmap":
         return _vmap_path(model, params, x, y, mask, clip_norm, loss_fn, "requested")
     try:
-        pieces, rules = _pieces(model, params, x, y, loss_fn)
+        pieces, rules = _pieces(model, params, x, y, loss_fn, axes)
     except Unsupported as e:
         return _vmap_path(model, params, x, y, mask, clip_norm, loss_fn, str(e))
     norms = bookkeeping.global_norms(pieces)

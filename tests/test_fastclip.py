@@ -1,6 +1,11 @@
 """dptune.fastclip: the fast clipped sum of any Flax model equals the vmap reference and keeps the bound."""
 
 import functools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -247,3 +252,17 @@ def test_uncovered_parameters_fall_back_to_vmap_with_the_reason():
     assert float(jnp.max(jnp.abs(out.grads["extra"]["kernel"]))) == 0.0
     with pytest.raises(ConfigError, match="clipping"):
         fastclip.clipped_sum(model, params, x, y, jnp.ones(4), 0.1, path="ghost")
+
+
+@pytest.mark.slow
+def test_four_devices_equal_one():
+    # Inside shard_map the parameters and taps are made device-varying, so no example's gradient is summed
+    # with another device's examples before its norm; the sums then meet in one psum.
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    script = Path(__file__).parent / "helpers" / "fastclip_devices.py"
+    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["reason"] is None
+    assert result["grad_diff"] <= 1e-5 * result["grad_scale"], result
+    assert result["norm_diff"] <= 1e-5 * result["norm_scale"], result
