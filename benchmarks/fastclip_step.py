@@ -31,13 +31,13 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dptune import fastclip  # noqa: E402
-from tests.fastclip_models import TinyTransformer, TinyViT  # noqa: E402
+from dptune import fastclip
+from tests.fastclip_models import TinyTransformer, TinyViT
 
 
 def models(smoke: bool):
     rng = np.random.default_rng(0)
-    width = dict(dim=16, depth=1, heads=2, mlp=32) if smoke else dict(dim=64, depth=2, heads=4, mlp=128)
+    width = {"dim": 16, "depth": 1, "heads": 2, "mlp": 32} if smoke else {"dim": 64, "depth": 2, "heads": 4, "mlp": 128}
     vit = TinyViT(num_classes=10, patch=7, **width)
     text = TinyTransformer(vocab=512, num_classes=4, **width)
     yield "ViT", vit, lambda b: rng.standard_normal((b, 28, 28, 1)).astype(np.float32), 10
@@ -75,14 +75,15 @@ def main() -> None:
                 rules, reason = fastclip.plan(model, params, x[:2], y[:2])
                 summaries.append((name, n_params, reason, rule_summary(rules)))
 
-            def nonprivate(p, x, y, mask, clip):
+            def nonprivate(p, x, y, mask, clip, model=model):
                 def loss(q):
                     return jnp.mean(jax.vmap(fastclip.cross_entropy)(model.apply({"params": q}, x), y))
                 return jax.grad(loss)(p)
 
             fns = {
-                "fast": jax.jit(lambda p, x, y, m, c: fastclip.clipped_sum(model, p, x, y, m, c).grads),
-                "vmap": jax.jit(lambda p, x, y, m, c: fastclip.clipped_sum(model, p, x, y, m, c, path="vmap").grads),
+                "fast": jax.jit(lambda p, x, y, m, c, model=model: fastclip.clipped_sum(model, p, x, y, m, c).grads),
+                "vmap": jax.jit(lambda p, x, y, m, c, model=model:
+                                fastclip.clipped_sum(model, p, x, y, m, c, path="vmap").grads),
                 "non-private": jax.jit(nonprivate),
             }
             compile_s, times = {}, defaultdict(list)

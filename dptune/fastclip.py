@@ -71,16 +71,16 @@ here; :func:`check_per_example` detects it so that a study can refuse it.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
-from typing import Any, Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import flax.linen as nn
 import flax.struct
-from flax.core.tracers import current_trace
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax.core.tracers import current_trace
 
 from dptune import bookkeeping, layers
 from dptune.bookkeeping import Piece, _materialised, _rows, robust_norm

@@ -15,8 +15,8 @@ from jax.sharding import Mesh, PartitionSpec
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from dptune import fastclip  # noqa: E402
-from tests.fastclip_models import TinyViT  # noqa: E402
+from dptune import fastclip
+from tests.fastclip_models import TinyViT
 
 
 def main() -> None:
