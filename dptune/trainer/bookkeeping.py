@@ -39,7 +39,7 @@ A model is supported when every parameterised module is one of
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -86,7 +86,7 @@ def _materialised(per_example: jax.Array) -> Piece:
     return Piece(robust_norm(per_example), lambda w, keep: jnp.tensordot(w, _rows(keep, per_example), axes=1))
 
 
-def dense_rule(params: dict, a: jax.Array, g: jax.Array, k: int = 1) -> dict[str, Piece]:
+def dense_rule(params: Mapping[str, jax.Array], a: jax.Array, g: jax.Array, k: int = 1) -> dict[str, Piece]:
     """``y = a·W + b``. Flat inputs: ‖∇W‖ = ‖a‖·‖g‖ and Σ wᵢ∇Wᵢ = (w⊙a)ᵀg; sequences or k copies: ∇W formed."""
     b = a.shape[0] // k
     a3, g3 = a.reshape(b, -1, a.shape[-1]), g.reshape(b, -1, g.shape[-1])
@@ -199,7 +199,7 @@ def conv_uses_ghost(a_shape: tuple[int, ...], g_shape: tuple[int, ...], kernel_s
     return ghost < positions * k * k * a_shape[3] * g_shape[3]
 
 
-def conv_rule(params: dict, a: jax.Array, g: jax.Array, k: int = 1, standardized: bool = False,
+def conv_rule(params: Mapping[str, jax.Array], a: jax.Array, g: jax.Array, k: int = 1, standardized: bool = False,
               norms: str = "auto") -> dict[str, Piece]:
     """SAME convolution; with weight standardisation the kernel gradients go through its VJP at θ.
 
@@ -223,7 +223,7 @@ def conv_rule(params: dict, a: jax.Array, g: jax.Array, k: int = 1, standardized
     return pieces
 
 
-def affine_rule(params: dict, x_hat: jax.Array, g: jax.Array, k: int = 1) -> dict[str, Piece]:
+def affine_rule(params: Mapping[str, jax.Array], x_hat: jax.Array, g: jax.Array, k: int = 1) -> dict[str, Piece]:
     """``y = x̂·scale + bias`` per channel (GroupNorm's affine part)."""
     axes = tuple(range(1, g.ndim - 1))
     return {"scale": _materialised(_grouped((x_hat * g).sum(axis=axes), k)),
