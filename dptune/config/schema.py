@@ -12,6 +12,7 @@ import math
 import os
 import re
 import reprlib
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
@@ -240,7 +241,12 @@ class StudyConfig(_Strict):
     data_dir: str | None = None
     image_size: int | None = Field(default=None, ge=8)
     test_split: str = "test"
+    # A built-in name (cnn, wrn16_4, resnet18, resnet50) or a factory's import path "package.module:make_model",
+    # called with num_classes, input_shape and model_args (dptune.models.custom).
     model: str = "cnn"
+    model_args: dict[str, Any] = {}
+    # Import path of a per-example loss(logits, label) -> scalar; None: softmax cross-entropy.
+    loss: str | None = None
     weight_standardization: bool = False
     privacy: PrivacyConfig | None = None
     search_privacy: SearchPrivacyConfig | None = None
@@ -259,7 +265,7 @@ class StudyConfig(_Strict):
     reinitialize: list[str] = []
     augmentation: AugmentationConfig = AugmentationConfig()
     microbatch_size: int | Literal["auto"] = 256
-    clipping: Literal["auto", "bookkeeping", "vmap"] = "auto"
+    clipping: Literal["auto", "bookkeeping", "fast", "vmap"] = "auto"
     # How batches reach the devices (dptune.trainer.feed) and how many processes decode record datasets
     # (dptune.data.pipeline).
     feed: Literal["auto", "resident", "streamed", "loop"] = "auto"
@@ -568,6 +574,29 @@ class Hyperparameters(_Strict):
 RUN_DEFAULTS: dict[str, Any] = {"name": "train", "privacy": {"epsilon": 3.0}}
 
 
+def import_path(obj: Any, field: str) -> str:
+    """``"module:qualname"`` of a module-level function or class, so that a study can name it (and workers import it).
+
+    Raises:
+      ConfigError: a lambda or a nested function (it has no import path).
+    """
+    module, qualname = getattr(obj, "__module__", None), getattr(obj, "__qualname__", "")
+    main = sys.modules.get("__main__")
+    if module == "__main__" and getattr(main, "__spec__", None) is not None:
+        module = main.__spec__.name  # type: ignore[union-attr]  # run as `python -m package.module`: its real name
+    if not module or not qualname or "<" in qualname:
+        raise ConfigError(field, f"{obj!r} has no import path; define it at the top level of a module")
+    return f"{module}:{qualname}"
+
+
+# Settings that may be given as Python objects (functions, classes): they are stored as import paths.
+_CALLABLE_SETTINGS = ("model", "dataset", "loss", "validation_dataset")
+
+
+def _named(data: dict[str, Any]) -> dict[str, Any]:
+    return {k: (import_path(v, k) if k in _CALLABLE_SETTINGS and callable(v) else v) for k, v in data.items()}
+
+
 def _parse_value(text: str) -> Any:
     try:
         return yaml.safe_load(text)
@@ -649,6 +678,7 @@ def resolve(config: ConfigLike, overrides: Overrides | None = None) -> ResolvedS
         data = _read_yaml(source)
     if overrides:
         data = apply_overrides(data, overrides)
+    data = _named(data)
     inline = data.get("search_space")
     if isinstance(inline, dict):
         data = {**data, "search_space": "(inline)"}
@@ -692,6 +722,7 @@ def run_settings(config: ConfigLike | None = None, overrides: Overrides | None =
         data = _read_yaml(source)
     if overrides:
         data = apply_overrides(data, overrides)
+    data = _named(data)
     if data.get("search_privacy") is not None:
         raise ConfigError(f"{source}: search_privacy", "a single run takes privacy: {epsilon: …} (its own budget), "
                                                        "not the budget of a whole private search")

@@ -61,17 +61,23 @@ class SplitInfo:
 
 
 class ArraySplit:
-    """One split held in memory: uint8 images (N, H, W, C) and integer labels."""
+    """One split held in memory: inputs (N, …) and integer labels.
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray):
+    ``images=True``: uint8 pixels, mapped to [-1, 1] when taken; otherwise the inputs (token ids,
+    tabular features, a user's arrays) are handed to the model as they are.
+    """
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, *, pixels: bool = True):
         self.images = images
         self.labels = labels.astype(np.int32)
+        self.pixels = pixels
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def take(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return normalize(self.images[positions]), self.labels[positions]
+        x = self.images[positions]
+        return (normalize(x) if self.pixels else x), self.labels[positions]
 
     def take_raw(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """uint8 images and labels (normalised later, e.g. on the device)."""
@@ -113,9 +119,11 @@ class Dataset:
     train: _ExampleSource
     validation: _ExampleSource
     test: _ExampleSource
-    image_shape: tuple[int, int, int]
+    image_shape: tuple[int, ...]  # one example's input shape (H, W, C for images)
     num_classes: int
     split: SplitInfo
+    input_dtype: str = "float32"  # what the model receives ("int32" for token ids)
+    pixels: bool = True  # uint8 images normalised to [-1, 1]; False: a user's arrays, as given
 
 
 def normalize(images: np.ndarray) -> np.ndarray:
@@ -125,7 +133,7 @@ def normalize(images: np.ndarray) -> np.ndarray:
 
 def available() -> list[str]:
     """Names accepted by :func:`load_dataset` (TFDS names take the ``tfds:`` prefix)."""
-    return list(BUILTIN) + [TFDS_PREFIX + "<name>", ARRAYRECORD_PREFIX + "<dir>"]
+    return list(BUILTIN) + [TFDS_PREFIX + "<name>", ARRAYRECORD_PREFIX + "<dir>", "package.module:loader"]
 
 
 def _mnist5k() -> tuple[np.ndarray, np.ndarray]:
@@ -336,6 +344,10 @@ def load_dataset(
     of variable image size such as imagenet2012; also lets a public dataset
     match the shape of the private one for transfer learning).
     """
+    if ":" in name:
+        from dptune.data.custom import load_custom
+
+        return load_custom(name, seed=seed, validation_fraction=validation_fraction, test_fraction=test_fraction)
     if name in _BUILTIN_LOADERS:
         return _load_builtin(name, seed, validation_fraction, test_fraction, image_size)
     if name.startswith(ARRAYRECORD_PREFIX):

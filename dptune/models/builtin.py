@@ -15,6 +15,7 @@ comes from :mod:`dptune.models.layers`, so book-keeping clipping covers every mo
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -164,18 +165,34 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
-def build_model(name: str, num_classes: int, *, weight_standardization: bool = False) -> nn.Module:
-    """Instantiate a registered model; raises :class:`ConfigError` for an unknown name."""
-    if name not in MODELS:
-        raise ConfigError("model", f"unknown {name!r}; allowed: {', '.join(MODELS)}")
+def build_model(name: str, num_classes: int, *, weight_standardization: bool = False,
+                input_shape: Sequence[int] | None = None, args: dict[str, Any] | None = None) -> nn.Module:
+    """A built-in model by name, or the user's model by import path (``"package.module:make_model"``).
+
+    A user's factory is called as ``factory(num_classes=…, input_shape=…, **args)`` and must return a
+    :class:`flax.linen.Module` mapping a batch of inputs to logits [batch, num_classes]
+    (:mod:`dptune.models.custom` checks that it does, and that it never mixes examples).
+
+    Raises:
+      ConfigError: an unknown name, a factory that cannot be imported, raises, or returns no Module.
+    """
     if num_classes < 2:
         raise ConfigError("num_classes", f"must be >= 2, got {num_classes}")
+    if ":" in name:
+        from dptune.models.custom import build_custom
+
+        return build_custom(name, num_classes, tuple(input_shape or ()), dict(args or {}))
+    if name not in MODELS:
+        raise ConfigError("model", f"unknown {name!r}; allowed: {', '.join(MODELS)}, or an import path "
+                                   "'package.module:factory'")
+    if args:
+        raise ConfigError("model_args", f"the built-in {name!r} takes none; got {', '.join(args)}")
     return MODELS[name](num_classes, weight_standardization)
 
 
-def init_params(model: nn.Module, image_shape: Sequence[int], key: jax.Array) -> dict:
-    """Initial parameters for inputs of ``image_shape`` (H, W, C)."""
-    return model.init(key, jnp.zeros((1, *image_shape), jnp.float32))["params"]
+def init_params(model: nn.Module, image_shape: Sequence[int], key: jax.Array, dtype: str = "float32") -> dict:
+    """Initial parameters for inputs of shape ``image_shape`` (one example's) and ``dtype``."""
+    return model.init(key, jnp.zeros((1, *image_shape), dtype))["params"]
 
 
 def count_params(params: dict) -> int:

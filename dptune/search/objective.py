@@ -112,6 +112,7 @@ class Objective:
             self._microbatch = microbatch.choose(
                 cfg.model, self.dataset.image_shape, self.dataset.num_classes, jax.local_devices(),
                 weight_standardization=cfg.weight_standardization, clipping=cfg.clipping, upper=upper,
+                model_args=cfg.model_args, input_dtype=self.dataset.input_dtype, loss=cfg.loss,
             ).microbatch_size
         return self._microbatch
 
@@ -258,6 +259,7 @@ class Objective:
             "devices": result.devices,
             "microbatch_size": result.microbatch_size,
             "clipping": result.clipping,
+            "clipping_rules": result.clipping_rules,  # which rule clipped each parameter (fast path)
             "seed": config.seed,
             "private_seed_fixed": result.private_seed_fixed,
             "budget_limited": result.budget_limited,

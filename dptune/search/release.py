@@ -222,6 +222,11 @@ def model_metadata(study: optuna.Study, trial: FrozenTrial, checkpoint_meta: dic
         "format": FORMAT,
         "model": checkpoint_meta["model"],
         "model_args": {"weight_standardization": bool(checkpoint_meta.get("weight_standardization"))},
+        # A user's model factory's keyword arguments, loss and input kind (dptune.models.custom).
+        "factory_args": dict(checkpoint_meta.get("model_args") or {}),
+        "loss": checkpoint_meta.get("loss"),
+        "input_dtype": checkpoint_meta.get("input_dtype", "float32"),
+        "pixels": bool(checkpoint_meta.get("pixels", True)),
         "input_shape": list(checkpoint_meta["image_shape"]),
         "num_classes": int(checkpoint_meta["num_classes"]),
         "parameters": checkpoint_meta.get("parameters", "raw"),
@@ -452,19 +457,21 @@ class LoadedModel:
         from dptune.data.datasets import normalize
 
         x = np.asarray(x)
-        if x.ndim == 3:
+        shape = tuple(self.metadata["input_shape"])
+        if x.ndim == len(shape):
             x = x[None]
-        if tuple(x.shape[1:]) != tuple(self.metadata["input_shape"]):
-            raise ReleaseError(f"x: images of shape {tuple(x.shape[1:])}, the model takes "
-                               f"{tuple(self.metadata['input_shape'])}")
-        if x.dtype == np.uint8:
+        if tuple(x.shape[1:]) != shape:
+            raise ReleaseError(f"x: inputs of shape {tuple(x.shape[1:])}, the model takes {shape}")
+        pixels = self.metadata.get("pixels", True)
+        if pixels and x.dtype == np.uint8:
             x = normalize(x)
+        dtype = np.float32 if pixels else np.dtype(self.metadata.get("input_dtype", "float32"))
         out = []
         for start in range(0, len(x), batch_size):
-            chunk = x[start:start + batch_size].astype(np.float32)
+            chunk = x[start:start + batch_size].astype(dtype)
             n = len(chunk)
             if n < batch_size:  # one shape: one compilation
-                chunk = np.concatenate([chunk, np.zeros((batch_size - n, *chunk.shape[1:]), np.float32)])
+                chunk = np.concatenate([chunk, np.zeros((batch_size - n, *chunk.shape[1:]), dtype)])
             out.append(np.asarray(self._apply(self.params, chunk))[:n])
         return np.concatenate(out) if out else np.zeros((0, self.metadata["num_classes"]), np.float32)
 
@@ -512,10 +519,11 @@ def load_model(directory: str) -> LoadedModel:
 
     try:
         module = build_model(meta["model"], int(meta["num_classes"]),
-                             weight_standardization=bool(meta["model_args"].get("weight_standardization")))
+                             weight_standardization=bool(meta["model_args"].get("weight_standardization")),
+                             input_shape=tuple(meta["input_shape"]), args=meta.get("factory_args") or {})
     except ConfigError as e:
         raise ReleaseError(f"model: {METADATA_FILE} names a model dptune cannot build: {e}") from None
-    fresh = init_params(module, tuple(meta["input_shape"]), jax.random.key(0))
+    fresh = init_params(module, tuple(meta["input_shape"]), jax.random.key(0), meta.get("input_dtype", "float32"))
     # Every leaf present with the shape the named model has, nothing extra: else the metadata lies.
     fitted = checkpoint.fit(fresh, params)
     return LoadedModel(metadata=meta, params=jax.device_put(fitted), module=module)

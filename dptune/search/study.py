@@ -43,7 +43,7 @@ from dptune.search.registry import make_pruner, make_sampler
 from dptune.search.results import CONFIG_ATTR, FINISHED
 from dptune.search.space import check_space
 from dptune.search.storage import open_storage
-from dptune.trainer.run import dataset_of
+from dptune.trainer.run import check_model, dataset_of
 
 __all__ = ["create_study", "load", "load_study", "optimize", "storage_url", "StudyError", "TrialCallback"]
 
@@ -130,7 +130,9 @@ def _prepare(resolved: ResolvedStudy) -> dict[str, Any]:
     make_sampler(study_cfg, resolved.space, study_cfg.seed)
     from dptune.models.builtin import build_model
 
-    model = build_model(study_cfg.model, dataset.num_classes, weight_standardization=study_cfg.weight_standardization)
+    check_model(study_cfg, dataset)  # a user's model that mixes examples is refused before anything is written
+    model = build_model(study_cfg.model, dataset.num_classes, weight_standardization=study_cfg.weight_standardization,
+                        input_shape=dataset.image_shape, args=study_cfg.model_args)
     prior: list[tuple[float, float, int]] = []
     if study_cfg.init_checkpoint:
         # A checkpoint that does not fit, or that saw this data without privacy, is a
@@ -139,7 +141,7 @@ def _prepare(resolved: ResolvedStudy) -> dict[str, Any]:
 
         prior = checkpoint.prior_spend(study_cfg.init_checkpoint, dataset.name, private=not study_cfg.non_private,
                                        unsafe_ignore=study_cfg.unsafe_ignore_checkpoint_provenance)
-        checkpoint.fit(init_params(model, dataset.image_shape, jax.random.key(0)),
+        checkpoint.fit(init_params(model, dataset.image_shape, jax.random.key(0), dataset.input_dtype),
                        checkpoint.load(study_cfg.init_checkpoint), study_cfg.reinitialize)
     attrs: dict[str, Any] = {CONFIG_ATTR: resolved.to_json(), "dptune_version": __version__, "delta": delta,
                              "split": dataset.split.as_dict(), "prior_privacy_events": [list(e) for e in prior]}
@@ -353,6 +355,12 @@ def optimize(
     url = storage or default_storage(study_name)
     if workers > 1:
         from dptune.search import workers as pool
+
+        cfg = load(study_name, url)[1].study
+        here = [k for k in ("model", "dataset", "loss") if str(getattr(cfg, k) or "").startswith("__main__:")]
+        if here:
+            raise ConfigError("workers", f"{here[0]} {getattr(cfg, here[0])!r} lives in this script (__main__), which "
+                                         "worker processes cannot import; move it to a module, or use workers=1")
 
         def on_trial(t: FrozenTrial) -> None:
             for callback in callbacks:

@@ -266,7 +266,8 @@ def _pieces(params: PyTree, taps: dict, grads: dict, k: int, rules: dict, path: 
 
 
 def per_example_pieces(model: nn.Module, params: PyTree, x: jax.Array, y: jax.Array,
-                       varying_axis: str | None = None, conv_norms: str = "auto") -> PyTree:
+                       varying_axis: str | None = None, conv_norms: str = "auto",
+                       losses: Callable[[jax.Array, jax.Array], jax.Array] | None = None) -> PyTree:
     """One forward and one backward (to layer outputs only) → a :class:`Piece` per parameter.
 
     ``varying_axis``: inside ``shard_map``, the zero perturbations must be
@@ -287,17 +288,19 @@ def per_example_pieces(model: nn.Module, params: PyTree, x: jax.Array, y: jax.Ar
     def total_loss(perturbations: PyTree) -> tuple[jax.Array, dict]:
         logits, state = model.apply({"params": params, "perturbations": perturbations}, x, mutable=[TAPS])
         # Examples never mix, so ∂(Σℓ)/∂yᵢ = ∂ℓᵢ/∂yᵢ for every layer output yᵢ.
-        return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, labels)) / k, state.get(TAPS, {})
+        per_example = (losses or optax.softmax_cross_entropy_with_integer_labels)(logits, labels)
+        return jnp.sum(per_example) / k, state.get(TAPS, {})
 
     grads, taps = jax.grad(total_loss, has_aux=True)(zeros)
     return _pieces(params, taps, grads, k, {**RULES, "conv": functools.partial(conv_rule, norms=conv_norms)})
 
 
-def plan(model: nn.Module, params: PyTree, x: jax.Array, y: jax.Array) -> str | None:
+def plan(model: nn.Module, params: PyTree, x: jax.Array, y: jax.Array,
+         losses: Callable[[jax.Array, jax.Array], jax.Array] | None = None) -> str | None:
     """None if book-keeping covers every parameter of ``model``; otherwise the reason it does not."""
     try:
         jax.eval_shape(lambda p, xx, yy: jax.tree_util.tree_map(
-            lambda piece: piece.norms, per_example_pieces(model, p, xx, yy),
+            lambda piece: piece.norms, per_example_pieces(model, p, xx, yy, losses=losses),
             is_leaf=lambda n: isinstance(n, Piece)), params, x, y)
     except Unsupported as e:
         return str(e)
@@ -312,14 +315,15 @@ def global_norms(pieces: PyTree) -> jax.Array:
 
 def clipped_sum(model: nn.Module, params: PyTree, x: jax.Array, y: jax.Array, mask: jax.Array,
                 clip_norm: jax.Array | float, varying_axis: str | None = None,
-                trainable: PyTree | None = None, conv_norms: str = "auto") -> PyTree:
+                trainable: PyTree | None = None, conv_norms: str = "auto",
+                losses: Callable[[jax.Array, jax.Array], jax.Array] | None = None) -> PyTree:
     """Σᵢ maskᵢ · min(1, C/‖∇ℓᵢ‖) · ∇ℓᵢ by book-keeping; same contract as :func:`dptune.trainer.dp_step.clipped_sum`.
 
     ``trainable`` (0/1 per leaf, :mod:`dptune.models.freezing`): frozen leaves are left
     out of the norms and the sum. ``conv_norms`` (:data:`CONV_NORMS`): how
     convolution layers get their per-example norms; every choice gives the same sum.
     """
-    pieces = per_example_pieces(model, params, x, y, varying_axis, conv_norms)
+    pieces = per_example_pieces(model, params, x, y, varying_axis, conv_norms, losses)
     if trainable is not None:
         pieces = jax.tree_util.tree_map(
             lambda p, m: Piece(jnp.where(m > 0, p.norms, 0.0), p.weighted), pieces, trainable,

@@ -50,6 +50,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dptune.errors import ConfigError
+from dptune.models.custom import PerExampleLoss, batch_loss
 from dptune.models.freezing import apply_mask
 from dptune.trainer import bookkeeping, multihost, xla_options
 
@@ -58,7 +59,7 @@ OPTIMIZERS: tuple[str, ...] = ("sgd", "momentum", "adam")
 # How the clipped sum is computed: "bookkeeping" (fast, dptune.trainer.bookkeeping),
 # "vmap" (per-example gradients of the whole model: the reference), or
 # "auto" (book-keeping where the model supports it, else vmap).
-CLIPPING: tuple[str, ...] = ("auto", "bookkeeping", "vmap")
+CLIPPING: tuple[str, ...] = ("auto", "bookkeeping", "fast", "vmap")
 
 
 # Examples whose largest |g| exceeds _BIG are multiplied by _SHRINK (an exact
@@ -167,7 +168,7 @@ class StepFunctions:
     """
 
     def __init__(self, model: nn.Module, optimizer: str, microbatch_size: int, devices: Sequence[jax.Device],
-                 clipping: str = "auto"):
+                 clipping: str = "auto", loss: PerExampleLoss | None = None):
         if clipping not in CLIPPING:
             raise ConfigError("clipping", f"unknown {clipping!r}; allowed: {', '.join(CLIPPING)}")
         if microbatch_size % len(devices):
@@ -181,6 +182,9 @@ class StepFunctions:
         self.clipping = clipping
         self.clipping_used: str | None = None
         self.fallback_reason: str | None = None
+        self.clipping_rules: dict[str, str] = {}  # parameter path -> rule, on the fast path
+        self.loss = loss  # per-example loss(logits [C], label); None: softmax cross-entropy
+        self.losses = batch_loss(loss)
         self.devices = tuple(devices)
         mesh = Mesh(np.asarray(self.devices), ("data",))
         self.mesh = mesh
@@ -203,8 +207,8 @@ class StepFunctions:
     # -- pure bodies -------------------------------------------------------
     def _example_loss(self, params: PyTree, x: jax.Array, y: jax.Array) -> jax.Array:
         """One example's loss; ``x`` holds its k augmented copies [k, H, W, C], and the loss is their mean."""
-        logits = self.model.apply({"params": params}, x)
-        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, jnp.full(x.shape[0], y)))
+        logits = cast(jax.Array, self.model.apply({"params": params}, x))
+        return jnp.mean(self.losses(logits, jnp.full(x.shape[0], y)))
 
     def _local_clipped_sum(self, params: PyTree, x: jax.Array, y: jax.Array,
                            mask: jax.Array, clip_norm: jax.Array, trainable: PyTree | None,
@@ -216,12 +220,26 @@ class StepFunctions:
         # keeps every gradient local to its example.
         params = jax.lax.pcast(params, "data", to="varying")
         path = self.clipping
+        k = x.shape[0] // y.shape[0]  # augmented copies per example
         if path == "auto":
-            self.fallback_reason = bookkeeping.plan(self.model, params, x, y)
-            path = "vmap" if self.fallback_reason else "bookkeeping"
+            self.fallback_reason = bookkeeping.plan(self.model, params, x, y, self.losses)
+            path = "bookkeeping" if self.fallback_reason is None else "fast"
+        if path == "fast" and k > 1:
+            self.fallback_reason, path = "augmentation copies are clipped on the vmap path", "vmap"
         self.clipping_used = path
         if path == "bookkeeping":
-            local = bookkeeping.clipped_sum(self.model, params, x, y, mask, clip_norm, "data", trainable)
+            local = bookkeeping.clipped_sum(self.model, params, x, y, mask, clip_norm, "data", trainable,
+                                            losses=self.losses)
+        elif path == "fast":
+            from dptune.trainer import fastclip  # imports this module
+
+            # Frozen parameters count in the norms here (a larger norm only clips more: each
+            # example still contributes ≤ C); their sums are then masked out.
+            result = fastclip.clipped_sum(self.model, params, x, y, mask, clip_norm, self.loss)
+            self.clipping_rules = dict(result.rules)
+            if result.reason is not None:
+                self.fallback_reason, self.clipping_used = result.reason, "vmap"
+            local = apply_mask(result.grads, trainable)
         else:
             copies = x.reshape(y.shape[0], -1, *x.shape[1:])
             per_example = jax.vmap(jax.grad(self._example_loss), in_axes=(None, 0, 0))(params, copies, y)
@@ -250,8 +268,8 @@ class StepFunctions:
         k = x.shape[0] // y.shape[0]
 
         def summed_loss(p: PyTree) -> jax.Array:
-            logits = self.model.apply({"params": p}, x)
-            losses = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.repeat(y, k))
+            logits = cast(jax.Array, self.model.apply({"params": p}, x))
+            losses = self.losses(logits, jnp.repeat(y, k))
             return jnp.sum(losses.reshape(-1, k).mean(axis=1) * mask)
 
         return jax.tree_util.tree_map(jnp.add, acc, apply_mask(jax.grad(summed_loss)(params), trainable))
@@ -263,8 +281,8 @@ class StepFunctions:
         k = x.shape[0] // y.shape[0]
 
         def summed_loss(p: PyTree) -> jax.Array:
-            logits = self.model.apply({"params": p}, x)
-            losses = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.repeat(y, k))
+            logits = cast(jax.Array, self.model.apply({"params": p}, x))
+            losses = self.losses(logits, jnp.repeat(y, k))
             return jnp.sum(losses.reshape(-1, k).mean(axis=1) * mask)
 
         return apply_mask(jax.grad(summed_loss)(params), trainable)
@@ -360,7 +378,7 @@ class StepFunctions:
         self.traces["evaluate"] += 1
         logits = cast(jax.Array, self.model.apply({"params": params}, x))
         correct = jnp.sum((jnp.argmax(logits, -1) == y) * mask)
-        loss = jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, y) * mask)
+        loss = jnp.sum(self.losses(logits, y) * mask)
         return correct, loss
 
     def _init_state(self, params: PyTree) -> TrainState:
@@ -378,17 +396,19 @@ class StepFunctions:
 
 
 def step_functions(model: nn.Module, optimizer: str, microbatch_size: int,
-                   devices: tuple[jax.Device, ...], clipping: str = "auto") -> StepFunctions:
+                   devices: tuple[jax.Device, ...], clipping: str = "auto",
+                   loss: PerExampleLoss | None = None) -> StepFunctions:
     """The shared :class:`StepFunctions` for this configuration (one per process).
 
     Flax modules are frozen dataclasses, so equal model definitions hit the same
     cache entry and the same compiled executables.
     """
     # Always positional, so that a defaulted and an explicit "auto" share one entry.
-    return _cached_step_functions(model, optimizer, microbatch_size, tuple(devices), clipping)
+    return _cached_step_functions(model, optimizer, microbatch_size, tuple(devices), clipping, loss)
 
 
 @functools.lru_cache(maxsize=32)
 def _cached_step_functions(model: nn.Module, optimizer: str, microbatch_size: int,
-                           devices: tuple[jax.Device, ...], clipping: str) -> StepFunctions:
-    return StepFunctions(model, optimizer, microbatch_size, devices, clipping)
+                           devices: tuple[jax.Device, ...], clipping: str,
+                           loss: PerExampleLoss | None) -> StepFunctions:
+    return StepFunctions(model, optimizer, microbatch_size, devices, clipping, loss)

@@ -25,6 +25,7 @@ import jax
 import numpy as np
 
 from dptune.models.builtin import build_model, init_params
+from dptune.models.custom import load_loss
 from dptune.trainer import compile_stats, xla_options
 from dptune.trainer.dp_step import step_functions
 
@@ -63,10 +64,13 @@ def _cache_path() -> str:
 
 def choose(model: str, image_shape: Sequence[int], num_classes: int, devices: Sequence[jax.Device], *,
            weight_standardization: bool = False, clipping: str = "auto", optimizer: str = "momentum",
-           upper: int = 4096, repeats: int = 3, use_cache: bool = True) -> Choice:
+           upper: int = 4096, repeats: int = 3, use_cache: bool = True, model_args: dict | None = None,
+           input_dtype: str = "float32", loss: str | None = None) -> Choice:
     """The fastest microbatch size in {16, 32, …} × devices, at most ``upper`` (e.g. the logical batch)."""
     devices = tuple(devices)
     key = _key(model, weight_standardization, image_shape, num_classes, clipping, devices, upper)
+    if model_args or loss or input_dtype != "float32":
+        key += f"|{json.dumps(model_args or {}, sort_keys=True)}|{loss}|{input_dtype}"
     path = _cache_path()
     table: dict = {}
     if use_cache and os.path.exists(path):
@@ -79,16 +83,19 @@ def choose(model: str, image_shape: Sequence[int], num_classes: int, devices: Se
             entry = table[key]
             return Choice(entry["microbatch_size"], {int(k): tuple(v) for k, v in entry["measured"].items()}, True)
 
-    net = build_model(model, num_classes, weight_standardization=weight_standardization)
-    params = init_params(net, image_shape, jax.random.key(0))
+    net = build_model(model, num_classes, weight_standardization=weight_standardization, input_shape=image_shape,
+                      args=model_args)
+    params = init_params(net, image_shape, jax.random.key(0), input_dtype)
+    integer_inputs = np.issubdtype(np.dtype(input_dtype), np.integer)
     limit = MEMORY_FRACTION * _memory_limit(devices[0])
     rng = np.random.default_rng(0)
     measured: dict[int, tuple[float, float]] = {}
     size = SMALLEST * len(devices)
     while size <= max(upper, SMALLEST * len(devices)):
-        fns = step_functions(net, optimizer, size, devices, clipping)
+        fns = step_functions(net, optimizer, size, devices, clipping, load_loss(loss))
         p = jax.device_put(params, fns.replicated)
-        x = rng.standard_normal((size, *image_shape)).astype(np.float32)
+        x = (np.zeros((size, *image_shape), input_dtype) if integer_inputs  # id 0: valid for any vocabulary
+             else rng.standard_normal((size, *image_shape)).astype(np.float32))
         batch = fns.shard_batch(x, rng.integers(0, num_classes, size).astype(np.int32), np.ones(size, np.float32))
         try:
             temp = fns.accumulate.lower(p, fns.zeros_like(p), *batch, 1.0).compile().memory_analysis()

@@ -21,6 +21,8 @@ from dptune.data.augment import Augmentation
 from dptune.data.datasets import Dataset, load_dataset
 from dptune.errors import ConfigError, DataError, PrivacyError
 from dptune.models import checkpoint
+from dptune.models.builtin import build_model
+from dptune.models.custom import load_loss
 from dptune.privacy import accounting as privacy
 from dptune.privacy.statement import Statement
 from dptune.trainer.train import Hyperparams, PrivacyBudget, RunConfig, TrainResult, train_and_evaluate
@@ -54,6 +56,30 @@ def dataset_of(settings: StudyConfig) -> Dataset:
     return dataclasses.replace(data, validation=public.validation)
 
 
+def check_model(settings: StudyConfig, data: Dataset) -> None:
+    """Refuse, before anything trains, a user's model (import path) that DP-SGD cannot clip per example.
+
+    On synthetic inputs of the data's shape (never the data): the model builds, initialises, holds
+    no batch statistics, returns logits [batch, classes], its loss gives one value per example,
+    and no example's output depends on another example's input
+    (:func:`dptune.trainer.fastclip.check_per_example`). Built-in models pass by construction.
+
+    Raises:
+      ConfigError: naming ``model``, ``model_args`` or ``loss`` and the reason.
+    """
+    if ":" not in settings.model:
+        if settings.loss is not None:
+            load_loss(settings.loss)
+        return
+    from dptune.models import custom
+    from dptune.trainer import fastclip
+
+    module = build_model(settings.model, data.num_classes, input_shape=data.image_shape, args=settings.model_args)
+    variables, x = custom.check_model(module, data.image_shape, data.input_dtype, data.num_classes,
+                                      load_loss(settings.loss))
+    fastclip.check_per_example(module, variables, x)
+
+
 def run_config(settings: StudyConfig, **per_run: Any) -> RunConfig:
     """What the trainer runs for these settings: the one mapping from a study's settings to a :class:`RunConfig`.
 
@@ -71,6 +97,8 @@ def run_config(settings: StudyConfig, **per_run: Any) -> RunConfig:
     """
     base: dict[str, Any] = dict(
         model=settings.model,
+        model_args=dict(settings.model_args),
+        loss=settings.loss,
         weight_standardization=settings.weight_standardization,
         private=not settings.non_private,
         clipping=settings.clipping,
@@ -129,7 +157,7 @@ def train(
     *,
     overrides: Overrides | None = None,
     hyperparameters: Hyperparameters | dict[str, Any] | None = None,
-    dataset: Dataset | None = None,
+    dataset: Dataset | tuple | dict | None = None,
     eval_every: int | None = None,
     devices: int | None = None,
     save_checkpoint: str | None = None,
@@ -144,7 +172,9 @@ def train(
       overrides: dotted-key overrides of the settings (``{"privacy.epsilon": 1.0}``), validated with them.
       hyperparameters: batch size, learning rate, clip norm, σ (None: calibrated), epochs, optimizer…;
         a :class:`Hyperparameters` or a dict of its fields (missing ones take its defaults).
-      dataset: data already loaded (default: the one the settings name).
+      dataset: data already loaded, or arrays: ``(x, y)`` or ``{"train": (x, y), "validation": …, "test": …}``
+        (:func:`dptune.data.custom.from_arrays`; the train split is the private one). Default: the one the
+        settings name.
       eval_every: evaluate on the validation split every this many steps (default: at the end only).
       devices: local devices to use (default: all).
       save_checkpoint: write the selected parameters (raw or EMA, by validation accuracy) here.
@@ -172,7 +202,15 @@ def train(
 
     settings = run_settings(config, overrides)
     hp = _hyperparameters(hyperparameters)
-    data = dataset if dataset is not None else dataset_of(settings)
+    if dataset is None:
+        data = dataset_of(settings)
+    elif isinstance(dataset, Dataset):
+        data = dataset
+    else:
+        from dptune.data.custom import from_arrays
+
+        data = from_arrays("arrays", dataset, seed=settings.seed)
+    check_model(settings, data)
     n = len(data.train)
     if not 1 <= hp.batch_size <= n:
         raise ConfigError("batch_size", f"must be in [1, {n}] (the training-set size), got {hp.batch_size}")
@@ -215,7 +253,8 @@ def train(
     if size == "auto":
         choice = microbatch.choose(settings.model, data.image_shape, data.num_classes,
                                    jax.local_devices()[: devices or None], clipping=settings.clipping,
-                                   upper=hp.batch_size, weight_standardization=settings.weight_standardization)
+                                   upper=hp.batch_size, weight_standardization=settings.weight_standardization,
+                                   model_args=settings.model_args, input_dtype=data.input_dtype, loss=settings.loss)
         size = choice.microbatch_size
         measured = ", ".join(f"{m}: {r:,.0f} ex/s" for m, (r, _) in sorted(choice.measured.items()))
         log(f"microbatch {size} ({'cached' if choice.cached else 'measured'}: {measured})")

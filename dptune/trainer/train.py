@@ -29,6 +29,7 @@ from dptune.data.sampling import microbatches, pad_to_multiple, poisson_batch
 from dptune.errors import ConfigError, PrivacyError
 from dptune.models import checkpoint, freezing
 from dptune.models.builtin import build_model, init_params
+from dptune.models.custom import load_loss
 from dptune.privacy import accounting as privacy
 from dptune.privacy import search_totals as search_privacy
 from dptune.privacy.statement import Mechanism, Statement
@@ -104,6 +105,8 @@ class RunConfig:
 
     # Defaults are the study schema's (dptune.config.schema): one place for each.
     model: str = setting("model")
+    model_args: dict[str, Any] = field(default_factory=dict)  # keyword arguments of a model factory
+    loss: str | None = setting("loss")  # import path of a per-example loss; None: softmax cross-entropy
     weight_standardization: bool = setting("weight_standardization")
     private: bool = True
     microbatch_size: int = setting("microbatch_size")
@@ -164,6 +167,7 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
     prior_events: list[tuple[float, float, int]] = field(default_factory=list)
     feed: str = "loop"
+    clipping_rules: dict[str, str] = field(default_factory=dict)  # parameter path -> rule (fast path)
 
     @property
     def epsilon(self) -> float | None:
@@ -393,6 +397,10 @@ def train_and_evaluate(
     """
     n = len(dataset.train)
     hparams.validate(n, config.private)
+    aug = config.augmentation
+    if not dataset.pixels and (aug.multiplicity > 1 or aug.shift or aug.flip):
+        raise ConfigError("augmentation", "shifts and flips are for images (H, W, C); this dataset's inputs "
+                                          f"{dataset.image_shape} are not; remove the augmentation section")
     if steps < 1:
         raise ConfigError("steps", f"must be >= 1, got {steps}")
     q = hparams.batch_size / n
@@ -423,12 +431,14 @@ def train_and_evaluate(
         # One mechanism across processes needs one configuration and the same data (dptune.trainer.multihost).
         multihost.assert_same(_public_settings(dataset, hparams, steps, config, budget, devices), "settings")
     eval_bs = -(-config.eval_batch_size // len(devices)) * len(devices)
-    model = build_model(config.model, dataset.num_classes, weight_standardization=config.weight_standardization)
-    fns = step_functions(model, hparams.optimizer, config.microbatch_size, devices, config.clipping)
+    model = build_model(config.model, dataset.num_classes, weight_standardization=config.weight_standardization,
+                        input_shape=dataset.image_shape, args=config.model_args)
+    fns = step_functions(model, hparams.optimizer, config.microbatch_size, devices, config.clipping,
+                         load_loss(config.loss))
 
     started = time.perf_counter()
     compile_before = compile_stats.seconds()
-    params = init_params(model, dataset.image_shape, jax.random.key(config.seed))
+    params = init_params(model, dataset.image_shape, jax.random.key(config.seed), dataset.input_dtype)
     if config.init_checkpoint:
         params = checkpoint.fit(params, checkpoint.load(config.init_checkpoint), config.reinitialize)
     trainable_modules = freezing.trainable_modules(params, hparams.trainable)
@@ -540,7 +550,8 @@ def train_and_evaluate(
         }]
         checkpoint.save(config.save_checkpoint, multihost.fetch(selected_params), {
             "model": config.model, "weight_standardization": config.weight_standardization,
-            "dataset": dataset.name, "image_shape": list(dataset.image_shape),
+            "model_args": dict(config.model_args), "loss": config.loss, "input_dtype": dataset.input_dtype,
+            "pixels": dataset.pixels, "dataset": dataset.name, "image_shape": list(dataset.image_shape),
             "num_classes": dataset.num_classes, "private": config.private, "steps": taken,
             "parameters": selected, "val_accuracy": sel_val, "test_accuracy": sel_test,
             "init_checkpoint": config.init_checkpoint, "split": dataset.split.as_dict(),
@@ -568,6 +579,7 @@ def train_and_evaluate(
         devices=len(devices),
         microbatch_size=config.microbatch_size,
         clipping=str(fns.clipping_used) if config.private else "none (non-private)",
+        clipping_rules=dict(fns.clipping_rules) if config.private else {},
         private_seed_fixed=secret.fixed,
         split=dataset.split.as_dict(),
         history=history,

@@ -1,0 +1,1 @@
+"""Examples of dptune on your own model, data and loss (each runs offline, on CPU, in a few minutes)."""
