@@ -8,6 +8,7 @@ and what is allowed, and unknown keys are errors.
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 import re
@@ -572,6 +573,31 @@ class Hyperparameters(_Strict):
 
 # What a single run uses where a study file would be required to say it.
 RUN_DEFAULTS: dict[str, Any] = {"name": "train", "privacy": {"epsilon": 3.0}}
+
+
+def import_object(path: str, field: str) -> Any:
+    """The object that ``"package.module:name"`` names.
+
+    Raises:
+      ConfigError: the path has no ``:``, the module cannot be imported, or has no such name (naming ``field``).
+    """
+    module_name, sep, attr = path.partition(":")
+    if not sep or not module_name or not attr:
+        raise ConfigError(field, f"{path!r} is not an import path; write 'package.module:name'")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        # As `python -m` does: the user's modules are found from the working folder (the `dptune` script's
+        # own folder is first on the path otherwise).
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:  # a user's module may fail in any way on import
+        raise ConfigError(field, f"cannot import {module_name!r} ({type(e).__name__}: {e})") from None
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ConfigError(field, f"{module_name!r} has no {attr!r}")
+        obj = getattr(obj, part)
+    return obj
 
 
 def import_path(obj: Any, field: str) -> str:

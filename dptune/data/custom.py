@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from dptune.config.schema import import_object
 from dptune.data.datasets import ArraySplit, Dataset, SplitInfo, _split_sizes
 from dptune.errors import ConfigError
 
@@ -112,8 +113,6 @@ def load_custom(path: str, *, seed: int = 0, validation_fraction: float = 0.1, t
     Raises:
       ConfigError: the loader cannot be imported, raises, or returns something :func:`from_arrays` refuses.
     """
-    from dptune.models.custom import import_object
-
     loader = import_object(path, "dataset")
     if not callable(loader):
         raise ConfigError("dataset", f"{path!r} is not callable")

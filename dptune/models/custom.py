@@ -19,10 +19,7 @@ optimised in that process (``workers=1``), not worker processes.
 
 from __future__ import annotations
 
-import importlib
 import inspect
-import os
-import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -31,34 +28,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dptune.config.schema import import_object
 from dptune.errors import ConfigError
 
 PerExampleLoss = Callable[[jax.Array, jax.Array], jax.Array]
-
-
-def import_object(path: str, field: str) -> Any:
-    """The object that ``"package.module:name"`` names.
-
-    Raises:
-      ConfigError: the path has no ``:``, the module cannot be imported, or has no such name (naming ``field``).
-    """
-    module_name, sep, attr = path.partition(":")
-    if not sep or not module_name or not attr:
-        raise ConfigError(field, f"{path!r} is not an import path; write 'package.module:name'")
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        # As `python -m` does: the user's modules are found from the working folder (the `dptune` script's
-        # own folder is first on the path otherwise).
-        sys.path.insert(0, os.getcwd())
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as e:  # a user's module may fail in any way on import
-        raise ConfigError(field, f"cannot import {module_name!r} ({type(e).__name__}: {e})") from None
-    obj: Any = module
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ConfigError(field, f"{module_name!r} has no {attr!r}")
-        obj = getattr(obj, part)
-    return obj
 
 
 def build_custom(path: str, num_classes: int, input_shape: tuple[int, ...], args: dict[str, Any]) -> nn.Module:
