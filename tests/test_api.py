@@ -73,7 +73,7 @@ def test_overrides_reach_the_schema_and_a_study_opened_elsewhere_needs_its_stora
     import optuna
 
     foreign = optuna.create_study(storage=f"sqlite:///{tmp_path / 'f.db'}", study_name="f")
-    with pytest.raises(dptune.StudyError, match="storage"):
+    with pytest.raises(dptune.DptuneError, match="storage: give the storage URL"):
         dptune.optimize(foreign, n_trials=1)
 
 

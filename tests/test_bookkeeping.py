@@ -121,14 +121,12 @@ def test_ghost_conv_norms_and_sums_equal_the_per_example_gradients(h, c, o, k, h
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(expected))))
 
 
-def test_mixed_rule_picks_ghost_norms_for_deep_narrow_layers_only():
-    # dptune's small CNN on 28×28: every layer forms per-example gradients.
-    assert not bookkeeping.conv_uses_ghost((1, 28, 28, 1), (1, 28, 28, 16), 3)
-    assert not bookkeeping.conv_uses_ghost((1, 14, 14, 16), (1, 14, 14, 32), 3)
-    # WRN-16-4 on 32×32: the 16×16 and 8×8 stages are cheaper by Gram matrices; the 32×32 stage is not.
-    assert not bookkeeping.conv_uses_ghost((1, 32, 32, 64), (1, 32, 32, 64), 3)
-    assert bookkeeping.conv_uses_ghost((1, 16, 16, 128), (1, 16, 16, 128), 3)
-    assert bookkeeping.conv_uses_ghost((1, 8, 8, 256), (1, 8, 8, 256), 3)
+def test_ghost_norms_only_when_asked_for():
+    # Gram-matrix norms can fall below what the batched sum holds for an example whose positions cancel
+    # (review of #17): by default every layer forms its per-example kernel gradients.
+    for shapes in (((1, 28, 28, 1), (1, 28, 28, 16)), ((1, 16, 16, 128), (1, 16, 16, 128)),
+                   ((1, 8, 8, 256), (1, 8, 8, 256))):
+        assert not bookkeeping.conv_uses_ghost(*shapes, 3)
     assert bookkeeping.conv_uses_ghost((1, 8, 8, 256), (1, 8, 8, 256), 3, mode="ghost") is True
     assert bookkeeping.conv_uses_ghost((1, 8, 8, 256), (1, 8, 8, 256), 3, mode="materialise") is False
     with pytest.raises(ConfigError, match="conv_norms"):

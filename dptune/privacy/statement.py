@@ -13,10 +13,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+USER_CODE = ("the user's model, loss and data loader (named by import path) hold no private data of their own: "
+             "only the training examples they are given are protected")
 COVERAGE = ("The ε covers the training examples only: the validation and test examples used to select, prune "
             "and report are not protected by it.")
-PUBLIC = ("Treated as public: the training-set size N and the split sizes, the sampling rate q, σ, the clipping "
-          "norm, the number of steps and every other hyperparameter, the model and its public initialisation seed. "
+PUBLIC = ("Treated as public: the training-set size N and the split sizes, the number of classes, the sampling "
+          "rate q, σ, the clipping norm, the number of steps and every other hyperparameter, the model and its "
+          "public initialisation seed. "
           "Realised batch sizes are private and kept out of the results (example counts are expected counts, "
           "steps × B). Wall-clock timings are not covered: step times grow with the realised batch sizes, so they "
           "are for the operator and are not part of a release.")

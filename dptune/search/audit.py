@@ -90,6 +90,7 @@ from dptune.models import checkpoint, freezing
 from dptune.models.builtin import build_model
 from dptune.randomness import SecretSeed
 from dptune.trainer import dp_step
+from dptune.trainer.run import check_model
 from dptune.trainer.train import Hyperparams, PrivacyBudget, RunConfig, train_and_evaluate
 
 THREAT_MODELS: tuple[str, ...] = ("white-box", "black-box")
@@ -661,6 +662,10 @@ def audit_run(
     from dptune.privacy import accounting
 
     data = load_dataset(dataset, data_dir=data_dir, seed=seed)
+    if ":" in model:
+        from dptune.config.schema import run_settings
+
+        check_model(run_settings({"model": model, "dataset": dataset, "clipping": clipping}), data)
     n = len(data.train)
     batch = batch_size if batch_size is not None else min(256, n)
     if not 1 <= batch <= n:
@@ -747,6 +752,7 @@ def audit_study(
     hp = Hyperparams(**{k: a[k] for k in fields if k in a})
     steps = int(a["steps"])
     dataset = dataset_of(cfg)
+    check_model(cfg, dataset)  # a user's model is checked again: its code may have changed since create
     delta = float(s.user_attrs["delta"])
     before = results.search_guarantee(s)
     budget = PrivacyBudget(float(a.get("epsilon_target", 100.0)), delta,

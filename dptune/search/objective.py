@@ -32,7 +32,7 @@ from dptune.search.results import _linked, attempt_origin
 from dptune.search.space import Infeasible, plan_trial, smallest_batch
 from dptune.trainer import microbatch
 from dptune.trainer.resume import Checkpointer, ReplayDiverged
-from dptune.trainer.run import run_config
+from dptune.trainer.run import check_model, run_config
 from dptune.trainer.train import PrivacyBudget, RunConfig, train_and_evaluate
 
 RESUME_ATTRS = ("resumed_from", "replay_digests", "progress_steps", "checkpoint_step", "ran_steps")
@@ -103,6 +103,8 @@ class Objective:
             assert cfg.privacy is not None and delta is not None  # the schema requires a budget
             self.budget = PrivacyBudget(cfg.privacy.epsilon, delta, cfg.privacy.accountant)
         self._microbatch: int | None = None if cfg.microbatch_size == "auto" else cfg.microbatch_size
+        # A user's model is checked in every worker: its code may have changed since the study was created.
+        check_model(cfg, dataset)
 
     def microbatch_size(self) -> int:
         """The study's microbatch, measured once per worker (and cached on disk) when set to ``auto``."""

@@ -18,7 +18,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from dptune.privacy import search_totals as search_privacy
 from dptune.privacy.search_totals import RenyiFilter, TrialCount
-from dptune.privacy.statement import COVERAGE, Mechanism, Statement
+from dptune.privacy.statement import COVERAGE, USER_CODE, Mechanism, Statement
 from dptune.search.storage import backend, open_storage
 
 CONFIG_ATTR = "dptune_config"
@@ -319,6 +319,8 @@ def privacy_statement(study: optuna.Study, summary: StudySummary | None = None) 
         mechanism = Mechanism(g["sampling_rate"], g["noise_multiplier"], int(g["steps"]))
     validation = coverage(study)
     assumptions = []
+    if any(":" in str(cfg.get(k) or "") for k in ("model", "dataset", "loss")):
+        assumptions.append(USER_CODE)
     if cfg.get("validation_dataset"):
         assumptions.append(f"the validation dataset {cfg['validation_dataset']!r} holds none of the individuals of "
                            "the training data")

@@ -315,8 +315,15 @@ def ghost_dense_norms(a: jax.Array, g: jax.Array) -> jax.Array:
 
 
 def dense_uses_ghost(tokens: int, d_in: int, d_out: int) -> bool:
-    """Whether Gram matrices (T²·(d_in+d_out) per example) cost less than forming aᵢᵀgᵢ (T·d_in·d_out)."""
-    return tokens > 1 and tokens * (d_in + d_out) < d_in * d_out
+    """Whether a dense layer's norms come from Gram matrices: never, for now.
+
+    Gram matrices would cost less (T²·(d_in+d_out) per example against T·d_in·d_out) when T is small,
+    but in float32 their norm of an example whose tokens nearly cancel is rounding error, smaller than
+    the term the separately computed sum holds for it: a crafted example then moved the clipped sum by
+    up to 1.96·C (review of issue #17). Forming aᵢᵀgᵢ takes the norm and the sum from the same numbers.
+    """
+    del tokens, d_in, d_out
+    return False
 
 
 def dense_pieces(params: Mapping, a: jax.Array, g: jax.Array) -> dict[str, Piece]:
@@ -417,7 +424,9 @@ def _closed_form(call: _Call, own: Mapping, inputs: list, g: list, children_out:
     if call.method == "__call__" and not call.children and plain:
         if kind in (nn.Dense, layers.Dense) and "kernel" in names <= {"kernel", "bias"} and own["kernel"].ndim == 2:
             return "dense", dense_pieces(own, a, gy)
-        if kind is nn.DenseGeneral and not m.batch_dims and "kernel" in names <= {"kernel", "bias"}:
+        # One contracted axis, the last: Flax reorders several axes, which the rule would not (review of #17).
+        if (kind is nn.DenseGeneral and not m.batch_dims and m.axis in (-1, (-1,))
+                and "kernel" in names <= {"kernel", "bias"}):
             return "dense", _dense_general(cast(nn.DenseGeneral, m), own, a, gy)
         if kind in (nn.Conv, layers.Conv) and a.ndim >= 4 and gy.ndim == a.ndim:
             rows, n = _images(a)

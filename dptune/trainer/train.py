@@ -32,7 +32,7 @@ from dptune.models.builtin import build_model, init_params
 from dptune.models.custom import load_loss
 from dptune.privacy import accounting as privacy
 from dptune.privacy import search_totals as search_privacy
-from dptune.privacy.statement import Mechanism, Statement
+from dptune.privacy.statement import USER_CODE, Mechanism, Statement
 from dptune.randomness import SecretSeed
 from dptune.trainer import compile_stats, dispatch, multihost
 from dptune.trainer import feed as feeds
@@ -202,6 +202,8 @@ class TrainResult:
         p = self.privacy
         notes = []
         assumptions = []
+        if ":" in config.model or config.loss or ":" in dataset or dataset == "arrays":
+            assumptions.append(USER_CODE)
         if self.prior_events:
             notes.append(f"This run alone: ε = {p.epsilon:.4g} ({p.accountant}); the guarantee above composes it "
                          f"with the initial checkpoint's {len(self.prior_events)} recorded run(s) on {dataset!r} "
@@ -433,7 +435,16 @@ def train_and_evaluate(
     eval_bs = -(-config.eval_batch_size // len(devices)) * len(devices)
     model = build_model(config.model, dataset.num_classes, weight_standardization=config.weight_standardization,
                         input_shape=dataset.image_shape, args=config.model_args)
-    fns = step_functions(model, hparams.optimizer, config.microbatch_size, devices, config.clipping,
+    clipping = config.clipping
+    if ":" in config.model:
+        # Book-keeping clips a whole batch from one backward pass, which is per example only if the model is:
+        # the forward check at create cannot see a model that mixes examples in its gradients alone
+        # (review of #17). The fast path and vmap run each example on its own.
+        if clipping == "bookkeeping":
+            raise ConfigError("clipping", "'bookkeeping' is for dptune's built-in models; a model by import path "
+                                          "takes auto, fast or vmap")
+        clipping = "fast" if clipping == "auto" else clipping
+    fns = step_functions(model, hparams.optimizer, config.microbatch_size, devices, clipping,
                          load_loss(config.loss))
 
     started = time.perf_counter()
