@@ -43,8 +43,9 @@ def test_same_clipped_sum_with_and_without_the_options():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
-_BEFORE_JAX = "from dptune.trainer import xla_options; xla_options.use_host_cores(); import jax; print(jax.device_count())"
-_AFTER_JAX = "import jax; from dptune.trainer import xla_options; xla_options.use_host_cores(); print(jax.device_count())"
+_SET = "from dptune.trainer import xla_options; xla_options.use_host_cores(); "
+_BEFORE_JAX = _SET + "import jax; print(jax.device_count())"
+_AFTER_JAX = "import jax; " + _SET + "print(jax.device_count())"
 
 
 def _run(code: str, env_changes: dict | None = None) -> str:
@@ -65,5 +66,5 @@ def test_one_host_device_per_core_unless_told_otherwise():
 
 
 def test_the_cli_does_not_import_jax_for_commands_that_do_not_need_it():
-    code = "import sys; import dptune.cli; from dptune.trainer import xla_options; xla_options.use_host_cores(); print('jax' in sys.modules)"
+    code = "import sys; import dptune.cli; " + _SET + "print('jax' in sys.modules)"
     assert _run(code) == "False"
