@@ -60,7 +60,7 @@ def test_best_model_artifact_is_kept_replaced_exported_and_predicts_its_recorded
     # A poor trial first, then a better one: the stored model must follow the best.
     s.enqueue_trial({"effective_learning_rate": 0.01})
     study.optimize("best", storage, n_trials=1)
-    s = optuna.load_study(study_name="best", storage=storage)
+    s = study.load_study("best", storage)
     first = release.best_models(s)
     assert [e["trial"] for e in first] == [0]
     store = release.artifact_store(s, storage)
@@ -68,7 +68,7 @@ def test_best_model_artifact_is_kept_replaced_exported_and_predicts_its_recorded
     assert os.path.exists(first_file)
     s.enqueue_trial({"effective_learning_rate": 2.0})
     study.optimize("best", storage, n_trials=1)
-    s = optuna.load_study(study_name="best", storage=storage)
+    s = study.load_study("best", storage)
     values = [t.value for t in s.trials]
     assert values[1] > values[0], values  # the enqueued order made trial 1 the better one
     kept = release.best_models(s)
@@ -121,7 +121,7 @@ def test_best_model_under_racing_workers_ends_as_the_storage_says(tmp_path):
 
     storage = f"sqlite:///{tmp_path / 'r.db'}"
     study.create_study(config.load_study(make_config(tmp_path, "race")), storage)
-    s = optuna.load_study(study_name="race", storage=storage)
+    s = study.load_study("race", storage)
     folder = release.folder_of(s, storage)
     params = {"w": np.ones(3, np.float32)}
     meta = {"model": "cnn", "image_shape": [8, 8, 1], "num_classes": 10}
@@ -223,7 +223,7 @@ def test_killed_worker_resumes_from_its_checkpoint_and_the_search_counts_its_ste
     p = cli("optimize", "--study-name", "kill", "--storage", storage, "--n-trials", "1", "--workers", "1",
             env={orphans.TEST_KILL_ENV: "0:6"})
     assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
-    s = optuna.load_study(study_name="kill", storage=study.open_storage(storage))
+    s = study.load_study("kill", storage)
     dead = s.trials[0]
     assert dead.state == TrialState.RUNNING and dead.user_attrs["checkpoint_step"] == 4
     assert dead.user_attrs["progress_steps"] == 6 and sorted(map(int, dead.user_attrs["replay_digests"])) == list(
@@ -239,7 +239,7 @@ def test_killed_worker_resumes_from_its_checkpoint_and_the_search_counts_its_ste
 
     p = cli("optimize", "--study-name", "kill", "--storage", storage, "--n-trials", "1", "--workers", "1")
     assert p.returncode == 0, p.stderr[-2000:]
-    s = optuna.load_study(study_name="kill", storage=study.open_storage(storage))
+    s = study.load_study("kill", storage)
     dead, retry = s.trials[0], s.trials[1]
     assert dead.state == TrialState.FAIL and retry.state == TrialState.COMPLETE
     assert retry.user_attrs["retry_of"] == 0
@@ -374,7 +374,7 @@ def test_a_replay_that_differs_stops_before_it_reports_and_restarts_with_fresh_r
     assert seen == []  # step 5 was checked before its evaluation was reported: nothing of the replay got out
     replayed = _run(data, resume.Checkpointer(folder, {"run": "x"}, every_steps=1000))
     c.fresh_randomness = "test"
-    c._latest = False
+    c._looked = False  # read the folder again
     fresh = train_and_evaluate(data, hp, 6, config=cfg, budget=PrivacyBudget(8.0, 1e-5))
     assert fresh.history[:4] == replayed.history[:4]  # restored
     assert fresh.history[4:] != replayed.history[4:]  # new batches and noise from the checkpoint on
@@ -387,7 +387,7 @@ def test_a_heartbeat_retry_forgets_its_parents_resume_record_and_counts_apart(tm
 
     storage = f"sqlite:///{tmp_path / 'h.db'}"
     study.create_study(config.load_study(make_config(tmp_path, "hb", checkpoints={"every_steps": 2})), storage)
-    s = optuna.load_study(study_name="hb", storage=storage)
+    s = study.load_study("hb", storage)
     dead = s.ask({"effective_learning_rate": optuna.distributions.FloatDistribution(0.01, 6.0)})
     for k, v in {"sampling_rate": 300 / 1258, "noise_multiplier": 2.0, "planned_steps": 6, "touched_data": True,
                  "resumed_from": {"trial": 99, "step": 4, "randomness": "replayed"}, "progress_steps": 5}.items():

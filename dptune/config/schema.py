@@ -600,6 +600,15 @@ def import_object(path: str, field: str) -> Any:
     return obj
 
 
+# Dataset names with a colon that are not import paths.
+DATASET_PREFIXES = ("tfds:", "arrayrecord:")
+
+
+def is_import_path(name: str | None) -> bool:
+    """Whether a model, dataset or loss setting names the user's code (``"package.module:name"``)."""
+    return bool(name) and ":" in str(name) and not str(name).startswith(DATASET_PREFIXES)
+
+
 def import_path(obj: Any, field: str) -> str:
     """``"module:qualname"`` of a module-level function or class, so that a study can name it (and workers import it).
 

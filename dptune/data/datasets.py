@@ -31,6 +31,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from dptune.config.schema import is_import_path
 from dptune.errors import DataError
 
 BUILTIN: tuple[str, ...] = ("mnist5k", "digits")
@@ -344,7 +345,7 @@ def load_dataset(
     of variable image size such as imagenet2012; also lets a public dataset
     match the shape of the private one for transfer learning).
     """
-    if ":" in name:
+    if is_import_path(name):
         from dptune.data.custom import load_custom
 
         return load_custom(name, seed=seed, validation_fraction=validation_fraction, test_fraction=test_fraction)

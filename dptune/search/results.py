@@ -16,6 +16,7 @@ from typing import Any, cast
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from dptune.config.schema import is_import_path
 from dptune.privacy import search_totals as search_privacy
 from dptune.privacy.search_totals import RenyiFilter, TrialCount
 from dptune.privacy.statement import COVERAGE, USER_CODE, Mechanism, Statement
@@ -319,7 +320,7 @@ def privacy_statement(study: optuna.Study, summary: StudySummary | None = None) 
         mechanism = Mechanism(g["sampling_rate"], g["noise_multiplier"], int(g["steps"]))
     validation = coverage(study)
     assumptions = []
-    if any(":" in str(cfg.get(k) or "") for k in ("model", "dataset", "loss")):
+    if any(is_import_path(cfg.get(k)) for k in ("model", "dataset", "loss")):
         assumptions.append(USER_CODE)
     if cfg.get("validation_dataset"):
         assumptions.append(f"the validation dataset {cfg['validation_dataset']!r} holds none of the individuals of "

@@ -22,6 +22,7 @@ import numpy as np
 
 from dptune import faults, interrupt
 from dptune.config.schema import default as setting
+from dptune.config.schema import is_import_path
 from dptune.data import pipeline
 from dptune.data.augment import Augmentation
 from dptune.data.datasets import Dataset, RecordSplit, batches
@@ -202,7 +203,7 @@ class TrainResult:
         p = self.privacy
         notes = []
         assumptions = []
-        if ":" in config.model or config.loss or ":" in dataset or dataset == "arrays":
+        if is_import_path(config.model) or config.loss or is_import_path(dataset) or dataset == "arrays":
             assumptions.append(USER_CODE)
         if self.prior_events:
             notes.append(f"This run alone: ε = {p.epsilon:.4g} ({p.accountant}); the guarantee above composes it "
@@ -436,7 +437,7 @@ def train_and_evaluate(
     model = build_model(config.model, dataset.num_classes, weight_standardization=config.weight_standardization,
                         input_shape=dataset.image_shape, args=config.model_args)
     clipping = config.clipping
-    if ":" in config.model:
+    if is_import_path(config.model):
         # Book-keeping clips a whole batch from one backward pass, which is per example only if the model is:
         # the forward check at create cannot see a model that mixes examples in its gradients alone
         # (review of #17). The fast path and vmap run each example on its own.
