@@ -684,6 +684,28 @@ def apply_overrides(data: dict[str, Any], overrides: Overrides) -> dict[str, Any
 ConfigLike = Union[str, "os.PathLike[str]", dict, StudyConfig, ResolvedStudy]
 
 
+def _settings_data(config: ConfigLike | None, overrides: Overrides | None, *, with_space: bool
+                   ) -> tuple[dict[str, Any], str]:
+    """A study's keys from any form of configuration, with overrides applied and objects named; and their source."""
+    source = "config"
+    if config is None:
+        data: dict[str, Any] = {}
+    elif isinstance(config, ResolvedStudy):
+        data = config.study.model_dump(mode="json", exclude_unset=True)
+        if with_space:
+            data["search_space"] = config.space.model_dump(mode="json", exclude_none=True)
+    elif isinstance(config, StudyConfig):
+        data = config.model_dump(mode="json", exclude_unset=True)
+    elif isinstance(config, dict):
+        data = dict(config)
+    else:
+        source = os.fspath(config)
+        data = _read_yaml(source)
+    if overrides:
+        data = apply_overrides(data, overrides)
+    return _named(data), source
+
+
 def resolve(config: ConfigLike, overrides: Overrides | None = None) -> ResolvedStudy:
     """A validated study (settings and search space) from a file, a dict, a :class:`StudyConfig` or a resolved study.
 
@@ -700,20 +722,7 @@ def resolve(config: ConfigLike, overrides: Overrides | None = None) -> ResolvedS
     """
     if isinstance(config, ResolvedStudy) and not overrides:
         return config
-    if isinstance(config, ResolvedStudy):
-        data: dict[str, Any] = config.study.model_dump(mode="json", exclude_unset=True)
-        data["search_space"] = config.space.model_dump(mode="json", exclude_none=True)
-        source = "config"
-    elif isinstance(config, StudyConfig):
-        data, source = config.model_dump(mode="json", exclude_unset=True), "config"
-    elif isinstance(config, dict):
-        data, source = dict(config), "config"
-    else:
-        source = os.fspath(config)
-        data = _read_yaml(source)
-    if overrides:
-        data = apply_overrides(data, overrides)
-    data = _named(data)
+    data, source = _settings_data(config, overrides, with_space=True)
     inline = data.get("search_space")
     if isinstance(inline, dict):
         data = {**data, "search_space": "(inline)"}
@@ -743,21 +752,7 @@ def run_settings(config: ConfigLike | None = None, overrides: Overrides | None =
     Raises:
       ConfigError: a value the schema refuses.
     """
-    if isinstance(config, ResolvedStudy):
-        config = config.study
-    if config is None:
-        data: dict[str, Any] = {}
-        source = "config"
-    elif isinstance(config, StudyConfig):
-        data, source = config.model_dump(mode="json", exclude_unset=True), "config"
-    elif isinstance(config, dict):
-        data, source = dict(config), "config"
-    else:
-        source = os.fspath(config)
-        data = _read_yaml(source)
-    if overrides:
-        data = apply_overrides(data, overrides)
-    data = _named(data)
+    data, source = _settings_data(config, overrides, with_space=False)
     if data.get("search_privacy") is not None:
         raise ConfigError(f"{source}: search_privacy", "a single run takes privacy: {epsilon: …} (its own budget), "
                                                        "not the budget of a whole private search")
