@@ -104,7 +104,8 @@ EXPECTED = {
         "Dense_0": "dense",
         "EncoderBlock_0/LayerNorm_0": "norm_affine",
         "EncoderBlock_0/MultiHeadDotProductAttention_0/query": "dense",
-        "EncoderBlock_0/MultiHeadDotProductAttention_0/out": "dense",
+        # The output projection contracts two axes (heads, head dim): its own VJP (review of #17).
+        "EncoderBlock_0/MultiHeadDotProductAttention_0/out": "layer_vjp",
         "EncoderBlock_0/Dense_1": "dense",
     },
     "vit_dense_patches": {"Dense_0": "dense", "Dense_1": "dense", "cls": "layer_vjp", "pos": "layer_vjp"},
