@@ -508,24 +508,8 @@ def load_search_space(path: str) -> SearchSpace:
 
 
 def load_study(path: str) -> ResolvedStudy:
-    """Read and validate a study file and the search space it names."""
-    study = parse(path, StudyConfig, _read_yaml(path))
-    if study.private_search:
-        # Unset sampler/pruner take the only values a private search allows;
-        # explicit other values are refused by ResolvedStudy.
-        defaults = {"sampler": SamplerConfig(name="random"), "pruner": PrunerConfig(name="none")}
-        study = study.model_copy(update={k: v for k, v in defaults.items() if k not in study.model_fields_set})
-    space_file = search_space_path(study.search_space, path)
-    space = load_search_space(space_file)
-    try:
-        return ResolvedStudy(study=study, space=space)
-    except ValidationError as e:
-        msg = e.errors()[0]["msg"].removeprefix("Value error, ")
-        if msg.startswith("search_space."):
-            # A rule on a search-space value: the search-space file is the one to edit.
-            name, _, rest = msg.removeprefix("search_space.").partition(": ")
-            raise ConfigError(f"{space_file}: {name}", rest) from None
-        raise ConfigError(path, msg) from None
+    """Read and validate a study file and the search space it names (:func:`resolve` of a path)."""
+    return resolve(path)
 
 
 def default_storage(name: str) -> str:
