@@ -124,6 +124,9 @@ class RunConfig:
     loader_workers: int = setting("loader_workers")
     # Issue #18: a dptune.trainer.resume.Checkpointer — in-trial checkpoints, and resuming from the last one.
     resume: Any = None
+    # Issue #20 (dptune.search.modes, subset tuning): the public Poisson rate q when the training split is a
+    # secret random subset, whose size must not set q; the expected batch is then ``batch_size``. None: B/N.
+    sampling_rate: float | None = None
 
 
 @dataclass
@@ -395,7 +398,9 @@ def train_and_evaluate(
     hparams.validate(n, config.private)
     if steps < 1:
         raise ConfigError("steps", f"must be >= 1, got {steps}")
-    q = hparams.batch_size / n
+    q = hparams.batch_size / n if config.sampling_rate is None else config.sampling_rate  # issue #20: subset
+    if not 0 < q <= 1:
+        raise ConfigError("sampling_rate", f"must be in (0, 1], got {q}")
     clip_norm = hparams.clip_norm if config.private else math.inf
     sigma = hparams.noise_multiplier if config.private else 0.0
 
