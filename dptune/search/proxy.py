@@ -97,6 +97,7 @@ class ModeRunner:
         self.public = public_dataset(resolved)
         self.study_name = study_name
         self._subset: Dataset | None = None
+        self.subset_positions: np.ndarray | None = None  # secret: never recorded anywhere
 
     def subset(self) -> Dataset:
         """The private data restricted to this worker's secret subset (drawn once per process).
@@ -109,8 +110,8 @@ class ModeRunner:
             seed = self.resolved.study.private_seed
             secret = (SecretSeed.from_os() if seed is None
                       else SecretSeed.from_int(seed).child(f"study {self.study_name}"))
-            positions = secret_subset(len(self.private.train), float(self.mode["fraction"]), secret)
-            self._subset = subset_dataset(self.private, positions)
+            self.subset_positions = secret_subset(len(self.private.train), float(self.mode["fraction"]), secret)
+            self._subset = subset_dataset(self.private, self.subset_positions)
         return self._subset
 
     def setup(self, trial: optuna.Trial) -> TrialSetup:
