@@ -272,11 +272,16 @@ def guarantee(study_attrs: dict[str, Any], trials: Sequence[FrozenTrial],
                     "steps": a.get("steps")}
     state = ("" if final is not None else
              " Not finalized: no model is released until `dptune study finalize` has run the final run.")
-    text = (f"{describe(mode)} Composition of the {len(spends)} run(s) that trained on the private data, each at "
-            f"the steps it took (RDP): ε = {totals['rdp']:.4g}; proxies alone ε = {proxy_eps:.4g}.{prior_text} "
-            "Releasing the final run's model is covered by this total." + state)
+    if len(spends) + len(prior) == 1:
+        # One DP-SGD run read the private data (its proxies read none): its own PLD bound holds; nothing composes.
+        total, how = totals["pld"], f"The one run that trained on the private data (PLD): ε = {totals['pld']:.4g}."
+    else:
+        total, how = totals["rdp"], (f"Composition of the {len(spends)} run(s) that trained on the private data, "
+                                     f"each at the steps it took (RDP): ε = {totals['rdp']:.4g}; proxies alone "
+                                     f"ε = {proxy_eps:.4g}.")
+    text = f"{describe(mode)} {how}{prior_text} Releasing the final run's model is covered by this total." + state
     return {
-        "mode": "composition", "search_mode": mode["mode"], "total_epsilon": totals["rdp"],
+        "mode": "composition", "search_mode": mode["mode"], "total_epsilon": total,
         "total_epsilon_pld_if_nonadaptive": totals["pld"], "delta": delta,
         "per_trial_epsilon": study_attrs.get("epsilon_target"), "trials_touching_data": len(spends),
         "proxy_epsilon": proxy_eps, "final": released, "finalized": final is not None,
