@@ -90,7 +90,7 @@ def test_scaled_proxies_keep_sigma_over_b_and_steps_and_the_final_run_is_the_win
 
 
 @pytest.mark.slow
-def test_subset_trials_are_the_full_mechanism_on_a_secret_subset_and_compose(tmp_path):
+def test_subset_trials_are_the_full_mechanism_on_a_secret_subset_and_compose(tmp_path, cli):
     study = _run(tmp_path, _config("subset", {"mode": "subset", "fraction": 0.5}))
     n, delta = study.user_attrs["split"]["train"], study.user_attrs["delta"]
     steps = math.ceil(1 / (256 / n))
@@ -106,6 +106,16 @@ def test_subset_trials_are_the_full_mechanism_on_a_secret_subset_and_compose(tmp
     assert (f["batch_size"], f["steps"]) == (256, steps)
     runs = [(256 / n, sigma, steps)] * 3
     assert summarize(study).search["total_epsilon"] == pytest.approx(_direct(runs, delta), rel=1e-6)
+    # Shown where people look: study show (--json) and the report.
+    import json
+
+    from dptune.inspect import report
+
+    out = cli("study", "show", "subset", "--storage", f"sqlite:///{tmp_path}/s.db", "--json")
+    shown = json.loads(out.stdout)["search"]
+    assert shown["search_mode"] == "subset" and shown["final"]["test_accuracy"] == f["test_accuracy"]
+    assert shown["compute"]["proxy_examples"] == 2 * 128 * steps
+    assert "Search mode subset" in report.render([study])
 
 
 @pytest.mark.slow
@@ -149,6 +159,7 @@ def test_a_mode_that_cannot_be_accounted_is_refused_at_create(tmp_path, search, 
     assert not (tmp_path / "r.db").exists()
 
 
+@pytest.mark.slow  # three CLI processes
 def test_the_cli_refuses_in_one_line_with_exit_2_and_writes_nothing(tmp_path, cli):
     (tmp_path / "space.yaml").write_text("{batch_size: 256, learning_rate: 1.0, clip_norm: 1.0, epochs: 1}\n")
     (tmp_path / "s.yaml").write_text(
@@ -158,6 +169,11 @@ def test_the_cli_refuses_in_one_line_with_exit_2_and_writes_nothing(tmp_path, cl
     assert out.returncode == 2
     assert out.stderr.strip().count("\n") == 0 and "search.factor" in out.stderr and "256" in out.stderr
     assert not (tmp_path / "s.db").exists()
+    # finalize is for a study with a mode; an ordinary study's best trial is its result.
+    (tmp_path / "o.yaml").write_text("name: o\ndataset: digits\nprivacy: {epsilon: 2}\nsearch_space: space.yaml\n")
+    assert cli("study", "create", "--config", "o.yaml", "--storage", "sqlite:///s.db", cwd=tmp_path).returncode == 0
+    out = cli("study", "finalize", "o", "--storage", "sqlite:///s.db", cwd=tmp_path)
+    assert out.returncode == 2 and "no search mode" in out.stderr
 
 
 def test_the_subset_is_chosen_by_the_secret_not_by_the_public_seed():
