@@ -166,7 +166,9 @@ class Objective:
             raise optuna.TrialPruned(str(e)) from None
         for k, v in plan.as_attrs().items():
             trial.set_user_attr(k, v)
-        plan.hparams.validate(n, not cfg.non_private)
+        # A subset's size is secret: a mode's plan was checked against the data it was planned on.
+        plan.hparams.validate(n if setup is None or setup.sampling_rate is None else max(n, plan.hparams.batch_size),
+                              not cfg.non_private)
         if self.filter is not None and (refusal := self._admit(trial, plan)) is not None:
             trial.study.stop()
             raise optuna.TrialPruned(refusal)

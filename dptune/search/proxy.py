@@ -188,11 +188,12 @@ def finalize(study: optuna.Study | str, storage: str | None = None) -> optuna.St
     """
     from dptune.search import study as driver
 
+    url: str | None = storage
     if isinstance(study, optuna.Study):
         url = driver.storage_url(study, storage)
         name = study.study_name
     else:
-        name, url = study, storage
+        name = study
     loaded, resolved = driver.load(name, url)
     mode = loaded.user_attrs.get(modes.MODE_ATTR)
     if mode is None:

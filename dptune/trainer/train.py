@@ -395,7 +395,8 @@ def train_and_evaluate(
         trained without privacy on this dataset.
     """
     n = len(dataset.train)
-    hparams.validate(n, config.private)
+    # issue #20: with a public rate, the expected batch is not bounded by the (secret) size of the split.
+    hparams.validate(n if config.sampling_rate is None else max(n, hparams.batch_size), config.private)
     if steps < 1:
         raise ConfigError("steps", f"must be >= 1, got {steps}")
     q = hparams.batch_size / n if config.sampling_rate is None else config.sampling_rate  # issue #20: subset
