@@ -38,7 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "name", None) and not getattr(args, "study_name", None):
         args.study_name = args.name
-    if args.command == "study" and args.study_command in ("show", "best") and not args.study_name:
+    if args.command == "study" and args.study_command in ("show", "best", "finalize") and not args.study_name:
         parser.error(f"study name required (positional or --study-name); see 'dptune study {args.study_command} "
                      "--help'")
     if args.command == "optimize" and args.n_trials is None and args.timeout is None:

@@ -482,6 +482,19 @@ def _print_summary(summary: Any, internal: bool = False) -> None:
         c.print(f"[bold]ε of the released best model after this search: {_fmt(g['total_epsilon'])}[/] "
                 f"(δ = {_fmt(g['delta'])}; per-trial target {_fmt(g['per_trial_epsilon'])}; PLD "
                 f"{_fmt(g['total_epsilon_pld_if_nonadaptive'])} if the trials had been fixed in advance)")
+    if g.get("search_mode"):  # issue #20: a cheaper-tuning study
+        w = g["compute"]
+        f = g.get("final")
+        c.print(f"search mode {g['search_mode']}: proxies composed ε = {_fmt(g['proxy_epsilon'])}; compute "
+                f"{w['proxy_examples']:,} examples ({w['proxy_steps']} steps) in proxies, {w['final_examples']:,} "
+                f"({w['final_steps']} steps) in the final run")
+        if f is None:
+            c.print("not finalized: run dptune study finalize to train the released model"
+                    + ("" if g["best_proxy"] is None else f" (best proxy: trial {g['best_proxy']['trial']}, "
+                       f"validation {_fmt(g['best_proxy']['value'])})"))
+        else:
+            c.print(f"[bold]released model[/] (final run, trial {f['trial']}, from proxy {f['from_trial']}): test "
+                    f"accuracy {_fmt(f['test_accuracy'])}, its own ε {_fmt(f['epsilon'])}")
     b = summary.best
     if b is None:
         c.print("no completed trial yet")
@@ -492,6 +505,15 @@ def _print_summary(summary: Any, internal: bool = False) -> None:
             f"({_fmt(b.get('epochs'), 3)} epochs)")
     c.print("  " + "  ".join(f"{k}={_fmt(b.get(k), 4)}" for k in
                              ("batch_size", "learning_rate", "clip_norm", "noise_multiplier", "sampling_rate")))
+
+
+def cmd_study_finalize(args: argparse.Namespace) -> int:
+    """``dptune study finalize NAME``: a cheaper-tuning study's final run, then its summary (issue #20)."""
+    from dptune.search import proxy
+
+    study = proxy.finalize(args.study_name, args.storage)
+    _emit_summary(study, args.json)
+    return 0
 
 
 def cmd_study_list(args: argparse.Namespace) -> int:

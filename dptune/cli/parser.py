@@ -24,6 +24,7 @@ from dptune.cli.commands import (
     cmd_report,
     cmd_study_best,
     cmd_study_create,
+    cmd_study_finalize,
     cmd_study_list,
     cmd_study_show,
     cmd_train,
@@ -183,7 +184,7 @@ def _add_training_args(t: argparse.ArgumentParser) -> None:
     t.add_argument("--ema-decay", type=_float, help=f"(default: {hp.ema_decay}: off)")
     t.add_argument("--microbatch-size", type=_int_or_auto,
                    help=f"examples per accumulation call, or 'auto' (measured once, cached) {d('microbatch_size')}")
-    t.add_argument("--clipping", choices=("auto", "bookkeeping", "vmap"),
+    t.add_argument("--clipping", choices=("auto", "bookkeeping", "vmap", "normalize"),
                    help=f"per-example clipping path: bookkeeping (fast), vmap (reference), auto {d('clipping')}")
     t.add_argument("--eval-every", type=_positive_int)
     t.add_argument("--devices", type=_positive_int, help="number of local devices (default: all)")
@@ -257,6 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
                             help="write the best trial's saved model, its metadata and the search's privacy "
                                  "statement to DIR (a new folder)")
         sp.set_defaults(func=func)
+
+    fz = stsub.add_parser("finalize", help="search modes: train the released model with the best proxy's "
+                                           "hyperparameters (one final run on the private data)")
+    fz.add_argument("name", nargs="?", help="study name (or --study-name)")
+    _study_args(fz, name_required=False)
+    fz.set_defaults(func=cmd_study_finalize)
 
     o = sub.add_parser("optimize", help="run trials of a study")
     _study_args(o)

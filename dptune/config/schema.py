@@ -234,6 +234,39 @@ class AugmentationConfig(_Strict):
     flip: bool = False
 
 
+# -- issue #20: cheaper tuning (dptune/search/modes.py plans and accounts each mode) -----------------------------
+class SearchModeConfig(_Strict):
+    """How a study tunes before it trains the model it releases (``search: {mode: …}``).
+
+    ``public``: trials on the public ``dataset`` (no privacy cost), then one private
+    final run. ``scaled``: trials at batch B/``factor`` and σ/``factor`` with the same
+    steps (TAN, Sander et al. 2023), on the private data (or on ``dataset``), then one
+    full-scale run. ``subset``: trials on a secret random ``fraction`` γ of the private
+    training split (Koskela & Kulkarni 2023), then one run on all of it.
+    """
+
+    mode: Literal["public", "scaled", "subset"]
+    dataset: str | None = None
+    factor: int | None = Field(default=None, ge=2)
+    fraction: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _mode_fields(self) -> SearchModeConfig:
+        need = {"public": "dataset", "scaled": "factor", "subset": "fraction"}[self.mode]
+        if getattr(self, need) is None:
+            raise ValueError(f"{need}: mode {self.mode} needs it")
+        allowed = {"public": {"dataset"}, "scaled": {"factor", "dataset"}, "subset": {"fraction"}}[self.mode]
+        for name in ("dataset", "factor", "fraction"):
+            if name not in allowed and getattr(self, name) is not None:
+                raise ValueError(f"{name}: not a setting of mode {self.mode} "
+                                 f"(allowed: {', '.join(sorted(allowed))})")
+        if self.fraction is not None and not self.fraction < 1:
+            raise ValueError(f"fraction: must be in (0, 1) (the share of the training split the trials see), "
+                             f"got {self.fraction:g}")
+        return self
+# -- end of issue #20
+
+
 class StudyConfig(_Strict):
     """A study file. ``search_space`` names a file in ``search_spaces/`` or a path."""
 
@@ -266,7 +299,7 @@ class StudyConfig(_Strict):
     reinitialize: list[str] = []
     augmentation: AugmentationConfig = AugmentationConfig()
     microbatch_size: int | Literal["auto"] = 256
-    clipping: Literal["auto", "bookkeeping", "fast", "vmap"] = "auto"
+    clipping: Literal["auto", "bookkeeping", "fast", "vmap", "normalize"] = "auto"
     # How batches reach the devices (dptune.trainer.feed) and how many processes decode record datasets
     # (dptune.data.pipeline).
     feed: Literal["auto", "resident", "streamed", "loop"] = "auto"
@@ -276,6 +309,7 @@ class StudyConfig(_Strict):
     search_space: str = "dpsgd.yaml"
     checkpoints: CheckpointConfig = CheckpointConfig()
     artifacts: ArtifactConfig = ArtifactConfig()
+    search: SearchModeConfig | None = None  # issue #20
 
     @field_validator("name")
     @classmethod

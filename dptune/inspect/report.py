@@ -55,6 +55,14 @@ def _study_section(study: optuna.Study, index: int) -> str:
         f"<p>{s.n_trials} trials: {s.complete} complete, {s.pruned} pruned, {s.rejected} rejected before training, "
         f"{s.failed} failed; {s.trial_steps} trial-steps. Accuracies: validation split unless marked test.</p>",
     ]
+    if g.get("search_mode"):  # issue #20: a cheaper-tuning study, its compute and its released final run
+        w, f = g["compute"], g.get("final")
+        parts.append(f"<p><b>Search mode {html.escape(g['search_mode'])}:</b> proxies composed ε "
+                     f"{_fmt(g['proxy_epsilon'])}; {w['proxy_examples']:,} examples ({w['proxy_steps']} steps) in "
+                     f"proxies, {w['final_examples']:,} ({w['final_steps']} steps) in the final run. "
+                     + ("Not finalized: nothing is released yet." if f is None else
+                        f"Released: the final run (trial {f['trial']}), test {_fmt(f['test_accuracy'])}, its own ε "
+                        f"{_fmt(f['epsilon'])}.") + "</p>")
     if s.best:
         parts.append(f"<p><b>Best trial {s.best['number']}:</b> validation {_fmt(s.best['value'])}, "
                      f"test {_fmt(s.best.get('test_accuracy'))}, ε spent {_fmt(s.best.get('epsilon_spent'))}.</p>")

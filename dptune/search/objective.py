@@ -95,6 +95,7 @@ class Objective:
         self.prior = [(float(q), float(s), int(t)) for q, s, t in prior]
         self.resolved_checkpoint: str | None = None
         self.storage_url: str | None = None  # set by optimize: where the study's private folder is
+        self.mode: Any = None  # issue #20: a dptune.search.proxy.ModeRunner for a study with search: {mode: …}
         if private_search is not None:
             # Every trial runs the calibrated mechanism; its own ε (RDP) is the trainer's cap.
             self.fixed = (private_search["noise_multiplier"], private_search["steps"])
@@ -148,8 +149,19 @@ class Objective:
             trial.set_user_attr("epsilon_target", self.budget.epsilon)
             trial.set_user_attr("delta", self.budget.delta)
             trial.set_user_attr("accountant", self.budget.accountant)
+        # -- issue #20 (dptune/search/modes.py): a mode's proxy or final run plans its own data and budget
+        setup = None
+        dataset, budget = self.dataset, self.budget
         try:
-            plan = plan_trial(trial, self.resolved.space, n, self.budget, cfg.budget, self.fixed)
+            if self.mode is not None:
+                setup = self.mode.setup(trial)
+                plan, dataset, budget = setup.plan, setup.dataset, setup.budget
+                n = len(dataset.train)
+                trial.set_user_attr("epsilon_target", budget.epsilon)
+                for key, value in setup.attrs.items():
+                    trial.set_user_attr(key, value)
+            else:
+                plan = plan_trial(trial, self.resolved.space, n, self.budget, cfg.budget, self.fixed)
         except Infeasible as e:
             trial.set_user_attr("rejected_reason", str(e))
             trial.set_user_attr("epsilon_spent", 0.0)
@@ -157,7 +169,9 @@ class Objective:
             raise optuna.TrialPruned(str(e)) from None
         for k, v in plan.as_attrs().items():
             trial.set_user_attr(k, v)
-        plan.hparams.validate(n, not cfg.non_private)
+        # A subset's size is secret: a mode's plan was checked against the data it was planned on.
+        plan.hparams.validate(n if setup is None or setup.sampling_rate is None else max(n, plan.hparams.batch_size),
+                              not cfg.non_private)
         if self.filter is not None and (refusal := self._admit(trial, plan)) is not None:
             trial.study.stop()
             raise optuna.TrialPruned(refusal)
@@ -176,7 +190,7 @@ class Objective:
             reports.append(metrics["best_val_accuracy"])
             trial.report(metrics["best_val_accuracy"], len(reports))
             orphans.kill_if_test_requests(trial.number, step)
-            return trial.should_prune()
+            return trial.should_prune() and not (setup is not None and setup.final)  # a final run is never pruned
 
         config = run_config(
             cfg,
@@ -191,6 +205,7 @@ class Objective:
             private_seed=None,
             secret=None if cfg.private_seed is None else SecretSeed.from_int(cfg.private_seed).child(
                 f"study {trial.study.study_name} trial {trial.number}"),
+            sampling_rate=None if setup is None else setup.sampling_rate,
         )
         if cfg.init_checkpoint:
             # The prior spend was read at create; a checkpoint replaced since would
@@ -203,7 +218,9 @@ class Objective:
         folder = release.folder_of(trial.study, self.storage_url or default_storage(trial.study.study_name))
         # The selected parameters wait, owner-only, until the trial's value is stored (release.keep_best).
         pending = release.pending_path(folder, trial.number)
-        config = dataclasses.replace(config, save_checkpoint=pending)
+        # A mode's proxies keep no model: only its final run is released.
+        config = dataclasses.replace(config, save_checkpoint=None if setup is not None and not setup.final
+                                     else pending)
         checkpointer = self._checkpointer(trial, plan, config, folder)
         point = None
         if checkpointer is not None:
@@ -217,11 +234,11 @@ class Objective:
                     trial.report(m["best_val_accuracy"], len(reports))
         orphans.abort_if_test_requests(trial.number)
         interrupt.raise_if_pending()  # before the trial is marked as having touched the data
-        trial.set_user_attr("touched_data", True)
+        trial.set_user_attr("touched_data", True if setup is None else setup.touched)
         try:
             try:
-                result = train_and_evaluate(self.dataset, plan.hparams, plan.steps, config=config,
-                                            budget=self.budget, callback=report)
+                result = train_and_evaluate(dataset, plan.hparams, plan.steps, config=config,
+                                            budget=budget, callback=report)
             except ReplayDiverged as e:
                 # The replay computed other parameters from the same noise: nothing of it was released. Start
                 # again from the checkpoint with fresh randomness; the dead attempt's steps then count apart.
@@ -234,8 +251,8 @@ class Objective:
                                                      "randomness": "fresh", "diverged_at": e.step})
                 del reports[0 if point is None else len(point.history):]
                 digests.clear()
-                result = train_and_evaluate(self.dataset, plan.hparams, plan.steps, config=config,
-                                            budget=self.budget, callback=report)
+                result = train_and_evaluate(dataset, plan.hparams, plan.steps, config=config,
+                                            budget=budget, callback=report)
         finally:
             if checkpointer is not None:
                 checkpointer.clear()  # finished (or stopped for good): the secret state is of no more use

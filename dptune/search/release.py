@@ -202,7 +202,8 @@ def _ranking(study: optuna.Study) -> list[FrozenTrial]:
     """COMPLETE trials, best first (ties: the earlier trial first), as the storage holds them now."""
     maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
     done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if t.value is not None and math.isfinite(t.value)]
+            if t.value is not None and math.isfinite(t.value)
+            and not t.user_attrs.get("proxy_trial")]  # issue #20: a mode releases its final run, not a proxy
     return sorted(done, key=lambda t: ((-cast(float, t.value) if maximize else cast(float, t.value)), t.number))
 
 

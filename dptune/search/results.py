@@ -20,6 +20,7 @@ from dptune.config.schema import is_import_path
 from dptune.privacy import search_totals as search_privacy
 from dptune.privacy.search_totals import RenyiFilter, TrialCount
 from dptune.privacy.statement import COVERAGE, USER_CODE, Mechanism, Statement
+from dptune.search import modes
 from dptune.search.storage import backend, open_storage
 
 CONFIG_ATTR = "dptune_config"
@@ -270,6 +271,8 @@ def search_guarantee(study: optuna.Study) -> dict[str, Any]:
             "secret: the trial count, trial numbers and the study storage are internal."
             + prior_text + ("" if complete else " Incomplete: trials remain; run dptune optimize until the search "
                             "is complete before releasing the result."))}
+    if study.user_attrs.get(modes.MODE_ATTR) is not None:  # issue #20: proxies and a final run
+        return modes.guarantee(study.user_attrs, trials, spends, prior, totals, prior_text)
     cap = study.user_attrs.get("search_budget")
     accounted = (f"Composition of the {len(spends)} trial(s) that trained on the data, each at the steps it took "
                  f"(RDP): ε = {totals['rdp']:.4g}.{prior_text}")
@@ -350,6 +353,10 @@ def summarize(study: optuna.Study) -> StudySummary:
     skipped = sum(1 for t in trials if "skipped_reason" in t.user_attrs)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     best = trial_record(max(complete, key=lambda t: cast(float, t.value))) if complete else None
+    if study.user_attrs.get(modes.MODE_ATTR) is not None:
+        # issue #20: what a mode releases is its final run, never a proxy.
+        final = modes.final_trial(trials)
+        best = None if final is None else trial_record(final)
     return StudySummary(
         name=study.study_name,
         epsilon_target=study.user_attrs.get("epsilon_target", math.nan),

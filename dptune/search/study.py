@@ -35,7 +35,7 @@ from dptune.privacy import accounting as privacy
 from dptune.privacy import search_totals as search_privacy
 from dptune.privacy.search_totals import RenyiFilter, TrialCount
 from dptune.randomness import SecretSeed
-from dptune.search import release
+from dptune.search import modes, proxy, release
 from dptune.search import storage as storage_lib
 from dptune.search.objective import Objective
 from dptune.search.orphans import reap_dead_workers
@@ -127,6 +127,14 @@ def _prepare(resolved: ResolvedStudy) -> dict[str, Any]:
     dataset = dataset_of(study_cfg)
     delta = _resolve_delta(resolved, dataset)
     check_space(resolved.space, len(dataset.train), private=not study_cfg.non_private)
+    # -- issue #20: a search mode that cannot run or be accounted is refused here (dptune/search/modes.py)
+    public = proxy.public_dataset(resolved)
+    if public is not None:
+        check_space(resolved.space, len(public.train), private=True)
+    mode = modes.check_create(resolved, len(dataset.train), delta,
+                              None if public is None else (public.name, len(public.train), public.image_shape,
+                                                           public.num_classes),
+                              (dataset.image_shape, dataset.num_classes))
     make_sampler(study_cfg, resolved.space, study_cfg.seed)
     from dptune.models.builtin import build_model
 
@@ -145,6 +153,8 @@ def _prepare(resolved: ResolvedStudy) -> dict[str, Any]:
                        checkpoint.load(study_cfg.init_checkpoint), study_cfg.reinitialize)
     attrs: dict[str, Any] = {CONFIG_ATTR: resolved.to_json(), "dptune_version": __version__, "delta": delta,
                              "split": dataset.split.as_dict(), "prior_privacy_events": [list(e) for e in prior]}
+    if mode is not None:
+        attrs[modes.MODE_ATTR] = mode
     if study_cfg.init_checkpoint:
         attrs["init_checkpoint_sha256"] = checkpoint.fingerprint(study_cfg.init_checkpoint)
     if study_cfg.private_search:
@@ -414,6 +424,13 @@ def optimize(
     objective = Objective(resolved, dataset, delta, private, study.user_attrs.get("search_budget"),
                           study.user_attrs.get("prior_privacy_events", ()))
     objective.resolved_checkpoint = study.user_attrs.get("init_checkpoint_sha256")
+    mode = study.user_attrs.get(modes.MODE_ATTR)
+    if mode is not None:  # issue #20: proxies until the final run (dptune.search.proxy.finalize), then nothing
+        if modes.final_trial(study.trials) is not None:
+            raise StudyError(f"study_name: {study_name!r} is finalized: its final run is recorded, and more proxy "
+                             "trials would only add to its ε; create a new study to tune again")
+        assert objective.budget is not None  # a mode needs a privacy budget (checked at create)
+        objective.mode = proxy.ModeRunner(resolved, dataset, objective.budget, mode, study_name)
     objective.storage_url = url
     # A signal waits for the next check point (a training step, a finished trial), so that it
     # never cuts a storage write short.

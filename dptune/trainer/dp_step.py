@@ -58,8 +58,11 @@ PyTree = Any
 OPTIMIZERS: tuple[str, ...] = ("sgd", "momentum", "adam")
 # How the clipped sum is computed: "bookkeeping" (fast, dptune.trainer.bookkeeping),
 # "vmap" (per-example gradients of the whole model: the reference), or
-# "auto" (book-keeping where the model supports it, else vmap).
-CLIPPING: tuple[str, ...] = ("auto", "bookkeeping", "fast", "vmap")
+# "auto" (book-keeping where the model supports it, else vmap), or
+# "normalize" (issue #20: per-example normalisation to norm C on the vmap path, :func:`normalized_sum`).
+CLIPPING: tuple[str, ...] = ("auto", "bookkeeping", "fast", "vmap", "normalize")
+# Bu et al. 2023's stability constant γ in g/(‖g‖ + γ): keeps tiny gradients from being blown up to norm C.
+NORMALIZE_GAMMA = 0.01
 
 
 # Examples whose largest |g| exceeds _BIG are multiplied by _SHRINK (an exact
@@ -105,6 +108,41 @@ def clipped_sum(per_example: PyTree, mask: jax.Array, clip_norm: jax.Array | flo
         return jnp.tensordot(coef, g, axes=1)
 
     return jax.tree_util.tree_map(leaf_sum, per_example)
+
+
+# -- issue #20: automatic clipping ------------------------------------------------------------------------------
+def normalized_sum(per_example: PyTree, mask: jax.Array, clip_norm: jax.Array | float,
+                   gamma: float = NORMALIZE_GAMMA) -> PyTree:
+    """Σ_i mask_i · C · g_i / (‖g_i‖ + γ): per-example normalisation ("automatic clipping", Bu et al. 2023).
+
+    Every term has L2 norm C·‖g‖/(‖g‖ + γ) < C, so adding or removing one example
+    moves the sum by less than C and the Gaussian mechanism's sensitivity is C,
+    as for :func:`clipped_sum`; padding (mask 0) and non-finite gradients get
+    weight 0. Unlike clipping, every example's direction counts with (almost)
+    the same weight, so C only scales the update: with the learning rate it is
+    one hyperparameter (η = lr·C), and C leaves the search.
+
+    Args:
+      per_example: per-example gradients (leading axis = examples).
+      mask: 1 for real rows, 0 for padding.
+      clip_norm: C, the norm each term is normalised to (the noise is σ·C).
+      gamma: the stability constant γ > 0.
+
+    Returns:
+      The summed, normalised gradients (same tree as one example's gradient).
+    """
+    shrink, norms, finite = _shrunk_norms(per_example)
+    keep = finite & (mask > 0)
+    # On the shrunk gradient f·g: C·g/(‖g‖+γ) = C·(f·g)/(‖f·g‖ + f·γ), with no overflow for huge g.
+    coef = jnp.where(keep, clip_norm / (norms + shrink * gamma), 0.0)
+
+    def leaf_sum(g: jax.Array) -> jax.Array:
+        rows = (-1,) + (1,) * (g.ndim - 1)
+        g = jnp.where(keep.reshape(rows), g * shrink.reshape(rows), 0.0)
+        return jnp.tensordot(coef, g, axes=1)
+
+    return jax.tree_util.tree_map(leaf_sum, per_example)
+# -- end of issue #20
 
 
 def privatize(
@@ -243,7 +281,9 @@ class StepFunctions:
         else:
             copies = x.reshape(y.shape[0], -1, *x.shape[1:])
             per_example = jax.vmap(jax.grad(self._example_loss), in_axes=(None, 0, 0))(params, copies, y)
-            local = clipped_sum(apply_mask(per_example, trainable), mask, clip_norm)
+            # issue #20: "normalize" is the vmap path with per-example normalisation instead of clipping.
+            combine = normalized_sum if path == "normalize" else clipped_sum
+            local = combine(apply_mask(per_example, trainable), mask, clip_norm)
         return jax.lax.psum(local, "data") if reduce else local
 
     def _accumulate(self, params: PyTree, acc: PyTree, x: jax.Array, y: jax.Array,

@@ -128,6 +128,9 @@ class RunConfig:
     loader_workers: int = setting("loader_workers")
     # Issue #18: a dptune.trainer.resume.Checkpointer — in-trial checkpoints, and resuming from the last one.
     resume: Any = None
+    # Issue #20 (dptune.search.modes, subset tuning): the public Poisson rate q when the training split is a
+    # secret random subset, whose size must not set q; the expected batch is then ``batch_size``. None: B/N.
+    sampling_rate: float | None = None
 
 
 @dataclass
@@ -399,14 +402,17 @@ def train_and_evaluate(
         trained without privacy on this dataset.
     """
     n = len(dataset.train)
-    hparams.validate(n, config.private)
+    # issue #20: with a public rate, the expected batch is not bounded by the (secret) size of the split.
+    hparams.validate(n if config.sampling_rate is None else max(n, hparams.batch_size), config.private)
     aug = config.augmentation
     if not dataset.pixels and (aug.multiplicity > 1 or aug.shift or aug.flip):
         raise ConfigError("augmentation", "shifts and flips are for images (H, W, C); this dataset's inputs "
                                           f"{dataset.image_shape} are not; remove the augmentation section")
     if steps < 1:
         raise ConfigError("steps", f"must be >= 1, got {steps}")
-    q = hparams.batch_size / n
+    q = hparams.batch_size / n if config.sampling_rate is None else config.sampling_rate  # issue #20: subset
+    if not 0 < q <= 1:
+        raise ConfigError("sampling_rate", f"must be in (0, 1], got {q}")
     clip_norm = hparams.clip_norm if config.private else math.inf
     sigma = hparams.noise_multiplier if config.private else 0.0
 

@@ -1,0 +1,291 @@
+"""Cheaper tuning (issue #20): tune on something cheaper than the released run, then one final run.
+
+A study with ``search: {mode: …}`` runs *proxy* trials, each a cheaper stand-in
+for a full DP-SGD run of the hyperparameters it sampled, then (``dptune study
+finalize``, :func:`dptune.search.proxy.finalize`) ONE final run on the private
+data with the best proxy's hyperparameters, transferred by the rule of the
+mode. Only the final run's model is released (proxies save none).
+
+Every trial samples the search space as an ordinary trial would and plans the
+*full-scale* run: batch B, steps T = ⌈epochs/q⌉ at q = B/N, and σ calibrated so
+that those T steps spend ``privacy.epsilon`` (or T derived from a sampled σ).
+The modes differ in what the proxy runs instead:
+
+* ``public`` (``dataset: D``): the full-scale run planned on D's N_D, trained
+  with DP-SGD on D. It reads no private example: no privacy cost. Transfer:
+  keep q and T (B = round(q·N)), the learning rate, C and the optimizer; σ
+  calibrated to ``privacy.epsilon`` for (q, T) on the private data.
+* ``scaled`` (``factor: k``; TAN, Sander et al. 2023, "TAN without a burn"):
+  batch B/k and σ/k for the same T, so σ/B (the noise in the averaged
+  gradient) is unchanged at 1/k of the compute. On the private data each proxy
+  is DP-SGD at (q/k, σ/k, T) and costs its own, larger, ε, composed into the
+  search total; with ``dataset: D`` the proxies run on public D at no cost.
+  Transfer: the planned full-scale run itself (B, σ, T).
+* ``subset`` (``fraction: γ``; Koskela & Kulkarni 2023, "Practical differentially
+  private hyperparameter tuning with subsampling"): DP-SGD at the full run's
+  (q, σ, T) on a secret random subset of the private training split, each
+  example in it independently with probability γ (so that removing one example
+  changes nothing but its own membership); the expected batch is γ·B. Each
+  proxy is accounted as DP-SGD at (q, σ, T), the full run's own mechanism:
+  sound (the subset can only amplify), not tight (no amplification by the
+  subsampling is claimed). Transfer: the planned full-scale run (B = γ·B/γ, σ, T).
+
+The search's ε is the RDP composition of every trial that read the private
+training data (the proxies of ``scaled`` and ``subset``; the final run in all
+modes) and a private initial checkpoint's recorded spend: a direct
+``dp_accounting`` computation of what ran (:func:`guarantee`).
+
+This module is JAX-free (:mod:`dptune.search.results` reads through it);
+running the proxies is :mod:`dptune.search.proxy`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from optuna.trial import FrozenTrial, TrialState
+
+from dptune.config.schema import Choice, Range, ResolvedStudy
+from dptune.errors import ConfigError
+from dptune.models.checkpoint import dataset_identity
+from dptune.privacy import accounting as privacy
+
+MODE_ATTR = "search_mode"  # study: the mode's settings and the sizes it was planned for
+PROXY_ATTR = "proxy_trial"  # trial: a tuning trial of a mode (its model is not kept)
+FULL_SCALE_ATTR = "full_scale"  # trial: the full-scale run the proxy stood in for
+FINAL_ATTR = "final_run"  # trial: the mode's final run (the released model)
+FINAL_PLAN_ATTR = "final_plan"  # trial: the transferred hyperparameters the final run trains with
+FINAL_SOURCE_ATTR = "final_from_trial"  # trial: the proxy whose hyperparameters were transferred
+
+
+def check_clipping(resolved: ResolvedStudy) -> None:
+    """With ``clipping: normalize`` the clip norm only scales the update: refuse searching over it.
+
+    Raises:
+      ConfigError: ``search_space.clip_norm`` is a range or choices under ``clipping: normalize``.
+    """
+    if resolved.study.clipping != "normalize":
+        return
+    if isinstance(resolved.space.clip_norm, (Range, Choice)):
+        raise ConfigError("search_space.clip_norm", "with clipping: normalize every example is scaled to norm C, "
+                          "so C only scales the update (with the learning rate, η = lr·C); give it one value "
+                          "(e.g. clip_norm: 1) and search the (effective) learning rate")
+
+
+def _batch_values(spec: Any, n: int) -> list[tuple[str, float]]:
+    if isinstance(spec, Range):
+        return [("low", spec.low), ("high", n if spec.high == "full" else spec.high)]
+    if isinstance(spec, Choice):
+        return [("choices", n if c == "full" else float(c)) for c in spec.choices]
+    return [("", n if spec == "full" else float(spec))]
+
+
+def check_create(resolved: ResolvedStudy, n_private: int, delta: float | None,
+                 public: tuple[str, int, tuple[int, ...], int] | None,
+                 private_shape: tuple[tuple[int, ...], int]) -> dict[str, Any] | None:
+    """Refuse a mode that cannot run or be accounted as configured; the study attribute that records it.
+
+    Args:
+      resolved: the study.
+      n_private: N, the private training split's size.
+      delta: the study's δ.
+      public: (name, N_D, image shape, classes) of the mode's public dataset, if it names one.
+      private_shape: (image shape, classes) of the private data.
+
+    Returns:
+      ``{"mode", "factor", "fraction", "dataset", "n_private", "n_plan"}`` or None without a mode.
+
+    Raises:
+      ConfigError: naming the field and why (e.g. a factor that does not divide every batch size).
+    """
+    cfg, space = resolved.study, resolved.space
+    check_clipping(resolved)
+    mode = cfg.search
+    if mode is None:
+        return None
+    if cfg.privacy is None:
+        raise ConfigError("search.mode", "needs privacy: {epsilon: …}, the final run's budget (a non-private study "
+                          "or a private search has no private final run to transfer to)")
+    if cfg.search_budget is not None:
+        raise ConfigError("search_budget", f"not with search.mode {mode.mode}: the mode's total is the composition "
+                          "of its proxy trials and its final run, stated after the search")
+    n_plan = n_private
+    if mode.dataset is not None:
+        assert public is not None  # loaded by the caller for every mode that names a dataset
+        name, n_public, shape, classes = public
+        if dataset_identity(mode.dataset) == dataset_identity(cfg.dataset):
+            raise ConfigError("search.dataset", f"must be another, public dataset, not the private {cfg.dataset!r} "
+                              "(trials on it would spend privacy the search does not account)")
+        if (shape, classes) != private_shape:
+            raise ConfigError("search.dataset", f"{name!r} has images {shape} and {classes} classes, the private "
+                              f"data {private_shape[0]} and {private_shape[1]}; set image_size so that they match")
+        if delta is not None and delta >= 1 / n_public:
+            raise ConfigError("search.dataset", f"{name!r} has {n_public} training examples: δ = {delta:g} is not "
+                              f"below 1/N there; use a larger public dataset or set privacy.delta")
+        n_plan = n_public
+    if mode.mode == "scaled":
+        k = int(mode.factor or 0)
+        for where, v in _batch_values(space.batch_size, n_plan):
+            label = f"{where} = " if where else ""
+            if where in ("", "choices") and int(v) % k:
+                raise ConfigError("search.factor", f"{k} does not divide search_space.batch_size {label}{v:g}: "
+                                  "the proxies run at batch B/k with σ/k, which must be a whole batch")
+        if isinstance(space.batch_size, Range):
+            low, high = (float(v) for _, v in _batch_values(space.batch_size, n_plan))
+            if math.ceil(low / k) > math.floor(high / k):
+                raise ConfigError("search.factor", f"no multiple of {k} lies in search_space.batch_size "
+                                  f"[{low:g}, {high:g}]")
+    if mode.mode == "subset":
+        gamma = float(mode.fraction or 0)
+        if gamma * n_private < 1:
+            raise ConfigError("search.fraction", f"{gamma:g} of {n_private} training examples is less than one "
+                              "example")
+    return {"mode": mode.mode, "factor": mode.factor, "fraction": mode.fraction, "dataset": mode.dataset,
+            "n_private": n_private, "n_plan": n_plan}
+
+
+class ScaledBatch:
+    """A trial seen through the scaled mode: a sampled batch size is always a multiple of ``factor``.
+
+    A batch range [low, high] is sampled as B/k in [⌈low/k⌉, ⌊high/k⌋]
+    (Optuna records the proxy's batch B/k) and returned as B; choices and fixed
+    values are multiples of k already (checked at create).
+    """
+
+    def __init__(self, trial: Any, factor: int):
+        self.trial, self.factor = trial, factor
+
+    def suggest_int(self, name: str, low: int, high: int, *, log: bool = False) -> int:
+        if name != "batch_size":
+            return int(self.trial.suggest_int(name, low, high, log=log))
+        k = self.factor
+        return k * int(self.trial.suggest_int(name, -(-low // k), high // k, log=log))
+
+    def suggest_float(self, name: str, low: float, high: float, *, log: bool = False) -> float:
+        return float(self.trial.suggest_float(name, low, high, log=log))
+
+    def suggest_categorical(self, name: str, choices: Any) -> Any:
+        return self.trial.suggest_categorical(name, choices)
+
+
+def final_plan(mode: dict[str, Any], winner: FrozenTrial, epsilon: float, delta: float,
+               accountant: privacy.Accountant) -> dict[str, Any]:
+    """The final run's hyperparameters, steps and rate, transferred from the best proxy by the mode's rule.
+
+    Planned on the private data (``n_plan`` = N): the very run the proxy stood in
+    for (B, σ, T). Planned on a public dataset: q and T kept, B = round(q·N), σ
+    calibrated so that T steps at B/N spend ``epsilon``. The learning rate, C,
+    the optimizer, momentum, averaging and trainable layers are the proxy's.
+
+    Returns:
+      ``{"hparams": {…}, "steps": T, "sampling_rate": B/N}``.
+    """
+    a = winner.user_attrs
+    full = a[FULL_SCALE_ATTR]
+    n = int(mode["n_private"])
+    steps = int(full["steps"])
+    if int(mode["n_plan"]) == n:
+        batch, sigma = int(full["batch_size"]), float(full["noise_multiplier"])
+    else:
+        batch = min(n, max(1, round(float(full["sampling_rate"]) * n)))
+        sigma = privacy.noise_for_epsilon(batch / n, steps, epsilon, delta, accountant)
+    hparams = {"batch_size": batch, "learning_rate": float(a["learning_rate"]), "clip_norm": float(a["clip_norm"]),
+               "noise_multiplier": sigma, "optimizer": a["optimizer"], "momentum": float(a["momentum"]),
+               "ema_decay": float(a["ema_decay"]), "trainable": a["trainable"]}
+    return {"hparams": hparams, "steps": steps, "sampling_rate": batch / n}
+
+
+def is_final(t: FrozenTrial) -> bool:
+    return bool(t.user_attrs.get(FINAL_ATTR))
+
+
+def is_proxy(t: FrozenTrial) -> bool:
+    return bool(t.user_attrs.get(PROXY_ATTR))
+
+
+def final_trial(trials: Sequence[FrozenTrial]) -> FrozenTrial | None:
+    """The final run that finished (the last one, if a failed one was retried)."""
+    done = [t for t in trials if is_final(t) and t.state == TrialState.COMPLETE]
+    return done[-1] if done else None
+
+
+def best_proxy(trials: Sequence[FrozenTrial]) -> FrozenTrial | None:
+    """The completed proxy with the best validation accuracy (ties: the earlier one)."""
+    done = [t for t in trials if is_proxy(t) and t.state == TrialState.COMPLETE and t.value is not None
+            and math.isfinite(t.value)]
+    return max(done, key=lambda t: (t.value, -t.number)) if done else None
+
+
+def _compute(trials: Sequence[FrozenTrial]) -> dict[str, int]:
+    def total(ts: Sequence[FrozenTrial], key: str) -> int:
+        return sum(int(t.user_attrs.get(key, 0) or 0) for t in ts)
+
+    proxies = [t for t in trials if is_proxy(t)]
+    finals = [t for t in trials if is_final(t)]
+    return {"proxy_examples": total(proxies, "examples_processed"), "proxy_steps": total(proxies, "steps"),
+            "final_examples": total(finals, "examples_processed"), "final_steps": total(finals, "steps"),
+            "examples_processed": total(trials, "examples_processed"), "trial_steps": total(trials, "steps")}
+
+
+def describe(mode: dict[str, Any]) -> str:
+    """The mode and its accounting in one sentence."""
+    where = f"the public dataset {mode['dataset']!r}" if mode.get("dataset") else "the private training split"
+    if mode["mode"] == "public":
+        return (f"Hyperparameters tuned with DP-SGD on {where}, which holds no private example and costs no "
+                "privacy; transferred keeping q = B/N and the steps, σ calibrated to the budget.")
+    if mode["mode"] == "scaled":
+        cost = ("no privacy (public data)" if mode.get("dataset") else
+                "each proxy counted at its own (q/k, σ/k, T)")
+        return (f"Scaled proxies (TAN, Sander et al. 2023) on {where}: batch B/{mode['factor']} and σ/{mode['factor']}"
+                f" for the same steps (σ/B unchanged), {cost}; the final run is the winner's full-scale (B, σ, T).")
+    return (f"Subset tuning (Koskela & Kulkarni 2023): proxies train on a secret random {mode['fraction']:g} of the "
+            "private training split, each counted as DP-SGD at the full run's (q, σ, T) (no amplification by the "
+            "subsampling claimed); the final run is the winner's full-scale run.")
+
+
+def guarantee(study_attrs: dict[str, Any], trials: Sequence[FrozenTrial],
+              spends: Sequence[tuple[float, float, int]], prior: Sequence[tuple[float, float, int]],
+              totals: dict[str, float], prior_text: str) -> dict[str, Any]:
+    """The search's guarantee for a study with a mode: the composition of what ran, the final run, the compute.
+
+    ``spends``: (q, σ, T) of every trial that read the private training data;
+    ``totals``: their RDP/PLD composition with ``prior``.
+    """
+    from dptune.privacy import search_totals
+
+    mode = study_attrs[MODE_ATTR]
+    delta = study_attrs.get("delta")
+    final = final_trial(trials)
+    winner = best_proxy(trials)
+    proxy_spends = [(float(t.user_attrs["sampling_rate"]), float(t.user_attrs["noise_multiplier"]),
+                     int(t.user_attrs.get("steps") or 0)) for t in trials
+                    if is_proxy(t) and t.user_attrs.get("touched_data") and t.user_attrs.get("steps")]
+    proxy_eps = search_totals.composed_epsilon(proxy_spends, delta)["rdp"] if delta else math.nan
+    released = None
+    if final is not None:
+        a = final.user_attrs
+        released = {"trial": final.number, "epsilon": a.get("epsilon_spent"), "val_accuracy": a.get("val_accuracy"),
+                    "test_accuracy": a.get("test_accuracy"), "from_trial": a.get(FINAL_SOURCE_ATTR),
+                    "batch_size": a.get("batch_size"), "noise_multiplier": a.get("noise_multiplier"),
+                    "steps": a.get("steps")}
+    state = ("" if final is not None else
+             " Not finalized: no model is released until `dptune study finalize` has run the final run.")
+    if len(spends) + len(prior) == 1:
+        # One DP-SGD run read the private data (its proxies read none): its own PLD bound holds; nothing composes.
+        total, how = totals["pld"], f"The one run that trained on the private data (PLD): ε = {totals['pld']:.4g}."
+    else:
+        total, how = totals["rdp"], (f"Composition of the {len(spends)} run(s) that trained on the private data, "
+                                     f"each at the steps it took (RDP): ε = {totals['rdp']:.4g}; proxies alone "
+                                     f"ε = {proxy_eps:.4g}.")
+    text = f"{describe(mode)} {how}{prior_text} Releasing the final run's model is covered by this total." + state
+    return {
+        "mode": "composition", "search_mode": mode["mode"], "total_epsilon": total,
+        "total_epsilon_pld_if_nonadaptive": totals["pld"], "delta": delta,
+        "per_trial_epsilon": study_attrs.get("epsilon_target"), "trials_touching_data": len(spends),
+        "proxy_epsilon": proxy_eps, "final": released, "finalized": final is not None,
+        "best_proxy": None if winner is None else {"trial": winner.number, "value": winner.value},
+        "compute": _compute(trials), "settings": {k: v for k, v in mode.items() if v is not None},
+        "guarantee": text,
+    }

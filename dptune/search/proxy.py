@@ -1,0 +1,217 @@
+"""Running a cheaper-tuning study's trials (issue #20): the proxies, and the final run (:func:`finalize`).
+
+The rules (what a proxy runs, how its hyperparameters transfer, how it is
+accounted) are in :mod:`dptune.search.modes`; this module builds the data and
+the plan each trial trains with. The objective calls :meth:`ModeRunner.setup`
+in place of its own planning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import optuna
+from optuna.trial import TrialState
+
+from dptune.config.schema import ResolvedStudy
+from dptune.data.datasets import ArraySplit, Dataset, RecordSplit, load_dataset
+from dptune.errors import ConfigError, DataError, PrivacyError, StudyError
+from dptune.privacy import accounting as privacy
+from dptune.randomness import SecretSeed
+from dptune.search import modes
+from dptune.search.space import Infeasible, TrialPlan, plan_trial
+from dptune.trainer.train import Hyperparams, PrivacyBudget
+
+__all__ = ["ModeRunner", "TrialSetup", "finalize", "public_dataset", "secret_subset", "subset_dataset"]
+
+
+def public_dataset(resolved: ResolvedStudy) -> Dataset | None:
+    """The public dataset a mode's proxies train on (None if the mode names none).
+
+    Raises:
+      ConfigError: it cannot be read.
+    """
+    cfg = resolved.study
+    if cfg.search is None or cfg.search.dataset is None:
+        return None
+    try:
+        return load_dataset(cfg.search.dataset, data_dir=cfg.data_dir, seed=cfg.seed, image_size=cfg.image_size)
+    except DataError as e:
+        raise ConfigError("search.dataset", str(e).removeprefix("dataset: ")) from None
+
+
+def secret_subset(num_examples: int, fraction: float, secret: SecretSeed) -> np.ndarray:
+    """Positions of a random subset of the training split: each example in it independently w.p. ``fraction``.
+
+    Guarantee: the choice depends only on ``secret`` (never on the public seed),
+    and each example's membership is independent of every other's, so that
+    adding or removing one example changes only its own membership: a DP-SGD
+    run on the subset at a public rate q is, for the whole split, no less
+    private than DP-SGD at q (add-or-remove adjacency). Its size is as secret
+    as the data.
+    """
+    if not 0 < fraction < 1:
+        raise ConfigError("search.fraction", f"must be in (0, 1), got {fraction}")
+    coins = secret.child("subset tuning").sampler().random(num_examples)
+    return np.flatnonzero(coins < fraction)
+
+
+def subset_dataset(data: Dataset, positions: np.ndarray) -> Dataset:
+    """``data`` whose training split holds only ``positions`` (validation, test and split record unchanged)."""
+    train = data.train
+    if isinstance(train, ArraySplit):
+        part: Any = ArraySplit(train.images[positions], train.labels[positions])
+    elif isinstance(train, RecordSplit):
+        part = RecordSplit(train.source, train.indices[positions], train.decode)
+    else:
+        raise ConfigError("search.mode", f"subset tuning cannot take a subset of a {type(train).__name__}")
+    return dataclasses.replace(data, train=part)
+
+
+@dataclass
+class TrialSetup:
+    """What one trial of a mode trains: the plan that runs, its data, its budget, and what to record."""
+
+    plan: TrialPlan
+    dataset: Dataset
+    budget: PrivacyBudget
+    touched: bool  # reads the private training split (counted in the search's ε)
+    final: bool
+    sampling_rate: float | None = None  # the subset's public rate (its size is secret)
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+
+class ModeRunner:
+    """Plans each trial of a study with ``search: {mode: …}`` (one per worker process)."""
+
+    def __init__(self, resolved: ResolvedStudy, private: Dataset, budget: PrivacyBudget, mode: dict[str, Any],
+                 study_name: str):
+        self.resolved = resolved
+        self.private = private
+        self.budget = budget
+        self.mode = mode
+        self.public = public_dataset(resolved)
+        self.study_name = study_name
+        self._subset: Dataset | None = None
+        self.subset_positions: np.ndarray | None = None  # secret: never recorded anywhere
+
+    def subset(self) -> Dataset:
+        """The private data restricted to this worker's secret subset (drawn once per process).
+
+        With a fixed ``private_seed`` every worker draws the same subset; otherwise each
+        process draws its own from the OS. Either way each proxy is DP-SGD on a subset
+        chosen independently of the data, which is all its accounting needs.
+        """
+        if self._subset is None:
+            seed = self.resolved.study.private_seed
+            secret = (SecretSeed.from_os() if seed is None
+                      else SecretSeed.from_int(seed).child(f"study {self.study_name}"))
+            self.subset_positions = secret_subset(len(self.private.train), float(self.mode["fraction"]), secret)
+            self._subset = subset_dataset(self.private, self.subset_positions)
+        return self._subset
+
+    def setup(self, trial: optuna.Trial) -> TrialSetup:
+        """Sample (or, for the final run, read) the trial's plan and say what it trains on.
+
+        Raises:
+          Infeasible: the sample cannot train within the budget (the trial is then pruned, unread data).
+        """
+        cfg = self.resolved.study
+        if trial.user_attrs.get(modes.FINAL_ATTR):
+            stored = trial.user_attrs[modes.FINAL_PLAN_ATTR]
+            hp = Hyperparams(**stored["hparams"])
+            plan = TrialPlan(hparams=hp, steps=int(stored["steps"]), sampling_rate=float(stored["sampling_rate"]),
+                             max_steps_by_budget=int(stored["steps"]), derived="transferred")
+            return TrialSetup(plan, self.private, self.budget, touched=True, final=True)
+        name = self.mode["mode"]
+        data = self.public if self.mode.get("dataset") else self.private
+        assert data is not None
+        n_plan = len(data.train)
+        k = int(self.mode.get("factor") or 1)
+        sampler = modes.ScaledBatch(trial, k) if name == "scaled" else trial
+        full = plan_trial(sampler, self.resolved.space, n_plan, self.budget, cfg.budget)
+        hp, steps = full.hparams, full.steps
+        scale = {"batch_size": hp.batch_size, "sampling_rate": full.sampling_rate,
+                 "noise_multiplier": hp.noise_multiplier, "steps": steps, "epochs": full.epochs}
+        attrs: dict[str, Any] = {modes.PROXY_ATTR: True, modes.FULL_SCALE_ATTR: scale}
+        budget, rate = self.budget, None
+        if name == "scaled":
+            hp = dataclasses.replace(hp, batch_size=hp.batch_size // k, noise_multiplier=hp.noise_multiplier / k)
+            q = hp.batch_size / n_plan
+            try:
+                eps = privacy.epsilon(q, hp.noise_multiplier, steps, self.budget.delta, self.budget.accountant)
+                privacy.validate(epsilon=eps)
+            except PrivacyError as e:
+                raise Infeasible(f"the proxy at batch {hp.batch_size}, σ = {hp.noise_multiplier:.4g} for {steps} "
+                                 f"steps cannot be accounted ({e})") from None
+            # The proxy's own ε (larger than the budget's on private data): what the trainer may spend.
+            budget = dataclasses.replace(self.budget, epsilon=eps)
+            proxy = TrialPlan(hparams=hp, steps=steps, sampling_rate=q, max_steps_by_budget=full.max_steps_by_budget,
+                              derived=f"scaled_1/{k}")
+        elif name == "subset":
+            gamma = float(self.mode["fraction"])
+            data = self.subset()
+            # The full run's q, σ and T on the subset: the expected batch is γ·B.
+            hp = dataclasses.replace(hp, batch_size=max(1, round(gamma * hp.batch_size)))
+            rate = full.sampling_rate
+            proxy = dataclasses.replace(full, hparams=hp, derived=f"subset_{gamma:g}")
+        else:
+            proxy = full
+        return TrialSetup(proxy, data, budget, touched=data is not self.public, final=False, sampling_rate=rate,
+                          attrs=attrs)
+
+
+def finalize(study: optuna.Study | str, storage: str | None = None) -> optuna.Study:
+    """Run the final run of a cheaper-tuning study: the best proxy's hyperparameters, transferred, on the private data.
+
+    The final run is a trial of the same study (user attribute ``final_run``),
+    run by :func:`dptune.search.study.optimize`, so that its spend is recorded
+    and composed like every other trial's; its model is the one the study keeps
+    and releases. After it, the study takes no more proxy trials.
+
+    Args:
+      study: the study or its name.
+      storage: its storage URL (default: where it was opened).
+
+    Returns:
+      The study, with the final run finished.
+
+    Raises:
+      StudyError: no mode, no completed proxy yet, or already finalized.
+
+    Guarantee: the search's ε (:func:`dptune.search.results.search_guarantee`) is then the RDP
+    composition of every proxy that read the private training split and of the final run.
+    """
+    from dptune.search import study as driver
+
+    url: str | None = storage
+    if isinstance(study, optuna.Study):
+        url = driver.storage_url(study, storage)
+        name = study.study_name
+    else:
+        name = study
+    loaded, resolved = driver.load(name, url)
+    mode = loaded.user_attrs.get(modes.MODE_ATTR)
+    if mode is None:
+        raise StudyError(f"study_name: {name!r} has no search mode (search: {{mode: …}}); its best trial is its "
+                         "result")
+    trials = loaded.get_trials(deepcopy=False)
+    if any(modes.is_final(t) and t.state in (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)
+           for t in trials):
+        raise StudyError(f"study_name: {name!r} is finalized already (its final run is recorded)")
+    winner = modes.best_proxy(trials)
+    if winner is None:
+        raise StudyError(f"study_name: {name!r} has no completed proxy trial yet; run dptune optimize first")
+    cfg = resolved.study
+    assert cfg.privacy is not None  # a mode needs one (checked at create)
+    plan = modes.final_plan(mode, winner, cfg.privacy.epsilon, float(loaded.user_attrs["delta"]),
+                            cfg.privacy.accountant)
+    if not math.isfinite(plan["hparams"]["noise_multiplier"]):
+        raise StudyError("final_plan: the transferred run cannot meet the budget")
+    loaded.enqueue_trial({}, user_attrs={modes.FINAL_ATTR: True, modes.FINAL_PLAN_ATTR: plan,
+                                         modes.FINAL_SOURCE_ATTR: winner.number})
+    return driver.optimize(loaded, url, n_trials=1)
