@@ -7,6 +7,8 @@ total ε as dptune states it (RDP composition of everything that read the
 private training data), the examples processed by all trials and the wall time.
 
     PYTHONPATH=. JAX_PLATFORMS=cpu python benchmarks/tuning_modes.py --dataset digits --trials 6 --epochs 2 --seeds 2
+    PYTHONPATH=. JAX_PLATFORMS=cpu python benchmarks/tuning_modes.py --base studies/mnist5k_eps3.yaml --trials 15 \
+        --seeds 3 --modes ordinary,scaled_public,subset
 
 Modes: ``ordinary`` (every trial on the private data at ε each; the baseline),
 ``public`` (trials on the other built-in dataset, resized to the same shape),
@@ -22,6 +24,8 @@ import tempfile
 import time
 from typing import Any
 
+import yaml
+
 import dptune
 
 PUBLIC = {"digits": ("mnist5k", 8), "mnist5k": ("digits", 28)}
@@ -29,6 +33,14 @@ PUBLIC = {"digits": ("mnist5k", 8), "mnist5k": ("digits", 28)}
 
 def config(name: str, dataset: str, mode: dict[str, Any] | None, args: argparse.Namespace, seed: int) -> dict[str, Any]:
     public, size = PUBLIC[dataset]
+    if args.base:
+        # A study file as users run it (e.g. the README's default study), with the mode added.
+        with open(args.base) as f:
+            base: dict[str, Any] = yaml.safe_load(f)
+        base.update(name=name, seed=seed, private_seed=1000 + seed, image_size=PUBLIC[base["dataset"]][1])
+        if mode is not None:
+            base["search"] = {k: (PUBLIC[base["dataset"]][0] if v == "PUBLIC" else v) for k, v in mode.items()}
+        return base
     cfg: dict[str, Any] = {
         "name": name, "dataset": dataset, "image_size": size, "privacy": {"epsilon": args.epsilon},
         "budget": {"max_epochs": args.epochs}, "microbatch_size": args.microbatch, "seed": seed,
@@ -75,6 +87,7 @@ def main() -> None:
     p.add_argument("--microbatch", type=int, default=64)
     p.add_argument("--clipping", default="auto", choices=("auto", "vmap", "normalize"))
     p.add_argument("--modes", default="ordinary,public,scaled,scaled_public,subset")
+    p.add_argument("--base", help="a study file to run each mode on (its dataset, space, sampler, pruner, budget)")
     args = p.parse_args()
     all_modes: dict[str, dict[str, Any] | None] = {
         "ordinary": None,
@@ -90,14 +103,20 @@ def main() -> None:
         for label in ("public", "ordinary"):
             run_one(f"warmup_{label}", all_modes[label], warm, 99, folder)
         for label in args.modes.split(","):
-            runs = [run_one(label, all_modes[label], args, seed, folder) for seed in range(args.seeds)]
+            runs = []
+            for seed in range(args.seeds):
+                runs.append(run_one(label, all_modes[label], args, seed, folder))
+                print(f"{label} seed {seed}: {runs[-1]}", flush=True)
             row = {k: statistics.mean(r[k] for r in runs) for k in runs[0]}
             row["test_sd"] = statistics.pstdev(r["test"] for r in runs)
             rows.append((label, row))
             print(f"{label}: {row}", flush=True)
     base = rows[0][1]
-    print(f"\n{args.dataset}, {args.trials} tuning trials + final run, {args.epochs:g} epochs, ε = {args.epsilon:g} "
-          f"per run, clipping {args.clipping}, mean ± sd over {args.seeds} seeds")
+    if args.base:
+        print(f"\n{args.base}, {args.trials} tuning trials (+ final run for a mode), mean ± sd over {args.seeds} seeds")
+    else:
+        print(f"\n{args.dataset}, {args.trials} tuning trials + final run, {args.epochs:g} epochs, "
+              f"ε = {args.epsilon:g} per run, clipping {args.clipping}, mean ± sd over {args.seeds} seeds")
     print("| mode | released test acc | total ε | final run ε | examples processed (tuning) | trial-steps | wall s |")
     print("|---|---|---|---|---|---|---|")
     for label, r in rows:

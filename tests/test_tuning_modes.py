@@ -5,6 +5,9 @@ secret."""
 from __future__ import annotations
 
 import math
+import os
+import stat
+import tempfile
 
 import numpy as np
 import optuna
@@ -104,8 +107,18 @@ def test_subset_trials_are_the_full_mechanism_on_a_secret_subset_and_compose(tmp
         assert a["examples_processed"] == 128 * steps
     f = finals[0].user_attrs
     assert (f["batch_size"], f["steps"]) == (256, steps)
-    runs = [(256 / n, sigma, steps)] * 3
-    assert summarize(study).search["total_epsilon"] == pytest.approx(_direct(runs, delta), rel=1e-6)
+    plain = _direct([(256 / n, sigma, steps)] * 3, delta)
+    # One secret subset for every proxy: their composition at δ/2 amplified by γ = 0.5 (Balle et al. 2018), plus
+    # the final run's own PLD ε at δ/2; the smaller of that and the plain composition is stated.
+    inner = _direct([(256 / n, sigma, steps)] * 2, delta / 2)
+    final = PLDAccountant().compose(dp_event.SelfComposedDpEvent(dp_event.PoissonSampledDpEvent(
+        256 / n, dp_event.GaussianDpEvent(sigma)), steps)).get_epsilon(delta / 2)
+    amplified = math.log(1 + 0.5 * (math.exp(inner) - 1)) + final
+    assert len({t.user_attrs[modes.SUBSET_ATTR] for t in proxies}) == 1
+    g = summarize(study).search
+    assert g["total_epsilon"] == pytest.approx(min(plain, amplified), rel=1e-6)
+    assert g["subset_amplification"]["claimed"] and g["subset_amplification"]["total"] == pytest.approx(amplified,
+                                                                                                      rel=1e-6)
     # Shown where people look: study show (--json) and the report.
     import json
 
@@ -184,9 +197,10 @@ def test_the_subset_is_chosen_by_the_secret_not_by_the_public_seed():
     data = load_dataset("digits")
     budget = PrivacyBudget(EPS, 1e-5)
 
-    def positions(seed: int, private_seed: int | None) -> np.ndarray:
+    def positions(seed: int, private_seed: int | None, folder: str | None = None) -> np.ndarray:
         resolved = resolve(_config("sub", {"mode": "subset", "fraction": 0.3}, seed=seed, private_seed=private_seed))
-        runner = proxy.ModeRunner(resolved, data, budget, {"mode": "subset", "fraction": 0.3}, "sub")
+        runner = proxy.ModeRunner(resolved, data, budget, {"mode": "subset", "fraction": 0.3}, "sub",
+                                  folder or tempfile.mkdtemp())
         runner.subset()
         assert runner.subset_positions is not None
         return runner.subset_positions
@@ -195,7 +209,64 @@ def test_the_subset_is_chosen_by_the_secret_not_by_the_public_seed():
     assert np.array_equal(same, positions(123, 7))  # the public seed plays no part
     assert not np.array_equal(same, positions(0, 8))  # the secret decides
     assert not np.array_equal(positions(0, None), positions(0, None))  # by default full entropy from the OS
+    shared = tempfile.mkdtemp()  # the workers of one study share its private folder, hence its one subset
+    assert np.array_equal(positions(0, None, shared), positions(5, None, shared))
     assert abs(len(same) / len(data.train) - 0.3) < 0.06
     a = proxy.secret_subset(1000, 0.3, SecretSeed.from_int(1))
     assert np.array_equal(a, proxy.secret_subset(1000, 0.3, SecretSeed.from_int(1)))
     assert not np.array_equal(a, proxy.secret_subset(1000, 0.3, SecretSeed.from_int(2)))
+
+
+def test_the_subset_secret_is_owner_only_full_entropy_and_its_id_says_nothing(tmp_path):
+    secret, ident = proxy.subset_secret(str(tmp_path))
+    again, ident2 = proxy.subset_secret(str(tmp_path))  # a second worker reads the first one's
+    assert (secret.bits, ident) == (again.bits, ident2) and not secret.fixed
+    path = os.path.join(tmp_path, proxy.SUBSET_SECRET)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert sorted(os.listdir(tmp_path)) == [proxy.SUBSET_SECRET]  # no temporary file left behind
+    os.makedirs(tmp_path / "elsewhere")
+    other, other_id = proxy.subset_secret(str(tmp_path / "elsewhere"))
+    assert other.bits != secret.bits and other_id != ident
+    assert ident not in secret.bits.hex()
+
+
+def test_proxies_on_more_than_one_subset_claim_no_amplification():
+    from optuna.distributions import FloatDistribution
+
+    def proxy_trial(number: int, subset: str | None) -> optuna.trial.FrozenTrial:
+        attrs = {modes.PROXY_ATTR: True, "touched_data": True}
+        if subset is not None:
+            attrs[modes.SUBSET_ATTR] = subset
+        return optuna.trial.create_trial(value=0.5, params={"x": 0.5}, distributions={"x": FloatDistribution(0, 1)},
+                                         user_attrs=attrs)
+
+    mode = {"mode": "subset", "fraction": 0.1}
+    runs = ([(0.01, 3.0, 100)] * 2, [(0.01, 3.0, 100)])
+    one = modes._subset_amplification(mode, [proxy_trial(0, "a"), proxy_trial(1, "a")], runs, (), 1e-5)
+    assert one is not None and one["claimed"] and one["total"] < _direct([(0.01, 3.0, 100)] * 3, 1e-5)
+    for ids in (("a", "b"), ("a", None)):
+        two = modes._subset_amplification(mode, [proxy_trial(0, ids[0]), proxy_trial(1, ids[1])], runs, (), 1e-5)
+        assert two is not None and not two["claimed"] and "subsets" in two["reason"]
+
+
+def test_amplification_by_subsampling_is_the_theorem_and_never_more_than_the_mechanism():
+    from dptune.privacy.search_totals import amplified_by_subset
+
+    for eps in (0.1, 1.0, 5.0, 30.0):
+        for gamma in (0.01, 0.3, 1.0):
+            e, d = amplified_by_subset(eps, 1e-6, gamma)
+            assert e == pytest.approx(math.log(1 + gamma * (math.exp(eps) - 1)), rel=1e-12)
+            assert e <= eps + 1e-12 and d == pytest.approx(gamma * 1e-6)
+    assert amplified_by_subset(math.inf, 1e-6, 0.5)[0] == math.inf
+
+
+def test_the_chosen_validation_score_gets_an_interval_that_widens_with_the_selection():
+    from dptune.search.results import accuracy_interval
+
+    low, high = accuracy_interval(0.9, 50)
+    assert (low, high) == (pytest.approx(0.7864, abs=5e-4), pytest.approx(0.9565, abs=5e-4))  # Wilson, 45 of 50
+    wide = accuracy_interval(0.9, 50, comparisons=40)
+    assert wide[0] < low and wide[1] > high
+    assert accuracy_interval(0.9, 5000)[1] - accuracy_interval(0.9, 5000)[0] < high - low
+    assert all(math.isnan(v) for v in accuracy_interval(0.9, 0))
+    assert accuracy_interval(1.0, 20)[1] == 1.0

@@ -180,6 +180,64 @@ def _compose(trials: tuple[tuple[float, float, int], ...], delta: float) -> dict
     }
 
 
+def amplified_by_subset(epsilon: float, delta: float, fraction: float) -> tuple[float, float]:
+    """(ε, δ) of a mechanism run on a Poisson subset of the data, from its (ε, δ) on the subset.
+
+    Amplification by Poisson subsampling under add-or-remove adjacency (Li,
+    Qardaji & Su 2012; Balle, Barthe & Gaboardi 2018, "Privacy Amplification by
+    Subsampling: Tight Analyses via Couplings and Divergences"; Steinke 2022,
+    "Composition of Differential Privacy & Privacy Amplification by
+    Subsampling", §6): if M is (ε', δ')-DP and every example
+    joins the subset independently with probability γ, secretly, then M run on
+    the subset is (log(1 + γ(e^ε' − 1)), γδ')-DP for the whole data. M may be
+    any (adaptive, interactive) procedure that reads the data only through the
+    subset — here the whole tuning phase of a study.
+
+    Args:
+      epsilon: ε' of the mechanism on the subset (may be inf).
+      delta: δ' of the mechanism on the subset.
+      fraction: γ, the probability with which each example is in the subset.
+
+    Returns:
+      (ε, δ) for the whole data.
+    """
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    if math.isinf(epsilon):
+        return math.inf, fraction * delta
+    return math.log1p(fraction * math.expm1(epsilon)), fraction * delta
+
+
+def subset_tuning_epsilon(tuning: Iterable[tuple[float, float, int]], rest: Iterable[tuple[float, float, int]],
+                          fraction: float, delta: float) -> dict[str, float]:
+    """ε of tuning on one secret Poisson subset of the data, then training on all of it (Koskela & Kulkarni 2023).
+
+    The tuning runs (q, σ, T) all read the same subset, each example in it
+    independently with probability γ = ``fraction``. Their adaptive RDP
+    composition gives (ε', δ/2) on the subset; amplification by subsampling
+    (:func:`amplified_by_subset`) gives (ε_tuning, γδ/2) for the whole data.
+    The runs on all of the data (``rest``: the final run, a private initial
+    checkpoint's training) are composed with RDP at δ/2 (PLD when only one run:
+    its own bound holds whatever hyperparameters the tuning chose), and the two
+    phases by basic composition: the total is (ε_tuning + ε_rest, δ) at most.
+
+    Guarantee: valid only when every tuning run read the one subset and the
+    subset was chosen with randomness independent of the data and of anything
+    published; with several subsets (e.g. workers that drew their own) use
+    :func:`composed_epsilon` of everything instead.
+
+    Returns:
+      ``{"tuning_on_subset", "tuning", "rest", "total"}`` (the ε of each part and of the whole).
+    """
+    tuning, rest = tuple(tuning), tuple(rest)
+    inner = composed_epsilon(tuning, delta / 2)["rdp"]
+    outer, _ = amplified_by_subset(inner, delta / 2, fraction)
+    steps = [r for r in rest if r[2] > 0]
+    parts = composed_epsilon(steps, delta / 2)
+    after = parts["pld"] if len(steps) == 1 else parts["rdp"]
+    return {"tuning_on_subset": inner, "tuning": outer, "rest": after, "total": outer + after}
+
+
 def default_filter_order(epsilon: float, delta: float) -> float:
     """A Rényi order for a filter capped at (ε, δ), fixed from public values before any trial runs.
 

@@ -23,12 +23,14 @@ The modes differ in what the proxy runs instead:
   Transfer: the planned full-scale run itself (B, σ, T).
 * ``subset`` (``fraction: γ``; Koskela & Kulkarni 2023, "Practical differentially
   private hyperparameter tuning with subsampling"): DP-SGD at the full run's
-  (q, σ, T) on a secret random subset of the private training split, each
+  (q, σ, T) on ONE secret random subset of the private training split, each
   example in it independently with probability γ (so that removing one example
-  changes nothing but its own membership); the expected batch is γ·B. Each
-  proxy is accounted as DP-SGD at (q, σ, T), the full run's own mechanism:
-  sound (the subset can only amplify), not tight (no amplification by the
-  subsampling is claimed). Transfer: the planned full-scale run (B = γ·B/γ, σ, T).
+  changes nothing but its own membership), shared by every worker; the
+  expected batch is γ·B. The proxies' adaptive RDP composition (ε' at δ/2) is
+  amplified by the subsampling to log(1 + γ(e^ε' − 1)) at γδ/2, and the final
+  run adds its own ε at δ/2 (basic composition); the plain composition of
+  everything also holds, and the smaller is stated. Transfer: the planned
+  full-scale run (B, σ, T).
 
 The search's ε is the RDP composition of every trial that read the private
 training data (the proxies of ``scaled`` and ``subset``; the final run in all
@@ -58,6 +60,7 @@ FULL_SCALE_ATTR = "full_scale"  # trial: the full-scale run the proxy stood in f
 FINAL_ATTR = "final_run"  # trial: the mode's final run (the released model)
 FINAL_PLAN_ATTR = "final_plan"  # trial: the transferred hyperparameters the final run trains with
 FINAL_SOURCE_ATTR = "final_from_trial"  # trial: the proxy whose hyperparameters were transferred
+SUBSET_ATTR = "subset_id"  # trial: the public id of the secret subset a subset proxy read
 
 
 def check_clipping(resolved: ResolvedStudy) -> None:
@@ -240,18 +243,41 @@ def describe(mode: dict[str, Any]) -> str:
                 "each proxy counted at its own (q/k, σ/k, T)")
         return (f"Scaled proxies (TAN, Sander et al. 2023) on {where}: batch B/{mode['factor']} and σ/{mode['factor']}"
                 f" for the same steps (σ/B unchanged), {cost}; the final run is the winner's full-scale (B, σ, T).")
-    return (f"Subset tuning (Koskela & Kulkarni 2023): proxies train on a secret random {mode['fraction']:g} of the "
-            "private training split, each counted as DP-SGD at the full run's (q, σ, T) (no amplification by the "
-            "subsampling claimed); the final run is the winner's full-scale run.")
+    return (f"Subset tuning (Koskela & Kulkarni 2023): proxies train on one secret random {mode['fraction']:g} of the "
+            "private training split, each as DP-SGD at the full run's (q, σ, T); the final run is the winner's "
+            "full-scale run.")
+
+
+def _subset_amplification(mode: dict[str, Any], proxies: Sequence[FrozenTrial],
+                          split: tuple[Sequence[tuple[float, float, int]], Sequence[tuple[float, float, int]]],
+                          prior: Sequence[tuple[float, float, int]], delta: float | None) -> dict[str, Any] | None:
+    """Subset tuning's amplified total, or None with the reason when amplification cannot be claimed."""
+    from dptune.privacy import search_totals
+
+    if mode["mode"] != "subset" or not delta:
+        return None
+    ids = {t.user_attrs.get(SUBSET_ATTR) for t in proxies}
+    if len(ids) > 1 or None in ids:
+        return {"claimed": False, "reason": (f"the proxies read {len(ids)} different subsets (or one without a "
+                                             "recorded subset), so the subsampling is not one draw")}
+    parts = search_totals.subset_tuning_epsilon(split[0], list(prior) + list(split[1]), float(mode["fraction"]),
+                                                delta)
+    return {"claimed": True, **parts}
 
 
 def guarantee(study_attrs: dict[str, Any], trials: Sequence[FrozenTrial],
               spends: Sequence[tuple[float, float, int]], prior: Sequence[tuple[float, float, int]],
-              totals: dict[str, float], prior_text: str) -> dict[str, Any]:
+              totals: dict[str, float], prior_text: str,
+              split: tuple[Sequence[tuple[float, float, int]], Sequence[tuple[float, float, int]]] = ((), ()),
+              proxies: Sequence[FrozenTrial] = ()) -> dict[str, Any]:
     """The search's guarantee for a study with a mode: the composition of what ran, the final run, the compute.
 
     ``spends``: (q, σ, T) of every trial that read the private training data;
-    ``totals``: their RDP/PLD composition with ``prior``.
+    ``totals``: their RDP/PLD composition with ``prior``; ``split``: the same
+    spends as (proxies, runs on all of the data); ``proxies``: the proxy
+    trials that read the private data. For subset tuning the total is the
+    smaller of the plain composition and the amplified bound
+    (:func:`dptune.privacy.search_totals.subset_tuning_epsilon`); both hold.
     """
     from dptune.privacy import search_totals
 
@@ -259,10 +285,8 @@ def guarantee(study_attrs: dict[str, Any], trials: Sequence[FrozenTrial],
     delta = study_attrs.get("delta")
     final = final_trial(trials)
     winner = best_proxy(trials)
-    proxy_spends = [(float(t.user_attrs["sampling_rate"]), float(t.user_attrs["noise_multiplier"]),
-                     int(t.user_attrs.get("steps") or 0)) for t in trials
-                    if is_proxy(t) and t.user_attrs.get("touched_data") and t.user_attrs.get("steps")]
-    proxy_eps = search_totals.composed_epsilon(proxy_spends, delta)["rdp"] if delta else math.nan
+    proxy_eps = search_totals.composed_epsilon(split[0], delta)["rdp"] if delta else math.nan
+    amplified = _subset_amplification(mode, proxies, split, prior, delta)
     released = None
     if final is not None:
         a = final.user_attrs
@@ -279,12 +303,22 @@ def guarantee(study_attrs: dict[str, Any], trials: Sequence[FrozenTrial],
         total, how = totals["rdp"], (f"Composition of the {len(spends)} run(s) that trained on the private data, "
                                      f"each at the steps it took (RDP): ε = {totals['rdp']:.4g}; proxies alone "
                                      f"ε = {proxy_eps:.4g}.")
+    if amplified is not None and amplified["claimed"] and amplified["total"] < total:
+        total, how = amplified["total"], (
+            f"The proxies all read one secret subset, each example in it with probability {mode['fraction']:g}: "
+            f"their composition (RDP) ε = {amplified['tuning_on_subset']:.4g} on the subset is amplified by the "
+            f"subsampling to {amplified['tuning']:.4g} (Balle et al. 2018; δ/2 · γ), and the run(s) on all of the "
+            f"data add {amplified['rest']:.4g} (δ/2): ε = {amplified['total']:.4g} in all "
+            f"(plain composition: {how[:-1]}).")
+    elif amplified is not None and not amplified["claimed"]:
+        how += f" No amplification by the subsampling is claimed: {amplified['reason']}."
     text = f"{describe(mode)} {how}{prior_text} Releasing the final run's model is covered by this total." + state
     return {
         "mode": "composition", "search_mode": mode["mode"], "total_epsilon": total,
         "total_epsilon_pld_if_nonadaptive": totals["pld"], "delta": delta,
         "per_trial_epsilon": study_attrs.get("epsilon_target"), "trials_touching_data": len(spends),
-        "proxy_epsilon": proxy_eps, "final": released, "finalized": final is not None,
+        "proxy_epsilon": proxy_eps, "subset_amplification": amplified, "final": released,
+        "finalized": final is not None,
         "best_proxy": None if winner is None else {"trial": winner.number, "value": winner.value},
         "compute": _compute(trials), "settings": {k: v for k, v in mode.items() if v is not None},
         "guarantee": text,

@@ -9,7 +9,10 @@ in place of its own planning.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
+import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,6 +63,39 @@ def secret_subset(num_examples: int, fraction: float, secret: SecretSeed) -> np.
     return np.flatnonzero(coins < fraction)
 
 
+SUBSET_SECRET = "subset.secret"
+
+
+def subset_secret(folder: str) -> tuple[SecretSeed, str]:
+    """The study's subset secret and its public id, created on first use in the study's private folder.
+
+    256 bits from the OS and a random 64-bit id, written owner-only (0600) and
+    published atomically (``os.link`` of a complete file: a second worker
+    either finds the whole file or creates it, never a half-written one).
+
+    Returns:
+      (secret, id). The id is random, not derived from the secret: it tells
+      nothing about which examples are in the subset.
+    """
+    import secrets as _secrets
+
+    path = os.path.join(folder, SUBSET_SECRET)
+    if not os.path.exists(path):
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".subset-")  # mkstemp creates it 0600
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump({"secret": _secrets.token_hex(32), "id": _secrets.token_hex(8)}, f)
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                pass  # another worker published first: use its subset
+        finally:
+            os.unlink(tmp)
+    with open(path) as f:
+        stored = json.load(f)
+    return SecretSeed(bytes.fromhex(stored["secret"])), str(stored["id"])
+
+
 def subset_dataset(data: Dataset, positions: np.ndarray) -> Dataset:
     """``data`` whose training split holds only ``positions`` (validation, test and split record unchanged)."""
     train = data.train
@@ -89,7 +125,7 @@ class ModeRunner:
     """Plans each trial of a study with ``search: {mode: …}`` (one per worker process)."""
 
     def __init__(self, resolved: ResolvedStudy, private: Dataset, budget: PrivacyBudget, mode: dict[str, Any],
-                 study_name: str):
+                 study_name: str, folder: str | None = None):
         self.resolved = resolved
         self.private = private
         self.budget = budget
@@ -98,18 +134,28 @@ class ModeRunner:
         self.study_name = study_name
         self._subset: Dataset | None = None
         self.subset_positions: np.ndarray | None = None  # secret: never recorded anywhere
+        self.folder = folder  # the study's private folder (owner-only), where the subset's secret lives
+        self.subset_id: str | None = None  # public: which subset a proxy read (the accounting groups by it)
 
     def subset(self) -> Dataset:
-        """The private data restricted to this worker's secret subset (drawn once per process).
+        """The private data restricted to the study's secret subset (drawn once, shared by its workers).
 
-        With a fixed ``private_seed`` every worker draws the same subset; otherwise each
-        process draws its own from the OS. Either way each proxy is DP-SGD on a subset
-        chosen independently of the data, which is all its accounting needs.
+        One subset for the whole study is what lets the tuning be amplified by
+        the subsampling (:func:`dptune.privacy.search_totals.subset_tuning_epsilon`).
+        Its secret comes from the study's fixed ``private_seed``, or else from
+        the OS, kept owner-only in the study's private folder so that every
+        worker that shares the folder draws the same subset
+        (:func:`subset_secret`). Each proxy records the subset's public id;
+        proxies on more than one subset are composed without amplification.
         """
         if self._subset is None:
             seed = self.resolved.study.private_seed
-            secret = (SecretSeed.from_os() if seed is None
-                      else SecretSeed.from_int(seed).child(f"study {self.study_name}"))
+            if seed is not None:
+                secret, self.subset_id = SecretSeed.from_int(seed).child(f"study {self.study_name}"), "private_seed"
+            else:
+                if self.folder is None:
+                    raise StudyError("subset tuning needs the study's private folder for its secret subset")
+                secret, self.subset_id = subset_secret(self.folder)
             self.subset_positions = secret_subset(len(self.private.train), float(self.mode["fraction"]), secret)
             self._subset = subset_dataset(self.private, self.subset_positions)
         return self._subset
@@ -159,6 +205,7 @@ class ModeRunner:
             hp = dataclasses.replace(hp, batch_size=max(1, round(gamma * hp.batch_size)))
             rate = full.sampling_rate
             proxy = dataclasses.replace(full, hparams=hp, derived=f"subset_{gamma:g}")
+            attrs[modes.SUBSET_ATTR] = self.subset_id
         else:
             proxy = full
         return TrialSetup(proxy, data, budget, touched=data is not self.public, final=False, sampling_rate=rate,

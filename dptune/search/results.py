@@ -9,6 +9,7 @@ defined once here.
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, cast
@@ -110,7 +111,9 @@ class StudySummary:
         if not self.private_search:
             return self.as_dict()
         # Timings too: only a worker's first trial compiles, and step times follow the realised batch sizes.
-        internal = {"number", "trial_id", "retry_of", "retries", "worker", "datetime_start", "datetime_complete",
+        # The selection-adjusted interval counts every validation reading, which bounds K.
+        internal = {"val_accuracy_interval_selection", "validation_readings",
+                    "number", "trial_id", "retry_of", "retries", "worker", "datetime_start", "datetime_complete",
                     "intermediate_values", "seed", "skipped_reason", "compile_seconds", "startup_seconds",
                     "wall_seconds", "examples_per_second"}
         best = None if self.best is None else {k: v for k, v in self.best.items() if k not in internal}
@@ -121,6 +124,32 @@ class StudySummary:
 
 # Private-search figures that reveal K (or bound it): kept out of the release.
 PRIVATE_SEARCH_INTERNAL = ("trials_drawn", "trials_run", "trials_touching_data", "internal_note")
+
+
+def accuracy_interval(accuracy: float | None, n: int, comparisons: int = 1, level: float = 0.95) -> tuple[float, float]:
+    """A Wilson score interval for an accuracy measured on ``n`` examples, Bonferroni-adjusted for selection.
+
+    The best trial is the maximum of many noisy validation readings: its score
+    is biased upwards (the winner's curse), by more the smaller the validation
+    split and the more readings were compared. With ``comparisons`` = m, the
+    interval is taken at level 1 − (1 − level)/m, so that it holds for all m
+    readings at once and hence for the selected one.
+
+    Args:
+      accuracy: the measured accuracy in [0, 1].
+      n: the number of validation examples it was measured on.
+      comparisons: how many readings the selection took the best of (≥ 1).
+      level: the coverage of the interval.
+
+    Returns:
+      (low, high), or (nan, nan) when ``n`` or ``accuracy`` is unknown.
+    """
+    if not n or n < 1 or accuracy is None or not math.isfinite(accuracy):
+        return math.nan, math.nan
+    z = statistics.NormalDist().inv_cdf(1 - (1 - level) / (2 * max(1, comparisons)))
+    centre = (accuracy + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(accuracy * (1 - accuracy) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def trial_record(t: FrozenTrial) -> dict[str, Any]:
@@ -272,7 +301,10 @@ def search_guarantee(study: optuna.Study) -> dict[str, Any]:
             + prior_text + ("" if complete else " Incomplete: trials remain; run dptune optimize until the search "
                             "is complete before releasing the result."))}
     if study.user_attrs.get(modes.MODE_ATTR) is not None:  # issue #20: proxies and a final run
-        return modes.guarantee(study.user_attrs, trials, spends, prior, totals, prior_text)
+        # The proxies apart from the runs on all of the data: subset tuning amplifies only the former.
+        proxies = [t for t in touched if modes.is_proxy(t)]
+        split = (resumed_spends(trials, proxies), resumed_spends(trials, [t for t in touched if not modes.is_proxy(t)]))
+        return modes.guarantee(study.user_attrs, trials, spends, prior, totals, prior_text, split, proxies)
     cap = study.user_attrs.get("search_budget")
     accounted = (f"Composition of the {len(spends)} trial(s) that trained on the data, each at the steps it took "
                  f"(RDP): ε = {totals['rdp']:.4g}.{prior_text}")
@@ -357,6 +389,15 @@ def summarize(study: optuna.Study) -> StudySummary:
         # issue #20: what a mode releases is its final run, never a proxy.
         final = modes.final_trial(trials)
         best = None if final is None else trial_record(final)
+    if best is not None:
+        # The winner's curse (issue #20): how far the chosen trial's validation score may be from its true accuracy.
+        n_val = int((study.user_attrs.get("split") or {}).get("validation") or 0)
+        score = best.get("val_accuracy") if best.get("value") is None else best["value"]
+        chosen_from = complete if study.user_attrs.get(modes.MODE_ATTR) is None else [modes.final_trial(trials)]
+        readings = sum(max(1, len(t.intermediate_values)) for t in chosen_from if t is not None)
+        best["val_accuracy_interval"] = list(accuracy_interval(score, n_val))
+        best["val_accuracy_interval_selection"] = list(accuracy_interval(score, n_val, readings))
+        best["validation_readings"] = readings
     return StudySummary(
         name=study.study_name,
         epsilon_target=study.user_attrs.get("epsilon_target", math.nan),

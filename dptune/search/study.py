@@ -430,7 +430,8 @@ def optimize(
             raise StudyError(f"study_name: {study_name!r} is finalized: its final run is recorded, and more proxy "
                              "trials would only add to its ε; create a new study to tune again")
         assert objective.budget is not None  # a mode needs a privacy budget (checked at create)
-        objective.mode = proxy.ModeRunner(resolved, dataset, objective.budget, mode, study_name)
+        objective.mode = proxy.ModeRunner(resolved, dataset, objective.budget, mode, study_name,
+                                          release.folder_of(study, url))
     objective.storage_url = url
     # A signal waits for the next check point (a training step, a finished trial), so that it
     # never cuts a storage write short.
