@@ -129,6 +129,8 @@ def test_subset_trials_are_the_full_mechanism_on_a_secret_subset_and_compose(tmp
     assert shown["search_mode"] == "subset" and shown["final"]["test_accuracy"] == f["test_accuracy"]
     assert shown["compute"]["proxy_examples"] == 2 * 128 * steps
     assert "Search mode subset" in report.render([study])
+    side = report.render([study, study])  # modes compared on one page: mode, released test accuracy, ε, compute
+    assert "Studies side by side" in side and f"{2 * 128 * steps:,} / {256 * steps:,}" in side
 
 
 @pytest.mark.slow

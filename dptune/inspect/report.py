@@ -92,6 +92,29 @@ def _study_section(study: optuna.Study, index: int) -> str:
     return "\n".join(parts)
 
 
+def _comparison_table(studies: Sequence[optuna.Study]) -> str:
+    """One row per study (issue #20): how it tuned, what it releases, at what total ε and for what compute."""
+    head = ("<tr><th>study</th><th>search mode</th><th>released model's test accuracy</th><th>total ε</th>"
+            "<th>examples processed (tuning / final)</th><th>trial-steps</th></tr>")
+    rows = []
+    for st in studies:
+        s = summarize(st)
+        g = s.search
+        mode = g.get("search_mode") or ("non-private" if s.non_private else f"ordinary ({g.get('mode')})")
+        if s.private_search:
+            # What a private search may publish: nothing that adds up over its secret number of trials.
+            compute, steps = "(secret: reveals K)", "(secret)"
+        elif "compute" in g:
+            w = g["compute"]
+            compute, steps = f"{w['proxy_examples']:,} / {w['final_examples']:,}", f"{s.trial_steps:,}"
+        else:
+            compute, steps = f"{s.examples_processed:,} / –", f"{s.trial_steps:,}"
+        test = None if s.best is None else s.best.get("test_accuracy")
+        rows.append(f"<tr><td>{html.escape(st.study_name)}</td><td>{html.escape(mode)}</td><td>{_fmt(test)}</td>"
+                    f"<td>{_fmt(g.get('total_epsilon'))}</td><td>{compute}</td><td>{steps}</td></tr>")
+    return f"<table class='top'>{head}{''.join(rows)}</table>"
+
+
 def render(studies: Sequence[optuna.Study]) -> str:
     """The report's HTML text."""
     sections = [_study_section(s, i) for i, s in enumerate(studies)]
@@ -106,6 +129,7 @@ def render(studies: Sequence[optuna.Study]) -> str:
         if rows:
             sections.insert(0, "<h2>Privacy–utility across studies</h2>"
                             + _fig_html(figures.privacy_utility_curve(rows), "fig-privacy-utility"))
+        sections.insert(0, "<h2>Studies side by side</h2>" + _comparison_table(studies))
     style = ("body{font-family:sans-serif;max-width:1100px;margin:auto;padding:1em}"
              "table.top{border-collapse:collapse;font-size:90%}table.top td,table.top th{border:1px solid #ccc;"
              "padding:2px 6px}pre{background:#f6f6f6;padding:1em;overflow:auto}")
