@@ -12,7 +12,7 @@ from hypothesis.extra.numpy import arrays
 
 from dptune.data.datasets import load_dataset
 from dptune.models.builtin import build_model, init_params
-from dptune.trainer.dp_step import clipped_sum, privatize, step_functions
+from dptune.trainer.dp_step import clipped_sum, normalized_sum, privatize, step_functions
 from dptune.trainer.train import Hyperparams, train_step
 
 B = 6
@@ -37,13 +37,14 @@ def _diff(a, b):
     return jax.tree_util.tree_map(lambda x, y: np.asarray(x, np.float64) - np.asarray(y, np.float64), a, b)
 
 
+@pytest.mark.parametrize("combine", [clipped_sum, normalized_sum], ids=["clip", "normalize"])
 @settings(max_examples=60, deadline=None)
 @given(grads=grad_batches, clip=st.sampled_from([0.1, 1.0, 7.5]), i=st.integers(0, B - 1))
-def test_sensitivity_add_remove_one(grads, clip, i):
-    full = clipped_sum(grads, jnp.ones(B), clip)
+def test_sensitivity_add_remove_one(combine, grads, clip, i):
+    full = combine(grads, jnp.ones(B), clip)
     mask = np.ones(B, np.float32)
     mask[i] = 0.0
-    without = clipped_sum(grads, jnp.asarray(mask), clip)
+    without = combine(grads, jnp.asarray(mask), clip)
     assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(full)), "one bad example poisoned the sum"
     assert _norm(_diff(full, without)) <= clip * (1 + 1e-5)
 
