@@ -90,6 +90,26 @@ def test_scaled_proxies_keep_sigma_over_b_and_steps_and_the_final_run_is_the_win
     # Finalized: more proxies would only add to the ε of what was released.
     with pytest.raises(dptune.StudyError, match="finalized"):
         dptune.optimize(study, n_trials=1)
+    # The final run's curve reaches neither pruner nor sampler, and a worker that was already running when the
+    # study was finalized starts no proxy (it is rejected before it reads anything).
+    assert finals[0].intermediate_values == {}
+    from dptune.search.space import Infeasible
+    from dptune.search.study import load
+    from dptune.trainer.run import dataset_of
+    from dptune.trainer.train import PrivacyBudget
+
+    loaded, resolved = load("scaled", f"sqlite:///{tmp_path}/s.db")
+    runner = proxy.ModeRunner(resolved, dataset_of(resolved.study), PrivacyBudget(EPS, delta),
+                              loaded.user_attrs[modes.MODE_ATTR], "scaled", str(tmp_path))
+    with pytest.raises(Infeasible, match="finalized"):
+        runner.setup(loaded.ask())
+    # Continuing from the released model composes the proxies that chose it, not only the final run.
+    from dptune.search import release
+
+    meta = release.model_metadata(loaded, finals[0], {"model": "cnn", "image_shape": [8, 8, 1], "num_classes": 10,
+                                                       "lineage": [{"dataset": "digits", "private": True,
+                                                                    "events": [[256 / n, sigma, steps]]}]})
+    assert sorted(map(tuple, meta["lineage"][-1]["events"])) == sorted(runs)
 
 
 @pytest.mark.slow
@@ -157,6 +177,9 @@ def test_public_proxies_cost_nothing_and_transfer_q_and_steps(tmp_path):
         dp_event.PoissonSampledDpEvent(batch / n, dp_event.GaussianDpEvent(sigma)), steps)).get_epsilon(delta)
     assert g["total_epsilon"] == pytest.approx(direct, rel=1e-3)  # both discretise pessimistically
     assert g["total_epsilon"] <= EPS + 1e-9 < _direct([(batch / n, sigma, steps)], delta)
+    statement = dptune.privacy_statement(study)
+    assert statement is not None and statement.accountant == "pld"
+    assert any("public tuning dataset 'digits' holds none" in a for a in statement.extra_assumptions)
 
 
 @pytest.mark.parametrize("search, extra, field", [
@@ -166,6 +189,8 @@ def test_public_proxies_cost_nothing_and_transfer_q_and_steps(tmp_path):
     ({"mode": "subset", "fraction": 1.0}, {}, "fraction"),
     ({"mode": "subset", "fraction": 0.5}, {"search_budget": {"epsilon": 5}}, "search_budget"),
     ({"mode": "scaled"}, {}, "factor"),
+    # The private examples under another name: refused by their content, not by the name.
+    ({"mode": "public", "dataset": "tests.test_tuning_modes:digits_again"}, {}, "search.dataset"),
 ])
 def test_a_mode_that_cannot_be_accounted_is_refused_at_create(tmp_path, search, extra, field):
     config = _config("refused", search, **extra)
@@ -208,6 +233,15 @@ def test_the_subset_is_chosen_by_the_secret_not_by_the_public_seed():
         return runner.subset_positions
 
     same = positions(0, 7)
+    # With a fixed private_seed the subset is keyed on the study's random id too: a study created again under
+    # the same name (or in another storage) reads another subset.
+    resolved = resolve(_config("sub", {"mode": "subset", "fraction": 0.3}, private_seed=7))
+    keyed = [proxy.ModeRunner(resolved, data, budget, {"mode": "subset", "fraction": 0.3}, "sub", None, ident)
+             for ident in ("0a1b", "2c3d")]
+    for runner in keyed:
+        runner.subset()
+    assert not np.array_equal(keyed[0].subset_positions, keyed[1].subset_positions)
+    assert keyed[0].subset_id != keyed[1].subset_id
     assert np.array_equal(same, positions(123, 7))  # the public seed plays no part
     assert not np.array_equal(same, positions(0, 8))  # the secret decides
     assert not np.array_equal(positions(0, None), positions(0, None))  # by default full entropy from the OS
@@ -272,3 +306,10 @@ def test_the_chosen_validation_score_gets_an_interval_that_widens_with_the_selec
     assert accuracy_interval(0.9, 5000)[1] - accuracy_interval(0.9, 5000)[0] < high - low
     assert all(math.isnan(v) for v in accuracy_interval(0.9, 0))
     assert accuracy_interval(1.0, 20)[1] == 1.0
+
+
+def digits_again():
+    """The private digits, under an import path (a "public" dataset that is not)."""
+    from dptune.data.datasets import _digits
+
+    return _digits()

@@ -209,33 +209,43 @@ def amplified_by_subset(epsilon: float, delta: float, fraction: float) -> tuple[
 
 
 def subset_tuning_epsilon(tuning: Iterable[tuple[float, float, int]], rest: Iterable[tuple[float, float, int]],
-                          fraction: float, delta: float) -> dict[str, float]:
+                          fraction: float, delta: float,
+                          before: Iterable[tuple[float, float, int]] = ()) -> dict[str, float]:
     """ε of tuning on one secret Poisson subset of the data, then training on all of it (Koskela & Kulkarni 2023).
 
     The tuning runs (q, σ, T) all read the same subset, each example in it
     independently with probability γ = ``fraction``. Their adaptive RDP
-    composition gives (ε', δ/2) on the subset; amplification by subsampling
-    (:func:`amplified_by_subset`) gives (ε_tuning, γδ/2) for the whole data.
-    The runs on all of the data (``rest``: the final run, a private initial
-    checkpoint's training) are composed with RDP at δ/2 (PLD when only one run:
-    its own bound holds whatever hyperparameters the tuning chose), and the two
-    phases by basic composition: the total is (ε_tuning + ε_rest, δ) at most.
+    composition gives (ε', δ_k) on the subset; amplification by subsampling
+    (:func:`amplified_by_subset`) gives (ε_tuning, γδ_k) for the whole data.
+    The runs on all of the data after the tuning (``rest``: the final run)
+    are composed with RDP at δ_k (PLD when only one run: its own bound holds
+    whatever hyperparameters the tuning chose), and runs *before* the tuning
+    (``before``: a private initial checkpoint's training) likewise as a part of
+    their own. The parts follow each other adaptively and add up by basic
+    composition: the total is (Σ ε, δ) at most, with δ split evenly, δ_k = δ/k
+    over the k parts.
 
-    Guarantee: valid only when every tuning run read the one subset and the
+    Guarantee: valid only when every tuning run read the one subset, the
     subset was chosen with randomness independent of the data and of anything
-    published; with several subsets (e.g. workers that drew their own) use
+    published, and nothing on all of the data ran while the tuning went on;
+    with several subsets (e.g. workers that drew their own) use
     :func:`composed_epsilon` of everything instead.
 
     Returns:
-      ``{"tuning_on_subset", "tuning", "rest", "total"}`` (the ε of each part and of the whole).
+      ``{"tuning_on_subset", "tuning", "before", "rest", "total"}`` (the ε of each part and of the whole).
     """
-    tuning, rest = tuple(tuning), tuple(rest)
-    inner = composed_epsilon(tuning, delta / 2)["rdp"]
-    outer, _ = amplified_by_subset(inner, delta / 2, fraction)
-    steps = [r for r in rest if r[2] > 0]
-    parts = composed_epsilon(steps, delta / 2)
-    after = parts["pld"] if len(steps) == 1 else parts["rdp"]
-    return {"tuning_on_subset": inner, "tuning": outer, "rest": after, "total": outer + after}
+    tuning, rest, before = tuple(tuning), tuple(r for r in rest if r[2] > 0), tuple(b for b in before if b[2] > 0)
+    share = delta / (3 if before else 2)
+
+    def part(runs: tuple[tuple[float, float, int], ...]) -> float:
+        eps = composed_epsilon(runs, share)
+        return eps["pld"] if len(runs) == 1 else eps["rdp"]
+
+    inner = composed_epsilon(tuning, share)["rdp"]
+    outer, _ = amplified_by_subset(inner, share, fraction)
+    first, after = (part(before) if before else 0.0), part(rest)
+    return {"tuning_on_subset": inner, "tuning": outer, "before": first, "rest": after,
+            "total": first + outer + after}
 
 
 def default_filter_order(epsilon: float, delta: float) -> float:

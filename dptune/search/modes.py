@@ -28,8 +28,10 @@ The modes differ in what the proxy runs instead:
   changes nothing but its own membership), shared by every worker; the
   expected batch is γ·B. The proxies' adaptive RDP composition (ε' at δ/2) is
   amplified by the subsampling to log(1 + γ(e^ε' − 1)) at γδ/2, and the final
-  run adds its own ε at δ/2 (basic composition); the plain composition of
-  everything also holds, and the smaller is stated. Transfer: the planned
+  run adds its own ε at δ/2 (basic composition; a private initial checkpoint's
+  training is a third part, δ/3 each); the plain composition of everything
+  also holds, and the smaller is stated. No proxy starts once a final run
+  exists, and a final run reports no curve to the pruner or sampler. Transfer: the planned
   full-scale run (B, σ, T).
 
 The search's ε is the RDP composition of every trial that read the private
@@ -260,8 +262,7 @@ def _subset_amplification(mode: dict[str, Any], proxies: Sequence[FrozenTrial],
     if len(ids) > 1 or None in ids:
         return {"claimed": False, "reason": (f"the proxies read {len(ids)} different subsets (or one without a "
                                              "recorded subset), so the subsampling is not one draw")}
-    parts = search_totals.subset_tuning_epsilon(split[0], list(prior) + list(split[1]), float(mode["fraction"]),
-                                                delta)
+    parts = search_totals.subset_tuning_epsilon(split[0], split[1], float(mode["fraction"]), delta, before=prior)
     return {"claimed": True, **parts}
 
 
@@ -298,23 +299,27 @@ def guarantee(study_attrs: dict[str, Any], trials: Sequence[FrozenTrial],
              " Not finalized: no model is released until `dptune study finalize` has run the final run.")
     if len(spends) + len(prior) == 1:
         # One DP-SGD run read the private data (its proxies read none): its own PLD bound holds; nothing composes.
+        accountant = "pld"
         total, how = totals["pld"], f"The one run that trained on the private data (PLD): ε = {totals['pld']:.4g}."
     else:
+        accountant = "rdp"
         total, how = totals["rdp"], (f"Composition of the {len(spends)} run(s) that trained on the private data, "
-                                     f"each at the steps it took (RDP): ε = {totals['rdp']:.4g}; proxies alone "
-                                     f"ε = {proxy_eps:.4g}.")
+                                     f"each at the steps it took (RDP): ε = {totals['rdp']:.4g}, an accounting of "
+                                     f"what ran, not a cap fixed in advance; proxies alone ε = {proxy_eps:.4g}.")
     if amplified is not None and amplified["claimed"] and amplified["total"] < total:
         total, how = amplified["total"], (
             f"The proxies all read one secret subset, each example in it with probability {mode['fraction']:g}: "
             f"their composition (RDP) ε = {amplified['tuning_on_subset']:.4g} on the subset is amplified by the "
-            f"subsampling to {amplified['tuning']:.4g} (Balle et al. 2018; δ/2 · γ), and the run(s) on all of the "
-            f"data add {amplified['rest']:.4g} (δ/2): ε = {amplified['total']:.4g} in all "
+            f"subsampling to {amplified['tuning']:.4g} (Balle et al. 2018), the run(s) on all of the data after it "
+            f"add {amplified['rest']:.4g}"
+            + (f" and the initial checkpoint's training {amplified['before']:.4g}" if prior else "")
+            + f" (basic composition, δ split evenly): ε = {amplified['total']:.4g} in all "
             f"(plain composition: {how[:-1]}).")
     elif amplified is not None and not amplified["claimed"]:
         how += f" No amplification by the subsampling is claimed: {amplified['reason']}."
     text = f"{describe(mode)} {how}{prior_text} Releasing the final run's model is covered by this total." + state
     return {
-        "mode": "composition", "search_mode": mode["mode"], "total_epsilon": total,
+        "mode": "composition", "search_mode": mode["mode"], "total_epsilon": total, "accountant": accountant,
         "total_epsilon_pld_if_nonadaptive": totals["pld"], "delta": delta,
         "per_trial_epsilon": study_attrs.get("epsilon_target"), "trials_touching_data": len(spends),
         "proxy_epsilon": proxy_eps, "subset_amplification": amplified, "final": released,

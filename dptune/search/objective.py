@@ -180,6 +180,8 @@ class Objective:
         digests: dict[str, str] = {}
         checkpointer: Checkpointer | None = None
 
+        final = setup is not None and setup.final
+
         def report(step: int, metrics: dict[str, float]) -> bool:
             if checkpointer is not None and checkpointer.last_digest is not None:
                 # Written before the report: a resumed attempt checks its replay against what was released.
@@ -188,9 +190,14 @@ class Objective:
                 trial.set_user_attr("progress_steps", step)
             # With averaging on, the better of raw and EMA parameters is what the trial would release.
             reports.append(metrics["best_val_accuracy"])
+            if final:
+                # A final run is never pruned, and its curve (of a model trained on all of the data) is not
+                # reported where the pruner and the sampler of proxies could read it.
+                orphans.kill_if_test_requests(trial.number, step)
+                return False
             trial.report(metrics["best_val_accuracy"], len(reports))
             orphans.kill_if_test_requests(trial.number, step)
-            return trial.should_prune() and not (setup is not None and setup.final)  # a final run is never pruned
+            return trial.should_prune()
 
         config = run_config(
             cfg,
@@ -231,7 +238,8 @@ class Objective:
                                                      "randomness": "replayed"})
                 for m in point.history:  # the same outputs of the same run: the trial's curve stays whole
                     reports.append(m["best_val_accuracy"])
-                    trial.report(m["best_val_accuracy"], len(reports))
+                    if not final:
+                        trial.report(m["best_val_accuracy"], len(reports))
         orphans.abort_if_test_requests(trial.number)
         interrupt.raise_if_pending()  # before the trial is marked as having touched the data
         trial.set_user_attr("touched_data", True if setup is None else setup.touched)

@@ -8,7 +8,9 @@ in place of its own planning.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -45,6 +47,36 @@ def public_dataset(resolved: ResolvedStudy) -> Dataset | None:
         return load_dataset(cfg.search.dataset, data_dir=cfg.data_dir, seed=cfg.seed, image_size=cfg.image_size)
     except DataError as e:
         raise ConfigError("search.dataset", str(e).removeprefix("dataset: ")) from None
+
+
+def shared_examples(private: Dataset, public: Dataset, chunk: int = 4096) -> int | None:
+    """How many of ``public``'s training examples are byte-identical (input and label) to a private training example.
+
+    Names cannot tell that two datasets hold the same individuals (the same
+    arrays under another import path, a copy of the data); identical examples
+    can be found. Only digests are compared, in memory: nothing is stored.
+
+    Returns:
+      The count, or None when a split is not held in memory (record datasets are
+      not read through at create; the statement then names the assumption).
+    """
+    if not (isinstance(private.train, ArraySplit) and isinstance(public.train, ArraySplit)):
+        return None
+
+    def digests(split: ArraySplit) -> set[bytes]:
+        out: set[bytes] = set()
+        for start in range(0, len(split), chunk):
+            # As float64 values: the same pixels held as uint8 by one loader and int32 by another are the same.
+            x = np.ascontiguousarray(split.images[start:start + chunk], dtype=np.float64)
+            y = split.labels[start:start + chunk]
+            for row, label in zip(x, y, strict=True):
+                out.add(hashlib.blake2b(row.tobytes() + int(label).to_bytes(8, "little", signed=True),
+                                        digest_size=16).digest())
+        return out
+
+    if private.train.images.shape[1:] != public.train.images.shape[1:]:
+        return 0
+    return len(digests(private.train) & digests(public.train))
 
 
 def secret_subset(num_examples: int, fraction: float, secret: SecretSeed) -> np.ndarray:
@@ -125,7 +157,7 @@ class ModeRunner:
     """Plans each trial of a study with ``search: {mode: …}`` (one per worker process)."""
 
     def __init__(self, resolved: ResolvedStudy, private: Dataset, budget: PrivacyBudget, mode: dict[str, Any],
-                 study_name: str, folder: str | None = None):
+                 study_name: str, folder: str | None = None, study_id: str = ""):
         self.resolved = resolved
         self.private = private
         self.budget = budget
@@ -135,6 +167,7 @@ class ModeRunner:
         self._subset: Dataset | None = None
         self.subset_positions: np.ndarray | None = None  # secret: never recorded anywhere
         self.folder = folder  # the study's private folder (owner-only), where the subset's secret lives
+        self.study_id = study_id  # the study's random id (dptune.search.release.study_id)
         self.subset_id: str | None = None  # public: which subset a proxy read (the accounting groups by it)
 
     def subset(self) -> Dataset:
@@ -151,7 +184,11 @@ class ModeRunner:
         if self._subset is None:
             seed = self.resolved.study.private_seed
             if seed is not None:
-                secret, self.subset_id = SecretSeed.from_int(seed).child(f"study {self.study_name}"), "private_seed"
+                # Keyed on the study's random id, not only its name: a study deleted and created again, or the
+                # same file in a second storage, draws another subset (two studies on one subset would each
+                # claim the amplification for themselves).
+                secret = SecretSeed.from_int(seed).child(f"study {self.study_name} {self.study_id}")
+                self.subset_id = f"private_seed:{self.study_id}"
             else:
                 if self.folder is None:
                     raise StudyError("subset tuning needs the study's private folder for its secret subset")
@@ -167,6 +204,20 @@ class ModeRunner:
           Infeasible: the sample cannot train within the budget (the trial is then pruned, unread data).
         """
         cfg = self.resolved.study
+        others = [t for t in trial.study.get_trials(deepcopy=False) if t.number != trial.number]
+        if trial.user_attrs.get(modes.FINAL_ATTR):
+            # Two finalize calls at once enqueue two final runs: only the first that did not fail may train, so
+            # that one model is released and the stated final run is that model's.
+            first = [t for t in others if modes.is_final(t) and t.number < trial.number
+                     and t.state in (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)]
+            if first:
+                raise Infeasible(f"trial {first[0].number} is this study's final run already")
+        elif any(modes.is_final(t) for t in others):
+            # After finalize no proxy may start: the tuning must read the data only through its proxies (and, for
+            # subset tuning, only through the subset) before the final run, or its accounting does not hold.
+            with contextlib.suppress(RuntimeError):  # outside optimize (a direct call) there is no loop to stop
+                trial.study.stop()
+            raise Infeasible("the study is finalized (its final run is recorded or running): no more proxies")
         if trial.user_attrs.get(modes.FINAL_ATTR):
             stored = trial.user_attrs[modes.FINAL_PLAN_ATTR]
             hp = Hyperparams(**stored["hparams"])

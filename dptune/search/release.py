@@ -254,6 +254,14 @@ def model_metadata(study: optuna.Study, trial: FrozenTrial, checkpoint_meta: dic
     }
     if not private_search:
         meta["trial"] = trial.number
+    if study.user_attrs.get("search_mode") and meta["lineage"]:
+        # issue #20: the final run's parameters were chosen by proxies that read the same private data (scaled,
+        # subset): continuing from them must compose those runs too, not only the final run's.
+        from dptune.search.results import resumed_spends, touched_data
+
+        trials = study.get_trials(deepcopy=False)
+        events = resumed_spends(trials, [t for t in trials if touched_data(t)])
+        meta["lineage"] = [*meta["lineage"][:-1], {**meta["lineage"][-1], "events": [list(e) for e in events]}]
     return meta
 
 

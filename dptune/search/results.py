@@ -355,8 +355,12 @@ def privacy_statement(study: optuna.Study, summary: StudySummary | None = None) 
         mechanism = Mechanism(g["sampling_rate"], g["noise_multiplier"], int(g["steps"]))
     validation = coverage(study)
     assumptions = []
-    if any(is_import_path(cfg.get(k)) for k in ("model", "dataset", "loss")):
+    public = (cfg.get("search") or {}).get("dataset")
+    if any(is_import_path(cfg.get(k)) for k in ("model", "dataset", "loss")) or is_import_path(public):
         assumptions.append(USER_CODE)
+    if public:
+        assumptions.append(f"the public tuning dataset {public!r} holds none of the individuals of the training "
+                           "data (dptune refused it only if it shared an identical example, or the name)")
     if cfg.get("validation_dataset"):
         assumptions.append(f"the validation dataset {cfg['validation_dataset']!r} holds none of the individuals of "
                            "the training data")
@@ -368,6 +372,10 @@ def privacy_statement(study: optuna.Study, summary: StudySummary | None = None) 
             assumptions.append("UNSAFE: the initial checkpoint's provenance was ignored on request, so what it "
                                "learnt from this data is not covered")
     accountant = "rdp" if g["mode"] in ("private_search", "composition", "filter") else summary.accountant
+    if g.get("search_mode"):  # issue #20: what the mode's total was computed with
+        amplified = g.get("subset_amplification") or {}
+        accountant = ("rdp, amplified by subsampling" if amplified.get("claimed") and
+                      g["total_epsilon"] == amplified.get("total") else g.get("accountant", accountant))
     return Statement(
         epsilon=g["total_epsilon"], delta=g["delta"], accountant=accountant,
         dataset=cfg.get("dataset"), dataset_size=split.get("train"), mechanism=mechanism,

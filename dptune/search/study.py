@@ -131,6 +131,11 @@ def _prepare(resolved: ResolvedStudy) -> dict[str, Any]:
     public = proxy.public_dataset(resolved)
     if public is not None:
         check_space(resolved.space, len(public.train), private=True)
+        shared = proxy.shared_examples(dataset, public)
+        if shared:
+            raise ConfigError("search.dataset", f"{public.name!r} holds {shared} training example(s) identical to "
+                              f"the private {study_cfg.dataset!r}: proxies on it would read private data without "
+                              "being accounted; use a dataset that shares no individual with the private one")
     mode = modes.check_create(resolved, len(dataset.train), delta,
                               None if public is None else (public.name, len(public.train), public.image_shape,
                                                            public.num_classes),
@@ -431,7 +436,7 @@ def optimize(
                              "trials would only add to its ε; create a new study to tune again")
         assert objective.budget is not None  # a mode needs a privacy budget (checked at create)
         objective.mode = proxy.ModeRunner(resolved, dataset, objective.budget, mode, study_name,
-                                          release.folder_of(study, url))
+                                          release.folder_of(study, url), release.study_id(study, url))
     objective.storage_url = url
     # A signal waits for the next check point (a training step, a finished trial), so that it
     # never cuts a storage write short.
