@@ -9,6 +9,7 @@ import os
 import stat
 import tempfile
 
+import jax
 import numpy as np
 import optuna
 import pytest
@@ -313,3 +314,42 @@ def digits_again():
     from dptune.data.datasets import _digits
 
     return _digits()
+
+
+@pytest.mark.slow
+def test_a_fixed_private_seed_gives_a_study_created_again_under_its_name_other_noise(tmp_path):
+    """Two studies of one name and one fixed private_seed (deleted and created again, or in two storages) must not
+    share noise: with the same noise z, C₂·(g₁ + σC₁z) − C₁·(g₂ + σC₂z) would cancel it between their releases."""
+    config = {"name": "again", "dataset": "digits", "privacy": {"epsilon": EPS}, "private_seed": 7, "seed": 3,
+              "budget": {"max_epochs": 1, "min_steps": 1}, "microbatch_size": 64, "sampler": {"name": "random"},
+              "pruner": {"name": "none"},
+              "search_space": {"batch_size": 256, "learning_rate": 1.0, "clip_norm": 1.0, "epochs": 1}}
+    from dptune.search import release
+
+    kept = []
+    for where in ("a", "b"):
+        url = f"sqlite:///{tmp_path}/{where}.db"
+        study = dptune.create_study(config, storage=url)
+        dptune.optimize(study, n_trials=1)
+        (trial,) = study.get_trials()
+        assert trial.state == optuna.trial.TrialState.COMPLETE and trial.params == {}
+        (entry,) = release.best_models(study)
+        with open(os.path.join(release.folder_of(study, url), "artifacts", entry["artifact_id"]), "rb") as f:
+            kept.append(release.read_model_bytes(f.read())[0])
+    leaves = [np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(p)]) for p in kept]
+    assert not np.allclose(leaves[0], leaves[1])  # same data, seeds and hyperparameters; other noise
+
+
+def test_a_public_set_sharing_inputs_with_the_private_one_is_found_whatever_its_labels_or_dtype():
+    import dataclasses
+
+    from dptune.data.datasets import ArraySplit, load_dataset
+
+    private = load_dataset("digits")
+    some = np.arange(0, len(private.train), 7)
+    relabelled = ArraySplit(private.train.images[some].astype(np.int32), (private.train.labels[some] + 1) % 10,
+                            pixels=False)
+    copy = dataclasses.replace(private, train=relabelled)
+    assert proxy.shared_examples(private, copy) >= len(some)
+    other = load_dataset("mnist5k", image_size=8)  # other individuals, same shape
+    assert proxy.shared_examples(private, other) == 0

@@ -731,7 +731,7 @@ def audit_study(
 
     from dptune.data.augment import Augmentation
     from dptune.privacy.search_totals import RenyiFilter
-    from dptune.search import objective, orphans, results
+    from dptune.search import objective, orphans, release, results
     from dptune.search import study as study_lib
     from dptune.trainer.run import dataset_of
 
@@ -779,7 +779,7 @@ def audit_study(
         augmentation=Augmentation(**cfg.augmentation.model_dump()), eval_every=max(1, steps // 5),
         seed=int(a.get("seed", cfg.seed)),
         secret=None if cfg.private_seed is None else SecretSeed.from_int(cfg.private_seed).child(
-            f"study {study_name} audit {record.number}"),
+            f"study {study_name} {release.study_id(s, storage)} audit {record.number}"),
         unsafe_ignore_checkpoint_provenance=cfg.unsafe_ignore_checkpoint_provenance,
     )
     for key, value in (("sampling_rate", q), ("noise_multiplier", hp.noise_multiplier), ("planned_steps", steps),

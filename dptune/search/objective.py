@@ -95,6 +95,9 @@ class Objective:
         self.prior = [(float(q), float(s), int(t)) for q, s, t in prior]
         self.resolved_checkpoint: str | None = None
         self.storage_url: str | None = None  # set by optimize: where the study's private folder is
+        # Set by optimize: the study's random id, so that a fixed private_seed gives a study created again under
+        # the same name other streams (two studies on one noise could cancel it between their releases).
+        self.study_id = ""
         self.mode: Any = None  # issue #20: a dptune.search.proxy.ModeRunner for a study with search: {mode: …}
         if private_search is not None:
             # Every trial runs the calibrated mechanism; its own ε (RDP) is the trainer's cap.
@@ -208,10 +211,10 @@ class Objective:
             # A retry keeps its first attempt's (public) initialisation: it resumes that run (dptune/trainer/resume.py).
             seed=cfg.seed if self.private_search is not None else cfg.seed + attempt_origin(trial),
             # A fixed private seed gives each trial of each study its own stream (never seed + number,
-            # which another study or a `dptune train --private-seed` would reuse).
+            # which another study or a `dptune train --private-seed` would reuse), keyed on the study's id.
             private_seed=None,
             secret=None if cfg.private_seed is None else SecretSeed.from_int(cfg.private_seed).child(
-                f"study {trial.study.study_name} trial {trial.number}"),
+                f"study {trial.study.study_name} {self.study_id} trial {trial.number}"),
             sampling_rate=None if setup is None else setup.sampling_rate,
         )
         if cfg.init_checkpoint:

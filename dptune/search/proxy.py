@@ -49,34 +49,42 @@ def public_dataset(resolved: ResolvedStudy) -> Dataset | None:
         raise ConfigError("search.dataset", str(e).removeprefix("dataset: ")) from None
 
 
-def shared_examples(private: Dataset, public: Dataset, chunk: int = 4096) -> int | None:
-    """How many of ``public``'s training examples are byte-identical (input and label) to a private training example.
+def shared_examples(private: Dataset, public: Dataset, chunk_bytes: int = 1 << 26) -> int | None:
+    """How many of ``public``'s training and validation inputs equal a private training input, as the model sees them.
 
     Names cannot tell that two datasets hold the same individuals (the same
-    arrays under another import path, a copy of the data); identical examples
-    can be found. Only digests are compared, in memory: nothing is stored.
+    arrays under another import path, a copy with its labels remapped); equal
+    inputs can be found. Inputs are compared as the model receives them (pixels
+    normalised, as float64 values, so uint8 and int32 copies match), without
+    their labels, and as stored (a loader may hand the same pixels over as
+    integers). Only digests are compared, in memory: nothing is stored.
 
     Returns:
       The count, or None when a split is not held in memory (record datasets are
-      not read through at create; the statement then names the assumption).
+      not read through at create; the statement then says it was not checked).
     """
-    if not (isinstance(private.train, ArraySplit) and isinstance(public.train, ArraySplit)):
+    mine, theirs = private.train, [public.train, public.validation]
+    if not isinstance(mine, ArraySplit) or not all(isinstance(x, ArraySplit) for x in theirs):
         return None
+    others = [x for x in theirs if isinstance(x, ArraySplit)]
 
     def digests(split: ArraySplit) -> set[bytes]:
+        # Each input twice: its stored values and what the model receives (one loader may call the same
+        # uint8 pixels images, another raw integers), tagged so that the two kinds never match each other.
         out: set[bytes] = set()
-        for start in range(0, len(split), chunk):
-            # As float64 values: the same pixels held as uint8 by one loader and int32 by another are the same.
-            x = np.ascontiguousarray(split.images[start:start + chunk], dtype=np.float64)
-            y = split.labels[start:start + chunk]
-            for row, label in zip(x, y, strict=True):
-                out.add(hashlib.blake2b(row.tobytes() + int(label).to_bytes(8, "little", signed=True),
-                                        digest_size=16).digest())
+        row_bytes = max(1, int(np.prod(split.images.shape[1:])) * 8)
+        step = max(1, chunk_bytes // row_bytes)
+        for start in range(0, len(split), step):
+            rows = np.arange(start, min(start + step, len(split)))
+            for tag, x in ((b"stored", split.images[rows]), (b"input", split.take(rows)[0])):
+                for row in np.ascontiguousarray(x, dtype=np.float64):
+                    out.add(hashlib.blake2b(tag + row.tobytes(), digest_size=16).digest())
         return out
 
-    if private.train.images.shape[1:] != public.train.images.shape[1:]:
-        return 0
-    return len(digests(private.train) & digests(public.train))
+    if any(x.images.shape[1:] != mine.images.shape[1:] for x in others):
+        return 0  # another input shape: refused at create for that reason
+    private_inputs = digests(mine)
+    return sum(len(private_inputs & digests(x)) for x in others)  # a pair matching both ways counts twice: > 0
 
 
 def secret_subset(num_examples: int, fraction: float, secret: SecretSeed) -> np.ndarray:

@@ -359,8 +359,11 @@ def privacy_statement(study: optuna.Study, summary: StudySummary | None = None) 
     if any(is_import_path(cfg.get(k)) for k in ("model", "dataset", "loss")) or is_import_path(public):
         assumptions.append(USER_CODE)
     if public:
+        checked = (study.user_attrs.get(modes.MODE_ATTR) or {}).get("content_checked")
         assumptions.append(f"the public tuning dataset {public!r} holds none of the individuals of the training "
-                           "data (dptune refused it only if it shared an identical example, or the name)")
+                           "data (" + ("dptune refused it only if it shared the name or an input identical to a "
+                                       "training input" if checked else "not compared example by example: a "
+                                       "record dataset; dptune refused it only if it shared the name") + ")")
     if cfg.get("validation_dataset"):
         assumptions.append(f"the validation dataset {cfg['validation_dataset']!r} holds none of the individuals of "
                            "the training data")

@@ -133,9 +133,9 @@ def _prepare(resolved: ResolvedStudy) -> dict[str, Any]:
         check_space(resolved.space, len(public.train), private=True)
         shared = proxy.shared_examples(dataset, public)
         if shared:
-            raise ConfigError("search.dataset", f"{public.name!r} holds {shared} training example(s) identical to "
-                              f"the private {study_cfg.dataset!r}: proxies on it would read private data without "
-                              "being accounted; use a dataset that shares no individual with the private one")
+            raise ConfigError("search.dataset", f"{public.name!r} holds {shared} input(s) identical to training "
+                              f"inputs of the private {study_cfg.dataset!r}: proxies on it would read private data "
+                              "without being accounted; use a dataset that shares no individual with the private one")
     mode = modes.check_create(resolved, len(dataset.train), delta,
                               None if public is None else (public.name, len(public.train), public.image_shape,
                                                            public.num_classes),
@@ -159,7 +159,8 @@ def _prepare(resolved: ResolvedStudy) -> dict[str, Any]:
     attrs: dict[str, Any] = {CONFIG_ATTR: resolved.to_json(), "dptune_version": __version__, "delta": delta,
                              "split": dataset.split.as_dict(), "prior_privacy_events": [list(e) for e in prior]}
     if mode is not None:
-        attrs[modes.MODE_ATTR] = mode
+        # Whether the public tuning set was compared with the private one example by example (the statement says).
+        attrs[modes.MODE_ATTR] = {**mode, **({} if public is None else {"content_checked": shared is not None})}
     if study_cfg.init_checkpoint:
         attrs["init_checkpoint_sha256"] = checkpoint.fingerprint(study_cfg.init_checkpoint)
     if study_cfg.private_search:
@@ -438,6 +439,7 @@ def optimize(
         objective.mode = proxy.ModeRunner(resolved, dataset, objective.budget, mode, study_name,
                                           release.folder_of(study, url), release.study_id(study, url))
     objective.storage_url = url
+    objective.study_id = release.study_id(study, url)
     # A signal waits for the next check point (a training step, a finished trial), so that it
     # never cuts a storage write short.
     with interrupt.deferred(), storage_lib.writing(url):
