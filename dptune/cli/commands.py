@@ -452,6 +452,8 @@ def _optimize_pool(args: argparse.Namespace, console: Any) -> int:
 def _print_summary(summary: Any, internal: bool = False) -> None:
     from rich.console import Console
 
+    from dptune.search import results
+
     c = Console()
     g = summary.search
     private_search = summary.private_search and not internal
@@ -503,21 +505,9 @@ def _print_summary(summary: Any, internal: bool = False) -> None:
     c.print(f"{which}: validation accuracy {b['value']:.4f}, test accuracy "
             f"{_fmt(b.get('test_accuracy'))}, ε spent {_fmt(b.get('epsilon_spent'))}, {b.get('steps')} steps "
             f"({_fmt(b.get('epochs'), 3)} epochs)")
-    c.print("  " + _interval_text(b, private_search))
+    c.print("  " + results.interval_text(b, private_search))
     c.print("  " + "  ".join(f"{k}={_fmt(b.get(k), 4)}" for k in
                              ("batch_size", "learning_rate", "clip_norm", "noise_multiplier", "sampling_rate")))
-
-
-def _interval_text(best: dict[str, Any], private_search: bool) -> str:
-    """The winner's curse in words: the chosen validation score's 95% interval, and over how many readings."""
-    low, high = best.get("val_accuracy_interval") or (math.nan, math.nan)
-    text = f"validation 95% interval {_fmt(low)}–{_fmt(high)} (Wilson, one reading)"
-    if not private_search and best.get("val_accuracy_interval_selection"):
-        slow, shigh = best["val_accuracy_interval_selection"]
-        text += (f"; {_fmt(slow)}–{_fmt(shigh)} allowing for the selection among "
-                 f"{best.get('validation_readings')} readings (Bonferroni): expect the test accuracy lower than "
-                 "the headline validation score")
-    return text
 
 
 def cmd_study_finalize(args: argparse.Namespace) -> int:

@@ -15,7 +15,7 @@ import plotly.offline
 
 from dptune.errors import ConfigError
 from dptune.inspect import figures
-from dptune.search.results import CONFIG_ATTR, coverage, fmt, summarize, trial_record
+from dptune.search.results import CONFIG_ATTR, coverage, fmt, interval_text, summarize, trial_record
 
 TOP = 10
 
@@ -42,17 +42,6 @@ def _top_table(study: optuna.Study) -> str:
     return f"<table class='top'><tr>{head}</tr>{''.join(body)}</table>"
 
 
-def _interval_html(best: dict, private_search: bool) -> str:
-    """The winner's curse: the chosen validation score's interval, alone and allowing for the selection."""
-    low, high = best.get("val_accuracy_interval") or (float("nan"), float("nan"))
-    text = f"Validation 95% interval {_fmt(low)}–{_fmt(high)} (one reading)"
-    if best.get("val_accuracy_interval_selection") and not private_search:
-        slow, shigh = best["val_accuracy_interval_selection"]
-        text += (f"; {_fmt(slow)}–{_fmt(shigh)} allowing for the selection among {best.get('validation_readings')} "
-                 "readings: the headline validation score flatters the search")
-    return html.escape(text) + "."
-
-
 def _study_section(study: optuna.Study, index: int) -> str:
     s = summarize(study)
     g = s.search
@@ -77,7 +66,7 @@ def _study_section(study: optuna.Study, index: int) -> str:
     if s.best:
         parts.append(f"<p><b>Best trial {s.best['number']}:</b> validation {_fmt(s.best['value'])}, "
                      f"test {_fmt(s.best.get('test_accuracy'))}, ε spent {_fmt(s.best.get('epsilon_spent'))}. "
-                     + _interval_html(s.best, s.private_search) + "</p>")
+                     + html.escape(interval_text(s.best, s.private_search)) + "." + "</p>")
     parts.append("<h3>Top trials and their privacy spend</h3>" + _top_table(study))
     figs = {**figures.optuna_figures(study), **{
         "Validation accuracy vs ε spent": figures.accuracy_vs_epsilon(study),

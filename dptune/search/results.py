@@ -152,6 +152,20 @@ def accuracy_interval(accuracy: float | None, n: int, comparisons: int = 1, leve
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def interval_text(best: dict[str, Any], private_search: bool) -> str:
+    """The winner's curse in words: the chosen validation score's 95% interval, alone and allowing for selection.
+
+    A private search gets only the unadjusted interval: the number of readings would bound its secret K.
+    """
+    low, high = best.get("val_accuracy_interval") or (math.nan, math.nan)
+    text = f"validation 95% interval {fmt(low)}–{fmt(high)} (Wilson, one reading)"
+    if not private_search and best.get("val_accuracy_interval_selection"):
+        slow, shigh = best["val_accuracy_interval_selection"]
+        text += (f"; {fmt(slow)}–{fmt(shigh)} allowing for the selection among {best.get('validation_readings')} "
+                 "readings (Bonferroni): expect the test accuracy lower than the headline validation score")
+    return text
+
+
 def trial_record(t: FrozenTrial) -> dict[str, Any]:
     """A flat, JSON-ready description of one trial."""
     return {
