@@ -353,3 +353,16 @@ def test_a_public_set_sharing_inputs_with_the_private_one_is_found_whatever_its_
     assert proxy.shared_examples(private, copy) >= len(some)
     other = load_dataset("mnist5k", image_size=8)  # other individuals, same shape
     assert proxy.shared_examples(private, other) == 0
+
+
+def test_a_subset_keeps_what_kind_of_input_its_split_holds():
+    import dataclasses
+
+    from dptune.data.datasets import ArraySplit, load_dataset
+
+    data = load_dataset("digits")
+    ids = dataclasses.replace(data, train=ArraySplit(data.train.images.astype(np.int32), data.train.labels,
+                                                     pixels=False))
+    part = proxy.subset_dataset(ids, np.arange(10))
+    assert part.train.pixels is False and len(part.train) == 10  # token ids stay ids, never scaled as pixels
+    assert proxy.subset_dataset(data, np.arange(10)).train.pixels is True

@@ -269,8 +269,8 @@ def _subset_amplification(mode: dict[str, Any], proxies: Sequence[FrozenTrial],
 def guarantee(study_attrs: dict[str, Any], trials: Sequence[FrozenTrial],
               spends: Sequence[tuple[float, float, int]], prior: Sequence[tuple[float, float, int]],
               totals: dict[str, float], prior_text: str,
-              split: tuple[Sequence[tuple[float, float, int]], Sequence[tuple[float, float, int]]] = ((), ()),
-              proxies: Sequence[FrozenTrial] = ()) -> dict[str, Any]:
+              split: tuple[Sequence[tuple[float, float, int]], Sequence[tuple[float, float, int]]],
+              proxies: Sequence[FrozenTrial]) -> dict[str, Any]:
     """The search's guarantee for a study with a mode: the composition of what ran, the final run, the compute.
 
     ``spends``: (q, σ, T) of every trial that read the private training data;

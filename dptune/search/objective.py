@@ -193,14 +193,12 @@ class Objective:
                 trial.set_user_attr("progress_steps", step)
             # With averaging on, the better of raw and EMA parameters is what the trial would release.
             reports.append(metrics["best_val_accuracy"])
-            if final:
-                # A final run is never pruned, and its curve (of a model trained on all of the data) is not
-                # reported where the pruner and the sampler of proxies could read it.
-                orphans.kill_if_test_requests(trial.number, step)
-                return False
-            trial.report(metrics["best_val_accuracy"], len(reports))
+            # A final run is never pruned, and its curve (of a model trained on all of the data) is not
+            # reported where the pruner and the sampler of proxies could read it.
+            if not final:
+                trial.report(metrics["best_val_accuracy"], len(reports))
             orphans.kill_if_test_requests(trial.number, step)
-            return trial.should_prune()
+            return not final and trial.should_prune()
 
         config = run_config(
             cfg,

@@ -68,23 +68,25 @@ def shared_examples(private: Dataset, public: Dataset, chunk_bytes: int = 1 << 2
         return None
     others = [x for x in theirs if isinstance(x, ArraySplit)]
 
-    def digests(split: ArraySplit) -> set[bytes]:
+    def digests(split: ArraySplit) -> list[tuple[bytes, bytes]]:
         # Each input twice: its stored values and what the model receives (one loader may call the same
         # uint8 pixels images, another raw integers), tagged so that the two kinds never match each other.
-        out: set[bytes] = set()
+        out: list[tuple[bytes, bytes]] = []
         row_bytes = max(1, int(np.prod(split.images.shape[1:])) * 8)
         step = max(1, chunk_bytes // row_bytes)
         for start in range(0, len(split), step):
             rows = np.arange(start, min(start + step, len(split)))
-            for tag, x in ((b"stored", split.images[rows]), (b"input", split.take(rows)[0])):
-                for row in np.ascontiguousarray(x, dtype=np.float64):
-                    out.add(hashlib.blake2b(tag + row.tobytes(), digest_size=16).digest())
+            stored, given = (np.ascontiguousarray(x, dtype=np.float64) for x in (split.images[rows],
+                                                                                split.take(rows)[0]))
+            out += [(hashlib.blake2b(b"stored" + a.tobytes(), digest_size=16).digest(),
+                     hashlib.blake2b(b"input" + b.tobytes(), digest_size=16).digest()) for a, b in zip(stored, given,
+                                                                                                  strict=True)]
         return out
 
     if any(x.images.shape[1:] != mine.images.shape[1:] for x in others):
         return 0  # another input shape: refused at create for that reason
-    private_inputs = digests(mine)
-    return sum(len(private_inputs & digests(x)) for x in others)  # a pair matching both ways counts twice: > 0
+    private_inputs = {d for pair in digests(mine) for d in pair}
+    return sum(1 for x in others for a, b in digests(x) if a in private_inputs or b in private_inputs)
 
 
 def secret_subset(num_examples: int, fraction: float, secret: SecretSeed) -> np.ndarray:
@@ -140,7 +142,7 @@ def subset_dataset(data: Dataset, positions: np.ndarray) -> Dataset:
     """``data`` whose training split holds only ``positions`` (validation, test and split record unchanged)."""
     train = data.train
     if isinstance(train, ArraySplit):
-        part: Any = ArraySplit(train.images[positions], train.labels[positions])
+        part: Any = ArraySplit(train.images[positions], train.labels[positions], pixels=train.pixels)
     elif isinstance(train, RecordSplit):
         part = RecordSplit(train.source, train.indices[positions], train.decode)
     else:
@@ -220,18 +222,17 @@ class ModeRunner:
                      and t.state in (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)]
             if first:
                 raise Infeasible(f"trial {first[0].number} is this study's final run already")
-        elif any(modes.is_final(t) for t in others):
-            # After finalize no proxy may start: the tuning must read the data only through its proxies (and, for
-            # subset tuning, only through the subset) before the final run, or its accounting does not hold.
-            with contextlib.suppress(RuntimeError):  # outside optimize (a direct call) there is no loop to stop
-                trial.study.stop()
-            raise Infeasible("the study is finalized (its final run is recorded or running): no more proxies")
-        if trial.user_attrs.get(modes.FINAL_ATTR):
             stored = trial.user_attrs[modes.FINAL_PLAN_ATTR]
             hp = Hyperparams(**stored["hparams"])
             plan = TrialPlan(hparams=hp, steps=int(stored["steps"]), sampling_rate=float(stored["sampling_rate"]),
                              max_steps_by_budget=int(stored["steps"]), derived="transferred")
             return TrialSetup(plan, self.private, self.budget, touched=True, final=True)
+        if any(modes.is_final(t) for t in others):
+            # After finalize no proxy may start: the tuning must read the data only through its proxies (and, for
+            # subset tuning, only through the subset) before the final run, or its accounting does not hold.
+            with contextlib.suppress(RuntimeError):  # outside optimize (a direct call) there is no loop to stop
+                trial.study.stop()
+            raise Infeasible("the study is finalized (its final run is recorded or running): no more proxies")
         name = self.mode["mode"]
         data = self.public if self.mode.get("dataset") else self.private
         assert data is not None

@@ -56,6 +56,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from dptune.errors import ConfigError, DptuneError
+from dptune.search import modes
 from dptune.search import storage as storage_lib
 from dptune.trainer.resume import private_dir, write_private
 
@@ -203,7 +204,7 @@ def _ranking(study: optuna.Study) -> list[FrozenTrial]:
     maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
     done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
             if t.value is not None and math.isfinite(t.value)
-            and not t.user_attrs.get("proxy_trial")]  # issue #20: a mode releases its final run, not a proxy
+            and not modes.is_proxy(t)]  # issue #20: a mode releases its final run, not a proxy
     return sorted(done, key=lambda t: ((-cast(float, t.value) if maximize else cast(float, t.value)), t.number))
 
 
@@ -254,7 +255,7 @@ def model_metadata(study: optuna.Study, trial: FrozenTrial, checkpoint_meta: dic
     }
     if not private_search:
         meta["trial"] = trial.number
-    if study.user_attrs.get("search_mode") and meta["lineage"]:
+    if study.user_attrs.get(modes.MODE_ATTR) and meta["lineage"]:
         # issue #20: the final run's parameters were chosen by proxies that read the same private data (scaled,
         # subset): continuing from them must compose those runs too, not only the final run's.
         from dptune.search.results import resumed_spends, touched_data

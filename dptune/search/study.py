@@ -430,6 +430,8 @@ def optimize(
     objective = Objective(resolved, dataset, delta, private, study.user_attrs.get("search_budget"),
                           study.user_attrs.get("prior_privacy_events", ()))
     objective.resolved_checkpoint = study.user_attrs.get("init_checkpoint_sha256")
+    objective.storage_url = url
+    objective.study_id = release.study_id(study, url)
     mode = study.user_attrs.get(modes.MODE_ATTR)
     if mode is not None:  # issue #20: proxies until the final run (dptune.search.proxy.finalize), then nothing
         if modes.final_trial(study.trials) is not None:
@@ -437,9 +439,7 @@ def optimize(
                              "trials would only add to its ε; create a new study to tune again")
         assert objective.budget is not None  # a mode needs a privacy budget (checked at create)
         objective.mode = proxy.ModeRunner(resolved, dataset, objective.budget, mode, study_name,
-                                          release.folder_of(study, url), release.study_id(study, url))
-    objective.storage_url = url
-    objective.study_id = release.study_id(study, url)
+                                          release.folder_of(study, url), objective.study_id)
     # A signal waits for the next check point (a training step, a finished trial), so that it
     # never cuts a storage write short.
     with interrupt.deferred(), storage_lib.writing(url):
