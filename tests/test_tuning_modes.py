@@ -115,7 +115,8 @@ def test_scaled_proxies_keep_sigma_over_b_and_steps_and_the_final_run_is_the_win
 
 @pytest.mark.slow
 def test_subset_trials_are_the_full_mechanism_on_a_secret_subset_and_compose(tmp_path, cli):
-    study = _run(tmp_path, _config("subset", {"mode": "subset", "fraction": 0.5}))
+    # The OS secret in the study's private folder (a fixed private_seed sits in the storage: no amplification).
+    study = _run(tmp_path, _config("subset", {"mode": "subset", "fraction": 0.5}, private_seed=None))
     n, delta = study.user_attrs["split"]["train"], study.user_attrs["delta"]
     steps = math.ceil(1 / (256 / n))
     sigma = privacy.noise_for_epsilon(256 / n, steps, EPS, delta, "pld")
@@ -281,6 +282,9 @@ def test_proxies_on_more_than_one_subset_claim_no_amplification():
     runs = ([(0.01, 3.0, 100)] * 2, [(0.01, 3.0, 100)])
     one = modes._subset_amplification(mode, [proxy_trial(0, "a"), proxy_trial(1, "a")], runs, (), 1e-5)
     assert one is not None and one["claimed"] and one["total"] < _direct([(0.01, 3.0, 100)] * 3, 1e-5)
+    fixed = modes._subset_amplification(mode, [proxy_trial(0, "private_seed:ab"), proxy_trial(1, "private_seed:ab")],
+                                        runs, (), 1e-5)
+    assert fixed is not None and not fixed["claimed"] and "private_seed" in fixed["reason"]  # the storage holds it
     for ids in (("a", "b"), ("a", None)):
         two = modes._subset_amplification(mode, [proxy_trial(0, ids[0]), proxy_trial(1, ids[1])], runs, (), 1e-5)
         assert two is not None and not two["claimed"] and "subsets" in two["reason"]
@@ -366,3 +370,17 @@ def test_a_subset_keeps_what_kind_of_input_its_split_holds():
     part = proxy.subset_dataset(ids, np.arange(10))
     assert part.train.pixels is False and len(part.train) == 10  # token ids stay ids, never scaled as pixels
     assert proxy.subset_dataset(data, np.arange(10)).train.pixels is True
+
+
+def test_an_empty_secret_subset_trains_without_a_refusal_that_would_reveal_its_size():
+    import dataclasses
+
+    from dptune.data.datasets import load_dataset
+    from dptune.trainer.train import Hyperparams, PrivacyBudget, RunConfig, train_and_evaluate
+
+    data = load_dataset("digits")
+    empty = proxy.subset_dataset(data, np.arange(0))
+    hp = Hyperparams(batch_size=32, learning_rate=0.5, clip_norm=1.0, noise_multiplier=2.0)
+    config = dataclasses.replace(RunConfig(), microbatch_size=32, sampling_rate=32 / len(data.train), eval_every=1)
+    result = train_and_evaluate(empty, hp, 2, config=config, budget=PrivacyBudget(EPS, 1e-5))
+    assert result.steps == 2  # δ was checked against the public N at create, never against the secret size

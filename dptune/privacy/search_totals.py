@@ -227,7 +227,8 @@ def subset_tuning_epsilon(tuning: Iterable[tuple[float, float, int]], rest: Iter
 
     Guarantee: valid only when every tuning run read the one subset, the
     subset was chosen with randomness independent of the data and of anything
-    published, and nothing on all of the data ran while the tuning went on;
+    published (or stored where others may read it), and the tuning read the
+    data only through the subset (runs on all of the data are in ``rest``);
     with several subsets (e.g. workers that drew their own) use
     :func:`composed_epsilon` of everything instead.
 

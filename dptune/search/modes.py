@@ -63,6 +63,7 @@ FINAL_ATTR = "final_run"  # trial: the mode's final run (the released model)
 FINAL_PLAN_ATTR = "final_plan"  # trial: the transferred hyperparameters the final run trains with
 FINAL_SOURCE_ATTR = "final_from_trial"  # trial: the proxy whose hyperparameters were transferred
 SUBSET_ATTR = "subset_id"  # trial: the public id of the secret subset a subset proxy read
+FIXED_SUBSET_PREFIX = "private_seed:"  # a subset id whose subset came from a fixed private_seed (no amplification)
 
 
 def check_clipping(resolved: ResolvedStudy) -> None:
@@ -262,6 +263,11 @@ def _subset_amplification(mode: dict[str, Any], proxies: Sequence[FrozenTrial],
     if len(ids) > 1 or None in ids:
         return {"claimed": False, "reason": (f"the proxies read {len(ids)} different subsets (or one without a "
                                              "recorded subset), so the subsampling is not one draw")}
+    if any(str(i).startswith(FIXED_SUBSET_PREFIX) for i in ids):
+        # The study's configuration, fixed private_seed included, is in the storage: whoever reads it can
+        # recompute the subset, and amplification needs a subset chosen by randomness nobody else knows.
+        return {"claimed": False, "reason": "the subset was derived from the study's fixed private_seed, which the "
+                                            "storage holds"}
     parts = search_totals.subset_tuning_epsilon(split[0], split[1], float(mode["fraction"]), delta, before=prior)
     return {"claimed": True, **parts}
 

@@ -50,7 +50,7 @@ def public_dataset(resolved: ResolvedStudy) -> Dataset | None:
 
 
 def shared_examples(private: Dataset, public: Dataset, chunk_bytes: int = 1 << 26) -> int | None:
-    """How many of ``public``'s training and validation inputs equal a private training input, as the model sees them.
+    """How many of ``public``'s inputs (train, validation, test) equal a private training input, as stored or as seen.
 
     Names cannot tell that two datasets hold the same individuals (the same
     arrays under another import path, a copy with its labels remapped); equal
@@ -60,10 +60,11 @@ def shared_examples(private: Dataset, public: Dataset, chunk_bytes: int = 1 << 2
     integers). Only digests are compared, in memory: nothing is stored.
 
     Returns:
-      The count, or None when a split is not held in memory (record datasets are
-      not read through at create; the statement then says it was not checked).
+      The count, or None when nothing was compared: a split not held in memory
+      (record datasets are not read through at create) or of another input
+      shape; the statement then says it was not checked.
     """
-    mine, theirs = private.train, [public.train, public.validation]
+    mine, theirs = private.train, [public.train, public.validation, public.test]
     if not isinstance(mine, ArraySplit) or not all(isinstance(x, ArraySplit) for x in theirs):
         return None
     others = [x for x in theirs if isinstance(x, ArraySplit)]
@@ -84,7 +85,7 @@ def shared_examples(private: Dataset, public: Dataset, chunk_bytes: int = 1 << 2
         return out
 
     if any(x.images.shape[1:] != mine.images.shape[1:] for x in others):
-        return 0  # another input shape: refused at create for that reason
+        return None  # nothing compared (another input shape is refused at create for that reason)
     private_inputs = {d for pair in digests(mine) for d in pair}
     return sum(1 for x in others for a, b in digests(x) if a in private_inputs or b in private_inputs)
 
@@ -198,7 +199,7 @@ class ModeRunner:
                 # same file in a second storage, draws another subset (two studies on one subset would each
                 # claim the amplification for themselves).
                 secret = SecretSeed.from_int(seed).child(f"study {self.study_name} {self.study_id}")
-                self.subset_id = f"private_seed:{self.study_id}"
+                self.subset_id = f"{modes.FIXED_SUBSET_PREFIX}{self.study_id}"
             else:
                 if self.folder is None:
                     raise StudyError("subset tuning needs the study's private folder for its secret subset")

@@ -376,8 +376,9 @@ def privacy_statement(study: optuna.Study, summary: StudySummary | None = None) 
         checked = (study.user_attrs.get(modes.MODE_ATTR) or {}).get("content_checked")
         assumptions.append(f"the public tuning dataset {public!r} holds none of the individuals of the training "
                            "data (" + ("dptune refused it only if it shared the name or an input identical to a "
-                                       "training input" if checked else "not compared example by example: a "
-                                       "record dataset; dptune refused it only if it shared the name") + ")")
+                                       "training input" if checked else "not compared example by example (a record "
+                                       "dataset, or another input shape); dptune refused it only if it shared the "
+                                       "name") + ")")
     if cfg.get("validation_dataset"):
         assumptions.append(f"the validation dataset {cfg['validation_dataset']!r} holds none of the individuals of "
                            "the training data")
@@ -418,8 +419,8 @@ def summarize(study: optuna.Study) -> StudySummary:
         # The winner's curse (issue #20): how far the chosen trial's validation score may be from its true accuracy.
         n_val = int((study.user_attrs.get("split") or {}).get("validation") or 0)
         score = best.get("val_accuracy") if best.get("value") is None else best["value"]
-        chosen_from = complete if study.user_attrs.get(modes.MODE_ATTR) is None else [modes.final_trial(trials)]
-        readings = sum(max(1, len(t.intermediate_values)) for t in chosen_from if t is not None)
+        # A mode's final run inherits the selection its proxies made on the same validation split: count theirs.
+        readings = sum(max(1, len(t.intermediate_values)) for t in complete)
         best["val_accuracy_interval"] = list(accuracy_interval(score, n_val))
         best["val_accuracy_interval_selection"] = list(accuracy_interval(score, n_val, readings))
         best["validation_readings"] = readings

@@ -421,7 +421,10 @@ def train_and_evaluate(
         if budget is None:
             raise PrivacyError("budget: private training needs a privacy budget (epsilon, delta)")
         privacy.validate(epsilon=budget.epsilon, delta=budget.delta, accountant=budget.accountant)
-        privacy.check_delta(budget.delta, n)
+        if config.sampling_rate is None:
+            # A secret subset's size must decide nothing (not even a refusal): δ was checked against the
+            # public N of the split it was drawn from, which is no smaller.
+            privacy.check_delta(budget.delta, n)
         allowed = privacy.max_steps(q, sigma, budget.epsilon, budget.delta, budget.accountant, limit=steps)
         if allowed == 0:
             raise PrivacyError(
