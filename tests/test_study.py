@@ -48,9 +48,18 @@ def storage_of(tmp_path):
 @pytest.mark.slow
 def test_end_to_end_with_pruning(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    resolved = config.load_study(write(tmp_path))
+    space = {**SPACE, "effective_learning_rate": {"low": 1e-3, "high": 8.0, "log": True}}
+    resolved = config.load_study(write(tmp_path, space=space))
     storage = storage_of(tmp_path)
     study.create_study(resolved, storage)
+    # The noise is secret and differs in every run, so the trials are fixed where the outcome must not depend on
+    # it: two that learn (the pruner's reference), one whose σ allows no step, three that cannot learn (a step
+    # size 2,000 times smaller) and so fall below the median once the pruner may act.
+    queued = optuna.load_study(study_name="e2e", storage=storage)
+    learns = {"batch_size": 329, "effective_learning_rate": 2.4, "clip_norm": 1.5, "noise_multiplier": 1.0}
+    for params in (learns, learns, dict(learns, batch_size=600, noise_multiplier=0.6),
+                   *[dict(learns, effective_learning_rate=1e-3)] * 3):
+        queued.enqueue_trial(params)
     study.optimize("e2e", storage, n_trials=6)
 
     s = optuna.load_study(study_name="e2e", storage=storage)
