@@ -95,6 +95,26 @@ def test_training_with_seeds_differing_above_bit_32_differs(digits):
     assert runs[0].val_loss == runs[2].val_loss  # a fixed seed still reproduces
 
 
+def test_a_fixed_private_seed_never_gives_two_different_runs_one_noise(digits, tmp_path):
+    """Full batch, one step, clip norms above every gradient: with one noise z for both runs,
+    C₂·Δ₁ − C₁·Δ₂ = −(lr/N)(C₂ − C₁)·g holds the noise-free gradient sum, and two such pairs agree."""
+    n = len(digits.train)
+    start = np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(
+        init_params(build_model("cnn", digits.num_classes), digits.image_shape, jax.random.key(0)))])
+
+    def update(clip: float, steps: int = 1) -> np.ndarray:
+        hp = Hyperparams(batch_size=n, learning_rate=1e-3, clip_norm=clip, noise_multiplier=2.0, optimizer="sgd")
+        path = str(tmp_path / f"c{clip}-{steps}.msgpack")
+        train_and_evaluate(digits, hp, steps, config=RunConfig(microbatch_size=64, private_seed=3, seed=0,
+                                                               save_checkpoint=path), budget=PrivacyBudget(8.0, 1e-5))
+        return np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(checkpoint.load(path))]) - start
+
+    d1, d2, d4 = update(1e3), update(2e3), update(4e3)
+    one, other = 2e3 * d1 - 1e3 * d2, (4e3 * d1 - 1e3 * d4) / 3
+    assert np.linalg.norm(one - other) / np.linalg.norm(one) > 0.5  # ≈ 1e-3 when the runs share their noise
+    assert np.array_equal(d1, update(1e3))  # the same run, repeated, reproduces itself
+
+
 # -- 3. augmentation keyed by (secret, step, example) ---------------------------------------
 
 M, K_COPIES, CLIP = 16, 3, 0.05

@@ -11,6 +11,8 @@ takes more; the ε reported is that of the steps actually taken.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import time
 from collections.abc import Callable
@@ -245,6 +247,25 @@ def composed_with_prior(spend: privacy.PrivacySpend, prior: list[tuple[float, fl
     return search_privacy.composed_epsilon(events, spend.delta)["rdp"]
 
 
+def run_secret(config: RunConfig, settings: dict[str, Any] | None) -> SecretSeed:
+    """The secret of one run: the caller's, the OS's, or a fixed ``private_seed`` keyed on what the run is.
+
+    A fixed seed reproduces one run and never serves two: two runs on one noise stream, say with clip norms
+    C₁ and C₂, release C₂·Δ₁ − C₁·Δ₂, in which the noise cancels. So the seed's stream is keyed on the run's
+    ``settings`` (hyperparameters, steps, budget, configuration, data) and on the bytes of its
+    ``init_checkpoint``: the same command on the same data and checkpoint replays itself, any other run
+    draws other batches and noise.
+    """
+    if config.secret is not None:
+        return config.secret
+    if config.private_seed is None:
+        return SecretSeed.from_os()
+    identity = json.dumps(settings, sort_keys=True, default=str)
+    start = checkpoint.fingerprint(config.init_checkpoint) if config.init_checkpoint else ""
+    digest = hashlib.sha256(f"{identity}\n{start}".encode()).hexdigest()
+    return SecretSeed.from_int(config.private_seed).child(f"run {digest}")
+
+
 def augmenter(augmentation: Augmentation, secret: SecretSeed) -> Callable[[np.ndarray, np.ndarray, int], np.ndarray]:
     """``augment(x, indices, step)`` for :func:`train_step`, with randomness keyed by (secret, step, example).
 
@@ -350,8 +371,6 @@ def _devices(config: RunConfig) -> tuple[jax.Device, ...]:
 def _public_settings(dataset: Dataset, hparams: Hyperparams, steps: int, config: RunConfig,
                      budget: PrivacyBudget | None, devices: tuple[jax.Device, ...]) -> dict[str, Any]:
     """Everything that shapes the mechanism and the data, without the secret (compared across processes)."""
-    import hashlib
-
     public = {f.name: repr(getattr(config, f.name)) for f in fields(config)
               if f.name not in ("secret", "private_seed", "resume")}
     train = dataset.train
@@ -439,9 +458,11 @@ def train_and_evaluate(
                                               unsafe_ignore=config.unsafe_ignore_checkpoint_provenance)
 
     devices = _devices(config)
+    settings = (_public_settings(dataset, hparams, steps, config, budget, devices)
+                if jax.process_count() > 1 or (config.secret is None and config.private_seed is not None) else None)
     if jax.process_count() > 1:
         # One mechanism across processes needs one configuration and the same data (dptune.trainer.multihost).
-        multihost.assert_same(_public_settings(dataset, hparams, steps, config, budget, devices), "settings")
+        multihost.assert_same(settings, "settings")
     eval_bs = -(-config.eval_batch_size // len(devices)) * len(devices)
     model = build_model(config.model, dataset.num_classes, weight_standardization=config.weight_standardization,
                         input_shape=dataset.image_shape, args=config.model_args)
@@ -466,7 +487,7 @@ def train_and_evaluate(
     trainable = multihost.put(freezing.trainable_mask(params, hparams.trainable), fns.replicated)
     state = fns.init_state(multihost.put(params, fns.replicated))
     # With several processes (dptune.trainer.multihost) every one of them uses process 0's secret.
-    secret = multihost.shared_secret(config.secret or SecretSeed.resolve(config.private_seed))
+    secret = multihost.shared_secret(run_secret(config, settings))
     # -- resume hook (issue #18, dptune/resume.py): state, secret and history of the last checkpoint.
     start, point = 0, None
     if config.resume is not None and (point := config.resume.latest()) is not None:
