@@ -196,8 +196,8 @@ def test_public_checkpoint_trained_on_the_private_data_is_refused(tmp_path, digi
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
     assert not (tmp_path / "ck.db").exists()
     # On other data it is public, and an explicit override accepts it (saying so in the statement).
-    assert checkpoint.prior_spend(ck, "mnist5k", private=True) == []
-    assert checkpoint.prior_spend(ck, "digits", private=True, unsafe_ignore=True) == []
+    assert not checkpoint.prior_spend(ck, "mnist5k", private=True)
+    assert not checkpoint.prior_spend(ck, "digits", private=True, unsafe_ignore=True)
 
 
 def test_private_checkpoint_continued_on_its_data_composes(tmp_path, digits):
@@ -215,13 +215,104 @@ def test_private_checkpoint_continued_on_its_data_composes(tmp_path, digits):
     assert "composes it with the initial checkpoint" in second.statement("digits", RunConfig(
         init_checkpoint="p1")).text()
     # The lineage carries both runs forward: a third continuation composes all three.
-    assert checkpoint.prior_spend(str(tmp_path / "p2.msgpack"), "digits", private=True) == [(q, 1.5, 4), (q, 1.5, 5)]
+    assert checkpoint.prior_spend(str(tmp_path / "p2.msgpack"), "digits", private=True).events == (
+        (q, 1.5, 4), (q, 1.5, 5))
 
 
 def test_private_checkpoint_without_a_recorded_spend_is_refused(tmp_path, digits):
     ck = _fake_checkpoint(tmp_path / "old.msgpack", digits, [{"dataset": "digits", "private": True, "events": None}])
     with pytest.raises(checkpoint.CheckpointError, match="privacy spend was not recorded"):
         checkpoint.prior_spend(ck, "digits", private=True)
+
+
+# -- a released model carries the whole search that selected it ------------------------------------------
+
+def _rdp(events, delta=1e-5):
+    return RdpAccountant().compose(dp_event.ComposedDpEvent([
+        dp_event.SelfComposedDpEvent(dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(s)), int(t))
+        for q, s, t in events])).get_epsilon(delta)
+
+
+def _continue_from(model, digits, tmp_path):
+    hp = Hyperparams(batch_size=200, learning_rate=0.5, clip_norm=1.0, noise_multiplier=1.5)
+    return train_and_evaluate(digits, hp, 3, budget=PrivacyBudget(8.0, 1e-5, "rdp"), config=RunConfig(
+        microbatch_size=64, init_checkpoint=model, save_checkpoint=str(tmp_path / "next.msgpack")))
+
+
+@pytest.mark.slow
+def test_continuing_from_a_released_model_composes_the_whole_search_that_chose_it(tmp_path, digits):
+    from dptune.search import release
+
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump({"batch_size": 300, "clip_norm": 1.0, "noise_multiplier": 2.0,
+                                                         "effective_learning_rate": {"low": 0.5, "high": 4.0}}))
+    cfg = {"name": "chosen", "dataset": "digits", "privacy": {"epsilon": 2.0, "delta": 1e-5},
+           "pruner": {"name": "none"}, "budget": {"max_steps": 4, "max_epochs": None, "min_steps": 1},
+           "microbatch_size": 128, "search_space": "space.yaml"}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(cfg))
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    study.create_study(config.load_study(str(tmp_path / "s.yaml")), storage)
+    s = study.optimize("chosen", storage, n_trials=3)
+    searched = [(t.user_attrs["sampling_rate"], t.user_attrs["noise_multiplier"], t.user_attrs["steps"])
+                for t in s.trials]
+    # The copy kept in the study's store while the search runs does not know what the search will cost.
+    (entry,) = release.best_models(s)
+    stored = os.path.join(release.folder_of(s, storage), "artifacts", entry["artifact_id"])
+    with pytest.raises(checkpoint.CheckpointError, match="while it ran"):
+        checkpoint.prior_spend(stored, "digits", private=True)
+    release.export_model(s, storage, str(tmp_path / "out"))
+    run = _continue_from(str(tmp_path / "out" / release.MODEL_FILE), digits, tmp_path)
+    own = (200 / len(digits.train), 1.5, run.steps)
+    assert run.total_epsilon == pytest.approx(_rdp([*searched, own]), rel=1e-9)
+    assert run.total_epsilon > _rdp([searched[0], own]) + 0.1  # what the trial's own lineage gave
+    # ... and what is trained from it carries the search on.
+    assert checkpoint.prior_spend(str(tmp_path / "next.msgpack"), "digits", private=True).events == (*searched, own)
+
+
+@pytest.mark.parametrize("kind", ["filter", "private_search"])
+def test_a_model_released_by_a_bounded_search_carries_the_bound(tmp_path, digits, kind):
+    from optuna.trial import TrialState, create_trial
+
+    from dptune.search import release
+
+    attrs = {"delta": 1e-5, "dptune_config": {"study": {"dataset": "digits", "artifacts": {"keep": 1},
+                                                        "validation_dataset": "mnist5k"}}}
+    if kind == "filter":
+        attrs.update(search_budget={"epsilon": 4.0, "order": 8.0}, epsilon_target=2.0)
+    else:
+        attrs["private_search"] = {"n_trials": 2, "distribution": "poisson", "mean_trials": 2, "eta": None,
+                                   "sampling_rate": 0.1, "noise_multiplier": 2.0, "steps": 5,
+                                   "per_trial_epsilon": 1.0, "total_epsilon": 4.0}
+    run_attrs = {"sampling_rate": 0.1, "noise_multiplier": 2.0, "planned_steps": 5, "steps": 5, "touched_data": True,
+                 "delta": 1e-5, "epsilon_spent": 1.0, "accountant": "rdp", "filter_request": [0.1, 2.0, 5]}
+    storage = f"sqlite:///{tmp_path / 'b.db'}"
+    st = optuna.create_study(direction="maximize", storage=storage, study_name="bounded")
+    for k, v in attrs.items():
+        st.set_user_attr(k, v)
+    for value in (0.9, 0.1):
+        st.add_trial(create_trial(state=TrialState.COMPLETE, value=value, params={}, distributions={},
+                                  user_attrs=run_attrs))
+    model = build_model("cnn", digits.num_classes)
+    params = jax.device_get(init_params(model, digits.image_shape, jax.random.key(3)))
+    checkpoint.save(release.pending_path(release.folder_of(st, storage), 0), params, {
+        "model": "cnn", "image_shape": list(digits.image_shape), "num_classes": digits.num_classes,
+        "lineage": [{"dataset": "digits", "private": True, "events": [[0.1, 2.0, 5]]}]})
+    assert release.keep_best(st, st.trials[0], storage) is not None
+    release.export_model(st, storage, str(tmp_path / "out"))
+    exported = str(tmp_path / "out" / release.MODEL_FILE)
+    bound = results.search_guarantee(st)["total_epsilon"]
+    assert checkpoint.prior_spend(exported, "digits", private=True).bounds == ((bound, 1e-5),)
+    run = _continue_from(exported, digits, tmp_path)
+    assert run.total_epsilon == pytest.approx(bound + run.epsilon) and run.total_delta == pytest.approx(2e-5)
+    statement = run.statement("digits", RunConfig(init_checkpoint=exported)).text()
+    assert f"{run.total_epsilon:.4g}" in statement and "basic composition" in statement
+    # A study composes runs, not a bound: starting one from this model is refused before anything is written.
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({
+        "name": "next", "dataset": "digits", "privacy": {"epsilon": 3.0, "delta": 1e-5}, "init_checkpoint": exported,
+        "search_space": str(ROOT / "search_spaces" / "dpsgd_epochs.yaml")}))
+    p = _cli("study", "create", "--config", str(tmp_path / "c.yaml"), "--storage", f"sqlite:///{tmp_path / 'c.db'}",
+             cwd=tmp_path)
+    assert p.returncode == 2 and "bound" in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert not (tmp_path / "c.db").exists()
 
 
 # -- 1 & 5. private search: K enforced in the storage, K and trial numbers kept out of the release ----

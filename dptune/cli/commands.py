@@ -179,9 +179,9 @@ def _render_train(run: Any, args: argparse.Namespace, console: Any) -> None:
         eps = "∞ (non-private)"
     else:
         eps = f"{result.epsilon:.4f} (δ = {run.delta:g}, {run.settings.privacy.accountant})"
-    if result.prior_events:
-        eps += (f" for this run; {result.total_epsilon:.4f} in all with the initial checkpoint's recorded training "
-                "on this data (RDP composition)")
+    if result.prior_events or result.prior_bounds:
+        eps += (f" for this run; {result.total_epsilon:.4f} (δ = {result.total_delta:g}) in all with the initial "
+                "checkpoint's recorded training on this data")
     console.print(f"[bold]{run.dataset}[/] {run.settings.model}: validation accuracy {result.val_accuracy:.4f}, "
                   f"test accuracy {result.test_accuracy:.4f}, ε spent {eps}")
     if result.ema_val_accuracy is not None:

@@ -24,6 +24,7 @@ import json
 import os
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -113,7 +114,9 @@ def lineage(path: str | None) -> list[dict[str, Any]]:
     """The datasets a checkpoint's parameters were trained on, oldest first ([] if unknown or none).
 
     Each entry: ``dataset``, ``private`` and ``events`` (a list of DP-SGD runs
-    [q, σ, T]; ``None`` where a checkpoint of an older dptune did not record them).
+    [q, σ, T]; ``None`` where a checkpoint of an older dptune did not record them). An entry for a
+    model selected by a search also has ``search`` (``study``, ``exported``) and, where the search's
+    cost is a bound rather than its runs, ``bound`` ([ε, δ]).
     """
     if not path:
         return []
@@ -125,9 +128,29 @@ def lineage(path: str | None) -> list[dict[str, Any]]:
     return []
 
 
-def prior_spend(path: str, dataset: str, *, private: bool, unsafe_ignore: bool = False
-                ) -> list[tuple[float, float, int]]:
-    """The DP-SGD runs (q, σ, T) a checkpoint already spent on ``dataset``, to compose with a new run.
+@dataclass(frozen=True)
+class PriorSpend:
+    """What a checkpoint already spent on one dataset.
+
+    ``events``: DP-SGD runs (q, σ, T), composed with a new run by the RDP accountant.
+    ``bounds``: (ε, δ) of searches whose cost is a guarantee rather than a list of runs (a private
+    search's repeat-and-select bound, a privacy filter's cap); a new run adds them by basic
+    composition (ε and δ add), which holds whatever was chosen after seeing their output.
+    """
+
+    events: tuple[tuple[float, float, int], ...] = ()
+    bounds: tuple[tuple[float, float], ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.events or self.bounds)
+
+
+def prior_spend(path: str, dataset: str, *, private: bool, unsafe_ignore: bool = False) -> PriorSpend:
+    """What a checkpoint already spent on ``dataset``, to compose with a new run.
+
+    A model selected by a search carries the whole search as one lineage entry (``search``), written
+    when the model is exported; a copy taken from the study's store while the search ran does not
+    know what the search will have cost, and is refused.
 
     Args:
       path: the ``init_checkpoint``.
@@ -137,35 +160,47 @@ def prior_spend(path: str, dataset: str, *, private: bool, unsafe_ignore: bool =
         privacy; the new run's ε then does not cover what the checkpoint learnt.
 
     Returns:
-      The recorded runs on ``dataset`` ([] for checkpoints without dptune
+      The recorded runs and bounds on ``dataset`` (none for checkpoints without dptune
       metadata, which are treated as trained on public data).
 
     Raises:
-      CheckpointError: the checkpoint was trained without privacy on ``dataset``,
-        or privately without a recorded spend, and ``unsafe_ignore`` is off.
+      CheckpointError: the checkpoint was trained without privacy on ``dataset``, privately without
+        a recorded spend, or selected by a search that was not exported, and ``unsafe_ignore`` is off.
     """
     if not private:
-        return []
+        return PriorSpend()
     events: list[tuple[float, float, int]] = []
+    bounds: list[tuple[float, float]] = []
     for entry in lineage(path):
         if dataset_identity(str(entry.get("dataset", ""))) != dataset_identity(dataset):
             continue
-        known = entry.get("private") and entry.get("events") is not None
+        search = entry.get("search") or {}
+        exported = bool(search.get("exported", True))
+        known = entry.get("private") and exported and (entry.get("events") is not None or entry.get("bound"))
         if unsafe_ignore and not known:
             continue
+        if not exported:
+            raise CheckpointError(
+                f"{path} was selected by the search {search.get('study')!r} while it ran, so its lineage does not "
+                "hold what the whole search spent; export it (dptune study best --export-model DIR) and start "
+                "from the exported model.msgpack")
         if not entry.get("private"):
             raise CheckpointError(
                 f"{path} was trained without privacy on {dataset!r}, the dataset this run protects (its metadata "
                 "says so), so no ε would cover it; start from a checkpoint trained on other (public) data, or pass "
                 "--unsafe-ignore-checkpoint-provenance (study file: unsafe_ignore_checkpoint_provenance: true) to "
                 "accept an ε that does not cover it")
+        if entry.get("bound"):
+            epsilon, delta = entry["bound"]
+            bounds.append((float(epsilon), float(delta)))
+            continue
         if entry.get("events") is None:
             raise CheckpointError(
                 f"{path} was trained privately on {dataset!r} but its privacy spend was not recorded, so it "
                 "cannot be composed with this run; retrain it with this dptune, or pass "
                 "--unsafe-ignore-checkpoint-provenance to accept an ε that does not cover it")
         events.extend((float(q), float(s), int(t)) for q, s, t in entry["events"])
-    return events
+    return PriorSpend(tuple(events), tuple(bounds))
 
 
 def load(path: str) -> PyTree:

@@ -251,19 +251,40 @@ def model_metadata(study: optuna.Study, trial: FrozenTrial, checkpoint_meta: dic
         "search_guarantee_at_save": ({"mode": guarantee.get("mode")} if private_search else
                                      {k: guarantee.get(k) for k in ("mode", "total_epsilon", "delta", "guarantee")}),
         "private_search": private_search,
-        "lineage": checkpoint_meta.get("lineage"),
+        "lineage": selected_lineage(study, checkpoint_meta.get("lineage"), exported=False),
     }
     if not private_search:
         meta["trial"] = trial.number
-    if study.user_attrs.get(modes.MODE_ATTR) and meta["lineage"]:
-        # issue #20: the final run's parameters were chosen by proxies that read the same private data (scaled,
-        # subset): continuing from them must compose those runs too, not only the final run's.
-        from dptune.search.results import resumed_spends, touched_data
-
-        trials = study.get_trials(deepcopy=False)
-        events = resumed_spends(trials, [t for t in trials if touched_data(t)])
-        meta["lineage"] = [*meta["lineage"][:-1], {**meta["lineage"][-1], "events": [list(e) for e in events]}]
     return meta
+
+
+def selected_lineage(study: optuna.Study, lineage: list[dict[str, Any]] | None, *, exported: bool
+                     ) -> list[dict[str, Any]] | None:
+    """The lineage of a model the search selected: what it started from, then the whole search as one entry.
+
+    The model was chosen among every trial (and proxy, audit, final run) that read the data, so
+    continuing from it composes all of them, not only its own run: the entry lists those runs, and
+    where the search's cost is a bound rather than their composition (a privacy filter's cap, a
+    private search's repeat-and-select bound, which also covers a private initial checkpoint's
+    recorded runs, then counted twice) it carries the bound. A private search lists no runs: their
+    number is its secret K. ``exported``: only an exported model's entry is final
+    (:func:`dptune.models.checkpoint.prior_spend` refuses a copy taken while the search ran).
+    """
+    if not lineage or not lineage[-1].get("private"):
+        return lineage
+    from dptune.search.results import resumed_spends, search_guarantee, touched_data
+
+    guarantee = search_guarantee(study)
+    entry: dict[str, Any] = {"dataset": lineage[-1].get("dataset"), "private": True,
+                             "search": {"study": study.study_name, "exported": exported}}
+    if guarantee["mode"] == "private_search" and guarantee.get("valid"):
+        entry.update(events=[], bound=[guarantee["total_epsilon"], guarantee["delta"]])
+    else:
+        trials = study.get_trials(deepcopy=False)
+        entry["events"] = [list(e) for e in resumed_spends(trials, [t for t in trials if touched_data(t)])]
+        if guarantee["mode"] == "filter":
+            entry["bound"] = [guarantee["total_epsilon"], guarantee["delta"]]
+    return [*lineage[:-1], entry]
 
 
 def _trial_privacy(study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:
@@ -418,7 +439,8 @@ def export_model(study: optuna.Study, storage_url: str, directory: str) -> dict[
     params, meta = read_model_bytes(data)
     statement = privacy_statement(study, summary)
     release = summary.release()
-    meta = dict(meta, search=release["search"], statement=None if statement is None else statement.text())
+    meta = dict(meta, search=release["search"], statement=None if statement is None else statement.text(),
+                lineage=selected_lineage(study, meta.get("lineage"), exported=True))
     # What the guarantee said when the model was saved is stale (and, in a private search, would depend on K):
     # the export carries only the total computed now, over every trial that trained on the data.
     meta.pop("search_guarantee_at_save", None)

@@ -152,8 +152,14 @@ def _prepare(resolved: ResolvedStudy) -> dict[str, Any]:
         # configuration error, found before anything is written.
         from dptune.models.builtin import init_params
 
-        prior = checkpoint.prior_spend(study_cfg.init_checkpoint, dataset.name, private=not study_cfg.non_private,
+        spent = checkpoint.prior_spend(study_cfg.init_checkpoint, dataset.name, private=not study_cfg.non_private,
                                        unsafe_ignore=study_cfg.unsafe_ignore_checkpoint_provenance)
+        if spent.bounds:
+            # A study's totals compose DP-SGD runs; a search's (ε, δ) bound is not one.
+            raise checkpoint.CheckpointError(
+                f"{study_cfg.init_checkpoint} was selected by a search whose cost is a bound (ε, δ), which a study "
+                "cannot compose with its trials; continue from it with dptune train, which adds the bound")
+        prior = list(spent.events)
         checkpoint.fit(init_params(model, dataset.image_shape, jax.random.key(0), dataset.input_dtype),
                        checkpoint.load(study_cfg.init_checkpoint), study_cfg.reinitialize)
     attrs: dict[str, Any] = {CONFIG_ATTR: resolved.to_json(), "dptune_version": __version__, "delta": delta,

@@ -172,6 +172,7 @@ class TrainResult:
     augmentation: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)
     prior_events: list[tuple[float, float, int]] = field(default_factory=list)
+    prior_bounds: list[tuple[float, float]] = field(default_factory=list)  # (ε, δ) of searches it was chosen by
     feed: str = "loop"
     clipping_rules: dict[str, str] = field(default_factory=dict)  # parameter path -> rule (fast path)
 
@@ -182,10 +183,21 @@ class TrainResult:
 
     @property
     def total_epsilon(self) -> float | None:
-        """ε on this dataset including a private ``init_checkpoint``'s recorded spend (RDP composition)."""
-        if self.privacy is None or not self.prior_events:
+        """ε on this dataset including a private ``init_checkpoint``'s recorded spend.
+
+        Its runs compose with this one (RDP); the bounds of searches that selected it add (basic composition).
+        """
+        if self.privacy is None or not (self.prior_events or self.prior_bounds):
             return self.epsilon
-        return composed_with_prior(self.privacy, self.prior_events)
+        runs = composed_with_prior(self.privacy, self.prior_events) if self.prior_events else self.privacy.epsilon
+        return runs + sum(epsilon for epsilon, _ in self.prior_bounds)
+
+    @property
+    def total_delta(self) -> float | None:
+        """δ of :attr:`total_epsilon`: this run's, plus each prior search bound's."""
+        if self.privacy is None:
+            return None
+        return self.privacy.delta + sum(delta for _, delta in self.prior_bounds)
 
     @property
     def selected_val_accuracy(self) -> float:
@@ -214,6 +226,10 @@ class TrainResult:
             notes.append(f"This run alone: ε = {p.epsilon:.4g} ({p.accountant}); the guarantee above composes it "
                          f"with the initial checkpoint's {len(self.prior_events)} recorded run(s) on {dataset!r} "
                          "(RDP).")
+        if self.prior_bounds:
+            notes.append("The initial checkpoint was selected by a search on the same data whose cost is a bound, "
+                         + ", ".join(f"(ε = {e:.4g}, δ = {d:g})" for e, d in self.prior_bounds)
+                         + "; the guarantee above adds it (basic composition: ε and δ add).")
         if config.init_checkpoint:
             assumptions.append("the initial checkpoint's recorded lineage is true and names its data as this run "
                                "does (a checkpoint without dptune metadata, or trained on differently named data "
@@ -221,17 +237,17 @@ class TrainResult:
             if config.unsafe_ignore_checkpoint_provenance:
                 assumptions.append("UNSAFE: the initial checkpoint's provenance was ignored on request, so what it "
                                    "learnt from this data is not covered")
-        total = self.total_epsilon
-        assert total is not None  # a private run's
+        total, delta = self.total_epsilon, self.total_delta
+        assert total is not None and delta is not None  # a private run's
         return Statement(
-            epsilon=total, delta=p.delta, accountant="rdp" if self.prior_events else p.accountant,
+            epsilon=total, delta=delta, accountant="rdp" if self.prior_events else p.accountant,
             dataset=dataset, dataset_size=self.split.get("train"),
             mechanism=Mechanism(p.sampling_rate, p.noise_multiplier, p.steps),
             seed_fixed=self.private_seed_fixed, extra_assumptions=tuple(assumptions), notes=tuple(notes))
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d.update(epsilon=self.epsilon, total_epsilon=self.total_epsilon,
+        d.update(epsilon=self.epsilon, total_epsilon=self.total_epsilon, total_delta=self.total_delta,
                  selected_val_accuracy=self.selected_val_accuracy,
                  selected_test_accuracy=self.selected_test_accuracy)
         return d
@@ -451,11 +467,11 @@ def train_and_evaluate(
                 f"(δ = {budget.delta:g}) in a single step; raise σ or lower the batch size"
             )
 
-    prior_events: list[tuple[float, float, int]] = []
+    prior = checkpoint.PriorSpend()
     if config.init_checkpoint:
         # Before anything is computed or written: a checkpoint that saw this data must be accounted for.
-        prior_events = checkpoint.prior_spend(config.init_checkpoint, dataset.name, private=config.private,
-                                              unsafe_ignore=config.unsafe_ignore_checkpoint_provenance)
+        prior = checkpoint.prior_spend(config.init_checkpoint, dataset.name, private=config.private,
+                                       unsafe_ignore=config.unsafe_ignore_checkpoint_provenance)
 
     devices = _devices(config)
     settings = (_public_settings(dataset, hparams, steps, config, budget, devices)
@@ -629,6 +645,7 @@ def train_and_evaluate(
         trainable_modules=trainable_modules,
         init_checkpoint=config.init_checkpoint,
         augmentation=asdict(config.augmentation),
-        prior_events=prior_events,
+        prior_events=list(prior.events),
+        prior_bounds=list(prior.bounds),
         feed=feed_used,
     )
