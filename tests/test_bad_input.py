@@ -255,6 +255,20 @@ CASES = [
     ("train an unknown dataset", lambda d, r: ["train", "--dataset", "nope"], ["dataset: unknown 'nope'"]),
     ("privacy --batch-size > N", lambda d, r: ["privacy", "epsilon", "--noise-multiplier", "1", "--dataset-size",
                                                "100", "--batch-size", "200", "--steps", "5"], ["batch_size: 200"]),
+    # several processes: refused before anything waits on the network or trains alone
+    ("train --coordinator without a port", lambda d, r: ["train", "--coordinator", "notahost", "--num-processes",
+                                                         "2"], ["coordinator: expected HOST:PORT"]),
+    ("train --coordinator port 99999", lambda d, r: ["train", "--coordinator", "127.0.0.1:99999",
+                                                     "--num-processes", "2", "--process-id", "1"],
+     ["coordinator: expected HOST:PORT with a port in [1, 65535]"]),
+    ("train --process-id 2 of 2", lambda d, r: ["train", "--coordinator", "127.0.0.1:1234", "--num-processes", "2",
+                                                "--process-id", "2"], ["process_id: must be in [0, 2)"]),
+    ("train --num-processes 2 without a coordinator", lambda d, r: ["train", "--num-processes", "2",
+                                                                    "--process-id", "1"],
+     ["coordinator: --num-processes 2 needs --coordinator"]),
+    ("train process 0 on a port in use", lambda d, r: ["train", "--coordinator", f"127.0.0.1:{port_in_use(r)}",
+                                                       "--num-processes", "2"],
+     ["coordinator: process 0 cannot listen on port"]),
 ]
 
 

@@ -147,7 +147,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from dptune.trainer import compile_stats, multihost
     from dptune.trainer.run import pretrain, train
 
-    if getattr(args, "coordinator", None):
+    if getattr(args, "coordinator", None) or getattr(args, "num_processes", 1) > 1 or getattr(args, "process_id", 0):
         # Before any computation: every process must join the runtime first (dptune.trainer.multihost).
         multihost.initialize(args.coordinator, args.num_processes, args.process_id)
     console = Console(stderr=args.json)

@@ -25,25 +25,87 @@ Launch (one command per host; see README "Several hosts")::
 
 from __future__ import annotations
 
+import socket
+import time
 from typing import Any
 
 import jax
 import numpy as np
 
+from dptune.errors import ConfigError
 from dptune.randomness import SecretSeed
 
 
-def initialize(coordinator_address: str, num_processes: int, process_id: int) -> None:
-    """Join the multi-process runtime (CPU collectives via gloo, so it also runs on CPU-only hosts).
+def check_launch(coordinator_address: str | None, num_processes: int, process_id: int) -> None:
+    """Refuse a launch that cannot form one runtime, before anything waits on the network.
 
     Raises:
-      ValueError: ``process_id`` outside ``[0, num_processes)``.
+      ConfigError: naming ``coordinator``, ``num_processes`` or ``process_id``.
     """
+    if num_processes < 1:
+        raise ConfigError("num_processes", f"must be >= 1, got {num_processes}")
     if not 0 <= process_id < num_processes:
-        raise ValueError(f"process_id: must be in [0, {num_processes}), got {process_id}")
+        raise ConfigError("process_id", f"must be in [0, {num_processes}) for --num-processes {num_processes}, "
+                                        f"got {process_id}")
+    if not coordinator_address:
+        if num_processes > 1:
+            # Alone, each process would train its own model and print its own ε.
+            raise ConfigError("coordinator", f"--num-processes {num_processes} needs --coordinator HOST:PORT "
+                                             "(the address of process 0)")
+        return
+    host, _, port = coordinator_address.rpartition(":")
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ConfigError("coordinator", f"expected HOST:PORT with a port in [1, 65535], got {coordinator_address!r}")
+    try:
+        socket.getaddrinfo(host.strip("[]"), int(port))
+    except (OSError, UnicodeError):
+        raise ConfigError("coordinator", f"cannot resolve the host {host!r}") from None
+
+
+def initialize(coordinator_address: str | None, num_processes: int, process_id: int,
+               timeout_seconds: int = 120) -> None:
+    """Join the multi-process runtime (CPU collectives via gloo, so it also runs on CPU-only hosts).
+
+    Every process must join within ``timeout_seconds`` of the first.
+
+    Raises:
+      ConfigError: a launch :func:`check_launch` refuses, a port process 0 cannot listen on, or a
+        coordinator that does not answer within ``timeout_seconds``.
+    """
+    check_launch(coordinator_address, num_processes, process_id)
+    assert coordinator_address is not None  # check_launch refuses several processes without one
+    host, _, port = coordinator_address.rpartition(":")
+    # JAX's runtime aborts the whole process (no exception) when it cannot reach or bind the coordinator:
+    # find out first, and say so in one line.
+    if process_id == 0:
+        _check_bindable(int(port))
+    else:
+        _wait_for(host.strip("[]"), int(port), timeout_seconds)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                               process_id=process_id)
+                               process_id=process_id, initialization_timeout=timeout_seconds)
+
+
+def _check_bindable(port: int) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("", port))
+        except OSError as e:
+            raise ConfigError("coordinator", f"process 0 cannot listen on port {port} here ({e.strerror}); "
+                                             "choose a free port") from None
+
+
+def _wait_for(host: str, port: int, timeout_seconds: float) -> None:
+    deadline = time.monotonic() + timeout_seconds
+    while True:
+        try:
+            socket.create_connection((host, port), timeout=2).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise ConfigError("coordinator", f"nothing answered at {host}:{port} within {timeout_seconds:g} s; "
+                                                 "start process 0 there first") from None
+            time.sleep(0.5)
 
 
 def put(tree: Any, sharding: jax.sharding.Sharding) -> Any:

@@ -268,15 +268,21 @@ def run_secret(config: RunConfig, settings: dict[str, Any] | None) -> SecretSeed
 
     A fixed seed reproduces one run and never serves two: two runs on one noise stream, say with clip norms
     C₁ and C₂, release C₂·Δ₁ − C₁·Δ₂, in which the noise cancels. So the seed's stream is keyed on the run's
-    ``settings`` (hyperparameters, steps, budget, configuration, data) and on the bytes of its
-    ``init_checkpoint``: the same command on the same data and checkpoint replays itself, any other run
-    draws other batches and noise.
+    ``settings`` (hyperparameters, steps, budget, configuration, data; not the devices, microbatches,
+    clipping engine or feed that compute it) and on the bytes of its ``init_checkpoint``: the same run
+    on the same data and checkpoint replays itself, any other run draws other batches and noise.
     """
     if config.secret is not None:
         return config.secret
     if config.private_seed is None:
         return SecretSeed.from_os()
-    identity = json.dumps(settings, sort_keys=True, default=str)
+    assert settings is not None  # computed whenever a seed is fixed
+    # Where and how it runs is not what it computes: the same run on other devices or feeds replays itself.
+    layout = {"num_devices", "microbatch_size", "clipping", "feed", "loader_workers", "device_data_fraction",
+              "save_checkpoint", "eval_every", "eval_batch_size"}
+    what = {**settings, "devices": None,
+            "config": {k: v for k, v in settings["config"].items() if k not in layout}}
+    identity = json.dumps(what, sort_keys=True, default=str)
     start = checkpoint.fingerprint(config.init_checkpoint) if config.init_checkpoint else ""
     digest = hashlib.sha256(f"{identity}\n{start}".encode()).hexdigest()
     return SecretSeed.from_int(config.private_seed).child(f"run {digest}")
