@@ -315,6 +315,32 @@ def test_a_model_released_by_a_bounded_search_carries_the_bound(tmp_path, digits
     assert not (tmp_path / "c.db").exists()
 
 
+def test_the_storage_alone_does_not_hold_a_fixed_private_seed(tmp_path):
+    import shutil
+    import sqlite3
+
+    from dptune.search import release
+
+    cfg = {"name": "seeded", "dataset": "digits", "privacy": {"epsilon": 3.0, "delta": 1e-5},
+           "private_seed": 918273645, "search_space": str(ROOT / "search_spaces" / "dpsgd_epochs.yaml")}
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    created = study.create_study(cfg, storage)
+    with sqlite3.connect(tmp_path / "s.db") as db:
+        dump = "\n".join(db.iterdump())
+    assert "918273645" not in dump and created.user_attrs["dptune_config"]["study"]["private_seed"] is None
+    seed_file = os.path.join(release.folder_of(created, storage), release.SEED_FILE)
+    assert os.stat(seed_file).st_mode & 0o777 == 0o600
+    # Workers that share the private folder read it back; the same file again is the same study.
+    assert study.load("seeded", storage)[1].study.private_seed == 918273645
+    assert study.create_study(cfg, storage, skip_if_exists=True).user_attrs == created.user_attrs
+    with pytest.raises(study.StudyError, match="different configuration"):
+        study.create_study({**cfg, "private_seed": 1}, storage, skip_if_exists=True)
+    # A copy of the storage without the folder says where the seed is rather than training on another one.
+    shutil.copy(tmp_path / "s.db", tmp_path / "copy.db")
+    with pytest.raises(study.StudyError, match="private_seed: .*cannot be read here"):
+        study.load("seeded", f"sqlite:///{tmp_path / 'copy.db'}")
+
+
 # -- 1 & 5. private search: K enforced in the storage, K and trial numbers kept out of the release ----
 
 SPACE = {"batch_size": 400, "epochs": 1, "effective_learning_rate": {"low": 1.0, "high": 8.0, "log": True},

@@ -140,6 +140,35 @@ def folder_of(study: optuna.Study, storage_url: str, create: bool = True) -> str
     return _folder_of(study, storage_url, create)
 
 
+SEED_FILE = "private_seed"
+SEED_FIXED_ATTR = "private_seed_fixed"  # a study user attribute: the seed itself is never in the storage
+
+
+def keep_private_seed(study: optuna.Study, storage_url: str, seed: int) -> None:
+    """Write a study's fixed ``private_seed`` owner-only in its private folder.
+
+    Whoever reads the storage must not be able to recompute a trial's batches or noise, so the seed
+    lives beside the models and checkpoints, as secret as they are, and workers read it from there.
+    """
+    write_private(os.path.join(_folder_of(study, storage_url), SEED_FILE), str(int(seed)).encode())
+
+
+def private_seed(study: optuna.Study, storage_url: str) -> int:
+    """The fixed ``private_seed`` :func:`keep_private_seed` wrote.
+
+    Raises:
+      ReleaseError: it cannot be read here (a worker that does not share the study's private folder).
+    """
+    path = os.path.join(_folder_of(study, storage_url, create=False), SEED_FILE)
+    try:
+        with open(path) as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        raise ReleaseError(f"private_seed: this study's fixed seed is kept owner-only in {path}, which cannot be "
+                           "read here; run where that folder is (artifacts.path can point every worker to one "
+                           "shared folder)") from None
+
+
 def artifact_store(study: optuna.Study, storage_url: str) -> optuna.artifacts.FileSystemArtifactStore:
     """The study's artifact store: a :class:`FileSystemArtifactStore` in its private folder."""
     return optuna.artifacts.FileSystemArtifactStore(private_dir(os.path.join(_folder_of(study, storage_url),

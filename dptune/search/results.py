@@ -398,7 +398,8 @@ def privacy_statement(study: optuna.Study, summary: StudySummary | None = None) 
         epsilon=g["total_epsilon"], delta=g["delta"], accountant=accountant,
         dataset=cfg.get("dataset"), dataset_size=split.get("train"), mechanism=mechanism,
         search=g["guarantee"],
-        validation=validation, seed_fixed=cfg.get("private_seed") is not None,
+        validation=validation,
+        seed_fixed=bool(study.user_attrs.get("private_seed_fixed")) or cfg.get("private_seed") is not None,
         extra_assumptions=tuple(assumptions),
     )
 

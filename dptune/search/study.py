@@ -245,19 +245,25 @@ def create_study(config: ConfigLike, storage: str | None = None, *, skip_if_exis
         except ConfigError:
             space_file = None
         raise _in_file(e, source, space_file) from None
+    seed = study_cfg.private_seed
+    if seed is not None:
+        # Kept out of the storage: whoever reads it could recompute every trial's batches and noise.
+        attrs[CONFIG_ATTR] = {**attrs[CONFIG_ATTR], "study": {**attrs[CONFIG_ATTR]["study"], "private_seed": None}}
+        attrs[release.SEED_FIXED_ATTR] = True
     stored = attrs[CONFIG_ATTR]
 
     storage_obj = open_storage(storage)
     with storage_lib.writing(storage):
         existing = _find(study_cfg.name, storage_obj)
         if existing is not None:
-            if existing.user_attrs.get(CONFIG_ATTR) != stored:
+            found = storage_lib.remember(optuna.load_study(study_name=study_cfg.name, storage=storage_obj),
+                                         storage_obj, storage)
+            if existing.user_attrs.get(CONFIG_ATTR) != stored or _stored_seed(found, storage) != seed:
                 raise StudyError(f"study_name: a study {study_cfg.name!r} with a different configuration exists "
                                  f"in {storage}; choose another name or delete it")
             if not skip_if_exists:
                 raise StudyError(f"study_name: {study_cfg.name!r} already exists in {storage} (use --skip-if-exists)")
-            return storage_lib.remember(optuna.load_study(study_name=study_cfg.name, storage=storage_obj),
-                                        storage_obj, storage)
+            return found
 
         study = optuna.create_study(study_name=study_cfg.name, storage=storage_obj,
                                     direction=study_cfg.objective.direction)
@@ -270,6 +276,8 @@ def create_study(config: ConfigLike, storage: str | None = None, *, skip_if_exis
                 # Set before any worker can see the configuration: every worker reads the same id.
                 storage_lib.remember(study, storage_obj, storage)
                 storage_lib.backend(study).set_system_attr(release.STUDY_ID_ATTR, release.new_study_id())
+                if seed is not None:
+                    release.keep_private_seed(study, storage, seed)
                 for key, value in attrs.items():
                     study.set_user_attr(key, value)
         except BaseException:
@@ -304,7 +312,24 @@ def load(study_name: str, storage: str | None = None, *, heartbeat: bool = False
     if CONFIG_ATTR not in study.user_attrs:
         raise StudyError(f"study_name: {study_name!r} was not created by dptune (no stored configuration)")
     storage_lib.remember(study, storage_obj, url)
-    return study, ResolvedStudy.from_json(study.user_attrs[CONFIG_ATTR])
+    resolved = ResolvedStudy.from_json(study.user_attrs[CONFIG_ATTR])
+    if study.user_attrs.get(release.SEED_FIXED_ATTR):
+        try:
+            seed = release.private_seed(study, url)
+        except release.ReleaseError as e:
+            raise StudyError(str(e)) from None
+        resolved = resolved.model_copy(update={"study": resolved.study.model_copy(update={"private_seed": seed})})
+    return study, resolved
+
+
+def _stored_seed(study: optuna.Study, storage_url: str) -> int | None:
+    """The fixed private_seed of an existing study (None if it has none, or an older study stored it inline)."""
+    if not study.user_attrs.get(release.SEED_FIXED_ATTR):
+        return study.user_attrs.get(CONFIG_ATTR, {}).get("study", {}).get("private_seed")
+    try:
+        return release.private_seed(study, storage_url)
+    except release.ReleaseError:
+        return None
 
 
 def load_study(study_name: str, storage: str | None = None) -> optuna.Study:
