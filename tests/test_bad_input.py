@@ -255,6 +255,9 @@ CASES = [
     ("train an unknown dataset", lambda d, r: ["train", "--dataset", "nope"], ["dataset: unknown 'nope'"]),
     ("privacy --batch-size > N", lambda d, r: ["privacy", "epsilon", "--noise-multiplier", "1", "--dataset-size",
                                                "100", "--batch-size", "200", "--steps", "5"], ["batch_size: 200"]),
+    ("search_budget below one trial's ε", lambda d, r: ["study", "create", "--config",
+                                                        write_study(d, extra="search_budget: {epsilon: 2}\n"), *DB],
+     ["search_budget.epsilon: 2 is below one trial's privacy.epsilon 3"]),
     # several processes: refused before anything waits on the network or trains alone
     ("train --coordinator without a port", lambda d, r: ["train", "--coordinator", "notahost", "--num-processes",
                                                          "2"], ["coordinator: expected HOST:PORT"]),

@@ -337,6 +337,12 @@ class StudyConfig(_Strict):
                              "(a budget for the whole search)")
         if self.search_budget is not None and self.search_privacy is not None:
             raise ValueError("search_budget: a private search has its own total (search_privacy.total_epsilon)")
+        if self.search_budget is not None and self.privacy is not None \
+                and self.search_budget.epsilon < self.privacy.epsilon:
+            # Each trial may spend its whole budget, which the cap would never admit.
+            raise ValueError(f"search_budget.epsilon: {self.search_budget.epsilon:g} is below one trial's "
+                             f"privacy.epsilon {self.privacy.epsilon:g}, so no trial could start; raise it to at "
+                             f"least {self.privacy.epsilon:g} or lower privacy.epsilon")
         if self.search_privacy is not None and self.artifacts.keep != 1:
             raise ValueError("artifacts.keep: a private search releases only its best model (the one its "
                              f"guarantee covers); allowed: 1, got {self.artifacts.keep}")
