@@ -258,6 +258,12 @@ CASES = [
     ("search_budget below one trial's ε", lambda d, r: ["study", "create", "--config",
                                                         write_study(d, extra="search_budget: {epsilon: 2}\n"), *DB],
      ["search_budget.epsilon: 2 is below one trial's privacy.epsilon 3"]),
+    ("train --epochs below one step", lambda d, r: ["train", "--dataset", "digits", "--batch-size", "100",
+                                                    "--epochs", "1e-9"], ["epochs: 1e-09 is less than one step"]),
+    ("predict --show -5", lambda d, r: ["predict", "--model", "nowhere", "--show", "-5"], ["--show", "-5"]),
+    ("search factor as a string", lambda d, r: ["study", "create", "--config",
+                                                write_study(d, extra='search: {mode: scaled, factor: "4"}\n'), *DB],
+     ["studies/bad.yaml: search.factor: Input should be a valid integer"]),
     # several processes: refused before anything waits on the network or trains alone
     ("train --coordinator without a port", lambda d, r: ["train", "--coordinator", "notahost", "--num-processes",
                                                          "2"], ["coordinator: expected HOST:PORT"]),

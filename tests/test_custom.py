@@ -102,6 +102,13 @@ def test_user_arrays_any_dtype_and_the_split_that_is_private(tmp_path):
     assert len(given.train) + len(given.test) == 150 and len(given.validation) == 50 and given.num_classes == 5
     with pytest.raises(dptune.ConfigError, match="dataset num_classes"):
         from_arrays("few", {"train": (x, y), "num_classes": 3})
+    # What would wrap to a negative int32 on the device, and inputs no model learns from, are refused.
+    with pytest.raises(dptune.ConfigError, match="labels must be below 2\\^31"):
+        from_arrays("wide", (x, y + 2**31))
+    with pytest.raises(dptune.ConfigError, match="must fit in int32"):
+        from_arrays("ids", (x + 2**31, y))
+    with pytest.raises(dptune.ConfigError, match="NaN or infinite"):
+        from_arrays("nan", (np.where(x == 3, np.nan, x.astype(np.float64)), y))
     # A single run takes arrays directly; an augmentation needs images.
     with pytest.raises(dptune.ConfigError, match="augmentation"):
         dptune.train(

@@ -105,6 +105,10 @@ def test_best_model_artifact_is_kept_replaced_exported_and_predicts_its_recorded
     predicted = json.loads(p.stdout)
     assert abs(predicted["accuracy"] - s.trials[1].value) <= 1e-6 and predicted["examples"] == 180
     assert predicted["recorded_accuracy"] == s.trials[1].value
+    # Another dataset is predicted only where the model takes its inputs (mnist5k is 28×28, the model 8×8).
+    with pytest.raises(release.ReleaseError, match="dataset: 'mnist5k' has inputs"):
+        release.dataset_for(model.metadata, "mnist5k")
+    assert release.dataset_for(model.metadata, "digits").name == "digits"
 
     # Loading checks the metadata against the model it builds.
     meta["num_classes"] = 7

@@ -295,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--data-dir", help="TFDS data directory")
     pr.add_argument("--split", choices=("validation", "test"), default="validation",
                     help="which split to predict (default: validation, the one the model was selected on)")
-    pr.add_argument("--show", type=int, default=20, help="how many predictions to print (default: 20)")
+    pr.add_argument("--show", type=_nonnegative_int, default=20, help="how many predictions to print (default: 20)")
     pr.add_argument("--json", action="store_true")
     pr.set_defaults(func=cmd_predict)
     r = sub.add_parser("report", help="write a self-contained HTML report")

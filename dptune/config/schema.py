@@ -247,7 +247,7 @@ class SearchModeConfig(_Strict):
 
     mode: Literal["public", "scaled", "subset"]
     dataset: str | None = None
-    factor: int | None = Field(default=None, ge=2)
+    factor: int | None = Field(default=None, ge=2, strict=True)  # "4" in quotes is a typo, not a count
     fraction: float | None = Field(default=None, gt=0)
 
     @model_validator(mode="after")

@@ -25,6 +25,7 @@ from dptune.data.datasets import ArraySplit, Dataset, SplitInfo, _split_sizes
 from dptune.errors import ConfigError
 
 Arrays = tuple[np.ndarray, np.ndarray]
+_INT32_MAX = 2**31 - 1
 
 
 def _pair(value: Any, where: str) -> Arrays:
@@ -39,9 +40,17 @@ def _pair(value: Any, where: str) -> Arrays:
         raise ConfigError(where, f"labels must be integer class ids, got dtype {y.dtype}")
     if y.min() < 0:
         raise ConfigError(where, f"labels must be >= 0, got {int(y.min())}")
+    # Labels and ids are int32 on the device: a larger value would wrap to a negative one.
+    if y.max() > _INT32_MAX:
+        raise ConfigError(where, f"labels must be below 2^31 (int32 on the device), got {int(y.max())}")
     if np.issubdtype(x.dtype, np.floating):
         x = x.astype(np.float32)
+        if not np.isfinite(x).all():
+            raise ConfigError(where, "x holds NaN or infinite values; a model cannot learn from them")
     elif np.issubdtype(x.dtype, np.integer):
+        if x.size and (x.min() < -_INT32_MAX - 1 or x.max() > _INT32_MAX):
+            raise ConfigError(where, "integer inputs must fit in int32 (ids in [-2^31, 2^31)), got "
+                                     f"[{int(x.min())}, {int(x.max())}]")
         x = x.astype(np.int32)
     else:
         raise ConfigError(where, f"x must be numbers (floats or integer ids), got dtype {x.dtype}")

@@ -445,6 +445,9 @@ def export_model(study: optuna.Study, storage_url: str, directory: str) -> dict[
     from dptune.search.results import privacy_statement, summarize
 
     summary = summarize(study)
+    if summary.best is None and study.user_attrs.get(modes.MODE_ATTR) is not None:
+        raise ReleaseError(f"study_name: {study.study_name!r} is not finalized: its proxies chose the settings, and "
+                           "the model released is the final run's (dptune study finalize runs it)")
     if summary.best is None:
         raise ReleaseError(f"study_name: {study.study_name!r} has no completed trial yet")
     if summary.private_search and not summary.search.get("complete"):
@@ -607,6 +610,9 @@ def dataset_for(meta: dict[str, Any], dataset: str | None = None, data_dir: str 
         if split and data.split.as_dict() != split:
             raise ReleaseError(f"dataset: {name!r} is not split as when the model was trained ({split} then, "
                                f"{data.split.as_dict()} now)")
+    if tuple(data.image_shape) != tuple(meta["input_shape"]) or data.num_classes != int(meta["num_classes"]):
+        raise ReleaseError(f"dataset: {name!r} has inputs {tuple(data.image_shape)} in {data.num_classes} classes; "
+                           f"the model takes {tuple(meta['input_shape'])} in {meta['num_classes']} classes")
     if meta.get("validation_dataset"):
         public = load_dataset(meta["validation_dataset"], data_dir=data_dir or meta.get("data_dir"),
                               seed=int(split.get("seed", 0)), image_size=meta.get("image_size"))

@@ -215,6 +215,9 @@ def train(
     if not 1 <= hp.batch_size <= n:
         raise ConfigError("batch_size", f"must be in [1, {n}] (the training-set size), got {hp.batch_size}")
     q = hp.batch_size / n
+    if hp.epochs < q:
+        raise ConfigError("epochs", f"{hp.epochs:g} is less than one step (one step at batch_size {hp.batch_size} "
+                                    f"of {n} examples is {q:.4g} epochs); ask for at least {q:.4g}")
     steps = math.ceil(hp.epochs / q)
     if "budget" in settings.model_fields_set:
         # A study file's caps on one trial bind a single run of its settings too.
