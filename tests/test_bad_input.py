@@ -264,6 +264,10 @@ CASES = [
     ("search factor as a string", lambda d, r: ["study", "create", "--config",
                                                 write_study(d, extra='search: {mode: scaled, factor: "4"}\n'), *DB],
      ["studies/bad.yaml: search.factor: Input should be a valid integer"]),
+    ("artifacts.path that cannot be created", lambda d, r: ["study", "create", "--config",
+                                                            write_study(d, extra="artifacts: {path: /proc/none}\n"),
+                                                            *DB],
+     ["studies/bad.yaml: artifacts.path: /proc/none: cannot be created"]),
     # several processes: refused before anything waits on the network or trains alone
     ("train --coordinator without a port", lambda d, r: ["train", "--coordinator", "notahost", "--num-processes",
                                                          "2"], ["coordinator: expected HOST:PORT"]),

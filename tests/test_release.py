@@ -28,6 +28,7 @@ from dptune.trainer import resume
 from dptune.trainer.run import dataset_of
 from dptune.trainer.train import Hyperparams, PrivacyBudget, RunConfig, train_and_evaluate
 from tests.conftest import run_cli
+from tests.test_bad_input import read_only
 
 SPACE = {"batch_size": 300, "effective_learning_rate": {"low": 0.01, "high": 6.0}, "clip_norm": 1.0,
          "noise_multiplier": 2.0}
@@ -54,7 +55,7 @@ def mode(path):
 # -- best model: kept, replaced, exported, loaded, predicted --------------------------------------
 
 @pytest.mark.slow
-def test_best_model_artifact_is_kept_replaced_exported_and_predicts_its_recorded_accuracy(tmp_path):
+def test_best_model_artifact_is_kept_replaced_exported_and_predicts_its_recorded_accuracy(tmp_path, request):
     storage = f"sqlite:///{tmp_path / 'b.db'}"
     s = study.create_study(config.load_study(make_config(tmp_path, "best")), storage)
     # A poor trial first, then a better one: the stored model must follow the best.
@@ -117,6 +118,16 @@ def test_best_model_artifact_is_kept_replaced_exported_and_predicts_its_recorded
         release.load_model(str(out))
     p = cli("study", "best", "best", "--storage", storage, "--export-model", str(out))
     assert p.returncode == 2 and "not an empty folder" in p.stderr and p.stderr.count("\n") == 1
+    # What a killed export left is swept by the next one; a folder that cannot be written is one line.
+    stale = tmp_path / ".export-999999999-x"  # no process has this id (above Linux's pid_max)
+    stale.mkdir()
+    assert cli("study", "best", "best", "--storage", storage, "--export-model", str(tmp_path / "again")
+               ).returncode == 0 and not stale.exists()
+    (tmp_path / "ro").mkdir()
+    read_only(tmp_path / "ro", request)
+    p = cli("study", "best", "best", "--storage", storage, "--export-model", str(tmp_path / "ro" / "m"))
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "export_model: cannot write" in p.stderr, p.stderr
+    assert os.listdir(tmp_path / "ro") == []
 
 
 def test_best_model_under_racing_workers_ends_as_the_storage_says(tmp_path):

@@ -558,15 +558,14 @@ def cmd_study_best(args: argparse.Namespace) -> int:
     from dptune.search import results, study
 
     s, _ = study.load(args.study_name, args.storage)
-    summary = results.summarize(s)
-    if summary.best is None:
-        raise study.StudyError(f"study_name: {args.study_name!r} has no completed trial yet")
     if args.export_model:
+        from dptune import interrupt
         from dptune.config import schema as config
         from dptune.search import release
 
         storage = args.storage or config.default_storage(args.study_name)
-        meta = release.export_model(s, storage, args.export_model)
+        with interrupt.handled():  # a signal waits for the folder to be whole or gone
+            meta = release.export_model(s, storage, args.export_model)
         if args.json:
             print(_dump({"exported": args.export_model, "metadata": meta}))
         else:
@@ -575,6 +574,9 @@ def cmd_study_best(args: argparse.Namespace) -> int:
                   f"accuracy {_fmt(meta['val_accuracy'])}; ε of releasing it after this search: "
                   f"{_fmt(meta['search'].get('total_epsilon'))} (δ = {_fmt(meta['search'].get('delta'))})")
         return 0
+    summary = results.summarize(s)
+    if summary.best is None:
+        raise study.StudyError(f"study_name: {args.study_name!r} has no completed trial yet")
     numbered = args.internal or not summary.private_search
     total = summary.search["total_epsilon"]
     if args.json:

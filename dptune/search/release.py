@@ -55,6 +55,7 @@ import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from dptune import interrupt
 from dptune.errors import ConfigError, DptuneError
 from dptune.search import modes
 from dptune.search import storage as storage_lib
@@ -480,23 +481,54 @@ def export_model(study: optuna.Study, storage_url: str, directory: str) -> dict[
         meta.pop("trial", None)
     out = model_bytes(params, meta)
     meta["sha256"] = hashlib.sha256(out).hexdigest()
+    files = {MODEL_FILE: out, METADATA_FILE: json.dumps(meta, indent=1, default=str).encode(),
+             STATEMENT_FILE: ((statement.text() if statement else "No privacy guarantee: a non-private baseline.")
+                              + "\n").encode()}
+    try:
+        _write_folder(directory, files)
+    except OSError as e:
+        raise ReleaseError(f"export_model: cannot write {directory}: {e.strerror or e}") from None
+    return meta
+
+
+_STAGING = ".export-"
+
+
+def _write_folder(directory: str, files: dict[str, bytes]) -> None:
+    """Create ``directory`` (0700) holding ``files`` (0600), whole or not at all.
+
+    The files are staged in a sibling folder named after this process and renamed into place; a
+    signal waits for the rename or the cleanup, and what a killed export left is removed by the next.
+    """
     parent = os.path.dirname(os.path.abspath(directory))
     os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".export-", dir=parent)  # 0700, like the destination
-    try:
-        write_private(os.path.join(staging, MODEL_FILE), out)
-        write_private(os.path.join(staging, METADATA_FILE), json.dumps(meta, indent=1, default=str).encode())
-        write_private(os.path.join(staging, STATEMENT_FILE),
-                      ((statement.text() if statement else "No privacy guarantee: a non-private baseline.") + "\n")
-                      .encode())
-        if os.path.isdir(directory):
-            os.rmdir(directory)
-        os.replace(staging, directory)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    _sweep_staging(parent)
+    with interrupt.deferred():
+        staging = tempfile.mkdtemp(prefix=f"{_STAGING}{os.getpid()}-", dir=parent)  # 0700, like the destination
+        try:
+            for name, data in files.items():
+                write_private(os.path.join(staging, name), data)
+            if os.path.isdir(directory):
+                os.rmdir(directory)
+            os.replace(staging, directory)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
     os.chmod(directory, 0o700)
-    return meta
+
+
+def _sweep_staging(parent: str) -> None:
+    """Remove the staging folders of exports whose process is gone (SIGKILL, power loss)."""
+    for name in os.listdir(parent):
+        pid = name[len(_STAGING):].split("-", 1)[0]
+        if not (name.startswith(_STAGING) and pid.isdigit()):
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+        except PermissionError:  # alive, another user's
+            pass
 
 
 @dataclass

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -124,6 +125,8 @@ def _prepare(resolved: ResolvedStudy) -> dict[str, Any]:
         raise ConfigError("validation_dataset", "a private search chooses the best trial by validation accuracy, "
                           "which its theorem covers only on public examples: name a public dataset (e.g. digits), "
                           "not a split of the private one")
+    if study_cfg.artifacts.path:
+        _check_folder("artifacts.path", study_cfg.artifacts.path)
     dataset = dataset_of(study_cfg)
     delta = _resolve_delta(resolved, dataset)
     check_space(resolved.space, len(dataset.train), private=not study_cfg.non_private)
@@ -188,6 +191,19 @@ def _prepare(resolved: ResolvedStudy) -> dict[str, Any]:
                                   f"{order:.3g})")
             attrs.update(search_budget={"epsilon": cap.epsilon, "order": order})
     return attrs
+
+
+def _check_folder(field: str, path: str) -> None:
+    """Refuse a folder that could not be created, leaving nothing behind (a probe folder is removed)."""
+    head = os.path.abspath(os.path.expanduser(path))
+    while not os.path.exists(head):
+        head = os.path.dirname(head)
+    try:
+        if not os.path.isdir(head):
+            raise NotADirectoryError(20, "Not a directory")
+        os.rmdir(tempfile.mkdtemp(prefix=".dptune-probe-", dir=head))
+    except OSError as e:
+        raise ConfigError(field, f"{path}: cannot be created ({e.strerror} at {head})") from None
 
 
 def _in_file(e: DptuneError, source: str, space_file: str | None) -> DptuneError:
