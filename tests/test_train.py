@@ -117,7 +117,7 @@ def test_delta_not_below_one_over_n_is_refused(digits):
 @pytest.mark.slow
 def test_mnist5k_learns_with_dp(mnist):
     q_steps, eps = 25, 8.0
-    hp = Hyperparams(batch_size=700, learning_rate=4.0, clip_norm=1.0,
+    hp = Hyperparams(batch_size=700, learning_rate=2.0, clip_norm=1.0,
                      noise_multiplier=privacy.noise_for_epsilon(700 / len(mnist.train), q_steps, eps, 1e-5),
                      ema_decay=0.9)
     r = train_and_evaluate(mnist, hp, q_steps, config=RunConfig(private_seed=0, microbatch_size=256, eval_every=25),
