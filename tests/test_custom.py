@@ -189,3 +189,14 @@ def test_the_vit_study_file_runs(tmp_path, monkeypatch):
     rules = trial.user_attrs["clipping_rules"]
     assert rules["Conv_0/kernel"] == "conv" and rules["cls"] == "layer_vjp", rules
     assert json.dumps(dptune.search_guarantee(study))
+
+
+def test_a_run_whose_loss_is_nan_says_so(tmp_path):
+    run = dptune.train({"dataset": "digits", "privacy": {"epsilon": 3.0}, "microbatch_size": 64,
+                        "loss": "tests.helpers.nan_loss:loss"},
+                       hyperparameters={"batch_size": 256, "epochs": 1, "learning_rate": 1.0})
+    assert run.result.warnings and "not finite" in run.result.warnings[0]
+    assert run.as_dict()["warnings"] == run.result.warnings
+    fine = dptune.train({"dataset": "digits", "privacy": {"epsilon": 3.0}, "microbatch_size": 64},
+                        hyperparameters={"batch_size": 256, "epochs": 1, "learning_rate": 1.0})
+    assert fine.result.warnings == []

@@ -194,6 +194,8 @@ def _render_train(run: Any, args: argparse.Namespace, console: Any) -> None:
                   f"{' — stopped at the privacy budget' if result.budget_limited else ''}; "
                   f"{result.examples_per_second:,.0f} examples/s on {result.devices} device(s), "
                   f"compile {result.compile_seconds:.1f} s, wall {result.wall_seconds:.1f} s")
+    for warning in result.warnings:
+        console.print(f"[bold yellow]warning:[/] {warning}", highlight=False)
     if statement is not None:
         console.print("\n[bold]Privacy statement[/]\n" + statement.text(), highlight=False)
 

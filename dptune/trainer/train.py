@@ -200,6 +200,14 @@ class TrainResult:
         return self.privacy.delta + sum(delta for _, delta in self.prior_bounds)
 
     @property
+    def warnings(self) -> list[str]:
+        """What a person should know about a run that ended without an error but did not do its job."""
+        if not math.isfinite(self.val_loss):
+            return ["the validation loss is not finite: the model or its loss gives NaN or infinity (such "
+                    "examples' gradients are dropped, so the model did not learn from them)"]
+        return []
+
+    @property
     def selected_val_accuracy(self) -> float:
         if self.selected == "ema":
             assert self.ema_val_accuracy is not None  # selected only when the EMA parameters were evaluated
@@ -248,6 +256,7 @@ class TrainResult:
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.update(epsilon=self.epsilon, total_epsilon=self.total_epsilon, total_delta=self.total_delta,
+                 warnings=self.warnings,
                  selected_val_accuracy=self.selected_val_accuracy,
                  selected_test_accuracy=self.selected_test_accuracy)
         return d
