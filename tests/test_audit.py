@@ -287,6 +287,48 @@ def test_filter_refuses_an_audit_beyond_the_search_budget(tmp_path):
     assert results.search_guarantee(s)["trials_touching_data"] == 1
 
 
+def test_an_audit_never_takes_a_queued_trial(tmp_path):
+    """A queued retry carries its parent's attributes (a subset proxy's, say): an audit run recorded in it would
+    count a run on all of the data as that proxy. The audit's record is a trial of its own."""
+    probe, _ = _study(tmp_path / "probe", {"search_budget": {"epsilon": 3.2}})
+    filt = study.RenyiFilter(3.2, DELTA, probe.user_attrs["search_budget"]["order"])
+    q = probe.trials[0].user_attrs["sampling_rate"]
+    most = max(t for t in range(1, 400) if filt.admits([(q, 2.0, t)]))
+    s, storage = _study(tmp_path, {"search_budget": {"epsilon": 3.2}}, admitted_steps=most)
+    s.enqueue_trial({}, user_attrs={"proxy_trial": True, "subset_id": "a"})
+    with pytest.raises(PrivacyError, match="audit is refused"):
+        audit.audit_study("aud", storage, canaries=50)
+    s = optuna.load_study(study_name="aud", storage=storage)
+    assert s.trials[1].state == optuna.trial.TrialState.WAITING and "audit_of" not in s.trials[1].user_attrs
+    assert s.trials[2].user_attrs["audit_of"] == 0 and "proxy_trial" not in s.trials[2].user_attrs
+
+
+def test_a_mode_study_audits_its_final_run_never_a_proxy(tmp_path):
+    """The study releases its final run: that is what an audit re-runs (a public proxy's B over the private N could
+    even exceed 1); before finalize there is nothing to audit, and the refusal writes nothing."""
+    from dptune.search import modes
+
+    config = {"name": "aud", "dataset": "digits", "privacy": {"epsilon": 3.0, "delta": DELTA},
+              "search": {"mode": "scaled", "factor": 3}, "microbatch_size": 100, "clipping": "bookkeeping",
+              "search_space": {**SPACE, "noise_multiplier": None, "epochs": 1}}
+    config["search_space"] = {k: v for k, v in config["search_space"].items() if v is not None}
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    s = study.create_study(config, storage)
+    n = s.user_attrs["split"]["train"]
+    ran = {"batch_size": 100, "learning_rate": 0.5, "clip_norm": 1.0, "noise_multiplier": 2.0, "optimizer": "sgd",
+           "momentum": 0.9, "sampling_rate": 100 / n, "steps": 3, "planned_steps": 3, "touched_data": True}
+    s.add_trial(optuna.trial.create_trial(value=0.9, user_attrs={**ran, modes.PROXY_ATTR: True}))
+    with pytest.raises(ConfigError, match="not finalized"):
+        audit.audit_study("aud", storage, canaries=50)
+    assert len(optuna.load_study(study_name="aud", storage=storage).trials) == 1  # nothing written
+    final = {**ran, "batch_size": 300, "sampling_rate": 300 / n, modes.FINAL_ATTR: True}
+    s.add_trial(optuna.trial.create_trial(value=0.5, user_attrs=final))  # worse than the proxy: still the one
+    s = optuna.load_study(study_name="aud", storage=storage)
+    assert audit._pick_trial(s, None).number == 1
+    with pytest.raises(ConfigError, match="trial 0 is a proxy"):
+        audit._pick_trial(s, 0)
+
+
 # -- the command line ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("args,field", [

@@ -116,7 +116,16 @@ def test_scaled_proxies_keep_sigma_over_b_and_steps_and_the_final_run_is_the_win
 @pytest.mark.slow
 def test_subset_trials_are_the_full_mechanism_on_a_secret_subset_and_compose(tmp_path, cli):
     # The OS secret in the study's private folder (a fixed private_seed sits in the storage: no amplification).
-    study = _run(tmp_path, _config("subset", {"mode": "subset", "fraction": 0.5}, private_seed=None))
+    from dptune.inspect import export
+    from dptune.search import release
+
+    storage = f"sqlite:///{tmp_path}/s.db"
+    study = dptune.create_study(_config("subset", {"mode": "subset", "fraction": 0.5}, private_seed=None), storage)
+    dptune.optimize(study, n_trials=2)
+    secret = os.path.join(release.folder_of(study, storage), proxy.SUBSET_SECRET)
+    assert os.path.exists(secret)
+    study = dptune.finalize(study)
+    assert not os.path.exists(secret)  # the final run is recorded: no proxy reads the subset again
     n, delta = study.user_attrs["split"]["train"], study.user_attrs["delta"]
     steps = math.ceil(1 / (256 / n))
     sigma = privacy.noise_for_epsilon(256 / n, steps, EPS, delta, "pld")
@@ -139,8 +148,12 @@ def test_subset_trials_are_the_full_mechanism_on_a_secret_subset_and_compose(tmp
     assert len({t.user_attrs[modes.SUBSET_ATTR] for t in proxies}) == 1
     g = summarize(study).search
     assert g["total_epsilon"] == pytest.approx(min(plain, amplified), rel=1e-6)
-    assert g["subset_amplification"]["claimed"] and g["subset_amplification"]["total"] == pytest.approx(amplified,
-                                                                                                      rel=1e-6)
+    record = g["subset_amplification"]
+    assert record["applicable"] and record["total"] == pytest.approx(amplified, rel=1e-6)
+    assert record["claimed"] == record["used_in_statement"] == (amplified < plain)
+    # A subset proxy's step times follow the subset's secret size: the export carries no timings.
+    rows = export.trial_rows(study)
+    assert len(rows) == 3 and not any(set(modes.TIMING_ATTRS) & set(r) for r in rows)
     # Shown where people look: study show (--json) and the report.
     import json
 
@@ -281,13 +294,47 @@ def test_proxies_on_more_than_one_subset_claim_no_amplification():
     mode = {"mode": "subset", "fraction": 0.1}
     runs = ([(0.01, 3.0, 100)] * 2, [(0.01, 3.0, 100)])
     one = modes._subset_amplification(mode, [proxy_trial(0, "a"), proxy_trial(1, "a")], runs, (), 1e-5)
-    assert one is not None and one["claimed"] and one["total"] < _direct([(0.01, 3.0, 100)] * 3, 1e-5)
+    assert one is not None and one["applicable"] and one["total"] < _direct([(0.01, 3.0, 100)] * 3, 1e-5)
     fixed = modes._subset_amplification(mode, [proxy_trial(0, "private_seed:ab"), proxy_trial(1, "private_seed:ab")],
                                         runs, (), 1e-5)
-    assert fixed is not None and not fixed["claimed"] and "private_seed" in fixed["reason"]  # the storage holds it
+    assert fixed is not None and not fixed["applicable"] and "private_seed" in fixed["reason"]  # a chosen seed
     for ids in (("a", "b"), ("a", None)):
         two = modes._subset_amplification(mode, [proxy_trial(0, ids[0]), proxy_trial(1, ids[1])], runs, (), 1e-5)
-        assert two is not None and not two["claimed"] and "subsets" in two["reason"]
+        assert two is not None and not two["applicable"] and "subsets" in two["reason"]
+
+
+def test_an_amplified_bound_that_is_not_the_stated_total_is_not_claimed():
+    """At γ = 0.5 and these runs the amplified bound (basic composition, δ split) exceeds the plain composition: the
+    statement rests on the plain figure, and the record and the text both say so."""
+    from dptune.privacy.search_totals import composed_epsilon
+
+    run, delta = (0.05, 1.0, 50), 1e-5
+    attrs = {modes.PROXY_ATTR: True, modes.SUBSET_ATTR: "a", "touched_data": True}
+    proxies = [optuna.trial.create_trial(value=0.5, user_attrs=attrs) for _ in range(2)]
+    final = optuna.trial.create_trial(value=0.5, user_attrs={modes.FINAL_ATTR: True, "touched_data": True})
+    totals = composed_epsilon([run] * 3, delta)
+    g = modes.guarantee({modes.MODE_ATTR: {"mode": "subset", "fraction": 0.5}, "delta": delta},
+                        [*proxies, final], [run] * 3, [], totals, "", ([run] * 2, [run]), proxies)
+    record = g["subset_amplification"]
+    assert g["total_epsilon"] == totals["rdp"] < record["total"]
+    assert record["claimed"] is False and record["applicable"]
+    assert (record["used_in_statement"], record["stated_figure"]) == (False, "plain composition")
+    assert "the plain composition is the figure stated" in g["guarantee"]
+    assert f"{record['total']:.4g}" in g["guarantee"]
+
+
+def test_a_mode_study_exports_no_timings(tmp_path):
+    from dptune.inspect import export
+
+    study = dptune.create_study(_config("timed", {"mode": "scaled", "factor": 4}), f"sqlite:///{tmp_path}/t.db")
+    timed = {modes.PROXY_ATTR: True, "wall_seconds": 3.2, "examples_per_second": 410.0, "compile_seconds": 1.0,
+             "startup_seconds": 0.5, "steps": 6}
+    study.add_trial(optuna.trial.create_trial(value=0.5, user_attrs=timed))
+    (row,) = export.trial_rows(study)
+    timings = {"wall_seconds", "examples_per_second", "compile_seconds", "startup_seconds", "datetime_start",
+               "datetime_complete", "duration_seconds"}
+    assert row["steps"] == 6 and not timings & set(row)
+    assert "wall_seconds" not in export.to_text([study], "csv").splitlines()[0]
 
 
 def test_amplification_by_subsampling_is_the_theorem_and_never_more_than_the_mechanism():

@@ -25,7 +25,18 @@ def _scalar(v: Any) -> Any:
 
 
 def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
-    """One flat row per trial: identity, state, objective, timings, params (param_*), user attributes."""
+    """One flat row per trial: identity, state, objective, timings, params (param_*), user attributes.
+
+    A study with a search mode exports no timings (:data:`dptune.search.modes.TIMING_ATTRS`): they follow the
+    realised batches, on a subset tuning's secret subset too.
+    """
+    from dptune.search import modes
+
+    rows = _rows(study)
+    return [modes.without_timings(r) for r in rows] if modes.MODE_ATTR in study.user_attrs else rows
+
+
+def _rows(study: optuna.Study) -> list[dict[str, Any]]:
     rows = []
     for t in study.get_trials(deepcopy=False):
         row: dict[str, Any] = {

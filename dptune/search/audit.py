@@ -593,10 +593,26 @@ def _cpu_seconds() -> float:
 
 # -- auditing a study's trial ----------------------------------------------------------
 
+def _released_final(study: Any, trials: list[Any], mode: dict[str, Any]) -> Any:
+    """A mode study's final run: what it releases, hence what an audit of the study must re-run."""
+    from dptune.search import modes
+
+    final = modes.final_trial(trials)
+    if final is None:
+        raise ConfigError("trial", f"study {study.study_name!r} (search mode {mode['mode']}) is not finalized: it "
+                          "releases nothing yet; run dptune study finalize, then audit its final run")
+    return final
+
+
 def _pick_trial(study: Any, number: int | None) -> Any:
     from optuna.trial import TrialState
 
+    from dptune.search import modes
+
     trials = study.get_trials(deepcopy=False)
+    mode = study.user_attrs.get(modes.MODE_ATTR)
+    if number is None and mode is not None:
+        return _released_final(study, trials, mode)
     if number is None:
         done = [t for t in trials if t.state == TrialState.COMPLETE and "audit_of" not in t.user_attrs]
         if not done:
@@ -609,6 +625,11 @@ def _pick_trial(study: Any, number: int | None) -> Any:
     t = match[0]
     if "audit_of" in t.user_attrs:
         raise ConfigError("trial", f"trial {number} is itself an audit (of trial {t.user_attrs['audit_of']})")
+    if mode is not None and modes.is_proxy(t):
+        # A proxy ran another mechanism than its hyperparameters say on the private data (public data, a subset,
+        # or B/k of a batch planned elsewhere): re-run there, its q could even exceed 1.
+        raise ConfigError("trial", f"trial {number} is a proxy of search mode {mode['mode']}, not a run this study "
+                          "releases; leave --trial out to audit the final run")
     if not t.user_attrs.get("steps") or "sampling_rate" not in t.user_attrs:
         raise ConfigError("trial", f"trial {number} did not train (state {t.state.name}); pick one that ran")
     return t
@@ -716,7 +737,7 @@ def audit_study(
 
     Args:
       study_name, storage: the study.
-      trial_number: the trial to audit; None for the best completed one.
+      trial_number: the trial to audit; None for the best completed one (with a search mode: the final run).
       threat_model, canaries, canary_seed, confidence, progress: as :func:`run_audit`.
 
     Returns:
@@ -724,14 +745,16 @@ def audit_study(
 
     Raises:
       StudyError: no such study.
-      ConfigError: no such trial, or one that did not train; a non-private study.
+      ConfigError: no such trial, or one that did not train; a non-private study; a mode study's proxy, or one
+        not finalized yet.
       PrivacyError: a private search, or the filter refuses the run.
     """
+    import optuna
     from optuna.trial import TrialState
 
     from dptune.data.augment import Augmentation
     from dptune.privacy.search_totals import RenyiFilter
-    from dptune.search import objective, orphans, release, results
+    from dptune.search import objective, orphans, proxy, release, results
     from dptune.search import study as study_lib
     from dptune.trainer.run import dataset_of
 
@@ -758,10 +781,10 @@ def audit_study(
     budget = PrivacyBudget(float(a.get("epsilon_target", 100.0)), delta,
                            "pld" if a.get("accountant") == "pld" else "rdp")
 
-    record = s.ask()  # numbered atomically in the storage, like any trial
-    record.set_user_attr("audit_of", target.number)
-    record.set_user_attr("audit_threat_model", threat_model)
-    record.set_user_attr("touched_data", False)
+    # Numbered atomically in the storage, like any trial, and never a queued trial (whose copied attributes, a
+    # proxy's say, would count this run on all of the data as something else).
+    record = optuna.Trial(s, proxy.start_trial(s, {"audit_of": target.number, "audit_threat_model": threat_model,
+                                                   "touched_data": False}))
     q = hp.batch_size / len(dataset.train)
     # Black-box canaries enlarge N, so the run's q is at most this: a conservative request.
     request = (q, hp.noise_multiplier, steps)

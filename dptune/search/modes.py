@@ -217,6 +217,30 @@ def final_trial(trials: Sequence[FrozenTrial]) -> FrozenTrial | None:
     return done[-1] if done else None
 
 
+def holding_final(trials: Sequence[FrozenTrial], below: int | None = None) -> FrozenTrial | None:
+    """The final run that holds the study's one final run (numbered below ``below``), or None.
+
+    A final run holds it while RUNNING or once COMPLETE. One that failed or
+    was refused leaves the place free (a failed one stays counted); a WAITING
+    copy (Optuna's heartbeat retry copies a stale trial's attributes) never
+    trains, so it holds nothing.
+    """
+    held = [t for t in trials if is_final(t) and t.state in (TrialState.RUNNING, TrialState.COMPLETE)
+            and (below is None or t.number < below)]
+    return min(held, key=lambda t: t.number) if held else None
+
+
+# Step and wall times follow the realised Poisson batches, so a subset proxy's tell the size of its secret subset;
+# Optuna's own start and end times are the same figures.
+TIMING_ATTRS = ("wall_seconds", "examples_per_second", "compile_seconds", "startup_seconds",
+                "datetime_start", "datetime_complete", "duration_seconds")
+
+
+def without_timings(record: dict[str, Any]) -> dict[str, Any]:
+    """A trial's record as a study with a mode releases it: without :data:`TIMING_ATTRS`."""
+    return {k: v for k, v in record.items() if k not in TIMING_ATTRS}
+
+
 def best_proxy(trials: Sequence[FrozenTrial]) -> FrozenTrial | None:
     """The completed proxy with the best validation accuracy (ties: the earlier one)."""
     done = [t for t in trials if is_proxy(t) and t.state == TrialState.COMPLETE and t.value is not None
@@ -254,22 +278,47 @@ def describe(mode: dict[str, Any]) -> str:
 def _subset_amplification(mode: dict[str, Any], proxies: Sequence[FrozenTrial],
                           split: tuple[Sequence[tuple[float, float, int]], Sequence[tuple[float, float, int]]],
                           prior: Sequence[tuple[float, float, int]], delta: float | None) -> dict[str, Any] | None:
-    """Subset tuning's amplified total, or None with the reason when amplification cannot be claimed."""
+    """Subset tuning's amplified total (``applicable``), or why its theorem does not apply; None for other modes."""
     from dptune.privacy import search_totals
 
     if mode["mode"] != "subset" or not delta:
         return None
     ids = {t.user_attrs.get(SUBSET_ATTR) for t in proxies}
     if len(ids) > 1 or None in ids:
-        return {"claimed": False, "reason": (f"the proxies read {len(ids)} different subsets (or one without a "
-                                             "recorded subset), so the subsampling is not one draw")}
+        return {"applicable": False, "reason": (f"the proxies read {len(ids)} different subsets (or one without a "
+                                                "recorded subset), so the subsampling is not one draw")}
     if any(str(i).startswith(FIXED_SUBSET_PREFIX) for i in ids):
-        # The study's configuration, fixed private_seed included, is in the storage: whoever reads it can
-        # recompute the subset, and amplification needs a subset chosen by randomness nobody else knows.
-        return {"claimed": False, "reason": "the subset was derived from the study's fixed private_seed, which the "
-                                            "storage holds"}
+        # A seed someone chose and wrote down (a study file, older storages) recomputes the subset for whoever
+        # has it; amplification needs a subset chosen by randomness nobody else knows.
+        return {"applicable": False, "reason": "the subset was derived from the study's fixed private_seed (chosen "
+                                               "and written down, not drawn from the OS)"}
     parts = search_totals.subset_tuning_epsilon(split[0], split[1], float(mode["fraction"]), delta, before=prior)
-    return {"claimed": True, **parts}
+    return {"applicable": True, **parts}
+
+
+def _stated(amplified: dict[str, Any] | None, total: float, how: str, mode: dict[str, Any],
+            prior: bool) -> tuple[float, str, dict[str, Any] | None]:
+    """The total a subset-tuning statement rests on, its sentence, and the amplification record saying which it is."""
+    if amplified is None:
+        return total, how, None
+    used = bool(amplified["applicable"]) and amplified["total"] < total
+    if used:
+        total, how = amplified["total"], (
+            f"The proxies all read one secret subset, each example in it with probability {mode['fraction']:g}: "
+            f"their composition (RDP) ε = {amplified['tuning_on_subset']:.4g} on the subset is amplified by the "
+            f"subsampling to {amplified['tuning']:.4g} (Balle et al. 2018), the run(s) on all of the data after it "
+            f"add {amplified['rest']:.4g}"
+            + (f" and the initial checkpoint's training {amplified['before']:.4g}" if prior else "")
+            + f" (basic composition, δ split evenly): ε = {amplified['total']:.4g} in all "
+            f"(plain composition: {how[:-1]}).")
+    elif amplified["applicable"]:
+        how += (f" Amplification by the subsampling would give ε = {amplified['total']:.4g}, not below this: "
+                "the plain composition is the figure stated.")
+    else:
+        how += f" No amplification by the subsampling is claimed: {amplified['reason']}."
+    # Which figure the statement rests on: an applicable bound that is not the stated total is not claimed.
+    return total, how, {**amplified, "claimed": used, "used_in_statement": used,
+                        "stated_figure": "amplified" if used else "plain composition"}
 
 
 def guarantee(study_attrs: dict[str, Any], trials: Sequence[FrozenTrial],
@@ -312,17 +361,7 @@ def guarantee(study_attrs: dict[str, Any], trials: Sequence[FrozenTrial],
         total, how = totals["rdp"], (f"Composition of the {len(spends)} run(s) that trained on the private data, "
                                      f"each at the steps it took (RDP): ε = {totals['rdp']:.4g}, an accounting of "
                                      f"what ran, not a cap fixed in advance; proxies alone ε = {proxy_eps:.4g}.")
-    if amplified is not None and amplified["claimed"] and amplified["total"] < total:
-        total, how = amplified["total"], (
-            f"The proxies all read one secret subset, each example in it with probability {mode['fraction']:g}: "
-            f"their composition (RDP) ε = {amplified['tuning_on_subset']:.4g} on the subset is amplified by the "
-            f"subsampling to {amplified['tuning']:.4g} (Balle et al. 2018), the run(s) on all of the data after it "
-            f"add {amplified['rest']:.4g}"
-            + (f" and the initial checkpoint's training {amplified['before']:.4g}" if prior else "")
-            + f" (basic composition, δ split evenly): ε = {amplified['total']:.4g} in all "
-            f"(plain composition: {how[:-1]}).")
-    elif amplified is not None and not amplified["claimed"]:
-        how += f" No amplification by the subsampling is claimed: {amplified['reason']}."
+    total, how, amplified = _stated(amplified, total, how, mode, bool(prior))
     text = f"{describe(mode)} {how}{prior_text} Releasing the final run's model is covered by this total." + state
     return {
         "mode": "composition", "search_mode": mode["mode"], "total_epsilon": total, "accountant": accountant,

@@ -10,28 +10,38 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import hashlib
 import json
 import math
 import os
 import tempfile
+import threading
+import time
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import optuna
-from optuna.trial import TrialState
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.trial import FrozenTrial, TrialState
 
-from dptune.config.schema import ResolvedStudy
+from dptune import interrupt
+from dptune.config.schema import ResolvedStudy, default_storage
 from dptune.data.datasets import ArraySplit, Dataset, RecordSplit, load_dataset
 from dptune.errors import ConfigError, DataError, PrivacyError, StudyError
 from dptune.privacy import accounting as privacy
 from dptune.randomness import SecretSeed
-from dptune.search import modes
+from dptune.search import modes, release
+from dptune.search import storage as storage_lib
+from dptune.search.orphans import WORKER_ATTR, reap_dead_workers, worker_identity
 from dptune.search.space import Infeasible, TrialPlan, plan_trial
 from dptune.trainer.train import Hyperparams, PrivacyBudget
 
-__all__ = ["ModeRunner", "TrialSetup", "finalize", "public_dataset", "secret_subset", "subset_dataset"]
+__all__ = ["FinalizeRefused", "ModeRunner", "TrialSetup", "claim_final", "finalize", "forget_subset", "public_dataset",
+           "secret_subset", "start_trial", "subset_dataset"]
 
 
 def public_dataset(resolved: ResolvedStudy) -> Dataset | None:
@@ -180,6 +190,7 @@ class ModeRunner:
         self.folder = folder  # the study's private folder (owner-only), where the subset's secret lives
         self.study_id = study_id  # the study's random id (dptune.search.release.study_id)
         self.subset_id: str | None = None  # public: which subset a proxy read (the accounting groups by it)
+        self.claimed: int | None = None  # the final run this process's finalize claimed (claim_final)
 
     def subset(self) -> Dataset:
         """The private data restricted to the study's secret subset (drawn once, shared by its workers).
@@ -215,22 +226,23 @@ class ModeRunner:
           Infeasible: the sample cannot train within the budget (the trial is then pruned, unread data).
         """
         cfg = self.resolved.study
-        others = [t for t in trial.study.get_trials(deepcopy=False) if t.number != trial.number]
         if trial.user_attrs.get(modes.FINAL_ATTR):
-            # Two finalize calls at once enqueue two final runs: only the first that did not fail may train, so
-            # that one model is released and the stated final run is that model's.
-            first = [t for t in others if modes.is_final(t) and t.number < trial.number
-                     and t.state in (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)]
-            if first:
-                raise Infeasible(f"trial {first[0].number} is this study's final run already")
+            if trial.number != self.claimed:
+                # A queued copy (Optuna's heartbeat retry copies a stale trial's attributes), or a final run
+                # another process claimed: only the claim makes a final run the study's one.
+                raise Infeasible("a final run trains only in the finalize call that claimed it; run dptune study "
+                                 "finalize again")
             stored = trial.user_attrs[modes.FINAL_PLAN_ATTR]
             hp = Hyperparams(**stored["hparams"])
             plan = TrialPlan(hparams=hp, steps=int(stored["steps"]), sampling_rate=float(stored["sampling_rate"]),
                              max_steps_by_budget=int(stored["steps"]), derived="transferred")
             return TrialSetup(plan, self.private, self.budget, touched=True, final=True)
+        others = [t for t in trial.study.get_trials(deepcopy=False) if t.number != trial.number]
         if any(modes.is_final(t) for t in others):
             # After finalize no proxy may start: the tuning must read the data only through its proxies (and, for
-            # subset tuning, only through the subset) before the final run, or its accounting does not hold.
+            # subset tuning, only through the subset) before the final run, or its accounting does not hold. Read
+            # after this trial was numbered: a final run claimed earlier is seen here, and one claimed later
+            # waits for this trial to finish (finalize), so either way the released lineage counts it.
             with contextlib.suppress(RuntimeError):  # outside optimize (a direct call) there is no loop to stop
                 trial.study.stop()
             raise Infeasible("the study is finalized (its final run is recorded or running): no more proxies")
@@ -273,53 +285,241 @@ class ModeRunner:
                           attrs=attrs)
 
 
-def finalize(study: optuna.Study | str, storage: str | None = None) -> optuna.Study:
+class FinalizeRefused(StudyError):
+    """The study's final run is held by another ``finalize`` call, or recorded: this call trained nothing."""
+
+
+FINAL_WAIT_SECONDS = 3600.0  # how long finalize waits for trials numbered before its final run to finish
+POLL_SECONDS = 1.0
+
+
+def finalize(study: optuna.Study | str, storage: str | None = None, *,
+             wait_seconds: float = FINAL_WAIT_SECONDS) -> optuna.Study:
     """Run the final run of a cheaper-tuning study: the best proxy's hyperparameters, transferred, on the private data.
 
     The final run is a trial of the same study (user attribute ``final_run``),
-    run by :func:`dptune.search.study.optimize`, so that its spend is recorded
-    and composed like every other trial's; its model is the one the study keeps
-    and releases. After it, the study takes no more proxy trials.
+    so that its spend is recorded and composed like every other trial's; its
+    model is the one the study keeps and releases. It is claimed in the storage
+    (:func:`claim_final`) before any data is read: of two calls at once exactly
+    one trains, the other is refused. The claim closes the study to proxies;
+    the final run then waits for the trials numbered before it, which may have
+    passed that gate, to finish, so that the released model's lineage holds
+    them. Subset tuning's secret is deleted once the final run is recorded.
 
     Args:
       study: the study or its name.
       storage: its storage URL (default: where it was opened).
+      wait_seconds: how long to wait for earlier trials still running before giving the claim up.
 
     Returns:
       The study, with the final run finished.
 
     Raises:
-      StudyError: no mode, no completed proxy yet, or already finalized.
+      StudyError: no mode, or no completed proxy yet.
+      FinalizeRefused: a final run is recorded or running, or earlier trials did not finish in time
+        (nothing read the data).
 
     Guarantee: the search's ε (:func:`dptune.search.results.search_guarantee`) is then the RDP
-    composition of every proxy that read the private training split and of the final run.
+    composition of every proxy that read the private training split and of every final run that did.
     """
     from dptune.search import study as driver
 
-    url: str | None = storage
-    if isinstance(study, optuna.Study):
-        url = driver.storage_url(study, storage)
-        name = study.study_name
-    else:
-        name = study
-    loaded, resolved = driver.load(name, url)
-    mode = loaded.user_attrs.get(modes.MODE_ATTR)
+    name = study.study_name if isinstance(study, optuna.Study) else study
+    url = (driver.storage_url(study, storage) if isinstance(study, optuna.Study) else storage) or \
+        default_storage(name)
+    loaded, resolved = driver.load(name, url, heartbeat=True)
+    with interrupt.deferred(), storage_lib.writing(url):
+        reap_dead_workers(loaded)  # a final run whose process died here no longer holds the study
+    plan, source = _transferred(loaded, resolved)
+    objective = _final_objective(loaded, resolved, url)  # the data and model are checked before any write
+    # As optimize runs its trials: a signal waits for a check point, so that it never cuts a storage write short.
+    with interrupt.deferred(), storage_lib.writing(url):
+        claimed = claim_final(loaded, plan, source)
+        with _heartbeat(loaded, claimed.number):
+            _train_claimed(loaded, objective, claimed.number, url, wait_seconds)
+    return driver.load_study(name, url)
+
+
+def _transferred(study: optuna.Study, resolved: ResolvedStudy) -> tuple[dict[str, Any], int]:
+    """The final run's plan and the proxy it comes from, or why there is none (nothing is written)."""
+    name = study.study_name
+    mode = study.user_attrs.get(modes.MODE_ATTR)
     if mode is None:
         raise StudyError(f"study_name: {name!r} has no search mode (search: {{mode: …}}); its best trial is its "
                          "result")
-    trials = loaded.get_trials(deepcopy=False)
-    if any(modes.is_final(t) and t.state in (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)
-           for t in trials):
-        raise StudyError(f"study_name: {name!r} is finalized already (its final run is recorded)")
+    trials = study.get_trials(deepcopy=False)
+    held = modes.holding_final(trials)
+    if held is not None:
+        raise FinalizeRefused(f"study_name: {name!r} is finalized already: trial {held.number} is its final run "
+                              f"({held.state.name.lower()})")
     winner = modes.best_proxy(trials)
     if winner is None:
         raise StudyError(f"study_name: {name!r} has no completed proxy trial yet; run dptune optimize first")
     cfg = resolved.study
     assert cfg.privacy is not None  # a mode needs one (checked at create)
-    plan = modes.final_plan(mode, winner, cfg.privacy.epsilon, float(loaded.user_attrs["delta"]),
+    plan = modes.final_plan(mode, winner, cfg.privacy.epsilon, float(study.user_attrs["delta"]),
                             cfg.privacy.accountant)
     if not math.isfinite(plan["hparams"]["noise_multiplier"]):
         raise StudyError("final_plan: the transferred run cannot meet the budget")
-    loaded.enqueue_trial({}, user_attrs={modes.FINAL_ATTR: True, modes.FINAL_PLAN_ATTR: plan,
-                                         modes.FINAL_SOURCE_ATTR: winner.number})
-    return driver.optimize(loaded, url, n_trials=1)
+    return plan, winner.number
+
+
+def _final_objective(study: optuna.Study, resolved: ResolvedStudy, url: str) -> Any:
+    """The objective that trains the final run, set up as :func:`dptune.search.study.optimize` sets up its own."""
+    from dptune.search.objective import Objective
+    from dptune.trainer.run import dataset_of
+
+    dataset = dataset_of(resolved.study)
+    if study.user_attrs.get("split") != dataset.split.as_dict():
+        raise StudyError(f"dataset: {resolved.study.dataset!r} is not what it was when the study was created; "
+                         "create a new study")
+    objective = Objective(resolved, dataset, study.user_attrs["delta"],
+                          prior=study.user_attrs.get("prior_privacy_events", ()))
+    objective.resolved_checkpoint = study.user_attrs.get("init_checkpoint_sha256")
+    objective.storage_url = url
+    objective.study_id = release.study_id(study, url)
+    assert objective.budget is not None  # a mode needs a privacy budget (checked at create)
+    objective.mode = ModeRunner(resolved, dataset, objective.budget, study.user_attrs[modes.MODE_ATTR],
+                                study.study_name, release.folder_of(study, url), objective.study_id)
+    return objective
+
+
+def claim_final(study: optuna.Study, plan: dict[str, Any], source: int) -> FrozenTrial:
+    """Create the final run's trial, RUNNING and marked final in one storage write, or refuse.
+
+    Creating a trial is the write every storage makes atomically with its
+    number (SQLite and PostgreSQL in one locked transaction, the journal in
+    one log entry), so the trial is marked final before any later-numbered
+    trial exists: of two calls the later-numbered one finds the earlier and
+    gives way, and a proxy numbered after it finds it at the gate
+    (:meth:`ModeRunner.setup`). A queued (WAITING) trial would not do: on
+    SQLite two processes can both take one WAITING trial (Optuna's
+    WAITING-to-RUNNING check is a read, then a write) and both train it.
+
+    Raises:
+      FinalizeRefused: an earlier final run holds the study (this trial is then recorded as refused).
+    """
+    b = storage_lib.backend(study)
+    attrs = {modes.FINAL_ATTR: True, modes.FINAL_PLAN_ATTR: plan, modes.FINAL_SOURCE_ATTR: source,
+             "touched_data": False, WORKER_ATTR: worker_identity()}
+    mine = b.storage.get_trial(start_trial(study, attrs))
+    held = modes.holding_final(b.storage.get_all_trials(b.study_id, deepcopy=False), below=mine.number)
+    if held is not None:
+        _refuse(study, mine.number, f"trial {held.number} is this study's final run")
+        raise FinalizeRefused(f"study_name: {study.study_name!r}: another finalize claimed the final run first "
+                              f"(trial {held.number}, {held.state.name.lower()}); this call read no data")
+    return mine
+
+
+def start_trial(study: optuna.Study, user_attrs: dict[str, Any]) -> int:
+    """Create a RUNNING trial that holds ``user_attrs`` from its first write on; returns its storage id.
+
+    Unlike ``study.ask()``, it never takes a queued (WAITING) trial, whose
+    attributes (a retried proxy's, a copied final run's) would then describe
+    another run than the one recorded.
+    """
+    b = storage_lib.backend(study)
+    template = FrozenTrial(number=0, state=TrialState.RUNNING, value=None, datetime_start=datetime.datetime.now(),
+                           datetime_complete=None, params={}, distributions={}, user_attrs=user_attrs,
+                           system_attrs={}, intermediate_values={}, trial_id=0)
+    return b.storage.create_new_trial(b.study_id, template_trial=template)
+
+
+def _train_claimed(study: optuna.Study, objective: Any, number: int, url: str, wait_seconds: float) -> None:
+    """Train the claimed final run ``number`` once no earlier trial runs; give the claim up if that never comes."""
+    try:
+        _wait_for_earlier(study, number, wait_seconds)
+    except BaseException as e:
+        _refuse(study, number, f"given up before training: {e}")
+        raise
+    objective.mode.claimed = number
+    try:
+        _run_final(study, objective, number, url)
+    finally:
+        if objective.mode.mode["mode"] == "subset":
+            forget_subset(release.folder_of(study, url))
+
+
+def _refuse(study: optuna.Study, number: int, reason: str) -> None:
+    """Record a claimed final run that never read the data as refused (it holds nothing and costs nothing)."""
+    b = storage_lib.backend(study)
+    trial_id = b.trial_id(number)
+    with interrupt.deferred(), contextlib.suppress(UpdateFinishedTrialError):
+        for key, value in (("rejected_reason", reason), ("epsilon_spent", 0.0), ("steps", 0)):
+            b.storage.set_trial_user_attr(trial_id, key, value)
+        b.storage.set_trial_state_values(trial_id, TrialState.PRUNED)
+
+
+def _wait_for_earlier(study: optuna.Study, number: int, seconds: float) -> None:
+    """Wait until no trial numbered before ``number`` runs: each may have passed the gate before the claim.
+
+    Raises:
+      FinalizeRefused: some still run after ``seconds``.
+    """
+    deadline = time.monotonic() + seconds
+    while True:
+        with interrupt.deferred(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            reap_dead_workers(study)
+            optuna.storages.fail_stale_trials(study)  # RDB heartbeats: a worker gone on another machine
+        running = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                   if t.number < number]
+        if not running:
+            return
+        if time.monotonic() >= deadline:
+            raise FinalizeRefused(f"trials {running} were still running after {seconds:g} s; no proxy starts any "
+                                  "more: finalize again once they have finished")
+        interrupt.raise_if_pending()
+        time.sleep(POLL_SECONDS)
+
+
+def _run_final(study: optuna.Study, objective: Any, number: int, url: str) -> None:
+    """Train the claimed trial ``number`` with ``objective``, record its outcome, keep its model.
+
+    Optuna's own trial loop cannot be handed a given trial, and its queue is what two processes can both take a
+    trial from; this is that loop for one trial (its failure is recorded, then raised).
+    """
+    b = storage_lib.backend(study)
+    trial_id = b.trial_id(number)
+    trial = optuna.Trial(study, trial_id)
+    value, state = None, TrialState.FAIL
+    try:
+        value, state = objective(trial), TrialState.COMPLETE
+    except optuna.TrialPruned:
+        state = TrialState.PRUNED
+    finally:
+        study.tell(trial, value, state=state, skip_if_finished=True)
+        release.keep_best(study, b.storage.get_trial(trial_id), url)
+
+
+@contextlib.contextmanager
+def _heartbeat(study: optuna.Study, number: int) -> Iterator[None]:
+    """Beat for trial ``number`` as Optuna beats for the trials it runs (RDB storages with heartbeats only)."""
+    b = storage_lib.backend(study)
+    storage = b.storage
+    if not isinstance(storage, optuna.storages.RDBStorage) or not storage.get_heartbeat_interval():
+        yield
+        return
+    interval = storage.get_heartbeat_interval()
+    trial_id = b.trial_id(number)
+    stop = threading.Event()
+
+    def beat() -> None:
+        while True:
+            storage.record_heartbeat(trial_id)
+            if stop.wait(interval):
+                return
+
+    thread = threading.Thread(target=beat, daemon=True, name=f"dptune-heartbeat-{number}")
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def forget_subset(folder: str) -> None:
+    """Delete a subset-tuning study's secret: once a final run is claimed no proxy reads the subset again."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join(folder, SUBSET_SECRET))
