@@ -339,6 +339,10 @@ def test_the_storage_alone_does_not_hold_a_fixed_private_seed(tmp_path):
     shutil.copy(tmp_path / "s.db", tmp_path / "copy.db")
     with pytest.raises(study.StudyError, match="private_seed: .*cannot be read here"):
         study.load("seeded", f"sqlite:///{tmp_path / 'copy.db'}")
+    # A configured private folder holds it too.
+    shared = {**cfg, "name": "shared", "artifacts": {"path": str(tmp_path / "private")}}
+    study.create_study(shared, storage)
+    assert study.load("shared", storage)[1].study.private_seed == 918273645
 
 
 # -- 1 & 5. private search: K enforced in the storage, K and trial numbers kept out of the release ----

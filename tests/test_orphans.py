@@ -89,14 +89,18 @@ def storages(tmp_path):
     return {"sqlite": f"sqlite:///{tmp_path / 'r.db'}", "journal": f"journal:///{tmp_path / 'r.journal'}"}
 
 
-def orphan(storage, worker, *, private_search=False):
-    """A study with one RUNNING trial that claims to run in ``worker``."""
+def orphan(storage, worker, *, private_search=False, final=False):
+    """A study with one RUNNING trial that claims to run in ``worker`` (a mode's final run if ``final``)."""
     backend = open_storage(storage)
     study = remember(optuna.create_study(study_name="r", storage=backend), backend, storage)
     if private_search:
         study.set_user_attr("private_search", {"n_trials": 3})
     trial = study.ask({"x": FloatDistribution(0.0, 1.0)})
     trial.set_user_attr("worker", worker)
+    if final:
+        from dptune.search import modes
+
+        trial.set_user_attr(modes.FINAL_ATTR, True)
     return study, trial.number
 
 
@@ -137,6 +141,15 @@ def test_private_search_gets_no_retry(tmp_path, kind):
     assert orphans.reap_dead_workers(study) == [number]
     trials = study.get_trials()
     assert [t.state for t in trials] == [TrialState.FAIL]  # counts among the K drawn trials; no extra one
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "journal"])
+def test_a_final_run_is_failed_but_never_requeued(tmp_path, kind):
+    """One finalize call claims the final run; a queued copy would be a second one no call may train."""
+    url = storages(tmp_path)[kind]
+    study, number = orphan(url, dead_worker(), final=True)
+    assert orphans.reap_dead_workers(study) == [number]
+    assert [t.state for t in study.get_trials()] == [TrialState.FAIL]
 
 
 def test_live_recycled_and_zombie_workers(tmp_path):

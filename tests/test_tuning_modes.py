@@ -335,6 +335,15 @@ def test_a_mode_study_exports_no_timings(tmp_path):
                "datetime_complete", "duration_seconds"}
     assert row["steps"] == 6 and not timings & set(row)
     assert "wall_seconds" not in export.to_text([study], "csv").splitlines()[0]
+    # Nor does what `study best` and the report show of the released final run, or of the proxies.
+    from dptune.inspect import report
+    from dptune.search import results
+
+    study.add_trial(optuna.trial.create_trial(value=0.6, user_attrs={**timed, modes.PROXY_ATTR: False,
+                                                                     modes.FINAL_ATTR: True}))
+    best = results.summarize(study).best
+    assert best is not None and best["number"] == 1 and not timings & set(best)
+    assert "410" not in report._top_table(study)
 
 
 def test_amplification_by_subsampling_is_the_theorem_and_never_more_than_the_mechanism():

@@ -36,6 +36,7 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
+from dptune.search import modes
 from dptune.search.storage import MAX_RETRY, backend
 
 WORKER_ATTR = "worker"
@@ -88,6 +89,8 @@ def _alive(worker: dict[str, Any]) -> bool:
 def _retry(study: optuna.Study, t: FrozenTrial) -> None:
     if study.user_attrs.get("private_search") is not None:
         return  # see the module docstring: a retry would exceed the K drawn trials
+    if modes.is_final(t):
+        return  # a final run is claimed by one finalize call, never re-queued (dptune.search.proxy.finalize)
     origin = t.user_attrs.get("retry_of", t.number)
     retries = int(t.user_attrs.get("retries", 0))
     if retries < MAX_RETRY:
@@ -127,13 +130,14 @@ def reap_dead_workers(study: optuna.Study, storage_url: str | None = None) -> li
 
 
 class StaleTrialRetry:
-    """Optuna's heartbeat retry for RDB storages, except in a private search (no trial beyond K)."""
+    """Optuna's heartbeat retry for RDB storages, except in a private search (no trial beyond K) and for a
+    mode's final run (claimed once, by one finalize call)."""
 
     def __init__(self, max_retry: int = MAX_RETRY):
         self._retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        if study.user_attrs.get("private_search") is None:
+        if study.user_attrs.get("private_search") is None and not modes.is_final(trial):
             self._retry(study, trial)
 
 

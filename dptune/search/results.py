@@ -415,7 +415,8 @@ def summarize(study: optuna.Study) -> StudySummary:
     if study.user_attrs.get(modes.MODE_ATTR) is not None:
         # issue #20: what a mode releases is its final run, never a proxy.
         final = modes.final_trial(trials)
-        best = None if final is None else trial_record(final)
+        # Timings would say how large the secret subset its proxies trained on was.
+        best = None if final is None else modes.without_timings(trial_record(final))
     if best is not None:
         # The winner's curse (issue #20): how far the chosen trial's validation score may be from its true accuracy.
         n_val = int((study.user_attrs.get("split") or {}).get("validation") or 0)

@@ -292,10 +292,10 @@ def create_study(config: ConfigLike, storage: str | None = None, *, skip_if_exis
                 # Set before any worker can see the configuration: every worker reads the same id.
                 storage_lib.remember(study, storage_obj, storage)
                 storage_lib.backend(study).set_system_attr(release.STUDY_ID_ATTR, release.new_study_id())
-                if seed is not None:
-                    release.keep_private_seed(study, storage, seed)
                 for key, value in attrs.items():
                     study.set_user_attr(key, value)
+                if seed is not None:  # where: the stored configuration's artifacts.path, if any
+                    release.keep_private_seed(study, storage, seed)
         except BaseException:
             optuna.delete_study(study_name=study_cfg.name, storage=storage_obj)
             raise
