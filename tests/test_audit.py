@@ -272,6 +272,29 @@ def test_auditing_a_study_trial_counts_in_the_search_total(tmp_path):
     assert r.epsilon_lower_bound <= r.claimed_epsilon
 
 
+@pytest.mark.parametrize("threat_model,canaries", [("white-box", 1), ("white-box", 10**9), ("black-box", 10**9)])
+def test_an_audit_that_cannot_run_is_refused_before_anything_is_recorded(tmp_path, threat_model, canaries):
+    s, storage = _study(tmp_path)
+    before = results.search_guarantee(s)["total_epsilon"]
+    with pytest.raises(ConfigError, match="canaries"):
+        audit.audit_study("aud", storage, threat_model=threat_model, canaries=canaries)
+    s = optuna.load_study(study_name="aud", storage=storage)
+    assert len(s.trials) == 1 and results.search_guarantee(s)["total_epsilon"] == before
+
+
+def test_an_audit_refused_by_its_secret_draw_reads_no_data_and_costs_nothing(tmp_path, monkeypatch):
+    s, storage = _study(tmp_path)
+    before = results.search_guarantee(s)["total_epsilon"]
+    monkeypatch.setattr(audit, "inclusion", lambda secret, m: np.ones(m, bool))  # every canary on one side
+    with pytest.raises(ConfigError, match="fell on one side"):
+        audit.audit_study("aud", storage, threat_model="white-box", canaries=4)
+    s = optuna.load_study(study_name="aud", storage=storage)
+    record = s.trials[1]
+    assert record.state == optuna.trial.TrialState.FAIL and not record.user_attrs["touched_data"]
+    assert "fell on one side" in record.user_attrs["failed_reason"]
+    assert results.search_guarantee(s)["total_epsilon"] == before
+
+
 def test_filter_refuses_an_audit_beyond_the_search_budget(tmp_path):
     probe, _ = _study(tmp_path / "probe", {"search_budget": {"epsilon": 3.2}})
     filt = study.RenyiFilter(3.2, DELTA, probe.user_attrs["search_budget"]["order"])

@@ -91,3 +91,61 @@ def test_signals_fail_the_running_trial_and_a_rerun_continues(tmp_path, cache_di
         stopped_numbers.append(training.number)
     # The re-run continued the same study with new trials.
     assert stopped_numbers[1] > stopped_numbers[0]
+
+
+# -- finalize and audit: the same orderly stop, in-process, with a real SIGTERM to this process ----------------
+
+def _sigterm_at_training(monkeypatch, module):
+    """``module.train_and_evaluate`` sends this process SIGTERM as it starts, after the run is recorded."""
+    from dptune import interrupt
+
+    def stop(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(300):
+            time.sleep(0.1)  # dptune's handler raises here, or records it inside a deferred section
+            interrupt.raise_if_pending()  # as the trainer does before each step
+        raise AssertionError("SIGTERM was not handled")
+
+    monkeypatch.setattr(module, "train_and_evaluate", stop)
+
+
+def _one_line(capfd):
+    err = capfd.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err and "interrupted by SIGTERM" in lines[0], err
+    return lines[0]
+
+
+def test_sigterm_during_finalize_fails_the_final_run_and_finalize_runs_again(tmp_path, monkeypatch, capfd):
+    import dptune
+    from dptune.cli.app import main
+    from dptune.search import modes, objective
+    from tests.test_tuning_modes import _config
+
+    url = f"sqlite:///{tmp_path / 'f.db'}"
+    dptune.optimize(dptune.create_study(_config("fin", {"mode": "scaled", "factor": 4}), storage=url), n_trials=1)
+    with monkeypatch.context() as m:
+        _sigterm_at_training(m, objective)
+        assert main(["study", "finalize", "fin", "--storage", url]) == 128 + signal.SIGTERM
+    assert "run dptune study finalize again" in _one_line(capfd)
+    finals = [t for t in optuna.load_study(study_name="fin", storage=url).trials if modes.is_final(t)]
+    assert [t.state for t in finals] == [TrialState.FAIL] and "Interrupted" in finals[0].user_attrs["failed_reason"]
+    # Nothing left RUNNING or queued; the next call trains the final run.
+    assert main(["study", "finalize", "fin", "--storage", url]) == 0
+    states = [t.state for t in optuna.load_study(study_name="fin", storage=url).trials]
+    assert TrialState.RUNNING not in states and TrialState.WAITING not in states
+    assert states.count(TrialState.COMPLETE) == 2  # the proxy and the released final run
+
+
+def test_sigterm_during_an_audit_fails_its_record(tmp_path, monkeypatch, capfd):
+    from dptune.cli.app import main
+    from dptune.search import audit
+    from tests.test_audit import _study
+
+    s, url = _study(tmp_path)
+    _sigterm_at_training(monkeypatch, audit)
+    assert main(["audit", "--study-name", "aud", "--storage", url, "--canaries", "20"]) == 128 + signal.SIGTERM
+    _one_line(capfd)
+    record = optuna.load_study(study_name="aud", storage=url).trials[-1]
+    assert record.user_attrs["audit_of"] == 0 and record.state == TrialState.FAIL
+    assert record.user_attrs["touched_data"]  # stopped at the data: counted at its planned steps

@@ -222,7 +222,15 @@ def cmd_audit(args: argparse.Namespace) -> int:
         if given:
             raise PrivacyError(f"{given[0].lstrip('-')}: explicit hyperparameters and --study-name exclude each "
                                "other (the audit re-runs the trial's own configuration)")
-        result = audit.audit_study(args.study_name, args.storage, args.trial, **common)
+        from dptune import interrupt
+
+        try:
+            with interrupt.handled():
+                result = audit.audit_study(args.study_name, args.storage, args.trial, **common)
+        except KeyboardInterrupt as e:
+            print(f"dptune: interrupted by {interrupt.signal_name(e)}: the audit run was marked FAIL (counted in "
+                  "the search at its planned steps if it read the data)", file=sys.stderr, flush=True)
+            return interrupt.exit_code(e)
     else:
         if args.trial is not None:
             raise PrivacyError("trial: --trial needs --study-name")
@@ -514,9 +522,16 @@ def _print_summary(summary: Any, internal: bool = False) -> None:
 
 def cmd_study_finalize(args: argparse.Namespace) -> int:
     """``dptune study finalize NAME``: a cheaper-tuning study's final run, then its summary (issue #20)."""
+    from dptune import interrupt
     from dptune.search import proxy
 
-    study = proxy.finalize(args.study_name, args.storage)
+    try:
+        with interrupt.handled():
+            study = proxy.finalize(args.study_name, args.storage)
+    except KeyboardInterrupt as e:
+        print(f"dptune: interrupted by {interrupt.signal_name(e)}: the final run was marked FAIL (counted at its "
+              "planned steps if it read the data); run dptune study finalize again", file=sys.stderr, flush=True)
+        return interrupt.exit_code(e)
     _emit_summary(study, args.json)
     return 0
 

@@ -471,6 +471,33 @@ class AuditResult:
         return "\n".join(lines)
 
 
+def check_request(threat_model: str, canaries: int, confidence: float, num_examples: int) -> None:
+    """Refuse an audit that cannot run, from its arguments alone (before anything is recorded or read).
+
+    Raises:
+      ConfigError: unknown threat model, m < 2, black-box canaries more than the training examples (they join
+        the training split), confidence outside (0, 1).
+    """
+    if threat_model not in THREAT_MODELS:
+        raise ConfigError("threat_model", f"unknown {threat_model!r}; allowed: {', '.join(THREAT_MODELS)}")
+    if canaries < 2:
+        raise ConfigError("canaries", f"must be >= 2, got {canaries}")
+    if threat_model == "black-box" and canaries > num_examples:
+        raise ConfigError("canaries", f"black-box canaries join the {num_examples} training examples; at most "
+                                      f"{num_examples}, got {canaries}")
+    if not 0 < confidence < 1:
+        raise ConfigError("confidence", f"must be in (0, 1), got {confidence}")
+
+
+def white_box_room(model_name: str, num_classes: int, image_shape: tuple[int, ...], trainable: str,
+                   canaries: int, canary_seed: int, *, weight_standardization: bool = False) -> None:
+    """Refuse more white-box canaries than the model has trainable coordinates (a public fact of the model)."""
+    from dptune.models.builtin import init_params
+
+    model = build_model(model_name, num_classes, weight_standardization=weight_standardization)
+    dirac_coordinates(init_params(model, image_shape, jax.random.key(0)), trainable, canaries, canary_seed)
+
+
 def run_audit(
     dataset: Dataset,
     hparams: Hyperparams,
@@ -483,6 +510,7 @@ def run_audit(
     canary_seed: int = 0,
     confidence: float = DEFAULT_CONFIDENCE,
     progress: Progress | None = None,
+    training: Callable[[], None] = lambda: None,
 ) -> AuditResult:
     """Train once with m canaries through the real training path and audit the claim.
 
@@ -505,6 +533,7 @@ def run_audit(
       canary_seed: public seed of the canaries' content (not of their inclusion).
       confidence: of the lower bound.
       progress: called with a line of text now and then.
+      training: called once every refusal is past, just before the training data is first read.
 
     Returns:
       :class:`AuditResult`.
@@ -513,12 +542,7 @@ def run_audit(
       ConfigError: unknown threat model, m < 2, confidence outside (0, 1), non-private config.
       PrivacyError: as :func:`dptune.trainer.train.train_and_evaluate`.
     """
-    if threat_model not in THREAT_MODELS:
-        raise ConfigError("threat_model", f"unknown {threat_model!r}; allowed: {', '.join(THREAT_MODELS)}")
-    if canaries < 2:
-        raise ConfigError("canaries", f"must be >= 2, got {canaries}")
-    if not 0 < confidence < 1:
-        raise ConfigError("confidence", f"must be in (0, 1), got {confidence}")
+    check_request(threat_model, canaries, confidence, len(dataset.train))
     if not config.private:
         raise ConfigError("private", "a non-private run claims no ε; there is nothing to audit")
     say = progress or (lambda _line: None)
@@ -551,6 +575,7 @@ def run_audit(
         say(f"  step {step}/{steps}  val_acc {metrics['val_accuracy']:.4f}")
 
     cpu0, wall0 = _cpu_seconds(), time.perf_counter()
+    training()
     with tempfile.TemporaryDirectory(prefix="dptune-audit-") as tmp:
         if threat_model == "black-box":
             config = replace(config, save_checkpoint=os.path.join(tmp, "released.msgpack"))
@@ -783,8 +808,13 @@ def audit_study(
 
     # Numbered atomically in the storage, like any trial, and never a queued trial (whose copied attributes, a
     # proxy's say, would count this run on all of the data as something else).
+    check_request(threat_model, canaries, confidence, len(dataset.train))
+    if threat_model == "white-box":
+        white_box_room(cfg.model, dataset.num_classes, dataset.image_shape, hp.trainable, canaries, canary_seed,
+                       weight_standardization=cfg.weight_standardization)
     record = optuna.Trial(s, proxy.start_trial(s, {"audit_of": target.number, "audit_threat_model": threat_model,
-                                                   "touched_data": False}))
+                                                   "touched_data": False,
+                                                   orphans.WORKER_ATTR: orphans.worker_identity()}))
     q = hp.batch_size / len(dataset.train)
     # Black-box canaries enlarge N, so the run's q is at most this: a conservative request.
     request = (q, hp.noise_multiplier, steps)
@@ -808,12 +838,13 @@ def audit_study(
     for key, value in (("sampling_rate", q), ("noise_multiplier", hp.noise_multiplier), ("planned_steps", steps),
                        ("clip_norm", hp.clip_norm), ("batch_size", hp.batch_size)):
         record.set_user_attr(key, value)
-    record.set_user_attr("touched_data", True)
     try:
         result = run_audit(dataset, hp, steps, config=config, budget=budget, threat_model=threat_model,
-                           canaries=canaries, canary_seed=canary_seed, confidence=confidence, progress=progress)
-    except BaseException:
-        # It may have trained: it stays counted at its planned steps.
+                           canaries=canaries, canary_seed=canary_seed, confidence=confidence, progress=progress,
+                           training=lambda: record.set_user_attr("touched_data", True))
+    except BaseException as e:
+        # Once it has read the data it stays counted at its planned steps; a refusal before that costs nothing.
+        record.set_user_attr("failed_reason", f"{type(e).__name__}: {e}".strip())
         s.tell(record, state=TrialState.FAIL)
         raise
     for key, value in (("steps", result.steps), ("sampling_rate", result.sampling_rate),

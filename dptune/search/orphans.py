@@ -89,8 +89,8 @@ def _alive(worker: dict[str, Any]) -> bool:
 def _retry(study: optuna.Study, t: FrozenTrial) -> None:
     if study.user_attrs.get("private_search") is not None:
         return  # see the module docstring: a retry would exceed the K drawn trials
-    if modes.is_final(t):
-        return  # a final run is claimed by one finalize call, never re-queued (dptune.search.proxy.finalize)
+    if modes.is_final(t) or "audit_of" in t.user_attrs:
+        return  # one finalize or audit command runs it; a queued copy would be a run nobody asked for
     origin = t.user_attrs.get("retry_of", t.number)
     retries = int(t.user_attrs.get("retries", 0))
     if retries < MAX_RETRY:

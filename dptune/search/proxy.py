@@ -487,6 +487,9 @@ def _run_final(study: optuna.Study, objective: Any, number: int, url: str) -> No
         value, state = objective(trial), TrialState.COMPLETE
     except optuna.TrialPruned:
         state = TrialState.PRUNED
+    except BaseException as e:
+        trial.set_user_attr("failed_reason", f"{type(e).__name__}: {e}".strip())
+        raise
     finally:
         study.tell(trial, value, state=state, skip_if_finished=True)
         release.keep_best(study, b.storage.get_trial(trial_id), url)
