@@ -200,3 +200,11 @@ def test_a_run_whose_loss_is_nan_says_so(tmp_path):
     fine = dptune.train({"dataset": "digits", "privacy": {"epsilon": 3.0}, "microbatch_size": 64},
                         hyperparameters={"batch_size": 256, "epochs": 1, "learning_rate": 1.0})
     assert fine.result.warnings == []
+    # A study's trial records it beside its (chance) value.
+    study = dptune.create_study({"name": "nan", "dataset": "digits", "privacy": {"epsilon": 3.0},
+                                 "microbatch_size": 64, "loss": "tests.helpers.nan_loss:loss",
+                                 "budget": {"max_epochs": 1, "min_steps": 1}, "pruner": {"name": "none"},
+                                 "search_space": {"batch_size": 256, "learning_rate": 1.0, "clip_norm": 1.0,
+                                                  "epochs": 1}}, storage=f"sqlite:///{tmp_path / 'n.db'}")
+    dptune.optimize(study, n_trials=1)
+    assert "not finite" in study.trials[0].user_attrs["warnings"][0]

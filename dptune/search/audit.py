@@ -596,7 +596,8 @@ def run_audit(
         notes.append("White-box canaries enter through dptune's clipping function and cross-device sum; the "
                      f"training examples through the {result.clipping} path.")
     notes.append(f"The audit ran on the {result.feed!r} feed (one dispatch per microbatch); trials and `dptune train` "
-                 "default to the resident or streamed feed, which tests/test_feed.py shows equal to it within 1e-6.")
+                 "take `feed: auto` (this loop on CPU, the resident or streamed feed on accelerators), which "
+                 "tests/test_feed.py shows equal to it within 1e-6.")
     return AuditResult(
         threat_model=threat_model, claimed_epsilon=float(result.privacy.epsilon), delta=budget.delta,
         accountant=result.privacy.accountant,

@@ -12,6 +12,7 @@ at each evaluation, and records what ran as user attributes.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from collections.abc import Sequence
 from typing import Any, cast
@@ -297,6 +298,9 @@ class Objective:
             "trainable_modules": result.trainable_modules,
             "augmentation_multiplicity": cfg.augmentation.multiplicity,
         }
+        if result.warnings:  # a trial at chance because its loss is NaN must not read as a poor setting
+            attrs["warnings"] = result.warnings
+            logging.getLogger(__name__).warning("trial %d: %s", trial.number, "; ".join(result.warnings))
         for k, v in attrs.items():
             trial.set_user_attr(k, v)
         if result.stopped_early:
