@@ -1,6 +1,7 @@
-"""Small user-style Flax models for tests/test_fastclip.py and benchmarks/fastclip_step.py.
+"""Small user-style Flax models for tests/test_fastclip.py, tests/test_sensitivity_adversarial.py and
+benchmarks/fastclip_step.py.
 
-Written the way a user would write them (plain ``flax.linen``), not with dptune's layers.
+Written the way a user would write them (plain ``flax.linen``), not with dptune's layers (but for ``Bf16Book``).
 """
 
 from __future__ import annotations
@@ -131,3 +132,74 @@ class MixedCNN(nn.Module):
         x = layers.Dense(8)(x.reshape(x.shape[0], -1))
         shared = layers.Dense(8)
         return nn.Dense(self.num_classes)(shared(nn.tanh(shared(x))))  # one layer called twice: tied
+
+
+@jax.custom_jvp
+def straight_through_finite(x: jax.Array) -> jax.Array:
+    """NaN → 0 forward, the gradient passed through unchanged (a user's NaN guard with a straight-through grad)."""
+    return jnp.nan_to_num(x)
+
+
+@straight_through_finite.defjvp
+def _straight_through_jvp(primals: tuple, tangents: tuple) -> tuple:
+    return straight_through_finite(primals[0]), tangents[0]
+
+
+class TokenBag(nn.Module):
+    """Token ids of any value through ``nn.Embed``, for adversarial ids.
+
+    ``vocab`` may be 1 (Flax broadcasts a one-row table to every id). Each
+    position has a weight of either sign, so the gradient rows of a repeated
+    id can cancel. An id outside the table reads a NaN row; the guard makes it
+    0 forward but passes its gradient back, so that row's gradient is nonzero
+    and only the lookup's scatter decides whether it counts. The logits come
+    from ``attend``: of another table (the embed rule) or, ``tied``, the same.
+    """
+
+    vocab: int
+    tied: bool = False
+    classes: int = 3
+    dim: int = 3
+    weights: tuple[float, ...] = (1.0, -1.0, 2.0, -0.5)
+
+    @nn.compact
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        embed = nn.Embed(self.vocab, self.dim)
+        w = jnp.asarray(self.weights[: ids.shape[-1]])
+        x = jnp.einsum("t,btd->bd", w, straight_through_finite(embed(ids)))
+        return (embed if self.tied else nn.Embed(self.classes, self.dim)).attend(x)
+
+
+class Bf16Layer(nn.Module):
+    """One kind of layer computing in bf16 (the rule under test), then a float32 head.
+
+    ``kind``: "dense", "conv", "norm" (GroupNorm then LayerNorm) or "embed"
+    (a lookup and an ``attend`` head, both bf16).
+    """
+
+    kind: str
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        bf16 = {"dtype": jnp.bfloat16, "param_dtype": self.param_dtype}
+        if self.kind == "embed":
+            return nn.Embed(3, 8, **bf16).attend(nn.Embed(7, 8, **bf16)(x).mean(axis=1))
+        if self.kind == "dense":
+            h = nn.Dense(8, **bf16)(x)
+        elif self.kind == "conv":
+            h = nn.Conv(3, (3, 3), **bf16)(x)
+        else:
+            h = nn.LayerNorm(**bf16)(nn.GroupNorm(num_groups=1, **bf16)(x).reshape(x.shape[0], -1))
+        return nn.Dense(3)(h.reshape(h.shape[0], -1).astype(jnp.float32))
+
+
+class Bf16Book(nn.Module):
+    """dptune's own layers (book-keeping) on bf16 activations."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        from dptune.models import layers
+
+        x = layers.GroupNorm(num_groups=2)(layers.Conv(4, 3)(x.astype(jnp.bfloat16)))
+        return layers.Dense(3)(x.reshape(x.shape[0], -1).astype(jnp.bfloat16))

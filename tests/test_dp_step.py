@@ -1,5 +1,6 @@
 """DP invariants of the step, tested as properties (see dptune/dp_step.py)."""
 
+import functools
 import math
 
 import jax
@@ -14,6 +15,7 @@ from dptune.data.datasets import load_dataset
 from dptune.models.builtin import build_model, init_params
 from dptune.trainer.dp_step import clipped_sum, normalized_sum, privatize, step_functions
 from dptune.trainer.train import Hyperparams, train_step
+from tests.fastclip_models import Bf16Layer
 
 B = 6
 SHAPES = [(3,), (2, 2)]
@@ -37,10 +39,12 @@ def _diff(a, b):
     return jax.tree_util.tree_map(lambda x, y: np.asarray(x, np.float64) - np.asarray(y, np.float64), a, b)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])  # bf16 parameters give bf16 gradients
 @pytest.mark.parametrize("combine", [clipped_sum, normalized_sum], ids=["clip", "normalize"])
 @settings(max_examples=60, deadline=None)
 @given(grads=grad_batches, clip=st.sampled_from([0.1, 1.0, 7.5]), i=st.integers(0, B - 1))
-def test_sensitivity_add_remove_one(combine, grads, clip, i):
+def test_sensitivity_add_remove_one(combine, dtype, grads, clip, i):
+    grads = jax.tree_util.tree_map(lambda g: jnp.asarray(g, dtype), grads)
     full = combine(grads, jnp.ones(B), clip)
     mask = np.ones(B, np.float32)
     mask[i] = 0.0
@@ -197,3 +201,27 @@ def test_model_gradient_sensitivity_with_a_poisoned_example(digits, clipping):
         mask[i] = 0
         without = fns.accumulate(params, fns.zeros_like(params), *fns.shard_batch(x, y, mask), clip)
         assert _norm(_diff(full, without)) <= clip * (1 + 1e-4)
+
+
+@pytest.mark.parametrize("path", ["vmap", "fast"])
+def test_bf16_parameters_accumulate_in_float32(path):
+    # Clipped sums are float32 whatever the parameters' dtype, and so is the step's accumulator (a bf16 carry
+    # met float32 sums in the loop over microbatches).
+    model = Bf16Layer("dense", jnp.bfloat16)
+    rng = np.random.default_rng(0)
+    images, labels = jnp.asarray(rng.integers(0, 256, (16, 6)), jnp.uint8), jnp.asarray(rng.integers(0, 3, 16))
+    params = model.init(jax.random.key(0), jnp.zeros((1, 6)))["params"]
+    fns = step_functions(model, "sgd", 8, tuple(jax.local_devices()[:1]), path)
+    zeros = fns.zeros_like(params)
+    assert {a.dtype for a in jax.tree_util.tree_leaves(zeros)} == {jnp.dtype(jnp.float32)}
+    f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
+    # σ = 0, C = 0.5, denominator 16, lr 1, no momentum, no EMA.
+    new = fns.step_resident(True, fns.init_state(params), images, labels, jnp.arange(16).reshape(2, 8),
+                            jnp.ones((2, 8)), jnp.asarray(2), jax.random.key(0), jnp.asarray(0), f32(0.0), f32(0.5),
+                            f32(16.0), f32(1.0), f32(0.0), f32(0.0)).params
+    acc = fns.accumulate(params, zeros, *fns.shard_batch(np.asarray(images) / 127.5 - 1.0, labels, np.ones(16)), 0.5)
+    assert {a.dtype for a in jax.tree_util.tree_leaves(acc)} == {jnp.dtype(jnp.float32)}
+    for a, p, g in zip(*(jax.tree_util.tree_leaves(t) for t in (new, params, acc)), strict=True):
+        assert a.dtype == p.dtype  # the head is float32, the rest bf16
+        expected = np.asarray(p, np.float32) - g / 16.0
+        np.testing.assert_allclose(np.asarray(a, np.float32), expected, rtol=1e-2, atol=1e-3)

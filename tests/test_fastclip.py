@@ -233,21 +233,6 @@ def test_an_example_whose_tokens_cancel_moves_the_sum_by_at_most_c():
     assert worst <= 1.0 + 1e-4, worst
 
 
-def test_embedding_norms_and_sums_equal_the_per_example_scatter():
-    rng = np.random.default_rng(4)
-    vocab, d = 9, 3
-    ids = jnp.asarray([[1, 1, 1, 2], [0, 8, -1, 3], [4, 5, 6, 7], [2, 2, 5, 2]])  # repeats; -1 is row 8
-    g = jnp.asarray(rng.standard_normal((4, 4, d)), jnp.float32)
-    rows = jnp.where(ids < 0, ids + vocab, ids)
-    per_example = jax.vmap(lambda i, gi: jnp.zeros((vocab, d)).at[i].add(gi))(rows, g)
-    piece = fastclip.embed_pieces(ids, g, vocab)
-    np.testing.assert_allclose(piece.norms, robust_norm(per_example), rtol=1e-6)
-    w, keep = jnp.asarray([0.5, 2.0, 0.1, 1.0]), jnp.asarray([True, True, False, True])
-    np.testing.assert_allclose(
-        piece.weighted(w, keep), jnp.tensordot(jnp.where(keep, w, 0.0), per_example, axes=1), rtol=1e-6, atol=1e-7
-    )
-
-
 def test_a_model_that_mixes_examples_is_detected():
     x = np.random.default_rng(5).standard_normal((8, 5)).astype(np.float32)
     mixing = BatchNormNet()

@@ -61,12 +61,22 @@ class Piece(NamedTuple):
     weighted: Callable[[jax.Array, jax.Array], jax.Array]  # (w, keep) -> parameter-shaped sum
 
 
+def as_f32(x: jax.Array) -> jax.Array:
+    """``x`` in float32 (or wider, if it already is).
+
+    Per-example norms, clip weights and clipped sums are computed at this
+    precision on every clipping path: a norm taken in bf16 is off by up to
+    ~1% from the f32 sum that holds the example, which then exceeds C.
+    """
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def robust_norm(x: jax.Array) -> jax.Array:
     """Per-row L2 norm (leading axis = examples), rescaled by the row's max so squares cannot overflow.
 
-    NaN if the row holds a NaN or ±inf.
+    Computed in float32 (:func:`as_f32`). NaN if the row holds a NaN or ±inf.
     """
-    flat = x.reshape(x.shape[0], -1)
+    flat = as_f32(x).reshape(x.shape[0], -1)
     m = jnp.max(jnp.abs(flat), axis=1)
     safe = jnp.where(m > 0, m, 1.0)
     return m * jnp.sqrt(jnp.sum(jnp.square(flat / safe[:, None]), axis=1))
@@ -83,13 +93,15 @@ def _grouped(per_row: jax.Array, k: int) -> jax.Array:
 
 
 def _materialised(per_example: jax.Array) -> Piece:
+    # The norm and the sum read the same float32 numbers.
+    per_example = as_f32(per_example)
     return Piece(robust_norm(per_example), lambda w, keep: jnp.tensordot(w, _rows(keep, per_example), axes=1))
 
 
 def dense_rule(params: Mapping[str, jax.Array], a: jax.Array, g: jax.Array, k: int = 1) -> dict[str, Piece]:
     """``y = a·W + b``. Flat inputs: ‖∇W‖ = ‖a‖·‖g‖ and Σ wᵢ∇Wᵢ = (w⊙a)ᵀg; sequences or k copies: ∇W formed."""
     b = a.shape[0] // k
-    a3, g3 = a.reshape(b, -1, a.shape[-1]), g.reshape(b, -1, g.shape[-1])
+    a3, g3 = as_f32(a).reshape(b, -1, a.shape[-1]), as_f32(g).reshape(b, -1, g.shape[-1])
     if a3.shape[1] == 1:
         a2, g2 = a3[:, 0], g3[:, 0]
         pieces = {"kernel": Piece(
@@ -208,6 +220,7 @@ def conv_rule(params: Mapping[str, jax.Array], a: jax.Array, g: jax.Array, k: in
     example's kernel gradient.
     """
     kernel = params["kernel"]
+    a, g = as_f32(a), as_f32(g)
     if not standardized and k == 1 and conv_uses_ghost(a.shape, g.shape, kernel.shape[0], norms):
         pieces = {"kernel": Piece(conv_ghost_norms(a, g, kernel.shape[0]),
                                   lambda w, keep: conv_weighted_sum(a, g, kernel.shape, w, keep))}
@@ -225,6 +238,7 @@ def conv_rule(params: Mapping[str, jax.Array], a: jax.Array, g: jax.Array, k: in
 def affine_rule(params: Mapping[str, jax.Array], x_hat: jax.Array, g: jax.Array, k: int = 1) -> dict[str, Piece]:
     """``y = x̂·scale + bias`` per channel (GroupNorm's affine part)."""
     axes = tuple(range(1, g.ndim - 1))
+    x_hat, g = as_f32(x_hat), as_f32(g)
     return {"scale": _materialised(_grouped((x_hat * g).sum(axis=axes), k)),
             "bias": _materialised(_grouped(g.sum(axis=axes), k))}
 

@@ -74,8 +74,13 @@ _BIG = 2.0**50
 _SHRINK = 2.0**-100
 
 
+def _as_f32(per_example: PyTree) -> PyTree:
+    # bf16 gradients (bf16 parameters) are widened first: norms, weights and the sum in bf16 let a term exceed C.
+    return jax.tree_util.tree_map(bookkeeping.as_f32, per_example)
+
+
 def _shrunk_norms(per_example: PyTree) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Per example: shrink factor f, ‖f·g‖₂, and whether every entry of g is finite."""
+    """Per example: shrink factor f, ‖f·g‖₂, and whether every entry of g is finite (g in float32 or wider)."""
     flat = [leaf.reshape(leaf.shape[0], -1) for leaf in jax.tree_util.tree_leaves(per_example)]
     scale = jnp.max(jnp.stack([jnp.max(jnp.abs(f), axis=1) for f in flat]), axis=0)
     finite = jnp.isfinite(scale)
@@ -85,8 +90,8 @@ def _shrunk_norms(per_example: PyTree) -> tuple[jax.Array, jax.Array, jax.Array]
 
 
 def global_l2_norms(per_example: PyTree) -> jax.Array:
-    """Global L2 norm of each example's gradient (leading axis = examples); ∞ if non-finite."""
-    shrink, norms, finite = _shrunk_norms(per_example)
+    """Global L2 norm of each example's gradient (leading axis = examples), in float32; ∞ if non-finite."""
+    shrink, norms, finite = _shrunk_norms(_as_f32(per_example))
     return jnp.where(finite, norms / shrink, jnp.inf)
 
 
@@ -94,8 +99,10 @@ def clipped_sum(per_example: PyTree, mask: jax.Array, clip_norm: jax.Array | flo
     """Σ_i mask_i · g_i · min(1, C/‖g_i‖): every term has L2 norm ≤ C.
 
     Padding (mask 0) and examples with a non-finite gradient get weight 0;
-    ``where`` keeps their NaN/inf out of the sum (0·NaN is NaN).
+    ``where`` keeps their NaN/inf out of the sum (0·NaN is NaN). Norms,
+    weights and the sum are float32 (or wider), whatever the gradients' dtype.
     """
+    per_example = _as_f32(per_example)
     shrink, norms, finite = _shrunk_norms(per_example)
     keep = finite & (mask > 0)
     tiny = jnp.finfo(norms.dtype).tiny
@@ -129,8 +136,9 @@ def normalized_sum(per_example: PyTree, mask: jax.Array, clip_norm: jax.Array | 
       gamma: the stability constant γ > 0.
 
     Returns:
-      The summed, normalised gradients (same tree as one example's gradient).
+      The summed, normalised gradients (same tree as one example's gradient, in float32 or wider).
     """
+    per_example = _as_f32(per_example)
     shrink, norms, finite = _shrunk_norms(per_example)
     keep = finite & (mask > 0)
     # On the shrunk gradient f·g: C·g/(‖g‖+γ) = C·(f·g)/(‖f·g‖ + f·γ), with no overflow for huge g.
@@ -143,6 +151,11 @@ def normalized_sum(per_example: PyTree, mask: jax.Array, clip_norm: jax.Array | 
 
     return jax.tree_util.tree_map(leaf_sum, per_example)
 # -- end of issue #20
+
+
+def _accumulator(params: PyTree) -> PyTree:
+    """Zeros shaped like ``params`` in the clipped sums' dtype (float32 for bf16 parameters)."""
+    return jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.promote_types(p.dtype, jnp.float32)), params)
 
 
 def privatize(
@@ -240,7 +253,7 @@ class StepFunctions:
         self.step_streamed = jit(self._step_streamed, static_argnums=0)
         self.evaluate = jit(self._evaluate)
         self.init_state = jit(self._init_state)
-        self._zeros = jit(functools.partial(jax.tree_util.tree_map, jnp.zeros_like))
+        self._zeros = jit(_accumulator)
 
     # -- pure bodies -------------------------------------------------------
     def _example_loss(self, params: PyTree, x: jax.Array, y: jax.Array) -> jax.Array:
@@ -345,7 +358,7 @@ class StepFunctions:
                 part = self._local_plain_sum(params, x, y, m, trainable)
             return jax.tree_util.tree_map(jnp.add, acc, part)
 
-        zeros = jax.lax.pcast(jax.tree_util.tree_map(jnp.zeros_like, params), "data", to="varying")
+        zeros = jax.lax.pcast(_accumulator(params), "data", to="varying")
         return jax.lax.psum(jax.lax.fori_loop(0, n_chunks, body, zeros), "data")
 
     def _step_resident(self, private: bool, state: TrainState, images: jax.Array, labels: jax.Array,
@@ -427,7 +440,7 @@ class StepFunctions:
 
     # -- helpers -----------------------------------------------------------
     def zeros_like(self, params: PyTree) -> PyTree:
-        """A replicated zero tree shaped like ``params`` (the start of each step's accumulation)."""
+        """A replicated zero tree shaped like ``params``, float32 or wider (the start of each step's accumulation)."""
         # One compiled call instead of an eager op and a transfer per leaf (~2 ms a step on CPU).
         return self._zeros(params)
 

@@ -34,8 +34,11 @@ this module gets them from *any* Flax linen model, without changing it:
      :class:`dptune.layers.GroupNorm`, from x̂ and g;
    * ``embed`` — ``nn.Embed`` lookups: an example's gradient is the
      scatter-add of its g rows into its ids' rows; its norm comes from sums
-     over each example's equal ids (a sort, no [B, vocab, d] tensor), the
-     weighted sum from one scatter-add of B·T rows into [vocab, d];
+     over each example's equal rows (a sort, no [B, vocab, d] tensor), the
+     weighted sum from one scatter-add of B·T rows into [vocab, d], both with
+     the ids normalised as ``jnp.take`` normalises them (:func:`embed_rows`);
+     a one-row table (Flax broadcasts it to any id) or a custom
+     ``promote_dtype`` takes ``layer_vjp``;
      ``Embed.attend`` (an output projection) alone is a dense rule;
    * ``layer_vjp`` — any other module: per-example gradients of its own
      parameters from *that module's* VJP on each example's recorded input,
@@ -63,9 +66,10 @@ non-finite gradient contribute exactly zero; norms are computed with
 per-example rescaling, so huge finite gradients are clipped rather than
 overflowing. The bound holds by construction, whatever the model: every
 example's norm is the norm of exactly the term that enters the sum, computed
-from that example's own records. A model that mixes examples (BatchNorm in
-training mode) would be trained on a different function than the one clipped
-here; :func:`check_per_example` detects it so that a study can refuse it.
+from that example's own records, in float32 (bf16 records are widened
+first). A model that mixes examples (BatchNorm in training mode) would be
+trained on a different function than the one clipped here;
+:func:`check_per_example` detects it so that a study can refuse it.
 """
 
 from __future__ import annotations
@@ -81,11 +85,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax.core.tracers import current_trace
+from flax.linen.dtypes import promote_dtype as flax_promote_dtype
 
 from dptune.errors import ConfigError
 from dptune.models import layers
 from dptune.trainer import bookkeeping
-from dptune.trainer.bookkeeping import Piece, _materialised, _rows, robust_norm
+from dptune.trainer.bookkeeping import Piece, _materialised, _rows, as_f32, robust_norm
 from dptune.trainer.dp_step import clipped_sum as reference_clipped_sum
 from dptune.trainer.dp_step import global_l2_norms
 
@@ -331,7 +336,7 @@ def dense_pieces(params: Mapping, a: jax.Array, g: jax.Array) -> dict[str, Piece
 
     An example's gradient sums over its positions."""
     b, d_in, d_out = a.shape[0], a.shape[-1], g.shape[-1]
-    a3, g3 = a.reshape(b, -1, d_in), g.reshape(b, -1, d_out)
+    a3, g3 = as_f32(a).reshape(b, -1, d_in), as_f32(g).reshape(b, -1, d_out)
     if not dense_uses_ghost(a3.shape[1], d_in, d_out):
         return bookkeeping.dense_rule(params, a3, g3)
     pieces = {"kernel": Piece(
@@ -378,6 +383,7 @@ def _images(a: jax.Array) -> tuple[jax.Array, int]:
 
 def _affine(x_hat: jax.Array, g: jax.Array, own: Mapping) -> dict[str, Piece]:
     axes = tuple(range(1, g.ndim - 1))
+    x_hat, g = as_f32(x_hat), as_f32(g)
     pieces = {}
     if "scale" in own:
         pieces["scale"] = _materialised((x_hat * g).sum(axis=axes))
@@ -386,18 +392,33 @@ def _affine(x_hat: jax.Array, g: jax.Array, own: Mapping) -> dict[str, Piece]:
     return pieces
 
 
+def embed_rows(ids: jax.Array, vocab: int) -> jax.Array:
+    """The table row each id reads in ``jnp.take(table, ids, axis=0)`` (the lookup of ``nn.Embed``); −1 for none.
+
+    Asked of ``jnp.take`` itself, so that the ids are normalised exactly as in
+    the forward pass and its VJP: ids in [−vocab, 0) wrap once; any other id
+    outside [0, vocab) reads a NaN row forward and its gradient is dropped by
+    the VJP's scatter (jax 0.10's default "fill" mode, checked in the tests).
+    """
+    return jnp.take(jnp.arange(vocab), ids, axis=0, fill_value=-1)
+
+
 def embed_pieces(ids: jax.Array, g: jax.Array, vocab: int) -> Piece:
     """An ``nn.Embed`` lookup: per-example gradient = scatter-add of g rows into the ids' rows.
 
-    The norm sums each example's g rows over equal ids (found by sorting the
-    ids), so only [B, T, d] is formed, never [B, vocab, d]; the weighted sum is
-    one scatter-add into [vocab, d]. Negative ids are wrapped as ``jnp.take``
-    wraps them, so that the norm and the sum see the same rows.
+    The norm sums each example's g rows over equal rows (found by sorting),
+    so only [B, T, d] is formed, never [B, vocab, d]; the weighted sum is one
+    scatter-add into [vocab, d]. Both group the ids by :func:`embed_rows`, as
+    the forward's scatter does, and give the ids it drops exactly zero weight:
+    grouped any other way, an example's norm can be smaller than the term
+    its scatter adds (ids wrapped once in the norm and twice in the sum did).
+    Only for tables of two rows or more: Flax broadcasts a one-row table to
+    every id, in range or not.
     """
     b = ids.shape[0]
-    ids = ids.reshape(b, -1)
-    ids = jnp.where(ids < 0, ids + vocab, ids)
-    g2 = g.reshape(b, ids.shape[1], -1)
+    read = embed_rows(ids.reshape(b, -1), vocab)
+    ids = jnp.where(read >= 0, read, vocab)  # out of bounds: dropped by the scatter below, as by the forward's
+    g2 = jnp.where((read >= 0)[..., None], as_f32(g).reshape(b, read.shape[1], -1), 0.0)
     order = jnp.argsort(ids, axis=1)
     sorted_ids = jnp.take_along_axis(ids, order, axis=1)
     new = jnp.concatenate([jnp.ones((b, 1), bool), sorted_ids[:, 1:] != sorted_ids[:, :-1]], axis=1)
@@ -406,7 +427,7 @@ def embed_pieces(ids: jax.Array, g: jax.Array, vocab: int) -> Piece:
 
     def weighted(w: jax.Array, keep: jax.Array) -> jax.Array:
         rows = (w[:, None, None] * _rows(keep, g2)).reshape(-1, g2.shape[-1])
-        return jnp.zeros((vocab, g2.shape[-1]), g2.dtype).at[ids.reshape(-1)].add(rows)
+        return jnp.zeros((vocab, g2.shape[-1]), g2.dtype).at[ids.reshape(-1)].add(rows, mode="drop")
 
     return Piece(robust_norm(sums), weighted)
 
@@ -446,12 +467,14 @@ def _closed_form(call: _Call, own: Mapping, inputs: list, g: list, children_out:
             normalize = m.clone(parent=None, use_scale=False, use_bias=False)
             x_hat = jax.vmap(lambda ai: normalize.apply({}, ai))(a)
             return "norm_affine", _affine(cast(jax.Array, x_hat), gy, own)
-        if kind is nn.Embed and names == {"embedding"} and jnp.issubdtype(a.dtype, jnp.integer):
+        if kind is nn.Embed and names == {"embedding"} and jnp.issubdtype(a.dtype, jnp.integer) \
+                and own["embedding"].shape[0] > 1 and m.promote_dtype is flax_promote_dtype:
             return "embed", {"embedding": embed_pieces(a, gy, own["embedding"].shape[0])}
     if (kind is layers.GroupNorm and call.method == "__call__" and len(call.children) == 1
             and len(children_out[0]) == 1 and names == {"scale", "bias"}):
         return "norm_affine", bookkeeping.affine_rule(own, children_out[0][0], gy)
-    if kind is nn.Embed and call.method == "attend" and names == {"embedding"} and not call.children:
+    if (kind is nn.Embed and call.method == "attend" and names == {"embedding"} and not call.children
+            and m.promote_dtype is flax_promote_dtype):
         kernel = own["embedding"].T
         piece = dense_pieces({"kernel": kernel}, a, gy)["kernel"]
         return "embed", {"embedding": _reshaped(piece, own["embedding"].shape, transpose=True)}
