@@ -30,6 +30,20 @@ USER_MODULE = textwrap.dedent('''
             x = x.reshape(x.shape[0], -1)
             return nn.Dense(self.num_classes)(x - x.mean(axis=0, keepdims=True))
 
+    class LargeBatchMixer(nn.Module):  # mixes only in batches larger than 8
+        num_classes: int
+        @nn.compact
+        def __call__(self, x):
+            x = x.reshape(x.shape[0], -1)
+            return nn.Dense(self.num_classes)(x - x.mean(axis=0, keepdims=True) if x.shape[0] > 8 else x)
+
+    class FaintMixer(nn.Module):  # mixes at a 1e-7 scale
+        num_classes: int
+        @nn.compact
+        def __call__(self, x):
+            x = x.reshape(x.shape[0], -1)
+            return nn.Dense(self.num_classes)(x + 1e-7 * x.mean(axis=0, keepdims=True))
+
     class WithBatchNorm(nn.Module):
         num_classes: int
         @nn.compact
@@ -44,6 +58,8 @@ USER_MODULE = textwrap.dedent('''
             return nn.Dense(self.num_classes)(x.reshape(x.shape[0], -1))
 
     def mixer(num_classes, **_): return Mixer(num_classes)
+    def large_batch_mixer(num_classes, **_): return LargeBatchMixer(num_classes)
+    def faint_mixer(num_classes, **_): return FaintMixer(num_classes)
     def batchnorm(num_classes, **_): return WithBatchNorm(num_classes)
     def fine(num_classes, **_): return Fine(num_classes)
     def broken(num_classes, **_): raise RuntimeError("no GPU here")
@@ -71,6 +87,8 @@ def _study_file(folder: Path, **settings) -> str:
 
 @pytest.mark.parametrize("settings, field", [
     ({"model": "usermod:mixer"}, "the model mixes examples"),
+    ({"model": "usermod:large_batch_mixer"}, "the model mixes examples at batch 32"),
+    ({"model": "usermod:faint_mixer"}, "the model mixes examples"),
     ({"model": "usermod:batchnorm"}, "model: has state besides parameters"),
     ({"model": "usermod:nope"}, "model: 'usermod' has no 'nope'"),
     ({"model": "nomodule:make"}, "model: cannot import 'nomodule'"),

@@ -121,6 +121,7 @@ class Objective:
                 weight_standardization=cfg.weight_standardization, clipping=cfg.clipping, upper=upper,
                 model_args=cfg.model_args, input_dtype=self.dataset.input_dtype, loss=cfg.loss,
             ).microbatch_size
+            check_model(cfg, self.dataset, self._microbatch)  # a user's model, at the size it will run
         return self._microbatch
 
     def __call__(self, trial: optuna.Trial) -> float:

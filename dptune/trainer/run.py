@@ -56,13 +56,18 @@ def dataset_of(settings: StudyConfig) -> Dataset:
     return dataclasses.replace(data, validation=public.validation)
 
 
-def check_model(settings: StudyConfig, data: Dataset) -> None:
+MIXING_BATCH = 32  # a size past the small batches a model that mixes only in larger ones would hide behind
+
+
+def check_model(settings: StudyConfig, data: Dataset, microbatch: int | None = None) -> None:
     """Refuse, before anything trains, a user's model (import path) that DP-SGD cannot clip per example.
 
     On synthetic inputs of the data's shape (never the data): the model builds, initialises, holds
     no batch statistics, returns logits [batch, classes], its loss gives one value per example,
     and no example's output depends on another example's input
-    (:func:`dptune.trainer.fastclip.check_per_example`). Built-in models pass by construction.
+    (:func:`dptune.trainer.fastclip.check_per_example`), at a small batch, at 32 and at the
+    microbatch training runs (``microbatch``, else the settings' when it is a number). Built-in
+    models pass by construction.
 
     Raises:
       ConfigError: naming ``model``, ``model_args`` or ``loss`` and the reason.
@@ -78,6 +83,10 @@ def check_model(settings: StudyConfig, data: Dataset) -> None:
     variables, x = custom.check_model(module, data.image_shape, data.input_dtype, data.num_classes,
                                       load_loss(settings.loss))
     fastclip.check_per_example(module, variables, x)
+    # The fast clipping path runs the model on whole microbatches: check at the size training uses too.
+    size = microbatch if microbatch is not None else settings.microbatch_size
+    for b in sorted({MIXING_BATCH, size if isinstance(size, int) else MIXING_BATCH} - {len(x)}):
+        fastclip.check_per_example(module, variables, custom.synthetic_inputs(data.image_shape, data.input_dtype, b))
 
 
 def run_config(settings: StudyConfig, **per_run: Any) -> RunConfig:
@@ -261,6 +270,7 @@ def train(
         size = choice.microbatch_size
         measured = ", ".join(f"{m}: {r:,.0f} ex/s" for m, (r, _) in sorted(choice.measured.items()))
         log(f"microbatch {size} ({'cached' if choice.cached else 'measured'}: {measured})")
+        check_model(settings, data, size)  # a user's model, at the size it will run
     run = run_config(settings, microbatch_size=size, eval_every=eval_every, num_devices=devices,
                      save_checkpoint=save_checkpoint)
     result = train_and_evaluate(data, trainer_hp, steps, config=run, budget=budget, callback=callback)
