@@ -300,3 +300,15 @@ def test_cli_study_list_and_show_default_storage(tmp_path):
     assert p.returncode == 0 and json.loads(p.stdout)["n_trials"] == 0
     p = _run_cli("study", "best", "first", cwd=tmp_path)
     assert p.returncode == 2 and "no completed trial" in p.stderr
+
+
+def test_two_processes_never_run_trials_of_one_sqlite_study_at_once(tmp_path):
+    """SQLite lets two processes take one queued trial (one record, two runs, one counted): one at a time."""
+    from dptune.search import storage as storage_lib
+
+    storage = storage_of(tmp_path)
+    study.create_study(config.load_study(write(tmp_path)), storage)
+    with storage_lib.one_process(storage):  # as another `dptune optimize` would hold it
+        with pytest.raises(storage_lib.StorageError, match="another dptune process is running trials"):
+            study.optimize("e2e", storage, n_trials=1)
+    assert optuna.load_study(study_name="e2e", storage=storage).trials == []

@@ -176,6 +176,35 @@ def writing(url: str) -> Iterator[None]:
         raise StorageError(f"storage: cannot write to {url!r}: {e.strerror}") from None
 
 
+@contextlib.contextmanager
+def one_process(url: str) -> Iterator[None]:
+    """For SQLite: hold the study's storage for this process alone while it runs trials.
+
+    Optuna takes a queued trial by reading that it waits, then marking it running; SQLite does not lock
+    the row in between, so two processes can both take one trial and write two runs into one record,
+    of which the search would count one. Journal files and database servers take it atomically.
+
+    Raises:
+      StorageError: another process holds it.
+    """
+    path = file_of(url) if kind(url) == "sqlite" else None
+    if path is None:
+        yield
+        return
+    import fcntl
+
+    fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StorageError(f"storage: another dptune process is running trials of {url!r}; SQLite serves one "
+                               "at a time (use journal:///PATH/study.journal for several)") from None
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def check_workers(url: str, workers: int) -> None:
     """Refuse a storage that would lose or fail writes under ``workers`` parallel processes."""
     if workers > 1 and kind(url) == "sqlite":

@@ -489,6 +489,6 @@ def optimize(
                                           release.folder_of(study, url), objective.study_id)
     # A signal waits for the next check point (a training step, a finished trial), so that it
     # never cuts a storage write short.
-    with interrupt.deferred(), storage_lib.writing(url):
+    with storage_lib.one_process(url), interrupt.deferred(), storage_lib.writing(url):
         study.optimize(objective, n_trials=n_trials, timeout=timeout, callbacks=hooks, catch=())
     return study
