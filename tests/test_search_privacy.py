@@ -103,3 +103,34 @@ def test_composed_epsilon_agrees_with_dp_accounting():
     assert got["rdp"] > privacy.epsilon(0.1, 1.0, 50, DELTA, "rdp")
     assert composed_epsilon([], DELTA) == {"rdp": 0.0, "pld": 0.0}
     assert math.isinf(composed_epsilon([(0.1, 0.0, 3)], DELTA)["rdp"])
+
+
+def test_a_filter_at_an_order_dp_accounting_cannot_compute_is_bounded_by_the_next_integer_order():
+    from dp_accounting.rdp.rdp_privacy_accountant import compute_epsilon
+
+    from dptune.privacy.search_totals import RenyiFilter
+
+    run = (0.2, 1.36, 10)  # dp-accounting's series fails at order 1.5 for it
+    event = privacy.dpsgd_event(*run)
+    assert math.isinf(RdpAccountant(orders=[1.5]).compose(event).get_epsilon(DELTA))
+    filt = RenyiFilter(60.0, DELTA, 1.5)
+    at_two = RdpAccountant(orders=[2.0]).compose(event).rdp[0]
+    assert filt.spent([run]) == pytest.approx(compute_epsilon([1.5], [at_two], DELTA)[0], rel=1e-12)
+    assert filt.admits([run])
+
+
+def test_a_filter_cap_converted_to_another_delta_bounds_everything_it_admits():
+    from dptune.privacy.search_totals import RenyiFilter, default_filter_order
+
+    order = default_filter_order(4.0, DELTA)
+    filt, half = RenyiFilter(4.0, DELTA, order), RenyiFilter(math.inf, DELTA / 2, order)
+    assert filt.cap_at(DELTA) == pytest.approx(4.0, rel=1e-12)
+    assert filt.cap_at(DELTA / 2) == pytest.approx(4.0 + math.log(2) / (order - 1), rel=1e-12)
+    admitted = 0
+    for sigma in np.linspace(0.8, 3.0, 12):
+        for count in (1, 2, 3, 5):
+            trials = [(0.05, float(sigma), 40)] * count
+            if filt.admits(trials):
+                admitted += 1
+                assert half.spent(trials) <= filt.cap_at(DELTA / 2) + 1e-9
+    assert admitted > 10

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 from typing import Literal
 
 import dp_accounting
+import numpy as np
 from dp_accounting import dp_event
 from dp_accounting.mechanism_calibration import ExplicitBracketInterval
 from dp_accounting.pld.pld_privacy_accountant import PLDAccountant
@@ -91,6 +92,46 @@ _SCREEN_ORDERS = (1.25, 1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64, 128, 256)
 _FULL_RESOLUTION_EPSILON = 10.0
 
 
+def bound_dropped_orders(orders: np.ndarray, rdp: np.ndarray) -> np.ndarray:
+    """An RDP curve whose orders without a value (inf) take the smallest value found at a higher order.
+
+    Rényi divergence does not decrease with the order, so a bound at order β
+    bounds every order below it: the result is an upper bound wherever
+    ``rdp`` was one, and never below it.
+    """
+    out = np.array(rdp, dtype=np.float64)
+    best = math.inf
+    for i in np.argsort(orders)[::-1]:
+        if math.isfinite(out[i]):
+            best = min(best, float(out[i]))
+        else:
+            out[i] = best
+    return out
+
+
+class FilledRdpAccountant(RdpAccountant):
+    """dp-accounting's RDP accountant, keeping the orders it drops for an event as bounds from higher orders.
+
+    dp-accounting leaves out an order whose series fails to converge for an
+    event (e.g. orders 1.1–1.9 of DP-SGD at q = 0.2, σ = 1.36) by setting it to
+    infinity. In a composition that order is then lost for every event, and
+    a mix (small-σ proxies with a final run) keeps only high orders, which
+    overstates ε several-fold. Here each event's missing orders are bounded
+    by :func:`bound_dropped_orders` before the events add up; orders
+    dp-accounting computes are unchanged.
+    """
+
+    def _maybe_compose(self, event: dp_event.DpEvent, count: int, do_compose: bool):
+        nested = (dp_event.ComposedDpEvent, dp_event.SelfComposedDpEvent, dp_event.RepeatAndSelectDpEvent)
+        if not do_compose or isinstance(event, nested):
+            return super()._maybe_compose(event, count, do_compose)
+        alone = RdpAccountant(self.orders, self.neighboring_relation)
+        error = alone._maybe_compose(event, count, True)
+        if error is None:
+            self._rdp = self.rdp + bound_dropped_orders(self.orders, alone.rdp)
+        return error
+
+
 class BoundedPLDAccountant(PrivacyAccountant):
     """The PLD accountant with its cost bounded at any ε.
 
@@ -110,9 +151,13 @@ class BoundedPLDAccountant(PrivacyAccountant):
 
     def get_epsilon(self, target_delta: float) -> float:
         event = self.ledger
-        screen = RdpAccountant(orders=_SCREEN_ORDERS).compose(event).get_epsilon(target_delta)
+        # Orders dropped for one event would inflate the screen of a mix and skip PLD for no reason.
+        screen = FilledRdpAccountant(orders=_SCREEN_ORDERS).compose(event).get_epsilon(target_delta)
         if screen > PLD_LIMIT:
-            return min(screen, RdpAccountant().compose(event).get_epsilon(target_delta))
+            # The few screening orders may miss the best one: the full grid decides before PLD is given up.
+            screen = min(screen, FilledRdpAccountant().compose(event).get_epsilon(target_delta))
+            if screen > PLD_LIMIT:
+                return screen
         interval = self._interval * max(1.0, screen / _FULL_RESOLUTION_EPSILON)
         return PLDAccountant(value_discretization_interval=interval).compose(event).get_epsilon(target_delta)
 

@@ -10,7 +10,11 @@ more than any one of them. Two guarantees are computed here, both with
   spent. :func:`composed_epsilon` composes them with the RDP accountant, whose
   composition stays valid when each trial's hyperparameters are chosen from
   the results of earlier ones (adaptive composition); a PLD figure is also
-  given, which holds only if the trials had been fixed in advance.
+  given, which holds only if the trials had been fixed in advance. Orders
+  that dp-accounting drops for one trial (its series fails to converge) are
+  bounded from the next order up
+  (:class:`dptune.privacy.accounting.FilledRdpAccountant`), so that a mix of
+  very different trials keeps the low orders it needs.
 
 * **Private search** (Papernot & Steinke 2022, "Hyperparameter Tuning with
   Renyi Differential Privacy", ICLR): run a *random* number K of trials, K drawn
@@ -37,7 +41,7 @@ from typing import Literal
 import dp_accounting
 import numpy as np
 from dp_accounting import dp_event
-from dp_accounting.rdp.rdp_privacy_accountant import RdpAccountant
+from dp_accounting.rdp.rdp_privacy_accountant import RdpAccountant, compute_epsilon
 from scipy import optimize, special
 
 from dptune.errors import PrivacyError
@@ -175,7 +179,7 @@ def _compose(trials: tuple[tuple[float, float, int], ...], delta: float) -> dict
         return {"rdp": math.inf, "pld": math.inf}
     composed = dp_event.ComposedDpEvent(events)
     return {
-        "rdp": float(RdpAccountant().compose(composed).get_epsilon(delta)),
+        "rdp": float(privacy.FilledRdpAccountant().compose(composed).get_epsilon(delta)),
         "pld": float(privacy.make_accountant("pld").compose(composed).get_epsilon(delta)),
     }
 
@@ -208,44 +212,45 @@ def amplified_by_subset(epsilon: float, delta: float, fraction: float) -> tuple[
     return math.log1p(fraction * math.expm1(epsilon)), fraction * delta
 
 
-def subset_tuning_epsilon(tuning: Iterable[tuple[float, float, int]], rest: Iterable[tuple[float, float, int]],
-                          fraction: float, delta: float,
-                          before: Iterable[tuple[float, float, int]] = ()) -> dict[str, float]:
-    """ε of tuning on one secret Poisson subset of the data, then training on all of it (Koskela & Kulkarni 2023).
+def subset_tuning_epsilon(cap: RenyiFilter, rest: Iterable[tuple[float, float, int]], fraction: float,
+                          delta: float, before: Iterable[tuple[float, float, int]] = ()) -> dict[str, float]:
+    """ε of tuning on one secret Poisson subset under a cap fixed in advance, then training on all of the data.
 
-    The tuning runs (q, σ, T) all read the same subset, each example in it
-    independently with probability γ = ``fraction``. Their adaptive RDP
-    composition gives (ε', δ_k) on the subset; amplification by subsampling
-    (:func:`amplified_by_subset`) gives (ε_tuning, γδ_k) for the whole data.
-    The runs on all of the data after the tuning (``rest``: the final run)
-    are composed with RDP at δ_k (PLD when only one run: its own bound holds
-    whatever hyperparameters the tuning chose), and runs *before* the tuning
-    (``before``: a private initial checkpoint's training) likewise as a part of
-    their own. The parts follow each other adaptively and add up by basic
-    composition: the total is (Σ ε, δ) at most, with δ split evenly, δ_k = δ/k
-    over the k parts.
+    Every tuning run read the same subset, each example in it independently
+    with probability γ = ``fraction``, and was admitted by ``cap``, a Rényi
+    filter fixed before any of them ran: whatever the tuning chose while
+    watching (how many runs, which, when to stop), it is (ε', δ_k)-DP on the
+    subset with ε' the cap at δ_k (:meth:`RenyiFilter.cap_at`). Amplification
+    by subsampling (:func:`amplified_by_subset`) needs exactly that, an ε'
+    fixed in advance, and gives (ε_tuning, γδ_k) for the whole data. An ε'
+    read off the runs after the fact would not do: it depends on what they saw.
+    The runs on all of the data after the tuning (``rest``: the final run) are
+    composed with RDP at δ_k (PLD when only one run), and runs *before* the
+    tuning (``before``: a private initial checkpoint's training) likewise as a
+    part of their own. The parts follow each other adaptively and add up by
+    basic composition: the total is (Σ ε, δ) at most, with δ split evenly,
+    δ_k = δ/k over the k parts.
 
-    Guarantee: valid only when every tuning run read the one subset, the
-    subset was chosen with randomness independent of the data and of anything
-    published (or stored where others may read it), and the tuning read the
-    data only through the subset (runs on all of the data are in ``rest``);
-    with several subsets (e.g. workers that drew their own) use
-    :func:`composed_epsilon` of everything instead.
+    Guarantee: valid only when every tuning run read the one subset and was
+    admitted by ``cap`` before it read anything, the subset was chosen with
+    randomness independent of the data and of anything published (or stored
+    where others may read it), and the tuning read the data only through the
+    subset (runs on all of the data are in ``rest``).
 
     Returns:
-      ``{"tuning_on_subset", "tuning", "before", "rest", "total"}`` (the ε of each part and of the whole).
+      ``{"tuning_cap_on_subset", "tuning", "before", "rest", "total"}`` (the ε of each part and of the whole).
     """
-    tuning, rest, before = tuple(tuning), tuple(r for r in rest if r[2] > 0), tuple(b for b in before if b[2] > 0)
+    rest, before = tuple(r for r in rest if r[2] > 0), tuple(b for b in before if b[2] > 0)
     share = delta / (3 if before else 2)
 
     def part(runs: tuple[tuple[float, float, int], ...]) -> float:
         eps = composed_epsilon(runs, share)
         return eps["pld"] if len(runs) == 1 else eps["rdp"]
 
-    inner = composed_epsilon(tuning, share)["rdp"]
+    inner = cap.cap_at(share)
     outer, _ = amplified_by_subset(inner, share, fraction)
     first, after = (part(before) if before else 0.0), part(rest)
-    return {"tuning_on_subset": inner, "tuning": outer, "before": first, "rest": after,
+    return {"tuning_cap_on_subset": inner, "tuning": outer, "before": first, "rest": after,
             "total": first + outer + after}
 
 
@@ -282,8 +287,27 @@ class RenyiFilter:
             return 0.0
         if any(s == 0 for q, s, t in trials if t > 0):
             return math.inf
-        acc = RdpAccountant(orders=[self.order])
-        return float(acc.compose(dp_event.ComposedDpEvent(events)).get_epsilon(self.delta))
+        # The next integer order is always computed: where dp-accounting's series fails at a fractional
+        # order, it bounds it (Rényi divergence grows with the order); the conversion stays at this order.
+        acc = privacy.FilledRdpAccountant(orders=[self.order, math.floor(self.order) + 1.0])
+        rdp = acc.compose(dp_event.ComposedDpEvent(events)).rdp[0]
+        return float(compute_epsilon([self.order], [rdp], self.delta)[0])
+
+    def cap_at(self, delta: float) -> float:
+        """The largest ε at ``delta`` of any trials this filter admits (at its own δ, that is its cap).
+
+        Admitted means a Rényi divergence at the filter's order of at most
+        the ρ whose conversion at the filter's δ is the cap; this converts
+        that ρ at ``delta``. Fixed in advance like the cap itself.
+        """
+        a = self.order
+        if a <= 1.01:  # dp-accounting converts nothing at these orders: the filter admits (almost) nothing
+            return math.inf
+        # compute_epsilon's conversion ε = ρ + log(1 − 1/α) − log(δα)/(α − 1), solved for ρ; below the
+        # KL threshold every ρ converts to 0.
+        rho = max(self.epsilon - math.log1p(-1 / a) + math.log(self.delta * a) / (a - 1),
+                  -math.log1p(-self.delta ** 2))
+        return float(compute_epsilon([a], [rho], delta)[0])
 
     def admits(self, trials: Iterable[tuple[float, float, int]]) -> bool:
         """Whether these trials together stay within the cap."""

@@ -18,26 +18,38 @@ The modes differ in what the proxy runs instead:
 * ``scaled`` (``factor: k``; TAN, Sander et al. 2023, "TAN without a burn"):
   batch B/k and σ/k for the same T, so σ/B (the noise in the averaged
   gradient) is unchanged at 1/k of the compute. On the private data each proxy
-  is DP-SGD at (q/k, σ/k, T) and costs its own, larger, ε, composed into the
-  search total; with ``dataset: D`` the proxies run on public D at no cost.
-  Transfer: the planned full-scale run itself (B, σ, T).
+  is DP-SGD at (q/k, σ/k, T) and costs its own, larger, ε (at most
+  ``MAX_EPSILON``), composed into the search total; with ``dataset: D`` the
+  proxies run on public D at no cost and under no cap meant for private data
+  (:func:`scaled_proxy_budget`). Transfer: the planned full-scale run itself
+  (B, σ, T).
 * ``subset`` (``fraction: γ``; Koskela & Kulkarni 2023, "Practical differentially
   private hyperparameter tuning with subsampling"): DP-SGD at the full run's
   (q, σ, T) on ONE secret random subset of the private training split, each
   example in it independently with probability γ (so that removing one example
   changes nothing but its own membership), shared by every worker; the
-  expected batch is γ·B. The proxies' adaptive RDP composition (ε' at δ/2) is
-  amplified by the subsampling to log(1 + γ(e^ε' − 1)) at γδ/2, and the final
-  run adds its own ε at δ/2 (basic composition; a private initial checkpoint's
-  training is a third part, δ/3 each); the plain composition of everything
-  also holds, and the smaller is stated. No proxy starts once a final run
-  exists, and a final run reports no curve to the pruner or sampler. Transfer: the planned
+  expected batch is γ·B. Amplification by subsampling needs the proxies' ε'
+  fixed before they run, so it is claimed only with a cap:
+  ``search_budget: {epsilon: ε', order: α}`` (α optional, as for ordinary
+  studies) caps the proxies' composition, a Rényi filter fixed at create and
+  enforced in the storage before each proxy (the final run is not counted in
+  it). The cap at δ/2 is amplified to log(1 + γ(e^ε' − 1)) at γδ/2, and the
+  final run adds its own ε at δ/2 (basic composition; a private initial
+  checkpoint's training is a third part, δ/3 each); the plain composition of
+  everything also holds, and the smaller is stated. Without a cap only the
+  plain composition is stated. No proxy starts once a final run exists, and a
+  final run reports no curve to the pruner or sampler. Transfer: the planned
   full-scale run (B, σ, T).
 
 The search's ε is the RDP composition of every trial that read the private
 training data (the proxies of ``scaled`` and ``subset``; the final run in all
 modes) and a private initial checkpoint's recorded spend: a direct
-``dp_accounting`` computation of what ran (:func:`guarantee`).
+``dp_accounting`` computation of what ran (:func:`guarantee`), with an order
+dp-accounting cannot compute for one run bounded by the next order up
+(:class:`dptune.privacy.accounting.FilledRdpAccountant`: a mix of proxies at
+σ/k and a final run at σ keeps its low orders). A mode whose proxies could
+not run anywhere in the space (every one would be rejected) is refused at
+create (:func:`check_create`).
 
 This module is JAX-free (:mod:`dptune.search.results` reads through it);
 running the proxies is :mod:`dptune.search.proxy`.
@@ -45,9 +57,10 @@ running the proxies is :mod:`dptune.search.proxy`.
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Collection, Sequence
+from typing import TYPE_CHECKING, Any
 
 from optuna.trial import FrozenTrial, TrialState
 
@@ -55,6 +68,9 @@ from dptune.config.schema import Choice, Range, ResolvedStudy
 from dptune.errors import ConfigError
 from dptune.models.checkpoint import dataset_identity
 from dptune.privacy import accounting as privacy
+
+if TYPE_CHECKING:
+    from dptune.privacy.search_totals import RenyiFilter
 
 MODE_ATTR = "search_mode"  # study: the mode's settings and the sizes it was planned for
 PROXY_ATTR = "proxy_trial"  # trial: a tuning trial of a mode (its model is not kept)
@@ -104,7 +120,8 @@ def check_create(resolved: ResolvedStudy, n_private: int, delta: float | None,
       ``{"mode", "factor", "fraction", "dataset", "n_private", "n_plan"}`` or None without a mode.
 
     Raises:
-      ConfigError: naming the field and why (e.g. a factor that does not divide every batch size).
+      ConfigError: naming the field and why (e.g. a factor that does not divide every batch size, or one that
+        leaves no proxy that could run at any end of the space).
     """
     cfg, space = resolved.study, resolved.space
     check_clipping(resolved)
@@ -114,9 +131,10 @@ def check_create(resolved: ResolvedStudy, n_private: int, delta: float | None,
     if cfg.privacy is None:
         raise ConfigError("search.mode", "needs privacy: {epsilon: …}, the final run's budget (a non-private study "
                           "or a private search has no private final run to transfer to)")
-    if cfg.search_budget is not None:
+    if cfg.search_budget is not None and mode.mode != "subset":
         raise ConfigError("search_budget", f"not with search.mode {mode.mode}: the mode's total is the composition "
-                          "of its proxy trials and its final run, stated after the search")
+                          "of its proxy trials and its final run, stated after the search (subset tuning takes it "
+                          "as the cap on its proxies)")
     n_plan = n_private
     if mode.dataset is not None:
         assert public is not None  # loaded by the caller for every mode that names a dataset
@@ -148,6 +166,8 @@ def check_create(resolved: ResolvedStudy, n_private: int, delta: float | None,
         if gamma * n_private < 1:
             raise ConfigError("search.fraction", f"{gamma:g} of {n_private} training examples is less than one "
                               "example")
+    if delta is not None:
+        _check_proxies_run(resolved, n_plan, delta)
     return {"mode": mode.mode, "factor": mode.factor, "fraction": mode.fraction, "dataset": mode.dataset,
             "n_private": n_private, "n_plan": n_plan}
 
@@ -174,6 +194,111 @@ class ScaledBatch:
 
     def suggest_categorical(self, name: str, choices: Any) -> Any:
         return self.trial.suggest_categorical(name, choices)
+
+
+# The δ a proxy on public data may train under, tried after the study's own: no δ protects public data, and the
+# trainer only needs a budget that admits every step of the proxy.
+PUBLIC_PROXY_DELTAS = (1e-3, 1e-2, 0.1, 0.5)
+
+
+def scaled_proxy_budget(q: float, sigma: float, steps: int, delta: float, accountant: privacy.Accountant,
+                        public: bool) -> tuple[float, float] | None:
+    """The (ε, δ) a scaled proxy trains under, or None when no budget the trainer takes admits all its steps.
+
+    On private data: its own ε at the study's δ (composed into the search's
+    total), at most :data:`~dptune.privacy.accounting.MAX_EPSILON`. On public
+    data it spends nothing and is composed nowhere: the trainer's largest ε,
+    at the first δ (the study's, then :data:`PUBLIC_PROXY_DELTAS`) where its
+    steps fit, so that no check meant for private data caps it.
+    """
+    if not public:
+        eps = privacy.epsilon(q, sigma, steps, delta, accountant)
+        return (eps, delta) if 0 < eps <= privacy.MAX_EPSILON else None
+    for d in (delta, *(x for x in PUBLIC_PROXY_DELTAS if x > delta)):
+        if privacy.epsilon(q, sigma, steps, d, accountant) <= privacy.MAX_EPSILON:
+            return privacy.MAX_EPSILON, d
+    return None
+
+
+_PRIVACY_PARAMS = ("batch_size", "epochs", "noise_multiplier")
+
+
+class _Corner:
+    """A sampler that answers with an end of each range: the high end for the names in ``high``."""
+
+    def __init__(self, high: Collection[str]):
+        self.high = set(high)
+
+    def suggest_int(self, name: str, low: int, high: int, *, log: bool = False) -> int:
+        return high if name in self.high else low
+
+    def suggest_float(self, name: str, low: float, high: float, *, log: bool = False) -> float:
+        return high if name in self.high else low
+
+    def suggest_categorical(self, name: str, choices: Any) -> Any:
+        ordered = list(choices)
+        if name in _PRIVACY_PARAMS:
+            ordered.sort(key=lambda c: math.inf if c == "full" else float(c))
+        return ordered[-1] if name in self.high else ordered[0]
+
+
+def _corner_plans(resolved: ResolvedStudy, n_plan: int, delta: float, factor: int) -> list[Any]:
+    """The full-scale plans at the ends of the space's batch and epochs (or σ) ranges: at most four."""
+    from dptune.search.space import Infeasible, plan_trial  # imports JAX: only at create
+    from dptune.trainer.train import PrivacyBudget
+
+    cfg = resolved.study
+    assert cfg.privacy is not None  # a mode needs one (checked before)
+    budget = PrivacyBudget(cfg.privacy.epsilon, delta, cfg.privacy.accountant)
+    params = resolved.space.params()
+    ranged = [n for n in _PRIVACY_PARAMS if isinstance(params.get(n), (Range, Choice))]
+    plans = []
+    for ends in itertools.product((False, True), repeat=len(ranged)):
+        corner = _Corner([n for n, high in zip(ranged, ends, strict=True) if high])
+        try:
+            plans.append(plan_trial(ScaledBatch(corner, factor), resolved.space, n_plan, budget, cfg.budget))
+        except (Infeasible, ConfigError, ValueError):
+            continue  # the full-scale run cannot train there: the ordinary checks and trials say so
+    return plans
+
+
+def proxy_filter(cap: dict[str, Any], delta: float) -> RenyiFilter:
+    """Subset tuning's cap on its proxies (``{"epsilon", "order"}``) as the Rényi filter that enforces it."""
+    from dptune.privacy.search_totals import RenyiFilter, default_filter_order
+
+    epsilon, order = float(cap["epsilon"]), cap.get("order")
+    return RenyiFilter(epsilon, delta, float(order or default_filter_order(epsilon, delta)))
+
+
+def _check_proxies_run(resolved: ResolvedStudy, n_plan: int, delta: float) -> None:
+    """Refuse a mode whose proxies would all be rejected: at no end of the space could one run."""
+    cfg, mode = resolved.study, resolved.study.search
+    assert cfg.privacy is not None and mode is not None
+    if mode.mode == "scaled":
+        k, public = int(mode.factor or 1), mode.dataset is not None
+        probe = PUBLIC_PROXY_DELTAS[-1] if public else delta  # the most lenient δ the proxy was tried at
+        costs = []
+        for plan in _corner_plans(resolved, n_plan, delta, k):
+            q, sigma = plan.hparams.batch_size // k / n_plan, plan.hparams.noise_multiplier / k
+            if scaled_proxy_budget(q, sigma, plan.steps, delta, cfg.privacy.accountant, public) is not None:
+                return
+            costs.append((privacy.epsilon(q, sigma, plan.steps, probe, cfg.privacy.accountant),
+                          plan.hparams.batch_size))
+        if costs:
+            eps, batch = min(costs)
+            where = (f"the trainer takes no budget for all of its steps on {mode.dataset!r}" if public else
+                     "each proxy on the private data would spend")
+            raise ConfigError("search.factor", f"{k} leaves no proxy that can run: at batch B/{k} and σ/{k} {where} "
+                              f"more than the maximum ε = {privacy.MAX_EPSILON:g} (at the cheapest end of "
+                              f"search_space, B = {batch}: ε = {eps:.4g} at δ = {probe:g}); lower the factor")
+    elif mode.mode == "subset" and cfg.search_budget is not None:
+        filt = proxy_filter(cfg.search_budget.model_dump(), delta)
+        one = [filt.spent([(p.sampling_rate, p.hparams.noise_multiplier, p.steps)])
+               for p in _corner_plans(resolved, n_plan, delta, 1)]
+        if one and min(one) > filt.epsilon:
+            raise ConfigError("search_budget.epsilon", f"{filt.epsilon:g} admits no proxy: one proxy at the full "
+                              f"run's (q, σ, T) spends ε = {min(one):.4g} by the filter's Rényi order "
+                              f"{filt.order:.3g} at the cheapest end of search_space; raise it")
 
 
 def final_plan(mode: dict[str, Any], winner: FrozenTrial, epsilon: float, delta: float,
@@ -276,8 +401,8 @@ def describe(mode: dict[str, Any]) -> str:
 
 
 def _subset_amplification(mode: dict[str, Any], proxies: Sequence[FrozenTrial],
-                          split: tuple[Sequence[tuple[float, float, int]], Sequence[tuple[float, float, int]]],
-                          prior: Sequence[tuple[float, float, int]], delta: float | None) -> dict[str, Any] | None:
+                          rest: Sequence[tuple[float, float, int]], prior: Sequence[tuple[float, float, int]],
+                          delta: float | None, cap: dict[str, Any] | None) -> dict[str, Any] | None:
     """Subset tuning's amplified total (``applicable``), or why its theorem does not apply; None for other modes."""
     from dptune.privacy import search_totals
 
@@ -292,8 +417,16 @@ def _subset_amplification(mode: dict[str, Any], proxies: Sequence[FrozenTrial],
         # has it; amplification needs a subset chosen by randomness nobody else knows.
         return {"applicable": False, "reason": "the subset was derived from the study's fixed private_seed (chosen "
                                                "and written down, not drawn from the OS)"}
-    parts = search_totals.subset_tuning_epsilon(split[0], split[1], float(mode["fraction"]), delta, before=prior)
-    return {"applicable": True, **parts}
+    if cap is None:
+        # The proxies' own composition depends on what they saw (how many ran, which, how long); the theorem
+        # subsamples a mechanism whose ε' was fixed before it ran.
+        return {"applicable": False, "reason": "no cap on the proxies was fixed before they ran (search_budget), "
+                                               "and amplification holds only for an ε' fixed in advance"}
+    if not all(t.user_attrs.get("filter_admitted") for t in proxies):
+        return {"applicable": False, "reason": "a proxy read the subset without the cap's filter admitting it"}
+    filt = proxy_filter(cap, delta)
+    parts = search_totals.subset_tuning_epsilon(filt, rest, float(mode["fraction"]), delta, before=prior)
+    return {"applicable": True, "cap_epsilon": filt.epsilon, "cap_order": filt.order, **parts}
 
 
 def _stated(amplified: dict[str, Any] | None, total: float, how: str, mode: dict[str, Any],
@@ -304,16 +437,18 @@ def _stated(amplified: dict[str, Any] | None, total: float, how: str, mode: dict
     used = bool(amplified["applicable"]) and amplified["total"] < total
     if used:
         total, how = amplified["total"], (
-            f"The proxies all read one secret subset, each example in it with probability {mode['fraction']:g}: "
-            f"their composition (RDP) ε = {amplified['tuning_on_subset']:.4g} on the subset is amplified by the "
-            f"subsampling to {amplified['tuning']:.4g} (Balle et al. 2018), the run(s) on all of the data after it "
-            f"add {amplified['rest']:.4g}"
+            f"The proxies all read one secret subset, each example in it with probability {mode['fraction']:g}, "
+            f"and each started only within a cap fixed at create (a Rényi filter at order "
+            f"{amplified['cap_order']:.3g}, ε' = {amplified['cap_epsilon']:g} at δ): whatever they saw, the "
+            f"tuning is ε' = {amplified['tuning_cap_on_subset']:.4g} on the subset at its share of δ, amplified "
+            f"by the subsampling to {amplified['tuning']:.4g} (Balle et al. 2018); the run(s) on all of the data "
+            f"after it add {amplified['rest']:.4g}"
             + (f" and the initial checkpoint's training {amplified['before']:.4g}" if prior else "")
             + f" (basic composition, δ split evenly): ε = {amplified['total']:.4g} in all "
             f"(plain composition: {how[:-1]}).")
     elif amplified["applicable"]:
-        how += (f" Amplification by the subsampling would give ε = {amplified['total']:.4g}, not below this: "
-                "the plain composition is the figure stated.")
+        how += (f" Amplification of the proxies' cap by the subsampling would give ε = {amplified['total']:.4g}, "
+                "not below this: the plain composition is the figure stated.")
     else:
         how += f" No amplification by the subsampling is claimed: {amplified['reason']}."
     # Which figure the statement rests on: an applicable bound that is not the stated total is not claimed.
@@ -332,8 +467,9 @@ def guarantee(study_attrs: dict[str, Any], trials: Sequence[FrozenTrial],
     ``totals``: their RDP/PLD composition with ``prior``; ``split``: the same
     spends as (proxies, runs on all of the data); ``proxies``: the proxy
     trials that read the private data. For subset tuning the total is the
-    smaller of the plain composition and the amplified bound
-    (:func:`dptune.privacy.search_totals.subset_tuning_epsilon`); both hold.
+    smaller of the plain composition and, with a cap on the proxies fixed at
+    create (``search_budget``), the amplified bound
+    (:func:`dptune.privacy.search_totals.subset_tuning_epsilon`).
     """
     from dptune.privacy import search_totals
 
@@ -342,7 +478,7 @@ def guarantee(study_attrs: dict[str, Any], trials: Sequence[FrozenTrial],
     final = final_trial(trials)
     winner = best_proxy(trials)
     proxy_eps = search_totals.composed_epsilon(split[0], delta)["rdp"] if delta else math.nan
-    amplified = _subset_amplification(mode, proxies, split, prior, delta)
+    amplified = _subset_amplification(mode, proxies, split[1], prior, delta, study_attrs.get("search_budget"))
     released = None
     if final is not None:
         a = final.user_attrs
@@ -354,13 +490,16 @@ def guarantee(study_attrs: dict[str, Any], trials: Sequence[FrozenTrial],
              " Not finalized: no model is released until `dptune study finalize` has run the final run.")
     if len(spends) + len(prior) == 1:
         # One DP-SGD run read the private data (its proxies read none): its own PLD bound holds; nothing composes.
-        accountant = "pld"
-        total, how = totals["pld"], f"The one run that trained on the private data (PLD): ε = {totals['pld']:.4g}."
+        accountant = "pld" if totals["pld"] <= privacy.PLD_LIMIT else "rdp"  # above it PLD is not run
+        total, how = totals["pld"], (f"The one run that trained on the private data ({accountant.upper()}): "
+                                     f"ε = {totals['pld']:.4g}.")
     else:
         accountant = "rdp"
         total, how = totals["rdp"], (f"Composition of the {len(spends)} run(s) that trained on the private data, "
-                                     f"each at the steps it took (RDP): ε = {totals['rdp']:.4g}, an accounting of "
-                                     f"what ran, not a cap fixed in advance; proxies alone ε = {proxy_eps:.4g}.")
+                                     f"each at the steps it took (RDP over dp-accounting's orders, an order it "
+                                     f"cannot compute for a run bounded by the next order up): "
+                                     f"ε = {totals['rdp']:.4g}, an accounting of what ran, not a cap fixed in "
+                                     f"advance; proxies alone ε = {proxy_eps:.4g}.")
     total, how, amplified = _stated(amplified, total, how, mode, bool(prior))
     text = f"{describe(mode)} {how}{prior_text} Releasing the final run's model is covered by this total." + state
     return {

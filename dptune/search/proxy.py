@@ -261,14 +261,25 @@ class ModeRunner:
         if name == "scaled":
             hp = dataclasses.replace(hp, batch_size=hp.batch_size // k, noise_multiplier=hp.noise_multiplier / k)
             q = hp.batch_size / n_plan
+            public = data is self.public
             try:
-                eps = privacy.epsilon(q, hp.noise_multiplier, steps, self.budget.delta, self.budget.accountant)
-                privacy.validate(epsilon=eps)
+                allowed = modes.scaled_proxy_budget(q, hp.noise_multiplier, steps, self.budget.delta,
+                                                    self.budget.accountant, public)
             except PrivacyError as e:
                 raise Infeasible(f"the proxy at batch {hp.batch_size}, σ = {hp.noise_multiplier:.4g} for {steps} "
                                  f"steps cannot be accounted ({e})") from None
-            # The proxy's own ε (larger than the budget's on private data): what the trainer may spend.
-            budget = dataclasses.replace(self.budget, epsilon=eps)
+            if allowed is None:
+                d = modes.PUBLIC_PROXY_DELTAS[-1] if public else self.budget.delta
+                eps = privacy.epsilon(q, hp.noise_multiplier, steps, d, self.budget.accountant)
+                raise Infeasible(f"the proxy at batch {hp.batch_size}, σ = {hp.noise_multiplier:.4g} for {steps} "
+                                 f"steps cannot be trained: its ε = {eps:.4g} at δ = {d:g} is above the maximum "
+                                 f"{privacy.MAX_EPSILON:g} the trainer takes")
+            # On private data the proxy's own ε, on public data a budget that admits all of its steps: what the
+            # trainer may spend. A public proxy's rate is given, so the trainer checks no δ against its N.
+            budget = dataclasses.replace(self.budget, epsilon=allowed[0], delta=allowed[1])
+            if public:
+                rate = q
+                attrs["delta"] = allowed[1]
             proxy = TrialPlan(hparams=hp, steps=steps, sampling_rate=q, max_steps_by_budget=full.max_steps_by_budget,
                               derived=f"scaled_1/{k}")
         elif name == "subset":

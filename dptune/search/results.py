@@ -392,7 +392,7 @@ def privacy_statement(study: optuna.Study, summary: StudySummary | None = None) 
     accountant = "rdp" if g["mode"] in ("private_search", "composition", "filter") else summary.accountant
     if g.get("search_mode"):  # issue #20: what the mode's total was computed with
         amplified = g.get("subset_amplification") or {}
-        accountant = ("rdp, amplified by subsampling" if amplified.get("claimed") and
+        accountant = ("rdp (proxies' cap, amplified by subsampling)" if amplified.get("claimed") and
                       g["total_epsilon"] == amplified.get("total") else g.get("accountant", accountant))
     return Statement(
         epsilon=g["total_epsilon"], delta=g["delta"], accountant=accountant,
