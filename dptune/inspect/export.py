@@ -27,13 +27,11 @@ def _scalar(v: Any) -> Any:
 def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
     """One flat row per trial: identity, state, objective, timings, params (param_*), user attributes.
 
-    A study with a search mode exports no timings (:data:`dptune.search.modes.TIMING_ATTRS`): they follow the
-    realised batches, on a subset tuning's secret subset too.
+    A study with a search mode exports no timings (:func:`dptune.search.results.shown`).
     """
-    from dptune.search import modes
+    from dptune.search.results import shown
 
-    rows = _rows(study)
-    return [modes.without_timings(r) for r in rows] if modes.MODE_ATTR in study.user_attrs else rows
+    return [shown(study, r) for r in _rows(study)]
 
 
 def _rows(study: optuna.Study) -> list[dict[str, Any]]:

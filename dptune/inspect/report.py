@@ -15,8 +15,7 @@ import plotly.offline
 
 from dptune.errors import ConfigError
 from dptune.inspect import figures
-from dptune.search import modes
-from dptune.search.results import CONFIG_ATTR, coverage, fmt, interval_text, summarize, trial_record
+from dptune.search.results import CONFIG_ATTR, coverage, fmt, interval_text, shown_record, summarize
 
 TOP = 10
 
@@ -37,9 +36,8 @@ def _top_table(study: optuna.Study) -> str:
             "learning_rate", "clip_norm", "noise_multiplier", "steps", "epochs", "examples_per_second"]
     head = "".join(f"<th>{c}</th>" for c in ["trial", "state", "val acc"] + cols[3:])
     body = []
-    timed = modes.MODE_ATTR not in study.user_attrs  # a mode study's timings would tell its secret subset's size
     for t in trials:
-        r = trial_record(t) if timed else modes.without_timings(trial_record(t))
+        r = shown_record(study, t)
         body.append("<tr>" + "".join(f"<td>{_fmt(r.get(c))}</td>" for c in cols) + "</tr>")
     return f"<table class='top'><tr>{head}</tr>{''.join(body)}</table>"
 

@@ -166,6 +166,17 @@ def interval_text(best: dict[str, Any], private_search: bool) -> str:
     return text
 
 
+def shown(study: optuna.Study, record: dict[str, Any]) -> dict[str, Any]:
+    """A trial's record (or export row) as the study may show it: a mode study's without timings
+    (:data:`dptune.search.modes.TIMING_ATTRS`: they follow the realised batches, on a secret subset too)."""
+    return modes.without_timings(record) if study.user_attrs.get(modes.MODE_ATTR) is not None else record
+
+
+def shown_record(study: optuna.Study, t: FrozenTrial) -> dict[str, Any]:
+    """:func:`trial_record` as the study may show it (:func:`shown`)."""
+    return shown(study, trial_record(t))
+
+
 def trial_record(t: FrozenTrial) -> dict[str, Any]:
     """A flat, JSON-ready description of one trial."""
     return {
@@ -416,7 +427,7 @@ def summarize(study: optuna.Study) -> StudySummary:
         # issue #20: what a mode releases is its final run, never a proxy.
         final = modes.final_trial(trials)
         # Timings would say how large the secret subset its proxies trained on was.
-        best = None if final is None else modes.without_timings(trial_record(final))
+        best = None if final is None else shown_record(study, final)
     if best is not None:
         # The winner's curse (issue #20): how far the chosen trial's validation score may be from its true accuracy.
         n_val = int((study.user_attrs.get("split") or {}).get("validation") or 0)
