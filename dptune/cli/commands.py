@@ -9,10 +9,11 @@ propagate to :func:`dptune.cli.app.main`, which turns them into one line.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from dptune.errors import PrivacyError
@@ -140,6 +141,19 @@ def _given(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:
     return out
 
 
+@contextlib.contextmanager
+def _reporting(args: argparse.Namespace) -> Iterator[Any]:
+    """The progress reporter ``--log-format`` asks for, on stderr; a live display is closed on the way out."""
+    from dptune import progress
+
+    report = progress.reporter(getattr(args, "log_format", "text"))
+    try:
+        yield report
+    finally:
+        if isinstance(report, progress.Live):
+            report.close()
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from rich.console import Console
 
@@ -150,22 +164,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     if getattr(args, "coordinator", None) or getattr(args, "num_processes", 1) > 1 or getattr(args, "process_id", 0):
         # Before any computation: every process must join the runtime first (dptune.trainer.multihost).
         multihost.initialize(args.coordinator, args.num_processes, args.process_id)
-    console = Console(stderr=args.json)
+    console = Console(stderr=args.json, soft_wrap=True)
     compile_stats.enable_persistent_cache(args.cache_dir)
     # Precedence: the schema's defaults < --config FILE < --set KEY=VALUE < the flags given.
     flags = [(SETTING_FLAGS[k], v) for k, v in _given(args, list(SETTING_FLAGS)).items()]
     settings = run_settings(args.config, [*(args.set or []), *flags])  # validated once, by the schema
 
-    def progress(step: int, metrics: dict) -> None:
-        console.print(f"step {step:5d}  epoch {metrics['epoch']:6.2f}  val_acc {metrics['val_accuracy']:.4f}  "
-                      f"val_loss {metrics['val_loss']:.4f}")
-
-    common = dict(hyperparameters=_given(args, HYPERPARAMETER_FLAGS), eval_every=args.eval_every,
-                  devices=args.devices, callback=progress, log=console.print)
-    if args.command == "pretrain":
-        run = pretrain(settings, output=args.output, declare_public=args.declare_public, **common)
-    else:
-        run = train(settings, save_checkpoint=args.save_checkpoint, **common)
+    with _reporting(args) as report:
+        common = dict(hyperparameters=_given(args, HYPERPARAMETER_FLAGS), eval_every=args.eval_every,
+                      devices=args.devices, log=console.print, progress=report)
+        if args.command == "pretrain":
+            run = pretrain(settings, output=args.output, declare_public=args.declare_public, **common)
+        else:
+            run = train(settings, save_checkpoint=args.save_checkpoint, **common)
     _render_train(run, args, console)
     return 0
 
@@ -209,7 +220,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from dptune.search import audit
     from dptune.trainer import compile_stats
 
-    console = Console(stderr=args.json, highlight=False)
+    console = Console(stderr=args.json, highlight=False, soft_wrap=True)
     compile_stats.enable_persistent_cache(args.cache_dir)
 
     def progress(line: str) -> None:
@@ -225,8 +236,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
         from dptune import interrupt
 
         try:
-            with interrupt.handled():
-                result = audit.audit_study(args.study_name, args.storage, args.trial, **common)
+            with interrupt.handled(), _reporting(args) as report:
+                result = audit.audit_study(args.study_name, args.storage, args.trial, events=report, **common)
         except KeyboardInterrupt as e:
             print(f"dptune: interrupted by {interrupt.signal_name(e)}: the audit run was marked FAIL (counted in "
                   "the search at its planned steps if it read the data)", file=sys.stderr, flush=True)
@@ -321,13 +332,12 @@ def cmd_optimize(args: argparse.Namespace) -> int:
 
 def _optimize(args: argparse.Namespace) -> int:
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from dptune.search import study
     from dptune.trainer import compile_stats
 
     compile_stats.enable_persistent_cache(args.cache_dir)
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)
     if args.workers == "auto":
         from dptune.config import schema as config
         from dptune.search import workers
@@ -341,19 +351,10 @@ def _optimize(args: argparse.Namespace) -> int:
     args.devices_per_trial = args.devices_per_trial or 1
     if args.workers > 1:
         return _optimize_pool(args, console)
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=console, transient=True) as progress:
-        task = progress.add_task(f"optimizing {args.study_name}", total=args.n_trials)
-
-        def on_trial(_study: Any, trial: Any) -> None:
-            # A private search prints no line per trial: their count is the secret K.
-            if "skipped_reason" in trial.user_attrs or "private_search" in _study.user_attrs:
-                return
-            progress.console.print(_trial_line(trial))
-            progress.advance(task)
-
-        result = study.optimize(args.study_name, args.storage, n_trials=args.n_trials,
-                                timeout=args.timeout, callbacks=[on_trial])
+    with _reporting(args) as report:
+        # Each finished trial and the search so far arrive as events (none per trial in a private search).
+        result = study.optimize(args.study_name, args.storage, n_trials=args.n_trials, timeout=args.timeout,
+                                progress=report)
     from dptune.inspect import dashboard
 
     dashboard.publish(result)  # refresh the note and figures optuna-dashboard shows
@@ -377,7 +378,7 @@ def _emit_summary(s: Any, as_json: bool, internal: bool = False) -> None:
     if text is not None:
         from rich.console import Console
 
-        Console().print("\n[bold]Privacy statement[/]\n" + text, highlight=False)
+        Console(soft_wrap=True).print("\n[bold]Privacy statement[/]\n" + text, highlight=False)
 
 
 def _load_studies(names: Sequence[str], storage: str | None) -> list:
@@ -433,23 +434,31 @@ def _optimize_pool(args: argparse.Namespace, console: Any) -> int:
     from dptune.config import schema as config
     from dptune.inspect import dashboard
     from dptune.search import study, workers
+    from dptune.search.watch import StudyWatch
 
     storage = args.storage or config.default_storage(args.study_name)
     from dptune.search.storage import check_workers
 
     check_workers(storage, args.workers)
-    _, resolved = study.load(args.study_name, storage)
+    watched, resolved = study.load(args.study_name, storage)
     console.print(f"{args.workers} workers × {args.devices_per_trial} device(s) on {storage}")
-    private_search = resolved.study.private_search
+    with _reporting(args) as report:
+        # Trials and the search so far are read from the storage here, once for all workers; the workers
+        # send their running trials' steps and validations.
+        watch = StudyWatch(report, args.study_name, args.n_trials,
+                           private_search=resolved.study.private_search is not None)
 
-    def on_trial(t: Any) -> None:
-        # A private search prints no line per trial: their count is the secret K.
-        if "skipped_reason" not in t.user_attrs and not private_search:
-            console.print(_trial_line(t))
+        def relay(event: Any) -> None:
+            if event.kind not in ("trial", "study"):
+                report(event)
 
-    code = workers.run_pool(args.study_name, storage, workers=args.workers, n_trials=args.n_trials,
-                            timeout=args.timeout, devices_per_trial=args.devices_per_trial,
-                            cache_dir=args.cache_dir, on_trial=on_trial)
+        def on_trial(t: Any) -> None:
+            if "skipped_reason" not in t.user_attrs:
+                watch(watched, t)
+
+        code = workers.run_pool(args.study_name, storage, workers=args.workers, n_trials=args.n_trials,
+                                timeout=args.timeout, devices_per_trial=args.devices_per_trial,
+                                cache_dir=args.cache_dir, on_trial=on_trial, progress=relay)
     result, _ = study.load(args.study_name, storage)
     dashboard.publish(result)
     _emit_summary(result, args.json)
@@ -464,7 +473,7 @@ def _print_summary(summary: Any, internal: bool = False) -> None:
 
     from dptune.search import results
 
-    c = Console()
+    c = Console(soft_wrap=True)
     g = summary.search
     private_search = summary.private_search and not internal
     if private_search:
@@ -526,8 +535,8 @@ def cmd_study_finalize(args: argparse.Namespace) -> int:
     from dptune.search import proxy
 
     try:
-        with interrupt.handled():
-            study = proxy.finalize(args.study_name, args.storage)
+        with interrupt.handled(), _reporting(args) as report:
+            study = proxy.finalize(args.study_name, args.storage, progress=report)
     except KeyboardInterrupt as e:
         print(f"dptune: interrupted by {interrupt.signal_name(e)}: the final run was marked FAIL (counted at its "
               "planned steps if it read the data); run dptune study finalize again", file=sys.stderr, flush=True)

@@ -205,6 +205,7 @@ def _add_training_args(t: argparse.ArgumentParser) -> None:
     t.add_argument("--non-private", action="store_true", help="no clipping, no noise (a baseline)")
     t.add_argument("--cache-dir", help="JAX persistent compilation cache (default ~/.cache/dptune/jax)")
     t.add_argument("--json", action="store_true")
+    _log_format(t)
     t.add_argument("--image-size", type=_positive_int, help="resize and centre-crop images to this size")
     t.add_argument("--weight-standardization", action="store_true", help="weight-standardised convolutions")
     t.add_argument("--init-checkpoint", help="start from this checkpoint (Flax msgpack file or Orbax directory)")
@@ -220,6 +221,13 @@ def _add_training_args(t: argparse.ArgumentParser) -> None:
                    help="accept an --init-checkpoint trained without (recorded) privacy on this dataset; the printed "
                         "ε then does not cover what it learnt")
     t.set_defaults(func=cmd_train)
+
+
+def _log_format(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--log-format", choices=("auto", "text", "json"), default="auto",
+                   help="progress on stderr: auto (a live line per running trial on a terminal, else text), "
+                        "text (one key=value line per evaluation and trial), json (one object per event) "
+                        "(default: auto)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -263,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
                                            "hyperparameters (one final run on the private data)")
     fz.add_argument("name", nargs="?", help="study name (or --study-name)")
     _study_args(fz, name_required=False)
+    _log_format(fz)
     fz.set_defaults(func=cmd_study_finalize)
 
     o = sub.add_parser("optimize", help="run trials of a study")
@@ -275,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "one trial over all devices otherwise); > 1 needs a journal:// or postgresql:// storage")
     o.add_argument("--devices-per-trial", type=_positive_int,
                    help="devices each worker's trials shard over (GPUs, or forced host devices on CPU)")
+    _log_format(o)
     o.set_defaults(func=cmd_optimize)
 
     storage_help = "Optuna storage URL (default: sqlite:///studies/<study-name>.db)"
@@ -320,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "probability 1/2, and print the claimed ε beside a 95% lower bound "
                                     "(Steinke et al. 2023).")
     _add_audit_args(au)
+    _log_format(au)
 
     p = sub.add_parser("privacy", help="privacy accounting questions")
     psub = p.add_subparsers(dest="question", required=True)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -29,6 +30,7 @@ from dp_accounting import dp_event
 from dp_accounting.mechanism_calibration import ExplicitBracketInterval
 from dp_accounting.pld.pld_privacy_accountant import PLDAccountant
 from dp_accounting.privacy_accountant import NeighboringRelation, PrivacyAccountant
+from dp_accounting.rdp import rdp_privacy_accountant as rdp_conversion
 from dp_accounting.rdp.rdp_privacy_accountant import RdpAccountant
 
 from dptune.errors import PrivacyError
@@ -367,6 +369,24 @@ def max_steps(
         else:
             hi = mid
     return lo
+
+
+def epsilon_curve(sampling_rate: float, noise_multiplier: float, delta: float) -> Callable[[int], float]:
+    """ε after t steps of DP-SGD(q, σ) at ``delta``, for watching a run: one RDP computation, then cheap.
+
+    The RDP of one step is computed once; t steps compose to t times it, converted at the best order.
+    An upper bound (RDP), for progress reports: the run's own figure comes from its accountant.
+    """
+    one = FilledRdpAccountant()
+    one.compose(dpsgd_event(sampling_rate, noise_multiplier, 1))
+    orders, rdp = np.asarray(one.orders, np.float64), np.asarray(one.rdp, np.float64)
+
+    def at(steps: int) -> float:
+        if steps <= 0:
+            return 0.0
+        return float(rdp_conversion.compute_epsilon(orders, steps * rdp, delta)[0])
+
+    return at
 
 
 def default_delta(dataset_size: int) -> float:

@@ -88,6 +88,7 @@ from dptune.data.datasets import Dataset
 from dptune.errors import ConfigError, PrivacyError
 from dptune.models import checkpoint, freezing
 from dptune.models.builtin import build_model
+from dptune.progress import Reporter
 from dptune.randomness import SecretSeed
 from dptune.trainer import dp_step
 from dptune.trainer.run import check_model
@@ -511,8 +512,9 @@ def run_audit(
     confidence: float = DEFAULT_CONFIDENCE,
     progress: Progress | None = None,
     training: Callable[[], None] = lambda: None,
+    events: Reporter | None = None,
 ) -> AuditResult:
-    """Train once with m canaries through the real training path and audit the claim.
+    r"""Train once with m canaries through the real training path and audit the claim.
 
     Guarantee: the run is itself a DP-SGD run on ``dataset.train`` with the
     given mechanism (ε reported as ``claimed_epsilon``, computed for the
@@ -534,6 +536,7 @@ def run_audit(
       confidence: of the lower bound.
       progress: called with a line of text now and then.
       training: called once every refusal is past, just before the training data is first read.
+      events: receives the audit run's :class:`dptune.progress.Event`\ s (steps, validations).
 
     Returns:
       :class:`AuditResult`.
@@ -579,7 +582,8 @@ def run_audit(
     with tempfile.TemporaryDirectory(prefix="dptune-audit-") as tmp:
         if threat_model == "black-box":
             config = replace(config, save_checkpoint=os.path.join(tmp, "released.msgpack"))
-        result = train_and_evaluate(data, hparams, steps, config=config, budget=budget, callback=report, audit=hook)
+        result = train_and_evaluate(data, hparams, steps, config=config, budget=budget, callback=report, audit=hook,
+                                    progress=events)
         if hook is not None:
             scores = hook.scores()
         else:
@@ -749,6 +753,7 @@ def audit_study(
     canary_seed: int = 0,
     confidence: float = DEFAULT_CONFIDENCE,
     progress: Progress | None = None,
+    events: Reporter | None = None,
 ) -> AuditResult:
     """Audit a study's trial (default: the best) by re-running its configuration with canaries.
 
@@ -764,7 +769,7 @@ def audit_study(
     Args:
       study_name, storage: the study.
       trial_number: the trial to audit; None for the best completed one (with a search mode: the final run).
-      threat_model, canaries, canary_seed, confidence, progress: as :func:`run_audit`.
+      threat_model, canaries, canary_seed, confidence, progress, events: as :func:`run_audit`.
 
     Returns:
       :class:`AuditResult` with ``study`` filled in (the search's ε before and after).
@@ -842,7 +847,7 @@ def audit_study(
     try:
         result = run_audit(dataset, hp, steps, config=config, budget=budget, threat_model=threat_model,
                            canaries=canaries, canary_seed=canary_seed, confidence=confidence, progress=progress,
-                           training=lambda: record.set_user_attr("touched_data", True))
+                           training=lambda: record.set_user_attr("touched_data", True), events=events)
     except BaseException as e:
         # Once it has read the data it stays counted at its planned steps; a refusal before that costs nothing.
         record.set_user_attr("failed_reason", f"{type(e).__name__}: {e}".strip())

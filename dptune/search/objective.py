@@ -27,6 +27,7 @@ from dptune.data.datasets import Dataset
 from dptune.errors import StudyError
 from dptune.models import checkpoint
 from dptune.privacy.search_totals import RenyiFilter
+from dptune.progress import Reporter
 from dptune.randomness import SecretSeed
 from dptune.search import orphans, release
 from dptune.search.results import _linked, attempt_origin
@@ -99,6 +100,7 @@ class Objective:
         # Set by optimize: the study's random id, so that a fixed private_seed gives a study created again under
         # the same name other streams (two studies on one noise could cancel it between their releases).
         self.study_id = ""
+        self.progress: Reporter | None = None  # set by optimize: where a trial's progress events go
         self.mode: Any = None  # issue #20: a dptune.search.proxy.ModeRunner for a study with search: {mode: …}
         if private_search is not None:
             # Every trial runs the calibrated mechanism; its own ε (RDP) is the trainer's cap.
@@ -110,6 +112,14 @@ class Objective:
         self._microbatch: int | None = None if cfg.microbatch_size == "auto" else cfg.microbatch_size
         # A user's model is checked in every worker: its code may have changed since the study was created.
         check_model(cfg, dataset)
+
+    def _progress_of(self, trial: optuna.Trial) -> Reporter | None:
+        """The trial's progress events, tagged with its number (not in a private search: numbers tell K)."""
+        report = self.progress
+        if report is None:
+            return None
+        tag = {} if self.private_search is not None else {"trial": trial.number}
+        return lambda event: report(event.tagged(**tag))
 
     def microbatch_size(self) -> int:
         """The study's microbatch, measured once per worker (and cached on disk) when set to ``auto``."""
@@ -249,7 +259,7 @@ class Objective:
         try:
             try:
                 result = train_and_evaluate(dataset, plan.hparams, plan.steps, config=config,
-                                            budget=budget, callback=report)
+                                            budget=budget, callback=report, progress=self._progress_of(trial))
             except ReplayDiverged as e:
                 # The replay computed other parameters from the same noise: nothing of it was released. Start
                 # again from the checkpoint with fresh randomness; the dead attempt's steps then count apart.
@@ -263,7 +273,7 @@ class Objective:
                 del reports[0 if point is None else len(point.history):]
                 digests.clear()
                 result = train_and_evaluate(dataset, plan.hparams, plan.steps, config=config,
-                                            budget=budget, callback=report)
+                                            budget=budget, callback=report, progress=self._progress_of(trial))
         finally:
             if checkpointer is not None:
                 checkpointer.clear()  # finished (or stopped for good): the secret state is of no more use

@@ -33,6 +33,7 @@ from dptune.config.schema import ResolvedStudy, default_storage
 from dptune.data.datasets import ArraySplit, Dataset, RecordSplit, load_dataset
 from dptune.errors import ConfigError, DataError, PrivacyError, StudyError
 from dptune.privacy import accounting as privacy
+from dptune.progress import Event, Reporter
 from dptune.randomness import SecretSeed
 from dptune.search import modes, release
 from dptune.search import storage as storage_lib
@@ -305,8 +306,8 @@ POLL_SECONDS = 1.0
 
 
 def finalize(study: optuna.Study | str, storage: str | None = None, *,
-             wait_seconds: float = FINAL_WAIT_SECONDS) -> optuna.Study:
-    """Run the final run of a cheaper-tuning study: the best proxy's hyperparameters, transferred, on the private data.
+             wait_seconds: float = FINAL_WAIT_SECONDS, progress: Reporter | None = None) -> optuna.Study:
+    r"""Run the final run of a cheaper-tuning study: the best proxy's hyperparameters, transferred, on the private data.
 
     The final run is a trial of the same study (user attribute ``final_run``),
     so that its spend is recorded and composed like every other trial's; its
@@ -321,6 +322,7 @@ def finalize(study: optuna.Study | str, storage: str | None = None, *,
       study: the study or its name.
       storage: its storage URL (default: where it was opened).
       wait_seconds: how long to wait for earlier trials still running before giving the claim up.
+      progress: receives the final run's :class:`dptune.progress.Event`\ s (waiting, steps, validations).
 
     Returns:
       The study, with the final run finished.
@@ -343,9 +345,13 @@ def finalize(study: optuna.Study | str, storage: str | None = None, *,
         reap_dead_workers(loaded)  # a final run whose process died here no longer holds the study
     plan, source = _transferred(loaded, resolved)
     objective = _final_objective(loaded, resolved, url)  # the data and model are checked before any write
+    objective.progress = progress
     # As optimize runs its trials: a signal waits for a check point, so that it never cuts a storage write short.
     with interrupt.deferred(), storage_lib.writing(url):
         claimed = claim_final(loaded, plan, source)
+        if progress is not None:
+            progress(Event("phase", {"phase": "waiting for trials that started before this final run",
+                                     "trial": claimed.number}))
         with _heartbeat(loaded, claimed.number):
             _train_claimed(loaded, objective, claimed.number, url, wait_seconds)
     return driver.load_study(name, url)

@@ -35,6 +35,7 @@ from dptune.models import checkpoint
 from dptune.privacy import accounting as privacy
 from dptune.privacy import search_totals as search_privacy
 from dptune.privacy.search_totals import RenyiFilter, TrialCount
+from dptune.progress import Reporter
 from dptune.randomness import SecretSeed
 from dptune.search import modes, proxy, release
 from dptune.search import storage as storage_lib
@@ -44,6 +45,7 @@ from dptune.search.registry import make_pruner, make_sampler
 from dptune.search.results import CONFIG_ATTR, FINISHED
 from dptune.search.space import check_space
 from dptune.search.storage import open_storage
+from dptune.search.watch import StudyWatch
 from dptune.trainer.run import check_model, dataset_of
 
 __all__ = ["create_study", "load", "load_study", "optimize", "storage_url", "StudyError", "TrialCallback"]
@@ -380,8 +382,9 @@ def optimize(
     callbacks: Sequence[TrialCallback] = (),
     stop_at_finished: int | None = None,
     cache_dir: str | None = None,
+    progress: Reporter | None = None,
 ) -> optuna.Study:
-    """Run ``n_trials`` more trials (or until ``timeout`` seconds) of a stored study (``dptune optimize``).
+    r"""Run ``n_trials`` more trials (or until ``timeout`` seconds) of a stored study (``dptune optimize``).
 
     Dead workers' trials are failed and re-queued before and after each trial.
     A KeyboardInterrupt marks the running trial FAILED with a ``failed_reason``
@@ -398,6 +401,8 @@ def optimize(
       callbacks: called as ``callback(study, trial)`` after each finished trial.
       stop_at_finished: stop once the study holds that many COMPLETE or PRUNED trials (a shared target).
       cache_dir: JAX's persistent compilation cache for worker processes.
+      progress: receives :class:`dptune.progress.Event`\ s: each running trial's steps and validations,
+        each finished trial, the search so far (with several workers, tagged with the worker's index).
 
     Returns:
       The study (reloaded from the storage when several workers ran).
@@ -431,7 +436,8 @@ def optimize(
 
         loaded = load_study(study_name, url)
         code = pool.run_pool(study_name, url, workers=workers, n_trials=n_trials, timeout=timeout,
-                             devices_per_trial=devices_per_trial, cache_dir=cache_dir, on_trial=on_trial)
+                             devices_per_trial=devices_per_trial, cache_dir=cache_dir, on_trial=on_trial,
+                             progress=progress)
         if code != 0:
             raise StudyError(f"workers: a worker exited with code {code}; finished trials are kept, nothing is "
                              "left RUNNING; run again to continue")
@@ -479,6 +485,11 @@ def optimize(
     objective.resolved_checkpoint = study.user_attrs.get("init_checkpoint_sha256")
     objective.storage_url = url
     objective.study_id = release.study_id(study, url)
+    objective.progress = progress
+    if progress is not None:
+        watch = StudyWatch(progress, study_name, n_trials, private_search=private is not None)
+        hooks.insert(1, watch)  # after the best model is kept, before the user's callbacks
+        watch.started()
     mode = study.user_attrs.get(modes.MODE_ATTR)
     if mode is not None:  # issue #20: proxies until the final run (dptune.search.proxy.finalize), then nothing
         if modes.final_trial(study.trials) is not None:

@@ -25,14 +25,19 @@ signal once every worker has stopped.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import queue
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
+
+from dptune.progress import Event, JsonLines, Reporter
 
 if TYPE_CHECKING:
     from optuna.trial import FrozenTrial
@@ -107,8 +112,13 @@ def run_pool(
     cache_dir: str | None = None,
     on_trial: Callable[[FrozenTrial], None] | None = None,
     poll_seconds: float = 1.0,
+    progress: Reporter | None = None,
 ) -> int:
-    """Run ``workers`` worker processes until ``n_trials`` more trials finish; returns an exit code."""
+    """Run ``workers`` worker processes until ``n_trials`` more trials finish; returns an exit code.
+
+    With ``progress``, each worker writes its events as JSON lines to its standard output, and they
+    reach ``progress`` here tagged with the worker's index.
+    """
     from dptune.search import results
     from dptune.search import study as study_lib
     from dptune.search.storage import check_workers, open_storage
@@ -125,6 +135,11 @@ def run_pool(
         cmd += ["--timeout", str(timeout)]
     if cache_dir:
         cmd += ["--cache-dir", cache_dir]
+    if progress is not None:
+        cmd += ["--progress-json"]
+        poll_seconds = min(poll_seconds, 0.25)
+    events: queue.Queue[Event] = queue.Queue()
+    readers: list[threading.Thread] = []
     envs = [worker_env(i, devices_per_trial, gpus) for i in range(workers)]
     procs: list[subprocess.Popen] = []
     received: list[int] = []
@@ -145,7 +160,10 @@ def run_pool(
         for env in envs:
             if received:
                 break
-            procs.append(subprocess.Popen(cmd, env=env))
+            procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE if progress is not None else None,
+                                          text=True))
+            if progress is not None:
+                readers.append(_relay(procs[-1], len(procs) - 1, events))
         while True:
             running = any(p.poll() is None for p in procs)
             died = {p.pid for p in procs if p.returncode not in (None, 0)} - reaped
@@ -159,6 +177,8 @@ def run_pool(
                     if t.state.is_finished() and t.number not in seen:
                         seen.add(t.number)
                         on_trial(t)
+            while progress is not None and not events.empty():
+                progress(events.get())
             if not running:
                 break
             time.sleep(poll_seconds)
@@ -166,6 +186,10 @@ def run_pool(
         for s, handler in previous.items():
             signal.signal(s, handler)
     codes = [p.wait() for p in procs]
+    for reader in readers:
+        reader.join(timeout=5)  # the last events a worker wrote before it exited
+    while progress is not None and not events.empty():
+        progress(events.get())
     if any(codes):
         study_lib.reap_dead_workers(study)
     if received:
@@ -176,6 +200,24 @@ def run_pool(
     return next((128 - c if c < 0 else c for c in codes if c != 0), 0)
 
 
+def _relay(proc: subprocess.Popen, worker: int, events: queue.Queue[Event]) -> threading.Thread:
+    """Read a worker's JSON event lines into ``events`` (tagged with ``worker``) until it closes its output."""
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            try:
+                d = json.loads(line)
+            except ValueError:
+                continue  # not an event (a library printing on its own)
+            kind = d.pop("event", None)
+            if kind is not None:
+                events.put(Event(str(kind), d).tagged(worker=worker))
+
+    thread = threading.Thread(target=read, daemon=True, name=f"dptune-worker-{worker}-events")
+    thread.start()
+    return thread
+
+
 def _worker_main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m dptune.search.workers", description="one dptune worker process")
     ap.add_argument("--study-name", required=True)
@@ -183,6 +225,7 @@ def _worker_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stop-at-finished", type=int)
     ap.add_argument("--timeout", type=float)
     ap.add_argument("--cache-dir")
+    ap.add_argument("--progress-json", action="store_true", help="progress events as JSON lines on stdout")
     args = ap.parse_args(argv)
     from dptune import interrupt
     from dptune.errors import DptuneError
@@ -194,7 +237,8 @@ def _worker_main(argv: list[str] | None = None) -> int:
 
             compile_stats.enable_persistent_cache(args.cache_dir)
             study_lib.optimize(args.study_name, args.storage, timeout=args.timeout,
-                               stop_at_finished=args.stop_at_finished)
+                               stop_at_finished=args.stop_at_finished,
+                               progress=JsonLines(sys.stdout) if args.progress_json else None)
     except KeyboardInterrupt as e:
         # The launcher says it once for all workers.
         return interrupt.exit_code(e)

@@ -25,6 +25,7 @@ from dptune.models.builtin import build_model
 from dptune.models.custom import load_loss
 from dptune.privacy import accounting as privacy
 from dptune.privacy.statement import Statement
+from dptune.progress import Event, Reporter
 from dptune.trainer.train import Hyperparams, PrivacyBudget, RunConfig, TrainResult, train_and_evaluate
 
 __all__ = ["TrainRun", "dataset_of", "run_config", "train", "pretrain"]
@@ -172,8 +173,9 @@ def train(
     save_checkpoint: str | None = None,
     callback: Callable[[int, dict[str, float]], Any] | None = None,
     log: Callable[[str], None] = lambda _line: None,
+    progress: Reporter | None = None,
 ) -> TrainRun:
-    """Train one model with DP-SGD under the settings' privacy budget (``dptune train``).
+    r"""Train one model with DP-SGD under the settings' privacy budget (``dptune train``).
 
     Args:
       config: settings: a study file, a dict of its keys, a :class:`StudyConfig`, or None for the
@@ -189,6 +191,7 @@ def train(
       save_checkpoint: write the selected parameters (raw or EMA, by validation accuracy) here.
       callback: called as ``callback(step, metrics)`` at each evaluation.
       log: receives one line for each decision taken (δ default, σ calibrated, microbatch measured).
+      progress: receives :class:`dptune.progress.Event`\ s: the silent phases, steps and validations.
 
     Returns:
       The run: its result, the decisions taken and the written privacy statement.
@@ -211,6 +214,8 @@ def train(
 
     settings = run_settings(config, overrides)
     hp = _hyperparameters(hyperparameters)
+    if progress is not None:
+        progress(Event("phase", {"phase": f"loading the data ({settings.dataset})"}))
     if dataset is None:
         data = dataset_of(settings)
     elif isinstance(dataset, Dataset):
@@ -273,7 +278,8 @@ def train(
         check_model(settings, data, size)  # a user's model, at the size it will run
     run = run_config(settings, microbatch_size=size, eval_every=eval_every, num_devices=devices,
                      save_checkpoint=save_checkpoint)
-    result = train_and_evaluate(data, trainer_hp, steps, config=run, budget=budget, callback=callback)
+    result = train_and_evaluate(data, trainer_hp, steps, config=run, budget=budget, callback=callback,
+                                progress=progress)
     return TrainRun(result=result, settings=settings, hyperparameters=hp, dataset=data.name, steps=steps,
                     noise_multiplier=sigma, delta=delta, delta_is_default=delta_default,
                     calibrated=budget is not None and hp.noise_multiplier is None, microbatch_size=size,

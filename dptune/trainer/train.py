@@ -36,6 +36,7 @@ from dptune.models.custom import load_loss
 from dptune.privacy import accounting as privacy
 from dptune.privacy import search_totals as search_privacy
 from dptune.privacy.statement import USER_CODE, Mechanism, Statement
+from dptune.progress import Event, Reporter, StepMeter
 from dptune.randomness import SecretSeed
 from dptune.trainer import compile_stats, dispatch, multihost
 from dptune.trainer import feed as feeds
@@ -272,6 +273,16 @@ def composed_with_prior(spend: privacy.PrivacySpend, prior: list[tuple[float, fl
     return search_privacy.composed_epsilon(events, spend.delta)["rdp"]
 
 
+def _meter(progress: Reporter, planned: int, start: int, q: float, sigma: float, batch_size: int,
+           budget: PrivacyBudget | None, private: bool) -> StepMeter:
+    """The run's step events; says first what the silent stretch before the first step is."""
+    progress(Event("phase", {"phase": "compiling and taking the first step", "planned": planned}))
+    epsilon_at = (privacy.epsilon_curve(q, sigma, budget.delta) if private and budget is not None and sigma > 0
+                  else None)
+    return StepMeter(progress, planned=planned, start=start, sampling_rate=q, batch_size=batch_size,
+                     epsilon_at=epsilon_at, epsilon_budget=None if budget is None else budget.epsilon)
+
+
 def run_secret(config: RunConfig, settings: dict[str, Any] | None) -> SecretSeed:
     """The secret of one run: the caller's, the OS's, or a fixed ``private_seed`` keyed on what the run is.
 
@@ -428,8 +439,9 @@ def train_and_evaluate(
     budget: PrivacyBudget | None = None,
     callback: Callback | None = None,
     audit: Any = None,
+    progress: Reporter | None = None,
 ) -> TrainResult:
-    """Train with DP-SGD (or non-privately) for at most ``steps`` steps and evaluate.
+    r"""Train with DP-SGD (or non-privately) for at most ``steps`` steps and evaluate.
 
     In private mode a ``budget`` is required; the run is capped at the largest
     number of steps within it (``budget_limited`` says whether the cap bit).
@@ -440,6 +452,10 @@ def train_and_evaluate(
     (:mod:`dptune.randomness`). A private ``init_checkpoint`` trained on the
     same dataset adds its recorded spend (``total_epsilon``). The validation and
     test splits are not protected.
+
+    ``progress`` receives :class:`dptune.progress.Event`\ s: the phase before the first step, ``step``
+    events at most four times a second from the host clock (no device synchronisation of their
+    own), and one ``eval`` per validation, with the ε spent so far (RDP, an upper bound).
 
     ``audit`` (:mod:`dptune.search.audit`, white-box audits only) adds ``audit.members``
     canaries to the sampled population: each joins each step with the same
@@ -553,6 +569,8 @@ def train_and_evaluate(
     train_seconds = 0.0
     stopped = False
     taken = start
+    meter = None if progress is None else _meter(progress, allowed, start, q, sigma, hparams.batch_size, budget,
+                                                  config.private)
     for t in range(start, allowed):
         interrupt.raise_if_pending()  # SIGINT/SIGTERM in a study stop here, between steps
         tick, compiled = time.perf_counter(), compile_stats.seconds()
@@ -574,6 +592,8 @@ def train_and_evaluate(
                 noise_key, t, sigma, clip_norm, denominator, lr, hparams.momentum,
                 _ema_decay_at(hparams.ema_decay, t)), trainable)
         taken = t + 1
+        if meter is not None:
+            meter.step(taken)
         if config.resume is not None:
             config.resume.verify(taken, state.params)  # issue #18: a replay must match what was reported
         if t == start:
@@ -588,6 +608,8 @@ def train_and_evaluate(
                 metrics["ema_val_accuracy"], _ = evaluate(fns, state.ema_params, dataset.validation, eval_bs)
             metrics["best_val_accuracy"] = max(acc, metrics.get("ema_val_accuracy", 0.0))
             history.append(metrics)
+            if meter is not None:
+                meter.evaluated(taken, metrics)
             if config.resume is not None:
                 config.resume.note(taken, state.params)  # issue #18: the digest of what this report reflects
             if callback is not None and callback(taken, dict(metrics)) and taken < allowed:

@@ -1,0 +1,66 @@
+"""A study's progress as events (:mod:`dptune.progress`): one per finished trial, one for the search so far.
+
+What the events show is what the study's storage holds (trial numbers, timings, states): they are for the
+owner, like the storage. In a private search, whose number of trials K is secret, no event names a trial
+number or counts trials.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial
+
+from dptune.progress import Event, Reporter
+
+
+class StudyWatch:
+    """An Optuna callback: after each finished trial, a ``trial`` event and a ``study`` event."""
+
+    def __init__(self, report: Reporter, study_name: str, asked: int | None, *, private_search: bool):
+        self.report, self.name, self.asked, self.private = report, study_name, asked, private_search
+        self.began = time.monotonic()
+        self.done = 0
+
+    def started(self) -> None:
+        self.report(Event("phase", {"phase": "loading the data and preparing the first trial", "study": self.name}))
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        from dptune.search.results import search_guarantee
+
+        self.done += 1
+        a = trial.user_attrs
+        self.report(Event("trial", {
+            **({} if self.private else {"trial": trial.number}), "state": trial.state.name, "value": trial.value,
+            "epsilon_spent": a.get("epsilon_spent"), "steps": a.get("steps"), "wall_seconds": a.get("wall_seconds"),
+            "reason": a.get("rejected_reason") or a.get("failed_reason")}))
+        guarantee = search_guarantee(study)
+        self.report(Event("study", {"study": self.name, **self._counts(), "best": _best(study),
+                                    "search_epsilon": guarantee.get("total_epsilon"),
+                                    "remaining_epsilon": _remaining(guarantee)}))
+
+    def _counts(self) -> dict[str, Any]:
+        if self.private:
+            return {}
+        elapsed = time.monotonic() - self.began
+        left = None if self.asked is None else max(0, self.asked - self.done)
+        return {"done": self.done, "asked": self.asked,
+                "remaining": None if left is None else elapsed / self.done * left}
+
+
+def _best(study: optuna.Study) -> float | None:
+    try:
+        value = study.best_value
+    except ValueError:  # no completed trial yet
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _remaining(guarantee: dict[str, Any]) -> float | None:
+    """What a pre-committed cap leaves (a filter's), else None."""
+    if guarantee.get("mode") != "filter":
+        return None
+    return max(0.0, float(guarantee["total_epsilon"]) - float(guarantee.get("filter_epsilon") or 0.0))
