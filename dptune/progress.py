@@ -12,7 +12,8 @@ can show the same events as a terminal. The command line picks a reporter:
 
 Kinds of event (``Event.kind``): ``phase`` (a long silent stretch: preparing
 data, compiling, …), ``step`` (inside a run, at most a few per second),
-``eval`` (a validation), ``trial`` (a trial finished) and ``study`` (the search
+``eval`` (a validation; ``epsilon`` in both is this run's own, not what an
+initial checkpoint or the search around it spent), ``trial`` (a trial finished) and ``study`` (the search
 so far). :class:`StepMeter` turns the trainer's steps into ``step`` events on
 the host clock alone: no device synchronisation of its own.
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -69,27 +71,57 @@ def key_values(event: Event) -> str:
     return " ".join(f"{k}={_value(v)}" for k, v in event.as_dict().items() if v is not None)
 
 
-class LogLines:
-    """One ``key=value`` line per event on ``stream`` (``step`` events only if ``steps``); never wrapped."""
+class _Lines:
+    """One line per event on ``stream``. A ``phase`` is written only once it has lasted ``hold`` seconds
+    with nothing else to say: a log names its long silences, not every short step (and a command that
+    fails during one prints its one error line alone)."""
 
-    def __init__(self, stream: IO[str] | None = None, *, steps: bool = False):
-        self.stream = stream
-        self.steps = steps
+    def __init__(self, stream: IO[str] | None = None, *, steps: bool = False, hold: float = 10.0):
+        self.stream, self.steps, self.hold = stream, steps, hold
+        self._lock = threading.Lock()
+        self._held: threading.Timer | None = None
 
-    def __call__(self, event: Event) -> None:
-        if event.kind == "step" and not self.steps:
-            return
-        print(key_values(event), file=self.stream or sys.stderr, flush=True)
+    def format(self, event: Event) -> str:
+        raise NotImplementedError
 
-
-class JsonLines:
-    """One JSON object per event on ``stream``."""
-
-    def __init__(self, stream: IO[str] | None = None):
-        self.stream = stream
+    def _write(self, event: Event) -> None:
+        print(self.format(event), file=self.stream or sys.stderr, flush=True)
 
     def __call__(self, event: Event) -> None:
-        print(json.dumps(event.as_dict(), default=str, allow_nan=True), file=self.stream or sys.stderr, flush=True)
+        with self._lock:
+            if self._held is not None:
+                self._held.cancel()
+                self._held = None
+            if event.kind == "phase" and self.hold > 0:
+                self._held = threading.Timer(self.hold, self._release, args=(event,))
+                self._held.daemon = True
+                self._held.start()
+                return
+            if event.kind != "step" or self.steps:
+                self._write(event)
+
+    def _release(self, event: Event) -> None:
+        with self._lock:
+            if self._held is not None:
+                self._held = None
+                self._write(event)
+
+
+class LogLines(_Lines):
+    """One ``key=value`` line per event (``step`` events only if ``steps``); never wrapped."""
+
+    def format(self, event: Event) -> str:
+        return key_values(event)
+
+
+class JsonLines(_Lines):
+    """One JSON object per event (``step`` events too)."""
+
+    def __init__(self, stream: IO[str] | None = None, *, hold: float = 10.0):
+        super().__init__(stream, steps=True, hold=hold)
+
+    def format(self, event: Event) -> str:
+        return json.dumps(event.as_dict(), default=str, allow_nan=True)
 
 
 def _duration(seconds: float | None) -> str:
@@ -115,7 +147,7 @@ def run_line(d: dict[str, Any]) -> str:
         parts.append(f"{d['examples_per_second']:,.0f} ex/s")
     if d.get("epsilon") is not None:
         budget = f" of {d['epsilon_budget']:g}" if d.get("epsilon_budget") is not None else ""
-        parts.append(f"ε {d['epsilon']:.3g}{budget}")
+        parts.append(f"ε {d['epsilon']:.3g}{budget} (this run)")
     if d.get("val_accuracy") is not None:
         parts.append(f"val {d['val_accuracy']:.4f}")
     parts.append(f"{_duration(d.get('elapsed'))} elapsed, {_duration(d.get('remaining'))} left")

@@ -354,16 +354,18 @@ SPACE = {"batch_size": 400, "epochs": 1, "effective_learning_rate": {"low": 1.0,
 def _private_study(tmp_path, k_wanted, name="private"):
     """A private-search study file whose fixed private seed draws K = ``k_wanted`` (found by search)."""
     count = TrialCount("geometric", 3)
-    seed = next(s for s in range(1000)
-                if count.sample(SecretSeed.from_int(s).child("number of trials").sampler()) == k_wanted)
     (tmp_path / "space.yaml").write_text(yaml.safe_dump(SPACE))
-    cfg = {"name": name, "dataset": "digits", "validation_dataset": "mnist5k", "image_size": 8,
-           "search_privacy": {"total_epsilon": 8.0, "delta": 1e-5, "trials": {"distribution": "geometric", "mean": 3}},
-           "budget": {"max_epochs": 1, "min_steps": 1}, "private_seed": seed, "microbatch_size": 128,
-           "search_space": "space.yaml"}
     path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return str(path)
+    for seed in range(1000):
+        cfg = {"name": name, "dataset": "digits", "validation_dataset": "mnist5k", "image_size": 8,
+               "search_privacy": {"total_epsilon": 8.0, "delta": 1e-5,
+                                  "trials": {"distribution": "geometric", "mean": 3}},
+               "budget": {"max_epochs": 1, "min_steps": 1}, "private_seed": seed, "microbatch_size": 128,
+               "search_space": "space.yaml"}
+        path.write_text(yaml.safe_dump(cfg))
+        if count.sample(study.trial_count_secret(config.load_study(str(path))).sampler()) == k_wanted:
+            return str(path)
+    raise AssertionError(f"no seed below 1000 draws K = {k_wanted}")
 
 
 @pytest.mark.slow
@@ -664,3 +666,87 @@ def test_optimize_refuses_data_that_changed_since_create(tmp_path):
     with pytest.raises(study.StudyError, match="is not what it was when the study was created"):
         study.optimize("o", storage, n_trials=1)
     assert not optuna.load_study(study_name="o", storage=storage).trials
+
+
+# -- review of the lineage and fixed-seed changes: what a run identity must hold -------------------------------
+
+def _identity_secret(dataset, config, hp=None):
+    from dptune.trainer import train as trainer
+
+    hp = hp or Hyperparams(batch_size=200, learning_rate=0.5, clip_norm=1.0, noise_multiplier=2.0)
+    devices = tuple(jax.local_devices()[:1])
+    settings = trainer._public_settings(dataset, hp, 3, config, PrivacyBudget(8.0, 1e-5), devices)
+    return trainer.run_secret(config, settings).bits
+
+
+def test_a_fixed_seed_keys_normalisation_and_user_code_apart_but_not_the_clipping_engine(digits, tmp_path,
+                                                                                          monkeypatch):
+    base = RunConfig(private_seed=3, microbatch_size=64)
+    same = {_identity_secret(digits, base.__class__(**{**base.__dict__, "clipping": c}))
+            for c in ("vmap", "bookkeeping", "auto")}
+    assert len(same) == 1  # one clipped sum, computed three ways: one run
+    normalized = _identity_secret(digits, RunConfig(private_seed=3, microbatch_size=64, clipping="normalize"))
+    assert normalized not in same  # another mechanism: sharing its noise would cancel it in a difference
+    # A user's model is its code: an edit of the file is another run.
+    module = tmp_path / "seeded_user_model.py"
+    module.write_text("from dptune.models.builtin import build_model\n"
+                      "def make(num_classes, **_):\n    return build_model('cnn', num_classes)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    user = RunConfig(private_seed=3, microbatch_size=64, model="seeded_user_model:make")
+    before = _identity_secret(digits, user)
+    module.write_text(module.read_text() + "# edited\n")
+    assert _identity_secret(digits, user) != before
+
+
+def test_a_fixed_seed_on_record_data_is_refused_before_anything_trains(tmp_path):
+    from dptune.data import pipeline
+
+    images = np.zeros((60, 8, 8, 1), np.uint8)
+    for split, n in (("train", 40), ("test", 20)):
+        pipeline.write_arrayrecord(str(tmp_path / "r"), split, images[:n], np.arange(n) % 10, num_classes=10,
+                                   image_format="png")
+    data = load_dataset("arrayrecord:" + str(tmp_path / "r"), validation_fraction=0.25)
+    hp = Hyperparams(batch_size=10, learning_rate=0.5, clip_norm=1.0, noise_multiplier=2.0)
+    with pytest.raises(ConfigError, match="private_seed: a fixed seed needs data whose content"):
+        train_and_evaluate(data, hp, 2, config=RunConfig(private_seed=3, microbatch_size=10),
+                           budget=PrivacyBudget(8.0, 1e-5))
+
+
+def test_a_trials_own_checkpoint_is_a_candidate_not_a_release(digits, tmp_path):
+    hp = Hyperparams(batch_size=200, learning_rate=0.5, clip_norm=1.0, noise_multiplier=2.0)
+    pending = str(tmp_path / "trial-0.msgpack")
+    train_and_evaluate(digits, hp, 2, budget=PrivacyBudget(8.0, 1e-5),
+                       config=RunConfig(microbatch_size=64, save_checkpoint=pending, search="s"))
+    with pytest.raises(checkpoint.CheckpointError, match="while it ran"):
+        checkpoint.prior_spend(pending, "digits", private=True)
+
+
+def test_a_private_search_reports_no_event_per_trial(tmp_path):
+    events = []
+    storage = f"sqlite:///{tmp_path / 'p.db'}"
+    study.create_study(config.load_study(_private_study(tmp_path, 2)), storage)
+    study.optimize("private", storage, n_trials=5, progress=events.append)
+    assert len(optuna.load_study(study_name="private", storage=storage).trials) == 2
+    assert events == []  # no event per trial: their number and timing would tell K
+
+
+def test_a_fixed_seed_never_runs_two_audits_alike(digits):
+    from dptune.search.audit import _audit_secret
+
+    hp = Hyperparams(batch_size=200, learning_rate=0.5, clip_norm=1.0, noise_multiplier=2.0)
+    cfg = RunConfig(private_seed=3, microbatch_size=64)
+    one = _audit_secret(cfg, digits, hp, 3, "white-box", 100, 0).bits
+    assert one == _audit_secret(cfg, digits, hp, 3, "white-box", 100, 0).bits  # the same audit replays
+    assert one != _audit_secret(cfg, digits, hp, 3, "white-box", 200, 0).bits
+    assert one != _audit_secret(cfg, digits, hp, 4, "white-box", 100, 0).bits
+
+
+def test_one_sqlite_lock_whatever_the_name_of_the_file(tmp_path):
+    from dptune.search import storage as storage_lib
+
+    (tmp_path / "lk.db").write_bytes(b"")
+    os.symlink(tmp_path / "lk.db", tmp_path / "link.db")
+    with storage_lib.one_process(f"sqlite:///{tmp_path / 'lk.db'}"):
+        with pytest.raises(storage_lib.StorageError, match="another dptune process"):
+            with storage_lib.one_process(f"sqlite:///{tmp_path / 'link.db'}"):
+                pass

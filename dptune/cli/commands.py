@@ -446,7 +446,7 @@ def _optimize_pool(args: argparse.Namespace, console: Any) -> int:
         # Trials and the search so far are read from the storage here, once for all workers; the workers
         # send their running trials' steps and validations.
         watch = StudyWatch(report, args.study_name, args.n_trials,
-                           private_search=resolved.study.private_search is not None)
+                           private_search=bool(resolved.study.private_search))
 
         def relay(event: Any) -> None:
             if event.kind not in ("trial", "study"):

@@ -66,6 +66,8 @@ be exceeded or in a private search, whose bound would break).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import resource
@@ -95,6 +97,7 @@ from dptune.trainer.run import check_model
 from dptune.trainer.train import Hyperparams, PrivacyBudget, RunConfig, train_and_evaluate
 
 THREAT_MODELS: tuple[str, ...] = ("white-box", "black-box")
+BLACK_BOX_MAX = 10_000  # black-box canaries allowed beyond the training-set size
 DEFAULT_CANARIES = 1000
 DEFAULT_CONFIDENCE = 0.95
 LOW_FPR = 0.01
@@ -476,16 +479,18 @@ def check_request(threat_model: str, canaries: int, confidence: float, num_examp
     """Refuse an audit that cannot run, from its arguments alone (before anything is recorded or read).
 
     Raises:
-      ConfigError: unknown threat model, m < 2, black-box canaries more than the training examples (they join
-        the training split), confidence outside (0, 1).
+      ConfigError: unknown threat model, m < 2, black-box canaries more than the training examples and
+        :data:`BLACK_BOX_MAX` (they join the training split, in memory), confidence outside (0, 1).
     """
     if threat_model not in THREAT_MODELS:
         raise ConfigError("threat_model", f"unknown {threat_model!r}; allowed: {', '.join(THREAT_MODELS)}")
     if canaries < 2:
         raise ConfigError("canaries", f"must be >= 2, got {canaries}")
-    if threat_model == "black-box" and canaries > num_examples:
+    most = max(num_examples, BLACK_BOX_MAX)
+    if threat_model == "black-box" and canaries > most:
+        # They are inputs held in memory and trained on beside the training examples.
         raise ConfigError("canaries", f"black-box canaries join the {num_examples} training examples; at most "
-                                      f"{num_examples}, got {canaries}")
+                                      f"{most:,}, got {canaries:,}")
     if not 0 < confidence < 1:
         raise ConfigError("confidence", f"must be in (0, 1), got {confidence}")
 
@@ -549,7 +554,7 @@ def run_audit(
     if not config.private:
         raise ConfigError("private", "a non-private run claims no ε; there is nothing to audit")
     say = progress or (lambda _line: None)
-    secret = config.secret or SecretSeed.resolve(config.private_seed)
+    secret = config.secret or _audit_secret(config, dataset, hparams, steps, threat_model, canaries, canary_seed)
     # Canaries and faults hook into the microbatch loop (dptune.trainer.train.train_step); the compiled feeds
     # equal it to float tolerance (tests/test_feed.py). Forced here for both threat models: the
     # black-box canary wrapper is not an in-memory split a feed could copy.
@@ -614,6 +619,16 @@ def run_audit(
         wall_seconds=time.perf_counter() - wall0, cpu_seconds=_cpu_seconds() - cpu0, fault=faults.active(),
         notes=notes,
     )
+
+
+def _audit_secret(config: RunConfig, dataset: Dataset, hparams: Hyperparams, steps: int, threat_model: str,
+                  canaries: int, canary_seed: int) -> SecretSeed:
+    """The OS's secret, or a fixed seed keyed on the audit it serves (one seed never runs two audits alike)."""
+    if config.private_seed is None:
+        return SecretSeed.from_os()
+    what = json.dumps([repr(config), repr(hparams), steps, threat_model, canaries, canary_seed, dataset.name,
+                       dataset.split.as_dict()], sort_keys=True, default=str)
+    return SecretSeed.from_int(config.private_seed).child("audit " + hashlib.sha256(what.encode()).hexdigest())
 
 
 def _cpu_seconds() -> float:

@@ -114,12 +114,11 @@ class Objective:
         check_model(cfg, dataset)
 
     def _progress_of(self, trial: optuna.Trial) -> Reporter | None:
-        """The trial's progress events, tagged with its number (not in a private search: numbers tell K)."""
+        """The trial's progress events, tagged with its number; none in a private search (they would tell K)."""
         report = self.progress
-        if report is None:
+        if report is None or self.private_search is not None:
             return None
-        tag = {} if self.private_search is not None else {"trial": trial.number}
-        return lambda event: report(event.tagged(**tag))
+        return lambda event: report(event.tagged(trial=trial.number))
 
     def microbatch_size(self) -> int:
         """The study's microbatch, measured once per worker (and cached on disk) when set to ``auto``."""
@@ -240,7 +239,7 @@ class Objective:
         pending = release.pending_path(folder, trial.number)
         # A mode's proxies keep no model: only its final run is released.
         config = dataclasses.replace(config, save_checkpoint=None if setup is not None and not setup.final
-                                     else pending)
+                                     else pending, search=trial.study.study_name)
         checkpointer = self._checkpointer(trial, plan, config, folder)
         point = None
         if checkpointer is not None:

@@ -193,7 +193,9 @@ def one_process(url: str) -> Iterator[None]:
         return
     import fcntl
 
-    fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    # The database file itself, by its real path (one lock for every name of it), read-only: no file is
+    # created, and flock does not touch the byte-range locks SQLite takes.
+    fd = os.open(os.path.realpath(path), os.O_RDONLY)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -16,6 +16,8 @@ requests every trial writes before it reads the others'.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import tempfile
@@ -77,6 +79,13 @@ def _trial_count(cfg: StudyConfig) -> TrialCount:
         raise ConfigError("search_privacy.trials", str(e)) from None
 
 
+def trial_count_secret(resolved: ResolvedStudy) -> SecretSeed:
+    """Where a private search's K comes from: the OS, or a fixed ``private_seed`` keyed on the study's
+    configuration too (two searches never share their K)."""
+    digest = hashlib.sha256(json.dumps(resolved.to_json(), sort_keys=True, default=str).encode()).hexdigest()
+    return SecretSeed.resolve(resolved.study.private_seed).child(f"number of trials {digest}")
+
+
 def _plan_private_search(resolved: ResolvedStudy, dataset: Dataset, delta: float,
                          prior: Sequence[tuple[float, float, int]] = ()) -> dict[str, Any]:
     """Draw the number of trials and calibrate the one mechanism every trial runs.
@@ -103,9 +112,8 @@ def _plan_private_search(resolved: ResolvedStudy, dataset: Dataset, delta: float
     sigma = search_privacy.noise_for_search(q, steps, total, delta, count, prior)
     # The bound holds over the randomness of K, so K is as secret as the noise:
     # drawn from the OS, or from private_seed (reproducible; keep it secret).
-    secret = SecretSeed.resolve(cfg.private_seed).child("number of trials")
     return {
-        "n_trials": count.sample(secret.sampler()),
+        "n_trials": count.sample(trial_count_secret(resolved).sampler()),
         "n_trials_seed_fixed": cfg.private_seed is not None,
         "distribution": count.distribution,
         "mean_trials": count.mean,
@@ -489,7 +497,6 @@ def optimize(
     if progress is not None:
         watch = StudyWatch(progress, study_name, n_trials, private_search=private is not None)
         hooks.insert(1, watch)  # after the best model is kept, before the user's callbacks
-        watch.started()
     mode = study.user_attrs.get(modes.MODE_ATTR)
     if mode is not None:  # issue #20: proxies until the final run (dptune.search.proxy.finalize), then nothing
         if modes.final_trial(study.trials) is not None:

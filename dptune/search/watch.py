@@ -1,8 +1,8 @@
 """A study's progress as events (:mod:`dptune.progress`): one per finished trial, one for the search so far.
 
 What the events show is what the study's storage holds (trial numbers, timings, states): they are for the
-owner, like the storage. In a private search, whose number of trials K is secret, no event names a trial
-number or counts trials.
+owner, like the storage. A private search, whose number of trials K is secret, sends no event per trial
+(their number and timing would tell K).
 """
 
 from __future__ import annotations
@@ -25,16 +25,15 @@ class StudyWatch:
         self.began = time.monotonic()
         self.done = 0
 
-    def started(self) -> None:
-        self.report(Event("phase", {"phase": "loading the data and preparing the first trial", "study": self.name}))
-
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         from dptune.search.results import search_guarantee
 
+        if self.private:
+            return
         self.done += 1
         a = trial.user_attrs
         self.report(Event("trial", {
-            **({} if self.private else {"trial": trial.number}), "state": trial.state.name, "value": trial.value,
+            "trial": trial.number, "state": trial.state.name, "value": trial.value,
             "epsilon_spent": a.get("epsilon_spent"), "steps": a.get("steps"), "wall_seconds": a.get("wall_seconds"),
             "reason": a.get("rejected_reason") or a.get("failed_reason")}))
         guarantee = search_guarantee(study)
@@ -43,8 +42,6 @@ class StudyWatch:
                                     "remaining_epsilon": _remaining(guarantee)}))
 
     def _counts(self) -> dict[str, Any]:
-        if self.private:
-            return {}
         elapsed = time.monotonic() - self.began
         left = None if self.asked is None else max(0, self.asked - self.done)
         return {"done": self.done, "asked": self.asked,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
@@ -134,6 +135,9 @@ class RunConfig:
     # Issue #20 (dptune.search.modes, subset tuning): the public Poisson rate q when the training split is a
     # secret random subset, whose size must not set q; the expected batch is then ``batch_size``. None: B/N.
     sampling_rate: float | None = None
+    # A trial of this study: its saved parameters are a search's candidate, not a release
+    # (dptune.models.checkpoint.prior_spend refuses them until the study exports its choice).
+    search: str | None = None
 
 
 @dataclass
@@ -283,6 +287,23 @@ def _meter(progress: Reporter, planned: int, start: int, q: float, sigma: float,
                      epsilon_at=epsilon_at, epsilon_budget=None if budget is None else budget.epsilon)
 
 
+def _code_digest(config: RunConfig) -> str:
+    """SHA-256 of the source files of a user's model and loss (named by import path): their code is the run too."""
+    import importlib.util
+
+    h = hashlib.sha256()
+    for path in (config.model, config.loss):
+        if path and is_import_path(path):
+            spec = importlib.util.find_spec(path.split(":", 1)[0])
+            origin = None if spec is None else spec.origin
+            if origin and os.path.isfile(origin):
+                with open(origin, "rb") as f:
+                    h.update(f.read())
+            else:
+                h.update(path.encode())
+    return h.hexdigest()
+
+
 def run_secret(config: RunConfig, settings: dict[str, Any] | None) -> SecretSeed:
     """The secret of one run: the caller's, the OS's, or a fixed ``private_seed`` keyed on what the run is.
 
@@ -298,10 +319,11 @@ def run_secret(config: RunConfig, settings: dict[str, Any] | None) -> SecretSeed
         return SecretSeed.from_os()
     assert settings is not None  # computed whenever a seed is fixed
     # Where and how it runs is not what it computes: the same run on other devices or feeds replays itself.
+    # Clipping engines compute one clipped sum; normalisation is another mechanism.
     layout = {"num_devices", "microbatch_size", "clipping", "feed", "loader_workers", "device_data_fraction",
-              "save_checkpoint", "eval_every", "eval_batch_size"}
-    what = {**settings, "devices": None,
-            "config": {k: v for k, v in settings["config"].items() if k not in layout}}
+              "save_checkpoint", "eval_every", "eval_batch_size", "search"}
+    what = {**settings, "devices": None, "sum": "normalize" if config.clipping == "normalize" else "clip",
+            "code": _code_digest(config), "config": {k: v for k, v in settings["config"].items() if k not in layout}}
     identity = json.dumps(what, sort_keys=True, default=str)
     start = checkpoint.fingerprint(config.init_checkpoint) if config.init_checkpoint else ""
     digest = hashlib.sha256(f"{identity}\n{start}".encode()).hexdigest()
@@ -505,6 +527,10 @@ def train_and_evaluate(
                                        unsafe_ignore=config.unsafe_ignore_checkpoint_provenance)
 
     devices = _devices(config)
+    if config.secret is None and config.private_seed is not None and isinstance(dataset.train, RecordSplit):
+        # The run identity a fixed seed is keyed on holds the data; records are not read to hash them.
+        raise ConfigError("private_seed", f"a fixed seed needs data whose content dptune hashes, and {dataset.name!r} "
+                                          "is read record by record; leave private_seed unset (OS randomness)")
     settings = (_public_settings(dataset, hparams, steps, config, budget, devices)
                 if jax.process_count() > 1 or (config.secret is None and config.private_seed is not None) else None)
     if jax.process_count() > 1:
@@ -642,6 +668,7 @@ def train_and_evaluate(
         lineage = checkpoint.lineage(config.init_checkpoint) + [{
             "dataset": dataset.name, "private": config.private,
             "events": [[q, sigma, taken]] if config.private else [],
+            **({} if config.search is None else {"search": {"study": config.search, "exported": False}}),
         }]
         checkpoint.save(config.save_checkpoint, multihost.fetch(selected_params), {
             "model": config.model, "weight_standardization": config.weight_standardization,
