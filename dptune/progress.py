@@ -12,7 +12,7 @@ can show the same events as a terminal. The command line picks a reporter:
 
 Kinds of event (``Event.kind``): ``phase`` (a long silent stretch: preparing
 data, compiling, …), ``step`` (inside a run, at most a few per second),
-``eval`` (a validation; ``epsilon`` in both is this run's own, not what an
+``eval`` (a validation; ``run_epsilon`` in both is this run's own, not what an
 initial checkpoint or the search around it spent), ``trial`` (a trial finished) and ``study`` (the search
 so far). :class:`StepMeter` turns the trainer's steps into ``step`` events on
 the host clock alone: no device synchronisation of its own.
@@ -145,9 +145,9 @@ def run_line(d: dict[str, Any]) -> str:
         parts.append(f"epoch {d['epoch']:.2f}")
     if d.get("examples_per_second"):
         parts.append(f"{d['examples_per_second']:,.0f} ex/s")
-    if d.get("epsilon") is not None:
+    if d.get("run_epsilon") is not None:
         budget = f" of {d['epsilon_budget']:g}" if d.get("epsilon_budget") is not None else ""
-        parts.append(f"ε {d['epsilon']:.3g}{budget} (this run)")
+        parts.append(f"ε {d['run_epsilon']:.3g}{budget} (this run)")
     if d.get("val_accuracy") is not None:
         parts.append(f"val {d['val_accuracy']:.4f}")
     parts.append(f"{_duration(d.get('elapsed'))} elapsed, {_duration(d.get('remaining'))} left")
@@ -257,7 +257,7 @@ class StepMeter:
         rate = done / elapsed if elapsed > 0 and done > 0 else None
         return {"step": taken, "planned": self.planned, "epoch": taken * self.q,
                 "examples_per_second": None if rate is None else rate * self.batch,
-                "epsilon": self._epsilon(taken),
+                "run_epsilon": self._epsilon(taken),
                 "epsilon_budget": self.budget, "val_accuracy": self.val, "elapsed": elapsed,
                 "remaining": None if rate is None else (self.planned - taken) / rate}
 

@@ -351,8 +351,15 @@ SPACE = {"batch_size": 400, "epochs": 1, "effective_learning_rate": {"low": 1.0,
          "clip_norm": {"low": 0.5, "high": 2.0, "log": True}}
 
 
-def _private_study(tmp_path, k_wanted, name="private"):
-    """A private-search study file whose fixed private seed draws K = ``k_wanted`` (found by search)."""
+FIXED_STUDY_ID = "ab" * 16
+
+
+def _private_study(tmp_path, k_wanted, monkeypatch, name="private"):
+    """A private-search study file whose fixed private seed draws K = ``k_wanted`` (found by search) for studies
+    created in this process, whose random id is fixed here (K is keyed on it)."""
+    from dptune.search import release
+
+    monkeypatch.setattr(release, "new_study_id", lambda: FIXED_STUDY_ID)
     count = TrialCount("geometric", 3)
     (tmp_path / "space.yaml").write_text(yaml.safe_dump(SPACE))
     path = tmp_path / f"{name}.yaml"
@@ -363,16 +370,17 @@ def _private_study(tmp_path, k_wanted, name="private"):
                "budget": {"max_epochs": 1, "min_steps": 1}, "private_seed": seed, "microbatch_size": 128,
                "search_space": "space.yaml"}
         path.write_text(yaml.safe_dump(cfg))
-        if count.sample(study.trial_count_secret(config.load_study(str(path))).sampler()) == k_wanted:
+        secret = study.trial_count_secret(config.load_study(str(path)), FIXED_STUDY_ID)
+        if count.sample(secret.sampler()) == k_wanted:
             return str(path)
     raise AssertionError(f"no seed below 1000 draws K = {k_wanted}")
 
 
 @pytest.mark.slow
-def test_two_pools_on_one_journal_study_run_exactly_k_trials(tmp_path):
+def test_two_pools_on_one_journal_study_run_exactly_k_trials(tmp_path, monkeypatch):
     storage = f"journal:///{tmp_path / 'shared.journal'}"
-    path = _private_study(tmp_path, 4)
-    assert _cli("study", "create", "--config", path, "--storage", storage, cwd=tmp_path).returncode == 0
+    path = _private_study(tmp_path, 4, monkeypatch)
+    study.create_study(config.load_study(path), storage)  # here: its id (and so K) is the one fixed above
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     cmd = [sys.executable, "-m", "dptune.cli", "optimize", "--study-name", "private", "--storage", storage,
            "--n-trials", "4", "--workers", "2"]
@@ -387,9 +395,9 @@ def test_two_pools_on_one_journal_study_run_exactly_k_trials(tmp_path):
     assert g["complete"] and g["valid"]
 
 
-def test_more_than_k_trials_on_the_data_voids_the_bound(tmp_path):
+def test_more_than_k_trials_on_the_data_voids_the_bound(tmp_path, monkeypatch):
     storage = f"sqlite:///{tmp_path / 's.db'}"
-    s = study.create_study(config.load_study(_private_study(tmp_path, 2)), storage)
+    s = study.create_study(config.load_study(_private_study(tmp_path, 2, monkeypatch)), storage)
     plan = s.user_attrs["private_search"]
     dist = {"clip_norm": optuna.distributions.FloatDistribution(0.5, 2.0)}
     for _ in range(3):  # what two processes counting K each on their own used to do
@@ -415,7 +423,7 @@ def _walk_keys(obj):
 
 
 @pytest.mark.slow
-def test_private_search_release_shows_neither_k_nor_trial_numbers(tmp_path, capsys):
+def test_private_search_release_shows_neither_k_nor_trial_numbers(tmp_path, monkeypatch, capsys):
     import dptune.cli as cli
 
     def run(*args):
@@ -425,7 +433,7 @@ def test_private_search_release_shows_neither_k_nor_trial_numbers(tmp_path, caps
         return out.out + out.err
 
     storage = f"sqlite:///{tmp_path / 's.db'}"
-    path = _private_study(tmp_path, 3)
+    path = _private_study(tmp_path, 3, monkeypatch)
     printed = [run("study", "create", "--config", path, "--storage", storage),
                run("optimize", "--study-name", "private", "--storage", storage, "--n-trials", "10")]
     s = optuna.load_study(study_name="private", storage=storage)
@@ -461,8 +469,8 @@ def test_unseeded_random_sampler_draws_from_the_os():
 
 # -- 6. a separate public validation dataset ------------------------------------------------
 
-def test_private_search_requires_a_separate_validation_dataset(tmp_path):
-    path = _private_study(tmp_path, 2)
+def test_private_search_requires_a_separate_validation_dataset(tmp_path, monkeypatch):
+    path = _private_study(tmp_path, 2, monkeypatch)
     data = yaml.safe_load(Path(path).read_text())
     for change, message in (({"validation_dataset": None}, "validation_dataset"),
                             ({"validation_dataset": "digits"}, "not the private"),
@@ -603,9 +611,9 @@ def test_a_checkpoint_replaced_after_create_is_refused_before_touching_data(tmp_
     assert t.state == optuna.trial.TrialState.FAIL and not results.touched_data(t)
 
 
-def test_a_queued_retry_is_not_counted_before_it_runs_and_private_search_does_not_retry(tmp_path):
+def test_a_queued_retry_is_not_counted_before_it_runs_and_private_search_does_not_retry(tmp_path, monkeypatch):
     storage = f"sqlite:///{tmp_path / 'r.db'}"
-    s = study.create_study(config.load_study(_private_study(tmp_path, 1)), storage)
+    s = study.create_study(config.load_study(_private_study(tmp_path, 1, monkeypatch)), storage)
     plan = s.user_attrs["private_search"]
     attrs = {"touched_data": True, "sampling_rate": plan["sampling_rate"], "noise_multiplier": plan["noise_multiplier"],
              "steps": plan["steps"]}
@@ -634,10 +642,10 @@ def _ordinary(tmp_path):
     return storage
 
 
-def test_private_search_calibrates_with_a_private_checkpoints_spend(tmp_path, digits):
+def test_private_search_calibrates_with_a_private_checkpoints_spend(tmp_path, monkeypatch, digits):
     prior = [[0.1, 2.0, 100]]
     ck = _fake_checkpoint(tmp_path / "priv.msgpack", digits, [{"dataset": "digits", "private": True, "events": prior}])
-    path = _private_study(tmp_path, 2)
+    path = _private_study(tmp_path, 2, monkeypatch)
     data = yaml.safe_load(Path(path).read_text())
     without = study.create_study(config.load_study(path), f"sqlite:///{tmp_path / 'a.db'}")
     Path(path).write_text(yaml.safe_dump({**data, "init_checkpoint": ck}))
@@ -679,15 +687,20 @@ def _identity_secret(dataset, config, hp=None):
     return trainer.run_secret(config, settings).bits
 
 
-def test_a_fixed_seed_keys_normalisation_and_user_code_apart_but_not_the_clipping_engine(digits, tmp_path,
-                                                                                          monkeypatch):
+def test_a_fixed_seed_keys_every_setting_that_can_move_a_parameter_and_user_code(digits, tmp_path, monkeypatch):
+    import dataclasses
+
     base = RunConfig(private_seed=3, microbatch_size=64)
-    same = {_identity_secret(digits, base.__class__(**{**base.__dict__, "clipping": c}))
-            for c in ("vmap", "bookkeeping", "auto")}
-    assert len(same) == 1  # one clipped sum, computed three ways: one run
-    normalized = _identity_secret(digits, RunConfig(private_seed=3, microbatch_size=64, clipping="normalize"))
-    assert normalized not in same  # another mechanism: sharing its noise would cancel it in a difference
-    # A user's model is its code: an edit of the file is another run.
+    # Engines, microbatches and normalisation agree at most up to rounding (frozen layers may even count
+    # differently in an engine's norms): sharing noise would leave a noise-free difference.
+    variants = [dataclasses.replace(base, clipping=c) for c in ("vmap", "bookkeeping", "auto", "normalize")]
+    variants += [dataclasses.replace(base, microbatch_size=32), dataclasses.replace(base, feed="resident")]
+    secrets = [_identity_secret(digits, v) for v in variants]
+    assert len(set(secrets)) == len(secrets)
+    # What cannot move a parameter leaves the run as it is: the same command replays itself.
+    assert _identity_secret(digits, dataclasses.replace(base, eval_every=7, save_checkpoint="x")) == \
+        _identity_secret(digits, base)
+    # A user's model is its code: an edit of its folder's files is another run.
     module = tmp_path / "seeded_user_model.py"
     module.write_text("from dptune.models.builtin import build_model\n"
                       "def make(num_classes, **_):\n    return build_model('cnn', num_classes)\n")
@@ -721,10 +734,10 @@ def test_a_trials_own_checkpoint_is_a_candidate_not_a_release(digits, tmp_path):
         checkpoint.prior_spend(pending, "digits", private=True)
 
 
-def test_a_private_search_reports_no_event_per_trial(tmp_path):
+def test_a_private_search_reports_no_event_per_trial(tmp_path, monkeypatch):
     events = []
     storage = f"sqlite:///{tmp_path / 'p.db'}"
-    study.create_study(config.load_study(_private_study(tmp_path, 2)), storage)
+    study.create_study(config.load_study(_private_study(tmp_path, 2, monkeypatch)), storage)
     study.optimize("private", storage, n_trials=5, progress=events.append)
     assert len(optuna.load_study(study_name="private", storage=storage).trials) == 2
     assert events == []  # no event per trial: their number and timing would tell K
@@ -743,10 +756,14 @@ def test_a_fixed_seed_never_runs_two_audits_alike(digits):
 
 def test_one_sqlite_lock_whatever_the_name_of_the_file(tmp_path):
     from dptune.search import storage as storage_lib
+    from tests.test_study import holding_the_lock
 
     (tmp_path / "lk.db").write_bytes(b"")
     os.symlink(tmp_path / "lk.db", tmp_path / "link.db")
-    with storage_lib.one_process(f"sqlite:///{tmp_path / 'lk.db'}"):
-        with pytest.raises(storage_lib.StorageError, match="another dptune process"):
-            with storage_lib.one_process(f"sqlite:///{tmp_path / 'link.db'}"):
-                pass
+    with holding_the_lock(tmp_path / "lk.db"):
+        for name in ("lk.db", "link.db"):
+            with pytest.raises(storage_lib.StorageError, match="another dptune process"):
+                with storage_lib.one_process(f"sqlite:///{tmp_path / name}"):
+                    pass
+    with storage_lib.one_process(f"sqlite:///{tmp_path / 'link.db'}"):  # free again once it has gone
+        pass

@@ -39,7 +39,7 @@ def test_step_events_are_throttled_on_the_host_clock_and_bound_epsilon_by_the_ca
         now[0] = float(t)  # a step a second
         meter.step(t)
     assert [e.data["step"] for e in got] == [1, 11, 21, 31, 41, 51, 61, 71, 81, 91]  # one per 10 s
-    assert got[1].data["epsilon"] == pytest.approx(1.1) and got[-1].data["epsilon"] == 5.0  # min(RDP bound, cap)
+    assert got[1].data["run_epsilon"] == pytest.approx(1.1) and got[-1].data["run_epsilon"] == 5.0  # min(RDP, cap)
     meter.evaluated(100, {"val_accuracy": 0.5, "best_val_accuracy": 0.6})
     last = got[-1].data
     assert got[-1].kind == "eval" and last["val_accuracy"] == 0.5 and meter.val == 0.6
@@ -70,7 +70,7 @@ def test_a_live_view_shows_each_running_trial_and_the_study():
     console = Console(record=True, width=200, force_terminal=True)
     with progress.Live(console=console) as live:
         live(Event("step", {"trial": 3, "step": 40, "planned": 120, "epoch": 1.5, "examples_per_second": 900.0,
-                            "epsilon": 1.2, "epsilon_budget": 3.0, "val_accuracy": 0.91, "elapsed": 65.0,
+                            "run_epsilon": 1.2, "epsilon_budget": 3.0, "val_accuracy": 0.91, "elapsed": 65.0,
                             "remaining": 130.0}))
         live(Event("step", {"worker": 1, "trial": 4, "step": 7, "planned": 120, "elapsed": 5.0}))
         live(Event("study", {"study": "s", "done": 2, "asked": 8, "best": 0.93, "search_epsilon": 4.5,

@@ -1,5 +1,6 @@
 """The study driver end to end, on real SQLite storage, read back with plain Optuna."""
 
+import contextlib
 import sqlite3
 from pathlib import Path
 
@@ -308,7 +309,25 @@ def test_two_processes_never_run_trials_of_one_sqlite_study_at_once(tmp_path):
 
     storage = storage_of(tmp_path)
     study.create_study(config.load_study(write(tmp_path)), storage)
-    with storage_lib.one_process(storage):  # as another `dptune optimize` would hold it
+    with holding_the_lock(tmp_path / "studies.db"):  # as another `dptune optimize` would hold it
         with pytest.raises(storage_lib.StorageError, match="another dptune process is running trials"):
             study.optimize("e2e", storage, n_trials=1)
     assert optuna.load_study(study_name="e2e", storage=storage).trials == []
+
+
+@contextlib.contextmanager
+def holding_the_lock(path):
+    """Another process that holds ``storage.one_process``'s lock on the SQLite file ``path``."""
+    import subprocess
+    import sys
+
+    code = ("import fcntl, os, sys, time\n"
+            "fd = os.open(sys.argv[1], os.O_RDONLY)\nfcntl.flock(fd, fcntl.LOCK_EX)\n"
+            "print('held', flush=True)\ntime.sleep(120)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        yield
+    finally:
+        holder.kill()
+        holder.wait()

@@ -623,12 +623,24 @@ def run_audit(
 
 def _audit_secret(config: RunConfig, dataset: Dataset, hparams: Hyperparams, steps: int, threat_model: str,
                   canaries: int, canary_seed: int) -> SecretSeed:
-    """The OS's secret, or a fixed seed keyed on the audit it serves (one seed never runs two audits alike)."""
+    """The OS's secret, or a fixed seed keyed on the audit it serves, as a run's is
+    (:func:`dptune.trainer.train.run_secret`: settings, data, code): one seed never runs two audits alike.
+
+    Raises:
+      ConfigError: a fixed seed on a dataset read record by record (not hashed), or on code without a file.
+    """
+    from dptune.data.datasets import RecordSplit
+    from dptune.trainer import train as trainer
+
     if config.private_seed is None:
         return SecretSeed.from_os()
-    what = json.dumps([repr(config), repr(hparams), steps, threat_model, canaries, canary_seed, dataset.name,
-                       dataset.split.as_dict()], sort_keys=True, default=str)
-    return SecretSeed.from_int(config.private_seed).child("audit " + hashlib.sha256(what.encode()).hexdigest())
+    if isinstance(dataset.train, RecordSplit):
+        raise ConfigError("private_seed", f"a fixed seed needs data whose content dptune hashes, and "
+                                          f"{dataset.name!r} is read record by record; leave private_seed unset")
+    settings = trainer._public_settings(dataset, hparams, steps, config, None, trainer._devices(config))
+    run = trainer.run_secret(config, settings)
+    what = json.dumps([threat_model, canaries, canary_seed])
+    return run.child("audit " + hashlib.sha256(what.encode()).hexdigest())
 
 
 def _cpu_seconds() -> float:

@@ -310,7 +310,8 @@ class Objective:
         }
         if result.warnings:  # a trial at chance because its loss is NaN must not read as a poor setting
             attrs["warnings"] = result.warnings
-            logging.getLogger(__name__).warning("trial %d: %s", trial.number, "; ".join(result.warnings))
+            who = "a trial" if self.private_search is not None else f"trial {trial.number}"  # numbers tell K
+            logging.getLogger(__name__).warning("%s: %s", who, "; ".join(result.warnings))
         for k, v in attrs.items():
             trial.set_user_attr(k, v)
         if result.stopped_early:

@@ -176,6 +176,9 @@ def writing(url: str) -> Iterator[None]:
         raise StorageError(f"storage: cannot write to {url!r}: {e.strerror}") from None
 
 
+_LOCKS: dict[tuple[int, int], int] = {}  # (device, inode) of a database -> the descriptor its lock is taken on
+
+
 @contextlib.contextmanager
 def one_process(url: str) -> Iterator[None]:
     """For SQLite: hold the study's storage for this process alone while it runs trials.
@@ -184,27 +187,48 @@ def one_process(url: str) -> Iterator[None]:
     the row in between, so two processes can both take one trial and write two runs into one record,
     of which the search would count one. Journal files and database servers take it atomically.
 
+    The lock is ``flock`` on the database file itself (whatever name reaches it; no file is created),
+    which does not touch the byte-range locks SQLite takes. Its descriptor stays open for the life of
+    the process and is only unlocked: closing a descriptor of the file would drop SQLite's own locks.
+    Where ``flock`` is not supported (some network filesystems, where SQLite is not safe either), nothing
+    is locked.
+
     Raises:
       StorageError: another process holds it.
     """
     path = file_of(url) if kind(url) == "sqlite" else None
-    if path is None:
+    fd = None if path is None else _lock_descriptor(path)
+    if fd is None:
         yield
         return
     import fcntl
 
-    # The database file itself, by its real path (one lock for every name of it), read-only: no file is
-    # created, and flock does not touch the byte-range locks SQLite takes.
-    fd = os.open(os.path.realpath(path), os.O_RDONLY)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise StorageError(f"storage: another dptune process is running trials of {url!r}; SQLite serves one "
-                               "at a time (use journal:///PATH/study.journal for several)") from None
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise StorageError(f"storage: another dptune process is running trials of {url!r}; SQLite serves one "
+                           "at a time (use journal:///PATH/study.journal for several)") from None
+    except OSError:  # not supported here
+        yield
+        return
+    try:
         yield
     finally:
-        os.close(fd)  # releases the lock
+        fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+def _lock_descriptor(path: str) -> int | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    key = (st.st_dev, st.st_ino)
+    if key not in _LOCKS:
+        try:
+            _LOCKS[key] = os.open(os.path.realpath(path), os.O_RDONLY)
+        except OSError:
+            return None
+    return _LOCKS[key]
 
 
 def check_workers(url: str, workers: int) -> None:

@@ -16,13 +16,15 @@ requests every trial writes before it reads the others'.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import math
 import os
 import tempfile
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -79,15 +81,15 @@ def _trial_count(cfg: StudyConfig) -> TrialCount:
         raise ConfigError("search_privacy.trials", str(e)) from None
 
 
-def trial_count_secret(resolved: ResolvedStudy) -> SecretSeed:
+def trial_count_secret(resolved: ResolvedStudy, study_id: str) -> SecretSeed:
     """Where a private search's K comes from: the OS, or a fixed ``private_seed`` keyed on the study's
-    configuration too (two searches never share their K)."""
+    random id and configuration too (two searches, even of one file, never share their K)."""
     digest = hashlib.sha256(json.dumps(resolved.to_json(), sort_keys=True, default=str).encode()).hexdigest()
-    return SecretSeed.resolve(resolved.study.private_seed).child(f"number of trials {digest}")
+    return SecretSeed.resolve(resolved.study.private_seed).child(f"number of trials {study_id} {digest}")
 
 
 def _plan_private_search(resolved: ResolvedStudy, dataset: Dataset, delta: float,
-                         prior: Sequence[tuple[float, float, int]] = ()) -> dict[str, Any]:
+                         prior: Sequence[tuple[float, float, int]], study_id: str) -> dict[str, Any]:
     """Draw the number of trials and calibrate the one mechanism every trial runs.
 
     ``prior``: a private initial checkpoint's recorded runs on the same data,
@@ -113,7 +115,7 @@ def _plan_private_search(resolved: ResolvedStudy, dataset: Dataset, delta: float
     # The bound holds over the randomness of K, so K is as secret as the noise:
     # drawn from the OS, or from private_seed (reproducible; keep it secret).
     return {
-        "n_trials": count.sample(trial_count_secret(resolved).sampler()),
+        "n_trials": count.sample(trial_count_secret(resolved, study_id).sampler()),
         "n_trials_seed_fixed": cfg.private_seed is not None,
         "distribution": count.distribution,
         "mean_trials": count.mean,
@@ -127,7 +129,7 @@ def _plan_private_search(resolved: ResolvedStudy, dataset: Dataset, delta: float
     }
 
 
-def _prepare(resolved: ResolvedStudy) -> dict[str, Any]:
+def _prepare(resolved: ResolvedStudy, study_id: str) -> dict[str, Any]:
     """Validate everything and compute the study's user attributes, writing nothing."""
     study_cfg = resolved.study
     sp = study_cfg.search_privacy
@@ -184,7 +186,7 @@ def _prepare(resolved: ResolvedStudy) -> dict[str, Any]:
         attrs["init_checkpoint_sha256"] = checkpoint.fingerprint(study_cfg.init_checkpoint)
     if study_cfg.private_search:
         assert delta is not None  # private studies have one
-        plan = _plan_private_search(resolved, dataset, delta, prior)
+        plan = _plan_private_search(resolved, dataset, delta, prior, study_id)
         attrs.update(private_search=plan, epsilon_target=plan["per_trial_epsilon"], accountant="rdp")
     elif study_cfg.non_private:
         attrs.update(non_private=True)
@@ -259,8 +261,9 @@ def create_study(config: ConfigLike, storage: str | None = None, *, skip_if_exis
     study_cfg = resolved.study
     storage = storage or study_cfg.storage or default_storage(study_cfg.name)
     storage_lib.check_url(storage)
+    new_id = release.new_study_id()  # before the plan: a private search's K is keyed on it
     try:
-        attrs = _prepare(resolved)
+        attrs = _prepare(resolved, new_id)
     except DptuneError as e:
         if source is None:
             raise
@@ -301,7 +304,7 @@ def create_study(config: ConfigLike, storage: str | None = None, *, skip_if_exis
                 study.set_metric_names([study_cfg.objective.metric])
                 # Set before any worker can see the configuration: every worker reads the same id.
                 storage_lib.remember(study, storage_obj, storage)
-                storage_lib.backend(study).set_system_attr(release.STUDY_ID_ATTR, release.new_study_id())
+                storage_lib.backend(study).set_system_attr(release.STUDY_ID_ATTR, new_id)
                 for key, value in attrs.items():
                     study.set_user_attr(key, value)
                 if seed is not None:  # where: the stored configuration's artifacts.path, if any
@@ -507,6 +510,21 @@ def optimize(
                                           release.folder_of(study, url), objective.study_id)
     # A signal waits for the next check point (a training step, a finished trial), so that it
     # never cuts a storage write short.
-    with storage_lib.one_process(url), interrupt.deferred(), storage_lib.writing(url):
+    with storage_lib.one_process(url), interrupt.deferred(), storage_lib.writing(url), _quiet_trials(private):
         study.optimize(objective, n_trials=n_trials, timeout=timeout, callbacks=hooks, catch=())
     return study
+
+
+@contextlib.contextmanager
+def _quiet_trials(private_search: Any) -> Iterator[None]:
+    """In a private search, Optuna's line per failed trial is not shown: trial numbers would tell K."""
+    if private_search is None:
+        yield
+        return
+    logger = logging.getLogger("optuna")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)

@@ -23,7 +23,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from dptune import faults, interrupt
+from dptune import __version__, faults, interrupt
 from dptune.config.schema import default as setting
 from dptune.config.schema import is_import_path
 from dptune.data import pipeline
@@ -288,19 +288,34 @@ def _meter(progress: Reporter, planned: int, start: int, q: float, sigma: float,
 
 
 def _code_digest(config: RunConfig) -> str:
-    """SHA-256 of the source files of a user's model and loss (named by import path): their code is the run too."""
+    """SHA-256 of a user's model and loss code (named by import path): every Python file of the package
+    or folder that holds them, their helpers too (a module installed at the top of site-packages: its own
+    file). Their code is the run as much as its settings are.
+
+    Raises:
+      ConfigError: ``private_seed``: the code has no file to hash (defined in a script or notebook).
+    """
     import importlib.util
 
     h = hashlib.sha256()
     for path in (config.model, config.loss):
-        if path and is_import_path(path):
-            spec = importlib.util.find_spec(path.split(":", 1)[0])
-            origin = None if spec is None else spec.origin
-            if origin and os.path.isfile(origin):
-                with open(origin, "rb") as f:
-                    h.update(f.read())
-            else:
-                h.update(path.encode())
+        if not (path and is_import_path(path)):
+            continue
+        module = path.split(":", 1)[0]
+        try:
+            spec = importlib.util.find_spec(module)
+        except (ImportError, ValueError):
+            spec = None
+        origin = None if spec is None else spec.origin
+        if not (origin and os.path.isfile(origin)):
+            raise ConfigError("private_seed", f"a fixed seed is keyed on the code of {path!r}, which has no file "
+                                              "to hash (a script or notebook); leave private_seed unset")
+        root = os.path.dirname(origin)
+        installed = os.path.basename(root) in ("site-packages", "dist-packages")  # not a folder of the user's
+        names = [os.path.basename(origin)] if installed else sorted(n for n in os.listdir(root) if n.endswith(".py"))
+        for name in names:
+            with open(os.path.join(root, name), "rb") as f:
+                h.update(name.encode() + b"\0" + f.read())
     return h.hexdigest()
 
 
@@ -309,21 +324,21 @@ def run_secret(config: RunConfig, settings: dict[str, Any] | None) -> SecretSeed
 
     A fixed seed reproduces one run and never serves two: two runs on one noise stream, say with clip norms
     C₁ and C₂, release C₂·Δ₁ − C₁·Δ₂, in which the noise cancels. So the seed's stream is keyed on the run's
-    ``settings`` (hyperparameters, steps, budget, configuration, data; not the devices, microbatches,
-    clipping engine or feed that compute it) and on the bytes of its ``init_checkpoint``: the same run
-    on the same data and checkpoint replays itself, any other run draws other batches and noise.
+    ``settings`` (hyperparameters, steps, budget, configuration, devices, data), the source of a user's
+    model and loss, dptune's version and the bytes of its ``init_checkpoint``: the same command on the
+    same data and checkpoint replays itself, any other run draws other batches and noise.
     """
     if config.secret is not None:
         return config.secret
     if config.private_seed is None:
         return SecretSeed.from_os()
     assert settings is not None  # computed whenever a seed is fixed
-    # Where and how it runs is not what it computes: the same run on other devices or feeds replays itself.
-    # Clipping engines compute one clipped sum; normalisation is another mechanism.
-    layout = {"num_devices", "microbatch_size", "clipping", "feed", "loader_workers", "device_data_fraction",
-              "save_checkpoint", "eval_every", "eval_batch_size", "search"}
-    what = {**settings, "devices": None, "sum": "normalize" if config.clipping == "normalize" else "clip",
-            "code": _code_digest(config), "config": {k: v for k, v in settings["config"].items() if k not in layout}}
+    # Only what cannot change a parameter is left out. Devices, microbatches, clipping engines and feeds
+    # compute the same mechanism only up to rounding (and frozen layers may count differently in an
+    # engine's norms): two such runs would differ by a noise-free amount, so each is a run of its own.
+    unread = {"save_checkpoint", "eval_every", "eval_batch_size", "search"}
+    what = {**settings, "code": _code_digest(config), "dptune": __version__,
+            "config": {k: v for k, v in settings["config"].items() if k not in unread}}
     identity = json.dumps(what, sort_keys=True, default=str)
     start = checkpoint.fingerprint(config.init_checkpoint) if config.init_checkpoint else ""
     digest = hashlib.sha256(f"{identity}\n{start}".encode()).hexdigest()
