@@ -3,7 +3,7 @@
     python benchmarks/progress_overhead.py [--dataset mnist5k] [--batch-size 256] [--steps 60] [--rounds 5]
 
 Each round runs the same `dptune train` loop (``train_and_evaluate``, evaluation every 10 steps) three times,
-interleaved so that machine noise hits all alike: no reporter, :class:`dptune.progress.LogLines` into a
+interleaved (in an order that rotates from round to round) so that machine noise hits all alike: no reporter, :class:`dptune.progress.LogLines` into a
 discarded stream, and :class:`dptune.progress.Live` on a recording console that is never shown. The table
 reports the median milliseconds per step over the rounds (compilation excluded: from the trainer's own
 examples per second) and each mode's ratio to "off" within its round (median, min–max).
@@ -40,10 +40,10 @@ def main() -> None:
     one_run(data, hp, 3, None)  # compile once, outside the rounds
     modes = ("off", "log lines", "live view")
     times: dict[str, list[float]] = {m: [] for m in modes}
-    for _ in range(args.rounds):
+    for r in range(args.rounds):
         live = Live(console=Console(file=io.StringIO(), record=True, force_terminal=True, width=160))
         reporters = {"off": None, "log lines": LogLines(io.StringIO()), "live view": live}
-        for mode in modes:
+        for mode in modes[r % 3:] + modes[:r % 3]:  # the order rotates: no mode always runs first
             times[mode].append(one_run(data, hp, args.steps, reporters[mode]))
         live.close()
     print(f"{'progress':<10} {'ms/step (median)':>17} {'÷ off (median, min–max)':>26}")
