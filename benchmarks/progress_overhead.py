@@ -2,11 +2,12 @@
 
     python benchmarks/progress_overhead.py [--dataset mnist5k] [--batch-size 256] [--steps 60] [--rounds 5]
 
-Each round runs the same `dptune train` loop (``train_and_evaluate``, evaluation every 10 steps) three times,
-interleaved (in an order that rotates from round to round) so that machine noise hits all alike: no reporter, :class:`dptune.progress.LogLines` into a
-discarded stream, and :class:`dptune.progress.Live` on a recording console that is never shown. The table
-reports the median milliseconds per step over the rounds (compilation excluded: from the trainer's own
-examples per second) and each mode's ratio to "off" within its round (median, min–max).
+Each round runs the same `dptune train` loop (``train_and_evaluate``, evaluation every 10 steps) three
+times, interleaved (in an order that rotates from round to round) so that machine noise hits all alike:
+no reporter, :class:`dptune.progress.LogLines` into a discarded stream, and :class:`dptune.progress.Live`
+on a recording console that is never shown. The table reports the median milliseconds per step over the
+rounds (compilation excluded: from the trainer's own examples per second) and each mode's ratio to "off"
+within its round (median, min–max).
 """
 
 from __future__ import annotations

@@ -202,7 +202,9 @@ class Live:
         elif event.kind == "phase":
             self.runs[key] = {**{k: v for k, v in self.runs.get(key, {}).items() if k != "step"}, **d}
         elif event.kind == "trial":
-            self.runs.pop(key, None)
+            # The study reports a finished trial without the worker that ran it.
+            for done in [k for k in self.runs if k[1] == d.get("trial")]:
+                del self.runs[done]
             self.console.print(key_values(event), highlight=False, soft_wrap=True)
         elif event.kind == "study":
             self.study = d

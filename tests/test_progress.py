@@ -76,6 +76,8 @@ def test_a_live_view_shows_each_running_trial_and_the_study():
         live(Event("study", {"study": "s", "done": 2, "asked": 8, "best": 0.93, "search_epsilon": 4.5,
                              "remaining": 600.0}))
         shown = console.export_text()
+        live(Event("trial", {"trial": 4, "state": "COMPLETE"}))  # reported by the study, without the worker
+        assert list(live.runs) == [(None, 3)]
     assert "trial 3: step 40/120  epoch 1.50  900 ex/s  ε 1.2 of 3 (this run)  val 0.9100  1:05 elapsed, 2:10 left" \
         in shown
     assert "worker 1 trial 4: step 7/120" in shown

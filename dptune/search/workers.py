@@ -172,13 +172,14 @@ def run_pool(
                 # fail and re-queue it now instead of when a surviving worker ends its trial.
                 study_lib.reap_dead_workers(study)
                 reaped |= died
+            # The workers' events first: a trial's validations come before the line saying it finished.
+            while progress is not None and not events.empty():
+                progress(events.get())
             if on_trial is not None:
                 for t in storage_obj.get_all_trials(storage_obj.get_study_id_from_name(study_name), deepcopy=False):
                     if t.state.is_finished() and t.number not in seen:
                         seen.add(t.number)
                         on_trial(t)
-            while progress is not None and not events.empty():
-                progress(events.get())
             if not running:
                 break
             time.sleep(poll_seconds)
@@ -232,8 +233,16 @@ def _worker_main(argv: list[str] | None = None) -> int:
 
     try:
         with interrupt.handled():
+            import logging
+
+            import optuna
+
             from dptune.search import study as study_lib
             from dptune.trainer import compile_stats
+
+            # As the command line: the launcher reports trials, and absl's per-order RDP notes help no one.
+            optuna.logging.set_verbosity(optuna.logging.WARNING)
+            logging.getLogger("absl").setLevel(logging.ERROR)
 
             compile_stats.enable_persistent_cache(args.cache_dir)
             study_lib.optimize(args.study_name, args.storage, timeout=args.timeout,
