@@ -633,13 +633,13 @@ def train_and_evaluate(
                 noise_key, t, sigma, clip_norm, denominator, lr, hparams.momentum,
                 _ema_decay_at(hparams.ema_decay, t)), trainable)
         taken = t + 1
-        if meter is not None:
-            meter.step(taken)
         if config.resume is not None:
             config.resume.verify(taken, state.params)  # issue #18: a replay must match what was reported
         if t == start:
             jax.block_until_ready(state.params)
             startup_seconds = time.perf_counter() - started
+        if meter is not None:
+            meter.step(taken)  # after the first step's wait: its rate is not the dispatch's
         if taken % eval_every == 0 or taken == allowed:
             jax.block_until_ready(state.params)
             train_seconds += _compute_seconds(tick, compiled)
