@@ -766,4 +766,9 @@ def test_one_sqlite_lock_whatever_the_name_of_the_file(tmp_path):
                 with storage_lib.one_process(f"sqlite:///{tmp_path / name}"):
                     pass
     with storage_lib.one_process(f"sqlite:///{tmp_path / 'link.db'}"):  # free again once it has gone
+        # ... and one run of trials in this process at a time too (a thread, a nested call).
+        with pytest.raises(storage_lib.StorageError, match="another dptune process"):
+            with storage_lib.one_process(f"sqlite:///{tmp_path / 'lk.db'}"):
+                pass
+    with storage_lib.one_process(f"sqlite:///{tmp_path / 'lk.db'}"):  # released whole by the one that held it
         pass

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import warnings
 import weakref
 from collections.abc import Iterator
@@ -177,6 +178,8 @@ def writing(url: str) -> Iterator[None]:
 
 
 _LOCKS: dict[tuple[int, int], int] = {}  # (device, inode) of a database -> the descriptor its lock is taken on
+_HELD: set[tuple[int, int]] = set()  # the databases whose trials this process is running now
+_LOCKS_GUARD = threading.Lock()
 
 
 @contextlib.contextmanager
@@ -197,38 +200,52 @@ def one_process(url: str) -> Iterator[None]:
       StorageError: another process holds it.
     """
     path = file_of(url) if kind(url) == "sqlite" else None
-    fd = None if path is None else _lock_descriptor(path)
-    if fd is None:
+    held = None if path is None else _lock_descriptor(path)
+    if held is None:
         yield
         return
     import fcntl
 
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise StorageError(f"storage: another dptune process is running trials of {url!r}; SQLite serves one "
-                           "at a time (use journal:///PATH/study.journal for several)") from None
-    except OSError:  # not supported here
-        yield
-        return
+    key, fd = held
+    busy = StorageError(f"storage: another dptune process is running trials of {url!r}; SQLite serves one "
+                        "at a time (use journal:///PATH/study.journal for several)")
+    with _LOCKS_GUARD:
+        if key in _HELD:  # this process already runs trials of it (another thread, a nested call)
+            raise busy
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise busy from None
+        except OSError:  # not supported here
+            fd = -1
+        _HELD.add(key)
     try:
         yield
     finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
+        with _LOCKS_GUARD:
+            _HELD.discard(key)
+            if fd >= 0:
+                fcntl.flock(fd, fcntl.LOCK_UN)
 
 
-def _lock_descriptor(path: str) -> int | None:
+def _lock_descriptor(path: str) -> tuple[tuple[int, int], int] | None:
+    """The open descriptor of the database's file, reopened if the cached one is of a file since replaced."""
     try:
         st = os.stat(path)
     except OSError:
         return None
     key = (st.st_dev, st.st_ino)
-    if key not in _LOCKS:
-        try:
-            _LOCKS[key] = os.open(os.path.realpath(path), os.O_RDONLY)
-        except OSError:
-            return None
-    return _LOCKS[key]
+    with _LOCKS_GUARD:
+        fd = _LOCKS.get(key)
+        if fd is not None and os.fstat(fd).st_nlink == 0 and key not in _HELD:
+            del _LOCKS[key]  # deleted, its inode number reused: lock the file that is there now
+            fd = None
+        if fd is None:
+            try:
+                fd = _LOCKS[key] = os.open(os.path.realpath(path), os.O_RDONLY)
+            except OSError:
+                return None
+    return key, fd
 
 
 def check_workers(url: str, workers: int) -> None:

@@ -337,7 +337,9 @@ def run_secret(config: RunConfig, settings: dict[str, Any] | None) -> SecretSeed
     # compute the same mechanism only up to rounding (and frozen layers may count differently in an
     # engine's norms): two such runs would differ by a noise-free amount, so each is a run of its own.
     unread = {"save_checkpoint", "eval_every", "eval_batch_size", "search"}
-    what = {**settings, "code": _code_digest(config), "dptune": __version__,
+    platform = sorted({(d.platform, d.device_kind) for d in jax.devices()})  # ids alone: CPU 0 and GPU 0 match
+    what = {**settings, "code": _code_digest(config), "dptune": __version__, "jax": jax.__version__,
+            "platform": platform,
             "config": {k: v for k, v in settings["config"].items() if k not in unread}}
     identity = json.dumps(what, sort_keys=True, default=str)
     start = checkpoint.fingerprint(config.init_checkpoint) if config.init_checkpoint else ""
