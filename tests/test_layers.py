@@ -1,7 +1,7 @@
 """The layers of the package, as the folders show them, are true of the imports.
 
 privacy (no JAX) ← config ← data, models ← trainer (no Optuna) ← search ← inspect (no JAX), cli.
-The foundation modules at the top of the package (errors, randomness, interrupt, faults, progress) sit below
+The foundation modules at the top of the package (errors, randomness, interrupt, faults, progress, seams) sit below
 everything. Every import counts, also those inside functions.
 """
 
@@ -15,7 +15,7 @@ import sys
 import pytest
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "dptune"
-FOUNDATION = {"errors", "randomness", "interrupt", "faults", "progress"}
+FOUNDATION = {"errors", "randomness", "interrupt", "faults", "progress", "seams"}
 # layer -> the dptune layers it may import (besides itself and the foundation)
 ALLOWED = {
     "foundation": set(),

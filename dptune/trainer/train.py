@@ -23,7 +23,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from dptune import __version__, faults, interrupt
+from dptune import __version__, interrupt, seams
 from dptune.config.schema import default as setting
 from dptune.config.schema import is_import_path
 from dptune.data import pipeline
@@ -383,6 +383,7 @@ def _compute_seconds(tick: float, compiled_before: float) -> float:
     return (time.perf_counter() - tick) - (compile_stats.seconds() - compiled_before)
 
 
+@seams.seam  # tests may break the mechanism here (dptune.faults); production steps as written here
 def train_step(fns: StepFunctions, state: TrainState, dataset: Dataset, indices: np.ndarray,
                key: jax.Array, step: int, hp: Hyperparams, denominator: float,
                clip_norm: float, noise_multiplier: float, lr: float, private: bool = True, *,
@@ -398,22 +399,19 @@ def train_step(fns: StepFunctions, state: TrainState, dataset: Dataset, indices:
     terms to the clipped sum before the noise and observes the update.
     """
     padded, mask = pad_to_multiple(indices, fns.microbatch_size)
-    sum_clip = faults.clip_for_sum(clip_norm)  # TEST ONLY hooks (dptune.faults): identity in production
-    count = len(padded) // fns.microbatch_size
     # Every dispatch goes through dispatch.track: unbounded run-ahead deadlocks
     # multi-device CPU runs (issue #15; the why is in dptune/dispatch.py).
     acc = dispatch.track(fns.zeros_like(state.params))
     accumulate = fns.accumulate if private else fns.accumulate_nonprivate
-    for j, (chunk, chunk_mask) in enumerate(microbatches(padded, mask, fns.microbatch_size)):
+    for chunk, chunk_mask in microbatches(padded, mask, fns.microbatch_size):
         x, y = dataset.train.take(chunk)
         if augment is not None:
             x = augment(x, chunk, step)
         xs, ys, m = fns.shard_batch(x, y, chunk_mask)
-        acc = dispatch.track(accumulate(state.params, acc, xs, ys, m, sum_clip, trainable))
-        acc = faults.after_microbatch(acc, key, step, j, count, noise_multiplier, clip_norm)
+        acc = dispatch.track(accumulate(state.params, acc, xs, ys, m, clip_norm, trainable))
     if audit is not None:
-        acc = dispatch.track(audit.add(fns, state, acc, step, sum_clip))
-    state = dispatch.track(fns.apply(state, acc, key, step, faults.noise_multiplier(noise_multiplier), clip_norm,
+        acc = dispatch.track(audit.add(fns, state, acc, step, clip_norm))
+    state = dispatch.track(fns.apply(state, acc, key, step, noise_multiplier, clip_norm,
                                      denominator, lr, hp.momentum, _ema_decay_at(hp.ema_decay, step), trainable))
     if audit is not None:
         audit.observe(state.params)
@@ -588,8 +586,8 @@ def train_and_evaluate(
     augment = augmenter(config.augmentation, secret) if config.augmentation.active else None
     feed_used = feeds.choose(config.feed, dataset.train, fns, augmenting=augment is not None,
                             batch_size=hparams.batch_size, fraction=config.device_data_fraction)
-    if audit is not None or faults.active():
-        # Canaries and test-only faults hook into the microbatch loop; the compiled feeds equal it
+    if audit is not None or seams.active(train_step):
+        # Canaries and test seams hook into the microbatch loop; the compiled feeds equal it
         # to float tolerance (tests/test_feed.py), so what an audit finds holds for them too.
         feed_used = "loop"
     batch_source = None
