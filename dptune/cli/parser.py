@@ -11,6 +11,17 @@ import argparse
 import math
 import sys
 
+from dptune.choices import (
+    Accountant,
+    Clipping,
+    Feed,
+    LogFormat,
+    Optimizer,
+    ThreatModel,
+    TrialDistribution,
+    listed,
+    values,
+)
 from dptune.cli.commands import (
     cmd_audit,
     cmd_dashboard,
@@ -97,7 +108,7 @@ def _add_privacy_common(p: argparse.ArgumentParser, *, noise: bool, duration: bo
         g.add_argument("--epochs", type=_float, help="E; steps = ceil(E·N/B)")
         g.add_argument("--steps", type=_positive_int, help="T")
     p.add_argument("--delta", type=_float, help="δ (default: a power of ten below 1/(10N))")
-    p.add_argument("--accountant", default="pld", help="pld (default), rdp, or all")
+    p.add_argument("--accountant", default=Accountant.PLD.value, help=f"{listed(Accountant)}, or all (default: pld)")
     p.add_argument("--json", action="store_true", help="print JSON")
 
 
@@ -123,18 +134,18 @@ def _add_audit_args(a: argparse.ArgumentParser) -> None:
     e.add_argument("--noise-multiplier", type=_float, help="σ; if omitted, calibrated to --epsilon")
     e.add_argument("--epsilon", type=_float, help="ε budget at δ (default 3; caps the steps like dptune train)")
     e.add_argument("--delta", type=_float, help="δ (default: a power of ten below 1/(10N))")
-    e.add_argument("--accountant", default="pld", help="pld or rdp")
+    e.add_argument("--accountant", choices=values(Accountant), default=Accountant.PLD.value)
     e.add_argument("--steps", type=_positive_int, help="T")
     e.add_argument("--epochs", type=_float, help="E; steps = ceil(E/q) (default 1)")
-    e.add_argument("--optimizer", default="momentum", help="sgd, momentum, adam")
+    e.add_argument("--optimizer", choices=values(Optimizer), default=Optimizer.MOMENTUM.value)
     e.add_argument("--momentum", type=_float, default=0.9)
     e.add_argument("--microbatch-size", type=_positive_int, default=256)
-    e.add_argument("--clipping", choices=("auto", "bookkeeping", "vmap"), default="auto")
+    e.add_argument("--clipping", choices=values(Clipping), default=Clipping.AUTO.value)
     e.add_argument("--devices", type=_positive_int, help="number of local devices (default: all)")
     e.add_argument("--seed", type=int, default=0, help="public seed (initialisation, data split)")
     e.add_argument("--private-seed", type=int, help="fix sampling, noise and canary inclusion (keep it secret)")
     c = a.add_argument_group("the audit")
-    c.add_argument("--threat-model", choices=audit_threat_models(), default="white-box",
+    c.add_argument("--threat-model", choices=values(ThreatModel), default=ThreatModel.WHITE_BOX.value,
                    help="white-box: Dirac gradient canaries, every update observed; black-box: noise-image "
                         "canaries, the released model's loss")
     c.add_argument("--canaries", type=_positive_int, default=1000, help="m (default 1000)")
@@ -145,10 +156,6 @@ def _add_audit_args(a: argparse.ArgumentParser) -> None:
     a.set_defaults(func=cmd_audit)
 
 
-def audit_threat_models() -> tuple[str, ...]:
-    return ("white-box", "black-box")
-
-
 def _study_args(p: argparse.ArgumentParser, *, name_required: bool = True) -> None:
     p.add_argument("--study-name", required=name_required)
     p.add_argument("--storage", help="Optuna storage URL (default sqlite:///studies/<study-name>.db)")
@@ -156,9 +163,10 @@ def _study_args(p: argparse.ArgumentParser, *, name_required: bool = True) -> No
 
 
 def _add_training_args(t: argparse.ArgumentParser) -> None:
-    from dptune.config.schema import RUN_DEFAULTS, Hyperparameters, default
+    from dptune.config.schema import RUN_DEFAULTS, Hyperparameters, PrivacyConfig, default
 
     hp = Hyperparameters()
+    default_accountant = PrivacyConfig(epsilon=1.0).accountant
 
     def d(name: str) -> str:
         return f"(default: {default(name)})"
@@ -172,23 +180,24 @@ def _add_training_args(t: argparse.ArgumentParser) -> None:
     t.add_argument("--model", help=f"cnn, wrn16_4, resnet18, resnet50 {d('model')}")
     t.add_argument("--epsilon", type=_float, help=f"ε budget (default: {RUN_DEFAULTS['privacy']['epsilon']})")
     t.add_argument("--delta", type=_float, help="δ (default: a power of ten below 1/(10N))")
-    t.add_argument("--accountant", help="pld or rdp (default: pld)")
+    t.add_argument("--accountant", choices=values(Accountant), help=f"(default: {default_accountant})")
     t.add_argument("--batch-size", type=_positive_int, help=f"expected batch size B (default: {hp.batch_size})")
     t.add_argument("--epochs", type=_float, help=f"(default: {hp.epochs})")
     t.add_argument("--noise-multiplier", type=_float,
                    help="σ; if omitted, calibrated so that --epochs fit the budget")
     t.add_argument("--learning-rate", type=_float, help=f"(default: {hp.learning_rate})")
     t.add_argument("--clip-norm", type=_float, help=f"(default: {hp.clip_norm})")
-    t.add_argument("--optimizer", help=f"sgd, momentum, adam (default: {hp.optimizer})")
+    t.add_argument("--optimizer", choices=values(Optimizer), help=f"(default: {hp.optimizer})")
     t.add_argument("--momentum", type=_float, help=f"(default: {hp.momentum})")
     t.add_argument("--ema-decay", type=_float, help=f"(default: {hp.ema_decay}: off)")
     t.add_argument("--microbatch-size", type=_int_or_auto,
                    help=f"examples per accumulation call, or 'auto' (measured once, cached) {d('microbatch_size')}")
-    t.add_argument("--clipping", choices=("auto", "bookkeeping", "vmap", "normalize"),
-                   help=f"per-example clipping path: bookkeeping (fast), vmap (reference), auto {d('clipping')}")
+    t.add_argument("--clipping", choices=values(Clipping),
+                   help="per-example clipping path: bookkeeping (built-in models), fast (per-layer norms), vmap "
+                        f"(reference), normalize (every gradient scaled to norm C), auto {d('clipping')}")
     t.add_argument("--eval-every", type=_positive_int)
     t.add_argument("--devices", type=_positive_int, help="number of local devices (default: all)")
-    t.add_argument("--feed", choices=("auto", "resident", "streamed", "loop"),
+    t.add_argument("--feed", choices=values(Feed),
                    help="how batches reach the devices: data kept on the device, one transfer per step, "
                         f"or one per microbatch {d('feed')}")
     t.add_argument("--loader-workers", type=_nonnegative_int,
@@ -224,7 +233,7 @@ def _add_training_args(t: argparse.ArgumentParser) -> None:
 
 
 def _log_format(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--log-format", choices=("auto", "text", "json"), default="auto",
+    p.add_argument("--log-format", choices=values(LogFormat), default=LogFormat.AUTO.value,
                    help="progress on stderr: auto (a live line per running trial on a terminal, else text), "
                         "text (one key=value line per evaluation and trial), json (one object per event) "
                         "(default: auto)")
@@ -346,8 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     ps = psub.add_parser("search", help="ε of a private search with a random number of trials")
     ps.add_argument("--total-epsilon", type=_float, help="calibrate σ so that the whole search fits this ε")
     ps.add_argument("--mean-trials", type=_float, required=True)
-    ps.add_argument("--distribution", default="geometric",
-                    help="poisson, truncated_negative_binomial, geometric (default), logarithmic")
+    ps.add_argument("--distribution", choices=values(TrialDistribution), default=TrialDistribution.GEOMETRIC.value,
+                    help="the law of the number of trials (default: geometric)")
     ps.add_argument("--eta", type=_float, help="η of the truncated negative binomial")
     _add_privacy_common(ps, noise=False, duration=True)
     ps.add_argument("--noise-multiplier", type=_float, help="σ of every trial")

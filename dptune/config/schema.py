@@ -21,6 +21,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from dptune.choices import Accountant, Clipping, Feed, Optimizer, Pruner, Sampler, SearchMode, TrialDistribution
 from dptune.errors import ConfigError
 from dptune.privacy.accounting import EPSILON_TOO_LARGE, MAX_EPSILON
 
@@ -40,7 +41,8 @@ def check_name(name: str) -> str | None:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Closed sets are enums (dptune.choices) whose values, not members, are stored: settings stay plain strings.
+    model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=True, validate_default=True)
 
 
 class Range(_Strict):
@@ -127,7 +129,7 @@ def _budget_epsilon(v: float) -> float:
 class PrivacyConfig(_Strict):
     epsilon: float = Field(gt=0)
     delta: float | None = Field(default=None, gt=0, lt=1)
-    accountant: Literal["pld", "rdp"] = "pld"
+    accountant: Accountant = Accountant.PLD
 
     _epsilon = field_validator("epsilon")(_budget_epsilon)
 
@@ -135,7 +137,7 @@ class PrivacyConfig(_Strict):
 class TrialsConfig(_Strict):
     """The distribution of the number of trials in a private search."""
 
-    distribution: Literal["poisson", "truncated_negative_binomial", "geometric", "logarithmic"] = "geometric"
+    distribution: TrialDistribution = TrialDistribution.GEOMETRIC
     mean: float = Field(gt=0)
     eta: float | None = Field(default=None, gt=0)
 
@@ -172,12 +174,12 @@ class SearchBudgetConfig(_Strict):
 
 
 class SamplerConfig(_Strict):
-    name: Literal["tpe", "random", "gp", "cmaes", "grid"] = "tpe"
+    name: Sampler = Sampler.TPE
     n_startup_trials: int = Field(default=5, ge=0)
 
 
 class PrunerConfig(_Strict):
-    name: Literal["median", "successive_halving", "asha", "hyperband", "none"] = "median"
+    name: Pruner = Pruner.MEDIAN
     n_startup_trials: int = Field(default=3, ge=0)
     n_warmup_steps: int = Field(default=1, ge=0)
     min_resource: int = Field(default=1, ge=1)
@@ -245,7 +247,7 @@ class SearchModeConfig(_Strict):
     training split (Koskela & Kulkarni 2023), then one run on all of it.
     """
 
-    mode: Literal["public", "scaled", "subset"]
+    mode: SearchMode
     dataset: str | None = None
     factor: int | None = Field(default=None, ge=2, strict=True)  # "4" in quotes is a typo, not a count
     fraction: float | None = Field(default=None, gt=0)
@@ -299,10 +301,10 @@ class StudyConfig(_Strict):
     reinitialize: list[str] = []
     augmentation: AugmentationConfig = AugmentationConfig()
     microbatch_size: int | Literal["auto"] = 256
-    clipping: Literal["auto", "bookkeeping", "fast", "vmap", "normalize"] = "auto"
+    clipping: Clipping = Clipping.AUTO
     # How batches reach the devices (dptune.trainer.feed) and how many processes decode record datasets
     # (dptune.data.pipeline).
-    feed: Literal["auto", "resident", "streamed", "loop"] = "auto"
+    feed: Feed = Feed.AUTO
     loader_workers: int = Field(2, ge=0)
     device_data_fraction: float = Field(0.25, gt=0, le=1)
     storage: str | None = None
@@ -493,7 +495,7 @@ def _explain(path: str, model: type[BaseModel], err: ValidationError) -> ConfigE
         allowed = _allowed_keys(model, fields[:-1]) or []
         return ConfigError(f"{path}: {field}", f"unknown key; allowed: {', '.join(allowed)}")
     msg = e["msg"].removeprefix("Value error, ")
-    if e["type"] == "literal_error":
+    if e["type"] in ("literal_error", "enum"):
         msg = "must be one of " + str(e.get("ctx", {}).get("expected", ""))
     value = e.get("input")
     if isinstance(value, float) and math.isnan(value):
@@ -580,7 +582,7 @@ class Hyperparameters(_Strict):
     clip_norm: float = Field(1.0, gt=0)
     noise_multiplier: float | None = Field(None, ge=0)
     epochs: float = Field(8.0, gt=0)
-    optimizer: Literal["sgd", "momentum", "adam"] = "momentum"
+    optimizer: Optimizer = Optimizer.MOMENTUM
     momentum: float = Field(0.9, ge=0, lt=1)
     ema_decay: float = Field(0.0, ge=0, lt=1)
     trainable: str = "all"

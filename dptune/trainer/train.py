@@ -89,7 +89,7 @@ class PrivacyBudget:
 
     epsilon: float
     delta: float
-    accountant: privacy.Accountant = privacy.DEFAULT_ACCOUNTANT
+    accountant: str = privacy.DEFAULT_ACCOUNTANT  # one of dptune.choices.Accountant
 
 
 @dataclass(frozen=True)
