@@ -8,6 +8,7 @@ and what is allowed, and unknown keys are errors.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import math
 import os
@@ -21,7 +22,17 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from dptune.choices import Accountant, Clipping, Feed, Optimizer, Pruner, Sampler, SearchMode, TrialDistribution
+from dptune.choices import (
+    Accountant,
+    Clipping,
+    Feed,
+    Optimizer,
+    Pruner,
+    Sampler,
+    SearchMode,
+    TrialDistribution,
+    listed,
+)
 from dptune.errors import ConfigError
 from dptune.privacy.accounting import EPSILON_TOO_LARGE, MAX_EPSILON
 
@@ -373,8 +384,8 @@ class ResolvedStudy(_Strict):
         values = (spec.choices if isinstance(spec, Choice) else [spec.low, spec.high] if isinstance(spec, Range)
                   else [spec])
         for v in values:
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
-                raise ValueError(f"search_space.clip_norm: must be a finite number > 0 in private training, got {v}")
+            if (problem := clip_norm_problem(v)) is not None:
+                raise ValueError(f"search_space.clip_norm: {problem}")
         return self
 
     @model_validator(mode="after")
@@ -570,11 +581,29 @@ def default(field: str) -> Any:
     return StudyConfig.model_fields[field].get_default(call_default_factory=True)
 
 
+def clip_norm_problem(value: Any) -> str | None:
+    """What is wrong with ``value`` as the clip norm C of private training (None: nothing).
+
+    C bounds each example's contribution: an infinite (or non-positive) C bounds nothing.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+        return f"must be a finite number > 0 in private training, got {value}"
+    return None
+
+
+def batch_size_problem(value: Any, num_examples: int) -> str | None:
+    """What is wrong with ``value`` as the expected batch B of a training split of ``num_examples`` (None: nothing)."""
+    if not (isinstance(value, (int, float)) and value == int(value) and 1 <= value <= num_examples):
+        return f"must be in [1, {num_examples}] (the training-set size), got {value}"
+    return None
+
+
 class Hyperparameters(_Strict):
     """The hyperparameters of one run (``dptune train``, :func:`dptune.train`), with their defaults.
 
     A study samples these from its search space; a single run fixes them.
     ``noise_multiplier`` None: σ is calibrated so that ``epochs`` fit the privacy budget.
+    :meth:`for_steps` gives the trainer's :class:`Hyperparams` once σ is known.
     """
 
     batch_size: int = Field(700, ge=1)
@@ -595,6 +624,51 @@ class Hyperparameters(_Strict):
         return v
 
     _trainable = field_validator("trainable")(SearchSpace._trainable_values.__func__)  # type: ignore[attr-defined]
+
+    def for_steps(self, noise_multiplier: float) -> Hyperparams:
+        """What the steps use: these hyperparameters with σ decided (``epochs`` has become a number of steps)."""
+        return Hyperparams(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Hyperparams)
+                              if f.name != "noise_multiplier"}, noise_multiplier=noise_multiplier)
+
+
+def _hp_default(name: str) -> Any:
+    return Hyperparameters.model_fields[name].get_default(call_default_factory=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class Hyperparams:
+    """What the steps of one run use: :class:`Hyperparameters` with σ decided and no ``epochs``.
+
+    ``batch_size`` is the *expected* logical batch B = qN. Defaults are :class:`Hyperparameters`'s,
+    except σ (1.0; the schema's None means "calibrate", which the trainer does not do). Nothing is
+    checked on construction, so that the trainer names the bad field of a run: see :meth:`validate`.
+    """
+
+    batch_size: int
+    learning_rate: float
+    clip_norm: float = _hp_default("clip_norm")
+    noise_multiplier: float = 1.0
+    optimizer: str = _hp_default("optimizer")
+    momentum: float = _hp_default("momentum")
+    ema_decay: float = _hp_default("ema_decay")
+    trainable: str = _hp_default("trainable")
+
+    def validate(self, num_examples: int, private: bool) -> None:
+        """Raises ConfigError (naming the field) for what no run of ``num_examples`` examples can use."""
+        if (problem := batch_size_problem(self.batch_size, num_examples)) is not None:
+            raise ConfigError("batch_size", problem)
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            raise ConfigError("learning_rate", f"must be a finite number > 0, got {self.learning_rate}")
+        if private and (problem := clip_norm_problem(self.clip_norm)) is not None:
+            raise ConfigError("clip_norm", problem)
+        if not (self.noise_multiplier >= 0 and math.isfinite(self.noise_multiplier)):
+            raise ConfigError("noise_multiplier", f"must be a finite number >= 0, got {self.noise_multiplier}")
+        if self.optimizer not in tuple(Optimizer):
+            raise ConfigError("optimizer", f"unknown {self.optimizer!r}; allowed: {listed(Optimizer)}")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError("momentum", f"must be in [0, 1), got {self.momentum}")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError("ema_decay", f"must be in [0, 1) (0 = off), got {self.ema_decay}")
 
 
 # What a single run uses where a study file would be required to say it.

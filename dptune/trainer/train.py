@@ -24,8 +24,8 @@ import jax
 import numpy as np
 
 from dptune import __version__, interrupt, seams
+from dptune.config.schema import Hyperparams, is_import_path
 from dptune.config.schema import default as setting
-from dptune.config.schema import is_import_path
 from dptune.data import pipeline
 from dptune.data.augment import Augmentation
 from dptune.data.datasets import Dataset, RecordSplit, batches
@@ -41,46 +41,9 @@ from dptune.progress import Event, Reporter, StepMeter
 from dptune.randomness import SecretSeed
 from dptune.trainer import compile_stats, dispatch, multihost
 from dptune.trainer import feed as feeds
-from dptune.trainer.dp_step import OPTIMIZERS, StepFunctions, TrainState, step_functions
+from dptune.trainer.dp_step import StepFunctions, TrainState, step_functions
 
 Callback = Callable[[int, dict[str, float]], bool | None]
-SCHEDULES: tuple[str, ...] = ("constant", "cosine")
-
-
-@dataclass(frozen=True)
-class Hyperparams:
-    """What a trial varies. ``batch_size`` is the *expected* logical batch B = qN."""
-
-    batch_size: int
-    learning_rate: float
-    clip_norm: float = 1.0
-    noise_multiplier: float = 1.0
-    optimizer: str = "momentum"
-    momentum: float = 0.9
-    schedule: str = "constant"
-    warmup_steps: int = 0
-    ema_decay: float = 0.0
-    trainable: str = "all"
-
-    def validate(self, num_examples: int, private: bool) -> None:
-        if not 1 <= self.batch_size <= num_examples:
-            raise ConfigError("batch_size", f"must be in [1, {num_examples}] (the training-set size), "
-                                            f"got {self.batch_size}")
-        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
-            raise ConfigError("learning_rate", f"must be a finite number > 0, got {self.learning_rate}")
-        if private and not (self.clip_norm > 0 and math.isfinite(self.clip_norm)):
-            # C bounds each example's contribution: an infinite C is no bound at all.
-            raise ConfigError("clip_norm", f"must be a finite number > 0 in private training, got {self.clip_norm}")
-        if not (self.noise_multiplier >= 0 and math.isfinite(self.noise_multiplier)):
-            raise ConfigError("noise_multiplier", f"must be a finite number >= 0, got {self.noise_multiplier}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ConfigError("optimizer", f"unknown {self.optimizer!r}; allowed: {', '.join(OPTIMIZERS)}")
-        if not 0 <= self.momentum < 1:
-            raise ConfigError("momentum", f"must be in [0, 1), got {self.momentum}")
-        if self.schedule not in SCHEDULES:
-            raise ConfigError("schedule", f"unknown {self.schedule!r}; allowed: {', '.join(SCHEDULES)}")
-        if not 0 <= self.ema_decay < 1:
-            raise ConfigError("ema_decay", f"must be in [0, 1) (0 = off), got {self.ema_decay}")
 
 
 @dataclass(frozen=True)
@@ -360,17 +323,6 @@ def augmenter(augmentation: Augmentation, secret: SecretSeed) -> Callable[[np.nd
     return augment
 
 
-def learning_rate_at(hp: Hyperparams, step: int, total_steps: int) -> float:
-    """Host-side schedule: the value is passed to the compiled step, so no recompiles."""
-    lr = hp.learning_rate
-    if hp.warmup_steps and step < hp.warmup_steps:
-        return lr * (step + 1) / hp.warmup_steps
-    if hp.schedule == "cosine":
-        span = max(1, total_steps - hp.warmup_steps)
-        return lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - hp.warmup_steps) / span)))
-    return lr
-
-
 def _ema_decay_at(decay: float, step: int) -> float:
     # Warm-up keeps early EMA from being dominated by the initialisation.
     return min(decay, (1.0 + step) / (10.0 + step)) if decay > 0 else 0.0
@@ -623,7 +575,7 @@ def train_and_evaluate(
         if not config.private:
             # Non-private baselines may normalise by the realised batch size.
             denominator = float(max(1, len(indices)))
-        lr = learning_rate_at(hparams, t, allowed)
+        lr = hparams.learning_rate
         if feeder is None:
             state = train_step(fns, state, dataset, indices, noise_key, t, hparams, denominator,
                                clip_norm, sigma, lr, config.private, augment=augment, trainable=trainable,
