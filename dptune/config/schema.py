@@ -212,7 +212,7 @@ class TrainingBudget(_Strict):
 
 
 class CheckpointConfig(_Strict):
-    """In-trial checkpoints (issue #18): off by default; a trial whose worker dies resumes from the last one."""
+    """In-trial checkpoints: off by default; a trial whose worker dies resumes from the last one."""
 
     every_steps: int | None = Field(default=None, ge=1)
     every_minutes: float | None = Field(default=None, gt=0)
@@ -247,7 +247,7 @@ class AugmentationConfig(_Strict):
     flip: bool = False
 
 
-# -- issue #20: cheaper tuning (dptune/search/modes.py plans and accounts each mode) -----------------------------
+# -- cheaper tuning (dptune/search/modes.py plans and accounts each mode) ----------------------------------------
 class SearchModeConfig(_Strict):
     """How a study tunes before it trains the model it releases (``search: {mode: …}``).
 
@@ -277,7 +277,6 @@ class SearchModeConfig(_Strict):
             raise ValueError(f"fraction: must be in (0, 1) (the share of the training split the trials see), "
                              f"got {self.fraction:g}")
         return self
-# -- end of issue #20
 
 
 class StudyConfig(_Strict):
@@ -322,7 +321,7 @@ class StudyConfig(_Strict):
     search_space: str = "dpsgd.yaml"
     checkpoints: CheckpointConfig = CheckpointConfig()
     artifacts: ArtifactConfig = ArtifactConfig()
-    search: SearchModeConfig | None = None  # issue #20
+    search: SearchModeConfig | None = None
 
     @field_validator("name")
     @classmethod

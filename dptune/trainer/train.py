@@ -93,9 +93,9 @@ class RunConfig:
     feed: str = setting("feed")
     device_data_fraction: float = setting("device_data_fraction")
     loader_workers: int = setting("loader_workers")
-    # Issue #18: a dptune.trainer.resume.Checkpointer — in-trial checkpoints, and resuming from the last one.
+    # A dptune.trainer.resume.Checkpointer: in-trial checkpoints, and resuming from the last one.
     resume: Any = None
-    # Issue #20 (dptune.search.modes, subset tuning): the public Poisson rate q when the training split is a
+    # Subset tuning (dptune.search.modes): the public Poisson rate q when the training split is a
     # secret random subset, whose size must not set q; the expected batch is then ``batch_size``. None: B/N.
     sampling_rate: float | None = None
     # A trial of this study: its saved parameters are a search's candidate, not a release
@@ -352,7 +352,7 @@ def train_step(fns: StepFunctions, state: TrainState, dataset: Dataset, indices:
     """
     padded, mask = pad_to_multiple(indices, fns.microbatch_size)
     # Every dispatch goes through dispatch.track: unbounded run-ahead deadlocks
-    # multi-device CPU runs (issue #15; the why is in dptune/dispatch.py).
+    # multi-device CPU runs (the why is in dptune/trainer/dispatch.py).
     acc = dispatch.track(fns.zeros_like(state.params))
     accumulate = fns.accumulate if private else fns.accumulate_nonprivate
     for chunk, chunk_mask in microbatches(padded, mask, fns.microbatch_size):
