@@ -580,19 +580,31 @@ def default(field: str) -> Any:
     return StudyConfig.model_fields[field].get_default(call_default_factory=True)
 
 
+def _real(value: Any) -> float | None:
+    """``value`` as a float where it is a real number (NumPy's included; booleans and strings are not)."""
+    if isinstance(value, (bool, str, bytes)):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
 def clip_norm_problem(value: Any) -> str | None:
     """What is wrong with ``value`` as the clip norm C of private training (None: nothing).
 
     C bounds each example's contribution: an infinite (or non-positive) C bounds nothing.
     """
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+    v = _real(value)
+    if v is None or not (math.isfinite(v) and v > 0):
         return f"must be a finite number > 0 in private training, got {value}"
     return None
 
 
 def batch_size_problem(value: Any, num_examples: int) -> str | None:
     """What is wrong with ``value`` as the expected batch B of a training split of ``num_examples`` (None: nothing)."""
-    if not (isinstance(value, (int, float)) and value == int(value) and 1 <= value <= num_examples):
+    v = _real(value)
+    if v is None or not (math.isfinite(v) and v == int(v) and 1 <= v <= num_examples):
         return f"must be in [1, {num_examples}] (the training-set size), got {value}"
     return None
 
