@@ -16,6 +16,7 @@ import re
 import reprlib
 import sys
 from collections.abc import Sequence
+from enum import Enum
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
@@ -577,7 +578,12 @@ def default(field: str) -> Any:
     Raises:
       KeyError: ``field`` is not a setting of :class:`StudyConfig`.
     """
-    return StudyConfig.model_fields[field].get_default(call_default_factory=True)
+    return _plain(StudyConfig.model_fields[field].get_default(call_default_factory=True))
+
+
+def _plain(value: Any) -> Any:
+    # A closed set's default is written as its enum member; settings hold the plain string.
+    return value.value if isinstance(value, Enum) else value
 
 
 def _real(value: Any) -> float | None:
@@ -643,7 +649,7 @@ class Hyperparameters(_Strict):
 
 
 def _hp_default(name: str) -> Any:
-    return Hyperparameters.model_fields[name].get_default(call_default_factory=True)
+    return _plain(Hyperparameters.model_fields[name].get_default(call_default_factory=True))
 
 
 @dataclasses.dataclass(frozen=True)
