@@ -99,7 +99,8 @@ def _seconds(text: str) -> float:
     return value
 
 
-def _add_privacy_common(p: argparse.ArgumentParser, *, noise: bool, duration: bool) -> None:
+def _add_privacy_common(p: argparse.ArgumentParser, *, noise: bool, duration: bool,
+                        accountant: str = Accountant.PLD.value) -> None:
     p.add_argument("--dataset-size", type=_positive_int, required=True, help="N, training examples")
     p.add_argument("--batch-size", type=_positive_int, required=True, help="expected batch size B (q = B/N)")
     if noise:
@@ -109,7 +110,7 @@ def _add_privacy_common(p: argparse.ArgumentParser, *, noise: bool, duration: bo
         g.add_argument("--epochs", type=_float, help="E; steps = ceil(E·N/B)")
         g.add_argument("--steps", type=_positive_int, help="T")
     p.add_argument("--delta", type=_float, help="δ (default: a power of ten below 1/(10N))")
-    p.add_argument("--accountant", default=Accountant.PLD.value, help=f"{listed(Accountant)}, or all (default: pld)")
+    p.add_argument("--accountant", default=accountant, help=f"{listed(Accountant)}, or all (default: {accountant})")
     p.add_argument("--json", action="store_true", help="print JSON")
 
 
@@ -406,9 +407,9 @@ def _privacy_commands(sub: Subparsers) -> None:
     ps.add_argument("--distribution", choices=values(TrialDistribution), default=TrialDistribution.GEOMETRIC.value,
                     help="the law of the number of trials (default: geometric)")
     ps.add_argument("--eta", type=_float, help="η of the truncated negative binomial")
-    _add_privacy_common(ps, noise=False, duration=True)
+    _add_privacy_common(ps, noise=False, duration=True, accountant=Accountant.RDP.value)
     ps.add_argument("--noise-multiplier", type=_float, help="σ of every trial")
-    ps.set_defaults(func=cmd_privacy_search, accountant="rdp")
+    ps.set_defaults(func=cmd_privacy_search)
     s = psub.add_parser("steps", help="most steps that fit a target ε")
     s.add_argument("--epsilon", type=_float, required=True)
     _add_privacy_common(s, noise=True, duration=False)
