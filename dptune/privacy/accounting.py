@@ -50,8 +50,8 @@ class _ExcludedOrders(logging.Filter):
 
 logging.getLogger("absl").addFilter(_ExcludedOrders())
 
-ACCOUNTANTS: tuple[str, ...] = tuple(Accountant)
-DEFAULT_ACCOUNTANT = Accountant.PLD
+ACCOUNTANTS: tuple[str, ...] = tuple(c.value for c in Accountant)
+DEFAULT_ACCOUNTANT = Accountant.PLD.value
 
 @dataclass(frozen=True)
 class PrivacySpend:

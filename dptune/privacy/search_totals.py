@@ -48,7 +48,7 @@ from dptune.errors import PrivacyError
 from dptune.privacy import accounting as privacy
 
 Distribution = TrialDistribution
-DISTRIBUTIONS: tuple[str, ...] = tuple(TrialDistribution)
+DISTRIBUTIONS: tuple[str, ...] = tuple(c.value for c in TrialDistribution)
 
 
 @dataclass(frozen=True)
