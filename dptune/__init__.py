@@ -30,7 +30,7 @@ _API = {
     "create_study": "dptune.search.study",
     "load_study": "dptune.search.study",
     "optimize": "dptune.search.study",
-    "finalize": "dptune.search.proxy",  # issue #20: a cheaper-tuning study's final run
+    "finalize": "dptune.search.proxy",  # a cheaper-tuning study's final run
     # reading results, no JAX (dptune.search.results)
     "summarize": "dptune.search.results",
     "search_guarantee": "dptune.search.results",

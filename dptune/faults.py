@@ -15,22 +15,32 @@ It cannot be switched on by accident: a fault is active only inside
 ``DPTUNE_TEST_ONLY_FAULTS`` is ``"I know this run is not private"``. No
 command-line flag, study file field or stored attribute reaches this module, so
 a production run would need both a code change and that environment variable.
-Outside ``inject`` every hook below returns its input unchanged.
+
+Production code does not call this module: :func:`inject` installs wrappers at
+two :mod:`dptune.seams` (the DP step ``dptune.trainer.train.train_step`` and the
+sampler ``dptune.data.sampling.poisson_batch``), which change what the real
+step and sampler are given, and removes them on the way out.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
+
+from dptune import seams
 
 FAULTS: tuple[str, ...] = ("noise_scaled_down", "no_clipping", "per_microbatch_noise", "fixed_size_batches")
 ENV = "DPTUNE_TEST_ONLY_FAULTS"
 ENV_VALUE = "I know this run is not private"
 NOISE_SCALE = 0.1
+
+STEP = "dptune.trainer.train.train_step"
+SAMPLER = "dptune.data.sampling.poisson_batch"
 
 _active: str | None = None
 _epochs: dict[int, list[Any]] = {}  # fixed_size_batches: per dataset size, [permutation, position]
@@ -57,16 +67,17 @@ def inject(name: str) -> Iterator[None]:
         raise ValueError(f"fault: unknown {name!r}; allowed: {', '.join(FAULTS)}")
     if _active is not None:
         raise RuntimeError(f"fault {_active!r} is already active")
-    _active = name
-    _epochs.clear()
-    try:
-        yield
-    finally:
-        _active = None
+    with seams.installed({STEP: _broken_step, SAMPLER: _broken_sampler}):
+        _active = name
         _epochs.clear()
+        try:
+            yield
+        finally:
+            _active = None
+            _epochs.clear()
 
 
-# -- hooks (identity unless a fault is active) ---------------------------------
+# -- what each fault changes (identity unless a fault is active) ------------------
 
 def noise_multiplier(sigma: float) -> float:
     """σ handed to the once-per-batch noise."""
@@ -107,3 +118,44 @@ def sampled_batch(rng: np.random.Generator, num_examples: int, sampling_rate: fl
     batch = state[0][state[1]:state[1] + size]
     state[1] += size
     return np.sort(batch)
+
+
+# -- the wrappers installed at the seams ----------------------------------------------
+
+class _Delegate:
+    """``inner`` with some attributes replaced."""
+
+    def __init__(self, inner: Any, **replaced: Any):
+        self._inner = inner
+        self.__dict__.update(replaced)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+def _broken_step(step: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """The DP step of the active fault: the real step, handed a broken σ, clipping or accumulation."""
+    bound = inspect.signature(step).bind(*args, **kwargs)
+    a = bound.arguments
+    fns, audit, sigma, clip_norm = a["fns"], a.get("audit"), a["noise_multiplier"], a["clip_norm"]
+    sum_clip = clip_for_sum(clip_norm)
+    accumulate = fns.accumulate
+    count = -(-len(a["indices"]) // fns.microbatch_size)
+    index = iter(range(count))
+
+    def broken_accumulate(params: Any, acc: Any, xs: Any, ys: Any, mask: Any, clip: float, trainable: Any) -> Any:
+        acc = accumulate(params, acc, xs, ys, mask, clip_for_sum(clip), trainable)
+        return after_microbatch(acc, a["key"], a["step"], next(index), count, sigma, clip_norm)
+
+    a["fns"] = _Delegate(fns, accumulate=broken_accumulate)
+    if audit is not None:
+        # The canaries are clipped as the examples are, and their compiled sum is keyed on the real functions.
+        a["audit"] = _Delegate(audit, add=lambda _fns, state, acc, t, _clip: audit.add(fns, state, acc, t, sum_clip))
+    a["noise_multiplier"] = noise_multiplier(sigma)
+    return step(*bound.args, **bound.kwargs)
+
+
+def _broken_sampler(sample: Callable[..., np.ndarray], rng: np.random.Generator, num_examples: int,
+                    sampling_rate: float) -> np.ndarray:
+    broken = sampled_batch(rng, num_examples, sampling_rate)
+    return sample(rng, num_examples, sampling_rate) if broken is None else broken

@@ -10,6 +10,7 @@ bound 200 canaries could show is ≈ 3.48.
 import dataclasses
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -227,6 +228,16 @@ def test_faults_cannot_be_switched_on_by_accident(monkeypatch):
     import re
 
     assert not re.search(r"\bfaults\b", text)
+
+
+def test_production_path_reaches_faults_only_through_an_empty_seam():
+    from dptune import seams
+    from dptune.data import sampling
+    from dptune.trainer import train
+
+    assert not seams.active(train.train_step) and not seams.active(sampling.poisson_batch)
+    for module in (train, sampling):
+        assert not re.search(r"\bfaults\.", Path(module.__file__).read_text())
 
 
 # -- studies: the audit is one more trial ------------------------------------------------

@@ -72,3 +72,18 @@ def test_train_json_on_digits(tmp_path):
 def test_train_unknown_dataset():
     p = run("train", "--dataset", "nope")
     assert p.returncode == 2 and p.stderr.startswith("dptune: error: dataset:")
+
+
+def test_closed_sets_are_the_same_on_the_command_line_and_in_the_schema():
+    from dptune.choices import Accountant, Clipping, Feed, Optimizer, values
+    from dptune.cli.parser import build_parser
+    from dptune.config import schema
+
+    parser = build_parser()
+    for value in values(Clipping):  # "fast" included
+        args = parser.parse_args(["train", "--clipping", value])
+        assert schema.StudyConfig(name="x", privacy={"epsilon": 1.0}, clipping=args.clipping).clipping == value
+    train = parser._subparsers._group_actions[0].choices["train"]  # type: ignore[union-attr]
+    choices = {a.dest: list(a.choices) for a in train._actions if a.choices}
+    assert choices["clipping"] == values(Clipping) and choices["feed"] == values(Feed)
+    assert choices["optimizer"] == values(Optimizer) and choices["accountant"] == values(Accountant)

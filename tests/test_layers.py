@@ -1,8 +1,8 @@
 """The layers of the package, as the folders show them, are true of the imports.
 
 privacy (no JAX) ← config ← data, models ← trainer (no Optuna) ← search ← inspect (no JAX), cli.
-The foundation modules at the top of the package (errors, randomness, interrupt, faults, progress) sit below
-everything. Every import counts, also those inside functions.
+The foundation modules at the top of the package (errors, randomness, interrupt, faults, progress, seams,
+choices) sit below everything. Every import counts, also those inside functions.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import sys
 import pytest
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "dptune"
-FOUNDATION = {"errors", "randomness", "interrupt", "faults", "progress"}
+FOUNDATION = {"errors", "randomness", "interrupt", "faults", "progress", "seams", "choices"}
 # layer -> the dptune layers it may import (besides itself and the foundation)
 ALLOWED = {
     "foundation": set(),

@@ -1,7 +1,7 @@
-"""A trial whose process dies natively (SIGABRT, as in issue #15) never stays RUNNING.
+"""A trial whose process dies natively (SIGABRT, as XLA's rendezvous timeout did) never stays RUNNING.
 
-The dying trial is made by dptune's test-only hook (``DPTUNE_TEST_ONLY_ABORT_TRIAL``,
-dptune/orphans.py): ``os.abort()`` in the trial objective, just before training.
+The dying trial is made by the tests' hook (tests/trial_deaths.py, installed at the objective's
+``trial.training`` seam): ``os.abort()`` in the trial objective, just before training.
 """
 
 import json
@@ -22,6 +22,7 @@ from dptune.search import orphans
 from dptune.search.storage import backend as backend_of
 from dptune.search.storage import open_storage, remember
 from dptune.search.study import create_study
+from tests import trial_deaths
 from tests.conftest import run_cli
 from tests.test_workers import make_config, trials_of
 
@@ -29,7 +30,7 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
 def aborting(trial_number):
-    return dict(os.environ, JAX_PLATFORMS="cpu", **{orphans.TEST_ABORT_ENV: str(trial_number)})
+    return dict(os.environ, JAX_PLATFORMS="cpu", **trial_deaths.env(abort=trial_number))
 
 
 def run(*args, env, timeout=600):
@@ -173,7 +174,7 @@ def test_live_recycled_and_zombie_workers(tmp_path):
 
 
 def test_abort_hook_is_inert_outside_tests(monkeypatch):
-    monkeypatch.setenv(orphans.TEST_ABORT_ENV, "7")
-    orphans.abort_if_test_requests(6)  # another trial: nothing happens
+    monkeypatch.setenv(trial_deaths.ABORT_ENV, "7")
+    trial_deaths.abort_if_requested(6)  # another trial: nothing happens
     monkeypatch.delenv("PYTEST_CURRENT_TEST")
-    orphans.abort_if_test_requests(7)  # the right trial, but not under pytest: nothing happens
+    trial_deaths.abort_if_requested(7)  # the right trial, but not under pytest: nothing happens

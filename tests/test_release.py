@@ -23,10 +23,11 @@ from optuna.trial import TrialState
 from dptune.config import schema as config
 from dptune.data.datasets import load_dataset
 from dptune.randomness import SecretSeed
-from dptune.search import objective, orphans, release, results, study
+from dptune.search import objective, release, results, study
 from dptune.trainer import resume
 from dptune.trainer.run import dataset_of
 from dptune.trainer.train import Hyperparams, PrivacyBudget, RunConfig, train_and_evaluate
+from tests import trial_deaths
 from tests.conftest import run_cli
 from tests.test_bad_input import read_only
 
@@ -236,7 +237,7 @@ def test_killed_worker_resumes_from_its_checkpoint_and_the_search_counts_its_ste
     study.create_study(config.load_study(make_config(tmp_path, "kill", **extra)), storage)
     # Trial 0 checkpoints at steps 2 and 4, reports steps 5 and 6, and is SIGKILLed right after step 6.
     p = cli("optimize", "--study-name", "kill", "--storage", storage, "--n-trials", "1", "--workers", "1",
-            env={orphans.TEST_KILL_ENV: "0:6"})
+            env=trial_deaths.env(kill="0:6"))
     assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
     s = study.load_study("kill", storage)
     dead = s.trials[0]

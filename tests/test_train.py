@@ -36,7 +36,7 @@ def test_second_trial_compiles_nothing(digits):
     # Different learning rate, clip norm, noise, momentum and batch size (so q and the
     # number of microbatches per step): same compiled functions.
     r = train_and_evaluate(digits, Hyperparams(batch_size=333, learning_rate=0.1, clip_norm=3.0,
-                                               noise_multiplier=4.0, momentum=0.5, schedule="cosine"),
+                                               noise_multiplier=4.0, momentum=0.5),
                            3, config=cfg, budget=PrivacyBudget(epsilon=3.0, delta=1e-5))
     assert dict(fns.traces) == traces
     assert compile_stats.backend_compiles() == compiles

@@ -8,6 +8,7 @@ and what is allowed, and unknown keys are errors.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import math
 import os
@@ -15,12 +16,24 @@ import re
 import reprlib
 import sys
 from collections.abc import Sequence
+from enum import Enum
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from dptune.choices import (
+    Accountant,
+    Clipping,
+    Feed,
+    Optimizer,
+    Pruner,
+    Sampler,
+    SearchMode,
+    TrialDistribution,
+    listed,
+)
 from dptune.errors import ConfigError
 from dptune.privacy.accounting import EPSILON_TOO_LARGE, MAX_EPSILON
 
@@ -40,7 +53,8 @@ def check_name(name: str) -> str | None:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Closed sets are enums (dptune.choices) whose values, not members, are stored: settings stay plain strings.
+    model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=True, validate_default=True)
 
 
 class Range(_Strict):
@@ -127,7 +141,7 @@ def _budget_epsilon(v: float) -> float:
 class PrivacyConfig(_Strict):
     epsilon: float = Field(gt=0)
     delta: float | None = Field(default=None, gt=0, lt=1)
-    accountant: Literal["pld", "rdp"] = "pld"
+    accountant: Accountant = Accountant.PLD
 
     _epsilon = field_validator("epsilon")(_budget_epsilon)
 
@@ -135,7 +149,7 @@ class PrivacyConfig(_Strict):
 class TrialsConfig(_Strict):
     """The distribution of the number of trials in a private search."""
 
-    distribution: Literal["poisson", "truncated_negative_binomial", "geometric", "logarithmic"] = "geometric"
+    distribution: TrialDistribution = TrialDistribution.GEOMETRIC
     mean: float = Field(gt=0)
     eta: float | None = Field(default=None, gt=0)
 
@@ -172,12 +186,12 @@ class SearchBudgetConfig(_Strict):
 
 
 class SamplerConfig(_Strict):
-    name: Literal["tpe", "random", "gp", "cmaes", "grid"] = "tpe"
+    name: Sampler = Sampler.TPE
     n_startup_trials: int = Field(default=5, ge=0)
 
 
 class PrunerConfig(_Strict):
-    name: Literal["median", "successive_halving", "asha", "hyperband", "none"] = "median"
+    name: Pruner = Pruner.MEDIAN
     n_startup_trials: int = Field(default=3, ge=0)
     n_warmup_steps: int = Field(default=1, ge=0)
     min_resource: int = Field(default=1, ge=1)
@@ -199,7 +213,7 @@ class TrainingBudget(_Strict):
 
 
 class CheckpointConfig(_Strict):
-    """In-trial checkpoints (issue #18): off by default; a trial whose worker dies resumes from the last one."""
+    """In-trial checkpoints: off by default; a trial whose worker dies resumes from the last one."""
 
     every_steps: int | None = Field(default=None, ge=1)
     every_minutes: float | None = Field(default=None, gt=0)
@@ -234,7 +248,7 @@ class AugmentationConfig(_Strict):
     flip: bool = False
 
 
-# -- issue #20: cheaper tuning (dptune/search/modes.py plans and accounts each mode) -----------------------------
+# -- cheaper tuning (dptune/search/modes.py plans and accounts each mode) ----------------------------------------
 class SearchModeConfig(_Strict):
     """How a study tunes before it trains the model it releases (``search: {mode: …}``).
 
@@ -245,7 +259,7 @@ class SearchModeConfig(_Strict):
     training split (Koskela & Kulkarni 2023), then one run on all of it.
     """
 
-    mode: Literal["public", "scaled", "subset"]
+    mode: SearchMode
     dataset: str | None = None
     factor: int | None = Field(default=None, ge=2, strict=True)  # "4" in quotes is a typo, not a count
     fraction: float | None = Field(default=None, gt=0)
@@ -264,7 +278,6 @@ class SearchModeConfig(_Strict):
             raise ValueError(f"fraction: must be in (0, 1) (the share of the training split the trials see), "
                              f"got {self.fraction:g}")
         return self
-# -- end of issue #20
 
 
 class StudyConfig(_Strict):
@@ -299,17 +312,17 @@ class StudyConfig(_Strict):
     reinitialize: list[str] = []
     augmentation: AugmentationConfig = AugmentationConfig()
     microbatch_size: int | Literal["auto"] = 256
-    clipping: Literal["auto", "bookkeeping", "fast", "vmap", "normalize"] = "auto"
+    clipping: Clipping = Clipping.AUTO
     # How batches reach the devices (dptune.trainer.feed) and how many processes decode record datasets
     # (dptune.data.pipeline).
-    feed: Literal["auto", "resident", "streamed", "loop"] = "auto"
+    feed: Feed = Feed.AUTO
     loader_workers: int = Field(2, ge=0)
     device_data_fraction: float = Field(0.25, gt=0, le=1)
     storage: str | None = None
     search_space: str = "dpsgd.yaml"
     checkpoints: CheckpointConfig = CheckpointConfig()
     artifacts: ArtifactConfig = ArtifactConfig()
-    search: SearchModeConfig | None = None  # issue #20
+    search: SearchModeConfig | None = None
 
     @field_validator("name")
     @classmethod
@@ -371,8 +384,8 @@ class ResolvedStudy(_Strict):
         values = (spec.choices if isinstance(spec, Choice) else [spec.low, spec.high] if isinstance(spec, Range)
                   else [spec])
         for v in values:
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
-                raise ValueError(f"search_space.clip_norm: must be a finite number > 0 in private training, got {v}")
+            if (problem := clip_norm_problem(v)) is not None:
+                raise ValueError(f"search_space.clip_norm: {problem}")
         return self
 
     @model_validator(mode="after")
@@ -493,7 +506,7 @@ def _explain(path: str, model: type[BaseModel], err: ValidationError) -> ConfigE
         allowed = _allowed_keys(model, fields[:-1]) or []
         return ConfigError(f"{path}: {field}", f"unknown key; allowed: {', '.join(allowed)}")
     msg = e["msg"].removeprefix("Value error, ")
-    if e["type"] == "literal_error":
+    if e["type"] in ("literal_error", "enum"):
         msg = "must be one of " + str(e.get("ctx", {}).get("expected", ""))
     value = e.get("input")
     if isinstance(value, float) and math.isnan(value):
@@ -565,7 +578,41 @@ def default(field: str) -> Any:
     Raises:
       KeyError: ``field`` is not a setting of :class:`StudyConfig`.
     """
-    return StudyConfig.model_fields[field].get_default(call_default_factory=True)
+    return _plain(StudyConfig.model_fields[field].get_default(call_default_factory=True))
+
+
+def _plain(value: Any) -> Any:
+    # A closed set's default is written as its enum member; settings hold the plain string.
+    return value.value if isinstance(value, Enum) else value
+
+
+def _real(value: Any) -> float | None:
+    """``value`` as a float where it is a real number (NumPy's included; booleans and strings are not)."""
+    if isinstance(value, (bool, str, bytes)):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def clip_norm_problem(value: Any) -> str | None:
+    """What is wrong with ``value`` as the clip norm C of private training (None: nothing).
+
+    C bounds each example's contribution: an infinite (or non-positive) C bounds nothing.
+    """
+    v = _real(value)
+    if v is None or not (math.isfinite(v) and v > 0):
+        return f"must be a finite number > 0 in private training, got {value}"
+    return None
+
+
+def batch_size_problem(value: Any, num_examples: int) -> str | None:
+    """What is wrong with ``value`` as the expected batch B of a training split of ``num_examples`` (None: nothing)."""
+    v = _real(value)
+    if v is None or not (math.isfinite(v) and v == int(v) and 1 <= v <= num_examples):
+        return f"must be in [1, {num_examples}] (the training-set size), got {value}"
+    return None
 
 
 class Hyperparameters(_Strict):
@@ -573,6 +620,7 @@ class Hyperparameters(_Strict):
 
     A study samples these from its search space; a single run fixes them.
     ``noise_multiplier`` None: σ is calibrated so that ``epochs`` fit the privacy budget.
+    :meth:`for_steps` gives the trainer's :class:`Hyperparams` once σ is known.
     """
 
     batch_size: int = Field(700, ge=1)
@@ -580,7 +628,7 @@ class Hyperparameters(_Strict):
     clip_norm: float = Field(1.0, gt=0)
     noise_multiplier: float | None = Field(None, ge=0)
     epochs: float = Field(8.0, gt=0)
-    optimizer: Literal["sgd", "momentum", "adam"] = "momentum"
+    optimizer: Optimizer = Optimizer.MOMENTUM
     momentum: float = Field(0.9, ge=0, lt=1)
     ema_decay: float = Field(0.0, ge=0, lt=1)
     trainable: str = "all"
@@ -593,6 +641,51 @@ class Hyperparameters(_Strict):
         return v
 
     _trainable = field_validator("trainable")(SearchSpace._trainable_values.__func__)  # type: ignore[attr-defined]
+
+    def for_steps(self, noise_multiplier: float) -> Hyperparams:
+        """What the steps use: these hyperparameters with σ decided (``epochs`` has become a number of steps)."""
+        return Hyperparams(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Hyperparams)
+                              if f.name != "noise_multiplier"}, noise_multiplier=noise_multiplier)
+
+
+def _hp_default(name: str) -> Any:
+    return _plain(Hyperparameters.model_fields[name].get_default(call_default_factory=True))
+
+
+@dataclasses.dataclass(frozen=True)
+class Hyperparams:
+    """What the steps of one run use: :class:`Hyperparameters` with σ decided and no ``epochs``.
+
+    ``batch_size`` is the *expected* logical batch B = qN. Defaults are :class:`Hyperparameters`'s,
+    except σ (1.0; the schema's None means "calibrate", which the trainer does not do). Nothing is
+    checked on construction, so that the trainer names the bad field of a run: see :meth:`validate`.
+    """
+
+    batch_size: int
+    learning_rate: float
+    clip_norm: float = _hp_default("clip_norm")
+    noise_multiplier: float = 1.0
+    optimizer: str = _hp_default("optimizer")
+    momentum: float = _hp_default("momentum")
+    ema_decay: float = _hp_default("ema_decay")
+    trainable: str = _hp_default("trainable")
+
+    def validate(self, num_examples: int, private: bool) -> None:
+        """Raises ConfigError (naming the field) for what no run of ``num_examples`` examples can use."""
+        if (problem := batch_size_problem(self.batch_size, num_examples)) is not None:
+            raise ConfigError("batch_size", problem)
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            raise ConfigError("learning_rate", f"must be a finite number > 0, got {self.learning_rate}")
+        if private and (problem := clip_norm_problem(self.clip_norm)) is not None:
+            raise ConfigError("clip_norm", problem)
+        if not (self.noise_multiplier >= 0 and math.isfinite(self.noise_multiplier)):
+            raise ConfigError("noise_multiplier", f"must be a finite number >= 0, got {self.noise_multiplier}")
+        if self.optimizer not in tuple(Optimizer):
+            raise ConfigError("optimizer", f"unknown {self.optimizer!r}; allowed: {listed(Optimizer)}")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError("momentum", f"must be in [0, 1), got {self.momentum}")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError("ema_decay", f"must be in [0, 1) (0 = off), got {self.ema_decay}")
 
 
 # What a single run uses where a study file would be required to say it.

@@ -17,15 +17,14 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from dptune import faults
+from dptune import seams
 
 
+@seams.seam  # tests may sample otherwise (dptune.faults); production samples as written here
 def poisson_batch(rng: np.random.Generator, num_examples: int, sampling_rate: float) -> np.ndarray:
     """Indices of one Poisson-sampled batch: each example included w.p. ``sampling_rate``."""
     if sampling_rate >= 1.0:
         return np.arange(num_examples)
-    if (broken := faults.sampled_batch(rng, num_examples, sampling_rate)) is not None:
-        return broken  # TEST ONLY (dptune.faults); never in production
     size = rng.binomial(num_examples, sampling_rate)
     return np.sort(rng.choice(num_examples, size=size, replace=False))
 

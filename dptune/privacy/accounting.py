@@ -22,7 +22,6 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Literal
 
 import dp_accounting
 import numpy as np
@@ -33,6 +32,7 @@ from dp_accounting.privacy_accountant import NeighboringRelation, PrivacyAccount
 from dp_accounting.rdp import rdp_privacy_accountant as rdp_conversion
 from dp_accounting.rdp.rdp_privacy_accountant import RdpAccountant
 
+from dptune.choices import Accountant
 from dptune.errors import PrivacyError
 
 
@@ -50,9 +50,8 @@ class _ExcludedOrders(logging.Filter):
 
 logging.getLogger("absl").addFilter(_ExcludedOrders())
 
-Accountant = Literal["pld", "rdp"]
-ACCOUNTANTS: tuple[str, ...] = ("pld", "rdp")
-DEFAULT_ACCOUNTANT: Accountant = "pld"
+ACCOUNTANTS: tuple[str, ...] = tuple(c.value for c in Accountant)
+DEFAULT_ACCOUNTANT = Accountant.PLD.value
 
 @dataclass(frozen=True)
 class PrivacySpend:
@@ -227,7 +226,7 @@ def epsilon(
     noise_multiplier: float,
     steps: int,
     delta: float,
-    accountant: Accountant = DEFAULT_ACCOUNTANT,
+    accountant: str = DEFAULT_ACCOUNTANT,
 ) -> float:
     """ε of ``steps`` DP-SGD steps at Poisson rate q and noise multiplier σ.
 
@@ -250,7 +249,7 @@ def spend(
     noise_multiplier: float,
     steps: int,
     delta: float,
-    accountant: Accountant = DEFAULT_ACCOUNTANT,
+    accountant: str = DEFAULT_ACCOUNTANT,
 ) -> PrivacySpend:
     """:func:`epsilon` wrapped with the parameters that produced it."""
     return PrivacySpend(
@@ -269,7 +268,7 @@ def noise_for_epsilon(
     steps: int,
     target_epsilon: float,
     delta: float,
-    accountant: Accountant = DEFAULT_ACCOUNTANT,
+    accountant: str = DEFAULT_ACCOUNTANT,
 ) -> float:
     """A σ, at most ~0.5% above the smallest, such that ``steps`` steps at rate q spend ≤ target ε.
 
@@ -315,7 +314,7 @@ def max_steps(
     noise_multiplier: float,
     target_epsilon: float,
     delta: float,
-    accountant: Accountant = DEFAULT_ACCOUNTANT,
+    accountant: str = DEFAULT_ACCOUNTANT,
     limit: int | None = None,
 ) -> int:
     """Largest T with ε(q, σ, T, δ) ≤ target ε, capped at ``limit`` if given.

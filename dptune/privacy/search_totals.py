@@ -36,7 +36,6 @@ import functools
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Literal
 
 import dp_accounting
 import numpy as np
@@ -44,11 +43,12 @@ from dp_accounting import dp_event
 from dp_accounting.rdp.rdp_privacy_accountant import RdpAccountant, compute_epsilon
 from scipy import optimize, special
 
+from dptune.choices import TrialDistribution
 from dptune.errors import PrivacyError
 from dptune.privacy import accounting as privacy
 
-Distribution = Literal["poisson", "truncated_negative_binomial", "geometric", "logarithmic"]
-DISTRIBUTIONS: tuple[str, ...] = ("poisson", "truncated_negative_binomial", "geometric", "logarithmic")
+Distribution = TrialDistribution
+DISTRIBUTIONS: tuple[str, ...] = tuple(c.value for c in TrialDistribution)
 
 
 @dataclass(frozen=True)

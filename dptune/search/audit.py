@@ -86,6 +86,7 @@ from jax.flatten_util import ravel_pytree
 from jax.sharding import PartitionSpec
 
 from dptune import faults
+from dptune.choices import ThreatModel
 from dptune.data.datasets import Dataset
 from dptune.errors import ConfigError, PrivacyError
 from dptune.models import checkpoint, freezing
@@ -96,7 +97,7 @@ from dptune.trainer import dp_step
 from dptune.trainer.run import check_model
 from dptune.trainer.train import Hyperparams, PrivacyBudget, RunConfig, train_and_evaluate
 
-THREAT_MODELS: tuple[str, ...] = ("white-box", "black-box")
+THREAT_MODELS: tuple[str, ...] = tuple(c.value for c in ThreatModel)
 BLACK_BOX_MAX = 10_000  # black-box canaries allowed beyond the training-set size
 DEFAULT_CANARIES = 1000
 DEFAULT_CONFIDENCE = 0.95

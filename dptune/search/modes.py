@@ -201,7 +201,7 @@ class ScaledBatch:
 PUBLIC_PROXY_DELTAS = (1e-3, 1e-2, 0.1, 0.5)
 
 
-def scaled_proxy_budget(q: float, sigma: float, steps: int, delta: float, accountant: privacy.Accountant,
+def scaled_proxy_budget(q: float, sigma: float, steps: int, delta: float, accountant: str,
                         public: bool) -> tuple[float, float] | None:
     """The (ε, δ) a scaled proxy trains under, or None when no budget the trainer takes admits all its steps.
 
@@ -302,7 +302,7 @@ def _check_proxies_run(resolved: ResolvedStudy, n_plan: int, delta: float) -> No
 
 
 def final_plan(mode: dict[str, Any], winner: FrozenTrial, epsilon: float, delta: float,
-               accountant: privacy.Accountant) -> dict[str, Any]:
+               accountant: str) -> dict[str, Any]:
     """The final run's hyperparameters, steps and rate, transferred from the best proxy by the mode's rule.
 
     Planned on the private data (``n_plan`` = N): the very run the proxy stood in

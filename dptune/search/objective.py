@@ -21,7 +21,7 @@ import jax
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from dptune import interrupt
+from dptune import interrupt, seams
 from dptune.config.schema import ResolvedStudy, default_storage
 from dptune.data.datasets import Dataset
 from dptune.errors import StudyError
@@ -208,7 +208,7 @@ class Objective:
             # reported where the pruner and the sampler of proxies could read it.
             if not final:
                 trial.report(metrics["best_val_accuracy"], len(reports))
-            orphans.kill_if_test_requests(trial.number, step)
+            seams.reached("trial.reported", trial.number, step)
             return not final and trial.should_prune()
 
         config = run_config(
@@ -252,7 +252,7 @@ class Objective:
                     reports.append(m["best_val_accuracy"])
                     if not final:
                         trial.report(m["best_val_accuracy"], len(reports))
-        orphans.abort_if_test_requests(trial.number)
+        seams.reached("trial.training", trial.number)
         interrupt.raise_if_pending()  # before the trial is marked as having touched the data
         trial.set_user_attr("touched_data", True if setup is None else setup.touched)
         try:

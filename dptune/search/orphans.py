@@ -1,8 +1,8 @@
-"""Trials left RUNNING by a worker process that died, and the test-only hook that makes one die.
+"""Trials left RUNNING by a worker process that died.
 
 A process can die without running any Python cleanup: SIGKILL, the OOM
-killer, or a native abort (XLA's rendezvous timeout of issue #15 ended the
-process with SIGABRT). Its trial then stays RUNNING in the storage, and
+killer, or a native abort (XLA's rendezvous timeout on multi-device CPU runs
+ended the process with SIGABRT). Its trial then stays RUNNING in the storage, and
 Optuna's heartbeats, which only RDB storages have, would notice only after
 their grace period, and only inside a later ``optimize``. So every trial
 records the process running it (host, pid and the pid's start time, so that
@@ -26,7 +26,6 @@ retry: the failed trial keeps its place among the K.
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import uuid
 from typing import Any
@@ -40,9 +39,6 @@ from dptune.search import modes
 from dptune.search.storage import MAX_RETRY, backend
 
 WORKER_ATTR = "worker"
-# Test-only: see abort_if_test_requests and kill_if_test_requests.
-TEST_ABORT_ENV = "DPTUNE_TEST_ONLY_ABORT_TRIAL"
-TEST_KILL_ENV = "DPTUNE_TEST_ONLY_KILL_TRIAL_AT_STEP"
 
 
 def _proc_stat(pid: int) -> list[str] | None:
@@ -139,30 +135,3 @@ class StaleTrialRetry:
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         if study.user_attrs.get("private_search") is None and not modes.is_final(trial):
             self._retry(study, trial)
-
-
-def abort_if_test_requests(trial_number: int) -> None:
-    """TEST ONLY: end this process with SIGABRT, as XLA's rendezvous timeout did, at trial ``trial_number``.
-
-    Inert unless ``DPTUNE_TEST_ONLY_ABORT_TRIAL`` holds this trial's number
-    *and* pytest is running the test that started the process (pytest sets
-    ``PYTEST_CURRENT_TEST``, and processes it starts inherit it): no
-    production run has both. Called only from the trial objective, just
-    before training, so the dying trial looks like one that died mid-training.
-    """
-    wanted = os.environ.get(TEST_ABORT_ENV)
-    if wanted is not None and "PYTEST_CURRENT_TEST" in os.environ and wanted.strip() == str(trial_number):
-        os.abort()
-
-
-def kill_if_test_requests(trial_number: int, step: int) -> None:
-    """TEST ONLY: SIGKILL this process right after trial ``trial_number`` reported its evaluation at ``step``.
-
-    Inert unless ``DPTUNE_TEST_ONLY_KILL_TRIAL_AT_STEP`` holds ``"<trial>:<step>"``
-    *and* pytest runs the test that started the process (as for
-    :func:`abort_if_test_requests`). A SIGKILL runs no cleanup at all: the
-    trial stays RUNNING with its checkpoints and reports as the crash left them.
-    """
-    wanted = os.environ.get(TEST_KILL_ENV)
-    if wanted is not None and "PYTEST_CURRENT_TEST" in os.environ and wanted.strip() == f"{trial_number}:{step}":
-        os.kill(os.getpid(), signal.SIGKILL)

@@ -49,18 +49,19 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from dptune.choices import Clipping, Optimizer
 from dptune.errors import ConfigError
 from dptune.models.custom import PerExampleLoss, batch_loss
 from dptune.models.freezing import apply_mask
 from dptune.trainer import bookkeeping, multihost, xla_options
 
 PyTree = Any
-OPTIMIZERS: tuple[str, ...] = ("sgd", "momentum", "adam")
+OPTIMIZERS: tuple[str, ...] = tuple(c.value for c in Optimizer)
 # How the clipped sum is computed: "bookkeeping" (fast, dptune.trainer.bookkeeping),
 # "vmap" (per-example gradients of the whole model: the reference), or
 # "auto" (book-keeping where the model supports it, else vmap), or
 # "normalize" (issue #20: per-example normalisation to norm C on the vmap path, :func:`normalized_sum`).
-CLIPPING: tuple[str, ...] = ("auto", "bookkeeping", "fast", "vmap", "normalize")
+CLIPPING: tuple[str, ...] = tuple(c.value for c in Clipping)
 # Bu et al. 2023's stability constant γ in g/(‖g‖ + γ): keeps tiny gradients from being blown up to norm C.
 NORMALIZE_GAMMA = 0.01
 

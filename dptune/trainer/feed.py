@@ -31,13 +31,14 @@ from typing import Any
 import jax
 import numpy as np
 
+from dptune.choices import Feed
 from dptune.config.schema import default as setting
 from dptune.data.datasets import ArraySplit
 from dptune.errors import ConfigError
 from dptune.trainer import dispatch, multihost
 from dptune.trainer.dp_step import StepFunctions, TrainState
 
-FEEDS: tuple[str, ...] = ("auto", "resident", "streamed", "loop")
+FEEDS: tuple[str, ...] = tuple(c.value for c in Feed)
 DEVICE_DATA_FRACTION: float = setting("device_data_fraction")  # the study schema's default
 # A streamed step sends at most this many bytes of examples at once; larger logical batches use the loop.
 STREAM_BYTES = 1 << 30

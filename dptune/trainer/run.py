@@ -16,7 +16,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from dptune.config.schema import ConfigLike, Hyperparameters, Overrides, StudyConfig, parse, run_settings
+from dptune.config.schema import (
+    ConfigLike,
+    Hyperparameters,
+    Overrides,
+    StudyConfig,
+    batch_size_problem,
+    parse,
+    run_settings,
+)
 from dptune.data.augment import Augmentation
 from dptune.data.datasets import Dataset, load_dataset
 from dptune.errors import ConfigError, DataError, PrivacyError
@@ -26,7 +34,7 @@ from dptune.models.custom import load_loss
 from dptune.privacy import accounting as privacy
 from dptune.privacy.statement import Statement
 from dptune.progress import Event, Reporter
-from dptune.trainer.train import Hyperparams, PrivacyBudget, RunConfig, TrainResult, train_and_evaluate
+from dptune.trainer.train import PrivacyBudget, RunConfig, TrainResult, train_and_evaluate
 
 __all__ = ["TrainRun", "dataset_of", "run_config", "train", "pretrain"]
 
@@ -208,26 +216,44 @@ def train(
     test examples are not protected. With a private ``init_checkpoint``, the statement composes
     its recorded spend on the same data.
     """
-    import jax
-
-    from dptune.trainer import microbatch
-
     settings = run_settings(config, overrides)
     hp = _hyperparameters(hyperparameters)
+    data = _data(settings, dataset, progress)
+    check_model(settings, data)
+    q, steps = _steps(settings, hp, len(data.train), log)
+    if eval_every is None and "eval_every_epochs" in settings.model_fields_set:
+        eval_every = max(1, round(settings.eval_every_epochs / q))
+    if settings.checkpoints.active:
+        log("checkpoints: in-trial checkpoints are for a study's trials; this run writes only save_checkpoint")
+    plan = _privacy(settings, hp, len(data.train), q, steps, log)
+    size = _microbatch_size(settings, hp, data, devices, log)
+    run = run_config(settings, microbatch_size=size, eval_every=eval_every, num_devices=devices,
+                     save_checkpoint=save_checkpoint)
+    result = train_and_evaluate(data, hp.for_steps(plan.sigma), steps, config=run, budget=plan.budget,
+                                callback=callback, progress=progress)
+    return TrainRun(result=result, settings=settings, hyperparameters=hp, dataset=data.name, steps=steps,
+                    noise_multiplier=plan.sigma, delta=plan.delta, delta_is_default=plan.delta_is_default,
+                    calibrated=plan.budget is not None and hp.noise_multiplier is None, microbatch_size=size,
+                    statement=result.statement(data.name, run))
+
+
+def _data(settings: StudyConfig, dataset: Dataset | tuple | dict | None, progress: Reporter | None) -> Dataset:
+    """The data given, or the data the settings name."""
     if progress is not None:
         progress(Event("phase", {"phase": f"loading the data ({settings.dataset})"}))
     if dataset is None:
-        data = dataset_of(settings)
-    elif isinstance(dataset, Dataset):
-        data = dataset
-    else:
-        from dptune.data.custom import from_arrays
+        return dataset_of(settings)
+    if isinstance(dataset, Dataset):
+        return dataset
+    from dptune.data.custom import from_arrays
 
-        data = from_arrays("arrays", dataset, seed=settings.seed)
-    check_model(settings, data)
-    n = len(data.train)
-    if not 1 <= hp.batch_size <= n:
-        raise ConfigError("batch_size", f"must be in [1, {n}] (the training-set size), got {hp.batch_size}")
+    return from_arrays("arrays", dataset, seed=settings.seed)
+
+
+def _steps(settings: StudyConfig, hp: Hyperparameters, n: int, log: Callable[[str], None]) -> tuple[float, int]:
+    """(q, steps): the sampling rate B/N and the steps of ``epochs``, capped by a study file's budget."""
+    if (problem := batch_size_problem(hp.batch_size, n)) is not None:
+        raise ConfigError("batch_size", problem)
     q = hp.batch_size / n
     if hp.epochs < q:
         raise ConfigError("epochs", f"{hp.epochs:g} is less than one step (one step at batch_size {hp.batch_size} "
@@ -242,48 +268,54 @@ def train(
             steps = min(caps)
             log(f"{steps} steps: capped by budget (max_epochs {settings.budget.max_epochs}, "
                 f"max_steps {settings.budget.max_steps})")
-    if eval_every is None and "eval_every_epochs" in settings.model_fields_set:
-        eval_every = max(1, round(settings.eval_every_epochs / q))
-    if settings.checkpoints.active:
-        log("checkpoints: in-trial checkpoints are for a study's trials; this run writes only save_checkpoint")
-    budget: PrivacyBudget | None = None
+    return q, steps
+
+
+@dataclass(frozen=True)
+class _PrivacyPlan:
+    budget: PrivacyBudget | None  # None: a non-private run
+    sigma: float
+    delta: float | None
+    delta_is_default: bool
+
+
+def _privacy(settings: StudyConfig, hp: Hyperparameters, n: int, q: float, steps: int,
+             log: Callable[[str], None]) -> _PrivacyPlan:
+    """The run's budget, δ (a default below 1/N, checked) and σ (calibrated to the budget when not given)."""
     sigma = hp.noise_multiplier if hp.noise_multiplier is not None else 0.0
-    delta: float | None = None
-    delta_default = False
-    if not settings.non_private:
-        assert settings.privacy is not None  # the schema requires it of a private run
-        p = settings.privacy
-        delta_default = p.delta is None
-        delta = privacy.default_delta(n) if p.delta is None else p.delta
-        privacy.check_delta(delta, n)
-        if delta_default:
-            log(f"δ = {delta:g} by default (well below 1/N = {1 / n:.3g}); set it with privacy.delta (--delta).")
-        budget = PrivacyBudget(p.epsilon, delta, p.accountant)
-        if hp.noise_multiplier is None:
-            sigma = privacy.noise_for_epsilon(q, steps, p.epsilon, delta, p.accountant)
-            log(f"σ = {sigma:.4f} calibrated so that {steps} steps ({hp.epochs:g} epochs) spend ε ≤ "
-                f"{p.epsilon:g} at δ = {delta:g} ({p.accountant})")
-    trainer_hp = Hyperparams(batch_size=hp.batch_size, learning_rate=hp.learning_rate, clip_norm=hp.clip_norm,
-                             noise_multiplier=sigma, optimizer=hp.optimizer, momentum=hp.momentum,
-                             ema_decay=hp.ema_decay, trainable=hp.trainable)
+    if settings.non_private:
+        return _PrivacyPlan(None, sigma, None, False)
+    assert settings.privacy is not None  # the schema requires it of a private run
+    p = settings.privacy
+    delta = privacy.default_delta(n) if p.delta is None else p.delta
+    privacy.check_delta(delta, n)
+    if p.delta is None:
+        log(f"δ = {delta:g} by default (well below 1/N = {1 / n:.3g}); set it with privacy.delta (--delta).")
+    if hp.noise_multiplier is None:
+        sigma = privacy.noise_for_epsilon(q, steps, p.epsilon, delta, p.accountant)
+        log(f"σ = {sigma:.4f} calibrated so that {steps} steps ({hp.epochs:g} epochs) spend ε ≤ "
+            f"{p.epsilon:g} at δ = {delta:g} ({p.accountant})")
+    return _PrivacyPlan(PrivacyBudget(p.epsilon, delta, p.accountant), sigma, delta, p.delta is None)
+
+
+def _microbatch_size(settings: StudyConfig, hp: Hyperparameters, data: Dataset, devices: int | None,
+                     log: Callable[[str], None]) -> int:
+    """The settings' microbatch size, or under ``auto`` the fastest measured on these devices (cached)."""
     size = settings.microbatch_size
-    if size == "auto":
-        choice = microbatch.choose(settings.model, data.image_shape, data.num_classes,
-                                   jax.local_devices()[: devices or None], clipping=settings.clipping,
-                                   upper=hp.batch_size, weight_standardization=settings.weight_standardization,
-                                   model_args=settings.model_args, input_dtype=data.input_dtype, loss=settings.loss)
-        size = choice.microbatch_size
-        measured = ", ".join(f"{m}: {r:,.0f} ex/s" for m, (r, _) in sorted(choice.measured.items()))
-        log(f"microbatch {size} ({'cached' if choice.cached else 'measured'}: {measured})")
-        check_model(settings, data, size)  # a user's model, at the size it will run
-    run = run_config(settings, microbatch_size=size, eval_every=eval_every, num_devices=devices,
-                     save_checkpoint=save_checkpoint)
-    result = train_and_evaluate(data, trainer_hp, steps, config=run, budget=budget, callback=callback,
-                                progress=progress)
-    return TrainRun(result=result, settings=settings, hyperparameters=hp, dataset=data.name, steps=steps,
-                    noise_multiplier=sigma, delta=delta, delta_is_default=delta_default,
-                    calibrated=budget is not None and hp.noise_multiplier is None, microbatch_size=size,
-                    statement=result.statement(data.name, run))
+    if size != "auto":
+        return size
+    import jax
+
+    from dptune.trainer import microbatch
+
+    choice = microbatch.choose(settings.model, data.image_shape, data.num_classes,
+                               jax.local_devices()[: devices or None], clipping=settings.clipping,
+                               upper=hp.batch_size, weight_standardization=settings.weight_standardization,
+                               model_args=settings.model_args, input_dtype=data.input_dtype, loss=settings.loss)
+    measured = ", ".join(f"{m}: {r:,.0f} ex/s" for m, (r, _) in sorted(choice.measured.items()))
+    log(f"microbatch {choice.microbatch_size} ({'cached' if choice.cached else 'measured'}: {measured})")
+    check_model(settings, data, choice.microbatch_size)  # a user's model, at the size it will run
+    return choice.microbatch_size
 
 
 def pretrain(config: ConfigLike | None = None, *, output: str, declare_public: bool,

@@ -23,9 +23,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from dptune import __version__, faults, interrupt
+from dptune import __version__, interrupt, seams
+from dptune.config.schema import Hyperparams, is_import_path
 from dptune.config.schema import default as setting
-from dptune.config.schema import is_import_path
 from dptune.data import pipeline
 from dptune.data.augment import Augmentation
 from dptune.data.datasets import Dataset, RecordSplit, batches
@@ -41,46 +41,9 @@ from dptune.progress import Event, Reporter, StepMeter
 from dptune.randomness import SecretSeed
 from dptune.trainer import compile_stats, dispatch, multihost
 from dptune.trainer import feed as feeds
-from dptune.trainer.dp_step import OPTIMIZERS, StepFunctions, TrainState, step_functions
+from dptune.trainer.dp_step import StepFunctions, TrainState, step_functions
 
 Callback = Callable[[int, dict[str, float]], bool | None]
-SCHEDULES: tuple[str, ...] = ("constant", "cosine")
-
-
-@dataclass(frozen=True)
-class Hyperparams:
-    """What a trial varies. ``batch_size`` is the *expected* logical batch B = qN."""
-
-    batch_size: int
-    learning_rate: float
-    clip_norm: float = 1.0
-    noise_multiplier: float = 1.0
-    optimizer: str = "momentum"
-    momentum: float = 0.9
-    schedule: str = "constant"
-    warmup_steps: int = 0
-    ema_decay: float = 0.0
-    trainable: str = "all"
-
-    def validate(self, num_examples: int, private: bool) -> None:
-        if not 1 <= self.batch_size <= num_examples:
-            raise ConfigError("batch_size", f"must be in [1, {num_examples}] (the training-set size), "
-                                            f"got {self.batch_size}")
-        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
-            raise ConfigError("learning_rate", f"must be a finite number > 0, got {self.learning_rate}")
-        if private and not (self.clip_norm > 0 and math.isfinite(self.clip_norm)):
-            # C bounds each example's contribution: an infinite C is no bound at all.
-            raise ConfigError("clip_norm", f"must be a finite number > 0 in private training, got {self.clip_norm}")
-        if not (self.noise_multiplier >= 0 and math.isfinite(self.noise_multiplier)):
-            raise ConfigError("noise_multiplier", f"must be a finite number >= 0, got {self.noise_multiplier}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ConfigError("optimizer", f"unknown {self.optimizer!r}; allowed: {', '.join(OPTIMIZERS)}")
-        if not 0 <= self.momentum < 1:
-            raise ConfigError("momentum", f"must be in [0, 1), got {self.momentum}")
-        if self.schedule not in SCHEDULES:
-            raise ConfigError("schedule", f"unknown {self.schedule!r}; allowed: {', '.join(SCHEDULES)}")
-        if not 0 <= self.ema_decay < 1:
-            raise ConfigError("ema_decay", f"must be in [0, 1) (0 = off), got {self.ema_decay}")
 
 
 @dataclass(frozen=True)
@@ -89,7 +52,7 @@ class PrivacyBudget:
 
     epsilon: float
     delta: float
-    accountant: privacy.Accountant = privacy.DEFAULT_ACCOUNTANT
+    accountant: str = privacy.DEFAULT_ACCOUNTANT  # one of dptune.choices.Accountant
 
 
 @dataclass(frozen=True)
@@ -130,9 +93,9 @@ class RunConfig:
     feed: str = setting("feed")
     device_data_fraction: float = setting("device_data_fraction")
     loader_workers: int = setting("loader_workers")
-    # Issue #18: a dptune.trainer.resume.Checkpointer — in-trial checkpoints, and resuming from the last one.
+    # A dptune.trainer.resume.Checkpointer: in-trial checkpoints, and resuming from the last one.
     resume: Any = None
-    # Issue #20 (dptune.search.modes, subset tuning): the public Poisson rate q when the training split is a
+    # Subset tuning (dptune.search.modes): the public Poisson rate q when the training split is a
     # secret random subset, whose size must not set q; the expected batch is then ``batch_size``. None: B/N.
     sampling_rate: float | None = None
     # A trial of this study: its saved parameters are a search's candidate, not a release
@@ -360,17 +323,6 @@ def augmenter(augmentation: Augmentation, secret: SecretSeed) -> Callable[[np.nd
     return augment
 
 
-def learning_rate_at(hp: Hyperparams, step: int, total_steps: int) -> float:
-    """Host-side schedule: the value is passed to the compiled step, so no recompiles."""
-    lr = hp.learning_rate
-    if hp.warmup_steps and step < hp.warmup_steps:
-        return lr * (step + 1) / hp.warmup_steps
-    if hp.schedule == "cosine":
-        span = max(1, total_steps - hp.warmup_steps)
-        return lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - hp.warmup_steps) / span)))
-    return lr
-
-
 def _ema_decay_at(decay: float, step: int) -> float:
     # Warm-up keeps early EMA from being dominated by the initialisation.
     return min(decay, (1.0 + step) / (10.0 + step)) if decay > 0 else 0.0
@@ -383,6 +335,7 @@ def _compute_seconds(tick: float, compiled_before: float) -> float:
     return (time.perf_counter() - tick) - (compile_stats.seconds() - compiled_before)
 
 
+@seams.seam  # tests may break the mechanism here (dptune.faults); production steps as written here
 def train_step(fns: StepFunctions, state: TrainState, dataset: Dataset, indices: np.ndarray,
                key: jax.Array, step: int, hp: Hyperparams, denominator: float,
                clip_norm: float, noise_multiplier: float, lr: float, private: bool = True, *,
@@ -398,22 +351,19 @@ def train_step(fns: StepFunctions, state: TrainState, dataset: Dataset, indices:
     terms to the clipped sum before the noise and observes the update.
     """
     padded, mask = pad_to_multiple(indices, fns.microbatch_size)
-    sum_clip = faults.clip_for_sum(clip_norm)  # TEST ONLY hooks (dptune.faults): identity in production
-    count = len(padded) // fns.microbatch_size
     # Every dispatch goes through dispatch.track: unbounded run-ahead deadlocks
-    # multi-device CPU runs (issue #15; the why is in dptune/dispatch.py).
+    # multi-device CPU runs (the why is in dptune/trainer/dispatch.py).
     acc = dispatch.track(fns.zeros_like(state.params))
     accumulate = fns.accumulate if private else fns.accumulate_nonprivate
-    for j, (chunk, chunk_mask) in enumerate(microbatches(padded, mask, fns.microbatch_size)):
+    for chunk, chunk_mask in microbatches(padded, mask, fns.microbatch_size):
         x, y = dataset.train.take(chunk)
         if augment is not None:
             x = augment(x, chunk, step)
         xs, ys, m = fns.shard_batch(x, y, chunk_mask)
-        acc = dispatch.track(accumulate(state.params, acc, xs, ys, m, sum_clip, trainable))
-        acc = faults.after_microbatch(acc, key, step, j, count, noise_multiplier, clip_norm)
+        acc = dispatch.track(accumulate(state.params, acc, xs, ys, m, clip_norm, trainable))
     if audit is not None:
-        acc = dispatch.track(audit.add(fns, state, acc, step, sum_clip))
-    state = dispatch.track(fns.apply(state, acc, key, step, faults.noise_multiplier(noise_multiplier), clip_norm,
+        acc = dispatch.track(audit.add(fns, state, acc, step, clip_norm))
+    state = dispatch.track(fns.apply(state, acc, key, step, noise_multiplier, clip_norm,
                                      denominator, lr, hp.momentum, _ema_decay_at(hp.ema_decay, step), trainable))
     if audit is not None:
         audit.observe(state.params)
@@ -507,53 +457,17 @@ def train_and_evaluate(
         trained without privacy on this dataset.
     """
     n = len(dataset.train)
-    # issue #20: with a public rate, the expected batch is not bounded by the (secret) size of the split.
-    hparams.validate(n if config.sampling_rate is None else max(n, hparams.batch_size), config.private)
-    aug = config.augmentation
-    if not dataset.pixels and (aug.multiplicity > 1 or aug.shift or aug.flip):
-        raise ConfigError("augmentation", "shifts and flips are for images (H, W, C); this dataset's inputs "
-                                          f"{dataset.image_shape} are not; remove the augmentation section")
-    if steps < 1:
-        raise ConfigError("steps", f"must be >= 1, got {steps}")
-    q = hparams.batch_size / n if config.sampling_rate is None else config.sampling_rate  # issue #20: subset
-    if not 0 < q <= 1:
-        raise ConfigError("sampling_rate", f"must be in (0, 1], got {q}")
+    q = _check_run(dataset, hparams, steps, config)
     clip_norm = hparams.clip_norm if config.private else math.inf
     sigma = hparams.noise_multiplier if config.private else 0.0
-
-    allowed = steps
-    if config.private:
-        if budget is None:
-            raise PrivacyError("budget: private training needs a privacy budget (epsilon, delta)")
-        privacy.validate(epsilon=budget.epsilon, delta=budget.delta, accountant=budget.accountant)
-        if config.sampling_rate is None:
-            # A secret subset's size must decide nothing (not even a refusal): δ was checked against the
-            # public N of the split it was drawn from, which is no smaller.
-            privacy.check_delta(budget.delta, n)
-        allowed = privacy.max_steps(q, sigma, budget.epsilon, budget.delta, budget.accountant, limit=steps)
-        if allowed == 0:
-            raise PrivacyError(
-                f"noise_multiplier: σ = {sigma:g} at q = {q:.4g} exceeds ε = {budget.epsilon:g} "
-                f"(δ = {budget.delta:g}) in a single step; raise σ or lower the batch size"
-            )
-
+    allowed = _allowed_steps(config, budget, n, q, sigma, steps)
     prior = checkpoint.PriorSpend()
     if config.init_checkpoint:
         # Before anything is computed or written: a checkpoint that saw this data must be accounted for.
         prior = checkpoint.prior_spend(config.init_checkpoint, dataset.name, private=config.private,
                                        unsafe_ignore=config.unsafe_ignore_checkpoint_provenance)
-
     devices = _devices(config)
-    if config.secret is None and config.private_seed is not None and isinstance(dataset.train, RecordSplit):
-        # The run identity a fixed seed is keyed on holds the data; records are not read to hash them.
-        raise ConfigError("private_seed", f"a fixed seed needs data whose content dptune hashes, and {dataset.name!r} "
-                                          "is read record by record; leave private_seed unset (OS randomness)")
-    settings = (_public_settings(dataset, hparams, steps, config, budget, devices)
-                if jax.process_count() > 1 or (config.secret is None and config.private_seed is not None) else None)
-    if jax.process_count() > 1:
-        # One mechanism across processes needs one configuration and the same data (dptune.trainer.multihost).
-        multihost.assert_same(settings, "settings")
-    eval_bs = -(-config.eval_batch_size // len(devices)) * len(devices)
+    settings = _shared_settings(dataset, hparams, steps, config, budget, devices)
     model = build_model(config.model, dataset.num_classes, weight_standardization=config.weight_standardization,
                         input_shape=dataset.image_shape, args=config.model_args)
     clipping = config.clipping
@@ -568,165 +482,340 @@ def train_and_evaluate(
     fns = step_functions(model, hparams.optimizer, config.microbatch_size, devices, clipping,
                          load_loss(config.loss))
 
-    started = time.perf_counter()
-    compile_before = compile_stats.seconds()
-    params = init_params(model, dataset.image_shape, jax.random.key(config.seed), dataset.input_dtype)
-    if config.init_checkpoint:
-        params = checkpoint.fit(params, checkpoint.load(config.init_checkpoint), config.reinitialize)
-    trainable_modules = freezing.trainable_modules(params, hparams.trainable)
-    trainable = multihost.put(freezing.trainable_mask(params, hparams.trainable), fns.replicated)
-    state = fns.init_state(multihost.put(params, fns.replicated))
-    # With several processes (dptune.trainer.multihost) every one of them uses process 0's secret.
-    secret = multihost.shared_secret(run_secret(config, settings))
-    # -- resume hook (issue #18, dptune/resume.py): state, secret and history of the last checkpoint.
-    start, point = 0, None
-    if config.resume is not None and (point := config.resume.latest()) is not None:
-        secret = config.resume.resume_secret(point)
-        state = multihost.put(point.state(multihost.fetch(state)), fns.replicated)
-        start = point.step
-    # -- end of resume hook
-    augment = augmenter(config.augmentation, secret) if config.augmentation.active else None
-    feed_used = feeds.choose(config.feed, dataset.train, fns, augmenting=augment is not None,
-                            batch_size=hparams.batch_size, fraction=config.device_data_fraction)
-    if audit is not None or faults.active():
-        # Canaries and test-only faults hook into the microbatch loop; the compiled feeds equal it
-        # to float tolerance (tests/test_feed.py), so what an audit finds holds for them too.
-        feed_used = "loop"
-    batch_source = None
-    if feed_used == "streamed" and isinstance(dataset.train, RecordSplit) and config.loader_workers > 0:
-        # Records decoded in worker processes, ahead of the step that needs them (dptune.data.pipeline).
-        reader = pipeline.PoissonBatches(dataset.train.source, dataset.train.indices, dataset.train.decode,
-                                         secret, q, fns.microbatch_size)
-        batch_source = pipeline.Loader(reader, allowed, num_workers=config.loader_workers, start=start).batch
-    feeder = (feeds.ResidentFeed(fns, dataset.train) if feed_used == "resident"
-              else feeds.StreamedFeed(fns, dataset.train, augment, batch_source,
-                                      copies=config.augmentation.multiplicity if augment is not None else 1,
-                                      sampling_rate=q) if feed_used == "streamed"
-              else None)
-    noise_key = multihost.put(secret.noise_key(), fns.replicated)
-    eval_every = config.eval_every or max(1, round(1 / q))
-    denominator = float(hparams.batch_size)
-
-    history: list[dict[str, float]] = [] if point is None else list(point.history)
-    examples = 0 if point is None else point.examples
-    train_seconds = 0.0
-    stopped = False
-    taken = start
-    meter = None if progress is None else _meter(progress, allowed, start, q, sigma, hparams.batch_size, budget,
-                                                  config.private)
-    for t in range(start, allowed):
-        interrupt.raise_if_pending()  # SIGINT/SIGTERM in a study stop here, between steps
-        tick, compiled = time.perf_counter(), compile_stats.seconds()
-        indices = poisson_batch(secret.batch_sampler(t), n + (audit.members if audit is not None else 0), q)
-        if audit is not None:
-            indices = audit.split(indices, n, t)  # keeps the sampled canaries, returns the training examples
-        # Throughput counts the expected batch (public); realised Poisson sizes are private.
-        examples += hparams.batch_size if config.private else len(indices)
-        if not config.private:
-            # Non-private baselines may normalise by the realised batch size.
-            denominator = float(max(1, len(indices)))
-        lr = learning_rate_at(hparams, t, allowed)
-        if feeder is None:
-            state = train_step(fns, state, dataset, indices, noise_key, t, hparams, denominator,
-                               clip_norm, sigma, lr, config.private, augment=augment, trainable=trainable,
-                               audit=audit)
-        else:
-            state = feeder.step(state, indices, config.private, (
-                noise_key, t, sigma, clip_norm, denominator, lr, hparams.momentum,
-                _ema_decay_at(hparams.ema_decay, t)), trainable)
-        taken = t + 1
-        if config.resume is not None:
-            config.resume.verify(taken, state.params)  # issue #18: a replay must match what was reported
-        if t == start:
-            jax.block_until_ready(state.params)
-            startup_seconds = time.perf_counter() - started
-        if meter is not None:
-            meter.step(taken)  # after the first step's wait: its rate is not the dispatch's
-        if taken % eval_every == 0 or taken == allowed:
-            jax.block_until_ready(state.params)
-            train_seconds += _compute_seconds(tick, compiled)
-            acc, loss = evaluate(fns, state.params, dataset.validation, eval_bs)
-            metrics = {"step": taken, "epoch": taken * q, "val_accuracy": acc, "val_loss": loss}
-            if hparams.ema_decay > 0:
-                metrics["ema_val_accuracy"], _ = evaluate(fns, state.ema_params, dataset.validation, eval_bs)
-            metrics["best_val_accuracy"] = max(acc, metrics.get("ema_val_accuracy", 0.0))
-            history.append(metrics)
-            if meter is not None:
-                meter.evaluated(taken, metrics)
-            if config.resume is not None:
-                config.resume.note(taken, state.params)  # issue #18: the digest of what this report reflects
-            if callback is not None and callback(taken, dict(metrics)) and taken < allowed:
-                stopped = True
-                break
-        else:
-            train_seconds += _compute_seconds(tick, compiled)
-        if config.resume is not None and taken < allowed and config.resume.due(taken):
-            # issue #18: the accountant's inputs travel with the state they produced.
-            config.resume.save(taken, state, secret, history, examples,
-                               {"sampling_rate": q, "noise_multiplier": sigma, "steps": taken})
-
-    val_acc, val_loss = history[-1]["val_accuracy"], history[-1]["val_loss"]
-    test_acc, _ = evaluate(fns, state.params, dataset.test, eval_bs)
-    ema_val = ema_test = None
-    selected, selected_params = "raw", state.params
-    if hparams.ema_decay > 0:
-        ema_val = history[-1]["ema_val_accuracy"]
-        ema_test, _ = evaluate(fns, state.ema_params, dataset.test, eval_bs)
-        if ema_val > val_acc:
-            selected, selected_params = "ema", state.ema_params
-    sel_val, sel_test = (ema_val, ema_test) if selected == "ema" else (val_acc, test_acc)
+    clock = _Clock(time.perf_counter(), compile_stats.seconds())
+    start = _initial_state(fns, model, dataset, hparams, config, settings)
+    loop = _Loop(fns=fns, dataset=dataset, hparams=hparams, config=config, q=q, sigma=sigma, clip_norm=clip_norm,
+                 allowed=allowed, secret=start.secret, trainable=start.trainable, audit=audit, callback=callback,
+                 eval_batch_size=-(-config.eval_batch_size // len(devices)) * len(devices))
+    loop.prepare(start, progress, budget)
+    done = loop.run(start, clock)
+    final = _final_evaluation(loop, done)
     spent = None
     if config.private:
         assert budget is not None  # a private run always has one (checked on entry)
-        spent = privacy.spend(q, sigma, taken, budget.delta, budget.accountant)
+        spent = privacy.spend(q, sigma, done.taken, budget.delta, budget.accountant)
     if config.save_checkpoint and jax.process_index() == 0:
-        # The lineage says which datasets these parameters have seen and at what privacy,
-        # so that continuing from them on the same data composes instead of resetting.
-        lineage = checkpoint.lineage(config.init_checkpoint) + [{
-            "dataset": dataset.name, "private": config.private,
-            "events": [[q, sigma, taken]] if config.private else [],
-            **({} if config.search is None else {"search": {"study": config.search, "exported": False}}),
-        }]
-        checkpoint.save(config.save_checkpoint, multihost.fetch(selected_params), {
-            "model": config.model, "weight_standardization": config.weight_standardization,
-            "model_args": dict(config.model_args), "loss": config.loss, "input_dtype": dataset.input_dtype,
-            "pixels": dataset.pixels, "dataset": dataset.name, "image_shape": list(dataset.image_shape),
-            "num_classes": dataset.num_classes, "private": config.private, "steps": taken,
-            "parameters": selected, "val_accuracy": sel_val, "test_accuracy": sel_test,
-            "init_checkpoint": config.init_checkpoint, "split": dataset.split.as_dict(),
-            "privacy": None if spent is None else spent.as_dict(), "lineage": lineage,
-        })
-    compile_seconds = compile_stats.seconds() - compile_before
+        _save(config, dataset, final, done.taken, q, sigma, spent)
+    return _result(dataset, config, steps, loop, start, done, final, clock, spent, prior, len(devices))
+
+
+def _check_run(dataset: Dataset, hparams: Hyperparams, steps: int, config: RunConfig) -> float:
+    """The run's Poisson rate q, once its hyperparameters, augmentation and steps are checked.
+
+    Raises:
+      ConfigError: naming the bad field.
+    """
+    n = len(dataset.train)
+    # With a public rate, the expected batch is not bounded by the (secret) size of the split.
+    hparams.validate(n if config.sampling_rate is None else max(n, hparams.batch_size), config.private)
+    aug = config.augmentation
+    if not dataset.pixels and (aug.multiplicity > 1 or aug.shift or aug.flip):
+        raise ConfigError("augmentation", "shifts and flips are for images (H, W, C); this dataset's inputs "
+                                          f"{dataset.image_shape} are not; remove the augmentation section")
+    if steps < 1:
+        raise ConfigError("steps", f"must be >= 1, got {steps}")
+    q = hparams.batch_size / n if config.sampling_rate is None else config.sampling_rate
+    if not 0 < q <= 1:
+        raise ConfigError("sampling_rate", f"must be in (0, 1], got {q}")
+    return q
+
+
+def _allowed_steps(config: RunConfig, budget: PrivacyBudget | None, n: int, q: float, sigma: float,
+                   steps: int) -> int:
+    """The most of ``steps`` whose ε stays within the budget (all of them in a non-private run).
+
+    Raises:
+      PrivacyError: a private run without a budget, or whose first step already exceeds it.
+    """
+    if not config.private:
+        return steps
+    if budget is None:
+        raise PrivacyError("budget: private training needs a privacy budget (epsilon, delta)")
+    privacy.validate(epsilon=budget.epsilon, delta=budget.delta, accountant=budget.accountant)
+    if config.sampling_rate is None:
+        # A secret subset's size must decide nothing (not even a refusal): δ was checked against the
+        # public N of the split it was drawn from, which is no smaller.
+        privacy.check_delta(budget.delta, n)
+    allowed = privacy.max_steps(q, sigma, budget.epsilon, budget.delta, budget.accountant, limit=steps)
+    if allowed == 0:
+        raise PrivacyError(
+            f"noise_multiplier: σ = {sigma:g} at q = {q:.4g} exceeds ε = {budget.epsilon:g} "
+            f"(δ = {budget.delta:g}) in a single step; raise σ or lower the batch size"
+        )
+    return allowed
+
+
+def _shared_settings(dataset: Dataset, hparams: Hyperparams, steps: int, config: RunConfig,
+                     budget: PrivacyBudget | None, devices: tuple[jax.Device, ...]) -> dict[str, Any] | None:
+    """The run's public settings where something is keyed on them (a fixed seed, several processes), else None.
+
+    Raises:
+      ConfigError: a fixed seed on data read record by record (its content is not hashed).
+    """
+    if config.secret is None and config.private_seed is not None and isinstance(dataset.train, RecordSplit):
+        # The run identity a fixed seed is keyed on holds the data; records are not read to hash them.
+        raise ConfigError("private_seed", f"a fixed seed needs data whose content dptune hashes, and {dataset.name!r} "
+                                          "is read record by record; leave private_seed unset (OS randomness)")
+    if not (jax.process_count() > 1 or (config.secret is None and config.private_seed is not None)):
+        return None
+    settings = _public_settings(dataset, hparams, steps, config, budget, devices)
+    if jax.process_count() > 1:
+        # One mechanism across processes needs one configuration and the same data (dptune.trainer.multihost).
+        multihost.assert_same(settings, "settings")
+    return settings
+
+
+@dataclass(frozen=True)
+class _Clock:
+    started: float  # perf_counter when the step functions were built
+    compiled: float  # compile_stats.seconds() then
+
+
+@dataclass
+class _Start:
+    """Where the loop starts: the first step, the state and secret there, and what earlier steps reported."""
+
+    state: TrainState
+    secret: SecretSeed
+    trainable: Any
+    trainable_modules: list[str]
+    step: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    examples: int = 0
+
+
+def _initial_state(fns: StepFunctions, model: Any, dataset: Dataset, hparams: Hyperparams, config: RunConfig,
+                   settings: dict[str, Any] | None) -> _Start:
+    """The initial (or initial checkpoint's) parameters, or the state of the last in-trial checkpoint."""
+    params = init_params(model, dataset.image_shape, jax.random.key(config.seed), dataset.input_dtype)
+    if config.init_checkpoint:
+        params = checkpoint.fit(params, checkpoint.load(config.init_checkpoint), config.reinitialize)
+    trainable = multihost.put(freezing.trainable_mask(params, hparams.trainable), fns.replicated)
+    state = fns.init_state(multihost.put(params, fns.replicated))
+    # With several processes (dptune.trainer.multihost) every one of them uses process 0's secret.
+    start = _Start(state, multihost.shared_secret(run_secret(config, settings)), trainable,
+                   freezing.trainable_modules(params, hparams.trainable))
+    if config.resume is not None and (point := config.resume.latest()) is not None:
+        # A resumed run goes on with the secret, state and reports of its last checkpoint (dptune.trainer.resume).
+        start.secret = config.resume.resume_secret(point)
+        start.state = multihost.put(point.state(multihost.fetch(state)), fns.replicated)
+        start.step, start.history, start.examples = point.step, list(point.history), point.examples
+    return start
+
+
+@dataclass
+class _Done:
+    """What the loop did."""
+
+    state: TrainState
+    taken: int
+    history: list[dict[str, float]]
+    examples: int
+    train_seconds: float
+    startup_seconds: float
+    stopped: bool
+
+
+@dataclass
+class _Loop:
+    """The steps of one run, from its start to its budget, a callback's stop or an interrupt."""
+
+    fns: StepFunctions
+    dataset: Dataset
+    hparams: Hyperparams
+    config: RunConfig
+    q: float
+    sigma: float
+    clip_norm: float
+    allowed: int
+    secret: SecretSeed
+    trainable: Any
+    audit: Any
+    callback: Callback | None
+    eval_batch_size: int
+    augment: Callable[[np.ndarray, np.ndarray, int], np.ndarray] | None = None
+    feed: str = "loop"
+    feeder: Any = None
+    noise_key: Any = None
+    meter: StepMeter | None = None
+
+    def prepare(self, start: _Start, progress: Reporter | None, budget: PrivacyBudget | None) -> None:
+        """Augmentation, feed and noise key of the (possibly resumed) secret, and the progress meter."""
+        config, hp = self.config, self.hparams
+        self.secret = start.secret
+        self.augment = augmenter(config.augmentation, start.secret) if config.augmentation.active else None
+        self.feed, self.feeder = _feed(config, self.dataset, self.fns, self.augment, hp.batch_size, self.q,
+                                       start.secret, self.allowed, start.step,
+                                       loop_only=self.audit is not None or seams.active(train_step))
+        self.noise_key = multihost.put(start.secret.noise_key(), self.fns.replicated)
+        if progress is not None:
+            self.meter = _meter(progress, self.allowed, start.step, self.q, self.sigma, hp.batch_size, budget,
+                                config.private)
+
+    def run(self, start: _Start, clock: _Clock) -> _Done:
+        config = self.config
+        eval_every = config.eval_every or max(1, round(1 / self.q))
+        done = _Done(start.state, start.step, list(start.history), start.examples, 0.0, 0.0, False)
+        for t in range(start.step, self.allowed):
+            interrupt.raise_if_pending()  # SIGINT/SIGTERM in a study stop here, between steps
+            tick, compiled = time.perf_counter(), compile_stats.seconds()
+            done.state, sampled = self.step(done.state, t)
+            # Throughput counts the expected batch (public); realised Poisson sizes are private.
+            done.examples += self.hparams.batch_size if config.private else sampled
+            done.taken = t + 1
+            if config.resume is not None:
+                config.resume.verify(done.taken, done.state.params)  # a replay must match what was reported
+            if t == start.step:
+                jax.block_until_ready(done.state.params)
+                done.startup_seconds = time.perf_counter() - clock.started
+            if self.meter is not None:
+                self.meter.step(done.taken)  # after the first step's wait: its rate is not the dispatch's
+            if done.taken % eval_every == 0 or done.taken == self.allowed:
+                jax.block_until_ready(done.state.params)
+                done.train_seconds += _compute_seconds(tick, compiled)
+                if self.evaluated(done) and done.taken < self.allowed:
+                    done.stopped = True
+                    break
+            else:
+                done.train_seconds += _compute_seconds(tick, compiled)
+            if config.resume is not None and done.taken < self.allowed and config.resume.due(done.taken):
+                # The accountant's inputs travel with the state they produced.
+                config.resume.save(done.taken, done.state, self.secret, done.history, done.examples,
+                                   {"sampling_rate": self.q, "noise_multiplier": self.sigma, "steps": done.taken})
+        return done
+
+    def step(self, state: TrainState, t: int) -> tuple[TrainState, int]:
+        """Step ``t`` on its Poisson batch: the new state and the realised batch size."""
+        config, hp, n = self.config, self.hparams, len(self.dataset.train)
+        audit = self.audit
+        indices = poisson_batch(self.secret.batch_sampler(t), n + (audit.members if audit is not None else 0), self.q)
+        if audit is not None:
+            indices = audit.split(indices, n, t)  # keeps the sampled canaries, returns the training examples
+        # Non-private baselines may normalise by the realised batch size.
+        denominator = float(hp.batch_size) if config.private else float(max(1, len(indices)))
+        if self.feeder is None:
+            state = train_step(self.fns, state, self.dataset, indices, self.noise_key, t, hp, denominator,
+                               self.clip_norm, self.sigma, hp.learning_rate, config.private, augment=self.augment,
+                               trainable=self.trainable, audit=audit)
+        else:
+            state = self.feeder.step(state, indices, config.private, (
+                self.noise_key, t, self.sigma, self.clip_norm, denominator, hp.learning_rate, hp.momentum,
+                _ema_decay_at(hp.ema_decay, t)), trainable=self.trainable)
+        return state, len(indices)
+
+    def evaluated(self, done: _Done) -> bool:
+        """Validate after ``done.taken`` steps and report it; whether the callback asks to stop."""
+        fns, params, validation = self.fns, done.state.params, self.dataset.validation
+        acc, loss = evaluate(fns, params, validation, self.eval_batch_size)
+        metrics = {"step": done.taken, "epoch": done.taken * self.q, "val_accuracy": acc, "val_loss": loss}
+        if self.hparams.ema_decay > 0:
+            metrics["ema_val_accuracy"], _ = evaluate(fns, done.state.ema_params, validation, self.eval_batch_size)
+        metrics["best_val_accuracy"] = max(acc, metrics.get("ema_val_accuracy", 0.0))
+        done.history.append(metrics)
+        if self.meter is not None:
+            self.meter.evaluated(done.taken, metrics)
+        if self.config.resume is not None:
+            self.config.resume.note(done.taken, params)  # the digest of what this report reflects
+        return bool(self.callback is not None and self.callback(done.taken, dict(metrics)))
+
+
+def _feed(config: RunConfig, dataset: Dataset, fns: StepFunctions,
+          augment: Callable[[np.ndarray, np.ndarray, int], np.ndarray] | None, batch_size: int, q: float,
+          secret: SecretSeed, allowed: int, start: int, *, loop_only: bool) -> tuple[str, Any]:
+    """(the feed used, its feeder; None for the microbatch loop of :func:`train_step`)."""
+    used = feeds.choose(config.feed, dataset.train, fns, augmenting=augment is not None,
+                        batch_size=batch_size, fraction=config.device_data_fraction)
+    if loop_only:
+        # Canaries and test seams hook into the microbatch loop; the compiled feeds equal it
+        # to float tolerance (tests/test_feed.py), so what an audit finds holds for them too.
+        used = "loop"
+    if used == "resident":
+        return used, feeds.ResidentFeed(fns, dataset.train)
+    if used != "streamed":
+        return used, None
+    source = None
+    if isinstance(dataset.train, RecordSplit) and config.loader_workers > 0:
+        # Records decoded in worker processes, ahead of the step that needs them (dptune.data.pipeline).
+        reader = pipeline.PoissonBatches(dataset.train.source, dataset.train.indices, dataset.train.decode,
+                                         secret, q, fns.microbatch_size)
+        source = pipeline.Loader(reader, allowed, num_workers=config.loader_workers, start=start).batch
+    copies = config.augmentation.multiplicity if augment is not None else 1
+    return used, feeds.StreamedFeed(fns, dataset.train, augment, source, copies=copies, sampling_rate=q)
+
+
+@dataclass(frozen=True)
+class _Final:
+    """The last validation, the test accuracies, and which parameters (raw or EMA) are selected."""
+
+    val_accuracy: float
+    val_loss: float
+    test_accuracy: float
+    ema_val_accuracy: float | None
+    ema_test_accuracy: float | None
+    selected: str
+    params: Any
+
+    @property
+    def selected_accuracies(self) -> tuple[float | None, float | None]:
+        if self.selected == "ema":
+            return self.ema_val_accuracy, self.ema_test_accuracy
+        return self.val_accuracy, self.test_accuracy
+
+
+def _final_evaluation(loop: _Loop, done: _Done) -> _Final:
+    """Test the raw (and EMA) parameters; select by validation accuracy alone."""
+    last, state, test, bs = done.history[-1], done.state, loop.dataset.test, loop.eval_batch_size
+    test_acc, _ = evaluate(loop.fns, state.params, test, bs)
+    if loop.hparams.ema_decay <= 0:
+        return _Final(last["val_accuracy"], last["val_loss"], test_acc, None, None, "raw", state.params)
+    ema_val = last["ema_val_accuracy"]
+    ema_test, _ = evaluate(loop.fns, state.ema_params, test, bs)
+    better = ema_val > last["val_accuracy"]
+    return _Final(last["val_accuracy"], last["val_loss"], test_acc, ema_val, ema_test,
+                  "ema" if better else "raw", state.ema_params if better else state.params)
+
+
+def _save(config: RunConfig, dataset: Dataset, final: _Final, taken: int, q: float, sigma: float,
+          spent: privacy.PrivacySpend | None) -> None:
+    """Write the selected parameters with their lineage: which data they have seen, at what privacy.
+
+    Continuing from them on the same data then composes instead of resetting.
+    """
+    assert config.save_checkpoint is not None
+    lineage = checkpoint.lineage(config.init_checkpoint) + [{
+        "dataset": dataset.name, "private": config.private,
+        "events": [[q, sigma, taken]] if config.private else [],
+        **({} if config.search is None else {"search": {"study": config.search, "exported": False}}),
+    }]
+    sel_val, sel_test = final.selected_accuracies
+    checkpoint.save(config.save_checkpoint, multihost.fetch(final.params), {
+        "model": config.model, "weight_standardization": config.weight_standardization,
+        "model_args": dict(config.model_args), "loss": config.loss, "input_dtype": dataset.input_dtype,
+        "pixels": dataset.pixels, "dataset": dataset.name, "image_shape": list(dataset.image_shape),
+        "num_classes": dataset.num_classes, "private": config.private, "steps": taken,
+        "parameters": final.selected, "val_accuracy": sel_val, "test_accuracy": sel_test,
+        "init_checkpoint": config.init_checkpoint, "split": dataset.split.as_dict(),
+        "privacy": None if spent is None else spent.as_dict(), "lineage": lineage,
+    })
+
+
+def _result(dataset: Dataset, config: RunConfig, steps: int, loop: _Loop, start: _Start, done: _Done,
+            final: _Final, clock: _Clock, spent: privacy.PrivacySpend | None, prior: checkpoint.PriorSpend,
+            devices: int) -> TrainResult:
+    fns = loop.fns
     return TrainResult(
-        val_accuracy=val_acc,
-        test_accuracy=test_acc,
-        val_loss=val_loss,
-        ema_val_accuracy=ema_val,
-        ema_test_accuracy=ema_test,
-        steps=taken,
-        steps_requested=steps,
-        epochs=taken * q,
-        stopped_early=stopped,
-        budget_limited=allowed < steps,
-        private=config.private,
-        privacy=spent,
-        examples_per_second=examples / max(train_seconds, 1e-9),
-        compile_seconds=compile_seconds,
-        startup_seconds=startup_seconds,
-        wall_seconds=time.perf_counter() - started,
-        examples_processed=examples,
-        devices=len(devices),
+        val_accuracy=final.val_accuracy, test_accuracy=final.test_accuracy, val_loss=final.val_loss,
+        ema_val_accuracy=final.ema_val_accuracy, ema_test_accuracy=final.ema_test_accuracy,
+        steps=done.taken, steps_requested=steps, epochs=done.taken * loop.q, stopped_early=done.stopped,
+        budget_limited=loop.allowed < steps, private=config.private, privacy=spent,
+        examples_per_second=done.examples / max(done.train_seconds, 1e-9),
+        compile_seconds=compile_stats.seconds() - clock.compiled, startup_seconds=done.startup_seconds,
+        wall_seconds=time.perf_counter() - clock.started, examples_processed=done.examples, devices=devices,
         microbatch_size=config.microbatch_size,
         clipping=str(fns.clipping_used) if config.private else "none (non-private)",
         clipping_rules=dict(fns.clipping_rules) if config.private else {},
-        private_seed_fixed=secret.fixed,
-        split=dataset.split.as_dict(),
-        history=history,
-        selected=selected,
-        trainable_modules=trainable_modules,
-        init_checkpoint=config.init_checkpoint,
-        augmentation=asdict(config.augmentation),
-        prior_events=list(prior.events),
-        prior_bounds=list(prior.bounds),
-        feed=feed_used,
+        private_seed_fixed=loop.secret.fixed, split=dataset.split.as_dict(), history=done.history,
+        selected=final.selected, trainable_modules=start.trainable_modules, init_checkpoint=config.init_checkpoint,
+        augmentation=asdict(config.augmentation), prior_events=list(prior.events), prior_bounds=list(prior.bounds),
+        feed=loop.feed,
     )
