@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from dptune.errors import ConfigError
 from dptune.trainer import fastclip
-from dptune.trainer.bookkeeping import robust_norm
+from dptune.trainer.clipping.rules import robust_norm
 from tests.fastclip_models import (
     BatchNormNet,
     MixedCNN,

@@ -556,17 +556,9 @@ def train_and_evaluate(
     eval_bs = -(-config.eval_batch_size // len(devices)) * len(devices)
     model = build_model(config.model, dataset.num_classes, weight_standardization=config.weight_standardization,
                         input_shape=dataset.image_shape, args=config.model_args)
-    clipping = config.clipping
-    if is_import_path(config.model):
-        # Book-keeping clips a whole batch from one backward pass, which is per example only if the model is:
-        # the forward check at create cannot see a model that mixes examples in its gradients alone
-        # (review of #17). The fast path and vmap run each example on its own.
-        if clipping == "bookkeeping":
-            raise ConfigError("clipping", "'bookkeeping' is for dptune's built-in models; a model by import path "
-                                          "takes auto, fast or vmap")
-        clipping = "fast" if clipping == "auto" else clipping
-    fns = step_functions(model, hparams.optimizer, config.microbatch_size, devices, clipping,
-                         load_loss(config.loss))
+    # The clipping setting is interpreted by the clipping engine (a custom model never takes book-keeping).
+    fns = step_functions(model, hparams.optimizer, config.microbatch_size, devices, config.clipping,
+                         load_loss(config.loss), custom_model=is_import_path(config.model))
 
     started = time.perf_counter()
     compile_before = compile_stats.seconds()
@@ -697,6 +689,10 @@ def train_and_evaluate(
             "privacy": None if spent is None else spent.as_dict(), "lineage": lineage,
         })
     compile_seconds = compile_stats.seconds() - compile_before
+    # Which path and rules clipped the sums: a value of the configuration, traced abstractly.
+    clip_plan = (fns.clipping_plan(state.params, dataset.image_shape, dataset.input_dtype,
+                                   config.augmentation.multiplicity if augment is not None else 1)
+                 if config.private else None)
     return TrainResult(
         val_accuracy=val_acc,
         test_accuracy=test_acc,
@@ -717,8 +713,8 @@ def train_and_evaluate(
         examples_processed=examples,
         devices=len(devices),
         microbatch_size=config.microbatch_size,
-        clipping=str(fns.clipping_used) if config.private else "none (non-private)",
-        clipping_rules=dict(fns.clipping_rules) if config.private else {},
+        clipping=clip_plan.label if clip_plan else "none (non-private)",
+        clipping_rules=clip_plan.rule_map if clip_plan else {},
         private_seed_fixed=secret.fixed,
         split=dataset.split.as_dict(),
         history=history,
