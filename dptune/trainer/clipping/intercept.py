@@ -280,7 +280,7 @@ def _images(a: jax.Array) -> tuple[jax.Array, int]:
 
 def _norm_x_hat(call: _Call, own: Mapping, a: jax.Array) -> jax.Array | None:
     """x̂ of a Flax normalisation layer with its affine part on the last axis, recomputed per example; else None."""
-    m = call.module
+    m: Any = call.module
     kind = type(m)
     if own.get("scale", own.get("bias")).shape != a.shape[-1:]:
         return None
@@ -290,13 +290,14 @@ def _norm_x_hat(call: _Call, own: Mapping, a: jax.Array) -> jax.Array | None:
         updates = {"use_scale": False, "use_bias": False}
     else:
         return None
-    normalize = cast(nn.Module, m).clone(parent=None, **updates)
+    normalize = m.clone(parent=None, **updates)
     return cast(jax.Array, jax.vmap(lambda ai: normalize.apply({}, ai))(a))
 
 
 def _leaf_call_rule(call: _Call, own: Mapping, a: jax.Array, gy: jax.Array) -> tuple[str, dict] | None:
     """The registry rule of a childless ``__call__`` of a known Flax layer, or None."""
-    m, names, kind = call.module, set(own), type(call.module)
+    m: Any = call.module
+    names, kind = set(own), type(m)
     if kind in (nn.Dense, layers.Dense) and "kernel" in names <= {"kernel", "bias"} and own["kernel"].ndim == 2:
         return "dense", dense_rule(own, a, gy)
     # One contracted axis, the last: Flax reorders several axes, which the rule would not.

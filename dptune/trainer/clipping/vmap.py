@@ -13,7 +13,7 @@ or removing one example moves the sum by at most C.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import flax.linen as nn
 import jax
@@ -93,7 +93,7 @@ def per_example_grads(model: nn.Module, params: PyTree, x: jax.Array, y: jax.Arr
     copies = x.reshape(y.shape[0], k, *x.shape[1:])
 
     def loss(p: PyTree, xk: jax.Array, yi: jax.Array) -> jax.Array:
-        logits = model.apply({"params": p}, xk)
+        logits = cast(jax.Array, model.apply({"params": p}, xk))
         return jnp.mean(jax.vmap(loss_fn)(logits, jnp.broadcast_to(yi, (k, *yi.shape))))
 
     return apply_mask(jax.vmap(jax.grad(loss), in_axes=(None, 0, 0))(params, copies, y), trainable)
