@@ -124,7 +124,7 @@ def test_ghost_conv_norms_and_sums_equal_the_per_example_gradients(h, c, o, k, h
 
 def test_ghost_norms_only_when_asked_for():
     # Gram-matrix norms can fall below what the batched sum holds for an example whose positions cancel
-    # (review of #17): by default every layer forms its per-example kernel gradients.
+    # (a float32 cancellation finding): by default every layer forms its per-example kernel gradients.
     for shapes in (((1, 28, 28, 1), (1, 28, 28, 16)), ((1, 16, 16, 128), (1, 16, 16, 128)),
                    ((1, 8, 8, 256), (1, 8, 8, 256))):
         assert not rules.conv_uses_ghost(*shapes, 3)
@@ -187,7 +187,7 @@ def test_models_book_keeping_does_not_cover_take_the_fast_path(module, reason):
         *fns.shard_batch(np.ones((4, 3, 3, 1), np.float32), np.zeros(4, np.int32), np.ones(4, np.float32)),
         1.0,
     )
-    # Book-keeping says why it does not cover the model; the general fast path clips it (issue #17).
+    # Book-keeping says why it does not cover the model; the general fast path clips it.
     used = fns.clipping_plan(params, (3, 3, 1), jnp.float32)
     assert used.path == "fast" and reason in used.reason
     _assert_close(_reference(module, params, x, y, jnp.ones(4), 1.0), acc, 1e-5)

@@ -7,6 +7,7 @@ so that a study can refuse the model before any private data is touched.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -73,26 +74,38 @@ def mixing_reason(model: nn.Module, variables: PyTree, x: Any, seed: int = 0, tr
                         f"examples at batch {b} (e.g. BatchNorm in training mode), which breaks per-example "
                         "sensitivity")
     tol = rtol * (1.0 + np.max(np.abs(out)))
+    moved = _perturbation_reason(run, x, out, rng, trials, tol)
+    if moved is not None:
+        return moved
+    for i in (0, b - 1):
+        alone = run(x[i:i + 1])
+        if alone is None or np.max(np.abs(alone - out[i:i + 1])) > tol:
+            return (f"example {i}'s output differs when it is run alone: the model depends on the batch "
+                    "(e.g. BatchNorm in training mode), which breaks per-example sensitivity")
+    return None
+
+
+def _perturbation_reason(run: Callable[[np.ndarray], np.ndarray | None], x: np.ndarray, out: np.ndarray,
+                         rng: np.random.Generator, trials: int, tol: float) -> str | None:
+    """Why changing one example's input moves another example's output row (None if no trial does)."""
     # Same shapes, same program: a row of a model that does not mix cannot move by a bit. (Floats were
-    # checked exactly by the gradient above; here the tolerance only spares a rounding of their own.)
+    # checked exactly by the gradient before; here the tolerance only spares a rounding of their own.)
     same_shape_tol = 0.0 if np.issubdtype(x.dtype, np.integer) else tol
     for _ in range(trials):
-        j = int(rng.integers(b))
+        j = int(rng.integers(x.shape[0]))
         changed = x.copy()
         if np.issubdtype(x.dtype, np.integer):
             changed[j] = rng.integers(x.min(), x.max() + 1, size=x.shape[1:])
         else:
             changed[j] = x[j] + rng.standard_normal(x.shape[1:]) * (1.0 + np.std(x))
-        moved = np.max(np.abs(run(changed) - out), axis=1)
+        after = run(changed)
+        if after is None:
+            return f"the model's output does not have one row per example (batch {x.shape[0]})"
+        moved = np.max(np.abs(after - out), axis=1)
         moved[j] = 0.0
         if np.max(moved) > same_shape_tol:
             i = int(np.argmax(moved))
             return (f"output row {i} changes when only example {j} changes: the model mixes examples "
-                    "(e.g. BatchNorm in training mode), which breaks per-example sensitivity")
-    for i in (0, b - 1):
-        alone = run(x[i:i + 1])
-        if alone is None or np.max(np.abs(alone - out[i:i + 1])) > tol:
-            return (f"example {i}'s output differs when it is run alone: the model depends on the batch "
                     "(e.g. BatchNorm in training mode), which breaks per-example sensitivity")
     return None
 

@@ -164,38 +164,53 @@ class _Recorder:
             raise Unsupported(f"{'/'.join(path)}: called inside a lifted transform (nn.scan, nn.vmap, nn.remat, …), "
                               "whose values cannot be recorded")
         if self.plan is None:
-            owns = bool(_own_leaves(self.params, path))
-            _, in_static, in_tree = _split((args, kwargs))
-            call = _Call(k, parent, path, context.method_name, owns,
-                         context.module.clone(_deep_clone=True, _reset_names=True, name=None) if owns else None,
-                         in_static, in_tree, _shapes((args, kwargs)), [], None, [])
-            self.calls.append(call)
-            if parent is not None:
-                self.calls[parent].children.append(k)
+            call = self._listed(k, parent, path, context, args, kwargs)
         else:
-            planned = self.plan[k] if k < len(self.plan) else None
-            if planned is None or planned.path != path or planned.method != context.method_name:
-                raise Unsupported(f"{'/'.join(path) or 'top module'}: calls differ between two traces of the model")
-            call = planned
-            assert self.taps is not None  # a second trace always has its taps
-            if k in self.taps["in"]:
-                args, kwargs = _add_taps((args, kwargs), self.taps["in"][k])
-            if call.owns:
-                self.inputs[k] = _split((args, kwargs))[0]
+            call, args, kwargs = self._tapped_inputs(k, path, context.method_name, args, kwargs)
         self.stack.append((path, k))
         try:
             out = next_fun(*args, **kwargs)
         finally:
             self.stack.pop()
+        return self._output(call, out)
+
+    def _listed(self, k: int, parent: int | None, path: tuple[str, ...], context: Any, args: tuple,
+                kwargs: dict) -> _Call:
+        """First trace: the call joins the plan."""
+        owns = bool(_own_leaves(self.params, path))
+        _, in_static, in_tree = _split((args, kwargs))
+        call = _Call(k, parent, path, context.method_name, owns,
+                     context.module.clone(_deep_clone=True, _reset_names=True, name=None) if owns else None,
+                     in_static, in_tree, _shapes((args, kwargs)), [], None, [])
+        self.calls.append(call)
+        if parent is not None:
+            self.calls[parent].children.append(k)
+        return call
+
+    def _tapped_inputs(self, k: int, path: tuple[str, ...], method: str, args: tuple,
+                       kwargs: dict) -> tuple[_Call, tuple, dict]:
+        """Second trace: the planned call, its inputs with their taps added (and recorded if it owns parameters)."""
+        planned = self.plan[k] if self.plan is not None and k < len(self.plan) else None
+        if planned is None or planned.path != path or planned.method != method:
+            raise Unsupported(f"{'/'.join(path) or 'top module'}: calls differ between two traces of the model")
+        assert self.taps is not None  # a second trace always has its taps
+        if k in self.taps["in"]:
+            args, kwargs = _add_taps((args, kwargs), self.taps["in"][k])
+        if planned.owns:
+            self.inputs[k] = _split((args, kwargs))[0]
+        return planned, args, kwargs
+
+    def _output(self, call: _Call, out: Any) -> Any:
+        """First trace: the output's structure joins the plan; second: its taps are added and it is recorded."""
         if self.plan is None:
             _, call.out_static, call.out_tree = _split(out)
             call.out_shapes = _shapes(out)
-        else:
-            assert self.taps is not None
-            if k in self.taps["out"]:
-                out = _add_taps(out, self.taps["out"][k])
-            if k in self.taps["in"]:
-                self.outputs[k] = _split(out)[0]
+            return out
+        assert self.taps is not None
+        if call.index in self.taps["out"]:
+            out = _add_taps(out, self.taps["out"][call.index])
+        if call.index in self.taps["in"]:
+            self.outputs[call.index] = _split(out)[0]
         return out
 
 
