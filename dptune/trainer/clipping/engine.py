@@ -148,6 +148,8 @@ def clipped_sum(model: nn.Module, params: PyTree, x: jax.Array, y: jax.Array, ma
         clip_norm: C (may be traced; ∞ clips nothing).
         path: "auto" (bookkeeping, then fast, then vmap), or one path: "bookkeeping" raises
             :class:`Unsupported` where it does not cover the model; "fast" falls back to "vmap".
+            Book-keeping's whole-batch backward pass is per example only for a model known not to mix
+            examples (dptune's own); :func:`resolve` never sends a model given by import path there.
         weighting: "clip" (min(1, C/‖g‖)) or "normalize" (C/(‖g‖ + γ)).
         loss_fn: one example's loss ``loss_fn(logits_i, y_i)``; default :func:`cross_entropy`.
         trainable: 0/1 per parameter leaf; frozen leaves are left out of the norms and the sum.
