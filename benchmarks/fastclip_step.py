@@ -7,9 +7,9 @@ Models (plain ``flax.linen``, from ``tests/fastclip_models.py``): a ViT on
 token, width 64, 2 blocks, 4 heads, MLP 128) and a transformer over 32 token
 ids (vocabulary 512, ``nn.Embed``, a learned positional table, same blocks).
 For each batch size B, three jitted functions on the same batch in one
-process: the fast clipped sum (:func:`dptune.trainer.fastclip.clipped_sum`), the
-``vmap`` clipped sum (per-example gradients of the whole model, then
-:func:`dptune.dp_step.clipped_sum`) and the non-private gradient of the mean
+process: the clipping engine's ``fast`` path (:func:`dptune.trainer.clipping.clipped_sum`,
+called through :func:`dptune.trainer.fastclip.clipped_sum`, which old checkouts also have),
+its ``vmap`` reference (per-example gradients of the whole model) and the non-private gradient of the mean
 loss. Each is compiled and run once, then run ``--runs`` times, interleaved so
 that machine noise hits all alike; the table gives the medians (seconds), the
 ratios, and the compile times. Then, per model, which layers took which rule.

@@ -1,4 +1,4 @@
-"""DP invariants of the step, tested as properties (see dptune/dp_step.py)."""
+"""DP invariants of the step, tested as properties (see dptune/trainer/dp_step.py)."""
 
 import functools
 import math
@@ -12,7 +12,9 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from dptune.data.datasets import load_dataset
+from dptune.errors import ConfigError
 from dptune.models.builtin import build_model, init_params
+from dptune.trainer import clipping as engine
 from dptune.trainer.dp_step import clipped_sum, normalized_sum, privatize, step_functions
 from dptune.trainer.train import Hyperparams, train_step
 from tests.fastclip_models import Bf16Layer
@@ -225,3 +227,53 @@ def test_bf16_parameters_accumulate_in_float32(path):
         assert a.dtype == p.dtype  # the head is float32, the rest bf16
         expected = np.asarray(p, np.float32) - g / 16.0
         np.testing.assert_allclose(np.asarray(a, np.float32), expected, rtol=1e-2, atol=1e-3)
+
+
+# -- the clipping engine's result and setting -----------------------------------------------------------------
+@pytest.mark.parametrize("weighting", ["clip", "normalize"])
+def test_every_path_returns_the_same_sum_norms_and_weights_as_values(weighting):
+    model = build_model("cnn", 10)
+    params = init_params(model, (8, 8, 1), jax.random.key(0))
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.standard_normal((6, 8, 8, 1)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 10, 6))
+    mask = jnp.asarray([1, 1, 0, 1, 1, 1], jnp.float32)
+    out = {path: jax.jit(lambda p, path=path: engine.clipped_sum(model, p, x, y, mask, 0.5, path=path,
+                                                                    weighting=weighting))(params)
+           for path in ("bookkeeping", "fast", "vmap")}
+    ref = out["vmap"]
+    for path, got in out.items():
+        assert isinstance(got, engine.ClipResult) and got.path == path and got.weighting == weighting
+        assert set(got.rule_map) == {"/".join(str(k.key) for k in kp)
+                                     for kp, _ in jax.tree_util.tree_leaves_with_path(params)}
+        np.testing.assert_allclose(got.norms, ref.norms, rtol=2e-5)
+        np.testing.assert_allclose(got.weights, ref.weights, rtol=2e-5)
+        assert float(got.weights[2]) == 0.0  # padding
+        for a, b in zip(jax.tree_util.tree_leaves(got.grads), jax.tree_util.tree_leaves(ref.grads), strict=True):
+            np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5 * float(jnp.max(jnp.abs(b))))
+    # Each kept term's norm: min(1, C/‖g‖)·‖g‖ ≤ C, or C·‖g‖/(‖g‖ + γ) < C.
+    assert float(jnp.max(ref.weights * ref.norms)) <= 0.5 * (1 + 1e-6)
+
+
+def test_the_step_keeps_no_clipping_state_and_reports_its_plan_as_a_value():
+    model = build_model("cnn", 10)
+    params = init_params(model, (8, 8, 1), jax.random.key(0))
+    fns = step_functions(model, "sgd", 4, tuple(jax.local_devices()[:1]), "normalize")
+    assert not any(hasattr(fns, name) for name in ("clipping_used", "fallback_reason", "clipping_rules"))
+    used = fns.clipping_plan(params, (8, 8, 1), jnp.float32)
+    assert (used.label, used.path, used.weighting, used.reason) == ("normalize", "bookkeeping", "normalize", None)
+    assert set(used.rule_map.values()) == {"conv", "norm_affine", "dense"}
+    assert fns.clipping_plan(params, (8, 8, 1), jnp.float32, copies=2).path == "bookkeeping"
+
+
+def test_the_clipping_setting_is_resolved_in_one_place():
+    assert engine.resolve("auto") == ("auto", "clip")
+    assert engine.resolve("normalize") == ("auto", "normalize")
+    assert engine.resolve("auto", custom_model=True) == ("fast", "clip")
+    assert engine.resolve("normalize", custom_model=True) == ("fast", "normalize")
+    assert engine.resolve("vmap", custom_model=True) == ("vmap", "clip")
+    with pytest.raises(ConfigError, match="built-in models"):
+        engine.resolve("bookkeeping", custom_model=True)
+    with pytest.raises(ConfigError, match="clipping"):
+        engine.resolve("ghost")
+    assert set(engine.SETTINGS) == {"auto", "bookkeeping", "fast", "vmap", "normalize"}

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from dptune.errors import ConfigError
 from dptune.trainer import fastclip
-from dptune.trainer.bookkeeping import robust_norm
+from dptune.trainer.clipping.rules import robust_norm
 from tests.fastclip_models import (
     BatchNormNet,
     MixedCNN,
@@ -104,7 +104,7 @@ EXPECTED = {
         "Dense_0": "dense",
         "EncoderBlock_0/LayerNorm_0": "norm_affine",
         "EncoderBlock_0/MultiHeadDotProductAttention_0/query": "dense",
-        # The output projection contracts two axes (heads, head dim): its own VJP (review of #17).
+        # The output projection contracts two axes (heads, head dim): its own VJP.
         "EncoderBlock_0/MultiHeadDotProductAttention_0/out": "layer_vjp",
         "EncoderBlock_0/Dense_1": "dense",
     },
@@ -207,7 +207,7 @@ def test_ghost_dense_norms_equal_the_materialised_gradients():
 
 
 def test_an_example_whose_tokens_cancel_moves_the_sum_by_at_most_c():
-    """Review of #17: x₀ = M·u and x₁ = −M·u + δ made Gram-matrix norms rounding error (moves up to 1.96·C)."""
+    """A review found: x₀ = M·u and x₁ = −M·u + δ made Gram-matrix norms rounding error (moves up to 1.96·C)."""
     import flax.linen as nn
 
     class Seq(nn.Module):

@@ -113,3 +113,12 @@ def test_the_trainer_runs_without_optuna_installed():
             "print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_one_clipping_engine_with_no_import_circle():
+    # The engine imports neither the step nor the old names; the step imports only the engine.
+    engine = PACKAGE / "trainer" / "clipping"
+    for path in engine.glob("*.py"):
+        assert not {"dptune.trainer.dp_step", "dptune.trainer.fastclip"} & set(imports(path)), path.name
+    assert "dptune.trainer.fastclip" not in imports(PACKAGE / "trainer" / "dp_step.py")
+    assert not (PACKAGE / "trainer" / "bookkeeping.py").exists()

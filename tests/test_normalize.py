@@ -46,7 +46,7 @@ def test_the_model_path_normalises_and_keeps_the_sensitivity(digits):
     x[9] *= 1e20
     clip = 0.3
     full = fns.accumulate(params, fns.zeros_like(params), *fns.shard_batch(x, y, np.ones(32, np.float32)), clip)
-    assert fns.clipping_used == "normalize"
+    assert fns.clipping_plan(params, digits.image_shape, jnp.float32).label == "normalize"
     assert all(np.all(np.isfinite(a)) for a in jax.tree_util.tree_leaves(full))
     for i in (0, 5, 9):
         mask = np.ones(32, np.float32)

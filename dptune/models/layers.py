@@ -4,7 +4,8 @@ Each layer computes ``y = f(a; θ)`` and, only when asked, records two things:
 
 * its input ``a`` in the ``dp_taps`` collection, under the name of the rule
   that turns (a, ∂ℓ/∂y) into per-example parameter gradients
-  (see :mod:`dptune.trainer.bookkeeping`);
+  (the registry :data:`dptune.trainer.clipping.rules.RULES`; book-keeping,
+  Bu et al. 2023);
 * a zero *perturbation* added to ``y`` (Flax ``perturb``), whose gradient is
   ∂ℓ/∂y for every example at once.
 
@@ -106,7 +107,7 @@ class Conv(nn.Module):
 
 
 class GroupNorm(nn.Module):
-    """Group normalisation (Wu & He 2018) per example, then ``x̂·scale + bias`` (tap rule ``affine``).
+    """Group normalisation (Wu & He 2018) per example, then ``x̂·scale + bias`` (tap rule ``norm_affine``).
 
     Statistics are over each example's own spatial positions and channel
     group, never across examples.
@@ -125,5 +126,5 @@ class GroupNorm(nn.Module):
                              name="normalize")(x)
         scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
-        self.sow(TAPS, "affine", x_hat)
+        self.sow(TAPS, "norm_affine", x_hat)
         return self.perturb("out", x_hat * scale + bias)

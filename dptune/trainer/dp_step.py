@@ -25,11 +25,10 @@ Invariants (each is tested in ``tests/test_dp_step.py``):
   model, optimizer family, microbatch size, augmentation multiplicity, devices
   and clipping path fix a compilation (:func:`step_functions`).
 
-Two ways compute the clipped sum, with the same contract: ``vmap`` forms every
-example's full gradient (:func:`clipped_sum`; the reference) and
-``bookkeeping`` (:mod:`dptune.trainer.bookkeeping`, the default where the model allows)
-gets the same sum from per-layer activations and output gradients at about the
-cost of a non-private step. Every test of the invariants runs on both.
+The clipped sum of each microbatch comes from the clipping engine
+(:func:`dptune.trainer.clipping.clipped_sum`): one contract, whatever path it
+takes (book-keeping, intercepted per-layer rules, or the vmap reference), and
+every test of the invariants runs on more than one path.
 With augmentation multiplicity, ``x`` holds k consecutive copies of each
 example and an example's gradient is the mean over its copies, clipped once.
 Frozen layers (:mod:`dptune.models.freezing`) are left out of the norm and the update.
@@ -49,109 +48,26 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from dptune.choices import Clipping, Optimizer
+from dptune.choices import Optimizer
 from dptune.errors import ConfigError
 from dptune.models.custom import PerExampleLoss, batch_loss
 from dptune.models.freezing import apply_mask
-from dptune.trainer import bookkeeping, multihost, xla_options
+from dptune.trainer import clipping as clip_engine
+from dptune.trainer import multihost, xla_options
+from dptune.trainer.clipping import vmap as reference
+from dptune.trainer.clipping.engine import resolve as clipping_resolve
+from dptune.trainer.clipping.weights import NORMALIZE_GAMMA
+
+__all__ = ["CLIPPING", "NORMALIZE_GAMMA", "OPTIMIZERS", "StepFunctions", "TrainState", "clipped_sum",
+           "global_l2_norms", "normalized_sum", "privatize", "step_functions"]
 
 PyTree = Any
 OPTIMIZERS: tuple[str, ...] = tuple(c.value for c in Optimizer)
-# How the clipped sum is computed: "bookkeeping" (fast, dptune.trainer.bookkeeping),
-# "vmap" (per-example gradients of the whole model: the reference), or
-# "auto" (book-keeping where the model supports it, else vmap), or
-# "normalize" (issue #20: per-example normalisation to norm C on the vmap path, :func:`normalized_sum`).
-CLIPPING: tuple[str, ...] = tuple(c.value for c in Clipping)
-# Bu et al. 2023's stability constant γ in g/(‖g‖ + γ): keeps tiny gradients from being blown up to norm C.
-NORMALIZE_GAMMA = 0.01
-
-
-# Examples whose largest |g| exceeds _BIG are multiplied by _SHRINK (an exact
-# power of two, a normal float32) before squaring, so their squares cannot
-# overflow; the clip coefficient is then applied to the shrunk gradient.
-# Dividing by the scale itself would go through a denormal reciprocal, which
-# XLA's CPU backend flushes to zero.
-_BIG = 2.0**50
-_SHRINK = 2.0**-100
-
-
-def _as_f32(per_example: PyTree) -> PyTree:
-    # bf16 gradients (bf16 parameters) are widened first: norms, weights and the sum in bf16 let a term exceed C.
-    return jax.tree_util.tree_map(bookkeeping.as_f32, per_example)
-
-
-def _shrunk_norms(per_example: PyTree) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Per example: shrink factor f, ‖f·g‖₂, and whether every entry of g is finite (g in float32 or wider)."""
-    flat = [leaf.reshape(leaf.shape[0], -1) for leaf in jax.tree_util.tree_leaves(per_example)]
-    scale = jnp.max(jnp.stack([jnp.max(jnp.abs(f), axis=1) for f in flat]), axis=0)
-    finite = jnp.isfinite(scale)
-    shrink = jnp.where(finite & (scale > _BIG), _SHRINK, 1.0).astype(flat[0].dtype)
-    sq = sum(jnp.sum(jnp.square(f * shrink[:, None]), axis=1) for f in flat)
-    return shrink, jnp.sqrt(sq), finite
-
-
-def global_l2_norms(per_example: PyTree) -> jax.Array:
-    """Global L2 norm of each example's gradient (leading axis = examples), in float32; ∞ if non-finite."""
-    shrink, norms, finite = _shrunk_norms(_as_f32(per_example))
-    return jnp.where(finite, norms / shrink, jnp.inf)
-
-
-def clipped_sum(per_example: PyTree, mask: jax.Array, clip_norm: jax.Array | float) -> PyTree:
-    """Σ_i mask_i · g_i · min(1, C/‖g_i‖): every term has L2 norm ≤ C.
-
-    Padding (mask 0) and examples with a non-finite gradient get weight 0;
-    ``where`` keeps their NaN/inf out of the sum (0·NaN is NaN). Norms,
-    weights and the sum are float32 (or wider), whatever the gradients' dtype.
-    """
-    per_example = _as_f32(per_example)
-    shrink, norms, finite = _shrunk_norms(per_example)
-    keep = finite & (mask > 0)
-    tiny = jnp.finfo(norms.dtype).tiny
-    # Coefficient on the shrunk gradient f·g: min(1, C/‖g‖)/f = min(1/f, C/‖f·g‖).
-    coef = jnp.where(keep, jnp.minimum(1.0 / shrink, clip_norm / jnp.maximum(norms, tiny)), 0.0)
-
-    def leaf_sum(g: jax.Array) -> jax.Array:
-        rows = (-1,) + (1,) * (g.ndim - 1)
-        g = jnp.where(keep.reshape(rows), g * shrink.reshape(rows), 0.0)
-        return jnp.tensordot(coef, g, axes=1)
-
-    return jax.tree_util.tree_map(leaf_sum, per_example)
-
-
-# -- issue #20: automatic clipping ------------------------------------------------------------------------------
-def normalized_sum(per_example: PyTree, mask: jax.Array, clip_norm: jax.Array | float,
-                   gamma: float = NORMALIZE_GAMMA) -> PyTree:
-    """Σ_i mask_i · C · g_i / (‖g_i‖ + γ): per-example normalisation ("automatic clipping", Bu et al. 2023).
-
-    Every term has L2 norm C·‖g‖/(‖g‖ + γ) < C, so adding or removing one example
-    moves the sum by less than C and the Gaussian mechanism's sensitivity is C,
-    as for :func:`clipped_sum`; padding (mask 0) and non-finite gradients get
-    weight 0. Unlike clipping, every example's direction counts with (almost)
-    the same weight, so C only scales the update: with the learning rate it is
-    one hyperparameter (η = lr·C), and C leaves the search.
-
-    Args:
-      per_example: per-example gradients (leading axis = examples).
-      mask: 1 for real rows, 0 for padding.
-      clip_norm: C, the norm each term is normalised to (the noise is σ·C).
-      gamma: the stability constant γ > 0.
-
-    Returns:
-      The summed, normalised gradients (same tree as one example's gradient, in float32 or wider).
-    """
-    per_example = _as_f32(per_example)
-    shrink, norms, finite = _shrunk_norms(per_example)
-    keep = finite & (mask > 0)
-    # On the shrunk gradient f·g: C·g/(‖g‖+γ) = C·(f·g)/(‖f·g‖ + f·γ), with no overflow for huge g.
-    coef = jnp.where(keep, clip_norm / (norms + shrink * gamma), 0.0)
-
-    def leaf_sum(g: jax.Array) -> jax.Array:
-        rows = (-1,) + (1,) * (g.ndim - 1)
-        g = jnp.where(keep.reshape(rows), g * shrink.reshape(rows), 0.0)
-        return jnp.tensordot(coef, g, axes=1)
-
-    return jax.tree_util.tree_map(leaf_sum, per_example)
-# -- end of issue #20
+CLIPPING: tuple[str, ...] = clip_engine.SETTINGS
+# The per-example-gradient forms, for callers that hold per-example gradients already (the audit's canaries).
+clipped_sum = reference.clipped_sum
+normalized_sum = reference.normalized_sum
+global_l2_norms = reference.global_l2_norms
 
 
 def _accumulator(params: PyTree) -> PyTree:
@@ -211,18 +127,16 @@ class StepFunctions:
     """The jitted functions of one (model, optimizer family, microbatch size, devices, clipping path).
 
     Input shapes come from the data: a dataset of another image size traces anew.
-    ``clipping_used`` says which path computed the clipped sums (known after
-    the first trace; "auto" resolves per model, and ``fallback_reason`` says
-    why book-keeping was not used).
+    :meth:`clipping_plan` says which path and rules compute the clipped sums
+    (``clipping`` is resolved by :func:`dptune.trainer.clipping.resolve`).
 
     ``traces`` counts how often each function was traced (= compiled); tests
     use it to show that trials with new hyperparameters compile nothing.
     """
 
     def __init__(self, model: nn.Module, optimizer: str, microbatch_size: int, devices: Sequence[jax.Device],
-                 clipping: str = "auto", loss: PerExampleLoss | None = None):
-        if clipping not in CLIPPING:
-            raise ConfigError("clipping", f"unknown {clipping!r}; allowed: {', '.join(CLIPPING)}")
+                 clipping: str = "auto", loss: PerExampleLoss | None = None, custom_model: bool = False):
+        self.clip_path, self.weighting = clipping_resolve(clipping, custom_model)
         if microbatch_size % len(devices):
             raise ConfigError(
                 "microbatch_size",
@@ -232,9 +146,7 @@ class StepFunctions:
         self.tx = make_optimizer(optimizer)
         self.microbatch_size = microbatch_size
         self.clipping = clipping
-        self.clipping_used: str | None = None
-        self.fallback_reason: str | None = None
-        self.clipping_rules: dict[str, str] = {}  # parameter path -> rule, on the fast path
+        self._plans: dict[tuple, clip_engine.ClipResult] = {}
         self.loss = loss  # per-example loss(logits [C], label); None: softmax cross-entropy
         self.losses = batch_loss(loss)
         self.devices = tuple(devices)
@@ -257,11 +169,6 @@ class StepFunctions:
         self._zeros = jit(_accumulator)
 
     # -- pure bodies -------------------------------------------------------
-    def _example_loss(self, params: PyTree, x: jax.Array, y: jax.Array) -> jax.Array:
-        """One example's loss; ``x`` holds its k augmented copies [k, H, W, C], and the loss is their mean."""
-        logits = cast(jax.Array, self.model.apply({"params": params}, x))
-        return jnp.mean(self.losses(logits, jnp.full(x.shape[0], y)))
-
     def _local_clipped_sum(self, params: PyTree, x: jax.Array, y: jax.Array,
                            mask: jax.Array, clip_norm: jax.Array, trainable: PyTree | None,
                            reduce: bool = True) -> PyTree:
@@ -271,34 +178,29 @@ class StepFunctions:
         # every device, breaking the clipping bound. Casting them to varying
         # keeps every gradient local to its example.
         params = jax.lax.pcast(params, "data", to="varying")
-        path = self.clipping
-        k = x.shape[0] // y.shape[0]  # augmented copies per example
-        if path == "auto":
-            self.fallback_reason = bookkeeping.plan(self.model, params, x, y, self.losses)
-            path = "bookkeeping" if self.fallback_reason is None else "fast"
-        if path == "fast" and k > 1:
-            self.fallback_reason, path = "augmentation copies are clipped on the vmap path", "vmap"
-        self.clipping_used = path
-        if path == "bookkeeping":
-            local = bookkeeping.clipped_sum(self.model, params, x, y, mask, clip_norm, "data", trainable,
-                                            losses=self.losses)
-        elif path == "fast":
-            from dptune.trainer import fastclip  # imports this module
-
-            # Frozen parameters count in the norms here (a larger norm only clips more: each
-            # example still contributes ≤ C); their sums are then masked out.
-            result = fastclip.clipped_sum(self.model, params, x, y, mask, clip_norm, self.loss)
-            self.clipping_rules = dict(result.rules)
-            if result.reason is not None:
-                self.fallback_reason, self.clipping_used = result.reason, "vmap"
-            local = apply_mask(result.grads, trainable)
-        else:
-            copies = x.reshape(y.shape[0], -1, *x.shape[1:])
-            per_example = jax.vmap(jax.grad(self._example_loss), in_axes=(None, 0, 0))(params, copies, y)
-            # issue #20: "normalize" is the vmap path with per-example normalisation instead of clipping.
-            combine = normalized_sum if path == "normalize" else clipped_sum
-            local = combine(apply_mask(per_example, trainable), mask, clip_norm)
+        local = self._clip(params, x, y, mask, clip_norm, trainable).grads
         return jax.lax.psum(local, "data") if reduce else local
+
+    def _clip(self, params: PyTree, x: jax.Array, y: jax.Array, mask: jax.Array, clip_norm: jax.Array | float,
+              trainable: PyTree | None) -> clip_engine.ClipResult:
+        return clip_engine.clipped_sum(self.model, params, x, y, mask, clip_norm, path=self.clip_path,
+                                    weighting=self.weighting, loss_fn=self.loss, trainable=trainable)
+
+    def clipping_plan(self, params: PyTree, input_shape: Sequence[int], input_dtype: Any,
+                      copies: int = 1) -> clip_engine.ClipResult:
+        """The path, rules and fallback reason of this configuration's clipped sums, traced abstractly.
+
+        ``input_shape``/``input_dtype``: one example as the model sees it; ``copies``: augmented copies
+        per example. Nothing is computed; the result's arrays are shapes only.
+        """
+        b = max(self.microbatch_size // len(self.devices), 1)
+        key = (tuple(input_shape), str(jnp.dtype(input_dtype)), copies)
+        if key not in self._plans:
+            x = jax.ShapeDtypeStruct((b * copies, *input_shape), jnp.dtype(input_dtype))
+            y = jax.ShapeDtypeStruct((b,), jnp.int32)
+            self._plans[key] = clip_engine.plan(self.model, params, x, y, path=self.clip_path,
+                                                weighting=self.weighting, loss_fn=self.loss)
+        return self._plans[key]
 
     def _accumulate(self, params: PyTree, acc: PyTree, x: jax.Array, y: jax.Array,
                     mask: jax.Array, clip_norm: jax.Array, trainable: PyTree | None = None) -> PyTree:
@@ -451,18 +353,18 @@ class StepFunctions:
 
 def step_functions(model: nn.Module, optimizer: str, microbatch_size: int,
                    devices: tuple[jax.Device, ...], clipping: str = "auto",
-                   loss: PerExampleLoss | None = None) -> StepFunctions:
+                   loss: PerExampleLoss | None = None, custom_model: bool = False) -> StepFunctions:
     """The shared :class:`StepFunctions` for this configuration (one per process).
 
     Flax modules are frozen dataclasses, so equal model definitions hit the same
     cache entry and the same compiled executables.
     """
     # Always positional, so that a defaulted and an explicit "auto" share one entry.
-    return _cached_step_functions(model, optimizer, microbatch_size, tuple(devices), clipping, loss)
+    return _cached_step_functions(model, optimizer, microbatch_size, tuple(devices), clipping, loss, custom_model)
 
 
 @functools.lru_cache(maxsize=32)
 def _cached_step_functions(model: nn.Module, optimizer: str, microbatch_size: int,
                            devices: tuple[jax.Device, ...], clipping: str,
-                           loss: PerExampleLoss | None) -> StepFunctions:
-    return StepFunctions(model, optimizer, microbatch_size, devices, clipping, loss)
+                           loss: PerExampleLoss | None, custom_model: bool) -> StepFunctions:
+    return StepFunctions(model, optimizer, microbatch_size, devices, clipping, loss, custom_model)

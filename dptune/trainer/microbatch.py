@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import jax
 import numpy as np
 
+from dptune.config.schema import is_import_path
 from dptune.models.builtin import build_model, init_params
 from dptune.models.custom import load_loss
 from dptune.trainer import compile_stats, xla_options
@@ -92,7 +93,8 @@ def choose(model: str, image_shape: Sequence[int], num_classes: int, devices: Se
     measured: dict[int, tuple[float, float]] = {}
     size = SMALLEST * len(devices)
     while size <= max(upper, SMALLEST * len(devices)):
-        fns = step_functions(net, optimizer, size, devices, clipping, load_loss(loss))
+        fns = step_functions(net, optimizer, size, devices, clipping, load_loss(loss),
+                             custom_model=is_import_path(model))
         p = jax.device_put(params, fns.replicated)
         x = (np.zeros((size, *image_shape), input_dtype) if integer_inputs  # id 0: valid for any vocabulary
              else rng.standard_normal((size, *image_shape)).astype(np.float32))

@@ -470,17 +470,9 @@ def train_and_evaluate(
     settings = _shared_settings(dataset, hparams, steps, config, budget, devices)
     model = build_model(config.model, dataset.num_classes, weight_standardization=config.weight_standardization,
                         input_shape=dataset.image_shape, args=config.model_args)
-    clipping = config.clipping
-    if is_import_path(config.model):
-        # Book-keeping clips a whole batch from one backward pass, which is per example only if the model is:
-        # the forward check at create cannot see a model that mixes examples in its gradients alone
-        # (review of #17). The fast path and vmap run each example on its own.
-        if clipping == "bookkeeping":
-            raise ConfigError("clipping", "'bookkeeping' is for dptune's built-in models; a model by import path "
-                                          "takes auto, fast or vmap")
-        clipping = "fast" if clipping == "auto" else clipping
-    fns = step_functions(model, hparams.optimizer, config.microbatch_size, devices, clipping,
-                         load_loss(config.loss))
+    # The clipping setting is interpreted by the clipping engine (a custom model never takes book-keeping).
+    fns = step_functions(model, hparams.optimizer, config.microbatch_size, devices, config.clipping,
+                         load_loss(config.loss), custom_model=is_import_path(config.model))
 
     clock = _Clock(time.perf_counter(), compile_stats.seconds())
     start = _initial_state(fns, model, dataset, hparams, config, settings)
@@ -802,7 +794,10 @@ def _save(config: RunConfig, dataset: Dataset, final: _Final, taken: int, q: flo
 def _result(dataset: Dataset, config: RunConfig, steps: int, loop: _Loop, start: _Start, done: _Done,
             final: _Final, clock: _Clock, spent: privacy.PrivacySpend | None, prior: checkpoint.PriorSpend,
             devices: int) -> TrainResult:
-    fns = loop.fns
+    # Which path and rules clipped the sums: a value of the configuration, traced abstractly.
+    copies = config.augmentation.multiplicity if loop.augment is not None else 1
+    plan = (loop.fns.clipping_plan(start.state.params, dataset.image_shape, dataset.input_dtype, copies)
+            if config.private else None)
     return TrainResult(
         val_accuracy=final.val_accuracy, test_accuracy=final.test_accuracy, val_loss=final.val_loss,
         ema_val_accuracy=final.ema_val_accuracy, ema_test_accuracy=final.ema_test_accuracy,
@@ -812,8 +807,8 @@ def _result(dataset: Dataset, config: RunConfig, steps: int, loop: _Loop, start:
         compile_seconds=compile_stats.seconds() - clock.compiled, startup_seconds=done.startup_seconds,
         wall_seconds=time.perf_counter() - clock.started, examples_processed=done.examples, devices=devices,
         microbatch_size=config.microbatch_size,
-        clipping=str(fns.clipping_used) if config.private else "none (non-private)",
-        clipping_rules=dict(fns.clipping_rules) if config.private else {},
+        clipping=plan.label if plan else "none (non-private)",
+        clipping_rules=plan.rule_map if plan else {},
         private_seed_fixed=loop.secret.fixed, split=dataset.split.as_dict(), history=done.history,
         selected=final.selected, trainable_modules=start.trainable_modules, init_checkpoint=config.init_checkpoint,
         augmentation=asdict(config.augmentation), prior_events=list(prior.events), prior_bounds=list(prior.bounds),

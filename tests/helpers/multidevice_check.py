@@ -75,13 +75,13 @@ r = train_and_evaluate(
 )
 # A ResNet's deep layers (small spatial size, many channels): their per-example kernel gradients
 # must stay local to each device until the psum. (Gram-matrix norms, once used here, are off by
-# default since the review of #17: bookkeeping.conv_uses_ghost.)
+# default: dptune.trainer.clipping.rules.conv_uses_ghost.)
 from dptune.models.builtin import ResNet, _BasicBlock  # noqa: E402
-from dptune.trainer import bookkeeping  # noqa: E402
+from dptune.trainer.clipping import rules  # noqa: E402
 
 resnet = ResNet(10, (1, 1), _BasicBlock)
 rparams = init_params(resnet, (12, 12, 3), jax.random.key(0))
-assert not bookkeeping.conv_uses_ghost((1, 3, 3, 64), (1, 3, 3, 64), 3)
+assert not rules.conv_uses_ghost((1, 3, 3, 64), (1, 3, 3, 64), 3)
 rx = np.random.default_rng(5).standard_normal((8, 12, 12, 3)).astype(np.float32)
 ry = np.arange(8, dtype=np.int32) % 10
 rsum = {}
