@@ -96,6 +96,9 @@ def _study_file(folder: Path, **settings) -> str:
     ({"dataset": "usermod:mismatched"}, "dataset train: x has 10 examples but y has shape (9,)"),
     ({"dataset": "usermod:float_labels"}, "dataset train: labels must be integer class ids"),
     ({"loss": "usermod:nope"}, "loss: 'usermod' has no 'nope'"),
+    # A dataset's prefix as code would be built as the user's model yet escape the user-code rules.
+    ({"model": "arrayrecord:fine"}, "model: 'arrayrecord:fine' names a dataset"),
+    ({"loss": "tfds:focal"}, "loss: 'tfds:focal' names a dataset"),
 ])
 def test_a_bad_model_or_data_is_refused_at_create_in_one_line_and_nothing_is_written(tmp_path, settings, field):
     path = _study_file(tmp_path, **settings)
@@ -226,3 +229,11 @@ def test_a_run_whose_loss_is_nan_says_so(tmp_path):
                                                   "epochs": 1}}, storage=f"sqlite:///{tmp_path / 'n.db'}")
     dptune.optimize(study, n_trials=1)
     assert "not finite" in study.trials[0].user_attrs["warnings"][0]
+
+
+def test_a_model_named_like_a_dataset_is_refused_by_the_builder_too():
+    from dptune.errors import ConfigError
+    from dptune.models.builtin import build_model
+
+    with pytest.raises(ConfigError, match="model.*names a dataset"):
+        build_model("arrayrecord:make", 10, input_shape=(8, 8, 1))

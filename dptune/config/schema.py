@@ -332,6 +332,15 @@ class StudyConfig(_Strict):
             raise ValueError(problem)
         return v
 
+    @field_validator("model", "loss")
+    @classmethod
+    def _not_a_dataset_name(cls, v: str | None) -> str | None:
+        # "tfds:…" and "arrayrecord:…" name datasets; as code they would be built as the user's model but
+        # escape what dptune does for user code (its digest, the clipping it may take, the statement's assumption).
+        if v is not None and v.startswith(DATASET_PREFIXES):
+            raise ValueError(f"{v!r} names a dataset ({', '.join(DATASET_PREFIXES)}); give 'package.module:name'")
+        return v
+
     @field_validator("microbatch_size")
     @classmethod
     def _positive_microbatch(cls, v: int | str) -> int | str:

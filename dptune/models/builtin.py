@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dptune.config.schema import DATASET_PREFIXES
 from dptune.errors import ConfigError
 from dptune.models.layers import Conv, Dense, GroupNorm
 
@@ -178,6 +179,8 @@ def build_model(name: str, num_classes: int, *, weight_standardization: bool = F
     """
     if num_classes < 2:
         raise ConfigError("num_classes", f"must be >= 2, got {num_classes}")
+    if name.startswith(DATASET_PREFIXES):
+        raise ConfigError("model", f"{name!r} names a dataset; a model is a built-in name or 'package.module:name'")
     if ":" in name:
         from dptune.models.custom import build_custom
 
