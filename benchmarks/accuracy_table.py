@@ -1,4 +1,4 @@
-"""The accuracy table of README: best test accuracy a dptune study finds, with and without the techniques.
+"""The accuracy table (benchmarks/RESULTS.md): best test accuracy a dptune study finds, with and without the techniques.
 
     python benchmarks/accuracy_table.py [--n-trials 6] [--datasets mnist5k digits] [--timeout 900]
 

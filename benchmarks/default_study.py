@@ -1,10 +1,10 @@
-"""The README's default study against a plain random search (issue #20): best model found for the compute spent.
+"""The default study against a plain random search: best model found for the compute spent.
 
 Arms (each ``--trials`` trials, ``--seeds`` seeds, ε = 3 per trial as in ``studies/mnist5k_eps3.yaml``):
 
 * ``shipped``: ``studies/mnist5k_eps3.yaml`` as it is in this checkout (TPE, median pruner, its search space);
 * ``random``: a random sampler, no pruner, over a wide space (batch 256..N, 2..20 epochs, η 0.1..10, C 0.1..10);
-* ``previous``: the defaults before issue #20 (batch 256..N, 2..8 epochs, η 0.2..5, C 0.1..5, TPE + median).
+* ``previous``: the earlier defaults (batch 256..N, 2..8 epochs, η 0.2..5, C 0.1..5, TPE + median).
 
 For each: the chosen trial's validation accuracy and its 95% interval, its test
 accuracy, the honest ε of releasing it (as ``dptune study show`` states it),

@@ -4,7 +4,7 @@
 
 Each cell is one `dptune train --json` process on mnist5k (the 106k-parameter
 CNN, ε = 8, microbatch chosen by measurement and cached, evaluation only at the
-end): ``--feed loop`` is the loop before issue #21 (a host gather, a transfer
+end): ``--feed loop`` is the host loop (a host gather, a transfer
 and a dispatch per microbatch, then one for the update); ``--compare resident``
 (the default) keeps the training split on the device and runs each logical batch
 as one compiled call (:mod:`dptune.trainer.feed`); ``--compare auto`` is what a

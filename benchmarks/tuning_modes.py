@@ -1,4 +1,4 @@
-"""Cheaper tuning (issue #20): the released model's accuracy, the search's ε and its compute, per search mode.
+"""Cheaper tuning: the released model's accuracy, the search's ε and its compute, per search mode.
 
 For each mode and seed: create a study, run ``--trials`` tuning trials, then
 (for the modes) the final run; report the released model's test accuracy

@@ -100,7 +100,7 @@ def from_arrays(name: str, data: Any, *, seed: int = 0, validation_fraction: flo
         raise ConfigError("dataset num_classes", f"must be >= 2 and above every label (largest {largest}), "
                                                  f"got {num_classes}")
     # No digest of the data: anything computed from the training examples and stored beside the study or
-    # the released model would be released with it (review of #17). The split sizes are checked instead.
+    # the released model would be released with it. The split sizes are checked instead.
     source = name
     return Dataset(name=name, train=ArraySplit(x, y, pixels=False), validation=ArraySplit(*val, pixels=False),
                    test=ArraySplit(*test, pixels=False), image_shape=tuple(shape), num_classes=num_classes,

@@ -1,7 +1,7 @@
 """How far the host loop may run ahead of the devices: the bound that keeps multi-device CPU runs alive.
 
-Issue #15 (SIGABRT from XLA's rendezvous timeout on a CPU host with several
-JAX devices), as found in jaxlib 0.10.2's PjRt CPU client and confirmed with
+Multi-device CPU runs once died with SIGABRT from XLA's rendezvous timeout (a CPU host with several
+JAX devices); the cause, as found in jaxlib 0.10.2's PjRt CPU client and confirmed with
 gdb on a stuck process:
 
 * The client launches each device's share of a multi-device program as a
@@ -55,7 +55,7 @@ from dptune.errors import ConfigError
 
 # Well below jaxlib's 32, leaving room for single-device programs dispatched
 # between ours, and enough to keep the devices busy: on 2 host devices the
-# training loop ran as fast at 8 as unbounded (measured for issue #15).
+# training loop ran as fast at 8 as unbounded (measured when the bound was chosen).
 MAX_IN_FLIGHT = 8
 
 
