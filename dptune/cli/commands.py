@@ -272,18 +272,21 @@ def _fmt(v: Any, digits: int = 4) -> str:
 
 def _trial_line(t: Any, numbered: bool = True) -> str:
     """One trial in a line; ``numbered=False`` for private searches, whose trial numbers are internal."""
-    a = t.user_attrs
+    from dptune.search import record
+
+    def of(key: str, default: Any = None) -> Any:
+        return record.get(t, key, default)
+
     state = t.state.name
-    if state == "PRUNED" and "rejected_reason" in a:
+    if state == "PRUNED" and record.is_rejected(t):
         state = "REJECTED"
     params = "  ".join(f"{k}={_fmt(v, 3)}" for k, v in t.params.items())
-    acc = a.get("val_accuracy")
-    eps = a.get("epsilon_spent")
-    reason = a.get("rejected_reason") or (a.get("failed_reason") if state == "FAIL" else None)
+    reason = of(record.REJECTED_REASON) or (of(record.FAILED_REASON) if state == "FAIL" else None)
     tail = f"  ({reason})" if reason else ""
     head = f"trial {t.number:3d} {state:9s}" if numbered else f"trial {state:9s}"
-    return (f"{head} val_acc {_fmt(acc)}  ε {_fmt(eps)}/{_fmt(a.get('epsilon_target'))}  "
-            f"steps {a.get('steps', '-')}  σ {_fmt(a.get('noise_multiplier'), 3)}  {params}{tail}")
+    return (f"{head} val_acc {_fmt(of(record.VAL_ACCURACY))}  ε {_fmt(of(record.EPSILON_SPENT))}/"
+            f"{_fmt(of(record.EPSILON_TARGET))}  steps {of(record.STEPS, '-')}  "
+            f"σ {_fmt(of(record.NOISE_MULTIPLIER), 3)}  {params}{tail}")
 
 
 def cmd_study_create(args: argparse.Namespace) -> int:
@@ -297,7 +300,9 @@ def cmd_study_create(args: argparse.Namespace) -> int:
     if args.json:
         print(_dump(out))
     else:
-        private = created.user_attrs.get("private_search")
+        from dptune.search.record import StudyRecord
+
+        private = StudyRecord.of(created).private_search
         if private:
             print(f"study {out['study_name']!r} in {storage}: private search, total ε = "
                   f"{private['total_epsilon']:.4g} (δ = {out['delta']:g}) over a secret number of trials drawn "
@@ -415,10 +420,11 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from dptune.inspect import export
+    from dptune.search.record import StudyRecord
 
     studies = _load_studies(args.study_name, args.storage)
     for s in studies:
-        if "private_search" in s.user_attrs:
+        if StudyRecord.of(s).private_search is not None:
             print(f"dptune: INTERNAL: {s.study_name!r} is a private search; its trial numbers and count reveal the "
                   "secret K — do not publish this export", file=sys.stderr)
     if args.to:
@@ -433,7 +439,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def _optimize_pool(args: argparse.Namespace, console: Any) -> int:
     from dptune.config import schema as config
     from dptune.inspect import dashboard
-    from dptune.search import study, workers
+    from dptune.search import record, study, workers
     from dptune.search.watch import StudyWatch
 
     storage = args.storage or config.default_storage(args.study_name)
@@ -453,7 +459,7 @@ def _optimize_pool(args: argparse.Namespace, console: Any) -> int:
                 report(event)
 
         def on_trial(t: Any) -> None:
-            if "skipped_reason" not in t.user_attrs:
+            if not record.is_skipped(t):
                 watch(watched, t)
 
         code = workers.run_pool(args.study_name, storage, workers=args.workers, n_trials=args.n_trials,

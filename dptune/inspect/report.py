@@ -13,9 +13,11 @@ import optuna
 import plotly.graph_objects as go
 import plotly.offline
 
+import dptune.search.record as record
 from dptune.errors import ConfigError
 from dptune.inspect import figures
-from dptune.search.results import CONFIG_ATTR, coverage, fmt, interval_text, shown_record, summarize
+from dptune.search.record import StudyRecord
+from dptune.search.results import coverage, fmt, interval_text, shown_record, summarize
 
 TOP = 10
 
@@ -32,8 +34,7 @@ def _top_table(study: optuna.Study) -> str:
     trials = sorted((t for t in study.get_trials(deepcopy=False) if t.value is not None),
                     key=lambda t: cast(float, t.value), reverse=True)[:TOP]
     # A pruned trial's value is its accuracy when it was stopped, not a finished run's: the state says which.
-    cols = ["number", "state", "value", "test_accuracy", "epsilon_spent", "epsilon_target", "delta", "batch_size",
-            "learning_rate", "clip_norm", "noise_multiplier", "steps", "epochs", "examples_per_second"]
+    cols = ["number", "state", "value", *record.TOP_TABLE]
     head = "".join(f"<th>{c}</th>" for c in ["trial", "state", "val acc"] + cols[3:])
     body = []
     for t in trials:
@@ -77,7 +78,7 @@ def _study_section(study: optuna.Study, index: int) -> str:
     for j, (title, fig) in enumerate(figs.items()):
         parts.append(f"<h3>{html.escape(title)}</h3>" + _fig_html(fig, f"fig-{index}-{j}"))
     parts.append("<h3>Configuration</h3><pre>"
-                 + html.escape(json.dumps(study.user_attrs.get(CONFIG_ATTR, {}), indent=2)) + "</pre>")
+                 + html.escape(json.dumps(StudyRecord.of(study).config, indent=2)) + "</pre>")
     return "\n".join(parts)
 
 

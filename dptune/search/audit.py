@@ -75,7 +75,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -92,6 +92,8 @@ from dptune.models import checkpoint, freezing
 from dptune.models.builtin import build_model
 from dptune.progress import Reporter
 from dptune.randomness import SecretSeed
+from dptune.search import record
+from dptune.search.record import StudyRecord
 from dptune.trainer import dp_step
 from dptune.trainer.run import check_model
 from dptune.trainer.train import Hyperparams, PrivacyBudget, RunConfig, train_and_evaluate
@@ -667,11 +669,11 @@ def _pick_trial(study: Any, number: int | None) -> Any:
     from dptune.search import modes
 
     trials = study.get_trials(deepcopy=False)
-    mode = study.user_attrs.get(modes.MODE_ATTR)
+    mode = StudyRecord.of(study).search_mode
     if number is None and mode is not None:
         return _released_final(study, trials, mode)
     if number is None:
-        done = [t for t in trials if t.state == TrialState.COMPLETE and "audit_of" not in t.user_attrs]
+        done = [t for t in trials if t.state == TrialState.COMPLETE and not record.is_audit(t)]
         if not done:
             raise ConfigError("trial", f"study {study.study_name!r} has no completed trial to audit")
         return max(done, key=lambda t: t.value)
@@ -680,14 +682,14 @@ def _pick_trial(study: Any, number: int | None) -> Any:
         raise ConfigError("trial", f"study {study.study_name!r} has no trial {number} "
                           f"(trials 0 … {len(trials) - 1})")
     t = match[0]
-    if "audit_of" in t.user_attrs:
-        raise ConfigError("trial", f"trial {number} is itself an audit (of trial {t.user_attrs['audit_of']})")
+    if record.is_audit(t):
+        raise ConfigError("trial", f"trial {number} is itself an audit (of trial {record.get(t, record.AUDIT_OF)})")
     if mode is not None and modes.is_proxy(t):
         # A proxy ran another mechanism than its hyperparameters say on the private data (public data, a subset,
         # or B/k of a batch planned elsewhere): re-run there, its q could even exceed 1.
         raise ConfigError("trial", f"trial {number} is a proxy of search mode {mode['mode']}, not a run this study "
                           "releases; leave --trial out to audit the final run")
-    if not t.user_attrs.get("steps") or "sampling_rate" not in t.user_attrs:
+    if not record.get(t, record.STEPS) or not record.has(t, record.SAMPLING_RATE):
         raise ConfigError("trial", f"trial {number} did not train (state {t.state.name}); pick one that ran")
     return t
 
@@ -818,9 +820,10 @@ def audit_study(
 
     s, resolved = study_lib.load(study_name, storage)
     cfg = resolved.study
-    if s.user_attrs.get("non_private"):
+    rec = StudyRecord.of(s)
+    if rec.non_private:
         raise ConfigError("study_name", f"{study_name!r} is a non-private baseline: it claims no ε to audit")
-    if s.user_attrs.get("private_search") is not None:
+    if rec.private_search is not None:
         raise PrivacyError(f"study_name: {study_name!r} is a private search (a secret number of trials, only the "
                            "best released); an audit run is one more run on the data and would void that bound. "
                            "Audit the same hyperparameters with explicit flags on data you do not protect.")
@@ -828,16 +831,14 @@ def audit_study(
         raise PrivacyError(f"fault: the test-only fault {faults.active()!r} is active; it is never run on a study")
     orphans.reap_dead_workers(s)
     target = _pick_trial(s, trial_number)
-    a = target.user_attrs
-    fields = {f for f in Hyperparams.__dataclass_fields__}
-    hp = Hyperparams(**{k: a[k] for k in fields if k in a})
-    steps = int(a["steps"])
+    hp = Hyperparams(**record.hparams_of(target, Hyperparams.__dataclass_fields__))
+    steps = int(record.get(target, record.STEPS))
     dataset = dataset_of(cfg)
     check_model(cfg, dataset)  # a user's model is checked again: its code may have changed since create
-    delta = float(s.user_attrs["delta"])
+    delta = float(cast(float, rec.delta))
     before = results.search_guarantee(s)
-    budget = PrivacyBudget(float(a.get("epsilon_target", 100.0)), delta,
-                           "pld" if a.get("accountant") == "pld" else "rdp")
+    budget = PrivacyBudget(float(record.get(target, record.EPSILON_TARGET, 100.0)), delta,
+                           "pld" if record.get(target, record.ACCOUNTANT) == "pld" else "rdp")
 
     # Numbered atomically in the storage, like any trial, and never a queued trial (whose copied attributes, a
     # proxy's say, would count this run on all of the data as something else).
@@ -845,51 +846,41 @@ def audit_study(
     if threat_model == "white-box":
         white_box_room(cfg.model, dataset.num_classes, dataset.image_shape, hp.trainable, canaries, canary_seed,
                        weight_standardization=cfg.weight_standardization)
-    record = optuna.Trial(s, proxy.start_trial(s, {"audit_of": target.number, "audit_threat_model": threat_model,
-                                                   "touched_data": False,
-                                                   orphans.WORKER_ATTR: orphans.worker_identity()}))
+    trial_rec = optuna.Trial(s, proxy.start_trial(s, record.audit_start_attrs(target.number, threat_model,
+                                                                               orphans.worker_identity())))
     q = hp.batch_size / len(dataset.train)
     # Black-box canaries enlarge N, so the run's q is at most this: a conservative request.
     request = (q, hp.noise_multiplier, steps)
-    cap = s.user_attrs.get("search_budget")
+    cap = rec.search_budget
     if cap is not None:
-        prior = [(float(x), float(y), int(z)) for x, y, z in s.user_attrs.get("prior_privacy_events", [])]
-        refusal = objective.admit(record, request, RenyiFilter(cap["epsilon"], delta, cap["order"]), prior)
+        refusal = objective.admit(trial_rec, request, RenyiFilter(cap["epsilon"], delta, cap["order"]), rec.prior)
         if refusal is not None:
-            s.tell(record, state=TrialState.PRUNED)
+            s.tell(trial_rec, state=TrialState.PRUNED)
             raise PrivacyError(f"{refusal.replace('the search stops here', 'the audit is refused')}")
     config = RunConfig(
         model=cfg.model, weight_standardization=cfg.weight_standardization,
-        microbatch_size=int(a.get("microbatch_size") or 128), clipping=cfg.clipping, private=True,
+        microbatch_size=int(record.get(target, record.MICROBATCH_SIZE) or 128), clipping=cfg.clipping, private=True,
         init_checkpoint=cfg.init_checkpoint, reinitialize=tuple(cfg.reinitialize),
         augmentation=Augmentation(**cfg.augmentation.model_dump()), eval_every=max(1, steps // 5),
-        seed=int(a.get("seed", cfg.seed)),
+        seed=int(record.get(target, record.SEED, cfg.seed)),
         secret=None if cfg.private_seed is None else SecretSeed.from_int(cfg.private_seed).child(
-            f"study {study_name} {release.study_id(s, storage)} audit {record.number}"),
+            f"study {study_name} {release.study_id(s, storage)} audit {trial_rec.number}"),
         unsafe_ignore_checkpoint_provenance=cfg.unsafe_ignore_checkpoint_provenance,
     )
-    for key, value in (("sampling_rate", q), ("noise_multiplier", hp.noise_multiplier), ("planned_steps", steps),
-                       ("clip_norm", hp.clip_norm), ("batch_size", hp.batch_size)):
-        record.set_user_attr(key, value)
+    record.set_all(trial_rec, record.audit_plan_attrs(q, hp.noise_multiplier, steps, hp.clip_norm, hp.batch_size))
     try:
         result = run_audit(dataset, hp, steps, config=config, budget=budget, threat_model=threat_model,
                            canaries=canaries, canary_seed=canary_seed, confidence=confidence, progress=progress,
-                           training=lambda: record.set_user_attr("touched_data", True), events=events)
+                           training=lambda: trial_rec.set_user_attr(record.TOUCHED_DATA, True), events=events)
     except BaseException as e:
         # Once it has read the data it stays counted at its planned steps; a refusal before that costs nothing.
-        record.set_user_attr("failed_reason", f"{type(e).__name__}: {e}".strip())
-        s.tell(record, state=TrialState.FAIL)
+        trial_rec.set_user_attr(record.FAILED_REASON, f"{type(e).__name__}: {e}".strip())
+        s.tell(trial_rec, state=TrialState.FAIL)
         raise
-    for key, value in (("steps", result.steps), ("sampling_rate", result.sampling_rate),
-                       ("epsilon_spent", result.claimed_epsilon), ("training_examples", result.training_examples),
-                       ("audit_epsilon_lower_bound", result.epsilon_lower_bound),
-                       ("audit_epsilon_lower_bound_fdp", result.epsilon_lower_bound_fdp),
-                       ("audit_max_lower_bound", result.max_lower_bound), ("audit_canaries", result.canaries),
-                       ("audit_exceeds_claim", result.exceeds_claim)):
-        record.set_user_attr(key, value)
-    s.tell(record, state=TrialState.PRUNED)
+    record.set_all(trial_rec, record.audit_result_attrs(result))
+    s.tell(trial_rec, state=TrialState.PRUNED)
     after = results.search_guarantee(s)
-    result.study = {"name": study_name, "trial_audited": target.number, "audit_trial": record.number,
+    result.study = {"name": study_name, "trial_audited": target.number, "audit_trial": trial_rec.number,
                     "mode": after["mode"], "search_epsilon_before": before["total_epsilon"],
                     "search_epsilon_after": after["total_epsilon"]}
     if after["mode"] == "filter":
@@ -897,7 +888,7 @@ def audit_study(
                    f"ε = {after['total_epsilon']:g} (accounted ε now {after['accounted_epsilon']:.4g})")
     else:
         counted = (f"the search's total ε went from {before['total_epsilon']:.4g} to {after['total_epsilon']:.4g}")
-    result.notes.append(f"This audit trained on the study's private data: it is recorded as trial {record.number} "
+    result.notes.append(f"This audit trained on the study's private data: it is recorded as trial {trial_rec.number} "
                         f"of {study_name!r} (audit of trial {target.number}) and counts in the search total; "
                         f"{counted}.")
     return result

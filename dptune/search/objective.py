@@ -29,15 +29,14 @@ from dptune.models import checkpoint
 from dptune.privacy.search_totals import RenyiFilter
 from dptune.progress import Reporter
 from dptune.randomness import SecretSeed
-from dptune.search import orphans, release
+from dptune.search import orphans, record, release
+from dptune.search.record import ResumeLink
 from dptune.search.results import _linked, attempt_origin
 from dptune.search.space import Infeasible, plan_trial, smallest_batch
 from dptune.trainer import microbatch
 from dptune.trainer.resume import Checkpointer, ReplayDiverged
 from dptune.trainer.run import check_model, run_config
 from dptune.trainer.train import PrivacyBudget, RunConfig, train_and_evaluate
-
-RESUME_ATTRS = ("resumed_from", "replay_digests", "progress_steps", "checkpoint_step", "ran_steps")
 
 
 def replay_expectations(trials: Sequence[FrozenTrial], number: int, origin: int, writer: int | None,
@@ -68,13 +67,13 @@ def replay_expectations(trials: Sequence[FrozenTrial], number: int, origin: int,
     current = by_number.get(int(writer)) if writer is not None else None
     while current is not None and (hop := _linked(current, by_number)) is not None:
         dead, link = hop
-        if link.get("randomness") != "replayed" or dead.number in sources:
+        if not link.replayed or dead.number in sources:
             break  # a fresh restart began another run: what came before it is not this run's output
         sources.add(dead.number)
         current = dead
     expected: dict[int, str] = {}
     for n in sorted(sources):
-        for k, v in (by_number[n].user_attrs.get("replay_digests") or {}).items():
+        for k, v in (record.get(by_number[n], record.REPLAY_DIGESTS) or {}).items():
             if int(k) > step:
                 expected[int(k)] = v
     return expected
@@ -101,7 +100,7 @@ class Objective:
         # the same name other streams (two studies on one noise could cancel it between their releases).
         self.study_id = ""
         self.progress: Reporter | None = None  # set by optimize: where a trial's progress events go
-        self.mode: Any = None  # issue #20: a dptune.search.proxy.ModeRunner for a study with search: {mode: …}
+        self.mode: Any = None  # a dptune.search.proxy.ModeRunner for a study with search: {mode: …}
         if private_search is not None:
             # Every trial runs the calibrated mechanism; its own ε (RDP) is the trainer's cap.
             self.fixed = (private_search["noise_multiplier"], private_search["steps"])
@@ -138,32 +137,30 @@ class Objective:
             return self._run(trial)
         except KeyboardInterrupt as e:
             # Optuna marks the trial FAIL; the reason says it was stopped, not broken.
-            trial.set_user_attr("failed_reason", f"interrupted by {interrupt.signal_name(e)}")
+            trial.set_user_attr(record.FAILED_REASON, f"interrupted by {interrupt.signal_name(e)}")
             raise
 
     def _run(self, trial: optuna.Trial) -> float:
         cfg = self.resolved.study
         n = len(self.dataset.train)
-        trial.set_user_attr(orphans.WORKER_ATTR, orphans.worker_identity())
+        trial.set_user_attr(record.WORKER, orphans.worker_identity())
         # False until the data is read (a re-queued retry also starts with its failed parent's attributes).
-        trial.set_user_attr("touched_data", False)
-        if trial.user_attrs.get("filter_admitted") is not None:
-            trial.set_user_attr("filter_admitted", None)
-        for key in RESUME_ATTRS:  # a heartbeat retry inherits its parent's; this attempt has done nothing yet
-            if trial.user_attrs.get(key) is not None:
+        trial.set_user_attr(record.TOUCHED_DATA, False)
+        if record.get(trial, record.FILTER_ADMITTED) is not None:
+            trial.set_user_attr(record.FILTER_ADMITTED, None)
+        for key in record.RESUME_ATTRS:  # a heartbeat retry inherits its parent's; this attempt has done nothing yet
+            if record.get(trial, key) is not None:
                 trial.set_user_attr(key, None)
         if self.private_search is not None and trial.number >= self.private_search["n_trials"]:
             # K is enforced in the storage, not per process: Optuna numbers trials
             # atomically there, so however many workers or machines share the
             # study, only trials 0 … K−1 ever reach the data.
-            trial.set_user_attr("skipped_reason", "every trial of the private search has started")
+            trial.set_user_attr(record.SKIPPED_REASON, "every trial of the private search has started")
             trial.study.stop()
             raise optuna.TrialPruned("private search: no trials left")
         if self.budget is not None:
-            trial.set_user_attr("epsilon_target", self.budget.epsilon)
-            trial.set_user_attr("delta", self.budget.delta)
-            trial.set_user_attr("accountant", self.budget.accountant)
-        # -- issue #20 (dptune/search/modes.py): a mode's proxy or final run plans its own data and budget
+            record.set_all(trial, record.budget_attrs(self.budget.epsilon, self.budget.delta, self.budget.accountant))
+        # A mode's proxy or final run plans its own data and budget.
         setup = None
         dataset, budget = self.dataset, self.budget
         try:
@@ -171,18 +168,14 @@ class Objective:
                 setup = self.mode.setup(trial)
                 plan, dataset, budget = setup.plan, setup.dataset, setup.budget
                 n = len(dataset.train)
-                trial.set_user_attr("epsilon_target", budget.epsilon)
-                for key, value in setup.attrs.items():
-                    trial.set_user_attr(key, value)
+                trial.set_user_attr(record.EPSILON_TARGET, budget.epsilon)
+                record.set_all(trial, setup.attrs)
             else:
                 plan = plan_trial(trial, self.resolved.space, n, self.budget, cfg.budget, self.fixed)
         except Infeasible as e:
-            trial.set_user_attr("rejected_reason", str(e))
-            trial.set_user_attr("epsilon_spent", 0.0)
-            trial.set_user_attr("steps", 0)
+            record.set_all(trial, record.rejected_attrs(str(e)))
             raise optuna.TrialPruned(str(e)) from None
-        for k, v in plan.as_attrs().items():
-            trial.set_user_attr(k, v)
+        record.set_all(trial, plan.as_attrs())
         # A subset's size is secret: a mode's plan was checked against the data it was planned on.
         plan.hparams.validate(n if setup is None or setup.sampling_rate is None else max(n, plan.hparams.batch_size),
                               not cfg.non_private)
@@ -200,8 +193,8 @@ class Objective:
             if checkpointer is not None and checkpointer.last_digest is not None:
                 # Written before the report: a resumed attempt checks its replay against what was released.
                 digests[str(step)] = checkpointer.last_digest[1]
-                trial.set_user_attr("replay_digests", dict(digests))
-                trial.set_user_attr("progress_steps", step)
+                trial.set_user_attr(record.REPLAY_DIGESTS, dict(digests))
+                trial.set_user_attr(record.PROGRESS_STEPS, step)
             # With averaging on, the better of raw and EMA parameters is what the trial would release.
             reports.append(metrics["best_val_accuracy"])
             # A final run is never pruned, and its curve (of a model trained on all of the data) is not
@@ -217,7 +210,7 @@ class Objective:
             eval_every=max(1, round(cfg.eval_every_epochs / plan.sampling_rate)),
             # In a private search every trial starts from the same public initialisation:
             # a seed that varied with the trial number would reveal the released trial's index.
-            # A retry keeps its first attempt's (public) initialisation: it resumes that run (dptune/trainer/resume.py).
+            # A retry keeps its first attempt's (public) initialisation: it resumes that run.
             seed=cfg.seed if self.private_search is not None else cfg.seed + attempt_origin(trial),
             # A fixed private seed gives each trial of each study its own stream (never seed + number,
             # which another study or a `dptune train --private-seed` would reuse), keyed on the study's id.
@@ -246,15 +239,15 @@ class Objective:
             config = dataclasses.replace(config, resume=checkpointer)
             point = checkpointer.latest()
             if point is not None:
-                trial.set_user_attr("resumed_from", {"trial": point.header.get("trial"), "step": point.step,
-                                                     "randomness": "replayed"})
+                link = ResumeLink(point.header.get("trial"), point.step, replayed=True)
+                trial.set_user_attr(record.RESUMED_FROM, link.as_attr())
                 for m in point.history:  # the same outputs of the same run: the trial's curve stays whole
                     reports.append(m["best_val_accuracy"])
                     if not final:
                         trial.report(m["best_val_accuracy"], len(reports))
         orphans.abort_if_test_requests(trial.number)
         interrupt.raise_if_pending()  # before the trial is marked as having touched the data
-        trial.set_user_attr("touched_data", True if setup is None else setup.touched)
+        trial.set_user_attr(record.TOUCHED_DATA, True if setup is None else setup.touched)
         try:
             try:
                 result = train_and_evaluate(dataset, plan.hparams, plan.steps, config=config,
@@ -267,8 +260,8 @@ class Objective:
                 point = checkpointer.restart_fresh(str(e))  # the very point replayed, held in memory
                 dead = None if replayed is None else replayed.header.get("trial")
                 # Without a start point the fresh run starts at step 0 and the dead attempt counts whole.
-                trial.set_user_attr("resumed_from", {"trial": dead, "step": 0 if point is None else point.step,
-                                                     "randomness": "fresh", "diverged_at": e.step})
+                link = ResumeLink(dead, 0 if point is None else point.step, replayed=False, diverged_at=e.step)
+                trial.set_user_attr(record.RESUMED_FROM, link.as_attr())
                 del reports[0 if point is None else len(point.history):]
                 digests.clear()
                 result = train_and_evaluate(dataset, plan.hparams, plan.steps, config=config,
@@ -281,39 +274,12 @@ class Objective:
                 os.chmod(path, 0o600)
         # The steps this attempt ran itself: [the step it really started from (0: none), the last step].
         started = None if checkpointer is None else checkpointer.started_from
-        trial.set_user_attr("ran_steps", [0 if started is None else started.step, result.steps])
-        attrs = {
-            "epsilon_spent": result.epsilon,
-            "steps": result.steps,
-            "epochs": result.epochs,
-            "val_accuracy": result.selected_val_accuracy,
-            "test_accuracy": result.selected_test_accuracy,
-            "ema_val_accuracy": result.ema_val_accuracy,
-            "ema_test_accuracy": result.ema_test_accuracy,
-            "examples_per_second": result.examples_per_second,
-            "compile_seconds": result.compile_seconds,
-            "startup_seconds": result.startup_seconds,
-            "wall_seconds": result.wall_seconds,
-            "examples_processed": result.examples_processed,
-            "devices": result.devices,
-            "microbatch_size": result.microbatch_size,
-            "clipping": result.clipping,
-            "clipping_rules": result.clipping_rules,  # which rule clipped each parameter (fast path)
-            "seed": config.seed,
-            "private_seed_fixed": result.private_seed_fixed,
-            "budget_limited": result.budget_limited,
-            "selected_parameters": result.selected,
-            "raw_val_accuracy": result.val_accuracy,
-            "raw_test_accuracy": result.test_accuracy,
-            "trainable_modules": result.trainable_modules,
-            "augmentation_multiplicity": cfg.augmentation.multiplicity,
-        }
+        trial.set_user_attr(record.RAN_STEPS, [0 if started is None else started.step, result.steps])
+        attrs = record.result_attrs(result, config.seed, cfg.augmentation.multiplicity)
         if result.warnings:  # a trial at chance because its loss is NaN must not read as a poor setting
-            attrs["warnings"] = result.warnings
             who = "a trial" if self.private_search is not None else f"trial {trial.number}"  # numbers tell K
             logging.getLogger(__name__).warning("%s: %s", who, "; ".join(result.warnings))
-        for k, v in attrs.items():
-            trial.set_user_attr(k, v)
+        record.set_all(trial, attrs)
         if result.stopped_early:
             raise optuna.TrialPruned(f"pruned after {result.steps} steps")
         return result.selected_val_accuracy
@@ -348,7 +314,7 @@ class Objective:
                                                           origin, point.header.get("trial"), point.step))
 
         def saved(step: int) -> None:
-            trial.set_user_attr("checkpoint_step", step)
+            trial.set_user_attr(record.CHECKPOINT_STEP, step)
 
         c.on_save = saved
         return c
@@ -372,24 +338,20 @@ def admit(trial: optuna.Trial, request: tuple[float, float, int], filt: RenyiFil
     also covers pruning. Used for the search's trials and for audit runs
     (:mod:`dptune.search.audit`), which train on the same data.
     """
-    trial.set_user_attr("filter_request", list(request))
+    trial.set_user_attr(record.FILTER_REQUEST, list(request))
     others = []
     for t in trial.study.get_trials(deepcopy=False):
-        a = t.user_attrs
-        if (t.number == trial.number or t.state == TrialState.WAITING or "filter_request" not in a
-                or a.get("filter_admitted") is False):
+        asked, admitted = record.filter_request(t), record.get(t, record.FILTER_ADMITTED)
+        if t.number == trial.number or t.state == TrialState.WAITING or asked is None or admitted is False:
             continue
-        if t.state == TrialState.RUNNING or a.get("filter_admitted") or a.get("touched_data"):
-            q, sigma, steps = a["filter_request"]
-            others.append((float(q), float(sigma), int(steps)))
+        if t.state == TrialState.RUNNING or admitted or record.get(t, record.TOUCHED_DATA):
+            others.append(asked)
     trials = list(prior) + others + [request]
     if not filt.admits(trials):
         reason = (f"search_budget: starting this trial would take the search to ε = "
                   f"{filt.spent(trials):.4g} > {filt.epsilon:g} (privacy filter at Rényi order "
                   f"{filt.order:.3g}); the search stops here")
-        for key, value in (("filter_admitted", False), ("rejected_reason", reason), ("epsilon_spent", 0.0),
-                           ("steps", 0)):
-            trial.set_user_attr(key, value)
+        record.set_all(trial, {record.FILTER_ADMITTED: False, **record.rejected_attrs(reason)})
         return reason
-    trial.set_user_attr("filter_admitted", True)
+    trial.set_user_attr(record.FILTER_ADMITTED, True)
     return None

@@ -1,4 +1,4 @@
-"""Running a cheaper-tuning study's trials (issue #20): the proxies, and the final run (:func:`finalize`).
+"""Running a cheaper-tuning study's trials: the proxies, and the final run (:func:`finalize`).
 
 The rules (what a proxy runs, how its hyperparameters transfer, how it is
 accounted) are in :mod:`dptune.search.modes`; this module builds the data and
@@ -21,7 +21,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import optuna
@@ -35,9 +35,10 @@ from dptune.errors import ConfigError, DataError, PrivacyError, StudyError
 from dptune.privacy import accounting as privacy
 from dptune.progress import Event, Reporter
 from dptune.randomness import SecretSeed
-from dptune.search import modes, release
+from dptune.search import modes, record, release
 from dptune.search import storage as storage_lib
-from dptune.search.orphans import WORKER_ATTR, reap_dead_workers, worker_identity
+from dptune.search.orphans import reap_dead_workers, worker_identity
+from dptune.search.record import StudyRecord
 from dptune.search.space import Infeasible, TrialPlan, plan_trial
 from dptune.trainer.train import Hyperparams, PrivacyBudget
 
@@ -227,13 +228,13 @@ class ModeRunner:
           Infeasible: the sample cannot train within the budget (the trial is then pruned, unread data).
         """
         cfg = self.resolved.study
-        if trial.user_attrs.get(modes.FINAL_ATTR):
+        if record.is_final(trial):
             if trial.number != self.claimed:
                 # A queued copy (Optuna's heartbeat retry copies a stale trial's attributes), or a final run
                 # another process claimed: only the claim makes a final run the study's one.
                 raise Infeasible("a final run trains only in the finalize call that claimed it; run dptune study "
                                  "finalize again")
-            stored = trial.user_attrs[modes.FINAL_PLAN_ATTR]
+            stored = record.get(trial, record.FINAL_PLAN)
             hp = Hyperparams(**stored["hparams"])
             plan = TrialPlan(hparams=hp, steps=int(stored["steps"]), sampling_rate=float(stored["sampling_rate"]),
                              max_steps_by_budget=int(stored["steps"]), derived="transferred")
@@ -255,9 +256,9 @@ class ModeRunner:
         sampler = modes.ScaledBatch(trial, k) if name == "scaled" else trial
         full = plan_trial(sampler, self.resolved.space, n_plan, self.budget, cfg.budget)
         hp, steps = full.hparams, full.steps
-        scale = {"batch_size": hp.batch_size, "sampling_rate": full.sampling_rate,
-                 "noise_multiplier": hp.noise_multiplier, "steps": steps, "epochs": full.epochs}
-        attrs: dict[str, Any] = {modes.PROXY_ATTR: True, modes.FULL_SCALE_ATTR: scale}
+        scale = {record.BATCH_SIZE: hp.batch_size, record.SAMPLING_RATE: full.sampling_rate,
+                 record.NOISE_MULTIPLIER: hp.noise_multiplier, record.STEPS: steps, "epochs": full.epochs}
+        attrs: dict[str, Any] = {record.PROXY: True, record.FULL_SCALE: scale}
         budget, rate = self.budget, None
         if name == "scaled":
             hp = dataclasses.replace(hp, batch_size=hp.batch_size // k, noise_multiplier=hp.noise_multiplier / k)
@@ -280,7 +281,7 @@ class ModeRunner:
             budget = dataclasses.replace(self.budget, epsilon=allowed[0], delta=allowed[1])
             if public:
                 rate = q
-                attrs["delta"] = allowed[1]
+                attrs[record.DELTA_OF_TRIAL] = allowed[1]
             proxy = TrialPlan(hparams=hp, steps=steps, sampling_rate=q, max_steps_by_budget=full.max_steps_by_budget,
                               derived=f"scaled_1/{k}")
         elif name == "subset":
@@ -290,7 +291,7 @@ class ModeRunner:
             hp = dataclasses.replace(hp, batch_size=max(1, round(gamma * hp.batch_size)))
             rate = full.sampling_rate
             proxy = dataclasses.replace(full, hparams=hp, derived=f"subset_{gamma:g}")
-            attrs[modes.SUBSET_ATTR] = self.subset_id
+            attrs[record.SUBSET_ID] = self.subset_id
         else:
             proxy = full
         return TrialSetup(proxy, data, budget, touched=data is not self.public, final=False, sampling_rate=rate,
@@ -360,7 +361,8 @@ def finalize(study: optuna.Study | str, storage: str | None = None, *,
 def _transferred(study: optuna.Study, resolved: ResolvedStudy) -> tuple[dict[str, Any], int]:
     """The final run's plan and the proxy it comes from, or why there is none (nothing is written)."""
     name = study.study_name
-    mode = study.user_attrs.get(modes.MODE_ATTR)
+    rec = StudyRecord.of(study)
+    mode = rec.search_mode
     if mode is None:
         raise StudyError(f"study_name: {name!r} has no search mode (search: {{mode: …}}); its best trial is its "
                          "result")
@@ -374,7 +376,7 @@ def _transferred(study: optuna.Study, resolved: ResolvedStudy) -> tuple[dict[str
         raise StudyError(f"study_name: {name!r} has no completed proxy trial yet; run dptune optimize first")
     cfg = resolved.study
     assert cfg.privacy is not None  # a mode needs one (checked at create)
-    plan = modes.final_plan(mode, winner, cfg.privacy.epsilon, float(study.user_attrs["delta"]),
+    plan = modes.final_plan(mode, winner, cfg.privacy.epsilon, float(cast(float, rec.delta)),
                             cfg.privacy.accountant)
     if not math.isfinite(plan["hparams"]["noise_multiplier"]):
         raise StudyError("final_plan: the transferred run cannot meet the budget")
@@ -387,16 +389,17 @@ def _final_objective(study: optuna.Study, resolved: ResolvedStudy, url: str) -> 
     from dptune.trainer.run import dataset_of
 
     dataset = dataset_of(resolved.study)
-    if study.user_attrs.get("split") != dataset.split.as_dict():
+    rec = StudyRecord.of(study)
+    if rec.split != dataset.split.as_dict():
         raise StudyError(f"dataset: {resolved.study.dataset!r} is not what it was when the study was created; "
                          "create a new study")
-    objective = Objective(resolved, dataset, study.user_attrs["delta"],
-                          prior=study.user_attrs.get("prior_privacy_events", ()))
-    objective.resolved_checkpoint = study.user_attrs.get("init_checkpoint_sha256")
+    objective = Objective(resolved, dataset, rec.delta, prior=rec.prior)
+    objective.resolved_checkpoint = rec.init_checkpoint_sha
     objective.storage_url = url
     objective.study_id = release.study_id(study, url)
     assert objective.budget is not None  # a mode needs a privacy budget (checked at create)
-    objective.mode = ModeRunner(resolved, dataset, objective.budget, study.user_attrs[modes.MODE_ATTR],
+    assert rec.search_mode is not None  # finalize refuses a study without a mode first
+    objective.mode = ModeRunner(resolved, dataset, objective.budget, rec.search_mode,
                                 study.study_name, release.folder_of(study, url), objective.study_id)
     return objective
 
@@ -417,8 +420,8 @@ def claim_final(study: optuna.Study, plan: dict[str, Any], source: int) -> Froze
       FinalizeRefused: an earlier final run holds the study (this trial is then recorded as refused).
     """
     b = storage_lib.backend(study)
-    attrs = {modes.FINAL_ATTR: True, modes.FINAL_PLAN_ATTR: plan, modes.FINAL_SOURCE_ATTR: source,
-             "touched_data": False, WORKER_ATTR: worker_identity()}
+    attrs = {record.FINAL: True, record.FINAL_PLAN: plan, record.FINAL_SOURCE: source,
+             record.TOUCHED_DATA: False, record.WORKER: worker_identity()}
     mine = b.storage.get_trial(start_trial(study, attrs))
     held = modes.holding_final(b.storage.get_all_trials(b.study_id, deepcopy=False), below=mine.number)
     if held is not None:
@@ -462,7 +465,7 @@ def _refuse(study: optuna.Study, number: int, reason: str) -> None:
     b = storage_lib.backend(study)
     trial_id = b.trial_id(number)
     with interrupt.deferred(), contextlib.suppress(UpdateFinishedTrialError):
-        for key, value in (("rejected_reason", reason), ("epsilon_spent", 0.0), ("steps", 0)):
+        for key, value in record.rejected_attrs(reason).items():
             b.storage.set_trial_user_attr(trial_id, key, value)
         b.storage.set_trial_state_values(trial_id, TrialState.PRUNED)
 
@@ -505,7 +508,7 @@ def _run_final(study: optuna.Study, objective: Any, number: int, url: str) -> No
     except optuna.TrialPruned:
         state = TrialState.PRUNED
     except BaseException as e:
-        trial.set_user_attr("failed_reason", f"{type(e).__name__}: {e}".strip())
+        trial.set_user_attr(record.FAILED_REASON, f"{type(e).__name__}: {e}".strip())
         raise
     finally:
         study.tell(trial, value, state=state, skip_if_finished=True)

@@ -21,10 +21,11 @@ from dptune.config.schema import is_import_path
 from dptune.privacy import search_totals as search_privacy
 from dptune.privacy.search_totals import RenyiFilter, TrialCount
 from dptune.privacy.statement import COVERAGE, USER_CODE, Mechanism, Statement
-from dptune.search import modes
+from dptune.search import modes, record
+from dptune.search.record import ResumeLink, StudyRecord
 from dptune.search.storage import backend, open_storage
 
-CONFIG_ATTR = "dptune_config"
+CONFIG_ATTR = record.CONFIG  # kept for importers of the old name
 
 
 def fmt(v: Any, digits: int = 4, missing: str = "-") -> str:
@@ -44,22 +45,23 @@ def attempt_origin(trial: optuna.Trial | FrozenTrial) -> int:
     """
     system = (trial.system_attrs if isinstance(trial, FrozenTrial)
               else backend(trial.study).trial_system_attrs(trial.number))
-    if system.get("failed_trial") is not None:
-        return int(system["failed_trial"])
-    return int(trial.user_attrs.get("retry_of", trial.number))
+    retried = record.optuna_retry_of(system)
+    if retried is not None:
+        return retried
+    return int(record.get(trial, record.RETRY_OF, trial.number))
 
 
-def _linked(trial: FrozenTrial, by_number: dict[int, FrozenTrial]) -> tuple[FrozenTrial, dict[str, Any]] | None:
+def _linked(trial: FrozenTrial, by_number: dict[int, FrozenTrial]) -> tuple[FrozenTrial, ResumeLink] | None:
     """The earlier attempt ``trial`` resumed from and the link, or None.
 
     A link counts only to a smaller-numbered trial with the same first attempt:
     a ``resumed_from`` naming anything else (a leftover of another study) never
     makes an unrelated trial's spend disappear.
     """
-    link = trial.user_attrs.get("resumed_from")
-    if not link or link.get("trial") is None:
+    link = ResumeLink.of(trial)
+    if link is None or link.trial is None:
         return None
-    dead = by_number.get(int(link["trial"]))
+    dead = by_number.get(link.trial)
     if dead is None or dead.number >= trial.number or attempt_origin(dead) != attempt_origin(trial):
         return None
     return dead, link
@@ -110,12 +112,9 @@ class StudySummary:
         """
         if not self.private_search:
             return self.as_dict()
-        # Timings too: only a worker's first trial compiles, and step times follow the realised batch sizes.
         # The selection-adjusted interval counts every validation reading, which bounds K.
-        internal = {"val_accuracy_interval_selection", "validation_readings",
-                    "number", "trial_id", "retry_of", "retries", "worker", "datetime_start", "datetime_complete",
-                    "intermediate_values", "seed", "skipped_reason", "compile_seconds", "startup_seconds",
-                    "wall_seconds", "examples_per_second"}
+        internal = {"val_accuracy_interval_selection", "validation_readings", "number", "trial_id",
+                    "datetime_start", "datetime_complete", "intermediate_values", *record.K_REVEALING}
         best = None if self.best is None else {k: v for k, v in self.best.items() if k not in internal}
         search = {k: v for k, v in self.search.items() if k not in PRIVATE_SEARCH_INTERNAL}
         return {"name": self.name, "epsilon_target": self.epsilon_target, "delta": self.delta,
@@ -166,10 +165,10 @@ def interval_text(best: dict[str, Any], private_search: bool) -> str:
     return text
 
 
-def shown(study: optuna.Study, record: dict[str, Any]) -> dict[str, Any]:
+def shown(study: optuna.Study, row: dict[str, Any]) -> dict[str, Any]:
     """A trial's record (or export row) as the study may show it: a mode study's without timings
     (:data:`dptune.search.modes.TIMING_ATTRS`: they follow the realised batches, on a secret subset too)."""
-    return modes.without_timings(record) if study.user_attrs.get(modes.MODE_ATTR) is not None else record
+    return modes.without_timings(row) if StudyRecord.of(study).search_mode is not None else row
 
 
 def shown_record(study: optuna.Study, t: FrozenTrial) -> dict[str, Any]:
@@ -193,27 +192,21 @@ def touched_data(t: FrozenTrial) -> bool:
     """Whether the trial reached the training data (and so counts in the search's privacy)."""
     if t.state == TrialState.WAITING:
         return False  # a queued retry carries its parent's attributes but has run nothing
-    a = t.user_attrs
-    if "touched_data" in a:
-        return bool(a["touched_data"])
+    flag = record.touched_data(t)
+    if flag is not None:
+        return flag
     # Studies stored before ``touched_data`` existed: every planned trial that was not rejected.
-    return "rejected_reason" not in a and "skipped_reason" not in a and "sampling_rate" in a
+    return not record.is_rejected(t) and not record.is_skipped(t) and record.has(t, record.SAMPLING_RATE)
 
 
 def _spend(t: FrozenTrial) -> tuple[float, float, int] | None:
     """(q, σ, steps) of a trial that touched data: steps taken, or planned if it did not finish."""
-    a = t.user_attrs
-    steps = a.get("steps") if t.state in FINISHED else a.get("planned_steps")
-    if not steps or "sampling_rate" not in a:
-        return None
-    return float(a["sampling_rate"]), float(a["noise_multiplier"]), int(steps)
+    return record.spend_of(t, t.state in FINISHED)
 
 
 def _extent(t: FrozenTrial) -> int:
     """The last step whose outputs an attempt that died wrote anywhere (its reports; see resumed_spends)."""
-    a = t.user_attrs
-    resumed = (a.get("resumed_from") or {}).get("step", 0)
-    return max(int(a.get("progress_steps") or 0), int(a.get("checkpoint_step") or 0), int(resumed or 0))
+    return record.extent_of(t)
 
 
 def resumed_spends(trials: Sequence[FrozenTrial], touched: Sequence[FrozenTrial]) -> list[tuple[float, float, int]]:
@@ -249,10 +242,10 @@ def resumed_spends(trials: Sequence[FrozenTrial], touched: Sequence[FrozenTrial]
         current = t
         while (hop := _linked(current, by_number)) is not None:  # numbers fall along the chain: it ends
             dead, link = hop
-            if link.get("randomness") == "replayed":
+            if link.replayed:
                 steps = max(steps, _extent(dead))
             else:
-                apart.append((q, sigma, max(0, _extent(dead) - int(link.get("step", 0)))))
+                apart.append((q, sigma, max(0, _extent(dead) - link.step)))
             current = dead
         events.append((q, sigma, steps))
         events.extend(e for e in apart if e[2] > 0)
@@ -261,7 +254,7 @@ def resumed_spends(trials: Sequence[FrozenTrial], touched: Sequence[FrozenTrial]
 
 def coverage(study: optuna.Study) -> str:
     """One plain sentence on which examples the study's ε protects."""
-    public = study.user_attrs.get(CONFIG_ATTR, {}).get("study", {}).get("validation_dataset")
+    public = StudyRecord.of(study).validation_dataset
     if public:
         return (f"The ε covers the training examples only: validation examples come from the separate dataset "
                 f"{public!r}, treated as public, and the test examples used to report are not protected by it.")
@@ -281,12 +274,11 @@ def search_guarantee(study: optuna.Study) -> dict[str, Any]:
     Every mode composes a private ``init_checkpoint``'s recorded spend.
     """
     trials = study.get_trials(deepcopy=False)
-    delta = study.user_attrs.get("delta")
-    private = study.user_attrs.get("private_search")
-    prior = [(float(q), float(s), int(t)) for q, s, t in study.user_attrs.get("prior_privacy_events", [])]
+    rec = StudyRecord.of(study)
+    delta, private, prior = rec.delta, rec.private_search, list(rec.prior)
     prior_text = (f" It includes the recorded training of the initial checkpoint on the same data "
                   f"({len(prior)} earlier run(s)).") if prior else ""
-    if study.user_attrs.get("non_private"):
+    if rec.non_private:
         return {"mode": "non_private", "total_epsilon": math.inf, "delta": None, "per_trial_epsilon": None,
                 "guarantee": "None: a non-private baseline (no clipping, no noise); its models must not be released "
                              "as private."}
@@ -299,7 +291,7 @@ def search_guarantee(study: optuna.Study) -> dict[str, Any]:
         exceeded = len(touched) > k or any(t.number >= k for t in touched)
         settled = [t for t in trials if t.number < k and t.state in (*FINISHED, TrialState.FAIL)]
         complete = not exceeded and len(settled) == k
-        validation = study.user_attrs.get(CONFIG_ATTR, {}).get("study", {}).get("validation_dataset")
+        validation = rec.validation_dataset
         base = {
             "mode": "private_search", "delta": delta, "per_trial_epsilon": private["per_trial_epsilon"],
             "sampling_rate": private["sampling_rate"], "noise_multiplier": private["noise_multiplier"],
@@ -325,21 +317,21 @@ def search_guarantee(study: optuna.Study) -> dict[str, Any]:
             "secret: the trial count, trial numbers and the study storage are internal."
             + prior_text + ("" if complete else " Incomplete: trials remain; run dptune optimize until the search "
                             "is complete before releasing the result."))}
-    if study.user_attrs.get(modes.MODE_ATTR) is not None:  # issue #20: proxies and a final run
+    if rec.search_mode is not None:
         # The proxies apart from the runs on all of the data: subset tuning amplifies only the former.
         proxies = [t for t in touched if modes.is_proxy(t)]
         split = (resumed_spends(trials, proxies), resumed_spends(trials, [t for t in touched if not modes.is_proxy(t)]))
-        return modes.guarantee(study.user_attrs, trials, spends, prior, totals, prior_text, split, proxies)
-    cap = study.user_attrs.get("search_budget")
+        return modes.guarantee(rec, trials, spends, prior, totals, prior_text, split, proxies)
+    cap = rec.search_budget
     accounted = (f"Composition of the {len(spends)} trial(s) that trained on the data, each at the steps it took "
                  f"(RDP): ε = {totals['rdp']:.4g}.{prior_text}")
     if cap is not None:
-        admitted = [tuple(t.user_attrs["filter_request"]) for t in touched if "filter_request" in t.user_attrs]
+        admitted = [r for t in touched if (r := record.filter_request(t)) is not None]
         filt = RenyiFilter(cap["epsilon"], cast(float, delta), cap["order"])
         return {
             "mode": "filter", "total_epsilon": cap["epsilon"], "accounted_epsilon": totals["rdp"],
-            "filter_epsilon": filt.spent(prior + [(float(q), float(s), int(t)) for q, s, t in admitted]),
-            "filter_order": cap["order"], "delta": delta, "per_trial_epsilon": study.user_attrs.get("epsilon_target"),
+            "filter_epsilon": filt.spent(prior + admitted),
+            "filter_order": cap["order"], "delta": delta, "per_trial_epsilon": rec.epsilon_target,
             "trials_touching_data": len(touched),
             "guarantee": (
                 f"Pre-committed: a privacy filter (Feldman & Zrnic 2021, Rényi order {cap['order']:.3g}) started a "
@@ -352,7 +344,7 @@ def search_guarantee(study: optuna.Study) -> dict[str, Any]:
         "total_epsilon": totals["rdp"],
         "total_epsilon_pld_if_nonadaptive": totals["pld"],
         "delta": delta,
-        "per_trial_epsilon": study.user_attrs.get("epsilon_target"),
+        "per_trial_epsilon": rec.epsilon_target,
         "trials_touching_data": len(touched),
         "guarantee": (
             f"{accounted} Releasing the best model after the search is covered by this total, not by the per-trial "
@@ -373,8 +365,8 @@ def privacy_statement(study: optuna.Study, summary: StudySummary | None = None) 
     g = summary.search
     if summary.non_private:
         return None
-    cfg = study.user_attrs.get(CONFIG_ATTR, {}).get("study", {})
-    split = study.user_attrs.get("split", {})
+    rec = StudyRecord.of(study)
+    cfg, split = rec.study_config, rec.split or {}
     mechanism = None
     if g["mode"] == "private_search":
         mechanism = Mechanism(g["sampling_rate"], g["noise_multiplier"], int(g["steps"]))
@@ -384,7 +376,7 @@ def privacy_statement(study: optuna.Study, summary: StudySummary | None = None) 
     if any(is_import_path(cfg.get(k)) for k in ("model", "dataset", "loss")) or is_import_path(public):
         assumptions.append(USER_CODE)
     if public:
-        checked = (study.user_attrs.get(modes.MODE_ATTR) or {}).get("content_checked")
+        checked = (rec.search_mode or {}).get("content_checked")
         assumptions.append(f"the public tuning dataset {public!r} holds none of the individuals of the training "
                            "data (" + ("dptune refused it only if it shared the name or an input identical to a "
                                        "training input" if checked else "not compared example by example (a record "
@@ -410,7 +402,7 @@ def privacy_statement(study: optuna.Study, summary: StudySummary | None = None) 
         dataset=cfg.get("dataset"), dataset_size=split.get("train"), mechanism=mechanism,
         search=g["guarantee"],
         validation=validation,
-        seed_fixed=bool(study.user_attrs.get("private_seed_fixed")) or cfg.get("private_seed") is not None,
+        seed_fixed=rec.seed_fixed or cfg.get("private_seed") is not None,
         extra_assumptions=tuple(assumptions),
     )
 
@@ -419,18 +411,19 @@ def summarize(study: optuna.Study) -> StudySummary:
     """Counts, compute spent (trial-steps) and the best completed trial."""
     trials = study.get_trials(deepcopy=False)
     states = [t.state for t in trials]
-    rejected = sum(1 for t in trials if t.state == TrialState.PRUNED and "rejected_reason" in t.user_attrs)
-    skipped = sum(1 for t in trials if "skipped_reason" in t.user_attrs)
+    rec = StudyRecord.of(study)
+    rejected = sum(1 for t in trials if t.state == TrialState.PRUNED and record.is_rejected(t))
+    skipped = sum(1 for t in trials if record.is_skipped(t))
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     best = trial_record(max(complete, key=lambda t: cast(float, t.value))) if complete else None
-    if study.user_attrs.get(modes.MODE_ATTR) is not None:
-        # issue #20: what a mode releases is its final run, never a proxy.
+    if rec.search_mode is not None:
+        # What a mode releases is its final run, never a proxy.
         final = modes.final_trial(trials)
         # Timings would say how large the secret subset its proxies trained on was.
         best = None if final is None else shown_record(study, final)
     if best is not None:
-        # The winner's curse (issue #20): how far the chosen trial's validation score may be from its true accuracy.
-        n_val = int((study.user_attrs.get("split") or {}).get("validation") or 0)
+        # The winner's curse: how far the chosen trial's validation score may be from its true accuracy.
+        n_val = rec.n_validation
         score = best.get("val_accuracy") if best.get("value") is None else best["value"]
         # A mode's final run inherits the selection its proxies made on the same validation split: count theirs.
         readings = sum(max(1, len(t.intermediate_values)) for t in complete)
@@ -439,17 +432,17 @@ def summarize(study: optuna.Study) -> StudySummary:
         best["validation_readings"] = readings
     return StudySummary(
         name=study.study_name,
-        epsilon_target=study.user_attrs.get("epsilon_target", math.nan),
-        delta=study.user_attrs.get("delta") or math.nan,
-        accountant=study.user_attrs.get("accountant", "?"),
+        epsilon_target=math.nan if rec.epsilon_target is None else rec.epsilon_target,
+        delta=rec.delta or math.nan,
+        accountant=rec.accountant or "?",
         n_trials=len(trials) - skipped,
         complete=len(complete),
         pruned=states.count(TrialState.PRUNED) - rejected - skipped,
         rejected=rejected,
         failed=states.count(TrialState.FAIL),
         running=states.count(TrialState.RUNNING),
-        trial_steps=sum(int(t.user_attrs.get("steps", 0) or 0) for t in trials),
-        examples_processed=sum(int(t.user_attrs.get("examples_processed", 0) or 0) for t in trials),
+        trial_steps=record.total(trials, record.STEPS),
+        examples_processed=record.total(trials, record.EXAMPLES_PROCESSED),
         best=best,
         search=search_guarantee(study),
     )
@@ -457,9 +450,10 @@ def summarize(study: optuna.Study) -> StudySummary:
 
 def creation(study: optuna.Study, storage: str) -> dict[str, Any]:
     """What ``dptune study create`` reports of a new study; a private search's drawn K is left out (it is secret)."""
-    private = study.user_attrs.get("private_search")
+    rec = StudyRecord.of(study)
+    private = rec.private_search
     return {"study_name": study.study_name, "storage": storage,
-            "epsilon": study.user_attrs.get("epsilon_target"), "delta": study.user_attrs["delta"],
+            "epsilon": rec.epsilon_target, "delta": rec.delta,
             "trials": None if private else len(study.trials),
             "private_search": None if private is None else {k: v for k, v in private.items() if k != "n_trials"}}
 
@@ -468,14 +462,15 @@ def list_studies(storage: str) -> list[dict[str, Any]]:
     """One row per study in ``storage``."""
     rows = []
     for s in optuna.get_all_study_summaries(open_storage(storage, create=False), include_best_trial=True):
-        private = s.user_attrs.get("private_search")
+        rec = StudyRecord.of(s)
+        private = rec.private_search
         rows.append({
             "name": s.study_name,
             # A private search's trial count is its secret K; its ε is the search total.
             "trials": None if private else s.n_trials,
             "best_value": s.best_trial.value if s.best_trial else None,
-            "epsilon_target": private["total_epsilon"] if private else s.user_attrs.get("epsilon_target"),
-            "dataset": s.user_attrs.get(CONFIG_ATTR, {}).get("study", {}).get("dataset"),
-            "dptune": CONFIG_ATTR in s.user_attrs,
+            "epsilon_target": private["total_epsilon"] if private else rec.epsilon_target,
+            "dataset": rec.study_config.get("dataset"),
+            "dptune": rec.is_dptune,
         })
     return rows

@@ -41,12 +41,13 @@ from dptune.privacy import search_totals as search_privacy
 from dptune.privacy.search_totals import RenyiFilter, TrialCount
 from dptune.progress import Reporter
 from dptune.randomness import SecretSeed
-from dptune.search import modes, proxy, release
+from dptune.search import modes, proxy, record, release
 from dptune.search import storage as storage_lib
 from dptune.search.objective import Objective
 from dptune.search.orphans import reap_dead_workers
+from dptune.search.record import StudyRecord
 from dptune.search.registry import make_pruner, make_sampler
-from dptune.search.results import CONFIG_ATTR, FINISHED
+from dptune.search.results import FINISHED
 from dptune.search.space import check_space
 from dptune.search.storage import open_storage
 from dptune.search.watch import StudyWatch
@@ -142,7 +143,7 @@ def _prepare(resolved: ResolvedStudy, study_id: str) -> dict[str, Any]:
     dataset = dataset_of(study_cfg)
     delta = _resolve_delta(resolved, dataset)
     check_space(resolved.space, len(dataset.train), private=not study_cfg.non_private)
-    # -- issue #20: a search mode that cannot run or be accounted is refused here (dptune/search/modes.py)
+    # A search mode that cannot run or be accounted is refused here, before anything is written.
     public = proxy.public_dataset(resolved)
     if public is not None:
         check_space(resolved.space, len(public.train), private=True)
@@ -177,32 +178,39 @@ def _prepare(resolved: ResolvedStudy, study_id: str) -> dict[str, Any]:
         prior = list(spent.events)
         checkpoint.fit(init_params(model, dataset.image_shape, jax.random.key(0), dataset.input_dtype),
                        checkpoint.load(study_cfg.init_checkpoint), study_cfg.reinitialize)
-    attrs: dict[str, Any] = {CONFIG_ATTR: resolved.to_json(), "dptune_version": __version__, "delta": delta,
-                             "split": dataset.split.as_dict(), "prior_privacy_events": [list(e) for e in prior]}
-    if mode is not None:
-        # Whether the public tuning set was compared with the private one example by example (the statement says).
-        attrs[modes.MODE_ATTR] = {**mode, **({} if public is None else {"content_checked": shared is not None})}
-    if study_cfg.init_checkpoint:
-        attrs["init_checkpoint_sha256"] = checkpoint.fingerprint(study_cfg.init_checkpoint)
+    # Whether the public tuning set was compared with the private one example by example (the statement says).
+    checked = {} if public is None else {"content_checked": shared is not None}
+    stored_mode = None if mode is None else {**mode, **checked}
+    attrs = record.study_attrs(
+        config=resolved.to_json(), version=__version__, delta=delta, split=dataset.split.as_dict(),
+        prior=[list(e) for e in prior], search_mode=stored_mode,
+        init_checkpoint_sha=checkpoint.fingerprint(study_cfg.init_checkpoint) if study_cfg.init_checkpoint else None)
+    attrs.update(_regime_attrs(resolved, dataset, delta, prior, study_id))
+    return attrs
+
+
+def _regime_attrs(resolved: ResolvedStudy, dataset: Dataset, delta: float | None,
+                  prior: Sequence[tuple[float, float, int]], study_id: str) -> dict[str, Any]:
+    """The attributes of the study's privacy regime: a private search's plan, a per-trial budget and its cap."""
+    study_cfg = resolved.study
     if study_cfg.private_search:
         assert delta is not None  # private studies have one
-        plan = _plan_private_search(resolved, dataset, delta, prior, study_id)
-        attrs.update(private_search=plan, epsilon_target=plan["per_trial_epsilon"], accountant="rdp")
-    elif study_cfg.non_private:
-        attrs.update(non_private=True)
-    else:
-        assert study_cfg.privacy is not None and delta is not None  # the schema requires a budget
-        attrs.update(epsilon_target=study_cfg.privacy.epsilon, accountant=study_cfg.privacy.accountant)
-        if study_cfg.search_budget is not None:
-            cap = study_cfg.search_budget
-            order = cap.order or search_privacy.default_filter_order(cap.epsilon, delta)
-            filt = RenyiFilter(cap.epsilon, delta, order)
-            if not filt.admits(prior):
-                raise ConfigError("search_budget.epsilon", f"{cap.epsilon:g} is already spent by the init_checkpoint's "
-                                  f"recorded training on {dataset.name!r} ({filt.spent(prior):.4g} at order "
-                                  f"{order:.3g})")
-            attrs.update(search_budget={"epsilon": cap.epsilon, "order": order})
-    return attrs
+        return record.regime_attrs(private_search=_plan_private_search(resolved, dataset, delta, prior, study_id))
+    if study_cfg.non_private:
+        return record.regime_attrs(non_private=True)
+    assert study_cfg.privacy is not None and delta is not None  # the schema requires a budget
+    cap = study_cfg.search_budget
+    stored_cap = None
+    if cap is not None:
+        order = cap.order or search_privacy.default_filter_order(cap.epsilon, delta)
+        filt = RenyiFilter(cap.epsilon, delta, order)
+        if not filt.admits(prior):
+            raise ConfigError("search_budget.epsilon", f"{cap.epsilon:g} is already spent by the init_checkpoint's "
+                              f"recorded training on {dataset.name!r} ({filt.spent(prior):.4g} at order "
+                              f"{order:.3g})")
+        stored_cap = {"epsilon": cap.epsilon, "order": order}
+    return record.regime_attrs(epsilon_target=study_cfg.privacy.epsilon, accountant=study_cfg.privacy.accountant,
+                               search_budget=stored_cap)
 
 
 def _check_folder(field: str, path: str) -> None:
@@ -277,9 +285,10 @@ def create_study(config: ConfigLike, storage: str | None = None, *, skip_if_exis
     seed = study_cfg.private_seed
     if seed is not None:
         # Kept out of the storage: whoever reads it could recompute every trial's batches and noise.
-        attrs[CONFIG_ATTR] = {**attrs[CONFIG_ATTR], "study": {**attrs[CONFIG_ATTR]["study"], "private_seed": None}}
-        attrs[release.SEED_FIXED_ATTR] = True
-    stored = attrs[CONFIG_ATTR]
+        config = record.config_of(attrs) or {}
+        attrs = record.with_config(attrs, {**config, "study": {**config["study"], "private_seed": None}})
+        attrs[record.SEED_FIXED] = True
+    stored = record.config_of(attrs)
 
     storage_obj = open_storage(storage)
     with storage_lib.writing(storage):
@@ -287,7 +296,7 @@ def create_study(config: ConfigLike, storage: str | None = None, *, skip_if_exis
         if existing is not None:
             found = storage_lib.remember(optuna.load_study(study_name=study_cfg.name, storage=storage_obj),
                                          storage_obj, storage)
-            if existing.user_attrs.get(CONFIG_ATTR) != stored or _stored_seed(found, storage) != seed:
+            if record.config_of(existing.user_attrs) != stored or _stored_seed(found, storage) != seed:
                 raise StudyError(f"study_name: a study {study_cfg.name!r} with a different configuration exists "
                                  f"in {storage}; choose another name or delete it")
             if not skip_if_exists:
@@ -304,7 +313,7 @@ def create_study(config: ConfigLike, storage: str | None = None, *, skip_if_exis
                 study.set_metric_names([study_cfg.objective.metric])
                 # Set before any worker can see the configuration: every worker reads the same id.
                 storage_lib.remember(study, storage_obj, storage)
-                storage_lib.backend(study).set_system_attr(release.STUDY_ID_ATTR, new_id)
+                storage_lib.backend(study).set_system_attr(record.STUDY_ID, new_id)
                 for key, value in attrs.items():
                     study.set_user_attr(key, value)
                 if seed is not None:  # where: the stored configuration's artifacts.path, if any
@@ -338,11 +347,12 @@ def load(study_name: str, storage: str | None = None, *, heartbeat: bool = False
         raise StudyError(f"study_name: no study {study_name!r} in {url}; "
                          f"available: {', '.join(names) if names else '(none)'}")
     study = optuna.load_study(study_name=study_name, storage=storage_obj)
-    if CONFIG_ATTR not in study.user_attrs:
+    rec = StudyRecord.of(study)
+    if not rec.is_dptune:
         raise StudyError(f"study_name: {study_name!r} was not created by dptune (no stored configuration)")
     storage_lib.remember(study, storage_obj, url)
-    resolved = ResolvedStudy.from_json(study.user_attrs[CONFIG_ATTR])
-    if study.user_attrs.get(release.SEED_FIXED_ATTR):
+    resolved = ResolvedStudy.from_json(rec.config)
+    if rec.seed_fixed:
         try:
             seed = release.private_seed(study, url)
         except release.ReleaseError as e:
@@ -353,8 +363,9 @@ def load(study_name: str, storage: str | None = None, *, heartbeat: bool = False
 
 def _stored_seed(study: optuna.Study, storage_url: str) -> int | None:
     """The fixed private_seed of an existing study (None if it has none, or an older study stored it inline)."""
-    if not study.user_attrs.get(release.SEED_FIXED_ATTR):
-        return study.user_attrs.get(CONFIG_ATTR, {}).get("study", {}).get("private_seed")
+    rec = StudyRecord.of(study)
+    if not rec.seed_fixed:
+        return rec.study_config.get("private_seed")
     try:
         return release.private_seed(study, storage_url)
     except release.ReleaseError:
@@ -458,10 +469,11 @@ def optimize(
         reap_dead_workers(study)
     cfg = resolved.study
     dataset = dataset_of(cfg)
-    delta = study.user_attrs.get("delta") or _resolve_delta(resolved, dataset)
+    rec = StudyRecord.of(study)
+    delta = rec.delta or _resolve_delta(resolved, dataset)
     # A fresh seed per session, so a continued study does not replay its first samples.
     seed = cfg.seed + len(study.trials)
-    private = study.user_attrs.get("private_search")
+    private = rec.private_search
     if private is not None:
         # The number of trials was drawn at creation; every trial that ran counts.
         # This only saves starting processes for nothing: the objective enforces K.
@@ -484,24 +496,23 @@ def optimize(
     if stop_at_finished is not None:
         # Several workers share one target: stop once the study holds that many finished trials.
         hooks.append(optuna.study.MaxTrialsCallback(stop_at_finished, states=FINISHED))
-    stored_split = study.user_attrs.get("split")
+    stored_split = rec.split
     if stored_split is not None and stored_split != dataset.split.as_dict():
         # q = B/N and the planned mechanism were fixed for the data as it was at create.
         raise StudyError(f"dataset: {cfg.dataset!r} is not what it was when the study was created "
                          f"({stored_split} then, {dataset.split.as_dict()} now); create a new study")
     # The finished trial is in the storage by now: the place to stop for a signal that came meanwhile.
     hooks.append(lambda _st, _t: interrupt.raise_if_pending())
-    objective = Objective(resolved, dataset, delta, private, study.user_attrs.get("search_budget"),
-                          study.user_attrs.get("prior_privacy_events", ()))
-    objective.resolved_checkpoint = study.user_attrs.get("init_checkpoint_sha256")
+    objective = Objective(resolved, dataset, delta, private, rec.search_budget, rec.prior)
+    objective.resolved_checkpoint = rec.init_checkpoint_sha
     objective.storage_url = url
     objective.study_id = release.study_id(study, url)
     objective.progress = progress
     if progress is not None:
         watch = StudyWatch(progress, study_name, n_trials, private_search=private is not None)
         hooks.insert(1, watch)  # after the best model is kept, before the user's callbacks
-    mode = study.user_attrs.get(modes.MODE_ATTR)
-    if mode is not None:  # issue #20: proxies until the final run (dptune.search.proxy.finalize), then nothing
+    mode = rec.search_mode
+    if mode is not None:  # proxies until the final run (dptune.search.proxy.finalize), then nothing
         if modes.final_trial(study.trials) is not None:
             raise StudyError(f"study_name: {study_name!r} is finalized: its final run is recorded, and more proxy "
                              "trials would only add to its ε; create a new study to tune again")

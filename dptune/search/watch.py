@@ -26,16 +26,20 @@ class StudyWatch:
         self.done = 0
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        from dptune.search import record
         from dptune.search.results import search_guarantee
 
         if self.private:
             return
         self.done += 1
-        a = trial.user_attrs
+        def of(key: str) -> Any:
+            return record.get(trial, key)
+
         self.report(Event("trial", {
             "trial": trial.number, "state": trial.state.name, "value": trial.value,
-            "epsilon_spent": a.get("epsilon_spent"), "steps": a.get("steps"), "wall_seconds": a.get("wall_seconds"),
-            "reason": a.get("rejected_reason") or a.get("failed_reason")}))
+            "epsilon_spent": of(record.EPSILON_SPENT), "steps": of(record.STEPS),
+            "wall_seconds": of(record.WALL_SECONDS),
+            "reason": of(record.REJECTED_REASON) or of(record.FAILED_REASON)}))
         guarantee = search_guarantee(study)
         self.report(Event("study", {"study": self.name, **self._counts(), "best": _best(study),
                                     "search_epsilon": guarantee.get("total_epsilon"),
