@@ -90,6 +90,7 @@ from dptune.data.datasets import Dataset
 from dptune.errors import ConfigError, PrivacyError
 from dptune.models import checkpoint, freezing
 from dptune.models.builtin import build_model
+from dptune.privacy.mechanism import Mechanism
 from dptune.progress import Reporter
 from dptune.randomness import SecretSeed
 from dptune.search import record
@@ -850,7 +851,7 @@ def audit_study(
                                                                                orphans.worker_identity())))
     q = hp.batch_size / len(dataset.train)
     # Black-box canaries enlarge N, so the run's q is at most this: a conservative request.
-    request = (q, hp.noise_multiplier, steps)
+    request = Mechanism(q, hp.noise_multiplier, steps)
     cap = rec.search_budget
     if cap is not None:
         refusal = objective.admit(trial_rec, request, RenyiFilter(cap["epsilon"], delta, cap["order"]), rec.prior)

@@ -68,6 +68,7 @@ from dptune.config.schema import Choice, Range, ResolvedStudy
 from dptune.errors import ConfigError
 from dptune.models.checkpoint import dataset_identity
 from dptune.privacy import accounting as privacy
+from dptune.privacy.mechanism import Mechanism
 from dptune.search import record
 from dptune.search.record import StudyRecord
 
@@ -296,7 +297,7 @@ def _check_proxies_run(resolved: ResolvedStudy, n_plan: int, delta: float) -> No
                               f"search_space, B = {batch}: ε = {eps:.4g} at δ = {probe:g}); lower the factor")
     elif mode.mode == "subset" and cfg.search_budget is not None:
         filt = proxy_filter(cfg.search_budget.model_dump(), delta)
-        one = [filt.spent([(p.sampling_rate, p.hparams.noise_multiplier, p.steps)])
+        one = [filt.spent([Mechanism(p.sampling_rate, p.hparams.noise_multiplier, p.steps)])
                for p in _corner_plans(resolved, n_plan, delta, 1)]
         if one and min(one) > filt.epsilon:
             raise ConfigError("search_budget.epsilon", f"{filt.epsilon:g} admits no proxy: one proxy at the full "
@@ -399,7 +400,7 @@ def describe(mode: dict[str, Any]) -> str:
 
 
 def _subset_amplification(mode: dict[str, Any], proxies: Sequence[FrozenTrial],
-                          rest: Sequence[tuple[float, float, int]], prior: Sequence[tuple[float, float, int]],
+                          rest: Sequence[Mechanism], prior: Sequence[Mechanism],
                           delta: float | None, cap: dict[str, Any] | None) -> dict[str, Any] | None:
     """Subset tuning's amplified total (``applicable``), or why its theorem does not apply; None for other modes."""
     from dptune.privacy import search_totals
@@ -455,9 +456,9 @@ def _stated(amplified: dict[str, Any] | None, total: float, how: str, mode: dict
 
 
 def guarantee(study: StudyRecord | dict[str, Any], trials: Sequence[FrozenTrial],
-              spends: Sequence[tuple[float, float, int]], prior: Sequence[tuple[float, float, int]],
+              spends: Sequence[Mechanism], prior: Sequence[Mechanism],
               totals: dict[str, float], prior_text: str,
-              split: tuple[Sequence[tuple[float, float, int]], Sequence[tuple[float, float, int]]],
+              split: tuple[Sequence[Mechanism], Sequence[Mechanism]],
               proxies: Sequence[FrozenTrial]) -> dict[str, Any]:
     """The search's guarantee for a study with a mode: the composition of what ran, the final run, the compute.
 

@@ -26,13 +26,14 @@ from dptune.config.schema import ResolvedStudy, default_storage
 from dptune.data.datasets import Dataset
 from dptune.errors import StudyError
 from dptune.models import checkpoint
+from dptune.privacy.mechanism import Mechanism, mechanisms
 from dptune.privacy.search_totals import RenyiFilter
 from dptune.progress import Reporter
 from dptune.randomness import SecretSeed
 from dptune.search import orphans, record, release
 from dptune.search.record import ResumeLink
-from dptune.search.results import _linked, attempt_origin
 from dptune.search.space import Infeasible, plan_trial, smallest_batch
+from dptune.search.spends import attempt_origin, linked
 from dptune.trainer import microbatch
 from dptune.trainer.resume import Checkpointer, ReplayDiverged
 from dptune.trainer.run import check_model, run_config
@@ -65,7 +66,7 @@ def replay_expectations(trials: Sequence[FrozenTrial], number: int, origin: int,
     sources = {t.number for t in trials if t.number != number and attempt_origin(t) == origin
                and (writer is None or t.number >= int(writer))}
     current = by_number.get(int(writer)) if writer is not None else None
-    while current is not None and (hop := _linked(current, by_number)) is not None:
+    while current is not None and (hop := linked(current, by_number)) is not None:
         dead, link = hop
         if not link.replayed or dead.number in sources:
             break  # a fresh restart began another run: what came before it is not this run's output
@@ -93,7 +94,7 @@ class Objective:
         self.private_search = private_search
         self.filter = (None if search_budget is None
                        else RenyiFilter(search_budget["epsilon"], cast(float, delta), search_budget["order"]))
-        self.prior = [(float(q), float(s), int(t)) for q, s, t in prior]
+        self.prior = list(mechanisms(prior))
         self.resolved_checkpoint: str | None = None
         self.storage_url: str | None = None  # set by optimize: where the study's private folder is
         # Set by optimize: the study's random id, so that a fixed private_seed gives a study created again under
@@ -322,13 +323,12 @@ class Objective:
     def _admit(self, trial: optuna.Trial, plan: Any) -> str | None:
         """The privacy filter: None if this trial may start within ``search_budget``, else why not."""
         assert self.filter is not None
-        request = (plan.sampling_rate, plan.hparams.noise_multiplier, int(plan.steps))
+        request = Mechanism(plan.sampling_rate, plan.hparams.noise_multiplier, int(plan.steps))
         return admit(trial, request, self.filter, self.prior)
 
 
-def admit(trial: optuna.Trial, request: tuple[float, float, int], filt: RenyiFilter,
-          prior: Sequence[tuple[float, float, int]] = ()) -> str | None:
-    """The privacy filter: None if a run of ``request`` = (q, σ, steps) may start within the cap, else why not.
+def admit(trial: optuna.Trial, request: Mechanism, filt: RenyiFilter, prior: Sequence[Mechanism] = ()) -> str | None:
+    """The privacy filter: None if a run of ``request`` may start within the cap, else why not.
 
     Each trial writes its request before reading the others', so of two
     trials deciding at the same time at least the later reader counts the
@@ -346,7 +346,7 @@ def admit(trial: optuna.Trial, request: tuple[float, float, int], filt: RenyiFil
             continue
         if t.state == TrialState.RUNNING or admitted or record.get(t, record.TOUCHED_DATA):
             others.append(asked)
-    trials = list(prior) + others + [request]
+    trials = [*prior, *others, Mechanism(*request)]
     if not filt.admits(trials):
         reason = (f"search_budget: starting this trial would take the search to ε = "
                   f"{filt.spent(trials):.4g} > {filt.epsilon:g} (privacy filter at Rényi order "

@@ -18,6 +18,8 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial
 
+from dptune.privacy.mechanism import Mechanism, mechanisms
+
 # -- study user attributes ----------------------------------------------------------------
 CONFIG = "dptune_config"  # the resolved study file and search space (ResolvedStudy.to_json)
 VERSION = "dptune_version"
@@ -108,11 +110,6 @@ TOP_TABLE = (TEST_ACCURACY, EPSILON_SPENT, EPSILON_TARGET, DELTA_OF_TRIAL, BATCH
 # -- trial system attributes (Optuna's) ----------------------------------------------------------
 OPTUNA_FAILED_TRIAL = "failed_trial"  # Optuna's heartbeat retry: the trial it repeats
 
-Event = tuple[float, float, int]
-
-
-def _events(raw: Any) -> tuple[Event, ...]:
-    return tuple((float(q), float(s), int(t)) for q, s, t in (raw or ()))
 
 
 @dataclass(frozen=True)
@@ -124,7 +121,7 @@ class StudyRecord:
     epsilon_target: float | None
     accountant: str | None
     split: dict[str, Any] | None
-    prior: tuple[Event, ...]
+    prior: tuple[Mechanism, ...]
     non_private: bool
     private_search: dict[str, Any] | None
     search_budget: dict[str, Any] | None
@@ -142,7 +139,7 @@ class StudyRecord:
     def read(cls, a: Mapping[str, Any]) -> StudyRecord:
         return cls(
             config=a.get(CONFIG) or {}, delta=a.get(DELTA), epsilon_target=a.get(EPSILON_TARGET),
-            accountant=a.get(ACCOUNTANT), split=a.get(SPLIT), prior=_events(a.get(PRIOR_EVENTS)),
+            accountant=a.get(ACCOUNTANT), split=a.get(SPLIT), prior=mechanisms(a.get(PRIOR_EVENTS)),
             non_private=bool(a.get(NON_PRIVATE)), private_search=a.get(PRIVATE_SEARCH),
             search_budget=a.get(SEARCH_BUDGET), search_mode=a.get(SEARCH_MODE),
             init_checkpoint_sha=a.get(INIT_CHECKPOINT_SHA), seed_fixed=bool(a.get(SEED_FIXED)),
@@ -277,13 +274,13 @@ class ResumeLink:
         return out
 
 
-def spend_of(t: FrozenTrial, finished: bool) -> Event | None:
+def spend_of(t: FrozenTrial, finished: bool) -> Mechanism | None:
     """(q, σ, steps) of a trial: the steps it took if ``finished``, else its planned steps; None if unplanned."""
     a = t.user_attrs
     steps = a.get(STEPS) if finished else a.get(PLANNED_STEPS)
     if not steps or SAMPLING_RATE not in a:
         return None
-    return float(a[SAMPLING_RATE]), float(a[NOISE_MULTIPLIER]), int(steps)
+    return Mechanism(float(a[SAMPLING_RATE]), float(a[NOISE_MULTIPLIER]), int(steps))
 
 
 def extent_of(t: FrozenTrial) -> int:
@@ -293,9 +290,9 @@ def extent_of(t: FrozenTrial) -> int:
     return max(int(a.get(PROGRESS_STEPS) or 0), int(a.get(CHECKPOINT_STEP) or 0), int(resumed or 0))
 
 
-def filter_request(t: FrozenTrial) -> Event | None:
+def filter_request(t: FrozenTrial) -> Mechanism | None:
     raw = t.user_attrs.get(FILTER_REQUEST)
-    return None if raw is None else (float(raw[0]), float(raw[1]), int(raw[2]))
+    return None if raw is None else Mechanism.of(raw)
 
 
 def touched_data(t: FrozenTrial) -> bool | None:
@@ -389,7 +386,7 @@ def trial_privacy(t: FrozenTrial) -> dict[str, Any]:
             "steps": a.get(STEPS)}
 
 
-def own_run(t: FrozenTrial) -> Event:
+def own_run(t: FrozenTrial) -> Mechanism:
     """(q, σ, steps taken) of a trial's last attempt; zeros for what it did not record."""
     a = t.user_attrs
-    return float(a.get(SAMPLING_RATE, 0.0)), float(a.get(NOISE_MULTIPLIER, 0.0)), int(a.get(STEPS) or 0)
+    return Mechanism(float(a.get(SAMPLING_RATE, 0.0)), float(a.get(NOISE_MULTIPLIER, 0.0)), int(a.get(STEPS) or 0))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -22,8 +21,10 @@ from dptune.privacy import search_totals as search_privacy
 from dptune.privacy.search_totals import RenyiFilter, TrialCount
 from dptune.privacy.statement import COVERAGE, USER_CODE, Mechanism, Statement
 from dptune.search import modes, record
-from dptune.search.record import ResumeLink, StudyRecord
-from dptune.search.storage import backend, open_storage
+from dptune.search.record import StudyRecord
+from dptune.search.spends import FINISHED, resumed_spends, touched_data
+from dptune.search.spends import attempt_origin as attempt_origin  # read here by older callers
+from dptune.search.storage import open_storage
 
 CONFIG_ATTR = record.CONFIG  # kept for importers of the old name
 
@@ -33,38 +34,6 @@ def fmt(v: Any, digits: int = 4, missing: str = "-") -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return missing
     return f"{v:.{digits}g}" if isinstance(v, float) else str(v)
-# A trial that finished: its value (and its spend) are in the storage.
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-
-
-def attempt_origin(trial: optuna.Trial | FrozenTrial) -> int:
-    """The number of a trial's first attempt: its own, or that of the trial it retries.
-
-    dptune's reaper marks a retry with the user attribute ``retry_of``; Optuna's
-    heartbeat retry with the system attribute ``failed_trial``.
-    """
-    system = (trial.system_attrs if isinstance(trial, FrozenTrial)
-              else backend(trial.study).trial_system_attrs(trial.number))
-    retried = record.optuna_retry_of(system)
-    if retried is not None:
-        return retried
-    return int(record.get(trial, record.RETRY_OF, trial.number))
-
-
-def _linked(trial: FrozenTrial, by_number: dict[int, FrozenTrial]) -> tuple[FrozenTrial, ResumeLink] | None:
-    """The earlier attempt ``trial`` resumed from and the link, or None.
-
-    A link counts only to a smaller-numbered trial with the same first attempt:
-    a ``resumed_from`` naming anything else (a leftover of another study) never
-    makes an unrelated trial's spend disappear.
-    """
-    link = ResumeLink.of(trial)
-    if link is None or link.trial is None:
-        return None
-    dead = by_number.get(link.trial)
-    if dead is None or dead.number >= trial.number or attempt_origin(dead) != attempt_origin(trial):
-        return None
-    return dead, link
 
 
 @dataclass(frozen=True)
@@ -186,70 +155,6 @@ def trial_record(t: FrozenTrial) -> dict[str, Any]:
         **{k: v for k, v in t.user_attrs.items()},
         "intermediate_values": {str(k): v for k, v in t.intermediate_values.items()},
     }
-
-
-def touched_data(t: FrozenTrial) -> bool:
-    """Whether the trial reached the training data (and so counts in the search's privacy)."""
-    if t.state == TrialState.WAITING:
-        return False  # a queued retry carries its parent's attributes but has run nothing
-    flag = record.touched_data(t)
-    if flag is not None:
-        return flag
-    # Studies stored before ``touched_data`` existed: every planned trial that was not rejected.
-    return not record.is_rejected(t) and not record.is_skipped(t) and record.has(t, record.SAMPLING_RATE)
-
-
-def _spend(t: FrozenTrial) -> tuple[float, float, int] | None:
-    """(q, σ, steps) of a trial that touched data: steps taken, or planned if it did not finish."""
-    return record.spend_of(t, t.state in FINISHED)
-
-
-def _extent(t: FrozenTrial) -> int:
-    """The last step whose outputs an attempt that died wrote anywhere (its reports; see resumed_spends)."""
-    return record.extent_of(t)
-
-
-def resumed_spends(trials: Sequence[FrozenTrial], touched: Sequence[FrozenTrial]) -> list[tuple[float, float, int]]:
-    """The DP-SGD runs (q, σ, T) the trials that touched the data add up to, a resumed trial's attempts once.
-
-    A trial without in-trial checkpoints counts alone: the steps it took, or,
-    if it failed or is running, its planned steps (an upper bound). A retry
-    that resumed from a dead attempt's checkpoint (``resumed_from``) with the
-    *replayed* randomness continues that attempt's very run: same batches,
-    same noise, and, checked by parameter digests at every step the dead
-    attempt reported, the same parameters. Everything either attempt wrote is
-    then an output of one DP-SGD run as long as the longer of them went: the
-    pair counts once, at max(the retry's steps — taken, or planned while it
-    runs —, the last step the dead attempt reported or checkpointed). If the
-    replay diverged, the retry restarted from the checkpoint with fresh
-    randomness, and the dead attempt's steps after the checkpoint are a run of
-    their own: they count apart. A dead attempt whose retry has not resumed
-    (yet) counts at its planned steps. A link is followed only to a
-    smaller-numbered attempt of the same trial (:func:`_linked`): a record
-    naming any other trial leaves that trial counted on its own.
-    """
-    by_number = {t.number: t for t in trials}
-    continued = {hop[0].number for t in touched if (hop := _linked(t, by_number)) is not None}
-    events: list[tuple[float, float, int]] = []
-    for t in touched:
-        if t.state == TrialState.FAIL and t.number in continued:
-            continue  # counted with the attempt that resumed it
-        sp = _spend(t)
-        if sp is None:
-            continue
-        q, sigma, steps = sp
-        apart = []
-        current = t
-        while (hop := _linked(current, by_number)) is not None:  # numbers fall along the chain: it ends
-            dead, link = hop
-            if link.replayed:
-                steps = max(steps, _extent(dead))
-            else:
-                apart.append((q, sigma, max(0, _extent(dead) - link.step)))
-            current = dead
-        events.append((q, sigma, steps))
-        events.extend(e for e in apart if e[2] > 0)
-    return events
 
 
 def coverage(study: optuna.Study) -> str:

@@ -38,6 +38,7 @@ from dptune.errors import ConfigError, DptuneError, PrivacyError, StudyError
 from dptune.models import checkpoint
 from dptune.privacy import accounting as privacy
 from dptune.privacy import search_totals as search_privacy
+from dptune.privacy.mechanism import Mechanism, mechanisms
 from dptune.privacy.search_totals import RenyiFilter, TrialCount
 from dptune.progress import Reporter
 from dptune.randomness import SecretSeed
@@ -90,7 +91,7 @@ def trial_count_secret(resolved: ResolvedStudy, study_id: str) -> SecretSeed:
 
 
 def _plan_private_search(resolved: ResolvedStudy, dataset: Dataset, delta: float,
-                         prior: Sequence[tuple[float, float, int]], study_id: str) -> dict[str, Any]:
+                         prior: Sequence[Mechanism], study_id: str) -> dict[str, Any]:
     """Draw the number of trials and calibrate the one mechanism every trial runs.
 
     ``prior``: a private initial checkpoint's recorded runs on the same data,
@@ -162,7 +163,7 @@ def _prepare(resolved: ResolvedStudy, study_id: str) -> dict[str, Any]:
     check_model(study_cfg, dataset)  # a user's model that mixes examples is refused before anything is written
     model = build_model(study_cfg.model, dataset.num_classes, weight_standardization=study_cfg.weight_standardization,
                         input_shape=dataset.image_shape, args=study_cfg.model_args)
-    prior: list[tuple[float, float, int]] = []
+    prior: list[Mechanism] = []
     if study_cfg.init_checkpoint:
         # A checkpoint that does not fit, or that saw this data without privacy, is a
         # configuration error, found before anything is written.
@@ -175,7 +176,7 @@ def _prepare(resolved: ResolvedStudy, study_id: str) -> dict[str, Any]:
             raise checkpoint.CheckpointError(
                 f"{study_cfg.init_checkpoint} was selected by a search whose cost is a bound (ε, δ), which a study "
                 "cannot compose with its trials; continue from it with dptune train, which adds the bound")
-        prior = list(spent.events)
+        prior = list(mechanisms(spent.events))
         checkpoint.fit(init_params(model, dataset.image_shape, jax.random.key(0), dataset.input_dtype),
                        checkpoint.load(study_cfg.init_checkpoint), study_cfg.reinitialize)
     # Whether the public tuning set was compared with the private one example by example (the statement says).
@@ -190,7 +191,7 @@ def _prepare(resolved: ResolvedStudy, study_id: str) -> dict[str, Any]:
 
 
 def _regime_attrs(resolved: ResolvedStudy, dataset: Dataset, delta: float | None,
-                  prior: Sequence[tuple[float, float, int]], study_id: str) -> dict[str, Any]:
+                  prior: Sequence[Mechanism], study_id: str) -> dict[str, Any]:
     """The attributes of the study's privacy regime: a private search's plan, a per-trial budget and its cap."""
     study_cfg = resolved.study
     if study_cfg.private_search:
