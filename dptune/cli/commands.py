@@ -474,17 +474,51 @@ def _optimize_pool(args: argparse.Namespace, console: Any) -> int:
     return code
 
 
+def _headline(g: Any) -> str:
+    """The search's ε in one line (rich markup), from its :class:`~dptune.search.regimes.Guarantee`."""
+    f = g.figures
+    if not g.private:
+        return f"[bold]No privacy guarantee[/]: {g.text}"
+    if g.secret_count:
+        return (f"[bold]ε of the released best model: {g.epsilon:.4g}[/] (δ = {g.delta:g}; "
+                f"each trial alone: {g.per_trial_epsilon:.4g})"
+                + ("" if g.valid else " — [bold]EXCEEDED, INVALID[/]: see the statement"))
+    head = f"[bold]ε of the released best model after this search: {_fmt(g.epsilon)}[/] (δ = {_fmt(g.delta)}"
+    if g.capped:
+        return (f"{head}, a cap enforced before each trial; per-trial target {_fmt(g.per_trial_epsilon)}; the "
+                f"trials so far compose to {_fmt(f['accounted_epsilon'])})")
+    return (f"{head}; per-trial target {_fmt(g.per_trial_epsilon)}; PLD "
+            f"{_fmt(f['total_epsilon_pld_if_nonadaptive'])} if the trials had been fixed in advance)")
+
+
+def _print_tuning(c: Any, g: dict[str, Any]) -> None:
+    """A cheaper-tuning study's proxies, compute and released final run."""
+    w = g["compute"]
+    f = g.get("final")
+    c.print(f"search mode {g['search_mode']}: proxies composed ε = {_fmt(g['proxy_epsilon'])}; compute "
+            f"{w['proxy_examples']:,} examples ({w['proxy_steps']} steps) in proxies, {w['final_examples']:,} "
+            f"({w['final_steps']} steps) in the final run")
+    if f is None:
+        c.print("not finalized: run dptune study finalize to train the released model"
+                + ("" if g["best_proxy"] is None else f" (best proxy: trial {g['best_proxy']['trial']}, "
+                   f"validation {_fmt(g['best_proxy']['value'])})"))
+    else:
+        c.print(f"[bold]released model[/] (final run, trial {f['trial']}, from proxy {f['from_trial']}): test "
+                f"accuracy {_fmt(f['test_accuracy'])}, its own ε {_fmt(f['epsilon'])}")
+
+
 def _print_summary(summary: Any, internal: bool = False) -> None:
     from rich.console import Console
 
-    from dptune.search import results
+    from dptune.search import record, results
 
     c = Console(soft_wrap=True)
     g = summary.search
     private_search = summary.private_search and not internal
     if private_search:
         # The trial count and numbers would reveal K, on which the bound rests.
-        c.print(f"[bold]{summary.name}[/]: private search — {'complete' if g['complete'] else 'INCOMPLETE'}. "
+        state = "complete" if summary.guarantee.complete else "INCOMPLETE"
+        c.print(f"[bold]{summary.name}[/]: private search — {state}. "
                 "Shown: what may be released with the best model (--internal shows K and every count; the "
                 "storage itself is internal).")
     else:
@@ -495,48 +529,25 @@ def _print_summary(summary: Any, internal: bool = False) -> None:
                 f"failed; {summary.trial_steps} trial-steps and {summary.examples_processed:,} examples processed "
                 "in all")
     # The guarantee in words follows in the privacy statement; here the headline figures.
-    if g["mode"] == "non_private":
-        c.print(f"[bold]No privacy guarantee[/]: {g['guarantee']}")
-    elif g["mode"] == "private_search":
-        c.print(f"[bold]ε of the released best model: {g['total_epsilon']:.4g}[/] (δ = {g['delta']:g}; "
-                f"each trial alone: {g['per_trial_epsilon']:.4g})"
-                + ("" if g["valid"] else " — [bold]EXCEEDED, INVALID[/]: see the statement"))
-    elif g["mode"] == "filter":
-        c.print(f"[bold]ε of the released best model after this search: {_fmt(g['total_epsilon'])}[/] "
-                f"(δ = {_fmt(g['delta'])}, a cap enforced before each trial; per-trial target "
-                f"{_fmt(g['per_trial_epsilon'])}; the trials so far compose to {_fmt(g['accounted_epsilon'])})")
-    else:
-        c.print(f"[bold]ε of the released best model after this search: {_fmt(g['total_epsilon'])}[/] "
-                f"(δ = {_fmt(g['delta'])}; per-trial target {_fmt(g['per_trial_epsilon'])}; PLD "
-                f"{_fmt(g['total_epsilon_pld_if_nonadaptive'])} if the trials had been fixed in advance)")
-    if g.get("search_mode"):  # issue #20: a cheaper-tuning study
-        w = g["compute"]
-        f = g.get("final")
-        c.print(f"search mode {g['search_mode']}: proxies composed ε = {_fmt(g['proxy_epsilon'])}; compute "
-                f"{w['proxy_examples']:,} examples ({w['proxy_steps']} steps) in proxies, {w['final_examples']:,} "
-                f"({w['final_steps']} steps) in the final run")
-        if f is None:
-            c.print("not finalized: run dptune study finalize to train the released model"
-                    + ("" if g["best_proxy"] is None else f" (best proxy: trial {g['best_proxy']['trial']}, "
-                       f"validation {_fmt(g['best_proxy']['value'])})"))
-        else:
-            c.print(f"[bold]released model[/] (final run, trial {f['trial']}, from proxy {f['from_trial']}): test "
-                    f"accuracy {_fmt(f['test_accuracy'])}, its own ε {_fmt(f['epsilon'])}")
+    c.print(_headline(summary.guarantee))
+    if summary.guarantee.tuning is not None:
+        _print_tuning(c, g)
     b = summary.best
     if b is None:
         c.print("no completed trial yet")
         return
     which = "best trial" if private_search else f"best trial {b['number']}"
     c.print(f"{which}: validation accuracy {b['value']:.4f}, test accuracy "
-            f"{_fmt(b.get('test_accuracy'))}, ε spent {_fmt(b.get('epsilon_spent'))}, {b.get('steps')} steps "
-            f"({_fmt(b.get('epochs'), 3)} epochs)")
+            f"{_fmt(b.get(record.TEST_ACCURACY))}, ε spent {_fmt(b.get(record.EPSILON_SPENT))}, "
+            f"{b.get(record.STEPS)} steps ({_fmt(b.get('epochs'), 3)} epochs)")
     c.print("  " + results.interval_text(b, private_search))
     c.print("  " + "  ".join(f"{k}={_fmt(b.get(k), 4)}" for k in
-                             ("batch_size", "learning_rate", "clip_norm", "noise_multiplier", "sampling_rate")))
+                             (record.BATCH_SIZE, record.LEARNING_RATE, record.CLIP_NORM, record.NOISE_MULTIPLIER,
+                              record.SAMPLING_RATE)))
 
 
 def cmd_study_finalize(args: argparse.Namespace) -> int:
-    """``dptune study finalize NAME``: a cheaper-tuning study's final run, then its summary (issue #20)."""
+    """``dptune study finalize NAME``: a cheaper-tuning study's final run, then its summary."""
     from dptune import interrupt
     from dptune.search import proxy
 

@@ -56,7 +56,7 @@ def _study_section(study: optuna.Study, index: int) -> str:
         f"<p>{s.n_trials} trials: {s.complete} complete, {s.pruned} pruned, {s.rejected} rejected before training, "
         f"{s.failed} failed; {s.trial_steps} trial-steps. Accuracies: validation split unless marked test.</p>",
     ]
-    if g.get("search_mode"):  # issue #20: a cheaper-tuning study, its compute and its released final run
+    if s.guarantee.tuning is not None:  # a cheaper-tuning study: its compute and its released final run
         w, f = g["compute"], g.get("final")
         parts.append(f"<p><b>Search mode {html.escape(g['search_mode'])}:</b> proxies composed ε "
                      f"{_fmt(g['proxy_epsilon'])}; {w['proxy_examples']:,} examples ({w['proxy_steps']} steps) in "
@@ -83,18 +83,18 @@ def _study_section(study: optuna.Study, index: int) -> str:
 
 
 def _comparison_table(studies: Sequence[optuna.Study]) -> str:
-    """One row per study (issue #20): how it tuned, what it releases, at what total ε and for what compute."""
+    """One row per study: how it tuned, what it releases, at what total ε and for what compute."""
     head = ("<tr><th>study</th><th>search mode</th><th>released model's test accuracy</th><th>total ε</th>"
             "<th>examples processed (tuning / final)</th><th>trial-steps</th></tr>")
     rows = []
     for st in studies:
         s = summarize(st)
         g = s.search
-        mode = g.get("search_mode") or ("non-private" if s.non_private else f"ordinary ({g.get('mode')})")
+        mode = s.guarantee.tuning or ("non-private" if s.non_private else f"ordinary ({g.get('mode')})")
         if s.private_search:
             # What a private search may publish: nothing that adds up over its secret number of trials.
             compute, steps = "(secret: reveals K)", "(secret)"
-        elif "compute" in g:
+        elif s.guarantee.tuning is not None:
             w = g["compute"]
             compute, steps = f"{w['proxy_examples']:,} / {w['final_examples']:,}", f"{s.trial_steps:,}"
         else:

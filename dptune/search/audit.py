@@ -814,17 +814,18 @@ def audit_study(
     from optuna.trial import TrialState
 
     from dptune.data.augment import Augmentation
-    from dptune.privacy.search_totals import RenyiFilter
-    from dptune.search import objective, orphans, proxy, release, results
+    from dptune.search import orphans, proxy, release
     from dptune.search import study as study_lib
+    from dptune.search.regimes import regime_of, study_guarantee
     from dptune.trainer.run import dataset_of
 
     s, resolved = study_lib.load(study_name, storage)
     cfg = resolved.study
     rec = StudyRecord.of(s)
-    if rec.non_private:
+    regime = regime_of(rec)
+    if not regime.private:
         raise ConfigError("study_name", f"{study_name!r} is a non-private baseline: it claims no ε to audit")
-    if rec.private_search is not None:
+    if regime.secret_count:
         raise PrivacyError(f"study_name: {study_name!r} is a private search (a secret number of trials, only the "
                            "best released); an audit run is one more run on the data and would void that bound. "
                            "Audit the same hyperparameters with explicit flags on data you do not protect.")
@@ -837,7 +838,7 @@ def audit_study(
     dataset = dataset_of(cfg)
     check_model(cfg, dataset)  # a user's model is checked again: its code may have changed since create
     delta = float(cast(float, rec.delta))
-    before = results.search_guarantee(s)
+    before = study_guarantee(s)
     budget = PrivacyBudget(float(record.get(target, record.EPSILON_TARGET, 100.0)), delta,
                            "pld" if record.get(target, record.ACCOUNTANT) == "pld" else "rdp")
 
@@ -852,12 +853,10 @@ def audit_study(
     q = hp.batch_size / len(dataset.train)
     # Black-box canaries enlarge N, so the run's q is at most this: a conservative request.
     request = Mechanism(q, hp.noise_multiplier, steps)
-    cap = rec.search_budget
-    if cap is not None:
-        refusal = objective.admit(trial_rec, request, RenyiFilter(cap["epsilon"], delta, cap["order"]), rec.prior)
-        if refusal is not None:
-            s.tell(trial_rec, state=TrialState.PRUNED)
-            raise PrivacyError(f"{refusal.replace('the search stops here', 'the audit is refused')}")
+    refusal = regime.admit(trial_rec, request)  # a search_budget's filter counts the audit like a trial
+    if refusal is not None:
+        s.tell(trial_rec, state=TrialState.PRUNED)
+        raise PrivacyError(f"{refusal.replace('the search stops here', 'the audit is refused')}")
     config = RunConfig(
         model=cfg.model, weight_standardization=cfg.weight_standardization,
         microbatch_size=int(record.get(target, record.MICROBATCH_SIZE) or 128), clipping=cfg.clipping, private=True,
@@ -878,18 +877,27 @@ def audit_study(
         trial_rec.set_user_attr(record.FAILED_REASON, f"{type(e).__name__}: {e}".strip())
         s.tell(trial_rec, state=TrialState.FAIL)
         raise
+    return _recorded(s, study_name, target.number, trial_rec, result, before)
+
+
+def _recorded(s: Any, study_name: str, audited: int, trial_rec: Any, result: AuditResult, before: Any) -> AuditResult:
+    """The audit run's outcome written to the study, and the search's ε before and after it in the result."""
+    from optuna.trial import TrialState
+
+    from dptune.search.regimes import study_guarantee
+
     record.set_all(trial_rec, record.audit_result_attrs(result))
     s.tell(trial_rec, state=TrialState.PRUNED)
-    after = results.search_guarantee(s)
-    result.study = {"name": study_name, "trial_audited": target.number, "audit_trial": trial_rec.number,
-                    "mode": after["mode"], "search_epsilon_before": before["total_epsilon"],
-                    "search_epsilon_after": after["total_epsilon"]}
-    if after["mode"] == "filter":
+    after = study_guarantee(s)
+    result.study = {"name": study_name, "trial_audited": audited, "audit_trial": trial_rec.number,
+                    "mode": after.figures["mode"], "search_epsilon_before": before.epsilon,
+                    "search_epsilon_after": after.epsilon}
+    if after.capped:
         counted = (f"the study's privacy filter admitted it; the search stays within its cap "
-                   f"ε = {after['total_epsilon']:g} (accounted ε now {after['accounted_epsilon']:.4g})")
+                   f"ε = {after.epsilon:g} (accounted ε now {after.figures['accounted_epsilon']:.4g})")
     else:
-        counted = (f"the search's total ε went from {before['total_epsilon']:.4g} to {after['total_epsilon']:.4g}")
+        counted = f"the search's total ε went from {before.epsilon:.4g} to {after.epsilon:.4g}"
     result.notes.append(f"This audit trained on the study's private data: it is recorded as trial {trial_rec.number} "
-                        f"of {study_name!r} (audit of trial {target.number}) and counts in the search total; "
+                        f"of {study_name!r} (audit of trial {audited}) and counts in the search total; "
                         f"{counted}.")
     return result

@@ -245,12 +245,16 @@ def _keep(study: optuna.Study) -> int:
 
 def model_metadata(study: optuna.Study, trial: FrozenTrial, checkpoint_meta: dict[str, Any]) -> dict[str, Any]:
     """What a best model says about itself: model, data, hyperparameters, privacy of the trial and the search."""
-    from dptune.search.results import search_guarantee
+    from dptune.search.regimes import regime_of
 
     rec = StudyRecord.of(study)
     cfg = rec.study_config
-    private_search = rec.private_search is not None
-    guarantee = {"mode": "private_search"} if private_search else search_guarantee(study)
+    regime = regime_of(rec)
+    private_search = regime.secret_count
+    # In a private search whatever the guarantee says now (complete or not, how many trials have run) depends
+    # on the secret K: it is not computed, and only the regime's name is kept.
+    guarantee = ({"mode": "private_search"} if private_search
+                 else regime.guarantee(study.get_trials(deepcopy=False)).as_dict())
     meta = {
         "format": FORMAT,
         "model": checkpoint_meta["model"],
@@ -275,8 +279,7 @@ def model_metadata(study: optuna.Study, trial: FrozenTrial, checkpoint_meta: dic
         "test_accuracy": record.get(trial, record.TEST_ACCURACY),
         "study": study.study_name,
         "trial_privacy": None if cfg.get("non_private") else _trial_privacy(study, trial),
-        # In a private search whatever the guarantee said at save time (complete or not, how many trials had
-        # run) depends on the secret K: only the mode is kept. Exports replace it with the total at export.
+        # Exports replace it with the total at export.
         "search_guarantee_at_save": ({"mode": guarantee.get("mode")} if private_search else
                                      {k: guarantee.get(k) for k in ("mode", "total_epsilon", "delta", "guarantee")}),
         "private_search": private_search,
@@ -301,18 +304,17 @@ def selected_lineage(study: optuna.Study, lineage: list[dict[str, Any]] | None, 
     """
     if not lineage or not lineage[-1].get("private"):
         return lineage
-    from dptune.search.results import resumed_spends, search_guarantee, touched_data
+    from dptune.search.regimes import study_guarantee
+    from dptune.search.spends import resumed_spends, touched_data
 
-    guarantee = search_guarantee(study)
+    g = study_guarantee(study)
     entry: dict[str, Any] = {"dataset": lineage[-1].get("dataset"), "private": True,
                              "search": {"study": study.study_name, "exported": exported}}
-    if guarantee["mode"] == "private_search" and guarantee.get("valid"):
-        entry.update(events=[], bound=[guarantee["total_epsilon"], guarantee["delta"]])
-    else:
-        trials = study.get_trials(deepcopy=False)
-        entry["events"] = [list(e) for e in resumed_spends(trials, [t for t in trials if touched_data(t)])]
-        if guarantee["mode"] == "filter":
-            entry["bound"] = [guarantee["total_epsilon"], guarantee["delta"]]
+    trials = study.get_trials(deepcopy=False)
+    runs = resumed_spends(trials, [t for t in trials if touched_data(t)]) if g.lists_runs else []
+    entry["events"] = [list(e) for e in runs]
+    if g.bound:
+        entry["bound"] = [g.epsilon, g.delta]
     return [*lineage[:-1], entry]
 
 
@@ -325,7 +327,7 @@ def _trial_privacy(study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:
     composition of those runs (RDP), not its last attempt's alone.
     """
     from dptune.privacy.search_totals import composed_epsilon
-    from dptune.search.results import resumed_spends
+    from dptune.search.spends import resumed_spends
 
     out = record.trial_privacy(trial)
     events = resumed_spends(study.get_trials(deepcopy=False), [trial])
@@ -447,7 +449,7 @@ def export_model(study: optuna.Study, storage_url: str, directory: str) -> dict[
                            "the model released is the final run's (dptune study finalize runs it)")
     if summary.best is None:
         raise ReleaseError(f"study_name: {study.study_name!r} has no completed trial yet")
-    if summary.private_search and not summary.search.get("complete"):
+    if summary.private_search and not summary.guarantee.complete:
         raise ReleaseError("export_model: the private search is not complete; its guarantee holds only once every "
                            "drawn trial has run (run dptune optimize until it is)")
     number = summary.best["number"]

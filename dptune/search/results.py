@@ -1,29 +1,32 @@
 """What a study holds, read from its storage: summaries, trial records, the search's privacy guarantee.
 
 No JAX and nothing that trains: :mod:`dptune.inspect` (dashboard, report,
-export) and ``dptune study show`` read through this module. The names of the
-trial attributes that the objective writes and these functions read are
-defined once here.
+export) and ``dptune study show`` read through this module. The storage keys
+are :mod:`dptune.search.record`'s; the guarantee is the study's regime's
+(:mod:`dptune.search.regimes`).
 """
 
 from __future__ import annotations
 
 import math
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from dptune.config.schema import is_import_path
-from dptune.privacy import search_totals as search_privacy
-from dptune.privacy.search_totals import RenyiFilter, TrialCount
-from dptune.privacy.statement import COVERAGE, USER_CODE, Mechanism, Statement
+from dptune.privacy.statement import COVERAGE, USER_CODE, Statement
 from dptune.search import modes, record
 from dptune.search.record import StudyRecord
-from dptune.search.spends import FINISHED, resumed_spends, touched_data
-from dptune.search.spends import attempt_origin as attempt_origin  # read here by older callers
+from dptune.search.regimes import SECRET_COUNT_FIGURES, Guarantee, regime_of, study_guarantee
+
+# Read here by older callers (the driver, the pool, the release).
+from dptune.search.spends import FINISHED as FINISHED
+from dptune.search.spends import attempt_origin as attempt_origin
+from dptune.search.spends import resumed_spends as resumed_spends
+from dptune.search.spends import touched_data as touched_data
 from dptune.search.storage import open_storage
 
 CONFIG_ATTR = record.CONFIG  # kept for importers of the old name
@@ -52,17 +55,20 @@ class StudySummary:
     examples_processed: int
     best: dict[str, Any] | None
     search: dict[str, Any]
+    guarantee: Guarantee = field(repr=False, compare=False)
 
     def as_dict(self) -> dict[str, Any]:
-        return self.__dict__.copy()
+        out = self.__dict__.copy()
+        del out["guarantee"]  # its figures are ``search``
+        return out
 
     @property
     def non_private(self) -> bool:
-        return self.search.get("mode") == "non_private"
+        return not self.guarantee.private
 
     @property
     def private_search(self) -> bool:
-        return self.search.get("mode") == "private_search"
+        return self.guarantee.secret_count
 
     @property
     def budget_text(self) -> str:
@@ -85,13 +91,12 @@ class StudySummary:
         internal = {"val_accuracy_interval_selection", "validation_readings", "number", "trial_id",
                     "datetime_start", "datetime_complete", "intermediate_values", *record.K_REVEALING}
         best = None if self.best is None else {k: v for k, v in self.best.items() if k not in internal}
-        search = {k: v for k, v in self.search.items() if k not in PRIVATE_SEARCH_INTERNAL}
+        search = self.guarantee.released()
         return {"name": self.name, "epsilon_target": self.epsilon_target, "delta": self.delta,
                 "accountant": self.accountant, "best": best, "search": search}
 
 
-# Private-search figures that reveal K (or bound it): kept out of the release.
-PRIVATE_SEARCH_INTERNAL = ("trials_drawn", "trials_run", "trials_touching_data", "internal_note")
+PRIVATE_SEARCH_INTERNAL = SECRET_COUNT_FIGURES  # the name older callers import
 
 
 def accuracy_interval(accuracy: float | None, n: int, comparisons: int = 1, level: float = 0.95) -> tuple[float, float]:
@@ -167,114 +172,25 @@ def coverage(study: optuna.Study) -> str:
 
 
 def search_guarantee(study: optuna.Study) -> dict[str, Any]:
-    """The ε of releasing the best trial's model after the search as it ran.
+    """The ε of releasing the best trial's model after the search as it ran, as stored and printed.
 
-    Ordinary studies: the composition of every trial that touched the training
-    data (RDP), each at the steps it took; a trial that failed or is still
-    running counts at its planned steps, an upper bound. With ``search_budget``
-    a privacy filter enforced the cap before each trial: the cap is the
-    guarantee. Private searches: the repeat-and-select bound, valid once all
-    of the K drawn trials have run and no more than K touched the data; if more
-    did, the bound is void and the composition of all of them is given instead.
-    Every mode composes a private ``init_checkpoint``'s recorded spend.
+    The figures of :meth:`dptune.search.regimes.Regime.guarantee` for the study's regime: the
+    composition of every trial that touched the training data (a trial that failed or is still running
+    at its planned steps), a ``search_budget`` filter's cap, a private search's repeat-and-select bound
+    (void, and the composition given instead, if more than K trials touched the data), or a mode's
+    composition of its proxies and final run; every one composes a private ``init_checkpoint``'s spend.
     """
-    trials = study.get_trials(deepcopy=False)
-    rec = StudyRecord.of(study)
-    delta, private, prior = rec.delta, rec.private_search, list(rec.prior)
-    prior_text = (f" It includes the recorded training of the initial checkpoint on the same data "
-                  f"({len(prior)} earlier run(s)).") if prior else ""
-    if rec.non_private:
-        return {"mode": "non_private", "total_epsilon": math.inf, "delta": None, "per_trial_epsilon": None,
-                "guarantee": "None: a non-private baseline (no clipping, no noise); its models must not be released "
-                             "as private."}
-    touched = [t for t in trials if touched_data(t)]
-    spends = resumed_spends(trials, touched)
-    totals = (search_privacy.composed_epsilon(prior + spends, delta) if delta
-              else {"rdp": math.nan, "pld": math.nan})
-    if private is not None:
-        k = int(private["n_trials"])
-        exceeded = len(touched) > k or any(t.number >= k for t in touched)
-        settled = [t for t in trials if t.number < k and t.state in (*FINISHED, TrialState.FAIL)]
-        complete = not exceeded and len(settled) == k
-        validation = rec.validation_dataset
-        base = {
-            "mode": "private_search", "delta": delta, "per_trial_epsilon": private["per_trial_epsilon"],
-            "sampling_rate": private["sampling_rate"], "noise_multiplier": private["noise_multiplier"],
-            "steps": private["steps"], "complete": complete, "valid": not exceeded,
-            "trials_drawn": k, "trials_run": len(touched), "trials_touching_data": len(touched),
-            "validation_dataset": validation,
-        }
-        if exceeded:
-            return {**base, "total_epsilon": totals["rdp"], "guarantee": (
-                f"EXCEEDED, INVALID: {len(touched)} trials trained on the data, more than the secretly drawn number, "
-                "so the repeat-and-select bound does not hold. The honest figure is the composition of every trial "
-                f"that trained on the data (RDP): ε = {totals['rdp']:.4g}.{prior_text}")}
-        total = search_privacy.search_epsilon(private["sampling_rate"], private["noise_multiplier"],
-                                              int(private["steps"]), cast(float, delta), _trial_count_of(private),
-                                              prior)
-        held_out = (f"selection on the public dataset {validation!r}" if validation else
-                    "selection on a validation split of the private dataset declared public (a study of an earlier "
-                    "dptune; that split is not covered)")
-        return {**base, "total_epsilon": total, "guarantee": (
-            f"Papernot & Steinke 2022 (RDP): a secret number K of trials drawn from a {private['distribution']} "
-            f"law of mean {private['mean_trials']:g}, hyperparameters drawn at random from secret randomness, every "
-            f"trial the same DP-SGD mechanism, only the best released, {held_out}. The bound holds while K stays "
-            "secret: the trial count, trial numbers and the study storage are internal."
-            + prior_text + ("" if complete else " Incomplete: trials remain; run dptune optimize until the search "
-                            "is complete before releasing the result."))}
-    if rec.search_mode is not None:
-        # The proxies apart from the runs on all of the data: subset tuning amplifies only the former.
-        proxies = [t for t in touched if modes.is_proxy(t)]
-        split = (resumed_spends(trials, proxies), resumed_spends(trials, [t for t in touched if not modes.is_proxy(t)]))
-        return modes.guarantee(rec, trials, spends, prior, totals, prior_text, split, proxies)
-    cap = rec.search_budget
-    accounted = (f"Composition of the {len(spends)} trial(s) that trained on the data, each at the steps it took "
-                 f"(RDP): ε = {totals['rdp']:.4g}.{prior_text}")
-    if cap is not None:
-        admitted = [r for t in touched if (r := record.filter_request(t)) is not None]
-        filt = RenyiFilter(cap["epsilon"], cast(float, delta), cap["order"])
-        return {
-            "mode": "filter", "total_epsilon": cap["epsilon"], "accounted_epsilon": totals["rdp"],
-            "filter_epsilon": filt.spent(prior + admitted),
-            "filter_order": cap["order"], "delta": delta, "per_trial_epsilon": rec.epsilon_target,
-            "trials_touching_data": len(touched),
-            "guarantee": (
-                f"Pre-committed: a privacy filter (Feldman & Zrnic 2021, Rényi order {cap['order']:.3g}) started a "
-                f"trial only if the whole search stayed within ε = {cap['epsilon']:g}, so releasing the best model "
-                f"(and anything else from the search) is ({cap['epsilon']:g}, {delta:g})-DP whatever was chosen while "
-                f"watching. {accounted}"),
-        }
-    return {
-        "mode": "composition",
-        "total_epsilon": totals["rdp"],
-        "total_epsilon_pld_if_nonadaptive": totals["pld"],
-        "delta": delta,
-        "per_trial_epsilon": rec.epsilon_target,
-        "trials_touching_data": len(touched),
-        "guarantee": (
-            f"{accounted} Releasing the best model after the search is covered by this total, not by the per-trial "
-            "ε. It was computed after the search, over trials whose number and lengths depended on what was seen: "
-            "an accounting of what ran, not a guarantee fixed in advance (set search_budget in the study file to "
-            "enforce a cap before each trial)."
-        ),
-    }
-
-
-def _trial_count_of(private: dict[str, Any]) -> TrialCount:
-    return TrialCount(private["distribution"], private["mean_trials"], private.get("eta"))
+    return study_guarantee(study).as_dict()
 
 
 def privacy_statement(study: optuna.Study, summary: StudySummary | None = None) -> Statement | None:
     """The written statement of releasing the best model after this search (None for non-private studies)."""
     summary = summary or summarize(study)
-    g = summary.search
-    if summary.non_private:
+    g = summary.guarantee
+    if not g.private:
         return None
     rec = StudyRecord.of(study)
     cfg, split = rec.study_config, rec.split or {}
-    mechanism = None
-    if g["mode"] == "private_search":
-        mechanism = Mechanism(g["sampling_rate"], g["noise_multiplier"], int(g["steps"]))
     validation = coverage(study)
     assumptions = []
     public = (cfg.get("search") or {}).get("dataset")
@@ -297,15 +213,11 @@ def privacy_statement(study: optuna.Study, summary: StudySummary | None = None) 
         if cfg.get("unsafe_ignore_checkpoint_provenance"):
             assumptions.append("UNSAFE: the initial checkpoint's provenance was ignored on request, so what it "
                                "learnt from this data is not covered")
-    accountant = "rdp" if g["mode"] in ("private_search", "composition", "filter") else summary.accountant
-    if g.get("search_mode"):  # issue #20: what the mode's total was computed with
-        amplified = g.get("subset_amplification") or {}
-        accountant = ("rdp (proxies' cap, amplified by subsampling)" if amplified.get("claimed") and
-                      g["total_epsilon"] == amplified.get("total") else g.get("accountant", accountant))
+    assert g.delta is not None  # a private guarantee has one
     return Statement(
-        epsilon=g["total_epsilon"], delta=g["delta"], accountant=accountant,
-        dataset=cfg.get("dataset"), dataset_size=split.get("train"), mechanism=mechanism,
-        search=g["guarantee"],
+        epsilon=g.epsilon, delta=g.delta, accountant=g.accountant,
+        dataset=cfg.get("dataset"), dataset_size=split.get("train"), mechanism=g.mechanism,
+        search=g.text,
         validation=validation,
         seed_fixed=rec.seed_fixed or cfg.get("private_seed") is not None,
         extra_assumptions=tuple(assumptions),
@@ -317,6 +229,7 @@ def summarize(study: optuna.Study) -> StudySummary:
     trials = study.get_trials(deepcopy=False)
     states = [t.state for t in trials]
     rec = StudyRecord.of(study)
+    guarantee = regime_of(rec).guarantee(trials)
     rejected = sum(1 for t in trials if t.state == TrialState.PRUNED and record.is_rejected(t))
     skipped = sum(1 for t in trials if record.is_skipped(t))
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
@@ -349,7 +262,8 @@ def summarize(study: optuna.Study) -> StudySummary:
         trial_steps=record.total(trials, record.STEPS),
         examples_processed=record.total(trials, record.EXAMPLES_PROCESSED),
         best=best,
-        search=search_guarantee(study),
+        search=guarantee.as_dict(),
+        guarantee=guarantee,
     )
 
 

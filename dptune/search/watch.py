@@ -27,7 +27,7 @@ class StudyWatch:
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         from dptune.search import record
-        from dptune.search.results import search_guarantee
+        from dptune.search.regimes import study_guarantee
 
         if self.private:
             return
@@ -40,10 +40,10 @@ class StudyWatch:
             "epsilon_spent": of(record.EPSILON_SPENT), "steps": of(record.STEPS),
             "wall_seconds": of(record.WALL_SECONDS),
             "reason": of(record.REJECTED_REASON) or of(record.FAILED_REASON)}))
-        guarantee = search_guarantee(study)
+        guarantee = study_guarantee(study)
         self.report(Event("study", {"study": self.name, **self._counts(), "best": _best(study),
-                                    "search_epsilon": guarantee.get("total_epsilon"),
-                                    "remaining_epsilon": _remaining(guarantee)}))
+                                    "search_epsilon": guarantee.epsilon,
+                                    "remaining_epsilon": guarantee.remaining}))
 
     def _counts(self) -> dict[str, Any]:
         elapsed = time.monotonic() - self.began
@@ -58,10 +58,3 @@ def _best(study: optuna.Study) -> float | None:
     except ValueError:  # no completed trial yet
         return None
     return value if math.isfinite(value) else None
-
-
-def _remaining(guarantee: dict[str, Any]) -> float | None:
-    """What a pre-committed cap leaves (a filter's), else None."""
-    if guarantee.get("mode") != "filter":
-        return None
-    return max(0.0, float(guarantee["total_epsilon"]) - float(guarantee.get("filter_epsilon") or 0.0))
