@@ -25,7 +25,7 @@ import os
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 import jax
 import optuna
@@ -39,7 +39,7 @@ from dptune.models import checkpoint
 from dptune.privacy import accounting as privacy
 from dptune.privacy import search_totals as search_privacy
 from dptune.privacy.mechanism import Mechanism, mechanisms
-from dptune.privacy.search_totals import RenyiFilter, TrialCount
+from dptune.privacy.search_totals import TrialCount
 from dptune.progress import Reporter
 from dptune.randomness import SecretSeed
 from dptune.search import modes, proxy, record, release
@@ -47,6 +47,7 @@ from dptune.search import storage as storage_lib
 from dptune.search.objective import Objective
 from dptune.search.orphans import reap_dead_workers
 from dptune.search.record import StudyRecord
+from dptune.search.regimes import CreateContext, regime_for_config
 from dptune.search.registry import make_pruner, make_sampler
 from dptune.search.results import FINISHED
 from dptune.search.space import check_space
@@ -192,26 +193,16 @@ def _prepare(resolved: ResolvedStudy, study_id: str) -> dict[str, Any]:
 
 def _regime_attrs(resolved: ResolvedStudy, dataset: Dataset, delta: float | None,
                   prior: Sequence[Mechanism], study_id: str) -> dict[str, Any]:
-    """The attributes of the study's privacy regime: a private search's plan, a per-trial budget and its cap."""
-    study_cfg = resolved.study
-    if study_cfg.private_search:
-        assert delta is not None  # private studies have one
-        return record.regime_attrs(private_search=_plan_private_search(resolved, dataset, delta, prior, study_id))
-    if study_cfg.non_private:
-        return record.regime_attrs(non_private=True)
-    assert study_cfg.privacy is not None and delta is not None  # the schema requires a budget
-    cap = study_cfg.search_budget
-    stored_cap = None
-    if cap is not None:
-        order = cap.order or search_privacy.default_filter_order(cap.epsilon, delta)
-        filt = RenyiFilter(cap.epsilon, delta, order)
-        if not filt.admits(prior):
-            raise ConfigError("search_budget.epsilon", f"{cap.epsilon:g} is already spent by the init_checkpoint's "
-                              f"recorded training on {dataset.name!r} ({filt.spent(prior):.4g} at order "
-                              f"{order:.3g})")
-        stored_cap = {"epsilon": cap.epsilon, "order": order}
-    return record.regime_attrs(epsilon_target=study_cfg.privacy.epsilon, accountant=study_cfg.privacy.accountant,
-                               search_budget=stored_cap)
+    """The attributes of the study's privacy regime, which checks itself first (:meth:`Regime.check`)."""
+    cfg = resolved.study
+    regime = regime_for_config(cfg)
+    ctx = CreateContext(
+        delta=delta, prior=prior, dataset=dataset.name,
+        epsilon=None if cfg.privacy is None else cfg.privacy.epsilon,
+        accountant=None if cfg.privacy is None else cfg.privacy.accountant,
+        cap=None if cfg.search_budget is None else (cfg.search_budget.epsilon, cfg.search_budget.order),
+        draw_private_search=lambda: _plan_private_search(resolved, dataset, cast(float, delta), prior, study_id))
+    return regime.check(ctx)
 
 
 def _check_folder(field: str, path: str) -> None:
