@@ -549,11 +549,11 @@ def _print_summary(summary: Any, internal: bool = False) -> None:
 def cmd_study_finalize(args: argparse.Namespace) -> int:
     """``dptune study finalize NAME``: a cheaper-tuning study's final run, then its summary."""
     from dptune import interrupt
-    from dptune.search import proxy
+    from dptune.search.finalize import finalize
 
     try:
         with interrupt.handled(), _reporting(args) as report:
-            study = proxy.finalize(args.study_name, args.storage, progress=report)
+            study = finalize(args.study_name, args.storage, progress=report)
     except KeyboardInterrupt as e:
         print(f"dptune: interrupted by {interrupt.signal_name(e)}: the final run was marked FAIL (counted at its "
               "planned steps if it read the data); run dptune study finalize again", file=sys.stderr, flush=True)

@@ -816,21 +816,13 @@ def audit_study(
     from dptune.data.augment import Augmentation
     from dptune.search import orphans, proxy, release
     from dptune.search import study as study_lib
-    from dptune.search.regimes import regime_of, study_guarantee
+    from dptune.search.regimes import study_guarantee
     from dptune.trainer.run import dataset_of
 
     s, resolved = study_lib.load(study_name, storage)
     cfg = resolved.study
     rec = StudyRecord.of(s)
-    regime = regime_of(rec)
-    if not regime.private:
-        raise ConfigError("study_name", f"{study_name!r} is a non-private baseline: it claims no ε to audit")
-    if regime.secret_count:
-        raise PrivacyError(f"study_name: {study_name!r} is a private search (a secret number of trials, only the "
-                           "best released); an audit run is one more run on the data and would void that bound. "
-                           "Audit the same hyperparameters with explicit flags on data you do not protect.")
-    if faults.active():
-        raise PrivacyError(f"fault: the test-only fault {faults.active()!r} is active; it is never run on a study")
+    regime = _auditable(s, rec)
     orphans.reap_dead_workers(s)
     target = _pick_trial(s, trial_number)
     hp = Hyperparams(**record.hparams_of(target, Hyperparams.__dataclass_fields__))
@@ -878,6 +870,27 @@ def audit_study(
         s.tell(trial_rec, state=TrialState.FAIL)
         raise
     return _recorded(s, study_name, target.number, trial_rec, result, before)
+
+
+def _auditable(s: Any, rec: StudyRecord) -> Any:
+    """The study's regime, if an audit run may be added to it.
+
+    Raises:
+      ConfigError: a non-private study (it claims no ε to audit).
+      PrivacyError: a private search (one more run on the data voids its bound), or a test-only fault is active.
+    """
+    from dptune.search.regimes import regime_of
+
+    regime = regime_of(rec)
+    if not regime.private:
+        raise ConfigError("study_name", f"{s.study_name!r} is a non-private baseline: it claims no ε to audit")
+    if regime.secret_count:
+        raise PrivacyError(f"study_name: {s.study_name!r} is a private search (a secret number of trials, only "
+                           "the best released); an audit run is one more run on the data and would void that "
+                           "bound. Audit the same hyperparameters with explicit flags on data you do not protect.")
+    if faults.active():
+        raise PrivacyError(f"fault: the test-only fault {faults.active()!r} is active; it is never run on a study")
+    return regime
 
 
 def _recorded(s: Any, study_name: str, audited: int, trial_rec: Any, result: AuditResult, before: Any) -> AuditResult:

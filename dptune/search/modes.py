@@ -1,8 +1,8 @@
-"""Cheaper tuning (issue #20): tune on something cheaper than the released run, then one final run.
+"""Cheaper tuning: tune on something cheaper than the released run, then one final run.
 
 A study with ``search: {mode: …}`` runs *proxy* trials, each a cheaper stand-in
 for a full DP-SGD run of the hyperparameters it sampled, then (``dptune study
-finalize``, :func:`dptune.search.proxy.finalize`) ONE final run on the private
+finalize``, :func:`dptune.search.finalize.finalize`) ONE final run on the private
 data with the best proxy's hyperparameters, transferred by the rule of the
 mode. Only the final run's model is released (proxies save none).
 

@@ -295,24 +295,31 @@ def create_study(config: ConfigLike, storage: str | None = None, *, skip_if_exis
                 raise StudyError(f"study_name: {study_cfg.name!r} already exists in {storage} (use --skip-if-exists)")
             return found
 
-        study = optuna.create_study(study_name=study_cfg.name, storage=storage_obj,
-                                    direction=study_cfg.objective.direction)
-        try:
-            # A Ctrl-C here would leave a study without its configuration: finish or undo.
-            with interrupt.deferred(), warnings.catch_warnings():
-                # Metric names are "experimental" in Optuna; the dashboard shows the name instead of "Objective 0".
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                study.set_metric_names([study_cfg.objective.metric])
-                # Set before any worker can see the configuration: every worker reads the same id.
-                storage_lib.remember(study, storage_obj, storage)
-                storage_lib.backend(study).set_system_attr(record.STUDY_ID, new_id)
-                for key, value in attrs.items():
-                    study.set_user_attr(key, value)
-                if seed is not None:  # where: the stored configuration's artifacts.path, if any
-                    release.keep_private_seed(study, storage, seed)
-        except BaseException:
-            optuna.delete_study(study_name=study_cfg.name, storage=storage_obj)
-            raise
+        return _write_new(study_cfg, storage, storage_obj, attrs, new_id)
+
+
+def _write_new(study_cfg: StudyConfig, storage: str, storage_obj: Any, attrs: dict[str, Any],
+               new_id: str) -> optuna.Study:
+    """Create the study and write its record in full, or leave no study behind."""
+    seed = study_cfg.private_seed
+    study = optuna.create_study(study_name=study_cfg.name, storage=storage_obj,
+                                direction=study_cfg.objective.direction)
+    try:
+        # A Ctrl-C here would leave a study without its configuration: finish or undo.
+        with interrupt.deferred(), warnings.catch_warnings():
+            # Metric names are "experimental" in Optuna; the dashboard shows the name instead of "Objective 0".
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([study_cfg.objective.metric])
+            # Set before any worker can see the configuration: every worker reads the same id.
+            storage_lib.remember(study, storage_obj, storage)
+            storage_lib.backend(study).set_system_attr(record.STUDY_ID, new_id)
+            for key, value in attrs.items():
+                study.set_user_attr(key, value)
+            if seed is not None:  # where: the stored configuration's artifacts.path, if any
+                release.keep_private_seed(study, storage, seed)
+    except BaseException:
+        optuna.delete_study(study_name=study_cfg.name, storage=storage_obj)
+        raise
     return study
 
 
@@ -436,50 +443,85 @@ def optimize(
         study_name = study
     url = storage or default_storage(study_name)
     if workers > 1:
-        from dptune.search import workers as pool
-
-        cfg = load(study_name, url)[1].study
-        here = [k for k in ("model", "dataset", "loss") if str(getattr(cfg, k) or "").startswith("__main__:")]
-        if here:
-            raise ConfigError("workers", f"{here[0]} {getattr(cfg, here[0])!r} lives in this script (__main__), which "
-                                         "worker processes cannot import; move it to a module, or use workers=1")
-
-        def on_trial(t: FrozenTrial) -> None:
-            for callback in callbacks:
-                callback(loaded, t)
-
-        loaded = load_study(study_name, url)
-        code = pool.run_pool(study_name, url, workers=workers, n_trials=n_trials, timeout=timeout,
-                             devices_per_trial=devices_per_trial, cache_dir=cache_dir, on_trial=on_trial,
-                             progress=progress)
-        if code != 0:
-            raise StudyError(f"workers: a worker exited with code {code}; finished trials are kept, nothing is "
-                             "left RUNNING; run again to continue")
-        return load_study(study_name, url)
+        return _optimize_pool(study_name, url, workers=workers, n_trials=n_trials, timeout=timeout,
+                              devices_per_trial=devices_per_trial, callbacks=callbacks, cache_dir=cache_dir,
+                              progress=progress)
     study, resolved = load(study_name, url, heartbeat=True)
     with interrupt.deferred(), storage_lib.writing(url):
         reap_dead_workers(study)
-    cfg = resolved.study
-    dataset = dataset_of(cfg)
+    dataset = dataset_of(resolved.study)
     rec = StudyRecord.of(study)
-    delta = rec.delta or _resolve_delta(resolved, dataset)
-    # A fresh seed per session, so a continued study does not replay its first samples.
-    seed = cfg.seed + len(study.trials)
+    left, n_trials = _choose_search(study, resolved, rec, n_trials)
+    if not left:
+        return study
+    hooks = _hooks(study, url, callbacks, stop_at_finished)
+    if rec.split is not None and rec.split != dataset.split.as_dict():
+        # q = B/N and the planned mechanism were fixed for the data as it was at create.
+        raise StudyError(f"dataset: {resolved.study.dataset!r} is not what it was when the study was created "
+                         f"({rec.split} then, {dataset.split.as_dict()} now); create a new study")
+    objective = _objective(study, resolved, dataset, rec, url, progress)
+    if progress is not None:
+        watch = StudyWatch(progress, study_name, n_trials, private_search=objective.secret_count)
+        hooks.insert(1, watch)  # after the best model is kept, before the user's callbacks
+    # A signal waits for the next check point (a training step, a finished trial), so that it
+    # never cuts a storage write short.
+    with (storage_lib.one_process(url), interrupt.deferred(), storage_lib.writing(url),
+          _quiet_trials(objective.secret_count)):
+        study.optimize(objective, n_trials=n_trials, timeout=timeout, callbacks=hooks, catch=())
+    return study
+
+
+def _optimize_pool(study_name: str, url: str, *, workers: int, n_trials: int | None, timeout: float | None,
+                   devices_per_trial: int, callbacks: Sequence[TrialCallback], cache_dir: str | None,
+                   progress: Reporter | None) -> optuna.Study:
+    """:func:`optimize` over ``workers`` processes (:mod:`dptune.search.workers`)."""
+    from dptune.search import workers as pool
+
+    cfg = load(study_name, url)[1].study
+    here = [k for k in ("model", "dataset", "loss") if str(getattr(cfg, k) or "").startswith("__main__:")]
+    if here:
+        raise ConfigError("workers", f"{here[0]} {getattr(cfg, here[0])!r} lives in this script (__main__), which "
+                                     "worker processes cannot import; move it to a module, or use workers=1")
+
+    def on_trial(t: FrozenTrial) -> None:
+        for callback in callbacks:
+            callback(loaded, t)
+
+    loaded = load_study(study_name, url)
+    code = pool.run_pool(study_name, url, workers=workers, n_trials=n_trials, timeout=timeout,
+                         devices_per_trial=devices_per_trial, cache_dir=cache_dir, on_trial=on_trial,
+                         progress=progress)
+    if code != 0:
+        raise StudyError(f"workers: a worker exited with code {code}; finished trials are kept, nothing is "
+                         "left RUNNING; run again to continue")
+    return load_study(study_name, url)
+
+
+def _choose_search(study: optuna.Study, resolved: ResolvedStudy, rec: StudyRecord,
+                   n_trials: int | None) -> tuple[bool, int | None]:
+    """Set the study's sampler and pruner; whether any trial is left to run, and how many to run now."""
+    cfg = resolved.study
     private = rec.private_search
-    if private is not None:
-        # The number of trials was drawn at creation; every trial that ran counts.
-        # This only saves starting processes for nothing: the objective enforces K.
-        remaining = private["n_trials"] - len(study.trials)
-        if remaining <= 0:
-            return study
-        n_trials = remaining if n_trials is None else min(n_trials, remaining)
-        # Seeded from the OS (full MT19937 state), not from the public seed: draws that an
-        # adversary could replay would reveal which trial index the released one had.
-        study.sampler = optuna.samplers.RandomSampler(seed=None)
-        study.pruner = optuna.pruners.NopPruner()
-    else:
-        study.sampler = make_sampler(cfg, resolved.space, seed)
+    if private is None:
+        # A fresh seed per session, so a continued study does not replay its first samples.
+        study.sampler = make_sampler(cfg, resolved.space, cfg.seed + len(study.trials))
         study.pruner = make_pruner(cfg)
+        return True, n_trials
+    # The number of trials was drawn at creation; every trial that ran counts.
+    # This only saves starting processes for nothing: the objective enforces K.
+    remaining = private["n_trials"] - len(study.trials)
+    if remaining <= 0:
+        return False, 0
+    # Seeded from the OS (full MT19937 state), not from the public seed: draws that an
+    # adversary could replay would reveal which trial index the released one had.
+    study.sampler = optuna.samplers.RandomSampler(seed=None)
+    study.pruner = optuna.pruners.NopPruner()
+    return True, remaining if n_trials is None else min(n_trials, remaining)
+
+
+def _hooks(study: optuna.Study, url: str, callbacks: Sequence[TrialCallback],
+           stop_at_finished: int | None) -> list[Callable[[optuna.Study, FrozenTrial], Any]]:
+    """What runs after each trial: keep the best model, the user's callbacks, reap dead workers, stop on a signal."""
     # The best model is decided once the trial's value is in the storage (release.keep_best), before user callbacks.
     hooks: list[Callable[[optuna.Study, FrozenTrial], Any]] = [lambda st, t: release.keep_best(st, t, url)]
     hooks += list(callbacks) + [lambda st, _t: reap_dead_workers(st)]
@@ -488,40 +530,34 @@ def optimize(
     if stop_at_finished is not None:
         # Several workers share one target: stop once the study holds that many finished trials.
         hooks.append(optuna.study.MaxTrialsCallback(stop_at_finished, states=FINISHED))
-    stored_split = rec.split
-    if stored_split is not None and stored_split != dataset.split.as_dict():
-        # q = B/N and the planned mechanism were fixed for the data as it was at create.
-        raise StudyError(f"dataset: {cfg.dataset!r} is not what it was when the study was created "
-                         f"({stored_split} then, {dataset.split.as_dict()} now); create a new study")
     # The finished trial is in the storage by now: the place to stop for a signal that came meanwhile.
     hooks.append(lambda _st, _t: interrupt.raise_if_pending())
-    objective = Objective(resolved, dataset, delta, private, rec.search_budget, rec.prior)
+    return hooks
+
+
+def _objective(study: optuna.Study, resolved: ResolvedStudy, dataset: Dataset, rec: StudyRecord, url: str,
+               progress: Reporter | None) -> Objective:
+    """The study's objective: its regime's terms, and a mode's proxies until the final run, then nothing."""
+    delta = rec.delta or _resolve_delta(resolved, dataset)
+    objective = Objective(resolved, dataset, delta, rec.private_search, rec.search_budget, rec.prior)
     objective.resolved_checkpoint = rec.init_checkpoint_sha
     objective.storage_url = url
     objective.study_id = release.study_id(study, url)
     objective.progress = progress
-    if progress is not None:
-        watch = StudyWatch(progress, study_name, n_trials, private_search=private is not None)
-        hooks.insert(1, watch)  # after the best model is kept, before the user's callbacks
-    mode = rec.search_mode
-    if mode is not None:  # proxies until the final run (dptune.search.proxy.finalize), then nothing
+    if rec.search_mode is not None:
         if modes.final_trial(study.trials) is not None:
-            raise StudyError(f"study_name: {study_name!r} is finalized: its final run is recorded, and more proxy "
-                             "trials would only add to its ε; create a new study to tune again")
+            raise StudyError(f"study_name: {study.study_name!r} is finalized: its final run is recorded, and more "
+                             "proxy trials would only add to its ε; create a new study to tune again")
         assert objective.budget is not None  # a mode needs a privacy budget (checked at create)
-        objective.mode = proxy.ModeRunner(resolved, dataset, objective.budget, mode, study_name,
+        objective.mode = proxy.ModeRunner(resolved, dataset, objective.budget, rec.search_mode, study.study_name,
                                           release.folder_of(study, url), objective.study_id)
-    # A signal waits for the next check point (a training step, a finished trial), so that it
-    # never cuts a storage write short.
-    with storage_lib.one_process(url), interrupt.deferred(), storage_lib.writing(url), _quiet_trials(private):
-        study.optimize(objective, n_trials=n_trials, timeout=timeout, callbacks=hooks, catch=())
-    return study
+    return objective
 
 
 @contextlib.contextmanager
-def _quiet_trials(private_search: Any) -> Iterator[None]:
-    """In a private search, Optuna's line per failed trial is not shown: trial numbers would tell K."""
-    if private_search is None:
+def _quiet_trials(secret_count: bool) -> Iterator[None]:
+    """With a secret trial count, Optuna's line per failed trial is not shown: trial numbers would tell K."""
+    if not secret_count:
         yield
         return
     logger = logging.getLogger("optuna")
