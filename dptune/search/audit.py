@@ -810,11 +810,10 @@ def audit_study(
         not finalized yet.
       PrivacyError: a private search, or the filter refuses the run.
     """
-    import optuna
     from optuna.trial import TrialState
 
     from dptune.data.augment import Augmentation
-    from dptune.search import orphans, proxy, release
+    from dptune.search import orphans, release
     from dptune.search import study as study_lib
     from dptune.search.regimes import study_guarantee
     from dptune.trainer.run import dataset_of
@@ -840,15 +839,9 @@ def audit_study(
     if threat_model == "white-box":
         white_box_room(cfg.model, dataset.num_classes, dataset.image_shape, hp.trainable, canaries, canary_seed,
                        weight_standardization=cfg.weight_standardization)
-    trial_rec = optuna.Trial(s, proxy.start_trial(s, record.audit_start_attrs(target.number, threat_model,
-                                                                               orphans.worker_identity())))
     q = hp.batch_size / len(dataset.train)
     # Black-box canaries enlarge N, so the run's q is at most this: a conservative request.
-    request = Mechanism(q, hp.noise_multiplier, steps)
-    refusal = regime.admit(trial_rec, request)  # a search_budget's filter counts the audit like a trial
-    if refusal is not None:
-        s.tell(trial_rec, state=TrialState.PRUNED)
-        raise PrivacyError(f"{refusal.replace('the search stops here', 'the audit is refused')}")
+    trial_rec = _admitted(s, regime, target.number, threat_model, Mechanism(q, hp.noise_multiplier, steps))
     config = RunConfig(
         model=cfg.model, weight_standardization=cfg.weight_standardization,
         microbatch_size=int(record.get(target, record.MICROBATCH_SIZE) or 128), clipping=cfg.clipping, private=True,
@@ -891,6 +884,26 @@ def _auditable(s: Any, rec: StudyRecord) -> Any:
     if faults.active():
         raise PrivacyError(f"fault: the test-only fault {faults.active()!r} is active; it is never run on a study")
     return regime
+
+
+def _admitted(s: Any, regime: Any, target: int, threat_model: str, request: Mechanism) -> Any:
+    """The audit run's trial, created RUNNING in the storage and admitted by the study's regime.
+
+    Raises:
+      PrivacyError: the ``search_budget`` filter refuses it (the trial is then PRUNED, having read nothing).
+    """
+    import optuna
+    from optuna.trial import TrialState
+
+    from dptune.search import orphans, proxy
+
+    trial_rec = optuna.Trial(s, proxy.start_trial(s, record.audit_start_attrs(target, threat_model,
+                                                                               orphans.worker_identity())))
+    refusal = regime.admit(trial_rec, request)  # a search_budget's filter counts the audit like a trial
+    if refusal is not None:
+        s.tell(trial_rec, state=TrialState.PRUNED)
+        raise PrivacyError(f"{refusal.replace('the search stops here', 'the audit is refused')}")
+    return trial_rec
 
 
 def _recorded(s: Any, study_name: str, audited: int, trial_rec: Any, result: AuditResult, before: Any) -> AuditResult:
