@@ -812,7 +812,6 @@ def audit_study(
     """
     from optuna.trial import TrialState
 
-    from dptune.data.augment import Augmentation
     from dptune.search import orphans, release
     from dptune.search import study as study_lib
     from dptune.search.regimes import study_guarantee
@@ -832,9 +831,6 @@ def audit_study(
     before = study_guarantee(s)
     budget = PrivacyBudget(float(record.get(target, record.EPSILON_TARGET, 100.0)), delta,
                            "pld" if record.get(target, record.ACCOUNTANT) == "pld" else "rdp")
-
-    # Numbered atomically in the storage, like any trial, and never a queued trial (whose copied attributes, a
-    # proxy's say, would count this run on all of the data as something else).
     check_request(threat_model, canaries, confidence, len(dataset.train))
     if threat_model == "white-box":
         white_box_room(cfg.model, dataset.num_classes, dataset.image_shape, hp.trainable, canaries, canary_seed,
@@ -842,16 +838,8 @@ def audit_study(
     q = hp.batch_size / len(dataset.train)
     # Black-box canaries enlarge N, so the run's q is at most this: a conservative request.
     trial_rec = _admitted(s, regime, target.number, threat_model, Mechanism(q, hp.noise_multiplier, steps))
-    config = RunConfig(
-        model=cfg.model, weight_standardization=cfg.weight_standardization,
-        microbatch_size=int(record.get(target, record.MICROBATCH_SIZE) or 128), clipping=cfg.clipping, private=True,
-        init_checkpoint=cfg.init_checkpoint, reinitialize=tuple(cfg.reinitialize),
-        augmentation=Augmentation(**cfg.augmentation.model_dump()), eval_every=max(1, steps // 5),
-        seed=int(record.get(target, record.SEED, cfg.seed)),
-        secret=None if cfg.private_seed is None else SecretSeed.from_int(cfg.private_seed).child(
-            f"study {study_name} {release.study_id(s, storage)} audit {trial_rec.number}"),
-        unsafe_ignore_checkpoint_provenance=cfg.unsafe_ignore_checkpoint_provenance,
-    )
+    config = _audit_config(cfg, target, steps, f"study {study_name} {release.study_id(s, storage)} audit "
+                                               f"{trial_rec.number}")
     record.set_all(trial_rec, record.audit_plan_attrs(q, hp.noise_multiplier, steps, hp.clip_norm, hp.batch_size))
     try:
         result = run_audit(dataset, hp, steps, config=config, budget=budget, threat_model=threat_model,
@@ -889,6 +877,9 @@ def _auditable(s: Any, rec: StudyRecord) -> Any:
 def _admitted(s: Any, regime: Any, target: int, threat_model: str, request: Mechanism) -> Any:
     """The audit run's trial, created RUNNING in the storage and admitted by the study's regime.
 
+    Numbered atomically in the storage, like any trial, and never a queued trial (whose copied attributes, a
+    proxy's say, would count this run on all of the data as something else).
+
     Raises:
       PrivacyError: the ``search_budget`` filter refuses it (the trial is then PRUNED, having read nothing).
     """
@@ -904,6 +895,21 @@ def _admitted(s: Any, regime: Any, target: int, threat_model: str, request: Mech
         s.tell(trial_rec, state=TrialState.PRUNED)
         raise PrivacyError(f"{refusal.replace('the search stops here', 'the audit is refused')}")
     return trial_rec
+
+
+def _audit_config(cfg: Any, target: Any, steps: int, identity: str) -> RunConfig:
+    """The audit run's configuration: the audited trial's, its secret keyed on the audit's own ``identity``."""
+    from dptune.data.augment import Augmentation
+
+    return RunConfig(
+        model=cfg.model, weight_standardization=cfg.weight_standardization,
+        microbatch_size=int(record.get(target, record.MICROBATCH_SIZE) or 128), clipping=cfg.clipping, private=True,
+        init_checkpoint=cfg.init_checkpoint, reinitialize=tuple(cfg.reinitialize),
+        augmentation=Augmentation(**cfg.augmentation.model_dump()), eval_every=max(1, steps // 5),
+        seed=int(record.get(target, record.SEED, cfg.seed)),
+        secret=None if cfg.private_seed is None else SecretSeed.from_int(cfg.private_seed).child(identity),
+        unsafe_ignore_checkpoint_provenance=cfg.unsafe_ignore_checkpoint_provenance,
+    )
 
 
 def _recorded(s: Any, study_name: str, audited: int, trial_rec: Any, result: AuditResult, before: Any) -> AuditResult:
