@@ -30,7 +30,7 @@ _API = {
     "create_study": "dptune.search.study",
     "load_study": "dptune.search.study",
     "optimize": "dptune.search.study",
-    "finalize": "dptune.search.proxy",  # a cheaper-tuning study's final run
+    "finalize": "dptune.search.finalize",  # a cheaper-tuning study's final run
     # reading results, no JAX (dptune.search.results)
     "summarize": "dptune.search.results",
     "search_guarantee": "dptune.search.results",
@@ -91,7 +91,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from dptune.privacy.accounting import default_delta, epsilon, max_steps, noise_for_epsilon
     from dptune.privacy.search_totals import TrialCount, noise_for_search, search_epsilon
     from dptune.privacy.statement import Statement
-    from dptune.search.proxy import finalize
+    from dptune.search.finalize import finalize
     from dptune.search.release import export_model, load_model
     from dptune.search.results import StudySummary, privacy_statement, search_guarantee, summarize, trial_record
     from dptune.search.study import create_study, load_study, optimize

@@ -28,6 +28,7 @@ from dptune.data.datasets import ArraySplit, load_dataset
 from dptune.data.sampling import poisson_batch
 from dptune.errors import ConfigError, PrivacyError
 from dptune.privacy import accounting as privacy
+from dptune.privacy.search_totals import RenyiFilter
 from dptune.search import audit, results, study
 from dptune.trainer.train import Hyperparams, PrivacyBudget, RunConfig
 
@@ -308,7 +309,7 @@ def test_an_audit_refused_by_its_secret_draw_reads_no_data_and_costs_nothing(tmp
 
 def test_filter_refuses_an_audit_beyond_the_search_budget(tmp_path):
     probe, _ = _study(tmp_path / "probe", {"search_budget": {"epsilon": 3.2}})
-    filt = study.RenyiFilter(3.2, DELTA, probe.user_attrs["search_budget"]["order"])
+    filt = RenyiFilter(3.2, DELTA, probe.user_attrs["search_budget"]["order"])
     q = probe.trials[0].user_attrs["sampling_rate"]
     # The first trial was admitted with the most steps the cap allows: no audit run fits beside it.
     most = max(t for t in range(1, 400) if filt.admits([(q, 2.0, t)]))
@@ -325,7 +326,7 @@ def test_an_audit_never_takes_a_queued_trial(tmp_path):
     """A queued retry carries its parent's attributes (a subset proxy's, say): an audit run recorded in it would
     count a run on all of the data as that proxy. The audit's record is a trial of its own."""
     probe, _ = _study(tmp_path / "probe", {"search_budget": {"epsilon": 3.2}})
-    filt = study.RenyiFilter(3.2, DELTA, probe.user_attrs["search_budget"]["order"])
+    filt = RenyiFilter(3.2, DELTA, probe.user_attrs["search_budget"]["order"])
     q = probe.trials[0].user_attrs["sampling_rate"]
     most = max(t for t in range(1, 400) if filt.admits([(q, 2.0, t)]))
     s, storage = _study(tmp_path, {"search_budget": {"epsilon": 3.2}}, admitted_steps=most)

@@ -39,7 +39,8 @@ FORBIDDEN = {
     "inspect": {"jax", "jaxlib", "flax", "optax"},
 }
 # Modules of the search layer that inspection may read (they import no JAX).
-READERS = {"dptune.search.results", "dptune.search.storage", "dptune.search.registry", "dptune.search.orphans"}
+READERS = {"dptune.search.results", "dptune.search.record", "dptune.search.storage", "dptune.search.registry",
+           "dptune.search.orphans"}
 
 
 def layer_of(path: pathlib.Path) -> str:

@@ -272,18 +272,21 @@ def _fmt(v: Any, digits: int = 4) -> str:
 
 def _trial_line(t: Any, numbered: bool = True) -> str:
     """One trial in a line; ``numbered=False`` for private searches, whose trial numbers are internal."""
-    a = t.user_attrs
+    from dptune.search import record
+
+    def of(key: str, default: Any = None) -> Any:
+        return record.get(t, key, default)
+
     state = t.state.name
-    if state == "PRUNED" and "rejected_reason" in a:
+    if state == "PRUNED" and record.is_rejected(t):
         state = "REJECTED"
     params = "  ".join(f"{k}={_fmt(v, 3)}" for k, v in t.params.items())
-    acc = a.get("val_accuracy")
-    eps = a.get("epsilon_spent")
-    reason = a.get("rejected_reason") or (a.get("failed_reason") if state == "FAIL" else None)
+    reason = of(record.REJECTED_REASON) or (of(record.FAILED_REASON) if state == "FAIL" else None)
     tail = f"  ({reason})" if reason else ""
     head = f"trial {t.number:3d} {state:9s}" if numbered else f"trial {state:9s}"
-    return (f"{head} val_acc {_fmt(acc)}  ε {_fmt(eps)}/{_fmt(a.get('epsilon_target'))}  "
-            f"steps {a.get('steps', '-')}  σ {_fmt(a.get('noise_multiplier'), 3)}  {params}{tail}")
+    return (f"{head} val_acc {_fmt(of(record.VAL_ACCURACY))}  ε {_fmt(of(record.EPSILON_SPENT))}/"
+            f"{_fmt(of(record.EPSILON_TARGET))}  steps {of(record.STEPS, '-')}  "
+            f"σ {_fmt(of(record.NOISE_MULTIPLIER), 3)}  {params}{tail}")
 
 
 def cmd_study_create(args: argparse.Namespace) -> int:
@@ -297,7 +300,9 @@ def cmd_study_create(args: argparse.Namespace) -> int:
     if args.json:
         print(_dump(out))
     else:
-        private = created.user_attrs.get("private_search")
+        from dptune.search.record import StudyRecord
+
+        private = StudyRecord.of(created).private_search
         if private:
             print(f"study {out['study_name']!r} in {storage}: private search, total ε = "
                   f"{private['total_epsilon']:.4g} (δ = {out['delta']:g}) over a secret number of trials drawn "
@@ -415,10 +420,11 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from dptune.inspect import export
+    from dptune.search.record import StudyRecord
 
     studies = _load_studies(args.study_name, args.storage)
     for s in studies:
-        if "private_search" in s.user_attrs:
+        if StudyRecord.of(s).private_search is not None:
             print(f"dptune: INTERNAL: {s.study_name!r} is a private search; its trial numbers and count reveal the "
                   "secret K — do not publish this export", file=sys.stderr)
     if args.to:
@@ -433,7 +439,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def _optimize_pool(args: argparse.Namespace, console: Any) -> int:
     from dptune.config import schema as config
     from dptune.inspect import dashboard
-    from dptune.search import study, workers
+    from dptune.search import record, study, workers
     from dptune.search.watch import StudyWatch
 
     storage = args.storage or config.default_storage(args.study_name)
@@ -453,7 +459,7 @@ def _optimize_pool(args: argparse.Namespace, console: Any) -> int:
                 report(event)
 
         def on_trial(t: Any) -> None:
-            if "skipped_reason" not in t.user_attrs:
+            if not record.is_skipped(t):
                 watch(watched, t)
 
         code = workers.run_pool(args.study_name, storage, workers=args.workers, n_trials=args.n_trials,
@@ -468,17 +474,51 @@ def _optimize_pool(args: argparse.Namespace, console: Any) -> int:
     return code
 
 
+def _headline(g: Any) -> str:
+    """The search's ε in one line (rich markup), from its :class:`~dptune.search.regimes.Guarantee`."""
+    f = g.figures
+    if not g.private:
+        return f"[bold]No privacy guarantee[/]: {g.text}"
+    if g.secret_count:
+        return (f"[bold]ε of the released best model: {g.epsilon:.4g}[/] (δ = {g.delta:g}; "
+                f"each trial alone: {g.per_trial_epsilon:.4g})"
+                + ("" if g.valid else " — [bold]EXCEEDED, INVALID[/]: see the statement"))
+    head = f"[bold]ε of the released best model after this search: {_fmt(g.epsilon)}[/] (δ = {_fmt(g.delta)}"
+    if g.capped:
+        return (f"{head}, a cap enforced before each trial; per-trial target {_fmt(g.per_trial_epsilon)}; the "
+                f"trials so far compose to {_fmt(f['accounted_epsilon'])})")
+    return (f"{head}; per-trial target {_fmt(g.per_trial_epsilon)}; PLD "
+            f"{_fmt(f['total_epsilon_pld_if_nonadaptive'])} if the trials had been fixed in advance)")
+
+
+def _print_tuning(c: Any, g: dict[str, Any]) -> None:
+    """A cheaper-tuning study's proxies, compute and released final run."""
+    w = g["compute"]
+    f = g.get("final")
+    c.print(f"search mode {g['search_mode']}: proxies composed ε = {_fmt(g['proxy_epsilon'])}; compute "
+            f"{w['proxy_examples']:,} examples ({w['proxy_steps']} steps) in proxies, {w['final_examples']:,} "
+            f"({w['final_steps']} steps) in the final run")
+    if f is None:
+        c.print("not finalized: run dptune study finalize to train the released model"
+                + ("" if g["best_proxy"] is None else f" (best proxy: trial {g['best_proxy']['trial']}, "
+                   f"validation {_fmt(g['best_proxy']['value'])})"))
+    else:
+        c.print(f"[bold]released model[/] (final run, trial {f['trial']}, from proxy {f['from_trial']}): test "
+                f"accuracy {_fmt(f['test_accuracy'])}, its own ε {_fmt(f['epsilon'])}")
+
+
 def _print_summary(summary: Any, internal: bool = False) -> None:
     from rich.console import Console
 
-    from dptune.search import results
+    from dptune.search import record, results
 
     c = Console(soft_wrap=True)
     g = summary.search
     private_search = summary.private_search and not internal
     if private_search:
         # The trial count and numbers would reveal K, on which the bound rests.
-        c.print(f"[bold]{summary.name}[/]: private search — {'complete' if g['complete'] else 'INCOMPLETE'}. "
+        state = "complete" if summary.guarantee.complete else "INCOMPLETE"
+        c.print(f"[bold]{summary.name}[/]: private search — {state}. "
                 "Shown: what may be released with the best model (--internal shows K and every count; the "
                 "storage itself is internal).")
     else:
@@ -489,54 +529,31 @@ def _print_summary(summary: Any, internal: bool = False) -> None:
                 f"failed; {summary.trial_steps} trial-steps and {summary.examples_processed:,} examples processed "
                 "in all")
     # The guarantee in words follows in the privacy statement; here the headline figures.
-    if g["mode"] == "non_private":
-        c.print(f"[bold]No privacy guarantee[/]: {g['guarantee']}")
-    elif g["mode"] == "private_search":
-        c.print(f"[bold]ε of the released best model: {g['total_epsilon']:.4g}[/] (δ = {g['delta']:g}; "
-                f"each trial alone: {g['per_trial_epsilon']:.4g})"
-                + ("" if g["valid"] else " — [bold]EXCEEDED, INVALID[/]: see the statement"))
-    elif g["mode"] == "filter":
-        c.print(f"[bold]ε of the released best model after this search: {_fmt(g['total_epsilon'])}[/] "
-                f"(δ = {_fmt(g['delta'])}, a cap enforced before each trial; per-trial target "
-                f"{_fmt(g['per_trial_epsilon'])}; the trials so far compose to {_fmt(g['accounted_epsilon'])})")
-    else:
-        c.print(f"[bold]ε of the released best model after this search: {_fmt(g['total_epsilon'])}[/] "
-                f"(δ = {_fmt(g['delta'])}; per-trial target {_fmt(g['per_trial_epsilon'])}; PLD "
-                f"{_fmt(g['total_epsilon_pld_if_nonadaptive'])} if the trials had been fixed in advance)")
-    if g.get("search_mode"):  # issue #20: a cheaper-tuning study
-        w = g["compute"]
-        f = g.get("final")
-        c.print(f"search mode {g['search_mode']}: proxies composed ε = {_fmt(g['proxy_epsilon'])}; compute "
-                f"{w['proxy_examples']:,} examples ({w['proxy_steps']} steps) in proxies, {w['final_examples']:,} "
-                f"({w['final_steps']} steps) in the final run")
-        if f is None:
-            c.print("not finalized: run dptune study finalize to train the released model"
-                    + ("" if g["best_proxy"] is None else f" (best proxy: trial {g['best_proxy']['trial']}, "
-                       f"validation {_fmt(g['best_proxy']['value'])})"))
-        else:
-            c.print(f"[bold]released model[/] (final run, trial {f['trial']}, from proxy {f['from_trial']}): test "
-                    f"accuracy {_fmt(f['test_accuracy'])}, its own ε {_fmt(f['epsilon'])}")
+    c.print(_headline(summary.guarantee))
+    if summary.guarantee.tuning is not None:
+        _print_tuning(c, g)
     b = summary.best
     if b is None:
         c.print("no completed trial yet")
         return
     which = "best trial" if private_search else f"best trial {b['number']}"
     c.print(f"{which}: validation accuracy {b['value']:.4f}, test accuracy "
-            f"{_fmt(b.get('test_accuracy'))}, ε spent {_fmt(b.get('epsilon_spent'))}, {b.get('steps')} steps "
-            f"({_fmt(b.get('epochs'), 3)} epochs)")
+            f"{_fmt(b.get(record.TEST_ACCURACY))}, ε spent {_fmt(b.get(record.EPSILON_SPENT))}, "
+            f"{b.get(record.STEPS)} steps ({_fmt(b.get('epochs'), 3)} epochs)")
     c.print("  " + results.interval_text(b, private_search))
     c.print("  " + "  ".join(f"{k}={_fmt(b.get(k), 4)}" for k in
-                             ("batch_size", "learning_rate", "clip_norm", "noise_multiplier", "sampling_rate")))
+                             (record.BATCH_SIZE, record.LEARNING_RATE, record.CLIP_NORM, record.NOISE_MULTIPLIER,
+                              record.SAMPLING_RATE)))
 
 
 def cmd_study_finalize(args: argparse.Namespace) -> int:
-    """``dptune study finalize NAME``: a cheaper-tuning study's final run, then its summary (issue #20)."""
+    """``dptune study finalize NAME``: a cheaper-tuning study's final run, then its summary."""
     from dptune import interrupt
-    from dptune.search import proxy
+    from dptune.search.finalize import finalize
 
     try:
         with interrupt.handled(), _reporting(args) as report:
-            study = proxy.finalize(args.study_name, args.storage, progress=report)
+            study = finalize(args.study_name, args.storage, progress=report)
     except KeyboardInterrupt as e:
         print(f"dptune: interrupted by {interrupt.signal_name(e)}: the final run was marked FAIL (counted at its "
               "planned steps if it read the data); run dptune study finalize again", file=sys.stderr, flush=True)

@@ -13,7 +13,8 @@ import optuna_dashboard
 
 from dptune.errors import ConfigError
 from dptune.inspect import figures
-from dptune.search.results import CONFIG_ATTR, coverage, summarize
+from dptune.search.record import StudyRecord
+from dptune.search.results import coverage, summarize
 from dptune.search.storage import backend
 
 
@@ -40,7 +41,7 @@ def study_note(study: optuna.Study) -> str:
         "",
         "## Configuration",
         "```json",
-        json.dumps(study.user_attrs.get(CONFIG_ATTR, {}), indent=2),
+        json.dumps(StudyRecord.of(study).config, indent=2),
         "```",
     ]
     return "\n".join(lines)
@@ -69,7 +70,7 @@ def publish(study: optuna.Study) -> list[str]:
     optuna_dashboard.save_note(study, study_note(study))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        study.set_metric_names([study.user_attrs.get(CONFIG_ATTR, {}).get("study", {}).get("objective", {}).get(
+        study.set_metric_names([StudyRecord.of(study).study_config.get("objective", {}).get(
             "metric", "val_accuracy")])
     line = headline(study)
     ids = []

@@ -14,22 +14,25 @@ import optuna
 import plotly.graph_objects as go
 from optuna.trial import TrialState
 
+import dptune.search.record as record
+from dptune.search.record import StudyRecord
+
 _COLORS = {"COMPLETE": "#1f77b4", "PRUNED": "#ff7f0e", "FAIL": "#d62728", "RUNNING": "#7f7f7f"}
 
 
 def _trained(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     """Trials that trained (not rejected before training) and reached an evaluation."""
     return [t for t in study.get_trials(deepcopy=False)
-            if "rejected_reason" not in t.user_attrs and t.user_attrs.get("val_accuracy") is not None]
+            if not record.is_rejected(t) and record.get(t, record.VAL_ACCURACY) is not None]
 
 
 def _scatter(study: optuna.Study, x_attr: str, x_title: str, log_x: bool = False) -> go.Figure:
     fig = go.Figure()
     for state in ("COMPLETE", "PRUNED"):
-        ts = [t for t in _trained(study) if t.state.name == state and t.user_attrs.get(x_attr) is not None]
+        ts = [t for t in _trained(study) if t.state.name == state and record.get(t, x_attr) is not None]
         fig.add_trace(go.Scatter(
-            x=[t.user_attrs[x_attr] for t in ts],
-            y=[t.user_attrs["val_accuracy"] for t in ts],
+            x=[record.get(t, x_attr) for t in ts],
+            y=[record.get(t, record.VAL_ACCURACY) for t in ts],
             mode="markers", name=state.lower(), marker={"color": _COLORS[state], "size": 9},
             text=[f"trial {t.number}" for t in ts],
         ))
@@ -39,19 +42,19 @@ def _scatter(study: optuna.Study, x_attr: str, x_title: str, log_x: bool = False
 
 
 def accuracy_vs_epsilon(study: optuna.Study) -> go.Figure:
-    fig = _scatter(study, "epsilon_spent", "ε spent")
-    target = study.user_attrs.get("epsilon_target")
+    fig = _scatter(study, record.EPSILON_SPENT, "ε spent")
+    target = StudyRecord.of(study).epsilon_target
     if target is not None:
         fig.add_vline(x=target, line_dash="dash", annotation_text=f"ε target {target:g}")
     return fig
 
 
 def accuracy_vs_batch_size(study: optuna.Study) -> go.Figure:
-    return _scatter(study, "batch_size", "expected batch size B", log_x=True)
+    return _scatter(study, record.BATCH_SIZE, "expected batch size B", log_x=True)
 
 
 def accuracy_vs_noise(study: optuna.Study) -> go.Figure:
-    return _scatter(study, "noise_multiplier", "noise multiplier σ", log_x=True)
+    return _scatter(study, record.NOISE_MULTIPLIER, "noise multiplier σ", log_x=True)
 
 
 def learning_curves(study: optuna.Study) -> go.Figure:

@@ -13,9 +13,11 @@ import optuna
 import plotly.graph_objects as go
 import plotly.offline
 
+import dptune.search.record as record
 from dptune.errors import ConfigError
 from dptune.inspect import figures
-from dptune.search.results import CONFIG_ATTR, coverage, fmt, interval_text, shown_record, summarize
+from dptune.search.record import StudyRecord
+from dptune.search.results import coverage, fmt, interval_text, shown_record, summarize
 
 TOP = 10
 
@@ -32,8 +34,7 @@ def _top_table(study: optuna.Study) -> str:
     trials = sorted((t for t in study.get_trials(deepcopy=False) if t.value is not None),
                     key=lambda t: cast(float, t.value), reverse=True)[:TOP]
     # A pruned trial's value is its accuracy when it was stopped, not a finished run's: the state says which.
-    cols = ["number", "state", "value", "test_accuracy", "epsilon_spent", "epsilon_target", "delta", "batch_size",
-            "learning_rate", "clip_norm", "noise_multiplier", "steps", "epochs", "examples_per_second"]
+    cols = ["number", "state", "value", *record.TOP_TABLE]
     head = "".join(f"<th>{c}</th>" for c in ["trial", "state", "val acc"] + cols[3:])
     body = []
     for t in trials:
@@ -55,7 +56,7 @@ def _study_section(study: optuna.Study, index: int) -> str:
         f"<p>{s.n_trials} trials: {s.complete} complete, {s.pruned} pruned, {s.rejected} rejected before training, "
         f"{s.failed} failed; {s.trial_steps} trial-steps. Accuracies: validation split unless marked test.</p>",
     ]
-    if g.get("search_mode"):  # issue #20: a cheaper-tuning study, its compute and its released final run
+    if s.guarantee.tuning is not None:  # a cheaper-tuning study: its compute and its released final run
         w, f = g["compute"], g.get("final")
         parts.append(f"<p><b>Search mode {html.escape(g['search_mode'])}:</b> proxies composed ε "
                      f"{_fmt(g['proxy_epsilon'])}; {w['proxy_examples']:,} examples ({w['proxy_steps']} steps) in "
@@ -77,23 +78,23 @@ def _study_section(study: optuna.Study, index: int) -> str:
     for j, (title, fig) in enumerate(figs.items()):
         parts.append(f"<h3>{html.escape(title)}</h3>" + _fig_html(fig, f"fig-{index}-{j}"))
     parts.append("<h3>Configuration</h3><pre>"
-                 + html.escape(json.dumps(study.user_attrs.get(CONFIG_ATTR, {}), indent=2)) + "</pre>")
+                 + html.escape(json.dumps(StudyRecord.of(study).config, indent=2)) + "</pre>")
     return "\n".join(parts)
 
 
 def _comparison_table(studies: Sequence[optuna.Study]) -> str:
-    """One row per study (issue #20): how it tuned, what it releases, at what total ε and for what compute."""
+    """One row per study: how it tuned, what it releases, at what total ε and for what compute."""
     head = ("<tr><th>study</th><th>search mode</th><th>released model's test accuracy</th><th>total ε</th>"
             "<th>examples processed (tuning / final)</th><th>trial-steps</th></tr>")
     rows = []
     for st in studies:
         s = summarize(st)
         g = s.search
-        mode = g.get("search_mode") or ("non-private" if s.non_private else f"ordinary ({g.get('mode')})")
+        mode = s.guarantee.tuning or ("non-private" if s.non_private else f"ordinary ({g.get('mode')})")
         if s.private_search:
             # What a private search may publish: nothing that adds up over its secret number of trials.
             compute, steps = "(secret: reveals K)", "(secret)"
-        elif "compute" in g:
+        elif s.guarantee.tuning is not None:
             w = g["compute"]
             compute, steps = f"{w['proxy_examples']:,} / {w['final_examples']:,}", f"{s.trial_steps:,}"
         else:

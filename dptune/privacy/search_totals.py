@@ -46,6 +46,7 @@ from scipy import optimize, special
 from dptune.choices import TrialDistribution
 from dptune.errors import PrivacyError
 from dptune.privacy import accounting as privacy
+from dptune.privacy.mechanism import Mechanism, MechanismLike
 
 Distribution = TrialDistribution
 DISTRIBUTIONS: tuple[str, ...] = tuple(c.value for c in TrialDistribution)
@@ -122,7 +123,7 @@ def repeat_and_select_event(trial: dp_event.DpEvent, count: TrialCount) -> dp_ev
 
 
 def search_epsilon(sampling_rate: float, noise_multiplier: float, steps: int, delta: float,
-                   count: TrialCount, prior: Iterable[tuple[float, float, int]] = ()) -> float:
+                   count: TrialCount, prior: Iterable[Mechanism] = ()) -> float:
     """ε of a private search whose every trial is DP-SGD(q, σ, T) (RDP accountant).
 
     ``prior``: earlier DP-SGD runs (q, σ, T) on the same data, e.g. the
@@ -136,7 +137,7 @@ def search_epsilon(sampling_rate: float, noise_multiplier: float, steps: int, de
 
 
 def noise_for_search(sampling_rate: float, steps: int, total_epsilon: float, delta: float,
-                     count: TrialCount, prior: Iterable[tuple[float, float, int]] = ()) -> float:
+                     count: TrialCount, prior: Iterable[Mechanism] = ()) -> float:
     """The σ every trial needs so that the whole search (with ``prior`` runs composed) spends ≤ ``total_epsilon``."""
     privacy.validate(sampling_rate=sampling_rate, steps=steps, delta=delta, epsilon=total_epsilon)
     before = [privacy.dpsgd_event(q, s, int(t)) for q, s, t in prior]
@@ -156,22 +157,22 @@ def naive_epsilon(sampling_rate: float, noise_multiplier: float, steps: int, del
     return float(acc.compose(event).get_epsilon(delta))
 
 
-def composed_epsilon(trials: Iterable[tuple[float, float, int]], delta: float) -> dict[str, float]:
-    """ε of all trials (q, σ, steps) that touched the data, composed.
+def composed_epsilon(trials: Iterable[MechanismLike], delta: float) -> dict[str, float]:
+    """ε of all trials that touched the data (their mechanisms), composed.
 
     ``rdp`` holds under adaptive choice of the trials (the guarantee dptune
     reports); ``pld`` is tighter but assumes the trials were fixed in advance.
     Cached: a study's summary, note and report ask for the same composition.
     """
-    return dict(_composed(tuple((float(q), float(s), int(t)) for q, s, t in trials), delta))
+    return dict(_composed(tuple(Mechanism.of(m) for m in trials), delta))
 
 
 @functools.lru_cache(maxsize=64)
-def _composed(trials: tuple[tuple[float, float, int], ...], delta: float) -> tuple[tuple[str, float], ...]:
+def _composed(trials: tuple[Mechanism, ...], delta: float) -> tuple[tuple[str, float], ...]:
     return tuple(_compose(trials, delta).items())
 
 
-def _compose(trials: tuple[tuple[float, float, int], ...], delta: float) -> dict[str, float]:
+def _compose(trials: tuple[Mechanism, ...], delta: float) -> dict[str, float]:
     events = [privacy.dpsgd_event(q, s, int(t)) for q, s, t in trials if t > 0]
     if not events:
         return {"rdp": 0.0, "pld": 0.0}
@@ -212,8 +213,8 @@ def amplified_by_subset(epsilon: float, delta: float, fraction: float) -> tuple[
     return math.log1p(fraction * math.expm1(epsilon)), fraction * delta
 
 
-def subset_tuning_epsilon(cap: RenyiFilter, rest: Iterable[tuple[float, float, int]], fraction: float,
-                          delta: float, before: Iterable[tuple[float, float, int]] = ()) -> dict[str, float]:
+def subset_tuning_epsilon(cap: RenyiFilter, rest: Iterable[Mechanism], fraction: float,
+                          delta: float, before: Iterable[Mechanism] = ()) -> dict[str, float]:
     """ε of tuning on one secret Poisson subset under a cap fixed in advance, then training on all of the data.
 
     Every tuning run read the same subset, each example in it independently
@@ -240,10 +241,11 @@ def subset_tuning_epsilon(cap: RenyiFilter, rest: Iterable[tuple[float, float, i
     Returns:
       ``{"tuning_cap_on_subset", "tuning", "before", "rest", "total"}`` (the ε of each part and of the whole).
     """
-    rest, before = tuple(r for r in rest if r[2] > 0), tuple(b for b in before if b[2] > 0)
+    rest = tuple(Mechanism.of(r) for r in rest if r[2] > 0)
+    before = tuple(Mechanism.of(b) for b in before if b[2] > 0)
     share = delta / (3 if before else 2)
 
-    def part(runs: tuple[tuple[float, float, int], ...]) -> float:
+    def part(runs: tuple[Mechanism, ...]) -> float:
         eps = composed_epsilon(runs, share)
         return eps["pld"] if len(runs) == 1 else eps["rdp"]
 
@@ -280,7 +282,7 @@ class RenyiFilter:
     delta: float
     order: float
 
-    def spent(self, trials: Iterable[tuple[float, float, int]]) -> float:
+    def spent(self, trials: Iterable[Mechanism]) -> float:
         """ε at δ of the trials (q, σ, T), by the single-order RDP conversion of this filter."""
         events = [privacy.dpsgd_event(q, s, int(t)) for q, s, t in trials if t > 0]
         if not events:
@@ -309,6 +311,6 @@ class RenyiFilter:
                   -math.log1p(-self.delta ** 2))
         return float(compute_epsilon([a], [rho], delta)[0])
 
-    def admits(self, trials: Iterable[tuple[float, float, int]]) -> bool:
+    def admits(self, trials: Iterable[Mechanism]) -> bool:
         """Whether these trials together stay within the cap."""
         return self.spent(trials) <= self.epsilon

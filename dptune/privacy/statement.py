@@ -13,6 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from dptune.privacy.mechanism import Mechanism
+
+__all__ = ["COVERAGE", "PUBLIC", "USER_CODE", "Mechanism", "Statement"]
+
 USER_CODE = ("the user's model, loss and data loader (named by import path) hold no private data of their own: "
              "only the training examples they are given are protected")
 COVERAGE = ("The ε covers the training examples only: the validation and test examples used to select, prune "
@@ -27,15 +31,6 @@ PUBLIC = ("Treated as public: the training-set size N and the split sizes, the n
 
 def _fmt(v: float) -> str:
     return f"{v:.4g}"
-
-
-@dataclass(frozen=True)
-class Mechanism:
-    """One DP-SGD run as the accountant sees it."""
-
-    sampling_rate: float
-    noise_multiplier: float
-    steps: int
 
 
 @dataclass(frozen=True)
@@ -88,6 +83,6 @@ class Statement:
             "epsilon": self.epsilon, "delta": self.delta, "accountant": self.accountant,
             "adjacency": "add_or_remove_one_example", "sampling": "poisson",
             "dataset": self.dataset, "dataset_size": self.dataset_size,
-            "mechanism": None if self.mechanism is None else self.mechanism.__dict__,
+            "mechanism": None if self.mechanism is None else self.mechanism.as_dict(),
             "covers": "training examples only", "text": self.text(),
         }

@@ -75,7 +75,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -91,8 +91,11 @@ from dptune.data.datasets import Dataset
 from dptune.errors import ConfigError, PrivacyError
 from dptune.models import checkpoint, freezing
 from dptune.models.builtin import build_model
+from dptune.privacy.mechanism import Mechanism
 from dptune.progress import Reporter
 from dptune.randomness import SecretSeed
+from dptune.search import record
+from dptune.search.record import StudyRecord
 from dptune.trainer import dp_step
 from dptune.trainer.run import check_model
 from dptune.trainer.train import Hyperparams, PrivacyBudget, RunConfig, train_and_evaluate
@@ -668,11 +671,11 @@ def _pick_trial(study: Any, number: int | None) -> Any:
     from dptune.search import modes
 
     trials = study.get_trials(deepcopy=False)
-    mode = study.user_attrs.get(modes.MODE_ATTR)
+    mode = StudyRecord.of(study).search_mode
     if number is None and mode is not None:
         return _released_final(study, trials, mode)
     if number is None:
-        done = [t for t in trials if t.state == TrialState.COMPLETE and "audit_of" not in t.user_attrs]
+        done = [t for t in trials if t.state == TrialState.COMPLETE and not record.is_audit(t)]
         if not done:
             raise ConfigError("trial", f"study {study.study_name!r} has no completed trial to audit")
         return max(done, key=lambda t: t.value)
@@ -681,14 +684,14 @@ def _pick_trial(study: Any, number: int | None) -> Any:
         raise ConfigError("trial", f"study {study.study_name!r} has no trial {number} "
                           f"(trials 0 … {len(trials) - 1})")
     t = match[0]
-    if "audit_of" in t.user_attrs:
-        raise ConfigError("trial", f"trial {number} is itself an audit (of trial {t.user_attrs['audit_of']})")
+    if record.is_audit(t):
+        raise ConfigError("trial", f"trial {number} is itself an audit (of trial {record.get(t, record.AUDIT_OF)})")
     if mode is not None and modes.is_proxy(t):
         # A proxy ran another mechanism than its hyperparameters say on the private data (public data, a subset,
         # or B/k of a batch planned elsewhere): re-run there, its q could even exceed 1.
         raise ConfigError("trial", f"trial {number} is a proxy of search mode {mode['mode']}, not a run this study "
                           "releases; leave --trial out to audit the final run")
-    if not t.user_attrs.get("steps") or "sampling_rate" not in t.user_attrs:
+    if not record.get(t, record.STEPS) or not record.has(t, record.SAMPLING_RATE):
         raise ConfigError("trial", f"trial {number} did not train (state {t.state.name}); pick one that ran")
     return t
 
@@ -808,97 +811,126 @@ def audit_study(
         not finalized yet.
       PrivacyError: a private search, or the filter refuses the run.
     """
-    import optuna
     from optuna.trial import TrialState
 
-    from dptune.data.augment import Augmentation
-    from dptune.privacy.search_totals import RenyiFilter
-    from dptune.search import objective, orphans, proxy, release, results
+    from dptune.search import orphans, release
     from dptune.search import study as study_lib
+    from dptune.search.regimes import study_guarantee
     from dptune.trainer.run import dataset_of
 
     s, resolved = study_lib.load(study_name, storage)
     cfg = resolved.study
-    if s.user_attrs.get("non_private"):
-        raise ConfigError("study_name", f"{study_name!r} is a non-private baseline: it claims no ε to audit")
-    if s.user_attrs.get("private_search") is not None:
-        raise PrivacyError(f"study_name: {study_name!r} is a private search (a secret number of trials, only the "
-                           "best released); an audit run is one more run on the data and would void that bound. "
-                           "Audit the same hyperparameters with explicit flags on data you do not protect.")
-    if faults.active():
-        raise PrivacyError(f"fault: the test-only fault {faults.active()!r} is active; it is never run on a study")
+    rec = StudyRecord.of(s)
+    regime = _auditable(s, rec)
     orphans.reap_dead_workers(s)
     target = _pick_trial(s, trial_number)
-    a = target.user_attrs
-    fields = {f for f in Hyperparams.__dataclass_fields__}
-    hp = Hyperparams(**{k: a[k] for k in fields if k in a})
-    steps = int(a["steps"])
+    hp = Hyperparams(**record.hparams_of(target, Hyperparams.__dataclass_fields__))
+    steps = int(record.get(target, record.STEPS))
     dataset = dataset_of(cfg)
     check_model(cfg, dataset)  # a user's model is checked again: its code may have changed since create
-    delta = float(s.user_attrs["delta"])
-    before = results.search_guarantee(s)
-    budget = PrivacyBudget(float(a.get("epsilon_target", 100.0)), delta,
-                           "pld" if a.get("accountant") == "pld" else "rdp")
-
-    # Numbered atomically in the storage, like any trial, and never a queued trial (whose copied attributes, a
-    # proxy's say, would count this run on all of the data as something else).
+    delta = float(cast(float, rec.delta))
+    before = study_guarantee(s)
+    budget = PrivacyBudget(float(record.get(target, record.EPSILON_TARGET, 100.0)), delta,
+                           "pld" if record.get(target, record.ACCOUNTANT) == "pld" else "rdp")
     check_request(threat_model, canaries, confidence, len(dataset.train))
     if threat_model == "white-box":
         white_box_room(cfg.model, dataset.num_classes, dataset.image_shape, hp.trainable, canaries, canary_seed,
                        weight_standardization=cfg.weight_standardization)
-    record = optuna.Trial(s, proxy.start_trial(s, {"audit_of": target.number, "audit_threat_model": threat_model,
-                                                   "touched_data": False,
-                                                   orphans.WORKER_ATTR: orphans.worker_identity()}))
     q = hp.batch_size / len(dataset.train)
     # Black-box canaries enlarge N, so the run's q is at most this: a conservative request.
-    request = (q, hp.noise_multiplier, steps)
-    cap = s.user_attrs.get("search_budget")
-    if cap is not None:
-        prior = [(float(x), float(y), int(z)) for x, y, z in s.user_attrs.get("prior_privacy_events", [])]
-        refusal = objective.admit(record, request, RenyiFilter(cap["epsilon"], delta, cap["order"]), prior)
-        if refusal is not None:
-            s.tell(record, state=TrialState.PRUNED)
-            raise PrivacyError(f"{refusal.replace('the search stops here', 'the audit is refused')}")
-    config = RunConfig(
-        model=cfg.model, weight_standardization=cfg.weight_standardization,
-        microbatch_size=int(a.get("microbatch_size") or 128), clipping=cfg.clipping, private=True,
-        init_checkpoint=cfg.init_checkpoint, reinitialize=tuple(cfg.reinitialize),
-        augmentation=Augmentation(**cfg.augmentation.model_dump()), eval_every=max(1, steps // 5),
-        seed=int(a.get("seed", cfg.seed)),
-        secret=None if cfg.private_seed is None else SecretSeed.from_int(cfg.private_seed).child(
-            f"study {study_name} {release.study_id(s, storage)} audit {record.number}"),
-        unsafe_ignore_checkpoint_provenance=cfg.unsafe_ignore_checkpoint_provenance,
-    )
-    for key, value in (("sampling_rate", q), ("noise_multiplier", hp.noise_multiplier), ("planned_steps", steps),
-                       ("clip_norm", hp.clip_norm), ("batch_size", hp.batch_size)):
-        record.set_user_attr(key, value)
+    trial_rec = _admitted(s, regime, target.number, threat_model, Mechanism(q, hp.noise_multiplier, steps))
+    config = _audit_config(cfg, target, steps, f"study {study_name} {release.study_id(s, storage)} audit "
+                                               f"{trial_rec.number}")
+    record.set_all(trial_rec, record.audit_plan_attrs(q, hp.noise_multiplier, steps, hp.clip_norm, hp.batch_size))
     try:
         result = run_audit(dataset, hp, steps, config=config, budget=budget, threat_model=threat_model,
                            canaries=canaries, canary_seed=canary_seed, confidence=confidence, progress=progress,
-                           training=lambda: record.set_user_attr("touched_data", True), events=events)
+                           training=lambda: trial_rec.set_user_attr(record.TOUCHED_DATA, True), events=events)
     except BaseException as e:
         # Once it has read the data it stays counted at its planned steps; a refusal before that costs nothing.
-        record.set_user_attr("failed_reason", f"{type(e).__name__}: {e}".strip())
-        s.tell(record, state=TrialState.FAIL)
+        trial_rec.set_user_attr(record.FAILED_REASON, f"{type(e).__name__}: {e}".strip())
+        s.tell(trial_rec, state=TrialState.FAIL)
         raise
-    for key, value in (("steps", result.steps), ("sampling_rate", result.sampling_rate),
-                       ("epsilon_spent", result.claimed_epsilon), ("training_examples", result.training_examples),
-                       ("audit_epsilon_lower_bound", result.epsilon_lower_bound),
-                       ("audit_epsilon_lower_bound_fdp", result.epsilon_lower_bound_fdp),
-                       ("audit_max_lower_bound", result.max_lower_bound), ("audit_canaries", result.canaries),
-                       ("audit_exceeds_claim", result.exceeds_claim)):
-        record.set_user_attr(key, value)
-    s.tell(record, state=TrialState.PRUNED)
-    after = results.search_guarantee(s)
-    result.study = {"name": study_name, "trial_audited": target.number, "audit_trial": record.number,
-                    "mode": after["mode"], "search_epsilon_before": before["total_epsilon"],
-                    "search_epsilon_after": after["total_epsilon"]}
-    if after["mode"] == "filter":
+    return _recorded(s, study_name, target.number, trial_rec, result, before)
+
+
+def _auditable(s: Any, rec: StudyRecord) -> Any:
+    """The study's regime, if an audit run may be added to it.
+
+    Raises:
+      ConfigError: a non-private study (it claims no ε to audit).
+      PrivacyError: a private search (one more run on the data voids its bound), or a test-only fault is active.
+    """
+    from dptune.search.regimes import regime_of
+
+    regime = regime_of(rec)
+    if not regime.private:
+        raise ConfigError("study_name", f"{s.study_name!r} is a non-private baseline: it claims no ε to audit")
+    if regime.secret_count:
+        raise PrivacyError(f"study_name: {s.study_name!r} is a private search (a secret number of trials, only "
+                           "the best released); an audit run is one more run on the data and would void that "
+                           "bound. Audit the same hyperparameters with explicit flags on data you do not protect.")
+    if faults.active():
+        raise PrivacyError(f"fault: the test-only fault {faults.active()!r} is active; it is never run on a study")
+    return regime
+
+
+def _admitted(s: Any, regime: Any, target: int, threat_model: str, request: Mechanism) -> Any:
+    """The audit run's trial, created RUNNING in the storage and admitted by the study's regime.
+
+    Numbered atomically in the storage, like any trial, and never a queued trial (whose copied attributes, a
+    proxy's say, would count this run on all of the data as something else).
+
+    Raises:
+      PrivacyError: the ``search_budget`` filter refuses it (the trial is then PRUNED, having read nothing).
+    """
+    import optuna
+    from optuna.trial import TrialState
+
+    from dptune.search import orphans, proxy
+
+    trial_rec = optuna.Trial(s, proxy.start_trial(s, record.audit_start_attrs(target, threat_model,
+                                                                               orphans.worker_identity())))
+    refusal = regime.admit(trial_rec, request)  # a search_budget's filter counts the audit like a trial
+    if refusal is not None:
+        s.tell(trial_rec, state=TrialState.PRUNED)
+        raise PrivacyError(f"{refusal.replace('the search stops here', 'the audit is refused')}")
+    return trial_rec
+
+
+def _audit_config(cfg: Any, target: Any, steps: int, identity: str) -> RunConfig:
+    """The audit run's configuration: the audited trial's, its secret keyed on the audit's own ``identity``."""
+    from dptune.data.augment import Augmentation
+
+    return RunConfig(
+        model=cfg.model, weight_standardization=cfg.weight_standardization,
+        microbatch_size=int(record.get(target, record.MICROBATCH_SIZE) or 128), clipping=cfg.clipping, private=True,
+        init_checkpoint=cfg.init_checkpoint, reinitialize=tuple(cfg.reinitialize),
+        augmentation=Augmentation(**cfg.augmentation.model_dump()), eval_every=max(1, steps // 5),
+        seed=int(record.get(target, record.SEED, cfg.seed)),
+        secret=None if cfg.private_seed is None else SecretSeed.from_int(cfg.private_seed).child(identity),
+        unsafe_ignore_checkpoint_provenance=cfg.unsafe_ignore_checkpoint_provenance,
+    )
+
+
+def _recorded(s: Any, study_name: str, audited: int, trial_rec: Any, result: AuditResult, before: Any) -> AuditResult:
+    """The audit run's outcome written to the study, and the search's ε before and after it in the result."""
+    from optuna.trial import TrialState
+
+    from dptune.search.regimes import study_guarantee
+
+    record.set_all(trial_rec, record.audit_result_attrs(result))
+    s.tell(trial_rec, state=TrialState.PRUNED)
+    after = study_guarantee(s)
+    result.study = {"name": study_name, "trial_audited": audited, "audit_trial": trial_rec.number,
+                    "mode": after.figures["mode"], "search_epsilon_before": before.epsilon,
+                    "search_epsilon_after": after.epsilon}
+    if after.capped:
         counted = (f"the study's privacy filter admitted it; the search stays within its cap "
-                   f"ε = {after['total_epsilon']:g} (accounted ε now {after['accounted_epsilon']:.4g})")
+                   f"ε = {after.epsilon:g} (accounted ε now {after.figures['accounted_epsilon']:.4g})")
     else:
-        counted = (f"the search's total ε went from {before['total_epsilon']:.4g} to {after['total_epsilon']:.4g}")
-    result.notes.append(f"This audit trained on the study's private data: it is recorded as trial {record.number} "
-                        f"of {study_name!r} (audit of trial {target.number}) and counts in the search total; "
+        counted = f"the search's total ε went from {before.epsilon:.4g} to {after.epsilon:.4g}"
+    result.notes.append(f"This audit trained on the study's private data: it is recorded as trial {trial_rec.number} "
+                        f"of {study_name!r} (audit of trial {audited}) and counts in the search total; "
                         f"{counted}.")
     return result

@@ -1,8 +1,8 @@
-"""Cheaper tuning (issue #20): tune on something cheaper than the released run, then one final run.
+"""Cheaper tuning: tune on something cheaper than the released run, then one final run.
 
 A study with ``search: {mode: …}`` runs *proxy* trials, each a cheaper stand-in
 for a full DP-SGD run of the hyperparameters it sampled, then (``dptune study
-finalize``, :func:`dptune.search.proxy.finalize`) ONE final run on the private
+finalize``, :func:`dptune.search.finalize.finalize`) ONE final run on the private
 data with the best proxy's hyperparameters, transferred by the rule of the
 mode. Only the final run's model is released (proxies save none).
 
@@ -68,17 +68,21 @@ from dptune.config.schema import Choice, Range, ResolvedStudy
 from dptune.errors import ConfigError
 from dptune.models.checkpoint import dataset_identity
 from dptune.privacy import accounting as privacy
+from dptune.privacy.mechanism import Mechanism
+from dptune.search import record
+from dptune.search.record import StudyRecord
 
 if TYPE_CHECKING:
     from dptune.privacy.search_totals import RenyiFilter
 
-MODE_ATTR = "search_mode"  # study: the mode's settings and the sizes it was planned for
-PROXY_ATTR = "proxy_trial"  # trial: a tuning trial of a mode (its model is not kept)
-FULL_SCALE_ATTR = "full_scale"  # trial: the full-scale run the proxy stood in for
-FINAL_ATTR = "final_run"  # trial: the mode's final run (the released model)
-FINAL_PLAN_ATTR = "final_plan"  # trial: the transferred hyperparameters the final run trains with
-FINAL_SOURCE_ATTR = "final_from_trial"  # trial: the proxy whose hyperparameters were transferred
-SUBSET_ATTR = "subset_id"  # trial: the public id of the secret subset a subset proxy read
+# The storage keys, under the names older callers import (defined in dptune.search.record).
+MODE_ATTR = record.SEARCH_MODE
+PROXY_ATTR = record.PROXY
+FULL_SCALE_ATTR = record.FULL_SCALE
+FINAL_ATTR = record.FINAL
+FINAL_PLAN_ATTR = record.FINAL_PLAN
+FINAL_SOURCE_ATTR = record.FINAL_SOURCE
+SUBSET_ATTR = record.SUBSET_ID
 FIXED_SUBSET_PREFIX = "private_seed:"  # a subset id whose subset came from a fixed private_seed (no amplification)
 
 
@@ -293,7 +297,7 @@ def _check_proxies_run(resolved: ResolvedStudy, n_plan: int, delta: float) -> No
                               f"search_space, B = {batch}: ε = {eps:.4g} at δ = {probe:g}); lower the factor")
     elif mode.mode == "subset" and cfg.search_budget is not None:
         filt = proxy_filter(cfg.search_budget.model_dump(), delta)
-        one = [filt.spent([(p.sampling_rate, p.hparams.noise_multiplier, p.steps)])
+        one = [filt.spent([Mechanism(p.sampling_rate, p.hparams.noise_multiplier, p.steps)])
                for p in _corner_plans(resolved, n_plan, delta, 1)]
         if one and min(one) > filt.epsilon:
             raise ConfigError("search_budget.epsilon", f"{filt.epsilon:g} admits no proxy: one proxy at the full "
@@ -313,27 +317,26 @@ def final_plan(mode: dict[str, Any], winner: FrozenTrial, epsilon: float, delta:
     Returns:
       ``{"hparams": {…}, "steps": T, "sampling_rate": B/N}``.
     """
-    a = winner.user_attrs
-    full = a[FULL_SCALE_ATTR]
+    def of(key: str) -> Any:
+        return record.get(winner, key)
+
+    full = of(record.FULL_SCALE)
     n = int(mode["n_private"])
-    steps = int(full["steps"])
+    steps = int(full[record.STEPS])
     if int(mode["n_plan"]) == n:
-        batch, sigma = int(full["batch_size"]), float(full["noise_multiplier"])
+        batch, sigma = int(full[record.BATCH_SIZE]), float(full[record.NOISE_MULTIPLIER])
     else:
-        batch = min(n, max(1, round(float(full["sampling_rate"]) * n)))
+        batch = min(n, max(1, round(float(full[record.SAMPLING_RATE]) * n)))
         sigma = privacy.noise_for_epsilon(batch / n, steps, epsilon, delta, accountant)
-    hparams = {"batch_size": batch, "learning_rate": float(a["learning_rate"]), "clip_norm": float(a["clip_norm"]),
-               "noise_multiplier": sigma, "optimizer": a["optimizer"], "momentum": float(a["momentum"]),
-               "ema_decay": float(a["ema_decay"]), "trainable": a["trainable"]}
+    hparams = {record.BATCH_SIZE: batch, record.LEARNING_RATE: float(of(record.LEARNING_RATE)),
+               record.CLIP_NORM: float(of(record.CLIP_NORM)), record.NOISE_MULTIPLIER: sigma,
+               record.OPTIMIZER: of(record.OPTIMIZER), record.MOMENTUM: float(of(record.MOMENTUM)),
+               record.EMA_DECAY: float(of(record.EMA_DECAY)), record.TRAINABLE: of(record.TRAINABLE)}
     return {"hparams": hparams, "steps": steps, "sampling_rate": batch / n}
 
 
-def is_final(t: FrozenTrial) -> bool:
-    return bool(t.user_attrs.get(FINAL_ATTR))
-
-
-def is_proxy(t: FrozenTrial) -> bool:
-    return bool(t.user_attrs.get(PROXY_ATTR))
+is_final = record.is_final
+is_proxy = record.is_proxy
 
 
 def final_trial(trials: Sequence[FrozenTrial]) -> FrozenTrial | None:
@@ -355,10 +358,7 @@ def holding_final(trials: Sequence[FrozenTrial], below: int | None = None) -> Fr
     return min(held, key=lambda t: t.number) if held else None
 
 
-# Step and wall times follow the realised Poisson batches, so a subset proxy's tell the size of its secret subset;
-# Optuna's own start and end times are the same figures.
-TIMING_ATTRS = ("wall_seconds", "examples_per_second", "compile_seconds", "startup_seconds",
-                "datetime_start", "datetime_complete", "duration_seconds")
+TIMING_ATTRS = record.TIMING_ATTRS
 
 
 def without_timings(record: dict[str, Any]) -> dict[str, Any]:
@@ -374,14 +374,13 @@ def best_proxy(trials: Sequence[FrozenTrial]) -> FrozenTrial | None:
 
 
 def _compute(trials: Sequence[FrozenTrial]) -> dict[str, int]:
-    def total(ts: Sequence[FrozenTrial], key: str) -> int:
-        return sum(int(t.user_attrs.get(key, 0) or 0) for t in ts)
-
+    total = record.total
     proxies = [t for t in trials if is_proxy(t)]
     finals = [t for t in trials if is_final(t)]
-    return {"proxy_examples": total(proxies, "examples_processed"), "proxy_steps": total(proxies, "steps"),
-            "final_examples": total(finals, "examples_processed"), "final_steps": total(finals, "steps"),
-            "examples_processed": total(trials, "examples_processed"), "trial_steps": total(trials, "steps")}
+    processed, steps = record.EXAMPLES_PROCESSED, record.STEPS
+    return {"proxy_examples": total(proxies, processed), "proxy_steps": total(proxies, steps),
+            "final_examples": total(finals, processed), "final_steps": total(finals, steps),
+            "examples_processed": total(trials, processed), "trial_steps": total(trials, steps)}
 
 
 def describe(mode: dict[str, Any]) -> str:
@@ -401,14 +400,14 @@ def describe(mode: dict[str, Any]) -> str:
 
 
 def _subset_amplification(mode: dict[str, Any], proxies: Sequence[FrozenTrial],
-                          rest: Sequence[tuple[float, float, int]], prior: Sequence[tuple[float, float, int]],
+                          rest: Sequence[Mechanism], prior: Sequence[Mechanism],
                           delta: float | None, cap: dict[str, Any] | None) -> dict[str, Any] | None:
     """Subset tuning's amplified total (``applicable``), or why its theorem does not apply; None for other modes."""
     from dptune.privacy import search_totals
 
     if mode["mode"] != "subset" or not delta:
         return None
-    ids = {t.user_attrs.get(SUBSET_ATTR) for t in proxies}
+    ids = {record.get(t, record.SUBSET_ID) for t in proxies}
     if len(ids) > 1 or None in ids:
         return {"applicable": False, "reason": (f"the proxies read {len(ids)} different subsets (or one without a "
                                                 "recorded subset), so the subsampling is not one draw")}
@@ -422,7 +421,7 @@ def _subset_amplification(mode: dict[str, Any], proxies: Sequence[FrozenTrial],
         # subsamples a mechanism whose ε' was fixed before it ran.
         return {"applicable": False, "reason": "no cap on the proxies was fixed before they ran (search_budget), "
                                                "and amplification holds only for an ε' fixed in advance"}
-    if not all(t.user_attrs.get("filter_admitted") for t in proxies):
+    if not all(record.get(t, record.FILTER_ADMITTED) for t in proxies):
         return {"applicable": False, "reason": "a proxy read the subset without the cap's filter admitting it"}
     filt = proxy_filter(cap, delta)
     parts = search_totals.subset_tuning_epsilon(filt, rest, float(mode["fraction"]), delta, before=prior)
@@ -456,10 +455,10 @@ def _stated(amplified: dict[str, Any] | None, total: float, how: str, mode: dict
                         "stated_figure": "amplified" if used else "plain composition"}
 
 
-def guarantee(study_attrs: dict[str, Any], trials: Sequence[FrozenTrial],
-              spends: Sequence[tuple[float, float, int]], prior: Sequence[tuple[float, float, int]],
+def guarantee(study: StudyRecord | dict[str, Any], trials: Sequence[FrozenTrial],
+              spends: Sequence[Mechanism], prior: Sequence[Mechanism],
               totals: dict[str, float], prior_text: str,
-              split: tuple[Sequence[tuple[float, float, int]], Sequence[tuple[float, float, int]]],
+              split: tuple[Sequence[Mechanism], Sequence[Mechanism]],
               proxies: Sequence[FrozenTrial]) -> dict[str, Any]:
     """The search's guarantee for a study with a mode: the composition of what ran, the final run, the compute.
 
@@ -473,19 +472,20 @@ def guarantee(study_attrs: dict[str, Any], trials: Sequence[FrozenTrial],
     """
     from dptune.privacy import search_totals
 
-    mode = study_attrs[MODE_ATTR]
-    delta = study_attrs.get("delta")
+    rec = study if isinstance(study, StudyRecord) else StudyRecord.read(study)
+    mode = rec.search_mode
+    assert mode is not None  # called for a study with a mode
+    delta = rec.delta
     final = final_trial(trials)
     winner = best_proxy(trials)
     proxy_eps = search_totals.composed_epsilon(split[0], delta)["rdp"] if delta else math.nan
-    amplified = _subset_amplification(mode, proxies, split[1], prior, delta, study_attrs.get("search_budget"))
+    amplified = _subset_amplification(mode, proxies, split[1], prior, delta, rec.search_budget)
     released = None
     if final is not None:
-        a = final.user_attrs
-        released = {"trial": final.number, "epsilon": a.get("epsilon_spent"), "val_accuracy": a.get("val_accuracy"),
-                    "test_accuracy": a.get("test_accuracy"), "from_trial": a.get(FINAL_SOURCE_ATTR),
-                    "batch_size": a.get("batch_size"), "noise_multiplier": a.get("noise_multiplier"),
-                    "steps": a.get("steps")}
+        keys = {"epsilon": record.EPSILON_SPENT, "val_accuracy": record.VAL_ACCURACY,
+                "test_accuracy": record.TEST_ACCURACY, "from_trial": record.FINAL_SOURCE,
+                "batch_size": record.BATCH_SIZE, "noise_multiplier": record.NOISE_MULTIPLIER, "steps": record.STEPS}
+        released = {"trial": final.number, **{k: record.get(final, key) for k, key in keys.items()}}
     state = ("" if final is not None else
              " Not finalized: no model is released until `dptune study finalize` has run the final run.")
     if len(spends) + len(prior) == 1:
@@ -505,7 +505,7 @@ def guarantee(study_attrs: dict[str, Any], trials: Sequence[FrozenTrial],
     return {
         "mode": "composition", "search_mode": mode["mode"], "total_epsilon": total, "accountant": accountant,
         "total_epsilon_pld_if_nonadaptive": totals["pld"], "delta": delta,
-        "per_trial_epsilon": study_attrs.get("epsilon_target"), "trials_touching_data": len(spends),
+        "per_trial_epsilon": rec.epsilon_target, "trials_touching_data": len(spends),
         "proxy_epsilon": proxy_eps, "subset_amplification": amplified, "final": released,
         "finalized": final is not None,
         "best_proxy": None if winner is None else {"trial": winner.number, "value": winner.value},

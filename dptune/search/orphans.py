@@ -35,10 +35,10 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
-from dptune.search import modes
+from dptune.search import modes, record
 from dptune.search.storage import MAX_RETRY, backend
 
-WORKER_ATTR = "worker"
+WORKER_ATTR = record.WORKER
 
 
 def _proc_stat(pid: int) -> list[str] | None:
@@ -83,14 +83,14 @@ def _alive(worker: dict[str, Any]) -> bool:
 
 
 def _retry(study: optuna.Study, t: FrozenTrial) -> None:
-    if study.user_attrs.get("private_search") is not None:
+    if study.user_attrs.get(record.PRIVATE_SEARCH) is not None:
         return  # see the module docstring: a retry would exceed the K drawn trials
-    if modes.is_final(t) or "audit_of" in t.user_attrs:
+    if modes.is_final(t) or record.AUDIT_OF in t.user_attrs:
         return  # one finalize or audit command runs it; a queued copy would be a run nobody asked for
-    origin = t.user_attrs.get("retry_of", t.number)
-    retries = int(t.user_attrs.get("retries", 0))
+    origin = t.user_attrs.get(record.RETRY_OF, t.number)
+    retries = int(t.user_attrs.get(record.RETRIES, 0))
     if retries < MAX_RETRY:
-        study.enqueue_trial(dict(t.params), user_attrs={"retry_of": origin, "retries": retries + 1},
+        study.enqueue_trial(dict(t.params), user_attrs={record.RETRY_OF: origin, record.RETRIES: retries + 1},
                             skip_if_exists=False)
 
 
@@ -113,13 +113,13 @@ def reap_dead_workers(study: optuna.Study, storage_url: str | None = None) -> li
         token = uuid.uuid4().hex
         trial_id = b.trial_id(t.number)
         try:
-            storage.set_trial_user_attr(trial_id, "failed_reason", f"worker process {worker.get('pid')} died")
-            storage.set_trial_user_attr(trial_id, "reaped_by", token)
+            storage.set_trial_user_attr(trial_id, record.FAILED_REASON, f"worker process {worker.get('pid')} died")
+            storage.set_trial_user_attr(trial_id, record.REAPED_BY, token)
             storage.set_trial_state_values(trial_id, state=TrialState.FAIL)
         except UpdateFinishedTrialError:
             pass  # another reaper finished it first; the token read back says which one re-queues
         now = storage.get_trial(trial_id)
-        if now.state == TrialState.FAIL and now.user_attrs.get("reaped_by") == token:
+        if now.state == TrialState.FAIL and now.user_attrs.get(record.REAPED_BY) == token:
             failed.append(t.number)
             _retry(study, t)
     return failed
@@ -133,5 +133,5 @@ class StaleTrialRetry:
         self._retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        if study.user_attrs.get("private_search") is None and not modes.is_final(trial):
+        if study.user_attrs.get(record.PRIVATE_SEARCH) is None and not modes.is_final(trial):
             self._retry(study, trial)

@@ -1,4 +1,6 @@
-"""Running a cheaper-tuning study's trials (issue #20): the proxies, and the final run (:func:`finalize`).
+"""Running a cheaper-tuning study's trials: the proxies, and the claim of its final run (:func:`claim_final`).
+
+The final run itself is :func:`dptune.search.finalize.finalize`.
 
 The rules (what a proxy runs, how its hyperparameters transfer, how it is
 accounted) are in :mod:`dptune.search.modes`; this module builds the data and
@@ -13,13 +15,8 @@ import dataclasses
 import datetime
 import hashlib
 import json
-import math
 import os
 import tempfile
-import threading
-import time
-import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,19 +26,18 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
 from dptune import interrupt
-from dptune.config.schema import ResolvedStudy, default_storage
+from dptune.config.schema import ResolvedStudy
 from dptune.data.datasets import ArraySplit, Dataset, RecordSplit, load_dataset
 from dptune.errors import ConfigError, DataError, PrivacyError, StudyError
 from dptune.privacy import accounting as privacy
-from dptune.progress import Event, Reporter
 from dptune.randomness import SecretSeed
-from dptune.search import modes, release
+from dptune.search import modes, record
 from dptune.search import storage as storage_lib
-from dptune.search.orphans import WORKER_ATTR, reap_dead_workers, worker_identity
+from dptune.search.orphans import worker_identity
 from dptune.search.space import Infeasible, TrialPlan, plan_trial
 from dptune.trainer.train import Hyperparams, PrivacyBudget
 
-__all__ = ["FinalizeRefused", "ModeRunner", "TrialSetup", "claim_final", "finalize", "forget_subset", "public_dataset",
+__all__ = ["FinalizeRefused", "ModeRunner", "TrialSetup", "claim_final", "forget_subset", "public_dataset",
            "secret_subset", "start_trial", "subset_dataset"]
 
 
@@ -227,13 +223,13 @@ class ModeRunner:
           Infeasible: the sample cannot train within the budget (the trial is then pruned, unread data).
         """
         cfg = self.resolved.study
-        if trial.user_attrs.get(modes.FINAL_ATTR):
+        if record.is_final(trial):
             if trial.number != self.claimed:
                 # A queued copy (Optuna's heartbeat retry copies a stale trial's attributes), or a final run
                 # another process claimed: only the claim makes a final run the study's one.
                 raise Infeasible("a final run trains only in the finalize call that claimed it; run dptune study "
                                  "finalize again")
-            stored = trial.user_attrs[modes.FINAL_PLAN_ATTR]
+            stored = record.get(trial, record.FINAL_PLAN)
             hp = Hyperparams(**stored["hparams"])
             plan = TrialPlan(hparams=hp, steps=int(stored["steps"]), sampling_rate=float(stored["sampling_rate"]),
                              max_steps_by_budget=int(stored["steps"]), derived="transferred")
@@ -255,9 +251,9 @@ class ModeRunner:
         sampler = modes.ScaledBatch(trial, k) if name == "scaled" else trial
         full = plan_trial(sampler, self.resolved.space, n_plan, self.budget, cfg.budget)
         hp, steps = full.hparams, full.steps
-        scale = {"batch_size": hp.batch_size, "sampling_rate": full.sampling_rate,
-                 "noise_multiplier": hp.noise_multiplier, "steps": steps, "epochs": full.epochs}
-        attrs: dict[str, Any] = {modes.PROXY_ATTR: True, modes.FULL_SCALE_ATTR: scale}
+        scale = {record.BATCH_SIZE: hp.batch_size, record.SAMPLING_RATE: full.sampling_rate,
+                 record.NOISE_MULTIPLIER: hp.noise_multiplier, record.STEPS: steps, "epochs": full.epochs}
+        attrs: dict[str, Any] = {record.PROXY: True, record.FULL_SCALE: scale}
         budget, rate = self.budget, None
         if name == "scaled":
             hp = dataclasses.replace(hp, batch_size=hp.batch_size // k, noise_multiplier=hp.noise_multiplier / k)
@@ -280,7 +276,7 @@ class ModeRunner:
             budget = dataclasses.replace(self.budget, epsilon=allowed[0], delta=allowed[1])
             if public:
                 rate = q
-                attrs["delta"] = allowed[1]
+                attrs[record.DELTA_OF_TRIAL] = allowed[1]
             proxy = TrialPlan(hparams=hp, steps=steps, sampling_rate=q, max_steps_by_budget=full.max_steps_by_budget,
                               derived=f"scaled_1/{k}")
         elif name == "subset":
@@ -290,7 +286,7 @@ class ModeRunner:
             hp = dataclasses.replace(hp, batch_size=max(1, round(gamma * hp.batch_size)))
             rate = full.sampling_rate
             proxy = dataclasses.replace(full, hparams=hp, derived=f"subset_{gamma:g}")
-            attrs[modes.SUBSET_ATTR] = self.subset_id
+            attrs[record.SUBSET_ID] = self.subset_id
         else:
             proxy = full
         return TrialSetup(proxy, data, budget, touched=data is not self.public, final=False, sampling_rate=rate,
@@ -299,106 +295,6 @@ class ModeRunner:
 
 class FinalizeRefused(StudyError):
     """The study's final run is held by another ``finalize`` call, or recorded: this call trained nothing."""
-
-
-FINAL_WAIT_SECONDS = 3600.0  # how long finalize waits for trials numbered before its final run to finish
-POLL_SECONDS = 1.0
-
-
-def finalize(study: optuna.Study | str, storage: str | None = None, *,
-             wait_seconds: float = FINAL_WAIT_SECONDS, progress: Reporter | None = None) -> optuna.Study:
-    r"""Run the final run of a cheaper-tuning study: the best proxy's hyperparameters, transferred, on the private data.
-
-    The final run is a trial of the same study (user attribute ``final_run``),
-    so that its spend is recorded and composed like every other trial's; its
-    model is the one the study keeps and releases. It is claimed in the storage
-    (:func:`claim_final`) before any data is read: of two calls at once exactly
-    one trains, the other is refused. The claim closes the study to proxies;
-    the final run then waits for the trials numbered before it, which may have
-    passed that gate, to finish, so that the released model's lineage holds
-    them. Subset tuning's secret is deleted once the final run is recorded.
-
-    Args:
-      study: the study or its name.
-      storage: its storage URL (default: where it was opened).
-      wait_seconds: how long to wait for earlier trials still running before giving the claim up.
-      progress: receives the final run's :class:`dptune.progress.Event`\ s (waiting, steps, validations).
-
-    Returns:
-      The study, with the final run finished.
-
-    Raises:
-      StudyError: no mode, or no completed proxy yet.
-      FinalizeRefused: a final run is recorded or running, or earlier trials did not finish in time
-        (nothing read the data).
-
-    Guarantee: the search's ε (:func:`dptune.search.results.search_guarantee`) is then the RDP
-    composition of every proxy that read the private training split and of every final run that did.
-    """
-    from dptune.search import study as driver
-
-    name = study.study_name if isinstance(study, optuna.Study) else study
-    url = (driver.storage_url(study, storage) if isinstance(study, optuna.Study) else storage) or \
-        default_storage(name)
-    loaded, resolved = driver.load(name, url, heartbeat=True)
-    with interrupt.deferred(), storage_lib.writing(url):
-        reap_dead_workers(loaded)  # a final run whose process died here no longer holds the study
-    plan, source = _transferred(loaded, resolved)
-    objective = _final_objective(loaded, resolved, url)  # the data and model are checked before any write
-    objective.progress = progress
-    # As optimize runs its trials: a signal waits for a check point, so that it never cuts a storage write short.
-    with interrupt.deferred(), storage_lib.writing(url):
-        claimed = claim_final(loaded, plan, source)
-        if progress is not None:
-            progress(Event("phase", {"phase": "waiting for trials that started before this final run",
-                                     "trial": claimed.number}))
-        with _heartbeat(loaded, claimed.number):
-            _train_claimed(loaded, objective, claimed.number, url, wait_seconds)
-    return driver.load_study(name, url)
-
-
-def _transferred(study: optuna.Study, resolved: ResolvedStudy) -> tuple[dict[str, Any], int]:
-    """The final run's plan and the proxy it comes from, or why there is none (nothing is written)."""
-    name = study.study_name
-    mode = study.user_attrs.get(modes.MODE_ATTR)
-    if mode is None:
-        raise StudyError(f"study_name: {name!r} has no search mode (search: {{mode: …}}); its best trial is its "
-                         "result")
-    trials = study.get_trials(deepcopy=False)
-    held = modes.holding_final(trials)
-    if held is not None:
-        raise FinalizeRefused(f"study_name: {name!r} is finalized already: trial {held.number} is its final run "
-                              f"({held.state.name.lower()})")
-    winner = modes.best_proxy(trials)
-    if winner is None:
-        raise StudyError(f"study_name: {name!r} has no completed proxy trial yet; run dptune optimize first")
-    cfg = resolved.study
-    assert cfg.privacy is not None  # a mode needs one (checked at create)
-    plan = modes.final_plan(mode, winner, cfg.privacy.epsilon, float(study.user_attrs["delta"]),
-                            cfg.privacy.accountant)
-    if not math.isfinite(plan["hparams"]["noise_multiplier"]):
-        raise StudyError("final_plan: the transferred run cannot meet the budget")
-    return plan, winner.number
-
-
-def _final_objective(study: optuna.Study, resolved: ResolvedStudy, url: str) -> Any:
-    """The objective that trains the final run, set up as :func:`dptune.search.study.optimize` sets up its own."""
-    from dptune.search.objective import Objective
-    from dptune.trainer.run import dataset_of
-
-    dataset = dataset_of(resolved.study)
-    if study.user_attrs.get("split") != dataset.split.as_dict():
-        raise StudyError(f"dataset: {resolved.study.dataset!r} is not what it was when the study was created; "
-                         "create a new study")
-    objective = Objective(resolved, dataset, study.user_attrs["delta"],
-                          prior=study.user_attrs.get("prior_privacy_events", ()))
-    objective.resolved_checkpoint = study.user_attrs.get("init_checkpoint_sha256")
-    objective.storage_url = url
-    objective.study_id = release.study_id(study, url)
-    assert objective.budget is not None  # a mode needs a privacy budget (checked at create)
-    objective.mode = ModeRunner(resolved, dataset, objective.budget, study.user_attrs[modes.MODE_ATTR],
-                                study.study_name, release.folder_of(study, url), objective.study_id)
-    return objective
 
 
 def claim_final(study: optuna.Study, plan: dict[str, Any], source: int) -> FrozenTrial:
@@ -417,8 +313,8 @@ def claim_final(study: optuna.Study, plan: dict[str, Any], source: int) -> Froze
       FinalizeRefused: an earlier final run holds the study (this trial is then recorded as refused).
     """
     b = storage_lib.backend(study)
-    attrs = {modes.FINAL_ATTR: True, modes.FINAL_PLAN_ATTR: plan, modes.FINAL_SOURCE_ATTR: source,
-             "touched_data": False, WORKER_ATTR: worker_identity()}
+    attrs = {record.FINAL: True, record.FINAL_PLAN: plan, record.FINAL_SOURCE: source,
+             record.TOUCHED_DATA: False, record.WORKER: worker_identity()}
     mine = b.storage.get_trial(start_trial(study, attrs))
     held = modes.holding_final(b.storage.get_all_trials(b.study_id, deepcopy=False), below=mine.number)
     if held is not None:
@@ -442,101 +338,14 @@ def start_trial(study: optuna.Study, user_attrs: dict[str, Any]) -> int:
     return b.storage.create_new_trial(b.study_id, template_trial=template)
 
 
-def _train_claimed(study: optuna.Study, objective: Any, number: int, url: str, wait_seconds: float) -> None:
-    """Train the claimed final run ``number`` once no earlier trial runs; give the claim up if that never comes."""
-    try:
-        _wait_for_earlier(study, number, wait_seconds)
-    except BaseException as e:
-        _refuse(study, number, f"given up before training: {e}")
-        raise
-    objective.mode.claimed = number
-    try:
-        _run_final(study, objective, number, url)
-    finally:
-        if objective.mode.mode["mode"] == "subset":
-            forget_subset(release.folder_of(study, url))
-
-
 def _refuse(study: optuna.Study, number: int, reason: str) -> None:
     """Record a claimed final run that never read the data as refused (it holds nothing and costs nothing)."""
     b = storage_lib.backend(study)
     trial_id = b.trial_id(number)
     with interrupt.deferred(), contextlib.suppress(UpdateFinishedTrialError):
-        for key, value in (("rejected_reason", reason), ("epsilon_spent", 0.0), ("steps", 0)):
+        for key, value in record.rejected_attrs(reason).items():
             b.storage.set_trial_user_attr(trial_id, key, value)
         b.storage.set_trial_state_values(trial_id, TrialState.PRUNED)
-
-
-def _wait_for_earlier(study: optuna.Study, number: int, seconds: float) -> None:
-    """Wait until no trial numbered before ``number`` runs: each may have passed the gate before the claim.
-
-    Raises:
-      FinalizeRefused: some still run after ``seconds``.
-    """
-    deadline = time.monotonic() + seconds
-    while True:
-        with interrupt.deferred(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            reap_dead_workers(study)
-            optuna.storages.fail_stale_trials(study)  # RDB heartbeats: a worker gone on another machine
-        running = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-                   if t.number < number]
-        if not running:
-            return
-        if time.monotonic() >= deadline:
-            raise FinalizeRefused(f"trials {running} were still running after {seconds:g} s; no proxy starts any "
-                                  "more: finalize again once they have finished")
-        interrupt.raise_if_pending()
-        time.sleep(POLL_SECONDS)
-
-
-def _run_final(study: optuna.Study, objective: Any, number: int, url: str) -> None:
-    """Train the claimed trial ``number`` with ``objective``, record its outcome, keep its model.
-
-    Optuna's own trial loop cannot be handed a given trial, and its queue is what two processes can both take a
-    trial from; this is that loop for one trial (its failure is recorded, then raised).
-    """
-    b = storage_lib.backend(study)
-    trial_id = b.trial_id(number)
-    trial = optuna.Trial(study, trial_id)
-    value, state = None, TrialState.FAIL
-    try:
-        value, state = objective(trial), TrialState.COMPLETE
-    except optuna.TrialPruned:
-        state = TrialState.PRUNED
-    except BaseException as e:
-        trial.set_user_attr("failed_reason", f"{type(e).__name__}: {e}".strip())
-        raise
-    finally:
-        study.tell(trial, value, state=state, skip_if_finished=True)
-        release.keep_best(study, b.storage.get_trial(trial_id), url)
-
-
-@contextlib.contextmanager
-def _heartbeat(study: optuna.Study, number: int) -> Iterator[None]:
-    """Beat for trial ``number`` as Optuna beats for the trials it runs (RDB storages with heartbeats only)."""
-    b = storage_lib.backend(study)
-    storage = b.storage
-    if not isinstance(storage, optuna.storages.RDBStorage) or not storage.get_heartbeat_interval():
-        yield
-        return
-    interval = storage.get_heartbeat_interval()
-    trial_id = b.trial_id(number)
-    stop = threading.Event()
-
-    def beat() -> None:
-        while True:
-            storage.record_heartbeat(trial_id)
-            if stop.wait(interval):
-                return
-
-    thread = threading.Thread(target=beat, daemon=True, name=f"dptune-heartbeat-{number}")
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
 
 
 def forget_subset(folder: str) -> None:

@@ -57,15 +57,16 @@ from optuna.trial import FrozenTrial, TrialState
 
 from dptune import interrupt
 from dptune.errors import ConfigError, DptuneError
-from dptune.search import modes
+from dptune.search import modes, record
 from dptune.search import storage as storage_lib
+from dptune.search.record import StudyRecord
 from dptune.trainer.resume import private_dir, write_private
 
 MODEL_FILE = "model.msgpack"
 METADATA_FILE = "metadata.json"
 STATEMENT_FILE = "privacy_statement.txt"
-INDEX_PREFIX = "dptune:best_model:"
-ARTIFACTS_ATTR_PREFIX = "artifacts:"  # optuna.artifacts' listing of a study's artifacts
+INDEX_PREFIX = record.BEST_MODEL_PREFIX
+ARTIFACTS_ATTR_PREFIX = record.ARTIFACTS_PREFIX
 FORMAT = "dptune-model-1"
 
 
@@ -75,7 +76,7 @@ class ReleaseError(DptuneError):
 
 # -- where -----------------------------------------------------------------------------
 
-STUDY_ID_ATTR = "dptune:study_id"  # a study system attribute: random, set at creation
+STUDY_ID_ATTR = record.STUDY_ID
 
 
 def new_study_id() -> str:
@@ -131,7 +132,7 @@ def study_folder(storage_url: str, study_name: str, study_id: str, configured: s
 
 
 def _folder_of(study: optuna.Study, storage_url: str, create: bool = True) -> str:
-    cfg = study.user_attrs.get("dptune_config", {}).get("study", {})
+    cfg = StudyRecord.of(study).study_config
     return study_folder(storage_url, study.study_name, study_id(study, storage_url),
                         (cfg.get("artifacts") or {}).get("path"), create=create)
 
@@ -142,7 +143,7 @@ def folder_of(study: optuna.Study, storage_url: str, create: bool = True) -> str
 
 
 SEED_FILE = "private_seed"
-SEED_FIXED_ATTR = "private_seed_fixed"  # a study user attribute: the seed itself is never in the storage
+SEED_FIXED_ATTR = record.SEED_FIXED
 
 
 def keep_private_seed(study: optuna.Study, storage_url: str, seed: int) -> None:
@@ -234,22 +235,26 @@ def _ranking(study: optuna.Study) -> list[FrozenTrial]:
     maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
     done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
             if t.value is not None and math.isfinite(t.value)
-            and not modes.is_proxy(t)]  # issue #20: a mode releases its final run, not a proxy
+            and not modes.is_proxy(t)]  # a mode releases its final run, not a proxy
     return sorted(done, key=lambda t: ((-cast(float, t.value) if maximize else cast(float, t.value)), t.number))
 
 
 def _keep(study: optuna.Study) -> int:
-    return int((study.user_attrs.get("dptune_config", {}).get("study", {}).get("artifacts") or {}).get("keep", 1))
+    return int((StudyRecord.of(study).study_config.get("artifacts") or {}).get("keep", 1))
 
 
 def model_metadata(study: optuna.Study, trial: FrozenTrial, checkpoint_meta: dict[str, Any]) -> dict[str, Any]:
     """What a best model says about itself: model, data, hyperparameters, privacy of the trial and the search."""
-    from dptune.search.results import search_guarantee
+    from dptune.search.regimes import regime_of
 
-    cfg = study.user_attrs.get("dptune_config", {}).get("study", {})
-    a = trial.user_attrs
-    private_search = "private_search" in study.user_attrs
-    guarantee = {"mode": "private_search"} if private_search else search_guarantee(study)
+    rec = StudyRecord.of(study)
+    cfg = rec.study_config
+    regime = regime_of(rec)
+    private_search = regime.secret_count
+    # In a private search whatever the guarantee says now (complete or not, how many trials have run) depends
+    # on the secret K: it is not computed, and only the regime's name is kept.
+    guarantee = ({"mode": "private_search"} if private_search
+                 else regime.guarantee(study.get_trials(deepcopy=False)).as_dict())
     meta = {
         "format": FORMAT,
         "model": checkpoint_meta["model"],
@@ -267,17 +272,14 @@ def model_metadata(study: optuna.Study, trial: FrozenTrial, checkpoint_meta: dic
         "image_size": cfg.get("image_size"),
         "test_split": cfg.get("test_split", "test"),
         "validation_dataset": cfg.get("validation_dataset"),
-        "split": study.user_attrs.get("split") or checkpoint_meta.get("split"),
-        "hyperparameters": {**dict(trial.params), **{str(k): a.get(k) for k in (
-            "batch_size", "learning_rate", "clip_norm", "noise_multiplier", "sampling_rate", "optimizer",
-            "momentum", "schedule", "warmup_steps", "ema_decay", "trainable", "planned_steps") if k in a}},
-        "steps": a.get("steps"),
+        "split": rec.split or checkpoint_meta.get("split"),
+        "hyperparameters": {**dict(trial.params), **record.released_hparams(trial)},
+        "steps": record.get(trial, record.STEPS),
         "val_accuracy": trial.value,
-        "test_accuracy": a.get("test_accuracy"),
+        "test_accuracy": record.get(trial, record.TEST_ACCURACY),
         "study": study.study_name,
         "trial_privacy": None if cfg.get("non_private") else _trial_privacy(study, trial),
-        # In a private search whatever the guarantee said at save time (complete or not, how many trials had
-        # run) depends on the secret K: only the mode is kept. Exports replace it with the total at export.
+        # Exports replace it with the total at export.
         "search_guarantee_at_save": ({"mode": guarantee.get("mode")} if private_search else
                                      {k: guarantee.get(k) for k in ("mode", "total_epsilon", "delta", "guarantee")}),
         "private_search": private_search,
@@ -302,18 +304,17 @@ def selected_lineage(study: optuna.Study, lineage: list[dict[str, Any]] | None, 
     """
     if not lineage or not lineage[-1].get("private"):
         return lineage
-    from dptune.search.results import resumed_spends, search_guarantee, touched_data
+    from dptune.search.regimes import study_guarantee
+    from dptune.search.spends import resumed_spends, touched_data
 
-    guarantee = search_guarantee(study)
+    g = study_guarantee(study)
     entry: dict[str, Any] = {"dataset": lineage[-1].get("dataset"), "private": True,
                              "search": {"study": study.study_name, "exported": exported}}
-    if guarantee["mode"] == "private_search" and guarantee.get("valid"):
-        entry.update(events=[], bound=[guarantee["total_epsilon"], guarantee["delta"]])
-    else:
-        trials = study.get_trials(deepcopy=False)
-        entry["events"] = [list(e) for e in resumed_spends(trials, [t for t in trials if touched_data(t)])]
-        if guarantee["mode"] == "filter":
-            entry["bound"] = [guarantee["total_epsilon"], guarantee["delta"]]
+    trials = study.get_trials(deepcopy=False)
+    runs = resumed_spends(trials, [t for t in trials if touched_data(t)]) if g.lists_runs else []
+    entry["events"] = [list(e) for e in runs]
+    if g.bound:
+        entry["bound"] = [g.epsilon, g.delta]
     return [*lineage[:-1], entry]
 
 
@@ -326,16 +327,13 @@ def _trial_privacy(study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:
     composition of those runs (RDP), not its last attempt's alone.
     """
     from dptune.privacy.search_totals import composed_epsilon
-    from dptune.search.results import resumed_spends
+    from dptune.search.spends import resumed_spends
 
-    a = trial.user_attrs
-    out = {"epsilon": a.get("epsilon_spent"), "delta": a.get("delta"), "accountant": a.get("accountant"),
-           "sampling_rate": a.get("sampling_rate"), "noise_multiplier": a.get("noise_multiplier"),
-           "steps": a.get("steps")}
+    out = record.trial_privacy(trial)
     events = resumed_spends(study.get_trials(deepcopy=False), [trial])
-    own = [(float(a.get("sampling_rate", 0.0)), float(a.get("noise_multiplier", 0.0)), int(a.get("steps") or 0))]
-    if events and events != own and a.get("delta"):
-        out.update(epsilon=composed_epsilon(events, float(a["delta"]))["rdp"], accountant="rdp",
+    own = [record.own_run(trial)]
+    if events and events != own and out["delta"]:
+        out.update(epsilon=composed_epsilon(events, float(out["delta"]))["rdp"], accountant="rdp",
                    attempts=[list(e) for e in events])
     return out
 
@@ -446,12 +444,12 @@ def export_model(study: optuna.Study, storage_url: str, directory: str) -> dict[
     from dptune.search.results import privacy_statement, summarize
 
     summary = summarize(study)
-    if summary.best is None and study.user_attrs.get(modes.MODE_ATTR) is not None:
+    if summary.best is None and StudyRecord.of(study).search_mode is not None:
         raise ReleaseError(f"study_name: {study.study_name!r} is not finalized: its proxies chose the settings, and "
                            "the model released is the final run's (dptune study finalize runs it)")
     if summary.best is None:
         raise ReleaseError(f"study_name: {study.study_name!r} has no completed trial yet")
-    if summary.private_search and not summary.search.get("complete"):
+    if summary.private_search and not summary.guarantee.complete:
         raise ReleaseError("export_model: the private search is not complete; its guarantee holds only once every "
                            "drawn trial has run (run dptune optimize until it is)")
     number = summary.best["number"]

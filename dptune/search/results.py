@@ -1,30 +1,35 @@
 """What a study holds, read from its storage: summaries, trial records, the search's privacy guarantee.
 
 No JAX and nothing that trains: :mod:`dptune.inspect` (dashboard, report,
-export) and ``dptune study show`` read through this module. The names of the
-trial attributes that the objective writes and these functions read are
-defined once here.
+export) and ``dptune study show`` read through this module. The storage keys
+are :mod:`dptune.search.record`'s; the guarantee is the study's regime's
+(:mod:`dptune.search.regimes`).
 """
 
 from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from dptune.config.schema import is_import_path
-from dptune.privacy import search_totals as search_privacy
-from dptune.privacy.search_totals import RenyiFilter, TrialCount
-from dptune.privacy.statement import COVERAGE, USER_CODE, Mechanism, Statement
-from dptune.search import modes
-from dptune.search.storage import backend, open_storage
+from dptune.privacy.statement import COVERAGE, USER_CODE, Statement
+from dptune.search import modes, record
+from dptune.search.record import StudyRecord
+from dptune.search.regimes import SECRET_COUNT_FIGURES, Guarantee, regime_of, study_guarantee
 
-CONFIG_ATTR = "dptune_config"
+# Read here by older callers (the driver, the pool, the release).
+from dptune.search.spends import FINISHED as FINISHED
+from dptune.search.spends import attempt_origin as attempt_origin
+from dptune.search.spends import resumed_spends as resumed_spends
+from dptune.search.spends import touched_data as touched_data
+from dptune.search.storage import open_storage
+
+CONFIG_ATTR = record.CONFIG  # kept for importers of the old name
 
 
 def fmt(v: Any, digits: int = 4, missing: str = "-") -> str:
@@ -32,37 +37,6 @@ def fmt(v: Any, digits: int = 4, missing: str = "-") -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return missing
     return f"{v:.{digits}g}" if isinstance(v, float) else str(v)
-# A trial that finished: its value (and its spend) are in the storage.
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-
-
-def attempt_origin(trial: optuna.Trial | FrozenTrial) -> int:
-    """The number of a trial's first attempt: its own, or that of the trial it retries.
-
-    dptune's reaper marks a retry with the user attribute ``retry_of``; Optuna's
-    heartbeat retry with the system attribute ``failed_trial``.
-    """
-    system = (trial.system_attrs if isinstance(trial, FrozenTrial)
-              else backend(trial.study).trial_system_attrs(trial.number))
-    if system.get("failed_trial") is not None:
-        return int(system["failed_trial"])
-    return int(trial.user_attrs.get("retry_of", trial.number))
-
-
-def _linked(trial: FrozenTrial, by_number: dict[int, FrozenTrial]) -> tuple[FrozenTrial, dict[str, Any]] | None:
-    """The earlier attempt ``trial`` resumed from and the link, or None.
-
-    A link counts only to a smaller-numbered trial with the same first attempt:
-    a ``resumed_from`` naming anything else (a leftover of another study) never
-    makes an unrelated trial's spend disappear.
-    """
-    link = trial.user_attrs.get("resumed_from")
-    if not link or link.get("trial") is None:
-        return None
-    dead = by_number.get(int(link["trial"]))
-    if dead is None or dead.number >= trial.number or attempt_origin(dead) != attempt_origin(trial):
-        return None
-    return dead, link
 
 
 @dataclass(frozen=True)
@@ -81,17 +55,20 @@ class StudySummary:
     examples_processed: int
     best: dict[str, Any] | None
     search: dict[str, Any]
+    guarantee: Guarantee = field(repr=False, compare=False)
 
     def as_dict(self) -> dict[str, Any]:
-        return self.__dict__.copy()
+        out = self.__dict__.copy()
+        del out["guarantee"]  # its figures are ``search``
+        return out
 
     @property
     def non_private(self) -> bool:
-        return self.search.get("mode") == "non_private"
+        return not self.guarantee.private
 
     @property
     def private_search(self) -> bool:
-        return self.search.get("mode") == "private_search"
+        return self.guarantee.secret_count
 
     @property
     def budget_text(self) -> str:
@@ -110,20 +87,16 @@ class StudySummary:
         """
         if not self.private_search:
             return self.as_dict()
-        # Timings too: only a worker's first trial compiles, and step times follow the realised batch sizes.
         # The selection-adjusted interval counts every validation reading, which bounds K.
-        internal = {"val_accuracy_interval_selection", "validation_readings",
-                    "number", "trial_id", "retry_of", "retries", "worker", "datetime_start", "datetime_complete",
-                    "intermediate_values", "seed", "skipped_reason", "compile_seconds", "startup_seconds",
-                    "wall_seconds", "examples_per_second"}
+        internal = {"val_accuracy_interval_selection", "validation_readings", "number", "trial_id",
+                    "datetime_start", "datetime_complete", "intermediate_values", *record.K_REVEALING}
         best = None if self.best is None else {k: v for k, v in self.best.items() if k not in internal}
-        search = {k: v for k, v in self.search.items() if k not in PRIVATE_SEARCH_INTERNAL}
+        search = self.guarantee.released()
         return {"name": self.name, "epsilon_target": self.epsilon_target, "delta": self.delta,
                 "accountant": self.accountant, "best": best, "search": search}
 
 
-# Private-search figures that reveal K (or bound it): kept out of the release.
-PRIVATE_SEARCH_INTERNAL = ("trials_drawn", "trials_run", "trials_touching_data", "internal_note")
+PRIVATE_SEARCH_INTERNAL = SECRET_COUNT_FIGURES  # the name older callers import
 
 
 def accuracy_interval(accuracy: float | None, n: int, comparisons: int = 1, level: float = 0.95) -> tuple[float, float]:
@@ -166,10 +139,10 @@ def interval_text(best: dict[str, Any], private_search: bool) -> str:
     return text
 
 
-def shown(study: optuna.Study, record: dict[str, Any]) -> dict[str, Any]:
+def shown(study: optuna.Study, row: dict[str, Any]) -> dict[str, Any]:
     """A trial's record (or export row) as the study may show it: a mode study's without timings
     (:data:`dptune.search.modes.TIMING_ATTRS`: they follow the realised batches, on a secret subset too)."""
-    return modes.without_timings(record) if study.user_attrs.get(modes.MODE_ATTR) is not None else record
+    return modes.without_timings(row) if StudyRecord.of(study).search_mode is not None else row
 
 
 def shown_record(study: optuna.Study, t: FrozenTrial) -> dict[str, Any]:
@@ -189,79 +162,9 @@ def trial_record(t: FrozenTrial) -> dict[str, Any]:
     }
 
 
-def touched_data(t: FrozenTrial) -> bool:
-    """Whether the trial reached the training data (and so counts in the search's privacy)."""
-    if t.state == TrialState.WAITING:
-        return False  # a queued retry carries its parent's attributes but has run nothing
-    a = t.user_attrs
-    if "touched_data" in a:
-        return bool(a["touched_data"])
-    # Studies stored before ``touched_data`` existed: every planned trial that was not rejected.
-    return "rejected_reason" not in a and "skipped_reason" not in a and "sampling_rate" in a
-
-
-def _spend(t: FrozenTrial) -> tuple[float, float, int] | None:
-    """(q, σ, steps) of a trial that touched data: steps taken, or planned if it did not finish."""
-    a = t.user_attrs
-    steps = a.get("steps") if t.state in FINISHED else a.get("planned_steps")
-    if not steps or "sampling_rate" not in a:
-        return None
-    return float(a["sampling_rate"]), float(a["noise_multiplier"]), int(steps)
-
-
-def _extent(t: FrozenTrial) -> int:
-    """The last step whose outputs an attempt that died wrote anywhere (its reports; see resumed_spends)."""
-    a = t.user_attrs
-    resumed = (a.get("resumed_from") or {}).get("step", 0)
-    return max(int(a.get("progress_steps") or 0), int(a.get("checkpoint_step") or 0), int(resumed or 0))
-
-
-def resumed_spends(trials: Sequence[FrozenTrial], touched: Sequence[FrozenTrial]) -> list[tuple[float, float, int]]:
-    """The DP-SGD runs (q, σ, T) the trials that touched the data add up to, a resumed trial's attempts once.
-
-    A trial without in-trial checkpoints counts alone: the steps it took, or,
-    if it failed or is running, its planned steps (an upper bound). A retry
-    that resumed from a dead attempt's checkpoint (``resumed_from``) with the
-    *replayed* randomness continues that attempt's very run: same batches,
-    same noise, and, checked by parameter digests at every step the dead
-    attempt reported, the same parameters. Everything either attempt wrote is
-    then an output of one DP-SGD run as long as the longer of them went: the
-    pair counts once, at max(the retry's steps — taken, or planned while it
-    runs —, the last step the dead attempt reported or checkpointed). If the
-    replay diverged, the retry restarted from the checkpoint with fresh
-    randomness, and the dead attempt's steps after the checkpoint are a run of
-    their own: they count apart. A dead attempt whose retry has not resumed
-    (yet) counts at its planned steps. A link is followed only to a
-    smaller-numbered attempt of the same trial (:func:`_linked`): a record
-    naming any other trial leaves that trial counted on its own.
-    """
-    by_number = {t.number: t for t in trials}
-    continued = {hop[0].number for t in touched if (hop := _linked(t, by_number)) is not None}
-    events: list[tuple[float, float, int]] = []
-    for t in touched:
-        if t.state == TrialState.FAIL and t.number in continued:
-            continue  # counted with the attempt that resumed it
-        sp = _spend(t)
-        if sp is None:
-            continue
-        q, sigma, steps = sp
-        apart = []
-        current = t
-        while (hop := _linked(current, by_number)) is not None:  # numbers fall along the chain: it ends
-            dead, link = hop
-            if link.get("randomness") == "replayed":
-                steps = max(steps, _extent(dead))
-            else:
-                apart.append((q, sigma, max(0, _extent(dead) - int(link.get("step", 0)))))
-            current = dead
-        events.append((q, sigma, steps))
-        events.extend(e for e in apart if e[2] > 0)
-    return events
-
-
 def coverage(study: optuna.Study) -> str:
     """One plain sentence on which examples the study's ε protects."""
-    public = study.user_attrs.get(CONFIG_ATTR, {}).get("study", {}).get("validation_dataset")
+    public = StudyRecord.of(study).validation_dataset
     if public:
         return (f"The ε covers the training examples only: validation examples come from the separate dataset "
                 f"{public!r}, treated as public, and the test examples used to report are not protected by it.")
@@ -269,122 +172,32 @@ def coverage(study: optuna.Study) -> str:
 
 
 def search_guarantee(study: optuna.Study) -> dict[str, Any]:
-    """The ε of releasing the best trial's model after the search as it ran.
+    """The ε of releasing the best trial's model after the search as it ran, as stored and printed.
 
-    Ordinary studies: the composition of every trial that touched the training
-    data (RDP), each at the steps it took; a trial that failed or is still
-    running counts at its planned steps, an upper bound. With ``search_budget``
-    a privacy filter enforced the cap before each trial: the cap is the
-    guarantee. Private searches: the repeat-and-select bound, valid once all
-    of the K drawn trials have run and no more than K touched the data; if more
-    did, the bound is void and the composition of all of them is given instead.
-    Every mode composes a private ``init_checkpoint``'s recorded spend.
+    The figures of :meth:`dptune.search.regimes.Regime.guarantee` for the study's regime: the
+    composition of every trial that touched the training data (a trial that failed or is still running
+    at its planned steps), a ``search_budget`` filter's cap, a private search's repeat-and-select bound
+    (void, and the composition given instead, if more than K trials touched the data), or a mode's
+    composition of its proxies and final run; every one composes a private ``init_checkpoint``'s spend.
     """
-    trials = study.get_trials(deepcopy=False)
-    delta = study.user_attrs.get("delta")
-    private = study.user_attrs.get("private_search")
-    prior = [(float(q), float(s), int(t)) for q, s, t in study.user_attrs.get("prior_privacy_events", [])]
-    prior_text = (f" It includes the recorded training of the initial checkpoint on the same data "
-                  f"({len(prior)} earlier run(s)).") if prior else ""
-    if study.user_attrs.get("non_private"):
-        return {"mode": "non_private", "total_epsilon": math.inf, "delta": None, "per_trial_epsilon": None,
-                "guarantee": "None: a non-private baseline (no clipping, no noise); its models must not be released "
-                             "as private."}
-    touched = [t for t in trials if touched_data(t)]
-    spends = resumed_spends(trials, touched)
-    totals = (search_privacy.composed_epsilon(prior + spends, delta) if delta
-              else {"rdp": math.nan, "pld": math.nan})
-    if private is not None:
-        k = int(private["n_trials"])
-        exceeded = len(touched) > k or any(t.number >= k for t in touched)
-        settled = [t for t in trials if t.number < k and t.state in (*FINISHED, TrialState.FAIL)]
-        complete = not exceeded and len(settled) == k
-        validation = study.user_attrs.get(CONFIG_ATTR, {}).get("study", {}).get("validation_dataset")
-        base = {
-            "mode": "private_search", "delta": delta, "per_trial_epsilon": private["per_trial_epsilon"],
-            "sampling_rate": private["sampling_rate"], "noise_multiplier": private["noise_multiplier"],
-            "steps": private["steps"], "complete": complete, "valid": not exceeded,
-            "trials_drawn": k, "trials_run": len(touched), "trials_touching_data": len(touched),
-            "validation_dataset": validation,
-        }
-        if exceeded:
-            return {**base, "total_epsilon": totals["rdp"], "guarantee": (
-                f"EXCEEDED, INVALID: {len(touched)} trials trained on the data, more than the secretly drawn number, "
-                "so the repeat-and-select bound does not hold. The honest figure is the composition of every trial "
-                f"that trained on the data (RDP): ε = {totals['rdp']:.4g}.{prior_text}")}
-        total = search_privacy.search_epsilon(private["sampling_rate"], private["noise_multiplier"],
-                                              int(private["steps"]), cast(float, delta), _trial_count_of(private),
-                                              prior)
-        held_out = (f"selection on the public dataset {validation!r}" if validation else
-                    "selection on a validation split of the private dataset declared public (a study of an earlier "
-                    "dptune; that split is not covered)")
-        return {**base, "total_epsilon": total, "guarantee": (
-            f"Papernot & Steinke 2022 (RDP): a secret number K of trials drawn from a {private['distribution']} "
-            f"law of mean {private['mean_trials']:g}, hyperparameters drawn at random from secret randomness, every "
-            f"trial the same DP-SGD mechanism, only the best released, {held_out}. The bound holds while K stays "
-            "secret: the trial count, trial numbers and the study storage are internal."
-            + prior_text + ("" if complete else " Incomplete: trials remain; run dptune optimize until the search "
-                            "is complete before releasing the result."))}
-    if study.user_attrs.get(modes.MODE_ATTR) is not None:  # issue #20: proxies and a final run
-        # The proxies apart from the runs on all of the data: subset tuning amplifies only the former.
-        proxies = [t for t in touched if modes.is_proxy(t)]
-        split = (resumed_spends(trials, proxies), resumed_spends(trials, [t for t in touched if not modes.is_proxy(t)]))
-        return modes.guarantee(study.user_attrs, trials, spends, prior, totals, prior_text, split, proxies)
-    cap = study.user_attrs.get("search_budget")
-    accounted = (f"Composition of the {len(spends)} trial(s) that trained on the data, each at the steps it took "
-                 f"(RDP): ε = {totals['rdp']:.4g}.{prior_text}")
-    if cap is not None:
-        admitted = [tuple(t.user_attrs["filter_request"]) for t in touched if "filter_request" in t.user_attrs]
-        filt = RenyiFilter(cap["epsilon"], cast(float, delta), cap["order"])
-        return {
-            "mode": "filter", "total_epsilon": cap["epsilon"], "accounted_epsilon": totals["rdp"],
-            "filter_epsilon": filt.spent(prior + [(float(q), float(s), int(t)) for q, s, t in admitted]),
-            "filter_order": cap["order"], "delta": delta, "per_trial_epsilon": study.user_attrs.get("epsilon_target"),
-            "trials_touching_data": len(touched),
-            "guarantee": (
-                f"Pre-committed: a privacy filter (Feldman & Zrnic 2021, Rényi order {cap['order']:.3g}) started a "
-                f"trial only if the whole search stayed within ε = {cap['epsilon']:g}, so releasing the best model "
-                f"(and anything else from the search) is ({cap['epsilon']:g}, {delta:g})-DP whatever was chosen while "
-                f"watching. {accounted}"),
-        }
-    return {
-        "mode": "composition",
-        "total_epsilon": totals["rdp"],
-        "total_epsilon_pld_if_nonadaptive": totals["pld"],
-        "delta": delta,
-        "per_trial_epsilon": study.user_attrs.get("epsilon_target"),
-        "trials_touching_data": len(touched),
-        "guarantee": (
-            f"{accounted} Releasing the best model after the search is covered by this total, not by the per-trial "
-            "ε. It was computed after the search, over trials whose number and lengths depended on what was seen: "
-            "an accounting of what ran, not a guarantee fixed in advance (set search_budget in the study file to "
-            "enforce a cap before each trial)."
-        ),
-    }
-
-
-def _trial_count_of(private: dict[str, Any]) -> TrialCount:
-    return TrialCount(private["distribution"], private["mean_trials"], private.get("eta"))
+    return study_guarantee(study).as_dict()
 
 
 def privacy_statement(study: optuna.Study, summary: StudySummary | None = None) -> Statement | None:
     """The written statement of releasing the best model after this search (None for non-private studies)."""
     summary = summary or summarize(study)
-    g = summary.search
-    if summary.non_private:
+    g = summary.guarantee
+    if not g.private:
         return None
-    cfg = study.user_attrs.get(CONFIG_ATTR, {}).get("study", {})
-    split = study.user_attrs.get("split", {})
-    mechanism = None
-    if g["mode"] == "private_search":
-        mechanism = Mechanism(g["sampling_rate"], g["noise_multiplier"], int(g["steps"]))
+    rec = StudyRecord.of(study)
+    cfg, split = rec.study_config, rec.split or {}
     validation = coverage(study)
     assumptions = []
     public = (cfg.get("search") or {}).get("dataset")
     if any(is_import_path(cfg.get(k)) for k in ("model", "dataset", "loss")) or is_import_path(public):
         assumptions.append(USER_CODE)
     if public:
-        checked = (study.user_attrs.get(modes.MODE_ATTR) or {}).get("content_checked")
+        checked = (rec.search_mode or {}).get("content_checked")
         assumptions.append(f"the public tuning dataset {public!r} holds none of the individuals of the training "
                            "data (" + ("dptune refused it only if it shared the name or an input identical to a "
                                        "training input" if checked else "not compared example by example (a record "
@@ -400,17 +213,13 @@ def privacy_statement(study: optuna.Study, summary: StudySummary | None = None) 
         if cfg.get("unsafe_ignore_checkpoint_provenance"):
             assumptions.append("UNSAFE: the initial checkpoint's provenance was ignored on request, so what it "
                                "learnt from this data is not covered")
-    accountant = "rdp" if g["mode"] in ("private_search", "composition", "filter") else summary.accountant
-    if g.get("search_mode"):  # issue #20: what the mode's total was computed with
-        amplified = g.get("subset_amplification") or {}
-        accountant = ("rdp (proxies' cap, amplified by subsampling)" if amplified.get("claimed") and
-                      g["total_epsilon"] == amplified.get("total") else g.get("accountant", accountant))
+    assert g.delta is not None  # a private guarantee has one
     return Statement(
-        epsilon=g["total_epsilon"], delta=g["delta"], accountant=accountant,
-        dataset=cfg.get("dataset"), dataset_size=split.get("train"), mechanism=mechanism,
-        search=g["guarantee"],
+        epsilon=g.epsilon, delta=g.delta, accountant=g.accountant,
+        dataset=cfg.get("dataset"), dataset_size=split.get("train"), mechanism=g.mechanism,
+        search=g.text,
         validation=validation,
-        seed_fixed=bool(study.user_attrs.get("private_seed_fixed")) or cfg.get("private_seed") is not None,
+        seed_fixed=rec.seed_fixed or cfg.get("private_seed") is not None,
         extra_assumptions=tuple(assumptions),
     )
 
@@ -419,18 +228,20 @@ def summarize(study: optuna.Study) -> StudySummary:
     """Counts, compute spent (trial-steps) and the best completed trial."""
     trials = study.get_trials(deepcopy=False)
     states = [t.state for t in trials]
-    rejected = sum(1 for t in trials if t.state == TrialState.PRUNED and "rejected_reason" in t.user_attrs)
-    skipped = sum(1 for t in trials if "skipped_reason" in t.user_attrs)
+    rec = StudyRecord.of(study)
+    guarantee = regime_of(rec).guarantee(trials)
+    rejected = sum(1 for t in trials if t.state == TrialState.PRUNED and record.is_rejected(t))
+    skipped = sum(1 for t in trials if record.is_skipped(t))
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     best = trial_record(max(complete, key=lambda t: cast(float, t.value))) if complete else None
-    if study.user_attrs.get(modes.MODE_ATTR) is not None:
-        # issue #20: what a mode releases is its final run, never a proxy.
+    if rec.search_mode is not None:
+        # What a mode releases is its final run, never a proxy.
         final = modes.final_trial(trials)
         # Timings would say how large the secret subset its proxies trained on was.
         best = None if final is None else shown_record(study, final)
     if best is not None:
-        # The winner's curse (issue #20): how far the chosen trial's validation score may be from its true accuracy.
-        n_val = int((study.user_attrs.get("split") or {}).get("validation") or 0)
+        # The winner's curse: how far the chosen trial's validation score may be from its true accuracy.
+        n_val = rec.n_validation
         score = best.get("val_accuracy") if best.get("value") is None else best["value"]
         # A mode's final run inherits the selection its proxies made on the same validation split: count theirs.
         readings = sum(max(1, len(t.intermediate_values)) for t in complete)
@@ -439,27 +250,29 @@ def summarize(study: optuna.Study) -> StudySummary:
         best["validation_readings"] = readings
     return StudySummary(
         name=study.study_name,
-        epsilon_target=study.user_attrs.get("epsilon_target", math.nan),
-        delta=study.user_attrs.get("delta") or math.nan,
-        accountant=study.user_attrs.get("accountant", "?"),
+        epsilon_target=math.nan if rec.epsilon_target is None else rec.epsilon_target,
+        delta=rec.delta or math.nan,
+        accountant=rec.accountant or "?",
         n_trials=len(trials) - skipped,
         complete=len(complete),
         pruned=states.count(TrialState.PRUNED) - rejected - skipped,
         rejected=rejected,
         failed=states.count(TrialState.FAIL),
         running=states.count(TrialState.RUNNING),
-        trial_steps=sum(int(t.user_attrs.get("steps", 0) or 0) for t in trials),
-        examples_processed=sum(int(t.user_attrs.get("examples_processed", 0) or 0) for t in trials),
+        trial_steps=record.total(trials, record.STEPS),
+        examples_processed=record.total(trials, record.EXAMPLES_PROCESSED),
         best=best,
-        search=search_guarantee(study),
+        search=guarantee.as_dict(),
+        guarantee=guarantee,
     )
 
 
 def creation(study: optuna.Study, storage: str) -> dict[str, Any]:
     """What ``dptune study create`` reports of a new study; a private search's drawn K is left out (it is secret)."""
-    private = study.user_attrs.get("private_search")
+    rec = StudyRecord.of(study)
+    private = rec.private_search
     return {"study_name": study.study_name, "storage": storage,
-            "epsilon": study.user_attrs.get("epsilon_target"), "delta": study.user_attrs["delta"],
+            "epsilon": rec.epsilon_target, "delta": rec.delta,
             "trials": None if private else len(study.trials),
             "private_search": None if private is None else {k: v for k, v in private.items() if k != "n_trials"}}
 
@@ -468,14 +281,15 @@ def list_studies(storage: str) -> list[dict[str, Any]]:
     """One row per study in ``storage``."""
     rows = []
     for s in optuna.get_all_study_summaries(open_storage(storage, create=False), include_best_trial=True):
-        private = s.user_attrs.get("private_search")
+        rec = StudyRecord.of(s)
+        private = rec.private_search
         rows.append({
             "name": s.study_name,
             # A private search's trial count is its secret K; its ε is the search total.
             "trials": None if private else s.n_trials,
             "best_value": s.best_trial.value if s.best_trial else None,
-            "epsilon_target": private["total_epsilon"] if private else s.user_attrs.get("epsilon_target"),
-            "dataset": s.user_attrs.get(CONFIG_ATTR, {}).get("study", {}).get("dataset"),
-            "dptune": CONFIG_ATTR in s.user_attrs,
+            "epsilon_target": private["total_epsilon"] if private else rec.epsilon_target,
+            "dataset": rec.study_config.get("dataset"),
+            "dptune": rec.is_dptune,
         })
     return rows

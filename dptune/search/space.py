@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from dptune.config.schema import Choice, Range, SearchSpace, TrainingBudget
@@ -57,14 +57,10 @@ class TrialPlan:
         return self.steps * self.sampling_rate
 
     def as_attrs(self) -> dict[str, Any]:
-        return {
-            **{k: v for k, v in asdict(self.hparams).items()},
-            "sampling_rate": self.sampling_rate,
-            "planned_steps": self.steps,
-            "planned_epochs": self.epochs,
-            "max_steps_by_budget": self.max_steps_by_budget,
-            "derived": self.derived,
-        }
+        from dptune.search.record import plan_attrs
+
+        return plan_attrs(self.hparams, self.sampling_rate, self.steps, self.epochs, self.max_steps_by_budget,
+                          self.derived)
 
 
 def _suggest(trial: SuggestsParams, name: str, spec: Any, num_examples: int) -> Any:

@@ -25,7 +25,7 @@ import os
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 import jax
 import optuna
@@ -38,15 +38,18 @@ from dptune.errors import ConfigError, DptuneError, PrivacyError, StudyError
 from dptune.models import checkpoint
 from dptune.privacy import accounting as privacy
 from dptune.privacy import search_totals as search_privacy
-from dptune.privacy.search_totals import RenyiFilter, TrialCount
+from dptune.privacy.mechanism import Mechanism, mechanisms
+from dptune.privacy.search_totals import TrialCount
 from dptune.progress import Reporter
 from dptune.randomness import SecretSeed
-from dptune.search import modes, proxy, release
+from dptune.search import modes, proxy, record, release
 from dptune.search import storage as storage_lib
 from dptune.search.objective import Objective
 from dptune.search.orphans import reap_dead_workers
+from dptune.search.record import StudyRecord
+from dptune.search.regimes import CreateContext, regime_for_config
 from dptune.search.registry import make_pruner, make_sampler
-from dptune.search.results import CONFIG_ATTR, FINISHED
+from dptune.search.results import FINISHED
 from dptune.search.space import check_space
 from dptune.search.storage import open_storage
 from dptune.search.watch import StudyWatch
@@ -89,7 +92,7 @@ def trial_count_secret(resolved: ResolvedStudy, study_id: str) -> SecretSeed:
 
 
 def _plan_private_search(resolved: ResolvedStudy, dataset: Dataset, delta: float,
-                         prior: Sequence[tuple[float, float, int]], study_id: str) -> dict[str, Any]:
+                         prior: Sequence[Mechanism], study_id: str) -> dict[str, Any]:
     """Draw the number of trials and calibrate the one mechanism every trial runs.
 
     ``prior``: a private initial checkpoint's recorded runs on the same data,
@@ -142,7 +145,7 @@ def _prepare(resolved: ResolvedStudy, study_id: str) -> dict[str, Any]:
     dataset = dataset_of(study_cfg)
     delta = _resolve_delta(resolved, dataset)
     check_space(resolved.space, len(dataset.train), private=not study_cfg.non_private)
-    # -- issue #20: a search mode that cannot run or be accounted is refused here (dptune/search/modes.py)
+    # A search mode that cannot run or be accounted is refused here, before anything is written.
     public = proxy.public_dataset(resolved)
     if public is not None:
         check_space(resolved.space, len(public.train), private=True)
@@ -161,7 +164,7 @@ def _prepare(resolved: ResolvedStudy, study_id: str) -> dict[str, Any]:
     check_model(study_cfg, dataset)  # a user's model that mixes examples is refused before anything is written
     model = build_model(study_cfg.model, dataset.num_classes, weight_standardization=study_cfg.weight_standardization,
                         input_shape=dataset.image_shape, args=study_cfg.model_args)
-    prior: list[tuple[float, float, int]] = []
+    prior: list[Mechanism] = []
     if study_cfg.init_checkpoint:
         # A checkpoint that does not fit, or that saw this data without privacy, is a
         # configuration error, found before anything is written.
@@ -174,35 +177,32 @@ def _prepare(resolved: ResolvedStudy, study_id: str) -> dict[str, Any]:
             raise checkpoint.CheckpointError(
                 f"{study_cfg.init_checkpoint} was selected by a search whose cost is a bound (ε, δ), which a study "
                 "cannot compose with its trials; continue from it with dptune train, which adds the bound")
-        prior = list(spent.events)
+        prior = list(mechanisms(spent.events))
         checkpoint.fit(init_params(model, dataset.image_shape, jax.random.key(0), dataset.input_dtype),
                        checkpoint.load(study_cfg.init_checkpoint), study_cfg.reinitialize)
-    attrs: dict[str, Any] = {CONFIG_ATTR: resolved.to_json(), "dptune_version": __version__, "delta": delta,
-                             "split": dataset.split.as_dict(), "prior_privacy_events": [list(e) for e in prior]}
-    if mode is not None:
-        # Whether the public tuning set was compared with the private one example by example (the statement says).
-        attrs[modes.MODE_ATTR] = {**mode, **({} if public is None else {"content_checked": shared is not None})}
-    if study_cfg.init_checkpoint:
-        attrs["init_checkpoint_sha256"] = checkpoint.fingerprint(study_cfg.init_checkpoint)
-    if study_cfg.private_search:
-        assert delta is not None  # private studies have one
-        plan = _plan_private_search(resolved, dataset, delta, prior, study_id)
-        attrs.update(private_search=plan, epsilon_target=plan["per_trial_epsilon"], accountant="rdp")
-    elif study_cfg.non_private:
-        attrs.update(non_private=True)
-    else:
-        assert study_cfg.privacy is not None and delta is not None  # the schema requires a budget
-        attrs.update(epsilon_target=study_cfg.privacy.epsilon, accountant=study_cfg.privacy.accountant)
-        if study_cfg.search_budget is not None:
-            cap = study_cfg.search_budget
-            order = cap.order or search_privacy.default_filter_order(cap.epsilon, delta)
-            filt = RenyiFilter(cap.epsilon, delta, order)
-            if not filt.admits(prior):
-                raise ConfigError("search_budget.epsilon", f"{cap.epsilon:g} is already spent by the init_checkpoint's "
-                                  f"recorded training on {dataset.name!r} ({filt.spent(prior):.4g} at order "
-                                  f"{order:.3g})")
-            attrs.update(search_budget={"epsilon": cap.epsilon, "order": order})
+    # Whether the public tuning set was compared with the private one example by example (the statement says).
+    checked = {} if public is None else {"content_checked": shared is not None}
+    stored_mode = None if mode is None else {**mode, **checked}
+    attrs = record.study_attrs(
+        config=resolved.to_json(), version=__version__, delta=delta, split=dataset.split.as_dict(),
+        prior=[list(e) for e in prior], search_mode=stored_mode,
+        init_checkpoint_sha=checkpoint.fingerprint(study_cfg.init_checkpoint) if study_cfg.init_checkpoint else None)
+    attrs.update(_regime_attrs(resolved, dataset, delta, prior, study_id))
     return attrs
+
+
+def _regime_attrs(resolved: ResolvedStudy, dataset: Dataset, delta: float | None,
+                  prior: Sequence[Mechanism], study_id: str) -> dict[str, Any]:
+    """The attributes of the study's privacy regime, which checks itself first (:meth:`Regime.check`)."""
+    cfg = resolved.study
+    regime = regime_for_config(cfg)
+    ctx = CreateContext(
+        delta=delta, prior=prior, dataset=dataset.name,
+        epsilon=None if cfg.privacy is None else cfg.privacy.epsilon,
+        accountant=None if cfg.privacy is None else cfg.privacy.accountant,
+        cap=None if cfg.search_budget is None else (cfg.search_budget.epsilon, cfg.search_budget.order),
+        draw_private_search=lambda: _plan_private_search(resolved, dataset, cast(float, delta), prior, study_id))
+    return regime.check(ctx)
 
 
 def _check_folder(field: str, path: str) -> None:
@@ -277,9 +277,10 @@ def create_study(config: ConfigLike, storage: str | None = None, *, skip_if_exis
     seed = study_cfg.private_seed
     if seed is not None:
         # Kept out of the storage: whoever reads it could recompute every trial's batches and noise.
-        attrs[CONFIG_ATTR] = {**attrs[CONFIG_ATTR], "study": {**attrs[CONFIG_ATTR]["study"], "private_seed": None}}
-        attrs[release.SEED_FIXED_ATTR] = True
-    stored = attrs[CONFIG_ATTR]
+        config = record.config_of(attrs) or {}
+        attrs = record.with_config(attrs, {**config, "study": {**config["study"], "private_seed": None}})
+        attrs[record.SEED_FIXED] = True
+    stored = record.config_of(attrs)
 
     storage_obj = open_storage(storage)
     with storage_lib.writing(storage):
@@ -287,31 +288,38 @@ def create_study(config: ConfigLike, storage: str | None = None, *, skip_if_exis
         if existing is not None:
             found = storage_lib.remember(optuna.load_study(study_name=study_cfg.name, storage=storage_obj),
                                          storage_obj, storage)
-            if existing.user_attrs.get(CONFIG_ATTR) != stored or _stored_seed(found, storage) != seed:
+            if record.config_of(existing.user_attrs) != stored or _stored_seed(found, storage) != seed:
                 raise StudyError(f"study_name: a study {study_cfg.name!r} with a different configuration exists "
                                  f"in {storage}; choose another name or delete it")
             if not skip_if_exists:
                 raise StudyError(f"study_name: {study_cfg.name!r} already exists in {storage} (use --skip-if-exists)")
             return found
 
-        study = optuna.create_study(study_name=study_cfg.name, storage=storage_obj,
-                                    direction=study_cfg.objective.direction)
-        try:
-            # A Ctrl-C here would leave a study without its configuration: finish or undo.
-            with interrupt.deferred(), warnings.catch_warnings():
-                # Metric names are "experimental" in Optuna; the dashboard shows the name instead of "Objective 0".
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                study.set_metric_names([study_cfg.objective.metric])
-                # Set before any worker can see the configuration: every worker reads the same id.
-                storage_lib.remember(study, storage_obj, storage)
-                storage_lib.backend(study).set_system_attr(release.STUDY_ID_ATTR, new_id)
-                for key, value in attrs.items():
-                    study.set_user_attr(key, value)
-                if seed is not None:  # where: the stored configuration's artifacts.path, if any
-                    release.keep_private_seed(study, storage, seed)
-        except BaseException:
-            optuna.delete_study(study_name=study_cfg.name, storage=storage_obj)
-            raise
+        return _write_new(study_cfg, storage, storage_obj, attrs, new_id)
+
+
+def _write_new(study_cfg: StudyConfig, storage: str, storage_obj: Any, attrs: dict[str, Any],
+               new_id: str) -> optuna.Study:
+    """Create the study and write its record in full, or leave no study behind."""
+    seed = study_cfg.private_seed
+    study = optuna.create_study(study_name=study_cfg.name, storage=storage_obj,
+                                direction=study_cfg.objective.direction)
+    try:
+        # A Ctrl-C here would leave a study without its configuration: finish or undo.
+        with interrupt.deferred(), warnings.catch_warnings():
+            # Metric names are "experimental" in Optuna; the dashboard shows the name instead of "Objective 0".
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([study_cfg.objective.metric])
+            # Set before any worker can see the configuration: every worker reads the same id.
+            storage_lib.remember(study, storage_obj, storage)
+            storage_lib.backend(study).set_system_attr(record.STUDY_ID, new_id)
+            for key, value in attrs.items():
+                study.set_user_attr(key, value)
+            if seed is not None:  # where: the stored configuration's artifacts.path, if any
+                release.keep_private_seed(study, storage, seed)
+    except BaseException:
+        optuna.delete_study(study_name=study_cfg.name, storage=storage_obj)
+        raise
     return study
 
 
@@ -338,11 +346,12 @@ def load(study_name: str, storage: str | None = None, *, heartbeat: bool = False
         raise StudyError(f"study_name: no study {study_name!r} in {url}; "
                          f"available: {', '.join(names) if names else '(none)'}")
     study = optuna.load_study(study_name=study_name, storage=storage_obj)
-    if CONFIG_ATTR not in study.user_attrs:
+    rec = StudyRecord.of(study)
+    if not rec.is_dptune:
         raise StudyError(f"study_name: {study_name!r} was not created by dptune (no stored configuration)")
     storage_lib.remember(study, storage_obj, url)
-    resolved = ResolvedStudy.from_json(study.user_attrs[CONFIG_ATTR])
-    if study.user_attrs.get(release.SEED_FIXED_ATTR):
+    resolved = ResolvedStudy.from_json(rec.config)
+    if rec.seed_fixed:
         try:
             seed = release.private_seed(study, url)
         except release.ReleaseError as e:
@@ -353,8 +362,9 @@ def load(study_name: str, storage: str | None = None, *, heartbeat: bool = False
 
 def _stored_seed(study: optuna.Study, storage_url: str) -> int | None:
     """The fixed private_seed of an existing study (None if it has none, or an older study stored it inline)."""
-    if not study.user_attrs.get(release.SEED_FIXED_ATTR):
-        return study.user_attrs.get(CONFIG_ATTR, {}).get("study", {}).get("private_seed")
+    rec = StudyRecord.of(study)
+    if not rec.seed_fixed:
+        return rec.study_config.get("private_seed")
     try:
         return release.private_seed(study, storage_url)
     except release.ReleaseError:
@@ -433,49 +443,85 @@ def optimize(
         study_name = study
     url = storage or default_storage(study_name)
     if workers > 1:
-        from dptune.search import workers as pool
-
-        cfg = load(study_name, url)[1].study
-        here = [k for k in ("model", "dataset", "loss") if str(getattr(cfg, k) or "").startswith("__main__:")]
-        if here:
-            raise ConfigError("workers", f"{here[0]} {getattr(cfg, here[0])!r} lives in this script (__main__), which "
-                                         "worker processes cannot import; move it to a module, or use workers=1")
-
-        def on_trial(t: FrozenTrial) -> None:
-            for callback in callbacks:
-                callback(loaded, t)
-
-        loaded = load_study(study_name, url)
-        code = pool.run_pool(study_name, url, workers=workers, n_trials=n_trials, timeout=timeout,
-                             devices_per_trial=devices_per_trial, cache_dir=cache_dir, on_trial=on_trial,
-                             progress=progress)
-        if code != 0:
-            raise StudyError(f"workers: a worker exited with code {code}; finished trials are kept, nothing is "
-                             "left RUNNING; run again to continue")
-        return load_study(study_name, url)
+        return _optimize_pool(study_name, url, workers=workers, n_trials=n_trials, timeout=timeout,
+                              devices_per_trial=devices_per_trial, callbacks=callbacks, cache_dir=cache_dir,
+                              progress=progress)
     study, resolved = load(study_name, url, heartbeat=True)
     with interrupt.deferred(), storage_lib.writing(url):
         reap_dead_workers(study)
+    dataset = dataset_of(resolved.study)
+    rec = StudyRecord.of(study)
+    left, n_trials = _choose_search(study, resolved, rec, n_trials)
+    if not left:
+        return study
+    hooks = _hooks(study, url, callbacks, stop_at_finished)
+    if rec.split is not None and rec.split != dataset.split.as_dict():
+        # q = B/N and the planned mechanism were fixed for the data as it was at create.
+        raise StudyError(f"dataset: {resolved.study.dataset!r} is not what it was when the study was created "
+                         f"({rec.split} then, {dataset.split.as_dict()} now); create a new study")
+    objective = _objective(study, resolved, dataset, rec, url, progress)
+    if progress is not None:
+        watch = StudyWatch(progress, study_name, n_trials, private_search=objective.secret_count)
+        hooks.insert(1, watch)  # after the best model is kept, before the user's callbacks
+    # A signal waits for the next check point (a training step, a finished trial), so that it
+    # never cuts a storage write short.
+    with (storage_lib.one_process(url), interrupt.deferred(), storage_lib.writing(url),
+          _quiet_trials(objective.secret_count)):
+        study.optimize(objective, n_trials=n_trials, timeout=timeout, callbacks=hooks, catch=())
+    return study
+
+
+def _optimize_pool(study_name: str, url: str, *, workers: int, n_trials: int | None, timeout: float | None,
+                   devices_per_trial: int, callbacks: Sequence[TrialCallback], cache_dir: str | None,
+                   progress: Reporter | None) -> optuna.Study:
+    """:func:`optimize` over ``workers`` processes (:mod:`dptune.search.workers`)."""
+    from dptune.search import workers as pool
+
+    cfg = load(study_name, url)[1].study
+    here = [k for k in ("model", "dataset", "loss") if str(getattr(cfg, k) or "").startswith("__main__:")]
+    if here:
+        raise ConfigError("workers", f"{here[0]} {getattr(cfg, here[0])!r} lives in this script (__main__), which "
+                                     "worker processes cannot import; move it to a module, or use workers=1")
+
+    def on_trial(t: FrozenTrial) -> None:
+        for callback in callbacks:
+            callback(loaded, t)
+
+    loaded = load_study(study_name, url)
+    code = pool.run_pool(study_name, url, workers=workers, n_trials=n_trials, timeout=timeout,
+                         devices_per_trial=devices_per_trial, cache_dir=cache_dir, on_trial=on_trial,
+                         progress=progress)
+    if code != 0:
+        raise StudyError(f"workers: a worker exited with code {code}; finished trials are kept, nothing is "
+                         "left RUNNING; run again to continue")
+    return load_study(study_name, url)
+
+
+def _choose_search(study: optuna.Study, resolved: ResolvedStudy, rec: StudyRecord,
+                   n_trials: int | None) -> tuple[bool, int | None]:
+    """Set the study's sampler and pruner; whether any trial is left to run, and how many to run now."""
     cfg = resolved.study
-    dataset = dataset_of(cfg)
-    delta = study.user_attrs.get("delta") or _resolve_delta(resolved, dataset)
-    # A fresh seed per session, so a continued study does not replay its first samples.
-    seed = cfg.seed + len(study.trials)
-    private = study.user_attrs.get("private_search")
-    if private is not None:
-        # The number of trials was drawn at creation; every trial that ran counts.
-        # This only saves starting processes for nothing: the objective enforces K.
-        remaining = private["n_trials"] - len(study.trials)
-        if remaining <= 0:
-            return study
-        n_trials = remaining if n_trials is None else min(n_trials, remaining)
-        # Seeded from the OS (full MT19937 state), not from the public seed: draws that an
-        # adversary could replay would reveal which trial index the released one had.
-        study.sampler = optuna.samplers.RandomSampler(seed=None)
-        study.pruner = optuna.pruners.NopPruner()
-    else:
-        study.sampler = make_sampler(cfg, resolved.space, seed)
+    private = rec.private_search
+    if private is None:
+        # A fresh seed per session, so a continued study does not replay its first samples.
+        study.sampler = make_sampler(cfg, resolved.space, cfg.seed + len(study.trials))
         study.pruner = make_pruner(cfg)
+        return True, n_trials
+    # The number of trials was drawn at creation; every trial that ran counts.
+    # This only saves starting processes for nothing: the objective enforces K.
+    remaining = private["n_trials"] - len(study.trials)
+    if remaining <= 0:
+        return False, 0
+    # Seeded from the OS (full MT19937 state), not from the public seed: draws that an
+    # adversary could replay would reveal which trial index the released one had.
+    study.sampler = optuna.samplers.RandomSampler(seed=None)
+    study.pruner = optuna.pruners.NopPruner()
+    return True, remaining if n_trials is None else min(n_trials, remaining)
+
+
+def _hooks(study: optuna.Study, url: str, callbacks: Sequence[TrialCallback],
+           stop_at_finished: int | None) -> list[Callable[[optuna.Study, FrozenTrial], Any]]:
+    """What runs after each trial: keep the best model, the user's callbacks, reap dead workers, stop on a signal."""
     # The best model is decided once the trial's value is in the storage (release.keep_best), before user callbacks.
     hooks: list[Callable[[optuna.Study, FrozenTrial], Any]] = [lambda st, t: release.keep_best(st, t, url)]
     hooks += list(callbacks) + [lambda st, _t: reap_dead_workers(st)]
@@ -484,41 +530,34 @@ def optimize(
     if stop_at_finished is not None:
         # Several workers share one target: stop once the study holds that many finished trials.
         hooks.append(optuna.study.MaxTrialsCallback(stop_at_finished, states=FINISHED))
-    stored_split = study.user_attrs.get("split")
-    if stored_split is not None and stored_split != dataset.split.as_dict():
-        # q = B/N and the planned mechanism were fixed for the data as it was at create.
-        raise StudyError(f"dataset: {cfg.dataset!r} is not what it was when the study was created "
-                         f"({stored_split} then, {dataset.split.as_dict()} now); create a new study")
     # The finished trial is in the storage by now: the place to stop for a signal that came meanwhile.
     hooks.append(lambda _st, _t: interrupt.raise_if_pending())
-    objective = Objective(resolved, dataset, delta, private, study.user_attrs.get("search_budget"),
-                          study.user_attrs.get("prior_privacy_events", ()))
-    objective.resolved_checkpoint = study.user_attrs.get("init_checkpoint_sha256")
+    return hooks
+
+
+def _objective(study: optuna.Study, resolved: ResolvedStudy, dataset: Dataset, rec: StudyRecord, url: str,
+               progress: Reporter | None) -> Objective:
+    """The study's objective: its regime's terms, and a mode's proxies until the final run, then nothing."""
+    delta = rec.delta or _resolve_delta(resolved, dataset)
+    objective = Objective(resolved, dataset, delta, rec.private_search, rec.search_budget, rec.prior)
+    objective.resolved_checkpoint = rec.init_checkpoint_sha
     objective.storage_url = url
     objective.study_id = release.study_id(study, url)
     objective.progress = progress
-    if progress is not None:
-        watch = StudyWatch(progress, study_name, n_trials, private_search=private is not None)
-        hooks.insert(1, watch)  # after the best model is kept, before the user's callbacks
-    mode = study.user_attrs.get(modes.MODE_ATTR)
-    if mode is not None:  # issue #20: proxies until the final run (dptune.search.proxy.finalize), then nothing
+    if rec.search_mode is not None:
         if modes.final_trial(study.trials) is not None:
-            raise StudyError(f"study_name: {study_name!r} is finalized: its final run is recorded, and more proxy "
-                             "trials would only add to its ε; create a new study to tune again")
+            raise StudyError(f"study_name: {study.study_name!r} is finalized: its final run is recorded, and more "
+                             "proxy trials would only add to its ε; create a new study to tune again")
         assert objective.budget is not None  # a mode needs a privacy budget (checked at create)
-        objective.mode = proxy.ModeRunner(resolved, dataset, objective.budget, mode, study_name,
+        objective.mode = proxy.ModeRunner(resolved, dataset, objective.budget, rec.search_mode, study.study_name,
                                           release.folder_of(study, url), objective.study_id)
-    # A signal waits for the next check point (a training step, a finished trial), so that it
-    # never cuts a storage write short.
-    with storage_lib.one_process(url), interrupt.deferred(), storage_lib.writing(url), _quiet_trials(private):
-        study.optimize(objective, n_trials=n_trials, timeout=timeout, callbacks=hooks, catch=())
-    return study
+    return objective
 
 
 @contextlib.contextmanager
-def _quiet_trials(private_search: Any) -> Iterator[None]:
-    """In a private search, Optuna's line per failed trial is not shown: trial numbers would tell K."""
-    if private_search is None:
+def _quiet_trials(secret_count: bool) -> Iterator[None]:
+    """With a secret trial count, Optuna's line per failed trial is not shown: trial numbers would tell K."""
+    if not secret_count:
         yield
         return
     logger = logging.getLogger("optuna")

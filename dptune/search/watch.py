@@ -26,20 +26,24 @@ class StudyWatch:
         self.done = 0
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        from dptune.search.results import search_guarantee
+        from dptune.search import record
+        from dptune.search.regimes import study_guarantee
 
         if self.private:
             return
         self.done += 1
-        a = trial.user_attrs
+        def of(key: str) -> Any:
+            return record.get(trial, key)
+
         self.report(Event("trial", {
             "trial": trial.number, "state": trial.state.name, "value": trial.value,
-            "epsilon_spent": a.get("epsilon_spent"), "steps": a.get("steps"), "wall_seconds": a.get("wall_seconds"),
-            "reason": a.get("rejected_reason") or a.get("failed_reason")}))
-        guarantee = search_guarantee(study)
+            "epsilon_spent": of(record.EPSILON_SPENT), "steps": of(record.STEPS),
+            "wall_seconds": of(record.WALL_SECONDS),
+            "reason": of(record.REJECTED_REASON) or of(record.FAILED_REASON)}))
+        guarantee = study_guarantee(study)
         self.report(Event("study", {"study": self.name, **self._counts(), "best": _best(study),
-                                    "search_epsilon": guarantee.get("total_epsilon"),
-                                    "remaining_epsilon": _remaining(guarantee)}))
+                                    "search_epsilon": guarantee.epsilon,
+                                    "remaining_epsilon": guarantee.remaining}))
 
     def _counts(self) -> dict[str, Any]:
         elapsed = time.monotonic() - self.began
@@ -54,10 +58,3 @@ def _best(study: optuna.Study) -> float | None:
     except ValueError:  # no completed trial yet
         return None
     return value if math.isfinite(value) else None
-
-
-def _remaining(guarantee: dict[str, Any]) -> float | None:
-    """What a pre-committed cap leaves (a filter's), else None."""
-    if guarantee.get("mode") != "filter":
-        return None
-    return max(0.0, float(guarantee["total_epsilon"]) - float(guarantee.get("filter_epsilon") or 0.0))
