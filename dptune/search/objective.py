@@ -143,7 +143,7 @@ class Objective:
                                   search_budget=search_budget)}))
         terms = self.regime.terms
         self.fixed = terms.fixed
-        self.budget = None if terms.budget is None else PrivacyBudget(*terms.budget)  # type: ignore[arg-type]
+        self.budget = None if terms.budget is None else PrivacyBudget(*terms.budget)
         self.resolved_checkpoint: str | None = None
         self.storage_url: str | None = None  # set by optimize: where the study's private folder is
         # Set by optimize: the study's random id, so that a fixed private_seed gives a study created again under
