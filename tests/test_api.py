@@ -1,4 +1,4 @@
-"""The public API: the README's "From Python" example runs as written, and the API's contracts."""
+"""The public API: the manual's "From Python" example runs as written, and the API's contracts."""
 
 from __future__ import annotations
 
@@ -16,9 +16,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def readme_example() -> str:
-    text = (ROOT / "README.md").read_text()
-    section = text.split("## From Python", 1)[1]
-    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    text = (ROOT / "docs" / "guide" / "python.md").read_text()
+    return re.search(r"```python\n(.*?)```", text, re.S).group(1)
 
 
 @pytest.mark.slow

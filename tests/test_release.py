@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import optuna
@@ -31,6 +32,7 @@ from tests import trial_deaths
 from tests.conftest import run_cli
 from tests.test_bad_input import read_only
 
+ROOT = Path(__file__).resolve().parent.parent
 SPACE = {"batch_size": 300, "effective_learning_rate": {"low": 0.01, "high": 6.0}, "clip_norm": 1.0,
          "noise_multiplier": 2.0}
 
@@ -56,7 +58,8 @@ def mode(path):
 # -- best model: kept, replaced, exported, loaded, predicted --------------------------------------
 
 @pytest.mark.slow
-def test_best_model_artifact_is_kept_replaced_exported_and_predicts_its_recorded_accuracy(tmp_path, request):
+def test_best_model_artifact_is_kept_replaced_exported_and_predicts_its_recorded_accuracy(tmp_path, request,
+                                                                                         monkeypatch):
     storage = f"sqlite:///{tmp_path / 'b.db'}"
     s = study.create_study(config.load_study(make_config(tmp_path, "best")), storage)
     # A poor trial first, then a better one: the stored model must follow the best.
@@ -96,6 +99,12 @@ def test_best_model_artifact_is_kept_replaced_exported_and_predicts_its_recorded
     # The honest search total, in words: the study's own statement, not the trial's ε.
     assert (out / release.STATEMENT_FILE).read_text() == results.privacy_statement(s).text() + "\n"
 
+    # The manual's example, as written, on this export.
+    example = (ROOT / "docs" / "guide" / "released-model.md").read_text().split("```python\n", 1)[1].split("```")[0]
+    monkeypatch.chdir(tmp_path)
+    names: dict = {}
+    exec(example, names)
+    assert names["logits"].shape == (8, 10) and names["classes"].shape == (8,)
     model = release.load_model(str(out))
     data = release.dataset_for(model.metadata)
     assert abs(model.accuracy(data.validation) - s.trials[1].value) <= 1e-6
