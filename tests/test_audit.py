@@ -200,7 +200,7 @@ def test_fixed_size_batch_fault_replaces_poisson_sampling(fault_switch):
 
     The one-run Dirac attack (sum over steps) does not separate this from
     Poisson sampling: the gap between the two lies in δ-scale tails and
-    worst-case datasets that m ≤ 1000 canaries cannot reach (see README).
+    worst-case datasets that m ≤ 1000 canaries cannot reach (see docs/guide/auditing.md).
     """
     rng = np.random.default_rng(0)
     with faults.inject("fixed_size_batches"):
