@@ -96,7 +96,7 @@ def _flags_to_settings(*argv):
 
 
 def test_train_flags_of_zero_are_given_values_and_one_privacy_flag_keeps_the_default_epsilon(tmp_path):
-    # Review of #16: 0 == False dropped --private-seed 0 (reusing a file's fixed seed) and --epsilon 0.
+    # A privacy review found that 0 == False dropped --private-seed 0 (reusing a file's fixed seed) and --epsilon 0.
     study_file = tmp_path / "s.yaml"
     study_file.write_text("name: s\ndataset: digits\nprivacy: {epsilon: 8.0}\nprivate_seed: 7\nseed: 3\n")
     s = _flags_to_settings("--config", str(study_file), "--private-seed", "0", "--seed", "0")

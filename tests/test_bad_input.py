@@ -1,4 +1,4 @@
-"""Bad input, storage faults and typos, as a careful new user makes them (issue #22).
+"""Bad input, storage faults and typos, as a careful new user makes them.
 
 The contract for every row: exit code 2, exactly one line on stderr
 (``dptune: error: …`` naming the field, and the file where there is one), no
@@ -235,7 +235,7 @@ CASES = [
      ["port:", "is already in use", "--port"]),
     ("privacy noise ε = nan", lambda d, r: ["privacy", "noise", "--epsilon", "nan", "--dataset-size", "100",
                                             "--batch-size", "10", "--steps", "5"], ["epsilon: must be a finite"]),
-    # held before #22, kept so that they stay held
+    # refusals that held before these tests, kept so that they stay held
     ("unknown key", lambda d, r: ["study", "create", "--config", write_study(d, extra="colour: blue\n"), *DB],
      ["studies/bad.yaml: colour: unknown key; allowed: name, dataset"]),
     ("not YAML", lambda d, r: put(d / "studies" / "x.yaml", "name: [unclosed") or

@@ -1,4 +1,4 @@
-"""Bring your own model, data and loss (issue #17): import paths, checks at create, the examples."""
+"""Bring your own model, data and loss: import paths, checks at create, the examples."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The released model (issue #18): best-model artifacts, export/predict/load, in-trial checkpoints and resume.
+"""The released model: best-model artifacts, export/predict/load, in-trial checkpoints and resume.
 
 Real storages, real worker processes (SIGKILLed by dptune's test-only hook),
 real optuna-dashboard and Chromium.
@@ -453,7 +453,7 @@ def test_resume_through_the_streamed_input_pipeline_replays_the_same_run(tmp_pat
     assert resumed.history == full.history and resumed.steps == 6
 
 
-# -- review of #18: replay start point, retry chains, foreign checkpoints, save-time metadata ----------
+# -- found by a privacy review: replay start point, retry chains, foreign checkpoints, save-time metadata ----------
 
 @pytest.mark.slow
 def test_a_diverged_replay_restarts_from_the_very_checkpoint_it_replayed(tmp_path):

@@ -1,4 +1,4 @@
-"""SIGTERM and SIGINT during `dptune optimize` (issue #22): real processes, real storages.
+"""SIGTERM and SIGINT during `dptune optimize`: real processes, real storages.
 
 Each storage gets two runs of the same study: the first is stopped with
 SIGTERM, the re-run with SIGINT, both while a trial trains. Every run must exit

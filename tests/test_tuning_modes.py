@@ -1,4 +1,4 @@
-"""Cheaper tuning (issue #20): each mode's ε is a direct dp-accounting computation of what ran; scaled proxies
+"""Cheaper tuning: each mode's ε is a direct dp-accounting computation of what ran; scaled proxies
 keep σ/B and the steps; the final run uses the winner; unaccountable modes are refused at create; the subset is
 secret."""
 

@@ -1,4 +1,4 @@
-"""Train repeatedly with evaluation off on 2 forced host devices: the loop that aborted in issue #15.
+"""Train repeatedly with evaluation off on 2 forced host devices: the loop that once aborted in XLA's rendezvous.
 
 Run as ``python dispatch_loop.py RUNS`` under
 XLA_FLAGS=--xla_force_host_platform_device_count=2; tests/test_dispatch.py
