@@ -51,8 +51,14 @@ dp-accounting cannot compute for one run bounded by the next order up
 not run anywhere in the space (every one would be rejected) is refused at
 create (:func:`check_create`).
 
-This module is JAX-free (:mod:`dptune.search.results` reads through it);
-running the proxies is :mod:`dptune.search.proxy`.
+Each mode is one object (:class:`PublicProxies`, :class:`ScaledProxies`,
+:class:`SubsetProxies`, made from the stored settings by :func:`proxy_mode`,
+the one place that reads a mode's name): its create-time checks, what its
+proxy trains in place of the planned full-scale run, its sentence in the
+statement, the amplified bound it adds, and the final run's transfer.
+
+This module is JAX-free at import (:mod:`dptune.search.results` reads through
+it); running the proxies is :mod:`dptune.search.proxy`.
 """
 
 from __future__ import annotations
