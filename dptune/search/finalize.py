@@ -140,8 +140,7 @@ def _train_claimed(study: optuna.Study, objective: Any, number: int, url: str, w
     try:
         _run_final(study, objective, number, url)
     finally:
-        if objective.mode.mode["mode"] == "subset":
-            proxy.forget_subset(release.folder_of(study, url))
+        objective.mode.kind.after_final(release.folder_of(study, url))
 
 
 def _wait_for_earlier(study: optuna.Study, number: int, seconds: float) -> None:

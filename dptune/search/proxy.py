@@ -28,8 +28,7 @@ from optuna.trial import FrozenTrial, TrialState
 from dptune import interrupt
 from dptune.config.schema import ResolvedStudy
 from dptune.data.datasets import ArraySplit, Dataset, RecordSplit, load_dataset
-from dptune.errors import ConfigError, DataError, PrivacyError, StudyError
-from dptune.privacy import accounting as privacy
+from dptune.errors import ConfigError, DataError, StudyError
 from dptune.randomness import SecretSeed
 from dptune.search import modes, record
 from dptune.search import storage as storage_lib
@@ -37,7 +36,7 @@ from dptune.search.orphans import worker_identity
 from dptune.search.space import Infeasible, TrialPlan, plan_trial
 from dptune.trainer.train import Hyperparams, PrivacyBudget
 
-__all__ = ["FinalizeRefused", "ModeRunner", "TrialSetup", "claim_final", "forget_subset", "public_dataset",
+__all__ = ["FinalizeRefused", "ModeRunner", "TrialSetup", "claim_final", "public_dataset",
            "secret_subset", "start_trial", "subset_dataset"]
 
 
@@ -113,7 +112,7 @@ def secret_subset(num_examples: int, fraction: float, secret: SecretSeed) -> np.
     return np.flatnonzero(coins < fraction)
 
 
-SUBSET_SECRET = "subset.secret"
+SUBSET_SECRET = modes.SUBSET_SECRET
 
 
 def subset_secret(folder: str) -> tuple[SecretSeed, str]:
@@ -180,6 +179,7 @@ class ModeRunner:
         self.private = private
         self.budget = budget
         self.mode = mode
+        self.kind = modes.proxy_mode(mode)  # what this mode's proxies train, and how
         self.public = public_dataset(resolved)
         self.study_name = study_name
         self._subset: Dataset | None = None
@@ -243,54 +243,16 @@ class ModeRunner:
             with contextlib.suppress(RuntimeError):  # outside optimize (a direct call) there is no loop to stop
                 trial.study.stop()
             raise Infeasible("the study is finalized (its final run is recorded or running): no more proxies")
-        name = self.mode["mode"]
-        data = self.public if self.mode.get("dataset") else self.private
+        data = self.kind.data(self)
         assert data is not None
-        n_plan = len(data.train)
-        k = int(self.mode.get("factor") or 1)
-        sampler = modes.ScaledBatch(trial, k) if name == "scaled" else trial
-        full = plan_trial(sampler, self.resolved.space, n_plan, self.budget, cfg.budget)
-        hp, steps = full.hparams, full.steps
-        scale = {record.BATCH_SIZE: hp.batch_size, record.SAMPLING_RATE: full.sampling_rate,
-                 record.NOISE_MULTIPLIER: hp.noise_multiplier, record.STEPS: steps, "epochs": full.epochs}
+        full = plan_trial(self.kind.sampler(trial), self.resolved.space, len(data.train), self.budget, cfg.budget)
+        scale = {record.BATCH_SIZE: full.hparams.batch_size, record.SAMPLING_RATE: full.sampling_rate,
+                 record.NOISE_MULTIPLIER: full.hparams.noise_multiplier, record.STEPS: full.steps,
+                 "epochs": full.epochs}
         attrs: dict[str, Any] = {record.PROXY: True, record.FULL_SCALE: scale}
-        budget, rate = self.budget, None
-        if name == "scaled":
-            hp = dataclasses.replace(hp, batch_size=hp.batch_size // k, noise_multiplier=hp.noise_multiplier / k)
-            q = hp.batch_size / n_plan
-            public = data is self.public
-            try:
-                allowed = modes.scaled_proxy_budget(q, hp.noise_multiplier, steps, self.budget.delta,
-                                                    self.budget.accountant, public)
-            except PrivacyError as e:
-                raise Infeasible(f"the proxy at batch {hp.batch_size}, σ = {hp.noise_multiplier:.4g} for {steps} "
-                                 f"steps cannot be accounted ({e})") from None
-            if allowed is None:
-                d = modes.PUBLIC_PROXY_DELTAS[-1] if public else self.budget.delta
-                eps = privacy.epsilon(q, hp.noise_multiplier, steps, d, self.budget.accountant)
-                raise Infeasible(f"the proxy at batch {hp.batch_size}, σ = {hp.noise_multiplier:.4g} for {steps} "
-                                 f"steps cannot be trained: its ε = {eps:.4g} at δ = {d:g} is above the maximum "
-                                 f"{privacy.MAX_EPSILON:g} the trainer takes")
-            # On private data the proxy's own ε, on public data a budget that admits all of its steps: what the
-            # trainer may spend. A public proxy's rate is given, so the trainer checks no δ against its N.
-            budget = dataclasses.replace(self.budget, epsilon=allowed[0], delta=allowed[1])
-            if public:
-                rate = q
-                attrs[record.DELTA_OF_TRIAL] = allowed[1]
-            proxy = TrialPlan(hparams=hp, steps=steps, sampling_rate=q, max_steps_by_budget=full.max_steps_by_budget,
-                              derived=f"scaled_1/{k}")
-        elif name == "subset":
-            gamma = float(self.mode["fraction"])
-            data = self.subset()
-            # The full run's q, σ and T on the subset: the expected batch is γ·B.
-            hp = dataclasses.replace(hp, batch_size=max(1, round(gamma * hp.batch_size)))
-            rate = full.sampling_rate
-            proxy = dataclasses.replace(full, hparams=hp, derived=f"subset_{gamma:g}")
-            attrs[record.SUBSET_ID] = self.subset_id
-        else:
-            proxy = full
-        return TrialSetup(proxy, data, budget, touched=data is not self.public, final=False, sampling_rate=rate,
-                          attrs=attrs)
+        run = self.kind.proxy(self, full, data, attrs)
+        return TrialSetup(run.plan, run.data, run.budget, touched=run.data is not self.public, final=False,
+                          sampling_rate=run.sampling_rate, attrs=attrs)
 
 
 class FinalizeRefused(StudyError):
@@ -347,8 +309,3 @@ def _refuse(study: optuna.Study, number: int, reason: str) -> None:
             b.storage.set_trial_user_attr(trial_id, key, value)
         b.storage.set_trial_state_values(trial_id, TrialState.PRUNED)
 
-
-def forget_subset(folder: str) -> None:
-    """Delete a subset-tuning study's secret: once a final run is claimed no proxy reads the subset again."""
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(os.path.join(folder, SUBSET_SECRET))

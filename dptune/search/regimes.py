@@ -347,8 +347,9 @@ class PrivateSearch:
 class Tuning(PerTrial):
     """A cheaper-tuning mode: proxies (public, scaled or subset), then one final run on all of the data.
 
-    The proxies' own plans and data are :class:`dptune.search.proxy.ModeRunner`'s; as a regime, a mode is a
-    per-trial budget (the final run's) whose guarantee composes every run that read the private data.
+    What differs between the modes (their create checks, proxies, statement, amplification and transfer) is the
+    mode object's (:func:`dptune.search.modes.proxy_mode`); as a regime, a mode is a per-trial budget (the final
+    run's) whose guarantee composes every run that read the private data.
     """
 
     def guarantee(self, trials: Sequence[FrozenTrial]) -> Guarantee:
@@ -419,6 +420,8 @@ def regime_for_config(cfg: Any) -> Regime:
         return NonPrivate(empty)
     if cfg.private_search:
         return PrivateSearch(empty)
+    if cfg.search is not None:
+        return Tuning(empty)
     return PerTrial(empty)
 
 
