@@ -1,4 +1,4 @@
-"""Time of dptune.trainer.fastclip's clipped sum vs the vmap clipped sum vs a non-private gradient, for any-Flax models.
+"""Time of the clipping engine's fast path vs its vmap reference vs a non-private gradient, for any-Flax models.
 
     python benchmarks/fastclip_step.py [--batch-sizes 256 1024] [--runs 5] [--smoke]
 
@@ -7,8 +7,7 @@ Models (plain ``flax.linen``, from ``tests/fastclip_models.py``): a ViT on
 token, width 64, 2 blocks, 4 heads, MLP 128) and a transformer over 32 token
 ids (vocabulary 512, ``nn.Embed``, a learned positional table, same blocks).
 For each batch size B, three jitted functions on the same batch in one
-process: the clipping engine's ``fast`` path (:func:`dptune.trainer.clipping.clipped_sum`,
-called through :func:`dptune.trainer.fastclip.clipped_sum`, which old checkouts also have),
+process: the clipping engine's ``fast`` path (:func:`dptune.trainer.clipping.clipped_sum`),
 its ``vmap`` reference (per-example gradients of the whole model) and the non-private gradient of the mean
 loss. Each is compiled and run once, then run ``--runs`` times, interleaved so
 that machine noise hits all alike; the table gives the medians (seconds), the
@@ -31,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dptune.trainer import fastclip
+from dptune.trainer import clipping
 from tests.fastclip_models import TinyTransformer, TinyViT
 
 
@@ -72,18 +71,19 @@ def main() -> None:
             if params is None:
                 params = model.init(jax.random.key(0), x[:2])["params"]
                 n_params = sum(p.size for p in jax.tree_util.tree_leaves(params))
-                rules, reason = fastclip.plan(model, params, x[:2], y[:2])
-                summaries.append((name, n_params, reason, rule_summary(rules)))
+                planned = clipping.plan(model, params, x[:2], y[:2], path="fast")
+                summaries.append((name, n_params, planned.reason, rule_summary(planned.rule_map)))
 
             def nonprivate(p, x, y, mask, clip, model=model):
                 def loss(q):
-                    return jnp.mean(jax.vmap(fastclip.cross_entropy)(model.apply({"params": q}, x), y))
+                    return jnp.mean(jax.vmap(clipping.cross_entropy)(model.apply({"params": q}, x), y))
                 return jax.grad(loss)(p)
 
             fns = {
-                "fast": jax.jit(lambda p, x, y, m, c, model=model: fastclip.clipped_sum(model, p, x, y, m, c).grads),
+                "fast": jax.jit(lambda p, x, y, m, c, model=model:
+                                clipping.clipped_sum(model, p, x, y, m, c, path="fast").grads),
                 "vmap": jax.jit(lambda p, x, y, m, c, model=model:
-                                fastclip.clipped_sum(model, p, x, y, m, c, path="vmap").grads),
+                                clipping.clipped_sum(model, p, x, y, m, c, path="vmap").grads),
                 "non-private": jax.jit(nonprivate),
             }
             compile_s, times = {}, defaultdict(list)

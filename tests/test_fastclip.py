@@ -1,4 +1,4 @@
-"""dptune.trainer.fastclip: the fast clipped sum of any Flax model equals the vmap reference and keeps the bound."""
+"""The clipping engine's fast path: the clipped sum of any Flax model equals the vmap reference and keeps the bound."""
 
 import functools
 import json
@@ -16,8 +16,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dptune.errors import ConfigError
-from dptune.trainer import fastclip
-from dptune.trainer.clipping.rules import robust_norm
+from dptune.trainer.clipping import RULE_NAMES, clipped_sum, plan
+from dptune.trainer.clipping.independence import check_per_example, mixing_reason
+from dptune.trainer.clipping.rules import dense_uses_ghost, ghost_dense_norms, robust_norm
 from tests.fastclip_models import (
     BatchNormNet,
     MixedCNN,
@@ -55,8 +56,8 @@ def _setup(name):
     # One compilation per model: both paths, clip norm and mask as arguments.
     @jax.jit
     def both(p, x, y, mask, clip):
-        fast = fastclip.clipped_sum(model, p, x, y, mask, clip)
-        ref = fastclip.clipped_sum(model, p, x, y, mask, clip, path="vmap")
+        fast = clipped_sum(model, p, x, y, mask, clip, path="fast")
+        ref = clipped_sum(model, p, x, y, mask, clip, path="vmap")
         return fast.grads, fast.norms, ref.grads, ref.norms
 
     return model, params, x, y, both
@@ -90,7 +91,7 @@ def test_fast_clipped_sum_equals_the_vmap_reference(name):
         fast, fast_norms, ref, ref_norms = both(params, x, y, mask, clip)
         _assert_close(fast, ref, 1e-5)
         np.testing.assert_allclose(fast_norms, ref_norms, rtol=1e-5)
-    assert fastclip.plan(model, params, x, y)[1] is None  # the fast path ran, not the fallback
+    assert plan(model, params, x, y, path="fast").reason is None  # the fast path ran, not the fallback
 
 
 # Which rule each layer takes: the closed forms where they exist, the module's own VJP otherwise.
@@ -135,12 +136,13 @@ EXPECTED = {
 def test_rule_record_names_the_rule_of_each_layer(name):
     model, x, _ = _data(name, np.random.default_rng(0))
     params = model.init(jax.random.key(0), jnp.asarray(x))["params"]
-    rules, reason = fastclip.plan(model, params, jnp.asarray(x), jnp.zeros(B, jnp.int32))
+    planned = plan(model, params, jnp.asarray(x), jnp.zeros(B, jnp.int32), path="fast")
+    rules, reason = planned.rule_map, planned.reason
     assert reason is None
     leaves = {
         jax.tree_util.keystr(k, simple=True, separator="/") for k, _ in jax.tree_util.tree_leaves_with_path(params)
     }
-    assert set(rules) == leaves and set(rules.values()) <= set(fastclip.RULES) - {"vmap"}
+    assert set(rules) == leaves and set(rules.values()) <= set(RULE_NAMES) - {"vmap"}
     for prefix, rule in EXPECTED[name].items():
         matching = [r for p, r in rules.items() if p == prefix or p.startswith(prefix + "/")]
         assert matching and set(matching) == {rule}, (prefix, matching)
@@ -199,11 +201,11 @@ def test_ghost_dense_norms_equal_the_materialised_gradients():
     a[3, 0, 0] = np.inf
     g = rng.standard_normal((5, 7, 6)).astype(np.float32)
     exact = robust_norm(jnp.einsum("bti,bto->bio", a, g))
-    ghost = fastclip.ghost_dense_norms(jnp.asarray(a), jnp.asarray(g))
+    ghost = ghost_dense_norms(jnp.asarray(a), jnp.asarray(g))
     finite = np.array([True, True, False, False, True])
     np.testing.assert_allclose(ghost[finite], exact[finite], rtol=1e-5)
     assert not np.any(np.isfinite(ghost[~finite]))
-    assert not any(fastclip.dense_uses_ghost(*s) for s in ((8, 64, 64), (64, 16, 16), (1, 64, 64)))
+    assert not any(dense_uses_ghost(*s) for s in ((8, 64, 64), (64, 16, 16), (1, 64, 64)))
 
 
 def test_an_example_whose_tokens_cancel_moves_the_sum_by_at_most_c():
@@ -218,7 +220,7 @@ def test_an_example_whose_tokens_cancel_moves_the_sum_by_at_most_c():
     model, rng = Seq(), np.random.default_rng(0)
     base = rng.standard_normal((4, 2, 16)).astype(np.float32)
     params = model.init(jax.random.key(0), jnp.asarray(base[:1]))["params"]
-    run = jax.jit(lambda x, m: fastclip.clipped_sum(model, params, x, jnp.asarray([1, 0, 2, 1]), m, 1.0).grads)
+    run = jax.jit(lambda x, m: clipped_sum(model, params, x, jnp.asarray([1, 0, 2, 1]), m, 1.0, path="fast").grads)
     worst = 0.0
     for _ in range(40):
         u = rng.standard_normal(16).astype(np.float32)
@@ -237,15 +239,15 @@ def test_a_model_that_mixes_examples_is_detected():
     x = np.random.default_rng(5).standard_normal((8, 5)).astype(np.float32)
     mixing = BatchNormNet()
     variables = mixing.init(jax.random.key(0), jnp.asarray(x))
-    reason = fastclip.mixing_reason(mixing, variables, x)
+    reason = mixing_reason(mixing, variables, x)
     assert reason is not None and "mixes examples" in reason and "\n" not in reason
     with pytest.raises(ConfigError, match="^model: .*per-example sensitivity"):
-        fastclip.check_per_example(mixing, variables, x)
+        check_per_example(mixing, variables, x)
     mlp = TabularMLP()
-    fastclip.check_per_example(mlp, mlp.init(jax.random.key(0), jnp.asarray(x)), x)  # passes
+    check_per_example(mlp, mlp.init(jax.random.key(0), jnp.asarray(x)), x)  # passes
     tokens = np.random.default_rng(6).integers(0, 11, (4, 6))  # integer inputs: perturbed by random ids
     model = TiedLM()
-    assert fastclip.mixing_reason(model, model.init(jax.random.key(0), jnp.asarray(tokens)), tokens) is None
+    assert mixing_reason(model, model.init(jax.random.key(0), jnp.asarray(tokens)), tokens) is None
 
 
 class _BatchSizeDependent(nn.Module):
@@ -284,14 +286,15 @@ def test_lifted_transforms_fall_back_to_vmap_with_the_reason():
     model = _Rematerialised()
     x = jnp.asarray(np.random.default_rng(9).standard_normal((4, 3)), jnp.float32)
     params = model.init(jax.random.key(0), x)["params"]
-    rules, reason = fastclip.plan(model, params, x, jnp.asarray([0, 1, 2, 0]))
+    planned = plan(model, params, x, jnp.asarray([0, 1, 2, 0]), path="fast")
+    rules, reason = planned.rule_map, planned.reason
     assert "lifted transform" in reason and set(rules.values()) == {"vmap"}
 
 
 def test_batch_dependence_is_detected():
     x = np.random.default_rng(7).standard_normal((4, 3)).astype(np.float32)
     model = _BatchSizeDependent()
-    assert "run alone" in fastclip.mixing_reason(model, model.init(jax.random.key(0), jnp.asarray(x)), x)
+    assert "run alone" in mixing_reason(model, model.init(jax.random.key(0), jnp.asarray(x)), x)
 
 
 def test_uncovered_parameters_fall_back_to_vmap_with_the_reason():
@@ -299,13 +302,14 @@ def test_uncovered_parameters_fall_back_to_vmap_with_the_reason():
     x = jnp.asarray(np.random.default_rng(8).standard_normal((4, 3)), jnp.float32)
     y = jnp.asarray([0, 1, 2, 0])
     params = model.init(jax.random.key(0), x)["params"]
-    rules, reason = fastclip.plan(model, params, x, y)
+    planned = plan(model, params, x, y, path="fast")
+    rules, reason = planned.rule_map, planned.reason
     assert "extra/kernel" in reason and set(rules.values()) == {"vmap"}
-    out = jax.jit(lambda p: fastclip.clipped_sum(model, p, x, y, jnp.ones(4), 0.1))(params)
+    out = jax.jit(lambda p: clipped_sum(model, p, x, y, jnp.ones(4), 0.1, path="fast"))(params)
     assert out.reason == reason
     assert float(jnp.max(jnp.abs(out.grads["extra"]["kernel"]))) == 0.0
     with pytest.raises(ConfigError, match="clipping"):
-        fastclip.clipped_sum(model, params, x, y, jnp.ones(4), 0.1, path="ghost")
+        clipped_sum(model, params, x, y, jnp.ones(4), 0.1, path="ghost")
 
 
 @pytest.mark.slow

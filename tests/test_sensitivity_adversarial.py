@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dptune.trainer import clipping, fastclip
-from dptune.trainer.clipping.rules import robust_norm
+from dptune.trainer import clipping
+from dptune.trainer.clipping.rules import embed_pieces, embed_rows, robust_norm
 from tests.fastclip_models import Bf16Book, Bf16Layer, TokenBag
 from tests.test_dp_step import _diff, _norm
 
@@ -41,12 +41,12 @@ def test_embed_rows_and_rule_follow_the_lookup_and_its_vjp(vocab, data):
     signs = jnp.asarray(data.draw(st.lists(st.sampled_from([-1.0, 0.0, 1.0, 2.0]), min_size=B * T, max_size=B * T)))
     g = signs.reshape(B, T, 1) * jnp.asarray([0.5, -1.0, 2.0])
     table = jnp.arange(vocab * 3, dtype=jnp.float32).reshape(vocab, 3)
-    rows = fastclip.embed_rows(ids, vocab)
+    rows = embed_rows(ids, vocab)
     forward = jnp.take(table, ids, axis=0)  # what nn.Embed does for vocab > 1
     np.testing.assert_array_equal(np.isnan(forward[..., 0]), rows < 0)
     np.testing.assert_array_equal(forward[rows >= 0], table[rows[rows >= 0]])
     per_example = jax.vmap(lambda i, gi: jax.vjp(lambda t: jnp.take(t, i, axis=0), table)[1](gi)[0])(ids, g)
-    piece = fastclip.embed_pieces(ids, g, vocab)
+    piece = embed_pieces(ids, g, vocab)
     np.testing.assert_allclose(piece.norms, robust_norm(per_example), rtol=1e-6, atol=1e-6)
     w, keep = jnp.asarray([0.5, 2.0, 0.1, 1.0]), jnp.asarray([True, True, False, True])
     np.testing.assert_allclose(
@@ -67,11 +67,12 @@ def _token_bag(vocab, tied, weights=TokenBag.weights):
 
     @jax.jit
     def both(params, ids, y, mask, clip):
-        fast = fastclip.clipped_sum(model, params, ids, y, mask, clip, _linear)
-        ref = fastclip.clipped_sum(model, params, ids, y, mask, clip, _linear, path="vmap")
+        fast = clipping.clipped_sum(model, params, ids, y, mask, clip, path="fast", loss_fn=_linear)
+        ref = clipping.clipped_sum(model, params, ids, y, mask, clip, path="vmap", loss_fn=_linear)
         return fast.grads, ref.grads
 
-    rules, reason = fastclip.plan(model, params, ids, jnp.zeros((B, vocab if tied else 3)), _linear)
+    planned = clipping.plan(model, params, ids, jnp.zeros((B, vocab if tied else 3)), path="fast", loss_fn=_linear)
+    rules, reason = planned.rule_map, planned.reason
     return params, both, rules, reason, (vocab if tied else 3)
 
 
@@ -104,10 +105,10 @@ def test_the_review_case_one_row_table_ids_0_and_minus_2():
 
 # bf16 models: (model, input shape or "ids", clipping path, the rule the bf16 layer takes).
 BF16 = {
-    "dense": (Bf16Layer("dense"), (6,), "auto", "dense"),
-    "conv": (Bf16Layer("conv"), (4, 4, 2), "auto", "conv"),
-    "norm": (Bf16Layer("norm"), (4, 4, 2), "auto", "norm_affine"),
-    "embed": (Bf16Layer("embed"), "ids", "auto", "embed"),
+    "dense": (Bf16Layer("dense"), (6,), "fast", "dense"),
+    "conv": (Bf16Layer("conv"), (4, 4, 2), "fast", "conv"),
+    "norm": (Bf16Layer("norm"), (4, 4, 2), "fast", "norm_affine"),
+    "embed": (Bf16Layer("embed"), "ids", "fast", "embed"),
     "vmap": (Bf16Layer("dense", jnp.bfloat16), (6,), "vmap", "vmap"),  # bf16 parameters: bf16 gradients
 }
 N_BF16 = 16
@@ -125,7 +126,7 @@ def test_bf16_models_keep_every_fast_and_vmap_term_within_c(case):
     x, y = _bf16_batch(shape)
     params = model.init(jax.random.key(0), x)["params"]
     clip = 1e-4  # every example clipped
-    run = jax.jit(lambda m: fastclip.clipped_sum(model, params, x, y, m, clip, path=path))
+    run = jax.jit(lambda m: clipping.clipped_sum(model, params, x, y, m, clip, path=path))
     assert rule in set(run(jnp.ones(N_BF16)).rule_map.values())
     assert largest_term(lambda m: run(m).grads, N_BF16, clip) <= 1 + 1e-5
 

@@ -101,7 +101,7 @@ def check_model(module: nn.Module, input_shape: Sequence[int], dtype: str, num_c
     It must initialise on one example, hold no state besides parameters (BatchNorm statistics are
     computed from many examples at once), map a batch of B inputs to logits [B, num_classes], and
     its loss must give one scalar per example. That no output mixes examples is checked by
-    :func:`dptune.trainer.fastclip.check_per_example` (called with what this returns).
+    :func:`dptune.trainer.clipping.independence.check_per_example` (called with what this returns).
 
     Returns:
       The model's variables and the synthetic batch.

@@ -98,7 +98,7 @@ from dptune.search import record
 from dptune.search.record import StudyRecord
 from dptune.trainer import dp_step
 from dptune.trainer.run import check_model
-from dptune.trainer.train import Hyperparams, PrivacyBudget, RunConfig, train_and_evaluate
+from dptune.trainer.train import Hyperparams, PrivacyBudget, RunConfig, TrainResult, train_and_evaluate
 
 THREAT_MODELS: tuple[str, ...] = tuple(c.value for c in ThreatModel)
 BLACK_BOX_MAX = 10_000  # black-box canaries allowed beyond the training-set size
@@ -554,32 +554,10 @@ def run_audit(
       ConfigError: unknown threat model, m < 2, confidence outside (0, 1), non-private config.
       PrivacyError: as :func:`dptune.trainer.train.train_and_evaluate`.
     """
-    check_request(threat_model, canaries, confidence, len(dataset.train))
-    if not config.private:
-        raise ConfigError("private", "a non-private run claims no ε; there is nothing to audit")
+    config, included = _secret_run(dataset, hparams, steps, config, threat_model, canaries, canary_seed, confidence)
     say = progress or (lambda _line: None)
-    secret = config.secret or _audit_secret(config, dataset, hparams, steps, threat_model, canaries, canary_seed)
-    # Canaries and faults hook into the microbatch loop (dptune.trainer.train.train_step); the compiled feeds
-    # equal it to float tolerance (tests/test_feed.py). Forced here for both threat models: the
-    # black-box canary wrapper is not an in-memory split a feed could copy.
-    config = replace(config, secret=secret, save_checkpoint=None, feed="loop")
-    included = inclusion(secret, canaries)
-    if included.all() or not included.any():
-        raise ConfigError("canaries", f"all {canaries} canaries fell on one side; use more canaries")
-    from dptune.models.builtin import init_params
-
-    model = build_model(config.model, dataset.num_classes, weight_standardization=config.weight_standardization)
-    params0 = init_params(model, dataset.image_shape, jax.random.key(config.seed))
-    hook: DiracCanaries | None = None
-    data = dataset
-    images = labels = None
-    if threat_model == "white-box":
-        coords = dirac_coordinates(params0, hparams.trainable, canaries, canary_seed)
-        hook = DiracCanaries(coords, included, hparams.clip_norm)
-    else:
-        images, labels = ood_canaries(dataset.image_shape, dataset.num_classes, canaries, canary_seed)
-        data = replace(dataset, train=_WithCanaries(dataset.train, images[included], labels[included]))
-    n = len(data.train)
+    planted = _plant(dataset, hparams, config, threat_model, included, canary_seed)
+    n = len(planted.data.train)
     say(f"auditing ({threat_model}): {canaries} canaries, each included with probability ½ (secret); "
         f"training {steps} steps on N = {n} examples")
 
@@ -588,24 +566,85 @@ def run_audit(
 
     cpu0, wall0 = _cpu_seconds(), time.perf_counter()
     training()
-    with tempfile.TemporaryDirectory(prefix="dptune-audit-") as tmp:
-        if threat_model == "black-box":
-            config = replace(config, save_checkpoint=os.path.join(tmp, "released.msgpack"))
-        result = train_and_evaluate(data, hparams, steps, config=config, budget=budget, callback=report, audit=hook,
-                                    progress=events)
-        if hook is not None:
-            scores = hook.scores()
-        else:
-            assert config.save_checkpoint is not None and images is not None and labels is not None  # black-box
-            released = checkpoint.load(config.save_checkpoint)
-            scores = -_canary_losses(config.model, config.weight_standardization, dataset.num_classes,
-                                     released, images, labels)
+    result, scores = _train_and_score(planted, hparams, steps, config, budget, report, events)
     say("computing the lower bound")
     stats = statistics(scores, included, budget.delta, confidence)
+    return _audit_result(result, stats, dataset, hparams, budget, threat_model, canaries, confidence, n,
+                         white_box=planted.hook is not None, wall0=wall0, cpu0=cpu0)
+
+
+def _secret_run(dataset: Dataset, hparams: Hyperparams, steps: int, config: RunConfig, threat_model: str,
+                canaries: int, canary_seed: int, confidence: float) -> tuple[RunConfig, np.ndarray]:
+    """The run's configuration and the secret inclusion bits, after every refusal that reads no data.
+
+    Raises:
+      ConfigError: as :func:`run_audit`, or when every canary fell on one side.
+    """
+    check_request(threat_model, canaries, confidence, len(dataset.train))
+    if not config.private:
+        raise ConfigError("private", "a non-private run claims no ε; there is nothing to audit")
+    secret = config.secret or _audit_secret(config, dataset, hparams, steps, threat_model, canaries, canary_seed)
+    # Canaries and faults hook into the microbatch loop (dptune.trainer.train.train_step); the compiled feeds
+    # equal it to float tolerance (tests/test_feed.py). Forced here for both threat models: the
+    # black-box canary wrapper is not an in-memory split a feed could copy.
+    config = replace(config, secret=secret, save_checkpoint=None, feed="loop")
+    included = inclusion(secret, canaries)
+    if included.all() or not included.any():
+        raise ConfigError("canaries", f"all {canaries} canaries fell on one side; use more canaries")
+    return config, included
+
+
+@dataclass
+class _Planted:
+    """The canaries where the run meets them: a gradient hook (white-box) or the training split (black-box)."""
+
+    data: Dataset
+    hook: DiracCanaries | None = None
+    images: np.ndarray | None = None
+    labels: np.ndarray | None = None
+
+
+def _plant(dataset: Dataset, hparams: Hyperparams, config: RunConfig, threat_model: str, included: np.ndarray,
+           canary_seed: int) -> _Planted:
+    """The canaries of ``threat_model`` (their content public from ``canary_seed``), the included ones planted."""
+    from dptune.models.builtin import init_params
+
+    canaries = len(included)
+    model = build_model(config.model, dataset.num_classes, weight_standardization=config.weight_standardization)
+    params0 = init_params(model, dataset.image_shape, jax.random.key(config.seed))
+    if threat_model == "white-box":
+        coords = dirac_coordinates(params0, hparams.trainable, canaries, canary_seed)
+        return _Planted(dataset, hook=DiracCanaries(coords, included, hparams.clip_norm))
+    images, labels = ood_canaries(dataset.image_shape, dataset.num_classes, canaries, canary_seed)
+    data = replace(dataset, train=_WithCanaries(dataset.train, images[included], labels[included]))
+    return _Planted(data, images=images, labels=labels)
+
+
+def _train_and_score(planted: _Planted, hparams: Hyperparams, steps: int, config: RunConfig, budget: PrivacyBudget,
+                     report: Callable[[int, dict[str, float]], None],
+                     events: Reporter | None) -> tuple[TrainResult, np.ndarray]:
+    """Train once with the canaries planted; the attack's score of each canary (higher: guessed included)."""
+    with tempfile.TemporaryDirectory(prefix="dptune-audit-") as tmp:
+        if planted.hook is None:  # black-box: the attack sees only the released model
+            config = replace(config, save_checkpoint=os.path.join(tmp, "released.msgpack"))
+        result = train_and_evaluate(planted.data, hparams, steps, config=config, budget=budget, callback=report,
+                                    audit=planted.hook, progress=events)
+        if planted.hook is not None:
+            return result, planted.hook.scores()
+        assert config.save_checkpoint is not None and planted.images is not None and planted.labels is not None
+        released = checkpoint.load(config.save_checkpoint)
+        return result, -_canary_losses(config.model, config.weight_standardization, planted.data.num_classes,
+                                       released, planted.images, planted.labels)
+
+
+def _audit_result(result: TrainResult, stats: AuditStatistics, dataset: Dataset, hparams: Hyperparams,
+                  budget: PrivacyBudget, threat_model: str, canaries: int, confidence: float, n: int, *,
+                  white_box: bool, wall0: float, cpu0: float) -> AuditResult:
+    """The claim that ran beside what the attack showed; the times are since ``wall0``/``cpu0``."""
     assert result.privacy is not None
     notes = [f"This audit trained on {dataset.name}'s training split: it spent ε = {result.privacy.epsilon:.4g} "
              f"(δ = {budget.delta:g}) on that data, which any total over it must count."]
-    if hook is not None:
+    if white_box:
         notes.append("White-box canaries enter through dptune's clipping function and cross-device sum; the "
                      f"training examples through the {result.clipping} path.")
     notes.append(f"The audit ran on the {result.feed!r} feed (one dispatch per microbatch); trials and `dptune train` "

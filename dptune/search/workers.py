@@ -40,6 +40,8 @@ from typing import TYPE_CHECKING
 from dptune.progress import Event, JsonLines, Reporter
 
 if TYPE_CHECKING:
+    from optuna.storages import BaseStorage
+    from optuna.study import Study
     from optuna.trial import FrozenTrial
 
 # Optuna, JAX and the study driver are imported where they are used: a worker
@@ -128,6 +130,25 @@ def run_pool(
     done_before = len(study.get_trials(deepcopy=False, states=results.FINISHED))
     target = None if n_trials is None else done_before + n_trials
     gpus = local_gpus()
+    cmd = _worker_command(study_name, storage, target, timeout, cache_dir, progress_json=progress is not None)
+    if progress is not None:
+        poll_seconds = min(poll_seconds, 0.25)
+    pool = _Pool([worker_env(i, devices_per_trial, gpus) for i in range(workers)], relay=progress is not None)
+    previous = {s: signal.signal(s, pool.forward) for s in (signal.SIGINT, signal.SIGTERM)
+                if signal.getsignal(s) is not signal.SIG_IGN}
+    storage_obj = open_storage(storage)
+    try:
+        pool.start(cmd)
+        _watch(pool, study, storage_obj, study_name, on_trial, progress, poll_seconds)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return _finish(pool, study, progress)
+
+
+def _worker_command(study_name: str, storage: str, target: int | None, timeout: float | None,
+                    cache_dir: str | None, *, progress_json: bool) -> list[str]:
+    """The command line of one worker process (:func:`_worker_main`)."""
     cmd = [sys.executable, "-m", "dptune.search.workers", "--study-name", study_name, "--storage", storage]
     if target is not None:
         cmd += ["--stop-at-finished", str(target)]
@@ -135,68 +156,91 @@ def run_pool(
         cmd += ["--timeout", str(timeout)]
     if cache_dir:
         cmd += ["--cache-dir", cache_dir]
-    if progress is not None:
+    if progress_json:
         cmd += ["--progress-json"]
-        poll_seconds = min(poll_seconds, 0.25)
-    events: queue.Queue[Event] = queue.Queue()
-    readers: list[threading.Thread] = []
-    envs = [worker_env(i, devices_per_trial, gpus) for i in range(workers)]
-    procs: list[subprocess.Popen] = []
-    received: list[int] = []
+    return cmd
 
-    def forward(signum: int, _frame: object) -> None:
+
+class _Pool:
+    """The worker processes, the signals the launcher received for them, and the threads relaying their events."""
+
+    def __init__(self, envs: list[dict[str, str]], *, relay: bool) -> None:
+        self.envs = envs
+        self.relay = relay
+        self.procs: list[subprocess.Popen] = []
+        self.received: list[int] = []
+        self.readers: list[threading.Thread] = []
+        self.events: queue.Queue[Event] = queue.Queue()
+
+    def forward(self, signum: int, _frame: object) -> None:
+        """Signal handler: the signal to every running worker."""
         # The same signal, so that each worker stops as the user asked; its trial is failed, not lost.
-        received.append(signum)
-        for p in procs:
+        self.received.append(signum)
+        for p in self.procs:
             if p.poll() is None:
                 p.send_signal(signum)
 
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)
-                if signal.getsignal(s) is not signal.SIG_IGN}
+    def start(self, cmd: list[str]) -> None:
+        """One process per environment, unless a signal has come meanwhile."""
+        for env in self.envs:
+            if self.received:
+                break
+            self.procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE if self.relay else None,
+                                               text=True))
+            if self.relay:
+                self.readers.append(_relay(self.procs[-1], len(self.procs) - 1, self.events))
+
+    def deliver(self, progress: Reporter | None) -> None:
+        """The events relayed so far, to ``progress``."""
+        while progress is not None and not self.events.empty():
+            progress(self.events.get())
+
+
+def _watch(pool: _Pool, study: Study, storage_obj: BaseStorage, study_name: str,
+           on_trial: Callable[[FrozenTrial], None] | None, progress: Reporter | None, poll_seconds: float) -> None:
+    """Until no worker runs: reap the trials of workers that died, relay events, report each finished trial once."""
+    from dptune.search import study as study_lib
+
     seen: set[int] = set()
-    storage_obj = open_storage(storage)
     reaped: set[int] = set()
-    try:
-        for env in envs:
-            if received:
-                break
-            procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE if progress is not None else None,
-                                          text=True))
-            if progress is not None:
-                readers.append(_relay(procs[-1], len(procs) - 1, events))
-        while True:
-            running = any(p.poll() is None for p in procs)
-            died = {p.pid for p in procs if p.returncode not in (None, 0)} - reaped
-            if died:
-                # A worker that died natively (SIGKILL, SIGABRT) left its trial RUNNING;
-                # fail and re-queue it now instead of when a surviving worker ends its trial.
-                study_lib.reap_dead_workers(study)
-                reaped |= died
-            # The workers' events first: a trial's validations come before the line saying it finished.
-            while progress is not None and not events.empty():
-                progress(events.get())
-            if on_trial is not None:
-                for t in storage_obj.get_all_trials(storage_obj.get_study_id_from_name(study_name), deepcopy=False):
-                    if t.state.is_finished() and t.number not in seen:
-                        seen.add(t.number)
-                        on_trial(t)
-            if not running:
-                break
-            time.sleep(poll_seconds)
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-    codes = [p.wait() for p in procs]
-    for reader in readers:
+    while True:
+        running = any(p.poll() is None for p in pool.procs)
+        died = {p.pid for p in pool.procs if p.returncode not in (None, 0)} - reaped
+        if died:
+            # A worker that died natively (SIGKILL, SIGABRT) left its trial RUNNING;
+            # fail and re-queue it now instead of when a surviving worker ends its trial.
+            study_lib.reap_dead_workers(study)
+            reaped |= died
+        # The workers' events first: a trial's validations come before the line saying it finished.
+        pool.deliver(progress)
+        if on_trial is not None:
+            for t in storage_obj.get_all_trials(storage_obj.get_study_id_from_name(study_name), deepcopy=False):
+                if t.state.is_finished() and t.number not in seen:
+                    seen.add(t.number)
+                    on_trial(t)
+        if not running:
+            break
+        time.sleep(poll_seconds)
+
+
+def _finish(pool: _Pool, study: Study, progress: Reporter | None) -> int:
+    """The exit code once every worker has exited, after their last events and the reaping of what they left.
+
+    Raises:
+      Interrupted: for the first signal the launcher received.
+    """
+    from dptune.search import study as study_lib
+
+    codes = [p.wait() for p in pool.procs]
+    for reader in pool.readers:
         reader.join(timeout=5)  # the last events a worker wrote before it exited
-    while progress is not None and not events.empty():
-        progress(events.get())
+    pool.deliver(progress)
     if any(codes):
         study_lib.reap_dead_workers(study)
-    if received:
+    if pool.received:
         from dptune.interrupt import Interrupted
 
-        raise Interrupted(received[0])
+        raise Interrupted(pool.received[0])
     # A worker killed by signal N reports -N; exit like a shell would (128 + N).
     return next((128 - c if c < 0 else c for c in codes if c != 0), 0)
 

@@ -74,7 +74,7 @@ def check_model(settings: StudyConfig, data: Dataset, microbatch: int | None = N
     On synthetic inputs of the data's shape (never the data): the model builds, initialises, holds
     no batch statistics, returns logits [batch, classes], its loss gives one value per example,
     and no example's output depends on another example's input
-    (:func:`dptune.trainer.fastclip.check_per_example`), at a small batch, at 32 and at the
+    (:func:`dptune.trainer.clipping.independence.check_per_example`), at a small batch, at 32 and at the
     microbatch training runs (``microbatch``, else the settings' when it is a number). Built-in
     models pass by construction.
 
@@ -86,16 +86,16 @@ def check_model(settings: StudyConfig, data: Dataset, microbatch: int | None = N
             load_loss(settings.loss)
         return
     from dptune.models import custom
-    from dptune.trainer import fastclip
+    from dptune.trainer.clipping.independence import check_per_example
 
     module = build_model(settings.model, data.num_classes, input_shape=data.image_shape, args=settings.model_args)
     variables, x = custom.check_model(module, data.image_shape, data.input_dtype, data.num_classes,
                                       load_loss(settings.loss))
-    fastclip.check_per_example(module, variables, x)
+    check_per_example(module, variables, x)
     # The fast clipping path runs the model on whole microbatches: check at the size training uses too.
     size = microbatch if microbatch is not None else settings.microbatch_size
     for b in sorted({MIXING_BATCH, size if isinstance(size, int) else MIXING_BATCH} - {len(x)}):
-        fastclip.check_per_example(module, variables, custom.synthetic_inputs(data.image_shape, data.input_dtype, b))
+        check_per_example(module, variables, custom.synthetic_inputs(data.image_shape, data.input_dtype, b))
 
 
 def run_config(settings: StudyConfig, **per_run: Any) -> RunConfig:

@@ -1,4 +1,4 @@
-"""Run with 4 forced host devices: fastclip inside shard_map (4 devices) equals one device.
+"""Run with 4 forced host devices: the fast clipped sum inside shard_map (4 devices) equals one device.
 
 Prints one JSON line: the largest difference of the clipped sums and norms, and their scales.
 Used by tests/test_fastclip.py::test_four_devices_equal_one.
@@ -15,7 +15,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from dptune.trainer import fastclip
+from dptune.trainer.clipping import clipped_sum
 from tests.fastclip_models import TinyViT
 
 
@@ -31,10 +31,10 @@ def main() -> None:
     params = model.init(jax.random.key(0), x)["params"]
     clip = 0.5
 
-    one = jax.jit(lambda p, x, y, m: fastclip.clipped_sum(model, p, x, y, m, clip))(params, x, y, mask)
+    one = jax.jit(lambda p, x, y, m: clipped_sum(model, p, x, y, m, clip, path="fast"))(params, x, y, mask)
 
     def local(p, x, y, m):
-        out = fastclip.clipped_sum(model, p, x, y, m, clip)
+        out = clipped_sum(model, p, x, y, m, clip, path="fast")
         return jax.lax.psum(out.grads, "data"), out.norms
 
     rep, rows = PartitionSpec(), PartitionSpec("data")
