@@ -9,7 +9,7 @@ import pytest
 
 from dptune.privacy import search_totals
 from dptune.privacy.mechanism import Mechanism
-from dptune.search import record, results
+from dptune.search import record, regimes, results
 from dptune.search.record import StudyRecord
 from dptune.search.regimes import NonPrivate, PerTrial, PrivateSearch, Skip, Tuning, regime_of
 
@@ -85,3 +85,12 @@ def test_a_non_private_study_claims_nothing() -> None:
     s = _study({record.NON_PRIVATE: True})
     g = regime_of(StudyRecord.of(s)).guarantee(s.get_trials())
     assert not g.private and math.isinf(g.epsilon) and results.privacy_statement(s) is None
+
+
+def test_an_amplified_subset_total_names_the_accountant_of_each_part():
+    # The proxies' cap is RDP; a single run on all of the data is composed with PLD, several with RDP.
+    one, two = [Mechanism(0.1, 1.0, 10)], [Mechanism(0.1, 1.0, 10), Mechanism(0.2, 1.0, 5)]
+    assert regimes._amplified_accountant(one, ()) == (
+        "rdp (proxies' cap, amplified by subsampling) + pld (runs on all of the data)")
+    assert regimes._amplified_accountant(two, one).endswith(
+        "+ rdp (runs on all of the data) + pld (the initial checkpoint's training)")

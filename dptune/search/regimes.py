@@ -364,9 +364,22 @@ class Tuning(PerTrial):
                             split, proxies)
         amplified = g.get("subset_amplification") or {}
         claimed = bool(amplified.get("claimed")) and g["total_epsilon"] == amplified.get("total")
-        accountant = "rdp (proxies' cap, amplified by subsampling)" if claimed else g["accountant"]
+        accountant = _amplified_accountant(split[1], self.rec.prior) if claimed else g["accountant"]
         return Guarantee(g["total_epsilon"], g["delta"], g["guarantee"], g, accountant=accountant,
                          per_trial_epsilon=g["per_trial_epsilon"], tuning=mode["mode"])
+
+
+def _amplified_accountant(on_all_data: Sequence[Mechanism], prior: Sequence[Mechanism]) -> str:
+    """The accountants behind an amplified subset total, part by part (:func:`search_totals.subset_tuning_epsilon`).
+
+    The proxies' cap is a Rényi filter's (RDP); the runs on all of the data, and a private initial checkpoint's
+    training, are each one part, composed with PLD when the part is a single run and with RDP otherwise.
+    """
+    def of(runs: Sequence[Mechanism]) -> str:
+        return "pld" if len([r for r in runs if r[2] > 0]) == 1 else "rdp"
+
+    text = f"rdp (proxies' cap, amplified by subsampling) + {of(on_all_data)} (runs on all of the data)"
+    return text + (f" + {of(prior)} (the initial checkpoint's training)" if prior else "")
 
 
 def admit(trial: optuna.Trial, request: Mechanism, filt: RenyiFilter, prior: Sequence[Mechanism] = ()) -> str | None:
