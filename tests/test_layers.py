@@ -57,8 +57,9 @@ def imports(path: pathlib.Path) -> list[str]:
             names += [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             names.append(node.module)
-            if node.module == "dptune":
-                names += [f"dptune.{a.name}" for a in node.names]
+            if node.module == "dptune" or node.module.startswith("dptune."):
+                # "from dptune.trainer import dp_step" imports the module dptune.trainer.dp_step
+                names += [f"{node.module}.{a.name}" for a in node.names]
     return names
 
 
