@@ -94,3 +94,4 @@ def test_an_amplified_subset_total_names_the_accountant_of_each_part():
         "rdp (proxies' cap, amplified by subsampling) + pld (runs on all of the data)")
     assert regimes._amplified_accountant(two, one).endswith(
         "+ rdp (runs on all of the data) + pld (the initial checkpoint's training)")
+    assert "initial checkpoint" not in regimes._amplified_accountant(one, [Mechanism(0.1, 1.0, 0)])

@@ -379,7 +379,8 @@ def _amplified_accountant(on_all_data: Sequence[Mechanism], prior: Sequence[Mech
         return "pld" if len([r for r in runs if r[2] > 0]) == 1 else "rdp"
 
     text = f"rdp (proxies' cap, amplified by subsampling) + {of(on_all_data)} (runs on all of the data)"
-    return text + (f" + {of(prior)} (the initial checkpoint's training)" if prior else "")
+    ran = [r for r in prior if r[2] > 0]  # runs of no step are no part of the total
+    return text + (f" + {of(ran)} (the initial checkpoint's training)" if ran else "")
 
 
 def admit(trial: optuna.Trial, request: Mechanism, filt: RenyiFilter, prior: Sequence[Mechanism] = ()) -> str | None:
