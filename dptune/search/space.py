@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from dptune.config.schema import Choice, Range, SearchSpace, TrainingBudget
+from dptune.config.schema import Choice, Range, SearchSpace, TrainingBudget, batch_size_problem
 from dptune.errors import ConfigError, DptuneError
 from dptune.privacy import accounting as privacy
 from dptune.trainer.dp_step import OPTIMIZERS
@@ -140,7 +140,7 @@ def check_space(space: SearchSpace, num_examples: int, private: bool) -> None:
             if math.isnan(v):
                 raise ConfigError(field, f"{label}.nan is not a number")
             if name == "batch_size":
-                if not (math.isfinite(v) and v == int(v)) or not 1 <= v <= n:
+                if batch_size_problem(v, n) is not None:
                     hint = "; use high: full for batches up to the whole set" if where == "high" and v > n else ""
                     raise ConfigError(field, f"{label}{v:g} is not a batch size: each must be a whole number in "
                                              f"[1, {n}] (N, the training-set size){hint}")
