@@ -711,6 +711,22 @@ def test_a_fixed_seed_keys_every_setting_that_can_move_a_parameter_and_user_code
     assert _identity_secret(digits, user) != before
 
 
+def test_a_fixed_secret_handed_in_is_keyed_on_the_run_too(digits):
+    # A study hands each trial a fixed secret keyed on the study's id and the trial's number; two copies of one
+    # storage running that trial with other settings must not share its batches and noise.
+    import dataclasses
+
+    handed = SecretSeed.from_int(3).child("study s 0123 trial 4")
+    base = RunConfig(secret=handed, microbatch_size=64)
+    hp = Hyperparams(batch_size=200, learning_rate=0.5, clip_norm=1.0, noise_multiplier=2.0)
+    other = dataclasses.replace(hp, clip_norm=2.0)
+    assert _identity_secret(digits, base, hp) != _identity_secret(digits, base, other)
+    assert _identity_secret(digits, base, hp) == _identity_secret(digits, base, hp) != handed.bits
+    # A secret from the OS is the run's own already: it is used as it is.
+    fresh = SecretSeed.from_os()
+    assert _identity_secret(digits, dataclasses.replace(base, secret=fresh)) == fresh.bits
+
+
 def test_a_fixed_seed_on_record_data_is_refused_before_anything_trains(tmp_path):
     from dptune.data import pipeline
 

@@ -289,11 +289,14 @@ def run_secret(config: RunConfig, settings: dict[str, Any] | None) -> SecretSeed
     C₁ and C₂, release C₂·Δ₁ − C₁·Δ₂, in which the noise cancels. So the seed's stream is keyed on the run's
     ``settings`` (hyperparameters, steps, budget, configuration, devices, data), the source of a user's
     model and loss, dptune's version and the bytes of its ``init_checkpoint``: the same command on the
-    same data and checkpoint replays itself, any other run draws other batches and noise.
+    same data and checkpoint replays itself, any other run draws other batches and noise. A fixed secret
+    the caller hands in (a study's trial, an audit: a seed keyed on the study and the trial's number) is
+    keyed on the run in the same way, so that two copies of one study running a trial of that number with
+    different settings never share a stream.
     """
-    if config.secret is not None:
+    if config.secret is not None and not config.secret.fixed:
         return config.secret
-    if config.private_seed is None:
+    if config.secret is None and config.private_seed is None:
         return SecretSeed.from_os()
     assert settings is not None  # computed whenever a seed is fixed
     # Only what cannot change a parameter is left out. Devices, microbatches, clipping engines and feeds
@@ -307,7 +310,11 @@ def run_secret(config: RunConfig, settings: dict[str, Any] | None) -> SecretSeed
     identity = json.dumps(what, sort_keys=True, default=str)
     start = checkpoint.fingerprint(config.init_checkpoint) if config.init_checkpoint else ""
     digest = hashlib.sha256(f"{identity}\n{start}".encode()).hexdigest()
-    return SecretSeed.from_int(config.private_seed).child(f"run {digest}")
+    base = config.secret
+    if base is None:
+        assert config.private_seed is not None
+        base = SecretSeed.from_int(config.private_seed)
+    return base.child(f"run {digest}")
 
 
 def augmenter(augmentation: Augmentation, secret: SecretSeed) -> Callable[[np.ndarray, np.ndarray, int], np.ndarray]:
@@ -548,7 +555,8 @@ def _shared_settings(dataset: Dataset, hparams: Hyperparams, steps: int, config:
         # The run identity a fixed seed is keyed on holds the data; records are not read to hash them.
         raise ConfigError("private_seed", f"a fixed seed needs data whose content dptune hashes, and {dataset.name!r} "
                                           "is read record by record; leave private_seed unset (OS randomness)")
-    if not (jax.process_count() > 1 or (config.secret is None and config.private_seed is not None)):
+    fixed = config.secret.fixed if config.secret is not None else config.private_seed is not None
+    if not (jax.process_count() > 1 or fixed):
         return None
     settings = _public_settings(dataset, hparams, steps, config, budget, devices)
     if jax.process_count() > 1:
