@@ -104,7 +104,10 @@ class _Lines:
         with self._lock:
             if self._held is not None:
                 self._held = None
-                self._write(event)
+                # The phase may outlast whoever owned the stream (a caller that closed its log, a test's capture):
+                # a late note on silence is dropped rather than raised in a timer thread.
+                if not getattr(self.stream or sys.stderr, "closed", False):
+                    self._write(event)
 
 
 class LogLines(_Lines):
