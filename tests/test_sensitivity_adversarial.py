@@ -90,7 +90,9 @@ def test_adversarial_ids_move_the_sum_by_at_most_c_on_every_embedding_rule(vocab
     assert largest_term(lambda m: both(params, ids, y, m, clip)[0], B, clip) <= 1 + 1e-5
     fast, ref = both(params, ids, y, jnp.ones(B), clip)
     for u, v in zip(jax.tree_util.tree_leaves(fast), jax.tree_util.tree_leaves(ref), strict=True):
-        np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-5 * clip)
+        # An entry is a sum of B terms of size up to C that may cancel to a small fraction of C: the two paths'
+        # float32 rounding then shows at about 1e-5·C, so the bound is on C's scale, where a wrong weight is ~C.
+        np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-4 * clip)
 
 
 def test_the_review_case_one_row_table_ids_0_and_minus_2():

@@ -26,13 +26,19 @@ def mnist():
     return load_dataset("mnist5k")
 
 
+def cnn_steps(digits):
+    """The step functions every run of the cnn on digits shares in this process (other tests may have used them)."""
+    fns = step_functions(build_model("cnn", digits.num_classes), "momentum", 64, tuple(jax.local_devices()))
+    return fns, dict(fns.traces)
+
+
 def test_second_trial_compiles_nothing(digits):
     cfg = RunConfig(private_seed=0, microbatch_size=64, eval_every=2)
+    fns, before = cnn_steps(digits)
     train_and_evaluate(digits, Hyperparams(batch_size=100, learning_rate=0.5, clip_norm=1.0, noise_multiplier=2.0),
                        3, config=cfg, budget=BUDGET)
-    fns = step_functions(build_model("cnn", digits.num_classes), "momentum", 64, tuple(jax.local_devices()))
     traces, compiles = dict(fns.traces), compile_stats.backend_compiles()
-    assert traces["accumulate"] == 1 and traces["apply"] == 1
+    assert traces["accumulate"] - before.get("accumulate", 0) <= 1 and traces["apply"] - before.get("apply", 0) <= 1
     # Different learning rate, clip norm, noise, momentum and batch size (so q and the
     # number of microbatches per step): same compiled functions.
     r = train_and_evaluate(digits, Hyperparams(batch_size=333, learning_rate=0.1, clip_norm=3.0,
@@ -46,12 +52,12 @@ def test_second_trial_compiles_nothing(digits):
 def test_resident_feed_compiles_one_step_for_every_trial(digits):
     """Data on the device, one compiled call per logical batch: the batch size is data, not shape."""
     cfg = RunConfig(private_seed=0, microbatch_size=64, eval_every=2, feed="resident")
+    fns, before = cnn_steps(digits)
     first = train_and_evaluate(digits, Hyperparams(batch_size=100, learning_rate=0.5, noise_multiplier=2.0),
                                3, config=cfg, budget=BUDGET)
     assert first.feed == "resident"
-    fns = step_functions(build_model("cnn", digits.num_classes), "momentum", 64, tuple(jax.local_devices()))
     traces, compiles = dict(fns.traces), compile_stats.backend_compiles()
-    assert traces["step_resident"] == 1
+    assert traces["step_resident"] - before.get("step_resident", 0) <= 1
     train_and_evaluate(digits, Hyperparams(batch_size=333, learning_rate=0.1, clip_norm=3.0, noise_multiplier=4.0),
                        3, config=cfg, budget=PrivacyBudget(epsilon=3.0, delta=1e-5))
     assert dict(fns.traces) == traces
