@@ -1,5 +1,6 @@
 """The manual cannot drift from the code: it builds with no warning, every command it shows parses, every
-script, module and name it mentions exists, and the README's links reach their files.
+script, module and name it mentions exists, every block of study settings is a study the schema accepts, and the
+README's links reach their files.
 
 Its Python examples run as written elsewhere: ``docs/guide/python.md`` in ``tests/test_api.py``, the released
 model's in ``tests/test_release.py``.
@@ -99,3 +100,46 @@ def test_every_link_of_the_readme_reaches_a_file():
     links = re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", (ROOT / "README.md").read_text())
     local = [link for link in links if not link.startswith(("http://", "https://"))]
     assert local and all((ROOT / link).exists() for link in local), [x for x in local if not (ROOT / x).exists()]
+
+
+def yaml_variants() -> list[tuple[str, dict]]:
+    """(page, settings) for every YAML block; a block listing one key several times is that many alternatives."""
+    import yaml
+
+    found = []
+    for page in PAGES:
+        for block in re.findall(r"```yaml\n(.*?)```", page.read_text(), re.S):
+            lines = [line for line in block.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+            tops = [line.split(":", 1)[0] for line in lines if not line.startswith(" ")]
+            repeated = {key for key in tops if tops.count(key) > 1}
+            common = [line for line in lines if line.split(":", 1)[0] not in repeated]
+            choices = [line for line in lines if line.split(":", 1)[0] in repeated] or [""]
+            for choice in choices:
+                found.append((str(page.relative_to(ROOT)), yaml.safe_load("\n".join([*common, choice]))))
+    return found
+
+
+YAML = yaml_variants()
+
+
+def test_the_manual_shows_study_settings():
+    assert len(YAML) >= 7  # the extraction itself can fail
+
+
+@pytest.mark.parametrize(("page", "settings"), YAML, ids=[f"{p}:{i}" for i, (p, _) in enumerate(YAML)])
+def test_every_study_setting_in_the_manual_is_accepted(page, settings, monkeypatch):
+    """A block of study settings, laid over the README's study, is a study the schema accepts as written."""
+    import yaml
+
+    from dptune.config import schema
+
+    monkeypatch.chdir(ROOT)  # the examples' import paths are the repository's
+    base = yaml.safe_load((ROOT / "studies" / "mnist5k_eps3.yaml").read_text())
+    if "search_privacy" in settings:
+        for key in ("privacy", "sampler", "pruner"):  # a private search states its own budget and draws at random
+            base.pop(key)
+        base["search_space"] = "private_search.yaml"
+    resolved = schema.resolve({**base, "search_space": str(ROOT / "search_spaces" / base["search_space"]),
+                               **settings})
+    for key, value in settings.items():
+        assert getattr(resolved.study, key) is not None, (page, key, value)
