@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The accelerator check of issue #21 (≤ 8 minutes on one GPU): examples/s of the DP and non-private training
+# The accelerator check (≤ 8 minutes on one GPU): examples/s of the DP and non-private training
 # loop for ResNet-18 at 224² and WRN-16-4 on CIFAR-shaped data, peak memory, and the input pipeline's images/s.
 #   bash benchmarks/gpu_check.sh [--smoke] [--json FILE]
 set -euo pipefail

@@ -1,4 +1,4 @@
-"""Issue #15: multi-device CPU training must not deadlock in XLA's rendezvous (dptune/dispatch.py says why)."""
+"""Multi-device CPU training must not deadlock in XLA's rendezvous (dptune/dispatch.py says why)."""
 
 import os
 import subprocess
