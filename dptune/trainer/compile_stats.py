@@ -48,5 +48,6 @@ def enable_persistent_cache(directory: str | None = None) -> str:
     directory = directory or default_cache_dir()
     os.makedirs(directory, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", directory)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:  # an explicit choice is kept
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     return directory
