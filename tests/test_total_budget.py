@@ -39,13 +39,13 @@ def _config(name: str, total: float) -> dict:
 
 @pytest.mark.parametrize("prior", [(), (Mechanism(0.1, 1.5, 20),)])
 def test_the_plans_total_is_dp_accountings_composition_of_every_run_it_allows(prior):
-    shape = Shape(sampling_rate=0.25, steps=12, proxies=4, fraction=0.2, tuning_share=0.15, delta=1e-5,
+    shape = Shape(sampling_rate=0.25, steps=8, proxies=3, fraction=0.2, tuning_share=0.15, delta=1e-5,
                   prior=prior)
     plan = plan_total(3.0, shape)
     q, t, part = plan["sampling_rate"], plan["steps"], 1e-5 / (3 if prior else 2)
-    # The tuning: 4 copies of the proxies' mechanism composed (PLD) on the subset, amplified by the subsampling.
+    # The tuning: 3 copies of the proxies' mechanism composed (PLD) on the subset, amplified by the subsampling.
     inner = PLDAccountant().compose(
-        dp_event.SelfComposedDpEvent(_event(q, plan["proxy_noise_multiplier"], t), 4)).get_epsilon(part / 0.2)
+        dp_event.SelfComposedDpEvent(_event(q, plan["proxy_noise_multiplier"], t), 3)).get_epsilon(part / 0.2)
     tuning = math.log1p(0.2 * math.expm1(inner))
     final = PLDAccountant().compose(_event(q, plan["final_noise_multiplier"], t)).get_epsilon(part)
     before = RdpAccountant().compose(_event(*prior[0])).get_epsilon(part) if prior else 0.0
@@ -57,7 +57,7 @@ def test_the_plans_total_is_dp_accountings_composition_of_every_run_it_allows(pr
 
 
 def test_a_total_below_the_smallest_names_it_and_the_smallest_works():
-    shape = Shape(sampling_rate=0.25, steps=12, proxies=4, fraction=0.2, tuning_share=0.15, delta=1e-5)
+    shape = Shape(sampling_rate=0.25, steps=8, proxies=3, fraction=0.2, tuning_share=0.15, delta=1e-5)
     with pytest.raises(BudgetTooSmall) as e:
         plan_total(0.05, shape)
     assert f"{e.value.smallest:g}" in str(e.value)
@@ -99,6 +99,7 @@ def finalized(tmp_path_factory):
     return dptune.finalize("total", storage), storage
 
 
+@pytest.mark.slow  # one study, tuned by two workers and finalized, shared by these tests
 def test_no_run_past_the_plan_trains_with_two_workers(finalized):
     study, storage = finalized
     trials = study.get_trials(deepcopy=False)
@@ -117,6 +118,7 @@ def test_no_run_past_the_plan_trains_with_two_workers(finalized):
         dptune.finalize("total", storage)
 
 
+@pytest.mark.slow  # one study, tuned by two workers and finalized, shared by these tests
 def test_the_statement_and_study_show_name_the_total_tuning_included(finalized, capsys):
     study, storage = finalized
     g = results.search_guarantee(study)
@@ -129,6 +131,7 @@ def test_the_statement_and_study_show_name_the_total_tuning_included(finalized, 
     assert "tuning included: 3" in out and f"over {K} proxies" in out
 
 
+@pytest.mark.slow  # one study, tuned by two workers and finalized, shared by these tests
 def test_a_proxy_past_the_plan_on_the_data_voids_the_bound(finalized):
     study, _ = finalized
     copy = optuna.create_study()
