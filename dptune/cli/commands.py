@@ -293,7 +293,7 @@ def cmd_study_create(args: argparse.Namespace) -> int:
     from dptune.config import schema as config
     from dptune.search import results, study
 
-    resolved = config.load_study(args.config)
+    resolved = config.resolve(args.config, args.set or None)
     storage = args.storage or resolved.study.storage or config.default_storage(resolved.study.name)
     created = study.create_study(resolved, storage, skip_if_exists=args.skip_if_exists, source=args.config)
     out = results.creation(created, storage)
@@ -303,7 +303,9 @@ def cmd_study_create(args: argparse.Namespace) -> int:
         from dptune.search.record import StudyRecord
 
         private = StudyRecord.of(created).private_search
-        if private:
+        if out["total_budget"] is not None:
+            print(_total_created(out["study_name"], storage, out["total_budget"], out["delta"]))
+        elif private:
             print(f"study {out['study_name']!r} in {storage}: private search, total ε = "
                   f"{private['total_epsilon']:.4g} (δ = {out['delta']:g}) over a secret number of trials drawn "
                   f"from a {private['distribution']} law of mean {private['mean_trials']:g}; each trial runs "
@@ -483,12 +485,35 @@ def _headline(g: Any) -> str:
         return (f"[bold]ε of the released best model: {g.epsilon:.4g}[/] (δ = {g.delta:g}; "
                 f"each trial alone: {g.per_trial_epsilon:.4g})"
                 + ("" if g.valid else " — [bold]EXCEEDED, INVALID[/]: see the statement"))
+    if g.planned:
+        return _planned_headline(g)
     head = f"[bold]ε of the released best model after this search: {_fmt(g.epsilon)}[/] (δ = {_fmt(g.delta)}"
     if g.capped:
         return (f"{head}, a cap enforced before each trial; per-trial target {_fmt(g.per_trial_epsilon)}; the "
                 f"trials so far compose to {_fmt(f['accounted_epsilon'])})")
     return (f"{head}; per-trial target {_fmt(g.per_trial_epsilon)}; PLD "
             f"{_fmt(f['total_epsilon_pld_if_nonadaptive'])} if the trials had been fixed in advance)")
+
+
+def _planned_headline(g: Any) -> str:
+    """A total budget's headline: the total fixed at create, tuning included, and how it was split."""
+    if not g.valid:
+        return (f"[bold]ε of the released model: {_fmt(g.epsilon)}[/] (δ = {_fmt(g.delta)}) — [bold]EXCEEDED, "
+                "INVALID[/]: more ran than the total budget's plan holds; see the statement")
+    p = g.figures["planned"]
+    parts = p["parts"]
+    return (f"[bold]ε of the released model, tuning included: {_fmt(g.epsilon)}[/] (δ = {_fmt(g.delta)}; a total "
+            f"planned at create: tuning {_fmt(parts['tuning'])} over {p['proxies']} proxies, final run "
+            f"{_fmt(parts['final'])})")
+
+
+def _total_created(name: str, storage: str, p: dict[str, Any], delta: float) -> str:
+    parts = p["parts"]
+    return (f"study {name!r} in {storage}: total ε = {p['total_epsilon']:g} (δ = {delta:g}) for the released "
+            f"model, tuning included, planned now: {p['proxies']} proxies (σ = {p['proxy_noise_multiplier']:.4g}, "
+            f"T = {p['steps']}, q = {p['sampling_rate']:.4g}, on a secret {p['fraction']:g} of the data) take "
+            f"ε = {parts['tuning']:.4g}, the final run (σ = {p['final_noise_multiplier']:.4g}) ε = "
+            f"{parts['final']:.4g}; proxies past {p['proxies']} are skipped")
 
 
 def _print_tuning(c: Any, g: dict[str, Any]) -> None:

@@ -284,6 +284,9 @@ def _study_commands(sub: Subparsers) -> None:
     c.add_argument("--config", required=True, help="studies/<name>.yaml")
     c.add_argument("--storage", help="overrides the file's storage")
     c.add_argument("--skip-if-exists", action="store_true", help="reuse an identical existing study")
+    c.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a setting of the file by its dotted key, e.g. --set privacy.total_epsilon=3 "
+                        "(repeatable)")
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_study_create)
     ls = stsub.add_parser("list", help="list the studies in a storage")

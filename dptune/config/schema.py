@@ -130,7 +130,9 @@ class SearchSpace(_Strict):
         return {k: getattr(self, k) for k in type(self).model_fields if getattr(self, k) is not None}
 
 
-def _budget_epsilon(v: float) -> float:
+def _budget_epsilon(v: float | None) -> float | None:
+    if v is None:
+        return v
     if not math.isfinite(v):
         raise ValueError("must be a finite number")
     if v > MAX_EPSILON:
@@ -139,11 +141,37 @@ def _budget_epsilon(v: float) -> float:
 
 
 class PrivacyConfig(_Strict):
-    epsilon: float = Field(gt=0)
+    """The privacy budget: ``epsilon`` for each trial, or ``total_epsilon`` for the released model, tuning included.
+
+    ``total_epsilon`` is planned at create (:mod:`dptune.privacy.total_budget`): ``proxies`` runs on a secret
+    ``subset_fraction`` of the training split take ``tuning_share`` of it, one final run on all of it the rest.
+    """
+
+    epsilon: float | None = Field(default=None, gt=0)
     delta: float | None = Field(default=None, gt=0, lt=1)
     accountant: Accountant = Accountant.PLD
+    total_epsilon: float | None = Field(default=None, gt=0)
+    tuning_share: float | None = Field(default=None, gt=0, lt=1)
+    proxies: int | None = Field(default=None, ge=1, strict=True)
+    subset_fraction: float | None = Field(default=None, gt=0, lt=1)
 
-    _epsilon = field_validator("epsilon")(_budget_epsilon)
+    _epsilon = field_validator("epsilon", "total_epsilon")(_budget_epsilon)
+
+    @model_validator(mode="after")
+    def _one_form(self) -> PrivacyConfig:
+        if (self.epsilon is None) == (self.total_epsilon is None):
+            raise ValueError("give exactly one of epsilon (a budget per trial) and total_epsilon (the released "
+                             "model's, tuning included)")
+        if self.total_epsilon is None:
+            for name in ("tuning_share", "proxies", "subset_fraction"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name}: a setting of the total budget's plan; give total_epsilon with it")
+        return self
+
+    @property
+    def total(self) -> bool:
+        """Whether the budget is a total planned before the search (``total_epsilon``)."""
+        return self.total_epsilon is not None
 
 
 class TrialsConfig(_Strict):
@@ -357,9 +385,11 @@ class StudyConfig(_Strict):
         if (self.privacy is None) == (self.search_privacy is None):
             raise ValueError("give exactly one of privacy (a budget per trial) and search_privacy "
                              "(a budget for the whole search)")
+        if self.privacy is not None and self.privacy.total:
+            self._total_rules()
         if self.search_budget is not None and self.search_privacy is not None:
             raise ValueError("search_budget: a private search has its own total (search_privacy.total_epsilon)")
-        if self.search_budget is not None and self.privacy is not None \
+        if self.search_budget is not None and self.privacy is not None and self.privacy.epsilon is not None \
                 and self.search_budget.epsilon < self.privacy.epsilon:
             # Each trial may spend its whole budget, which the cap would never admit.
             raise ValueError(f"search_budget.epsilon: {self.search_budget.epsilon:g} is below one trial's "
@@ -372,6 +402,19 @@ class StudyConfig(_Strict):
             raise ValueError("checkpoints: a private search retries no trial (a retry would exceed the secret "
                              "number of trials), so its checkpoints could never be resumed; remove the section")
         return self
+
+    def _total_rules(self) -> None:
+        """What a total budget's plan cannot hold: another plan (a mode, a cap), a written-down subset, retries."""
+        why = {"search": "the total budget plans its own proxies (on a secret subset) and final run",
+               "search_budget": "the total budget is itself the cap, planned before the search",
+               "private_seed": "the plan's amplification needs a subset drawn from the OS, not from a seed "
+                               "written down",
+               "checkpoints": "a proxy is never resumed: a retry is another of the planned proxies"}
+        given = {"search": self.search is not None, "search_budget": self.search_budget is not None,
+                 "private_seed": self.private_seed is not None, "checkpoints": self.checkpoints.active}
+        for name, present in given.items():
+            if present:
+                raise ValueError(f"{name}: not with privacy.total_epsilon: {why[name]}")
 
     @property
     def private_search(self) -> bool:
@@ -395,6 +438,18 @@ class ResolvedStudy(_Strict):
         for v in values:
             if (problem := clip_norm_problem(v)) is not None:
                 raise ValueError(f"search_space.clip_norm: {problem}")
+        return self
+
+    @model_validator(mode="after")
+    def _total_budget_rules(self) -> ResolvedStudy:
+        p = self.study.privacy
+        if p is None or not p.total:
+            return self
+        for name in ("batch_size", "epochs"):
+            value = getattr(self.space, name)
+            if value is None or isinstance(value, (Range, Choice)):
+                raise ValueError(f"search_space.{name}: must be a fixed value under privacy.total_epsilon, so "
+                                 "that every proxy runs the one planned mechanism (σ is planned from the total)")
         return self
 
     @model_validator(mode="after")
@@ -882,6 +937,9 @@ def run_settings(config: ConfigLike | None = None, overrides: Overrides | None =
     if data.get("search_privacy") is not None:
         raise ConfigError(f"{source}: search_privacy", "a single run takes privacy: {epsilon: …} (its own budget), "
                                                        "not the budget of a whole private search")
+    if isinstance(data.get("privacy"), dict) and data["privacy"].get("total_epsilon") is not None:
+        raise ConfigError(f"{source}: privacy.total_epsilon", "a single run takes privacy: {epsilon: …} (its own "
+                                                               "budget); a total budget plans a whole search")
     merged: dict[str, Any] = {k: v for k, v in RUN_DEFAULTS.items() if k not in data}
     if isinstance(data.get("privacy"), dict):
         # --delta or --accountant alone keep the default ε: defaults merge key by key.

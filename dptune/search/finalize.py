@@ -78,6 +78,7 @@ def finalize(study: optuna.Study | str, storage: str | None = None, *,
     # As optimize runs its trials: a signal waits for a check point, so that it never cuts a storage write short.
     with interrupt.deferred(), storage_lib.writing(url):
         claimed = proxy.claim_final(loaded, plan, source)
+        _planned_once(loaded, claimed.number)
         if progress is not None:
             progress(Event("phase", {"phase": "waiting for trials that started before this final run",
                                      "trial": claimed.number}))
@@ -104,11 +105,29 @@ def _transferred(study: optuna.Study, resolved: ResolvedStudy) -> tuple[dict[str
         raise StudyError(f"study_name: {name!r} has no completed proxy trial yet; run dptune optimize first")
     cfg = resolved.study
     assert cfg.privacy is not None  # a mode needs one (checked at create)
-    plan = modes.final_plan(mode, winner, cfg.privacy.epsilon, float(cast(float, rec.delta)),
-                            cfg.privacy.accountant)
+    # A total budget's final run is planned (its σ is the plan's); the budget here is a per-trial ε's.
+    epsilon = cfg.privacy.epsilon if cfg.privacy.epsilon is not None else float(rec.epsilon_target or math.nan)
+    plan = modes.final_plan(mode, winner, epsilon, float(cast(float, rec.delta)), cfg.privacy.accountant)
     if not math.isfinite(plan["hparams"]["noise_multiplier"]):
         raise StudyError("final_plan: the transferred run cannot meet the budget")
     return plan, winner.number
+
+
+def _planned_once(study: optuna.Study, number: int) -> None:
+    """Under a total budget the plan holds one final run: refuse (and release) the claim ``number`` if an earlier
+    final run already read the data (one that failed after reading counts, and no second one is planned).
+
+    Raises:
+      FinalizeRefused: an earlier final run read the data.
+    """
+    if StudyRecord.of(study).total_budget is None:
+        return
+    ran = [t.number for t in study.get_trials(deepcopy=False)
+           if modes.is_final(t) and t.number < number and record.touched_data(t)]
+    if ran:
+        proxy._refuse(study, number, f"the total budget's plan holds one final run, and trial {ran[0]} read the data")
+        raise proxy.FinalizeRefused(f"study_name: {study.study_name!r}: its planned final run (trial {ran[0]}) "
+                                    "already read the data; the total budget holds no second one")
 
 
 def _final_objective(study: optuna.Study, resolved: ResolvedStudy, url: str) -> Any:
@@ -118,14 +137,11 @@ def _final_objective(study: optuna.Study, resolved: ResolvedStudy, url: str) -> 
     if rec.split != dataset.split.as_dict():
         raise StudyError(f"dataset: {resolved.study.dataset!r} is not what it was when the study was created; "
                          "create a new study")
-    objective = Objective(resolved, dataset, rec.delta, prior=rec.prior)
+    objective = Objective(resolved, dataset, rec.delta, prior=rec.prior, total_budget=rec.total_budget)
     objective.resolved_checkpoint = rec.init_checkpoint_sha
     objective.storage_url = url
     objective.study_id = release.study_id(study, url)
-    assert objective.budget is not None  # a mode needs a privacy budget (checked at create)
-    assert rec.search_mode is not None  # finalize refuses a study without a mode first
-    objective.mode = proxy.ModeRunner(resolved, dataset, objective.budget, rec.search_mode,
-                                study.study_name, release.folder_of(study, url), objective.study_id)
+    objective.mode = driver.mode_runner(objective, study, url)
     return objective
 
 

@@ -222,7 +222,7 @@ def _corner_plans(resolved: ResolvedStudy, n_plan: int, delta: float, factor: in
     from dptune.trainer.train import PrivacyBudget
 
     cfg = resolved.study
-    assert cfg.privacy is not None  # a mode needs one (checked before)
+    assert cfg.privacy is not None and cfg.privacy.epsilon is not None  # a mode needs one (checked before)
     budget = PrivacyBudget(cfg.privacy.epsilon, delta, cfg.privacy.accountant)
     params = resolved.space.params()
     ranged = [n for n in _PRIVACY_PARAMS if isinstance(params.get(n), (Range, Choice))]
@@ -717,7 +717,44 @@ class SubsetProxies(ProxyMode):
             os.unlink(os.path.join(folder, SUBSET_SECRET))
 
 
-_MODES: dict[str, type[ProxyMode]] = {m.name: m for m in (PublicProxies, ScaledProxies, SubsetProxies)}
+class PlannedProxies(SubsetProxies):
+    """A total budget's proxies: K runs of one planned mechanism on one secret subset, then the planned final run.
+
+    Made at create from the plan (:mod:`dptune.privacy.total_budget`), never from a study file's ``search``: the
+    proxies' (q, σ_p, T) and the final run's σ_f are fixed before any run reads the data, and only what does not
+    change the privacy (learning rate, clip norm, optimizer…) transfers from the best proxy.
+    """
+
+    name = "total"
+
+    def describe(self) -> str:
+        s = self.settings
+        return (f"Planned before the search: {s['proxies']} proxies, each DP-SGD at q = {s['sampling_rate']:.4g}, "
+                f"σ = {s['proxy_noise_multiplier']:.4g}, T = {s['steps']} on one secret random "
+                f"{self.fraction:g} of the private training split, then one final run on all of it at the same q "
+                f"and T with σ = {s['final_noise_multiplier']:.4g}, the best proxy's learning rate, clip norm and "
+                "optimizer transferred.")
+
+    def amplification(self, proxies: Sequence[FrozenTrial], rest: Sequence[Mechanism],
+                      prior: Sequence[Mechanism], delta: float | None,
+                      cap: dict[str, Any] | None) -> dict[str, Any] | None:
+        """None: the plan's total is the regime's (:class:`dptune.search.regimes.TotalBudget`), fixed at create."""
+        return None
+
+    def transfer(self, full: Mapping[str, Any], epsilon: float, delta: float, accountant: str) -> tuple[int, float]:
+        """The planned final run: the batch every proxy stood in for, and the planned σ_f (never recalibrated)."""
+        return int(full[record.BATCH_SIZE]), float(self.settings["final_noise_multiplier"])
+
+
+def planned_mode(plan: Mapping[str, Any], n_private: int, batch_size: int) -> dict[str, Any]:
+    """The ``search_mode`` settings of a total budget's plan: what its proxies and final run need at run time."""
+    keys = ("proxies", "fraction", "sampling_rate", "steps", "proxy_noise_multiplier", "final_noise_multiplier")
+    return {"mode": PlannedProxies.name, "factor": None, "dataset": None, **{k: plan[k] for k in keys},
+            "batch_size": batch_size, "n_private": n_private, "n_plan": n_private}
+
+
+_MODES: dict[str, type[ProxyMode]] = {m.name: m for m in (PublicProxies, ScaledProxies, SubsetProxies,
+                                                          PlannedProxies)}
 
 
 def proxy_mode(settings: Mapping[str, Any]) -> ProxyMode:

@@ -130,7 +130,7 @@ class Objective:
 
     def __init__(self, resolved: ResolvedStudy, dataset: Dataset, delta: float | None,
                  private_search: dict[str, Any] | None = None, search_budget: dict[str, float] | None = None,
-                 prior: Sequence[Sequence[float]] = ()):
+                 prior: Sequence[Sequence[float]] = (), total_budget: dict[str, Any] | None = None):
         self.resolved = resolved
         self.dataset = dataset
         cfg = resolved.study
@@ -140,7 +140,7 @@ class Objective:
             **record.regime_attrs(private_search=private_search, non_private=cfg.non_private,
                                   epsilon_target=None if cfg.privacy is None else cfg.privacy.epsilon,
                                   accountant=None if cfg.privacy is None else cfg.privacy.accountant,
-                                  search_budget=search_budget)}))
+                                  search_budget=search_budget, total_budget=total_budget)}))
         terms = self.regime.terms
         self.fixed = terms.fixed
         self.budget = None if terms.budget is None else PrivacyBudget(*terms.budget)
@@ -209,11 +209,12 @@ class Objective:
             if record.get(trial, key) is not None:
                 trial.set_user_attr(key, None)
         try:
-            self.regime.plan(trial.number)
+            if not record.is_final(trial):  # a final run is claimed in the storage (dptune.search.proxy.claim_final)
+                self.regime.plan(trial.number)
         except Skip as e:
             trial.set_user_attr(record.SKIPPED_REASON, str(e))
             trial.study.stop()
-            raise optuna.TrialPruned("private search: no trials left") from None
+            raise optuna.TrialPruned(f"{e}: no trials left") from None
         if self.budget is not None:
             record.set_all(trial, record.budget_attrs(self.budget.epsilon, self.budget.delta, self.budget.accountant))
 

@@ -174,10 +174,13 @@ class ModeRunner:
     """Plans each trial of a study with ``search: {mode: …}`` (one per worker process)."""
 
     def __init__(self, resolved: ResolvedStudy, private: Dataset, budget: PrivacyBudget, mode: dict[str, Any],
-                 study_name: str, folder: str | None = None, study_id: str = ""):
+                 study_name: str, folder: str | None = None, study_id: str = "",
+                 fixed: tuple[float, int] | None = None, final_budget: PrivacyBudget | None = None):
         self.resolved = resolved
         self.private = private
         self.budget = budget
+        # A planned mechanism (σ, T) every proxy runs, and the final run's own budget (a total budget's plan).
+        self.fixed, self.final_budget = fixed, final_budget
         self.mode = mode
         self.kind = modes.proxy_mode(mode)  # what this mode's proxies train, and how
         self.public = public_dataset(resolved)
@@ -233,7 +236,7 @@ class ModeRunner:
             hp = Hyperparams(**stored["hparams"])
             plan = TrialPlan(hparams=hp, steps=int(stored["steps"]), sampling_rate=float(stored["sampling_rate"]),
                              max_steps_by_budget=int(stored["steps"]), derived="transferred")
-            return TrialSetup(plan, self.private, self.budget, touched=True, final=True)
+            return TrialSetup(plan, self.private, self.final_budget or self.budget, touched=True, final=True)
         others = [t for t in trial.study.get_trials(deepcopy=False) if t.number != trial.number]
         if any(modes.is_final(t) for t in others):
             # After finalize no proxy may start: the tuning must read the data only through its proxies (and, for
@@ -245,7 +248,8 @@ class ModeRunner:
             raise Infeasible("the study is finalized (its final run is recorded or running): no more proxies")
         data = self.kind.data(self)
         assert data is not None
-        full = plan_trial(self.kind.sampler(trial), self.resolved.space, len(data.train), self.budget, cfg.budget)
+        full = plan_trial(self.kind.sampler(trial), self.resolved.space, len(data.train), self.budget, cfg.budget,
+                          self.fixed)
         scale = {record.BATCH_SIZE: full.hparams.batch_size, record.SAMPLING_RATE: full.sampling_rate,
                  record.NOISE_MULTIPLIER: full.hparams.noise_multiplier, record.STEPS: full.steps,
                  "epochs": full.epochs}

@@ -33,6 +33,7 @@ NON_PRIVATE = "non_private"
 PRIVATE_SEARCH = "private_search"  # the drawn K and the one calibrated mechanism
 SEARCH_BUDGET = "search_budget"  # {"epsilon", "order"}: a privacy filter's cap
 SEARCH_MODE = "search_mode"  # a cheaper-tuning mode's settings and the sizes it was planned for
+TOTAL_BUDGET = "total_budget"  # a total budget's plan: K proxies, their mechanism, the final run's, the split
 SEED_FIXED = "private_seed_fixed"  # a fixed private_seed exists (the seed itself is never stored); also a trial's
 
 # -- study system attributes ----------------------------------------------------------------
@@ -129,6 +130,7 @@ class StudyRecord:
     init_checkpoint_sha: str | None
     seed_fixed: bool
     is_dptune: bool
+    total_budget: dict[str, Any] | None = None
 
     @classmethod
     def of(cls, study: optuna.Study | Any) -> StudyRecord:
@@ -143,7 +145,7 @@ class StudyRecord:
             non_private=bool(a.get(NON_PRIVATE)), private_search=a.get(PRIVATE_SEARCH),
             search_budget=a.get(SEARCH_BUDGET), search_mode=a.get(SEARCH_MODE),
             init_checkpoint_sha=a.get(INIT_CHECKPOINT_SHA), seed_fixed=bool(a.get(SEED_FIXED)),
-            is_dptune=CONFIG in a)
+            is_dptune=CONFIG in a, total_budget=a.get(TOTAL_BUDGET))
 
     @property
     def study_config(self) -> dict[str, Any]:
@@ -177,8 +179,11 @@ def study_attrs(*, config: dict[str, Any], version: str, delta: float | None, sp
 
 def regime_attrs(*, private_search: dict[str, Any] | None = None, non_private: bool = False,
                  epsilon_target: float | None = None, accountant: str | None = None,
-                 search_budget: dict[str, Any] | None = None) -> dict[str, Any]:
+                 search_budget: dict[str, Any] | None = None,
+                 total_budget: dict[str, Any] | None = None) -> dict[str, Any]:
     """The user attributes that say which privacy regime a study runs under."""
+    if total_budget is not None:
+        return {TOTAL_BUDGET: total_budget, EPSILON_TARGET: total_budget["total_epsilon"], ACCOUNTANT: "pld"}
     if private_search is not None:
         return {PRIVATE_SEARCH: private_search, EPSILON_TARGET: private_search["per_trial_epsilon"],
                 ACCOUNTANT: "rdp"}

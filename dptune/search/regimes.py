@@ -29,7 +29,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from dptune.errors import ConfigError
-from dptune.privacy import search_totals
+from dptune.privacy import accounting, search_totals, total_budget
 from dptune.privacy.mechanism import Mechanism
 from dptune.privacy.search_totals import RenyiFilter, TrialCount
 from dptune.search import modes, record
@@ -70,6 +70,8 @@ class Guarantee:
     remaining: float | None = None
     # A cheaper-tuning mode's name (its proxies and final run are in ``figures``), else None.
     tuning: str | None = None
+    # A total budget planned at create (proxies, final run, split) and enforced by the plan: a bound fixed in advance.
+    planned: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.figures)
@@ -82,7 +84,7 @@ class Guarantee:
     @property
     def bound(self) -> bool:
         """Whether ``epsilon`` is a bound fixed in advance (a lineage carries it instead of the runs alone)."""
-        return self.capped or (self.secret_count and self.valid)
+        return self.capped or (self.secret_count and self.valid) or (self.planned and self.valid)
 
     @property
     def lists_runs(self) -> bool:
@@ -109,6 +111,7 @@ class CreateContext:
     accountant: str | None = None
     cap: tuple[float, float | None] | None = None  # search_budget: (ε, order or None)
     draw_private_search: Callable[[], dict[str, Any]] | None = None
+    plan_total: Callable[[], dict[str, Any]] | None = None  # a total budget's plan (raises if it cannot be met)
 
 
 class Regime(Protocol):
@@ -369,6 +372,121 @@ class Tuning(PerTrial):
                          per_trial_epsilon=g["per_trial_epsilon"], tuning=mode["mode"])
 
 
+@dataclass
+class TotalBudget(Tuning):
+    """A total ε for the released model, tuning included, planned at create and enforced by the plan.
+
+    K proxies of one mechanism on a secret subset, then one final run (:mod:`dptune.privacy.total_budget`); a
+    proxy numbered K or later is skipped, so however many workers share the study, at most K proxies read the
+    data (Optuna numbers trials atomically), and finalize trains at most one final run.
+    """
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        assert self.rec.total_budget is not None
+        return self.rec.total_budget
+
+    def check(self, ctx: CreateContext) -> dict[str, Any]:
+        assert ctx.plan_total is not None  # the driver plans from the data's size and the space
+        return record.regime_attrs(total_budget=ctx.plan_total())
+
+    def _own(self, m: Mechanism) -> tuple[float, float, str]:
+        """A run's own budget for the trainer: exactly its planned steps (RDP), at the study's δ."""
+        delta = self.rec.delta
+        assert delta is not None
+        return (accounting.epsilon(m.sampling_rate, m.noise_multiplier, m.steps, delta, "rdp"),
+                delta, "rdp")
+
+    @property
+    def terms(self) -> Terms:
+        m = total_budget.proxy_mechanism(self.settings)
+        return Terms(self._own(m), (m.noise_multiplier, m.steps))
+
+    @property
+    def final_terms(self) -> tuple[float, float, str]:
+        return self._own(total_budget.final_mechanism(self.settings))
+
+    def plan(self, trial_number: int) -> Terms:
+        """A proxy's terms (the planned mechanism).
+
+        Raises:
+          Skip: the proxy is numbered K or later: the plan holds K proxies, whatever the workers.
+        """
+        if trial_number >= int(self.settings["proxies"]):
+            raise Skip("every proxy of the total budget's plan has started")
+        return self.terms
+
+    def admit(self, trial: optuna.Trial, run: Mechanism) -> str | None:
+        return None
+
+    def guarantee(self, trials: Sequence[FrozenTrial]) -> Guarantee:
+        p, delta = self.settings, self.rec.delta
+        spent = _Spent.of(self.rec, trials)
+        proxies = [t for t in spent.touched if record.is_proxy(t)]
+        split = (resumed_spends(trials, proxies),
+                 resumed_spends(trials, [t for t in spent.touched if not record.is_proxy(t)]))
+        g = modes.guarantee(self.rec, trials, spent.spends, list(self.rec.prior), spent.totals, spent.prior_text,
+                            split, proxies)
+        beyond = _beyond_plan(p, spent.touched)
+        if beyond:
+            total, accountant = spent.totals["rdp"], "rdp"
+            text = (f"EXCEEDED, INVALID: {beyond}, beyond the total budget's plan, so its bound does not hold. The "
+                    f"honest figure is the composition of every run that trained on the data (RDP): "
+                    f"ε = {total:.4g}.{spent.prior_text}")
+        else:
+            total, accountant = float(p["total_epsilon"]), _planned_accountant(self.rec.prior)
+            text = _planned_text(p, delta, g["finalized"], spent.prior_text)
+        figures = {**g, "mode": "total_budget", "total_epsilon": total, "accountant": accountant,
+                   "planned": {k: v for k, v in p.items()}, "valid": not beyond, "guarantee": text}
+        return Guarantee(total, delta, text, figures, accountant=accountant,
+                         mechanism=total_budget.final_mechanism(p), valid=not beyond,
+                         complete=bool(g["finalized"]), tuning="total", planned=True)
+
+
+def _beyond_plan(plan: Mapping[str, Any], touched: Sequence[FrozenTrial]) -> str | None:
+    """What ran on the data that the plan does not hold (None: nothing)."""
+    k, proxy, final = (int(plan["proxies"]), total_budget.proxy_mechanism(plan),
+                       total_budget.final_mechanism(plan))
+    proxies = [t for t in touched if record.is_proxy(t)]
+    finals = [t for t in touched if record.is_final(t)]
+    if len(proxies) > k or any(t.number >= k for t in proxies):
+        return f"{len(proxies)} proxies trained on the data (numbers up to {max(t.number for t in proxies)})"
+    if len(finals) > 1:
+        return f"{len(finals)} final runs trained on the data"
+    if len(proxies) + len(finals) < len(touched):
+        return "a run that is neither a planned proxy nor the final run (an audit?) trained on the data"
+    if len({record.get(t, record.SUBSET_ID) for t in proxies}) > 1:
+        return "the proxies read more than one subset"
+    for t, planned in [*((t, proxy) for t in proxies), *((t, final) for t in finals)]:
+        m = record.spend_of(t, finished=False) or record.own_run(t)
+        if (not math.isclose(m.sampling_rate, planned.sampling_rate) or
+                not math.isclose(m.noise_multiplier, planned.noise_multiplier) or m.steps > planned.steps):
+            return f"trial {t.number} ran ({m.sampling_rate:.4g}, {m.noise_multiplier:.4g}, {m.steps}), not the plan's"
+    return None
+
+
+def _planned_accountant(prior: Sequence[Mechanism]) -> str:
+    """PLD for the proxies and the final run; a private initial checkpoint's training adds an RDP part."""
+    return "pld + rdp" if [r for r in prior if r[2] > 0] else "pld"
+
+
+def _planned_text(p: Mapping[str, Any], delta: float | None, finalized: bool, prior_text: str) -> str:
+    parts = p["parts"]
+    prior = f", the initial checkpoint's training {parts['prior']:.4g}" if parts.get("prior") else ""
+    return (f"({p['total_epsilon']:g}, {delta:g})-DP for the released model, tuning included: a total budget "
+            f"planned at create, before any run read the data, and enforced by the plan. Split: tuning "
+            f"{parts['tuning']:.4g} ({p['tuning_share']:g} of the total; {p['proxies']} proxies, each DP-SGD at "
+            f"q = {p['sampling_rate']:.4g}, σ = {p['proxy_noise_multiplier']:.4g}, T = {p['steps']} on one secret "
+            f"random {p['fraction']:g} of the training split: ε' = {parts['tuning_on_subset']:.4g} on the subset "
+            f"(PLD, adaptive composition of one fixed mechanism), amplified by the subsampling), final run "
+            f"{parts['final']:.4g} (DP-SGD at q = {p['sampling_rate']:.4g}, σ = {p['final_noise_multiplier']:.4g}, "
+            f"T = {p['steps']} on all of the data, PLD){prior}; the parts add up (basic composition, δ split "
+            f"evenly) to {parts['total']:.4g} ≤ {p['total_epsilon']:g}. Proxies past the first {p['proxies']} are "
+            "skipped whatever the number of workers, and one final run is trained; what the proxies tell (their "
+            "count, hyperparameters and scores) is covered as far as the training examples go." + prior_text
+            + ("" if finalized else " Not finalized: no model is released until `dptune study finalize` has run."))
+
+
 def _amplified_accountant(on_all_data: Sequence[Mechanism], prior: Sequence[Mechanism]) -> str:
     """The accountants behind an amplified subset total, part by part (:func:`search_totals.subset_tuning_epsilon`).
 
@@ -417,6 +535,8 @@ def regime_of(rec: StudyRecord) -> Regime:
     """The regime a study was created under, from its record (older studies included)."""
     if rec.non_private:
         return NonPrivate(rec)
+    if rec.total_budget is not None:
+        return TotalBudget(rec)
     if rec.private_search is not None:
         return PrivateSearch(rec)
     if rec.search_mode is not None:
@@ -432,6 +552,8 @@ def regime_for_config(cfg: Any) -> Regime:
     empty = StudyRecord.read({})
     if cfg.non_private:
         return NonPrivate(empty)
+    if cfg.privacy is not None and cfg.privacy.total:
+        return TotalBudget(empty)
     if cfg.private_search:
         return PrivateSearch(empty)
     if cfg.search is not None:

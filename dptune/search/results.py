@@ -75,6 +75,9 @@ class StudySummary:
         """The per-trial budget in words ("ε = 3 per trial (δ = 1e-05, pld)" or "non-private")."""
         if self.non_private:
             return "non-private (no clipping, no noise: no privacy)"
+        if self.guarantee.planned:
+            return (f"ε = {self.epsilon_target:.4g} in all for the released model, tuning included (δ = "
+                    f"{self.delta:g}, planned at create)")
         return f"ε = {self.epsilon_target:.4g} per trial (δ = {self.delta:g}, {self.accountant})"
 
     def release(self) -> dict[str, Any]:
@@ -274,7 +277,8 @@ def creation(study: optuna.Study, storage: str) -> dict[str, Any]:
     return {"study_name": study.study_name, "storage": storage,
             "epsilon": rec.epsilon_target, "delta": rec.delta,
             "trials": None if private else len(study.trials),
-            "private_search": None if private is None else {k: v for k, v in private.items() if k != "n_trials"}}
+            "private_search": None if private is None else {k: v for k, v in private.items() if k != "n_trials"},
+            "total_budget": rec.total_budget}
 
 
 def list_studies(storage: str) -> list[dict[str, Any]]:

@@ -38,6 +38,7 @@ from dptune.errors import ConfigError, DptuneError, PrivacyError, StudyError
 from dptune.models import checkpoint
 from dptune.privacy import accounting as privacy
 from dptune.privacy import search_totals as search_privacy
+from dptune.privacy import total_budget
 from dptune.privacy.mechanism import Mechanism, mechanisms
 from dptune.privacy.search_totals import TrialCount
 from dptune.progress import Reporter
@@ -47,13 +48,14 @@ from dptune.search import storage as storage_lib
 from dptune.search.objective import Objective
 from dptune.search.orphans import reap_dead_workers
 from dptune.search.record import StudyRecord
-from dptune.search.regimes import CreateContext, regime_for_config
+from dptune.search.regimes import CreateContext, TotalBudget, regime_for_config
 from dptune.search.registry import make_pruner, make_sampler
 from dptune.search.results import FINISHED
 from dptune.search.space import check_space
 from dptune.search.storage import open_storage
 from dptune.search.watch import StudyWatch
 from dptune.trainer.run import check_model, dataset_of
+from dptune.trainer.train import PrivacyBudget
 
 __all__ = ["create_study", "load", "load_study", "optimize", "storage_url", "StudyError", "TrialCallback"]
 
@@ -132,6 +134,37 @@ def _plan_private_search(resolved: ResolvedStudy, dataset: Dataset, delta: float
     }
 
 
+def _plan_total(resolved: ResolvedStudy, n: int, delta: float, prior: Sequence[Mechanism]) -> dict[str, Any]:
+    """A total budget's plan for N = ``n`` examples (:func:`dptune.privacy.total_budget.plan_total`).
+
+    Raises:
+      ConfigError: the total leaves no useful plan (naming the smallest total that works), or the subset
+        would hold less than one example.
+    """
+    cfg, space = resolved.study, resolved.space
+    p = cfg.privacy
+    assert p is not None and p.total_epsilon is not None  # the regime is chosen by it
+    assert isinstance(space.batch_size, (int, float)) and isinstance(space.epochs, (int, float))  # fixed: schema
+    batch = int(space.batch_size)
+    if not 1 <= batch <= n:
+        raise ConfigError("search_space.batch_size", f"must be in [1, {n}], got {batch}")
+    q = batch / n
+    steps = max(1, math.ceil(float(space.epochs) / q))
+    if cfg.budget.max_epochs is not None:
+        steps = min(steps, math.ceil(cfg.budget.max_epochs / q))
+    if cfg.budget.max_steps is not None:
+        steps = min(steps, cfg.budget.max_steps)
+    fraction = p.subset_fraction or total_budget.DEFAULT_FRACTION
+    if fraction * n < 1:
+        raise ConfigError("privacy.subset_fraction", f"{fraction:g} of {n} training examples is less than one")
+    shape = total_budget.Shape(q, steps, p.proxies or total_budget.DEFAULT_PROXIES, fraction,
+                               p.tuning_share or total_budget.DEFAULT_TUNING_SHARE, delta, tuple(prior))
+    try:
+        return total_budget.plan_total(p.total_epsilon, shape)
+    except total_budget.BudgetTooSmall as e:
+        raise ConfigError("privacy.total_epsilon", str(e)) from None
+
+
 def _prepare(resolved: ResolvedStudy, study_id: str) -> dict[str, Any]:
     """Validate everything and compute the study's user attributes, writing nothing."""
     study_cfg = resolved.study
@@ -183,16 +216,20 @@ def _prepare(resolved: ResolvedStudy, study_id: str) -> dict[str, Any]:
     # Whether the public tuning set was compared with the private one example by example (the statement says).
     checked = {} if public is None else {"content_checked": shared is not None}
     stored_mode = None if mode is None else {**mode, **checked}
+    total = None
+    if study_cfg.privacy is not None and study_cfg.privacy.total:
+        total = _plan_total(resolved, len(dataset.train), cast(float, delta), prior)
+        stored_mode = modes.planned_mode(total, len(dataset.train), int(cast(float, resolved.space.batch_size)))
     attrs = record.study_attrs(
         config=resolved.to_json(), version=__version__, delta=delta, split=dataset.split.as_dict(),
         prior=[list(e) for e in prior], search_mode=stored_mode,
         init_checkpoint_sha=checkpoint.fingerprint(study_cfg.init_checkpoint) if study_cfg.init_checkpoint else None)
-    attrs.update(_regime_attrs(resolved, dataset, delta, prior, study_id))
+    attrs.update(_regime_attrs(resolved, dataset, delta, prior, study_id, total))
     return attrs
 
 
 def _regime_attrs(resolved: ResolvedStudy, dataset: Dataset, delta: float | None,
-                  prior: Sequence[Mechanism], study_id: str) -> dict[str, Any]:
+                  prior: Sequence[Mechanism], study_id: str, total: dict[str, Any] | None = None) -> dict[str, Any]:
     """The attributes of the study's privacy regime, which checks itself first (:meth:`Regime.check`)."""
     cfg = resolved.study
     regime = regime_for_config(cfg)
@@ -201,7 +238,8 @@ def _regime_attrs(resolved: ResolvedStudy, dataset: Dataset, delta: float | None
         epsilon=None if cfg.privacy is None else cfg.privacy.epsilon,
         accountant=None if cfg.privacy is None else cfg.privacy.accountant,
         cap=None if cfg.search_budget is None else (cfg.search_budget.epsilon, cfg.search_budget.order),
-        draw_private_search=lambda: _plan_private_search(resolved, dataset, cast(float, delta), prior, study_id))
+        draw_private_search=lambda: _plan_private_search(resolved, dataset, cast(float, delta), prior, study_id),
+        plan_total=None if total is None else (lambda: total))
     return regime.check(ctx)
 
 
@@ -539,7 +577,8 @@ def _objective(study: optuna.Study, resolved: ResolvedStudy, dataset: Dataset, r
                progress: Reporter | None) -> Objective:
     """The study's objective: its regime's terms, and a mode's proxies until the final run, then nothing."""
     delta = rec.delta or _resolve_delta(resolved, dataset)
-    objective = Objective(resolved, dataset, delta, rec.private_search, rec.search_budget, rec.prior)
+    objective = Objective(resolved, dataset, delta, rec.private_search, rec.search_budget, rec.prior,
+                          total_budget=rec.total_budget)
     objective.resolved_checkpoint = rec.init_checkpoint_sha
     objective.storage_url = url
     objective.study_id = release.study_id(study, url)
@@ -548,10 +587,18 @@ def _objective(study: optuna.Study, resolved: ResolvedStudy, dataset: Dataset, r
         if modes.final_trial(study.trials) is not None:
             raise StudyError(f"study_name: {study.study_name!r} is finalized: its final run is recorded, and more "
                              "proxy trials would only add to its ε; create a new study to tune again")
-        assert objective.budget is not None  # a mode needs a privacy budget (checked at create)
-        objective.mode = proxy.ModeRunner(resolved, dataset, objective.budget, rec.search_mode, study.study_name,
-                                          release.folder_of(study, url), objective.study_id)
+        objective.mode = mode_runner(objective, study, url)
     return objective
+
+
+def mode_runner(objective: Objective, study: optuna.Study, url: str) -> proxy.ModeRunner:
+    """The proxies' and final run's planner of a study with a mode, under the objective's regime's terms."""
+    rec = StudyRecord.of(study)
+    assert objective.budget is not None and rec.search_mode is not None  # a mode needs a budget (create)
+    final = objective.regime.final_terms if isinstance(objective.regime, TotalBudget) else None
+    return proxy.ModeRunner(objective.resolved, objective.dataset, objective.budget, rec.search_mode,
+                            study.study_name, release.folder_of(study, url), objective.study_id,
+                            fixed=objective.fixed, final_budget=None if final is None else PrivacyBudget(*final))
 
 
 @contextlib.contextmanager

@@ -287,6 +287,7 @@ def _privacy(settings: StudyConfig, hp: Hyperparameters, n: int, q: float, steps
         return _PrivacyPlan(None, sigma, None, False)
     assert settings.privacy is not None  # the schema requires it of a private run
     p = settings.privacy
+    assert p.epsilon is not None  # run_settings refuses a total budget (a search's plan)
     delta = privacy.default_delta(n) if p.delta is None else p.delta
     privacy.check_delta(delta, n)
     if p.delta is None:
