@@ -17,7 +17,7 @@ import dptune
 import dptune.cli as cli
 from dptune.privacy.mechanism import Mechanism
 from dptune.privacy.total_budget import MAX_NOISE_MULTIPLIER, BudgetTooSmall, Shape, plan_total
-from dptune.search import modes, proxy, record, results
+from dptune.search import audit, modes, proxy, record, results
 from dptune.search.record import StudyRecord
 from dptune.search.regimes import regime_of
 
@@ -144,3 +144,39 @@ def test_a_proxy_past_the_plan_on_the_data_voids_the_bound(finalized):
         record.NOISE_MULTIPLIER: p["proxy_noise_multiplier"], record.STEPS: p["steps"]})
     g = regime_of(StudyRecord.of(copy)).guarantee([*trials, extra])
     assert not g.valid and "EXCEEDED, INVALID" in g.text and g.epsilon > 3.0
+
+
+def _copy_with(study: optuna.Study, plan_changes: dict, mode_changes: dict | None = None) -> StudyRecord:
+    copy = optuna.create_study()
+    for key, value in study.user_attrs.items():
+        copy.set_user_attr(key, value)
+    plan = {**study.user_attrs[record.TOTAL_BUDGET], **plan_changes}
+    copy.set_user_attr(record.TOTAL_BUDGET, plan)
+    if mode_changes is not None:
+        copy.set_user_attr(record.SEARCH_MODE, {**study.user_attrs[record.SEARCH_MODE], **mode_changes})
+    return StudyRecord.of(copy)
+
+
+@pytest.mark.slow  # one study, tuned by two workers and finalized, shared by these tests
+def test_the_total_is_recomputed_from_the_plans_mechanisms_not_read_from_the_record(finalized):
+    study, _ = finalized
+    p = study.user_attrs[record.TOTAL_BUDGET]
+    # A plan whose noise would cost far more than its stated total (an edited or foreign record): no run has
+    # to disagree with it for the bound to be refused.
+    weak = _copy_with(study, {"proxy_noise_multiplier": 0.6, "final_noise_multiplier": 0.6},
+                      {"proxy_noise_multiplier": 0.6, "final_noise_multiplier": 0.6})
+    g = regime_of(weak).guarantee([])
+    assert not g.valid and "EXCEEDED, INVALID" in g.text and "does not hold" in g.text
+    # The runs read the search mode's copy of the plan: a γ there other than the plan's is not the plan.
+    wider = _copy_with(study, {}, {"fraction": min(0.9, 3 * p["fraction"])})
+    g = regime_of(wider).guarantee(study.get_trials(deepcopy=False))
+    assert not g.valid and "fraction" in g.text
+
+
+@pytest.mark.slow  # one study, tuned by two workers and finalized, shared by these tests
+def test_an_audit_of_a_planned_study_is_refused_before_it_writes(finalized):
+    study, storage = finalized
+    before = len(study.get_trials(deepcopy=False))
+    with pytest.raises(dptune.PrivacyError, match="total budget"):
+        audit.audit_study("total", storage)
+    assert len(dptune.load_study("total", storage).get_trials(deepcopy=False)) == before

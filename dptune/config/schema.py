@@ -447,8 +447,8 @@ class ResolvedStudy(_Strict):
             return self
         for name in ("batch_size", "epochs"):
             value = getattr(self.space, name)
-            if value is None or isinstance(value, (Range, Choice)):
-                raise ValueError(f"search_space.{name}: must be a fixed value under privacy.total_epsilon, so "
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise ValueError(f"search_space.{name}: must be a fixed number under privacy.total_epsilon, so "
                                  "that every proxy runs the one planned mechanism (σ is planned from the total)")
         return self
 

@@ -17,14 +17,16 @@ basic composition (δ split evenly over the parts):
   smallest σ that keeps the whole within ε (PLD, one fixed mechanism).
 * **Prior**: a private initial checkpoint's recorded training (RDP), if any.
 
-:func:`plan_total` computes the plan; :func:`plan_epsilon` recomputes its
-parts from the mechanisms alone (the guarantee and the tests read that); a
+:func:`plan_total` computes the plan; :func:`verified` recomputes its parts
+from the stored mechanisms alone (the guarantee states that, never the stored
+figures); a
 total too small for a useful plan raises :class:`BudgetTooSmall` with the
 smallest total that works.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -153,6 +155,34 @@ def plan_total(total_epsilon: float, shape: Shape) -> dict[str, Any]:
             "tuning_share": shape.tuning_share, "proxies": shape.proxies, "fraction": shape.fraction,
             "sampling_rate": shape.sampling_rate, "steps": shape.steps, "proxy_noise_multiplier": proxy_sigma,
             "final_noise_multiplier": final_sigma, "accountant": ACCOUNTANT, "parts": parts}
+
+
+def verified(plan: Mapping[str, Any], prior: Sequence[Mechanism], delta: float | None) -> dict[str, float]:
+    """Every part's ε recomputed from the stored plan's mechanisms and the study's recorded prior runs.
+
+    The stated total is what the plan's mechanisms cost, not what the record says they cost: a plan written by
+    another version, edited or mismatched with the study's δ or prior training is caught here.
+
+    Raises:
+      PrivacyError: the record's δ is not the plan's, or the recomputed parts compose to more than the total.
+    """
+    if delta is None or not math.isclose(float(plan["delta"]), delta):
+        raise PrivacyError(f"the study's δ {delta} is not its plan's {plan['delta']}")
+    key = (float(plan["sampling_rate"]), int(plan["steps"]), int(plan["proxies"]), float(plan["fraction"]),
+           float(plan["tuning_share"]), float(plan["delta"]), tuple(tuple(m) for m in prior),
+           float(plan["proxy_noise_multiplier"]), float(plan["final_noise_multiplier"]))
+    parts = _recomputed(key)
+    if parts["total"] > float(plan["total_epsilon"]) * (1 + 1e-9):
+        raise PrivacyError(f"the plan's mechanisms compose to ε = {parts['total']:.6g}, more than its total "
+                           f"{plan['total_epsilon']:g}")
+    return parts
+
+
+@functools.lru_cache(maxsize=32)
+def _recomputed(key: tuple) -> dict[str, float]:
+    q, steps, proxies, fraction, share, delta, prior, proxy_sigma, final_sigma = key
+    shape = Shape(q, steps, proxies, fraction, share, delta, tuple(Mechanism(*m) for m in prior))
+    return plan_epsilon(shape, proxy_sigma, final_sigma)
 
 
 def shape_of(plan: dict[str, Any], prior: Sequence[Mechanism] = ()) -> Shape:

@@ -898,9 +898,10 @@ def _auditable(s: Any, rec: StudyRecord) -> Any:
 
     Raises:
       ConfigError: a non-private study (it claims no ε to audit).
-      PrivacyError: a private search (one more run on the data voids its bound), or a test-only fault is active.
+      PrivacyError: a private search or a total budget (one more run on the data voids its bound), or a test-only
+        fault is active.
     """
-    from dptune.search.regimes import regime_of
+    from dptune.search.regimes import TotalBudget, regime_of
 
     regime = regime_of(rec)
     if not regime.private:
@@ -909,6 +910,10 @@ def _auditable(s: Any, rec: StudyRecord) -> Any:
         raise PrivacyError(f"study_name: {s.study_name!r} is a private search (a secret number of trials, only "
                            "the best released); an audit run is one more run on the data and would void that "
                            "bound. Audit the same hyperparameters with explicit flags on data you do not protect.")
+    if isinstance(regime, TotalBudget):
+        raise PrivacyError(f"study_name: {s.study_name!r} spends a total budget planned before it ran; an audit "
+                           "run is one more run on the data and would void that plan. Audit the same "
+                           "hyperparameters with explicit flags on data you do not protect.")
     if faults.active():
         raise PrivacyError(f"fault: the test-only fault {faults.active()!r} is active; it is never run on a study")
     return regime

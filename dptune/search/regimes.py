@@ -28,7 +28,7 @@ from typing import Any, Protocol
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from dptune.errors import ConfigError
+from dptune.errors import ConfigError, PrivacyError
 from dptune.privacy import accounting, search_totals, total_budget
 from dptune.privacy.mechanism import Mechanism
 from dptune.privacy.search_totals import RenyiFilter, TrialCount
@@ -427,7 +427,12 @@ class TotalBudget(Tuning):
                  resumed_spends(trials, [t for t in spent.touched if not record.is_proxy(t)]))
         g = modes.guarantee(self.rec, trials, spent.spends, list(self.rec.prior), spent.totals, spent.prior_text,
                             split, proxies)
-        beyond = _beyond_plan(p, spent.touched)
+        beyond = _beyond_plan(p, self.rec.search_mode or {}, spent.touched)
+        if not beyond:
+            try:
+                parts = total_budget.verified(p, self.rec.prior, delta)
+            except PrivacyError as e:
+                beyond = f"the stored plan does not hold ({e})"
         if beyond:
             total, accountant = spent.totals["rdp"], "rdp"
             text = (f"EXCEEDED, INVALID: {beyond}, beyond the total budget's plan, so its bound does not hold. The "
@@ -435,7 +440,7 @@ class TotalBudget(Tuning):
                     f"ε = {total:.4g}.{spent.prior_text}")
         else:
             total, accountant = float(p["total_epsilon"]), _planned_accountant(self.rec.prior)
-            text = _planned_text(p, delta, g["finalized"], spent.prior_text)
+            text = _planned_text({**p, "parts": parts}, delta, g["finalized"], spent.prior_text)
         figures = {**g, "mode": "total_budget", "total_epsilon": total, "accountant": accountant,
                    "planned": {k: v for k, v in p.items()}, "valid": not beyond, "guarantee": text}
         return Guarantee(total, delta, text, figures, accountant=accountant,
@@ -443,10 +448,14 @@ class TotalBudget(Tuning):
                          complete=bool(g["finalized"]), tuning="total", planned=True)
 
 
-def _beyond_plan(plan: Mapping[str, Any], touched: Sequence[FrozenTrial]) -> str | None:
+def _beyond_plan(plan: Mapping[str, Any], mode: Mapping[str, Any], touched: Sequence[FrozenTrial]) -> str | None:
     """What ran on the data that the plan does not hold (None: nothing)."""
     k, proxy, final = (int(plan["proxies"]), total_budget.proxy_mechanism(plan),
                        total_budget.final_mechanism(plan))
+    # The runs read their settings from the search mode's copy of the plan (the subset's γ among them).
+    differ = sorted(key for key in plan if key in mode and mode[key] != plan[key])
+    if differ:
+        return f"the search mode's {', '.join(differ)} differ from the plan's"
     proxies = [t for t in touched if record.is_proxy(t)]
     finals = [t for t in touched if record.is_final(t)]
     if len(proxies) > k or any(t.number >= k for t in proxies):
@@ -455,8 +464,9 @@ def _beyond_plan(plan: Mapping[str, Any], touched: Sequence[FrozenTrial]) -> str
         return f"{len(finals)} final runs trained on the data"
     if len(proxies) + len(finals) < len(touched):
         return "a run that is neither a planned proxy nor the final run (an audit?) trained on the data"
-    if len({record.get(t, record.SUBSET_ID) for t in proxies}) > 1:
-        return "the proxies read more than one subset"
+    subsets = {record.get(t, record.SUBSET_ID) for t in proxies}
+    if len(subsets) > 1 or None in subsets:
+        return "the proxies read more than one subset (or one without a recorded subset)"
     for t, planned in [*((t, proxy) for t in proxies), *((t, final) for t in finals)]:
         m = record.spend_of(t, finished=False) or record.own_run(t)
         if (not math.isclose(m.sampling_rate, planned.sampling_rate) or
@@ -483,7 +493,9 @@ def _planned_text(p: Mapping[str, Any], delta: float | None, finalized: bool, pr
             f"T = {p['steps']} on all of the data, PLD){prior}; the parts add up (basic composition, δ split "
             f"evenly) to {parts['total']:.4g} ≤ {p['total_epsilon']:g}. Proxies past the first {p['proxies']} are "
             "skipped whatever the number of workers, and one final run is trained; what the proxies tell (their "
-            "count, hyperparameters and scores) is covered as far as the training examples go." + prior_text
+            "count, hyperparameters and scores) is covered as far as the training examples go. The validation and "
+            "test examples that rank the proxies, prune them and score the released model are not covered: they "
+            "are treated as public." + prior_text
             + ("" if finalized else " Not finalized: no model is released until `dptune study finalize` has run."))
 
 
