@@ -355,9 +355,8 @@ class Tuning(PerTrial):
     run's) whose guarantee composes every run that read the private data.
     """
 
-    def guarantee(self, trials: Sequence[FrozenTrial]) -> Guarantee:
-        mode = self.rec.search_mode
-        assert mode is not None
+    def _composed(self, trials: Sequence[FrozenTrial]) -> tuple[_Spent, list[list[Mechanism]], dict[str, Any]]:
+        """What ran, the proxies' spends apart from the runs on all of the data, and the mode's figures."""
         spent = _Spent.of(self.rec, trials)
         # The proxies apart from the runs on all of the data: subset tuning amplifies only the former.
         proxies = [t for t in spent.touched if record.is_proxy(t)]
@@ -365,6 +364,12 @@ class Tuning(PerTrial):
                  resumed_spends(trials, [t for t in spent.touched if not record.is_proxy(t)]))
         g = modes.guarantee(self.rec, trials, spent.spends, list(self.rec.prior), spent.totals, spent.prior_text,
                             split, proxies)
+        return spent, list(split), g
+
+    def guarantee(self, trials: Sequence[FrozenTrial]) -> Guarantee:
+        mode = self.rec.search_mode
+        assert mode is not None
+        _, split, g = self._composed(trials)
         amplified = g.get("subset_amplification") or {}
         claimed = bool(amplified.get("claimed")) and g["total_epsilon"] == amplified.get("total")
         accountant = _amplified_accountant(split[1], self.rec.prior) if claimed else g["accountant"]
@@ -421,12 +426,7 @@ class TotalBudget(Tuning):
 
     def guarantee(self, trials: Sequence[FrozenTrial]) -> Guarantee:
         p, delta = self.settings, self.rec.delta
-        spent = _Spent.of(self.rec, trials)
-        proxies = [t for t in spent.touched if record.is_proxy(t)]
-        split = (resumed_spends(trials, proxies),
-                 resumed_spends(trials, [t for t in spent.touched if not record.is_proxy(t)]))
-        g = modes.guarantee(self.rec, trials, spent.spends, list(self.rec.prior), spent.totals, spent.prior_text,
-                            split, proxies)
+        spent, _, g = self._composed(trials)
         beyond = _beyond_plan(p, self.rec.search_mode or {}, spent.touched)
         if not beyond:
             try:

@@ -93,6 +93,21 @@ def trial_count_secret(resolved: ResolvedStudy, study_id: str) -> SecretSeed:
     return SecretSeed.resolve(resolved.study.private_seed).child(f"number of trials {study_id} {digest}")
 
 
+def _fixed_run(resolved: ResolvedStudy, n: int) -> tuple[int, float, int]:
+    """(B, q, T) of a search whose batch size and epochs are fixed numbers (the schema checked that) on N = ``n``.
+
+    Raises:
+      ConfigError: the batch is not in [1, N].
+    """
+    space = resolved.space
+    assert isinstance(space.batch_size, (int, float)) and isinstance(space.epochs, (int, float))
+    batch = int(space.batch_size)
+    if not 1 <= batch <= n:
+        raise ConfigError("search_space.batch_size", f"must be in [1, {n}], got {batch}")
+    q = batch / n
+    return batch, q, max(1, math.ceil(float(space.epochs) / q))
+
+
 def _plan_private_search(resolved: ResolvedStudy, dataset: Dataset, delta: float,
                          prior: Sequence[Mechanism], study_id: str) -> dict[str, Any]:
     """Draw the number of trials and calibrate the one mechanism every trial runs.
@@ -100,15 +115,10 @@ def _plan_private_search(resolved: ResolvedStudy, dataset: Dataset, delta: float
     ``prior``: a private initial checkpoint's recorded runs on the same data,
     composed in, so that the whole release meets ``total_epsilon``.
     """
-    cfg, space = resolved.study, resolved.space
+    cfg = resolved.study
     n = len(dataset.train)
-    assert cfg.search_privacy is not None and isinstance(space.batch_size, (int, float))  # fixed: checked on load
-    assert isinstance(space.epochs, (int, float))
-    batch = int(space.batch_size)
-    if not 1 <= batch <= n:
-        raise ConfigError("search_space.batch_size", f"must be in [1, {n}], got {batch}")
-    q = batch / n
-    steps = max(1, math.ceil(float(space.epochs) / q))
+    assert cfg.search_privacy is not None
+    batch, q, steps = _fixed_run(resolved, n)
     if cfg.budget.max_steps is not None:
         steps = min(steps, cfg.budget.max_steps)
     count = _trial_count(cfg)
@@ -141,15 +151,10 @@ def _plan_total(resolved: ResolvedStudy, n: int, delta: float, prior: Sequence[M
       ConfigError: the total leaves no useful plan (naming the smallest total that works), or the subset
         would hold less than one example.
     """
-    cfg, space = resolved.study, resolved.space
+    cfg = resolved.study
     p = cfg.privacy
     assert p is not None and p.total_epsilon is not None  # the regime is chosen by it
-    assert isinstance(space.batch_size, (int, float)) and isinstance(space.epochs, (int, float))  # fixed: schema
-    batch = int(space.batch_size)
-    if not 1 <= batch <= n:
-        raise ConfigError("search_space.batch_size", f"must be in [1, {n}], got {batch}")
-    q = batch / n
-    steps = max(1, math.ceil(float(space.epochs) / q))
+    batch, q, steps = _fixed_run(resolved, n)
     if cfg.budget.max_epochs is not None:
         steps = min(steps, math.ceil(cfg.budget.max_epochs / q))
     if cfg.budget.max_steps is not None:
