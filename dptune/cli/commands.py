@@ -520,7 +520,8 @@ def _print_tuning(c: Any, g: dict[str, Any]) -> None:
     """A cheaper-tuning study's proxies, compute and released final run."""
     w = g["compute"]
     f = g.get("final")
-    c.print(f"search mode {g['search_mode']}: proxies composed ε = {_fmt(g['proxy_epsilon'])}; compute "
+    c.print(f"search mode {g['search_mode']}: the proxies alone, composed without amplification, ε = "
+            f"{_fmt(g['proxy_epsilon'])}; compute "
             f"{w['proxy_examples']:,} examples ({w['proxy_steps']} steps) in proxies, {w['final_examples']:,} "
             f"({w['final_steps']} steps) in the final run")
     if f is None:

@@ -58,8 +58,9 @@ def _study_section(study: optuna.Study, index: int) -> str:
     ]
     if s.guarantee.tuning is not None:  # a cheaper-tuning study: its compute and its released final run
         w, f = g["compute"], g.get("final")
-        parts.append(f"<p><b>Search mode {html.escape(g['search_mode'])}:</b> proxies composed ε "
-                     f"{_fmt(g['proxy_epsilon'])}; {w['proxy_examples']:,} examples ({w['proxy_steps']} steps) in "
+        parts.append(f"<p><b>Search mode {html.escape(g['search_mode'])}:</b> the proxies alone, composed "
+                     f"without amplification, ε {_fmt(g['proxy_epsilon'])}; {w['proxy_examples']:,} examples "
+                     f"({w['proxy_steps']} steps) in "
                      f"proxies, {w['final_examples']:,} ({w['final_steps']} steps) in the final run. "
                      + ("Not finalized: nothing is released yet." if f is None else
                         f"Released: the final run (trial {f['trial']}), test {_fmt(f['test_accuracy'])}, its own ε "
