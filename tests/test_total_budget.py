@@ -180,3 +180,13 @@ def test_an_audit_of_a_planned_study_is_refused_before_it_writes(finalized):
     with pytest.raises(dptune.PrivacyError, match="total budget"):
         audit.audit_study("total", storage)
     assert len(dptune.load_study("total", storage).get_trials(deepcopy=False)) == before
+
+
+def test_a_proxy_on_another_subset_is_refused_before_it_reads():
+    """A second machine without the study's private folder draws another subset: its proxy never trains."""
+    earlier = optuna.trial.create_trial(value=0.5, user_attrs={record.PROXY: True, record.SUBSET_ID: "a1"})
+    proxy._same_subset([earlier], "a1")  # the same subset: admitted
+    proxy._same_subset([], "b2")  # the first proxy names the subset
+    for mine in ("b2", None):
+        with pytest.raises(proxy.Infeasible, match="artifacts folder"):
+            proxy._same_subset([earlier], mine)

@@ -255,8 +255,25 @@ class ModeRunner:
                  "epochs": full.epochs}
         attrs: dict[str, Any] = {record.PROXY: True, record.FULL_SCALE: scale}
         run = self.kind.proxy(self, full, data, attrs)
+        if self.fixed is not None:  # a total budget's proxies: one subset, whatever machine runs them
+            _same_subset(others, attrs.get(record.SUBSET_ID))
         return TrialSetup(run.plan, run.data, run.budget, touched=run.data is not self.public, final=False,
                           sampling_rate=run.sampling_rate, attrs=attrs)
+
+
+def _same_subset(others: list[optuna.trial.FrozenTrial], subset_id: str | None) -> None:
+    """Refuse, before it reads anything, a planned proxy whose subset is not the earlier proxies' one.
+
+    A worker whose private folder holds another secret (a second machine that does not share the study's
+    artifacts folder) would draw another subset: the plan's amplification holds for one.
+
+    Raises:
+      Infeasible: the earlier proxies recorded another subset (the trial is pruned, unread data).
+    """
+    read = {record.get(t, record.SUBSET_ID) for t in others if modes.is_proxy(t)} - {None}
+    if subset_id is None or read - {subset_id}:
+        raise Infeasible("this worker's secret subset is not the one the plan's earlier proxies read: machines "
+                         "that share a total-budget study must share its artifacts folder (artifacts.path)")
 
 
 class FinalizeRefused(StudyError):
